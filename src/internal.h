@@ -1,0 +1,322 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * concur internals shared by the parts in src/. Nothing here is public.
+ *
+ * The map:
+ *   future.c   futures, waiters, and concur__complete(): the one function every completion
+ *              goes through (a task's return, an I/O CQE, a cancel, a promise, a timeout).
+ *   loop.c     one loop thread and its io_uring: the run queues, the inbox, MSG_RING messages,
+ *              CQE dispatch, and concur__loop_sleep(): the one place a loop sleeps.
+ *   exec.c     the executor: loops, spawn, join, shutdown, stats.
+ *   fiber.c    stacks, context switches (fiber_x86_64.S / fiber_aarch64.S), suspend/resume.
+ *   timer.c    concur_sleep and timed awaits (IORING_OP_TIMEOUT).
+ */
+#ifndef CONCUR_INTERNAL_H
+#define CONCUR_INTERNAL_H
+
+#include "concur.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define CONCUR__LIKELY(x)   __builtin_expect(!!(x), 1)
+#define CONCUR__UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define CONCUR__CACHELINE   64
+
+/* Opcodes newer than liburing 2.3's header; used only where the ring's probe reports them. */
+#define CONCUR__OP_FUTEX_WAKE 52
+#define CONCUR__FUTEX2_SIZE_U32 0x02
+#define CONCUR__FUTEX2_PRIVATE 128
+
+struct concur__loop;
+struct concur__task;
+
+/* ---- futures (future.c) ------------------------------------------------------------------ */
+
+/* state word: the low bits are the state, PARKED says a foreign thread sleeps on the word. */
+enum {
+	CONCUR__PENDING = 0,
+	CONCUR__RUNNING = 1,
+	CONCUR__FINISHED = 2,
+	CONCUR__CANCELLED = 3,
+	CONCUR__STATE_MASK = 3,
+	CONCUR__PARKED = 4,
+};
+
+#define CONCUR__FUTURE_MAGIC 0x46757475u /* "Futu" */
+#define CONCUR__FUTURE_DEAD  0xdeadf00du
+
+/* What differs between kinds of future (task, I/O op, promise). */
+struct concur__future_class {
+	const char *name;
+	/* Called by concur_cancel() on a RUNNING future; NULL if it cannot be cancelled then.
+	 * Returns -EINPROGRESS once cancellation was requested. */
+	int (*cancel_running)(concur_future *f);
+	/* Frees the memory once the last reference is gone. */
+	void (*destroy)(concur_future *f);
+};
+
+enum concur__waiter_kind {
+	CONCUR__WAIT_CALLBACK,    /* run fn(f, arg) */
+	CONCUR__WAIT_AWAIT,       /* resume a fiber (untimed: the node lives in the task) */
+	CONCUR__WAIT_AWAIT_TIMED, /* resume a fiber unless its timer won (struct concur__timed_wait) */
+};
+
+struct concur__waiter {
+	struct concur__waiter *next;
+	enum concur__waiter_kind kind;
+	union {
+		struct {
+			concur_done_fn fn;
+			void *arg;
+		} cb;
+		struct concur__task *task;
+	};
+};
+
+#define CONCUR__WAITERS_CLOSED ((struct concur__waiter *)1)
+
+struct concur_future {
+	_Atomic uint32_t state; /* CONCUR__PENDING..CANCELLED | CONCUR__PARKED; a futex word */
+	uint32_t magic;
+	_Atomic uint32_t refs;
+	uint32_t flags;
+	int64_t res; /* written before the state becomes FINISHED/CANCELLED */
+	_Atomic(struct concur__waiter *) waiters; /* LIFO push; CLOSED once completed */
+	const struct concur__future_class *cls;
+	concur_exec *ex; /* weak: check with concur__exec_alive() */
+	uint64_t ex_id;
+};
+
+void concur__future_init(concur_future *f, const struct concur__future_class *cls, concur_exec *ex,
+			 uint32_t refs);
+/*
+ * THE completion path. Stores res, makes f FINISHED or CANCELLED (final_state), and wakes every
+ * waiter: parked threads (futex, through the ring when on a loop), then callbacks and fibers in
+ * registration order. The caller must own the right to complete f (it won the state CAS or
+ * reaped the op's CQE) and hold a reference across the call.
+ */
+void concur__complete(concur_future *f, int64_t res, uint32_t final_state);
+/* Claim a PENDING future for running (PENDING -> RUNNING). False if it was cancelled. */
+bool concur__future_claim(concur_future *f);
+/* Add a waiter; false if f is already done (the waiter was not added). */
+bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
+/* A future already failed with err (never NULL: a static one if memory runs out). */
+concur_future *concur__failed_future(concur_exec *ex, int64_t err);
+/* The result of a done future. */
+int64_t concur__future_value(const concur_future *f);
+static inline bool concur__valid(const concur_future *f)
+{
+	return f && f->magic == CONCUR__FUTURE_MAGIC;
+}
+static inline uint32_t concur__state(const concur_future *f)
+{
+	return atomic_load_explicit(&f->state, memory_order_acquire) & CONCUR__STATE_MASK;
+}
+static inline bool concur__is_done(const concur_future *f)
+{
+	return concur__state(f) >= CONCUR__FINISHED;
+}
+
+/* ---- kernel operations and CQE dispatch (loop.c) ------------------------------------------ */
+
+/*
+ * A CQE's user_data is a pointer with a tag in its low 3 bits (all objects are 8-aligned).
+ * OP: an in-kernel operation; its handler gets the CQE. The others are messages.
+ */
+enum concur__tag {
+	CONCUR__TAG_OP = 0,         /* struct concur__op * */
+	CONCUR__TAG_RUN = 1,        /* struct concur__task *: run or resume it on this loop */
+	CONCUR__TAG_HANDOFF = 2,    /* chain of unstarted tasks given by a busy loop (res = count) */
+	CONCUR__TAG_DOORBELL = 3,   /* nothing: wake up and drain the inbox */
+	CONCUR__TAG_RUN_FAILED = 4, /* our MSG_RING carrying a task failed: deliver by inbox */
+	CONCUR__TAG_HANDOFF_FAILED = 5,
+	CONCUR__TAG_RELEASE = 6, /* a futex wake for this future finished: drop its reference */
+	CONCUR__TAG_MASK = 7,
+};
+
+struct concur__op;
+typedef void (*concur__cqe_fn)(struct concur__loop *loop, struct concur__op *op, int32_t res,
+			       uint32_t cqe_flags);
+struct concur__op {
+	concur__cqe_fn cqe; /* called on the loop thread for each CQE of the operation */
+};
+
+/* An op whose CQEs mean nothing (its failures are expected and harmless). */
+extern struct concur__op concur__ignore_op;
+
+/* ---- inbox items (loop.c) ----------------------------------------------------------------- */
+
+enum concur__node_kind {
+	CONCUR__NODE_RUN,  /* the node is a task's: run or resume it */
+	CONCUR__NODE_CALL, /* call node->call(loop, node) on the loop thread */
+};
+
+struct concur__node {
+	struct concur__node *next;
+	struct concur__node *prev; /* used by the loop's fresh-task deque only */
+	enum concur__node_kind kind;
+	void (*call)(struct concur__loop *loop, struct concur__node *node);
+};
+
+/* ---- tasks and fibers (fiber.c) ----------------------------------------------------------- */
+
+struct concur__fiber {
+	void *sp;         /* saved stack pointer while switched out */
+	void *map;        /* the whole mapping, guard page included */
+	size_t map_size;
+	struct concur__fiber *next_free;
+#if CONCUR__USE_UCONTEXT
+	void *uctx; /* ucontext_t, fallback only */
+#endif
+};
+
+struct concur__task {
+	struct concur_future f; /* first: a task is its future */
+	struct concur__node node;
+	concur_task_fn fn;
+	void *arg;
+	struct concur__fiber *fib;  /* NULL until the task first runs */
+	struct concur__loop *loop;  /* the loop it runs on, once started */
+	int64_t ret;                /* fn's return value, until completed */
+	bool finished;              /* fn returned: the loop completes it */
+	uint8_t wake;               /* why the fiber was resumed (timed waits) */
+	struct concur__waiter await; /* untimed await on one future at a time */
+	struct concur__op sleep_op;  /* concur_sleep's timeout */
+	struct __kernel_timespec ts;
+};
+
+_Static_assert(offsetof(struct concur__task, f) == 0, "a task starts with its future");
+
+static inline struct concur__task *concur__task_of_node(struct concur__node *n)
+{
+	return (struct concur__task *)((char *)n - offsetof(struct concur__task, node));
+}
+
+extern __thread struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
+extern __thread struct concur__task *concur__tl_task; /* the task running, or NULL */
+
+struct concur__fiber *concur__fiber_get(struct concur__loop *loop);
+void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
+void concur__fiber_pool_free(struct concur__loop *loop);
+void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
+/* Loop side: run t until it suspends or finishes. */
+void concur__fiber_run(struct concur__loop *loop, struct concur__task *t);
+/*
+ * Task side: switch back to the loop. Whoever arranged the suspension calls concur__resume()
+ * later (from any thread); the call returns then.
+ */
+void concur__suspend(void);
+/* Make a suspended task runnable again on its own loop, from any thread. */
+void concur__resume(struct concur__task *t);
+/* In a task: wait for f (timeout_ns < 0: forever). Returns f's value or -ETIMEDOUT. */
+int64_t concur__await(concur_future *f, int64_t timeout_ns);
+/* The task's reference from the executor is gone: free when the user's is gone too. */
+void concur__task_release(struct concur__task *t);
+
+/* ---- loops (loop.c) ----------------------------------------------------------------------- */
+
+struct concur__loop_stats {
+	_Atomic uint64_t tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring, inbox_items,
+		steals, futex_wakes, futex_ring_wakes, stacks_mapped;
+};
+
+struct concur__loop {
+	/* owned by the loop thread */
+	struct io_uring ring;
+	concur_exec *ex;
+	unsigned idx;
+	int ring_fd;   /* the real fd, for MSG_RING senders */
+	void *sched_sp; /* the loop's own context while a fiber runs */
+	struct concur__node *fresh_head, *fresh_tail; /* unstarted tasks: local spawns at the front */
+	size_t nfresh;
+	struct concur__node *ready_head, *ready_tail; /* resumed fibers, FIFO */
+	unsigned inflight; /* our SQEs whose CQE is still to come */
+	struct concur__fiber *stack_pool;
+	unsigned stack_pool_len;
+	pthread_t thread;
+	int setup_err;
+	struct concur__loop_stats st;
+
+	/* touched by other threads */
+	_Alignas(CONCUR__CACHELINE) _Atomic(struct concur__node *) inbox;
+	_Atomic int sleeping; /* 1 while in (or about to enter) the sleeping io_uring_enter */
+};
+
+static inline void concur__stat_inc(_Atomic uint64_t *c, uint64_t n)
+{
+	/* single writer: a plain load+store is enough, readers only need untorn values */
+	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n,
+			      memory_order_relaxed);
+}
+
+/* Get an SQE on the current loop's ring (submitting to make room if it is full). Loop only. */
+struct io_uring_sqe *concur__sqe(struct concur__loop *loop);
+/* Queue an op: the SQE will carry op as user_data; counts as in flight until its last CQE. */
+static inline void concur__sqe_set_op(struct io_uring_sqe *sqe, struct concur__op *op)
+{
+	io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)op | CONCUR__TAG_OP);
+}
+/* Hand a node to loop from any thread: local queue, MSG_RING or inbox + doorbell. */
+void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
+/* Queue a runnable task on the current loop (loop thread only). */
+void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
+void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
+int concur__loop_start(struct concur__loop *loop);
+void concur__loop_stop(struct concur__loop *loop);
+/* Wake a sleeping loop from a thread outside the executor (MSG_RING from a private ring). */
+void concur__loop_ring_doorbell(struct concur__loop *loop);
+/* Pick the loop for work created outside the executor (round-robin). */
+struct concur__loop *concur__exec_pick_loop(concur_exec *ex);
+
+/* ---- executor (exec.c) -------------------------------------------------------------------- */
+
+#define CONCUR__EXEC_MAGIC 0x45786563u /* "Exec" */
+
+struct concur_exec {
+	uint32_t magic;
+	uint64_t id;
+	unsigned nloops;
+	struct concur__loop **loops;
+	struct concur_exec_opts opts;
+	unsigned ring_flags;
+	bool has_futex_wake;
+	uint8_t op_supported[256]; /* from io_uring_get_probe_ring, filled once */
+
+	_Atomic bool shutdown;
+	_Atomic bool cancel_pending;
+	_Atomic bool stopping;
+	_Atomic unsigned nsleeping;
+	_Atomic uint64_t tasks_spawned;
+	_Atomic uint64_t doorbells;
+
+	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;
+	/* join accounting: work begun and not yet ended (tasks, ops) */
+	_Alignas(CONCUR__CACHELINE) _Atomic int64_t outstanding;
+	_Atomic uint32_t join_seq; /* futex word: bumped when outstanding reaches 0 */
+	_Atomic uint32_t joiners;
+};
+
+static inline bool concur__exec_valid(const concur_exec *ex)
+{
+	return ex && ex->magic == CONCUR__EXEC_MAGIC;
+}
+void concur__work_begin(concur_exec *ex);
+void concur__work_end(concur_exec *ex);
+/* True if the executor with this id is still alive (not freed). */
+bool concur__exec_alive(const concur_exec *ex, uint64_t id);
+bool concur__op_supported(const concur_exec *ex, unsigned opcode);
+
+/* ---- misc ---------------------------------------------------------------------------------- */
+
+void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono);
+void concur__futex_wake(_Atomic uint32_t *word, int n);
+int64_t concur__now_ns(void);
+void concur__deadline(struct timespec *abs, int64_t timeout_ns);
+
+#endif /* CONCUR_INTERNAL_H */
