@@ -25,6 +25,7 @@
 
 #if defined(__SANITIZE_ADDRESS__)
 #define CONCUR__ASAN 1
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 #if defined(__SANITIZE_THREAD__)
@@ -122,9 +123,6 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop)
 #if CONCUR__USE_UCONTEXT
 	fib->uctx = top + sizeof(struct concur__fiber);
 #endif
-#ifdef CONCUR__TSAN
-	fib->tsan_fiber = __tsan_create_fiber(0);
-#endif
 	concur__stat_inc(&loop->st.stacks_mapped, 1);
 	return fib;
 }
@@ -132,7 +130,13 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop)
 static void concur__fiber_unmap(struct concur__fiber *fib)
 {
 #ifdef CONCUR__TSAN
-	__tsan_destroy_fiber(fib->tsan_fiber);
+	if (fib->tsan_fiber)
+		__tsan_destroy_fiber(fib->tsan_fiber);
+#endif
+#ifdef CONCUR__ASAN
+	/* ASan keeps the poison of dead frames: clear it, or whatever the kernel maps here next
+	 * (an io_uring ring, say) looks like a stack to it */
+	__asan_unpoison_memory_region(fib->stack_lo, fib->stack_size);
 #endif
 	munmap(fib->map, fib->map_size);
 }
@@ -173,6 +177,16 @@ static void concur__uctx_entry(unsigned hi, unsigned lo)
 
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 {
+#ifdef CONCUR__ASAN
+	__asan_unpoison_memory_region(fib->stack_lo, fib->stack_size); /* frames of the last task */
+#endif
+#ifdef CONCUR__TSAN
+	/* a fiber's entry never returns, so TSan's shadow call stack for a reused stack would
+	 * grow with every task: give each task a fresh TSan fiber */
+	if (fib->tsan_fiber)
+		__tsan_destroy_fiber(fib->tsan_fiber);
+	fib->tsan_fiber = __tsan_create_fiber(0);
+#endif
 #if CONCUR__USE_UCONTEXT
 	ucontext_t *uc = fib->uctx;
 	getcontext(uc);

@@ -27,6 +27,19 @@
 #define CONCUR__UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define CONCUR__CACHELINE   64
 
+/*
+ * ThreadSanitizer cannot see the ordering the kernel gives a MSG_RING message (the sender's
+ * writes happen before the receiver reads the CQE), so the two ends say it explicitly.
+ */
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define CONCUR__TSAN_RELEASE(p) __tsan_release((void *)(p))
+#define CONCUR__TSAN_ACQUIRE(p) __tsan_acquire((void *)(p))
+#else
+#define CONCUR__TSAN_RELEASE(p) ((void)(p))
+#define CONCUR__TSAN_ACQUIRE(p) ((void)(p))
+#endif
+
 static inline void concur__cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
@@ -123,7 +136,7 @@ concur_future *concur__failed_future(concur_exec *ex, int64_t err);
 int64_t concur__future_value(const concur_future *f);
 static inline bool concur__valid(const concur_future *f)
 {
-	return f && f->magic == CONCUR__FUTURE_MAGIC;
+	return f && !((uintptr_t)f & 7) && f->magic == CONCUR__FUTURE_MAGIC;
 }
 static inline uint32_t concur__state(const concur_future *f)
 {
@@ -322,7 +335,8 @@ struct concur_exec {
 
 static inline bool concur__exec_valid(const concur_exec *ex)
 {
-	return ex && ex->magic == CONCUR__EXEC_MAGIC;
+	/* a foreign pointer may not even be aligned like an executor: check before reading */
+	return ex && !((uintptr_t)ex & (CONCUR__CACHELINE - 1)) && ex->magic == CONCUR__EXEC_MAGIC;
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);

@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: MIT */
+/* Small helpers shared by the cmocka tests. */
+#ifndef CONCUR_TEST_HELPERS_H
+#define CONCUR_TEST_HELPERS_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <cmocka.h>
+
+#include "concur.h"
+
+#define MS(x) ((int64_t)(x)*1000000)
+
+/* Sanitized builds run 10x to 50x slower: bulk counts shrink there (the assertions do not). */
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define SANITIZED 1
+#define BULK(n)   ((n) / 10)
+#else
+#define SANITIZED 0
+#define BULK(n)   (n)
+#endif
+
+static inline int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline int64_t process_cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* A field of /proc/self/status in kB (VmHWM, VmRSS), or -1. */
+static inline long proc_status_kb(const char *field)
+{
+	FILE *f = fopen("/proc/self/status", "r");
+	char line[256];
+	long v = -1;
+	size_t n = strlen(field);
+	while (f && fgets(line, sizeof(line), f))
+		if (!strncmp(line, field, n) && line[n] == ':')
+			v = strtol(line + n + 1, NULL, 10);
+	if (f)
+		fclose(f);
+	return v;
+}
+
+static inline concur_exec *new_exec(unsigned loops)
+{
+	struct concur_exec_opts o = {.loops = loops};
+	concur_exec *ex = NULL;
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_non_null(ex);
+	return ex;
+}
+
+#endif

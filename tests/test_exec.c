@@ -1,0 +1,369 @@
+/* SPDX-License-Identifier: MIT */
+/* The executor: nested waits, unfolding work and join, shutdown, placement, bad options.
+ * The workloads run over a matrix of loop counts. */
+#include "helpers.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+static const unsigned loop_matrix[] = {1, 2, 3};
+#define FOR_EACH_LOOPS(n) for (size_t li_ = 0; li_ < 3 && ((n) = loop_matrix[li_], 1); li_++)
+
+static concur_exec *ex;
+
+/* 8. nested waits */
+static int64_t chain(void *arg)
+{
+	intptr_t depth = (intptr_t)arg;
+	if (depth == 0)
+		return 0;
+	concur_future *f = concur_spawn(ex, chain, (void *)(depth - 1));
+	int64_t v = concur_result(f, -1);
+	concur_release(f);
+	return v < 0 ? v : v + 1;
+}
+
+static int64_t fib(void *arg)
+{
+	intptr_t n = (intptr_t)arg;
+	if (n < 2)
+		return n;
+	concur_future *a = concur_spawn(ex, fib, (void *)(n - 1));
+	concur_future *b = concur_spawn(ex, fib, (void *)(n - 2));
+	int64_t x = concur_result(a, -1), y = concur_result(b, -1);
+	concur_release(a);
+	concur_release(b);
+	return x + y;
+}
+
+static void test_nested_waits(void **state)
+{
+	ex = new_exec(1);
+	concur_future *f = concur_spawn(ex, chain, (void *)1000);
+	assert_int_equal(concur_result(f, -1), 1000);
+	concur_release(f);
+	concur_exec_free(ex);
+
+	unsigned n;
+	FOR_EACH_LOOPS(n)
+	{
+		ex = new_exec(n);
+		f = concur_spawn(ex, fib, (void *)20);
+		assert_int_equal(concur_result(f, -1), 6765);
+		concur_release(f);
+		concur_exec_free(ex);
+	}
+}
+
+/* 9. the seed's tree search: fire and forget, join when the unfolding is over */
+static atomic_int found, visited;
+static intptr_t target;
+static int64_t search(void *arg)
+{
+	intptr_t node = (intptr_t)arg;
+	atomic_fetch_add(&visited, 1);
+	if (node == target)
+		atomic_store(&found, 1);
+	if (node >= 1000) /* root 1, depth 3: 1, 10..19, 100..199, 1000..1999 */
+		return 0;
+	for (int i = 0; i < 10; i++)
+		concur_release(concur_spawn(ex, search, (void *)(node * 10 + i)));
+	return 0;
+}
+
+static void run_search(intptr_t want, unsigned loops, int expect_found)
+{
+	ex = new_exec(loops);
+	target = want;
+	atomic_store(&found, 0);
+	atomic_store(&visited, 0);
+	concur_release(concur_spawn(ex, search, (void *)1));
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&visited), 1111);
+	assert_int_equal(atomic_load(&found), expect_found);
+	concur_exec_free(ex);
+}
+
+static void test_tree_search(void **state)
+{
+	unsigned n;
+	FOR_EACH_LOOPS(n)
+	{
+		run_search(115, n, 1);
+		run_search(215, n, 0);
+	}
+}
+
+/* 10. join waits for work that keeps unfolding */
+static atomic_int generations;
+static int64_t successor(void *arg)
+{
+	intptr_t left = (intptr_t)arg;
+	atomic_fetch_add(&generations, 1);
+	if (left > 0)
+		concur_release(concur_spawn(ex, successor, (void *)(left - 1)));
+	return 0;
+}
+
+static atomic_int join_in_task;
+static int64_t try_join(void *arg)
+{
+	atomic_store(&join_in_task, concur_exec_join(ex, -1));
+	return 0;
+}
+
+static atomic_int release_sleeper;
+static int64_t sleepy(void *arg)
+{
+	while (!atomic_load(&release_sleeper))
+		concur_sleep(MS(1));
+	return 0;
+}
+
+static void test_join(void **state)
+{
+	unsigned n;
+	FOR_EACH_LOOPS(n)
+	{
+		ex = new_exec(n);
+		atomic_store(&generations, 0);
+		concur_release(concur_spawn(ex, successor, (void *)9999));
+		assert_int_equal(concur_exec_join(ex, -1), 0);
+		assert_int_equal(atomic_load(&generations), 10000);
+		concur_exec_free(ex);
+	}
+
+	ex = new_exec(2);
+	atomic_store(&release_sleeper, 0);
+	concur_release(concur_spawn(ex, sleepy, NULL));
+	assert_int_equal(concur_exec_join(ex, MS(20)), -ETIMEDOUT);
+	assert_int_equal(concur_exec_join(ex, 0), -ETIMEDOUT);
+	atomic_store(&release_sleeper, 1);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(concur_exec_join(ex, 0), 0);
+
+	concur_future *f = concur_spawn(ex, try_join, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	assert_int_equal(atomic_load(&join_in_task), -EDEADLK);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(NULL, 0), -EINVAL);
+	concur_exec_free(ex);
+}
+
+/* 11. shutdown */
+static atomic_int gate, spinning, ran;
+static int64_t spin_until_gate(void *arg)
+{
+	atomic_store(&spinning, 1);
+	while (!atomic_load(&gate))
+		;
+	return 1;
+}
+static int64_t mark_ran(void *arg)
+{
+	atomic_fetch_add(&ran, 1);
+	return 0;
+}
+static atomic_llong spawn_in_task;
+static int64_t spawn_after_shutdown(void *arg)
+{
+	concur_future *f = concur_spawn(ex, mark_ran, NULL);
+	atomic_store(&spawn_in_task, concur_result(f, -1));
+	concur_release(f);
+	return 0;
+}
+
+static void shutdown_case(bool cancel)
+{
+	ex = new_exec(1);
+	atomic_store(&gate, 0);
+	atomic_store(&spinning, 0);
+	atomic_store(&ran, 0);
+	concur_future *s = concur_spawn(ex, spin_until_gate, NULL);
+	while (!atomic_load(&spinning))
+		;
+	concur_future *queued[5];
+	for (int i = 0; i < 5; i++)
+		queued[i] = concur_spawn(ex, mark_ran, NULL);
+	concur_future *late = concur_spawn(ex, spawn_after_shutdown, NULL);
+	concur_exec_shutdown(ex, cancel);
+	concur_exec_shutdown(ex, cancel); /* twice is harmless */
+	concur_future *refused = concur_spawn(ex, mark_ran, NULL);
+	assert_int_equal(concur_result(refused, 0), -ESHUTDOWN);
+	atomic_store(&gate, 1);
+	assert_int_equal(concur_result(s, -1), 1); /* the running task finishes */
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	for (int i = 0; i < 5; i++) {
+		assert_int_equal(concur_result(queued[i], -1), cancel ? -ECANCELED : 0);
+		assert_int_equal(concur_cancelled(queued[i]), cancel);
+		concur_release(queued[i]);
+	}
+	assert_int_equal(atomic_load(&ran), cancel ? 0 : 5);
+	if (!cancel) /* the queued task ran, and its own spawn was refused */
+		assert_int_equal(atomic_load(&spawn_in_task), -ESHUTDOWN);
+	else
+		assert_int_equal(concur_result(late, -1), -ECANCELED);
+	concur_release(late);
+	concur_release(refused);
+	concur_release(s);
+	concur_exec_free(ex);
+}
+
+static void test_shutdown(void **state)
+{
+	shutdown_case(false);
+	shutdown_case(true);
+}
+
+/* Placement: one loop spawns 10k tasks, idle loops take some, every loop runs some. */
+#define MAXLOOPS 4
+static atomic_int per_loop[MAXLOOPS];
+static concur_exec *exs[MAXLOOPS];
+static int64_t note_loop(void *arg)
+{
+	/* which loop: compare the thread against the loops' ids kept by the spawner */
+	pthread_t self = pthread_self();
+	pthread_t *ids = arg;
+	for (int i = 0; i < MAXLOOPS; i++)
+		if (pthread_equal(ids[i], self))
+			atomic_fetch_add(&per_loop[i], 1);
+	volatile double x = 1; /* a little work, so the spawner's queue builds up */
+	for (int i = 0; i < 2000; i++)
+		x = x * 1.000001 + 1;
+	return 0;
+}
+static pthread_t loop_ids[MAXLOOPS];
+static atomic_int nids;
+static int64_t record_loop(void *arg)
+{
+	int i = atomic_fetch_add(&nids, 1);
+	loop_ids[i] = pthread_self();
+	concur_sleep(MS(50)); /* hold this loop's slot so the next spawn lands elsewhere */
+	return 0;
+}
+static int64_t spawn_10k(void *arg)
+{
+	for (int i = 0; i < 10000; i++)
+		concur_release(concur_spawn(ex, note_loop, loop_ids));
+	return 0;
+}
+
+static void test_placement_and_stealing(void **state)
+{
+	(void)exs;
+	unsigned n = 2;
+	ex = new_exec(n);
+	atomic_store(&nids, 0);
+	/* spawns from outside go round-robin: one lands on each loop */
+	concur_future *r[2];
+	for (unsigned i = 0; i < n; i++)
+		r[i] = concur_spawn(ex, record_loop, NULL);
+	for (unsigned i = 0; i < n; i++) {
+		assert_int_equal(concur_result(r[i], -1), 0);
+		concur_release(r[i]);
+	}
+	assert_false(pthread_equal(loop_ids[0], loop_ids[1]));
+	for (int i = 0; i < MAXLOOPS; i++)
+		atomic_store(&per_loop[i], 0);
+	concur_release(concur_spawn(ex, spawn_10k, NULL));
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&per_loop[0]) + atomic_load(&per_loop[1]), 10000);
+	assert_true(atomic_load(&per_loop[0]) > 0);
+	assert_true(atomic_load(&per_loop[1]) > 0);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	assert_true(st.steals > 0);
+	assert_int_equal(st.tasks_spawned, st.tasks_run);
+	concur_exec_free(ex);
+}
+
+/* A burst of spawns from a thread outside the executor does not cost a syscall each. */
+static void test_foreign_burst(void **state)
+{
+	const int N = BULK(1000000);
+	ex = new_exec(2);
+	atomic_store(&ran, 0);
+	for (int i = 0; i < N; i++)
+		concur_release(concur_spawn(ex, mark_ran, NULL));
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&ran), N);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	/* a doorbell is rung only when a loop is asleep: far fewer than one per spawn (under a
+	 * sanitizer the producer is ~10x slower, so the loops catch up and sleep more often) */
+	const uint64_t max_bells = SANITIZED ? (uint64_t)N / 2 : (uint64_t)N / 20;
+	if (st.doorbells >= max_bells)
+		fail_msg("%llu doorbells for %d spawns", (unsigned long long)st.doorbells, N);
+	assert_true(st.inbox_items >= (uint64_t)N);
+	concur_exec_free(ex);
+}
+
+/* concur_result on a loop thread outside a task (a callback) must not hang the loop */
+static atomic_llong cb_result = 1;
+static concur_future *never;
+static void result_in_callback(concur_future *f, void *arg)
+{
+	atomic_store(&cb_result, concur_result(never, -1));
+}
+static void test_result_in_callback(void **state)
+{
+	ex = new_exec(1);
+	never = concur_promise_new(ex);
+	concur_future *f = concur_spawn(ex, mark_ran, NULL);
+	assert_int_equal(concur_on_done(f, result_in_callback, NULL), 0);
+	assert_int_equal(concur_result(f, -1), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&cb_result), -EDEADLK);
+	concur_release(f);
+	concur_release(never);
+	concur_exec_free(ex);
+}
+
+static void test_bad_options(void **state)
+{
+	concur_exec *e = NULL;
+	assert_int_equal(concur_exec_new(NULL, NULL), -EINVAL);
+	struct concur_exec_opts o = {.loops = 5000};
+	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
+	assert_null(e);
+	o = (struct concur_exec_opts){.ring_entries = 1u << 20};
+	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
+	o = (struct concur_exec_opts){.stack_size = 100};
+	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
+	o = (struct concur_exec_opts){.flags = 1u << 30};
+	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
+	assert_int_equal(concur_exec_new(&e, NULL), 0); /* NULL opts: defaults */
+	assert_true(concur_exec_loops(e) >= 1);
+	assert_true(concur_exec_ring_flags(e) != 0);
+	concur_exec_free(e);
+
+	assert_int_equal(concur_exec_loops(NULL), -EINVAL);
+	struct concur_stats st;
+	assert_int_equal(concur_exec_stats(NULL, &st), -EINVAL);
+	concur_exec_shutdown(NULL, true);
+	concur_exec_free(NULL);
+	char junk[512];
+	memset(junk, 0x5a, sizeof(junk));
+	assert_int_equal(concur_exec_join((concur_exec *)junk, 0), -EINVAL);
+	assert_int_equal(concur_exec_loops((concur_exec *)junk), -EINVAL);
+	concur_exec_free((concur_exec *)junk);
+	concur_future *f = concur_spawn((concur_exec *)junk, mark_ran, NULL);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_nested_waits),
+	    cmocka_unit_test(test_tree_search),
+	    cmocka_unit_test(test_join),
+	    cmocka_unit_test(test_shutdown),
+	    cmocka_unit_test(test_placement_and_stealing),
+	    cmocka_unit_test(test_foreign_burst),
+	    cmocka_unit_test(test_result_in_callback),
+	    cmocka_unit_test(test_bad_options),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,408 @@
+/* SPDX-License-Identifier: MIT */
+/* Futures: states, results, cancel, callbacks, waking every kind of waiter, promises. */
+#include "helpers.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+static atomic_int gate; /* a spinner task holds its loop until this is set */
+static atomic_int spinning;
+
+static int64_t spin_until_gate(void *arg)
+{
+	atomic_store(&spinning, 1);
+	while (!atomic_load(&gate))
+		;
+	return 1;
+}
+
+static int64_t return_arg(void *arg)
+{
+	return (int64_t)(intptr_t)arg;
+}
+
+static atomic_int ran;
+static int64_t mark_ran(void *arg)
+{
+	atomic_fetch_add(&ran, 1);
+	return 5;
+}
+
+/* Occupy the only loop of ex so tasks spawned next stay PENDING. */
+static concur_future *hold_loop(concur_exec *ex)
+{
+	atomic_store(&gate, 0);
+	atomic_store(&spinning, 0);
+	concur_future *s = concur_spawn(ex, spin_until_gate, NULL);
+	while (!atomic_load(&spinning))
+		;
+	return s;
+}
+
+static void release_loop(concur_future *s)
+{
+	atomic_store(&gate, 1);
+	assert_int_equal(concur_result(s, -1), 1);
+	concur_release(s);
+}
+
+/* 1. spawn never returns NULL */
+static void test_spawn_never_null(void **state)
+{
+	concur_future *f = concur_spawn(NULL, return_arg, NULL);
+	assert_non_null(f);
+	assert_true(concur_done(f));
+	assert_int_equal(concur_result(f, 0), -EINVAL);
+	concur_release(f);
+
+	concur_exec *ex = new_exec(1);
+	f = concur_spawn(ex, NULL, NULL);
+	assert_non_null(f);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+
+	f = concur_spawn(ex, return_arg, (void *)42);
+	assert_int_equal(concur_result(f, -1), 42);
+	concur_release(f);
+
+	concur_exec_shutdown(ex, false);
+	f = concur_spawn(ex, return_arg, (void *)1);
+	assert_non_null(f);
+	assert_int_equal(concur_result(f, -1), -ESHUTDOWN);
+	concur_release(f);
+	concur_exec_free(ex);
+}
+
+static atomic_int cb_count;
+static void count_cb(concur_future *f, void *arg)
+{
+	atomic_fetch_add(&cb_count, 1);
+}
+
+/* 2. cancel */
+static void test_cancel_pending(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *s = hold_loop(ex);
+	atomic_store(&ran, 0);
+	atomic_store(&cb_count, 0);
+	concur_future *f = concur_spawn(ex, mark_ran, NULL);
+	assert_int_equal(concur_on_done(f, count_cb, NULL), 0);
+	assert_false(concur_done(f));
+	assert_int_equal(concur_cancel(f), 1);
+	assert_true(concur_done(f));
+	assert_true(concur_cancelled(f));
+	assert_int_equal(concur_result(f, 0), -ECANCELED);
+	assert_int_equal(atomic_load(&cb_count), 1);
+	assert_int_equal(concur_cancel(f), 1); /* again: still 1, no callback again */
+	assert_int_equal(atomic_load(&cb_count), 1);
+
+	/* the spinner is RUNNING: too late */
+	assert_true(concur_running(s));
+	assert_int_equal(concur_cancel(s), 0);
+	release_loop(s);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&ran), 0); /* the cancelled task never ran */
+	assert_int_equal(atomic_load(&cb_count), 1);
+
+	/* FINISHED: too late, nothing changes */
+	concur_future *g = concur_spawn(ex, return_arg, (void *)3);
+	assert_int_equal(concur_result(g, -1), 3);
+	assert_int_equal(concur_cancel(g), 0);
+	assert_false(concur_cancelled(g));
+	assert_int_equal(concur_result(g, 0), 3);
+	concur_release(g);
+	concur_release(f);
+	concur_exec_free(ex);
+}
+
+static int64_t fail_with(void *arg)
+{
+	return -(int64_t)(intptr_t)arg;
+}
+
+struct blocked_arg {
+	concur_future *f;
+	int64_t timeout;
+	int64_t got;
+};
+
+static void *blocked_thread(void *p)
+{
+	struct blocked_arg *a = p;
+	a->got = concur_result(a->f, a->timeout);
+	return NULL;
+}
+
+/* 3. result: poll, wait, errors, and a blocked thread woken by a cancel */
+static void test_result(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *s = hold_loop(ex);
+	concur_future *f = concur_spawn(ex, return_arg, (void *)9);
+	assert_int_equal(concur_result(f, 0), -ETIMEDOUT);
+	assert_false(concur_done(f));
+	assert_false(concur_running(f));
+	assert_int_equal(concur_result(f, MS(5)), -ETIMEDOUT);
+	assert_false(concur_done(f));
+
+	/* another thread blocks on a pending task; we cancel it */
+	concur_future *g = concur_spawn(ex, return_arg, (void *)10);
+	struct blocked_arg a = {.f = g, .timeout = -1};
+	pthread_t th;
+	pthread_create(&th, NULL, blocked_thread, &a);
+	concur_sleep(MS(20)); /* give it time to park (correct either way) */
+	assert_int_equal(concur_cancel(g), 1);
+	pthread_join(th, NULL);
+	assert_int_equal(a.got, -ECANCELED);
+
+	release_loop(s);
+	assert_int_equal(concur_result(f, -1), 9);
+	concur_future *e = concur_spawn(ex, fail_with, (void *)EIO);
+	assert_int_equal(concur_result(e, -1), -EIO);
+	assert_true(concur_done(e));
+	assert_false(concur_cancelled(e));
+	concur_release(e);
+	concur_release(f);
+	concur_release(g);
+	concur_exec_free(ex);
+}
+
+/* 4. callbacks: order, thread, immediate on done futures, and what a callback may do */
+#define NCB 5
+static int order[NCB];
+static atomic_int order_len;
+static atomic_int cb_on_loop, cb_in_task;
+static void order_cb(concur_future *f, void *arg)
+{
+	order[atomic_fetch_add(&order_len, 1)] = (int)(intptr_t)arg;
+	if (concur_current_exec())
+		atomic_fetch_add(&cb_on_loop, 1);
+	if (concur_in_task())
+		atomic_fetch_add(&cb_in_task, 1);
+}
+
+static concur_future *spawned_by_cb;
+static void release_and_spawn_cb(concur_future *f, void *arg)
+{
+	concur_exec *ex = arg;
+	concur_release(f); /* f stays valid during the callback */
+	spawned_by_cb = concur_spawn(ex, return_arg, (void *)77);
+	assert_int_equal(concur_on_done(f, count_cb, NULL), 0); /* f is done: runs now */
+}
+
+static void test_on_done(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *s = hold_loop(ex);
+	concur_future *f = concur_spawn(ex, return_arg, (void *)1);
+	atomic_store(&order_len, 0);
+	atomic_store(&cb_on_loop, 0);
+	atomic_store(&cb_in_task, 0);
+	for (int i = 0; i < NCB; i++)
+		assert_int_equal(concur_on_done(f, order_cb, (void *)(intptr_t)i), 0);
+	assert_int_equal(atomic_load(&order_len), 0);
+	release_loop(s);
+	assert_int_equal(concur_result(f, -1), 1);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&order_len), NCB);
+	for (int i = 0; i < NCB; i++)
+		assert_int_equal(order[i], i);
+	assert_int_equal(atomic_load(&cb_on_loop), NCB); /* ran on the completing loop... */
+	assert_int_equal(atomic_load(&cb_in_task), 0);   /* ...outside the task's fiber */
+
+	/* on a done future: runs before concur_on_done returns, in this thread */
+	atomic_store(&order_len, 0);
+	atomic_store(&cb_on_loop, 0);
+	assert_int_equal(concur_on_done(f, order_cb, (void *)(intptr_t)7), 0);
+	assert_int_equal(atomic_load(&order_len), 1);
+	assert_int_equal(order[0], 7);
+	assert_int_equal(atomic_load(&cb_on_loop), 0);
+
+	/* a callback may release the future, spawn and add callbacks */
+	atomic_store(&cb_count, 0);
+	concur_future *g = concur_spawn(ex, return_arg, (void *)2);
+	concur_retain(g); /* the callback drops this one */
+	assert_int_equal(concur_on_done(g, release_and_spawn_cb, ex), 0);
+	assert_int_equal(concur_result(g, -1), 2);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_non_null(spawned_by_cb);
+	assert_int_equal(concur_result(spawned_by_cb, -1), 77);
+	assert_int_equal(atomic_load(&cb_count), 1);
+	concur_release(spawned_by_cb);
+	concur_release(g);
+	concur_release(f);
+	concur_exec_free(ex);
+}
+
+/* 5. one completion wakes blocked threads, awaiting fibers on both loops and callbacks */
+static concur_future *shared_promise;
+static atomic_int fibers_woken;
+static int64_t await_shared(void *arg)
+{
+	int64_t v = concur_result(shared_promise, -1);
+	if (v == 1234)
+		atomic_fetch_add(&fibers_woken, 1);
+	return v;
+}
+
+static void test_one_completion_wakes_all(void **state)
+{
+	enum { N = 4, M = 8, K = 3 };
+	concur_exec *ex = new_exec(2);
+	shared_promise = concur_promise_new(ex);
+	assert_non_null(shared_promise);
+	atomic_store(&fibers_woken, 0);
+	atomic_store(&cb_count, 0);
+	struct blocked_arg a[N];
+	pthread_t th[N];
+	for (int i = 0; i < N; i++) {
+		a[i] = (struct blocked_arg){.f = shared_promise, .timeout = -1};
+		pthread_create(&th[i], NULL, blocked_thread, &a[i]);
+	}
+	concur_future *tasks[M];
+	for (int i = 0; i < M; i++)
+		tasks[i] = concur_spawn(ex, await_shared, NULL); /* round-robin: both loops */
+	for (int i = 0; i < K; i++)
+		assert_int_equal(concur_on_done(shared_promise, count_cb, NULL), 0);
+	concur_sleep(MS(20));
+	assert_int_equal(concur_promise_set(shared_promise, 1234), 0);
+	assert_int_equal(concur_promise_set(shared_promise, 1), -EALREADY);
+	for (int i = 0; i < N; i++) {
+		pthread_join(th[i], NULL);
+		assert_int_equal(a[i].got, 1234);
+	}
+	for (int i = 0; i < M; i++) {
+		assert_int_equal(concur_result(tasks[i], -1), 1234);
+		concur_release(tasks[i]);
+	}
+	assert_int_equal(atomic_load(&fibers_woken), M);
+	assert_int_equal(atomic_load(&cb_count), K);
+	struct concur_stats st;
+	assert_int_equal(concur_exec_stats(ex, &st), 0);
+	assert_true(st.fibers_parked >= 1);
+	concur_release(shared_promise);
+	concur_exec_free(ex);
+}
+
+/* 6. futures know their executor, weakly */
+static void test_future_exec(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *f = concur_spawn(ex, return_arg, NULL);
+	concur_future *p = concur_promise_new(NULL);
+	assert_ptr_equal(concur_future_exec(f), ex);
+	assert_null(concur_future_exec(p));
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_exec_free(ex);
+	assert_null(concur_future_exec(f));
+	assert_true(concur_done(f)); /* the future itself outlives the executor */
+	assert_int_equal(concur_result(f, 0), 0);
+	concur_release(f);
+	concur_release(p);
+}
+
+/* 7. releasing a pending future does not cancel it */
+static void test_fire_and_forget(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *s = hold_loop(ex);
+	atomic_store(&ran, 0);
+	for (int i = 0; i < 10; i++)
+		concur_release(concur_spawn(ex, mark_ran, NULL));
+	release_loop(s);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&ran), 10);
+	concur_exec_free(ex);
+}
+
+static void test_promise(void **state)
+{
+	concur_future *p = concur_promise_new(NULL);
+	assert_false(concur_done(p));
+	assert_int_equal(concur_result(p, 0), -ETIMEDOUT);
+	assert_int_equal(concur_promise_set(p, -ECANCELED), 0);
+	assert_true(concur_cancelled(p));
+	assert_int_equal(concur_result(p, -1), -ECANCELED);
+	concur_release(p);
+
+	p = concur_promise_new(NULL);
+	assert_int_equal(concur_cancel(p), 1);
+	assert_int_equal(concur_promise_set(p, 3), -EALREADY);
+	concur_release(p);
+
+	p = concur_promise_new(NULL);
+	assert_int_equal(concur_promise_set(p, -EPIPE), 0);
+	assert_false(concur_cancelled(p));
+	assert_int_equal(concur_result(p, -1), -EPIPE);
+	concur_release(p);
+
+	/* a promise dropped with callbacks pending frees them (LeakSanitizer checks) */
+	p = concur_promise_new(NULL);
+	atomic_store(&cb_count, 0);
+	assert_int_equal(concur_on_done(p, count_cb, NULL), 0);
+	concur_release(p);
+	assert_int_equal(atomic_load(&cb_count), 0);
+}
+
+/* Bad input: NULL and foreign objects get -EINVAL, never a crash. */
+static void test_bad_input(void **state)
+{
+	struct {
+		uint64_t junk[16];
+	} foreign;
+	memset(&foreign, 0xab, sizeof(foreign));
+	concur_future *bogus = (concur_future *)&foreign;
+
+	assert_int_equal(concur_result(NULL, 0), -EINVAL);
+	assert_int_equal(concur_result(bogus, -1), -EINVAL);
+	assert_false(concur_done(NULL));
+	assert_false(concur_done(bogus));
+	assert_false(concur_cancelled(NULL));
+	assert_false(concur_running(bogus));
+	assert_int_equal(concur_cancel(NULL), -EINVAL);
+	assert_int_equal(concur_cancel(bogus), -EINVAL);
+	assert_int_equal(concur_on_done(NULL, count_cb, NULL), -EINVAL);
+	assert_int_equal(concur_on_done(bogus, count_cb, NULL), -EINVAL);
+	concur_future *p = concur_promise_new(NULL);
+	assert_int_equal(concur_on_done(p, NULL, NULL), -EINVAL);
+	assert_null(concur_retain(NULL));
+	assert_null(concur_retain(bogus));
+	concur_release(NULL);
+	concur_release(bogus);
+	assert_null(concur_future_exec(NULL));
+	assert_null(concur_future_exec(bogus));
+	assert_int_equal(concur_promise_set(NULL, 1), -EINVAL);
+	assert_int_equal(concur_promise_set(bogus, 1), -EINVAL);
+	assert_null(concur_promise_new((concur_exec *)&foreign));
+
+	concur_exec *ex = new_exec(1);
+	concur_future *t = concur_spawn(ex, return_arg, NULL);
+	assert_int_equal(concur_promise_set(t, 1), -EINVAL); /* not a promise */
+	assert_int_equal(concur_result(t, -1), 0);
+	concur_release(t);
+	concur_exec_free(ex);
+	concur_release(p);
+
+	assert_string_equal(concur_strerror(-ETIMEDOUT), "Connection timed out");
+	assert_string_equal(concur_strerror(0), "Success");
+	assert_non_null(concur_strerror(-99999));
+	assert_non_null(concur_strerror(INT64_MIN));
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_spawn_never_null),
+	    cmocka_unit_test(test_cancel_pending),
+	    cmocka_unit_test(test_result),
+	    cmocka_unit_test(test_on_done),
+	    cmocka_unit_test(test_one_completion_wakes_all),
+	    cmocka_unit_test(test_future_exec),
+	    cmocka_unit_test(test_fire_and_forget),
+	    cmocka_unit_test(test_promise),
+	    cmocka_unit_test(test_bad_input),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
