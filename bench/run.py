@@ -56,21 +56,22 @@ WORKLOADS = [
         "name": "switch",
         "what": "fiber yield ping-pong: 2 tasks on 1 loop calling concur_yield()",
         "variants": [
-            V("concur", "bench_switch", "concur", 1_000_000, 100_000),
-            V("bare asm switch", "bench_switch", "asm", 10_000_000, 1_000_000, target=("<=", 1.5)),
-            V("swapcontext", "bench_switch", "ucontext", 1_000_000, 100_000),
+            V("concur", "bench_switch", "concur", 5_000_000, 100_000),
+            V("bare asm switch", "bench_switch", "asm", 50_000_000, 1_000_000, target=("<=", 1.5)),
+            V("swapcontext", "bench_switch", "ucontext", 2_000_000, 100_000),
         ],
     },
     {
         "name": "spawn/one",
         "what": "inside a task (1 loop): spawn a trivial task, wait for its result, repeat",
         "variants": [
-            V("concur", "bench_spawn", "concur_one", 200_000, 20_000),
-            V("bare pooled-stack spawn", "bench_spawn", "bare_one", 2_000_000, 200_000,
+            V("concur", "bench_spawn", "concur_one", 1_000_000, 20_000),
+            V("bare pooled-stack spawn", "bench_spawn", "bare_one", 5_000_000, 200_000,
               target=("<=", 2.0)),
-            V("mutex+condvar pool", "bench_spawn", "pool_one", 20_000, 2_000,
+            V("mutex+condvar pool", "bench_spawn", "pool_one", 50_000, 2_000,
               target=("<=", 1 / 3), note="target: concur >= 3x faster than the condvar pool"),
-            V("OpenMP task+taskwait", "bench_omp", "spawn_one", 200_000, 20_000),
+            V("OpenMP task+taskwait", "bench_omp", "spawn_one", 500_000, 20_000),
+            V("libuv uv_queue_work", "bench_uv", "spawn_one", 50_000, 2_000),
         ],
     },
     {
@@ -83,6 +84,7 @@ WORKLOADS = [
             V("mutex+condvar pool", "bench_spawn", "pool_bulk", 1_000_000, 100_000,
               target=("<=", 1 / 3), note="target: concur >= 3x faster than the condvar pool"),
             V("OpenMP tasks+taskwait", "bench_omp", "spawn_bulk", 1_000_000, 100_000),
+            V("libuv uv_queue_work", "bench_uv", "spawn_bulk", 1_000_000, 100_000),
         ],
     },
 ] + [
@@ -90,8 +92,8 @@ WORKLOADS = [
         "name": f"await_nop/{b}",
         "what": f"{b} task(s) on 1 loop, each awaiting IORING_OP_NOP in a loop",
         "variants": [
-            V("concur", "bench_nop", "concur", 1_000_000, 100_000, ["-b", str(b)]),
-            V(f"raw liburing, batch {b}", "bench_nop", "raw", 1_000_000, 100_000, ["-b", str(b)],
+            V("concur", "bench_nop", "concur", 2_000_000, 100_000, ["-b", str(b)]),
+            V(f"raw liburing, batch {b}", "bench_nop", "raw", 2_000_000, 100_000, ["-b", str(b)],
               target=("<=", 1 / 0.9) if b == 128 else None,
               note="target: >= 0.9x raw liburing throughput" if b == 128 else ""),
         ],
@@ -102,16 +104,16 @@ WORKLOADS = [
         "name": "xwake",
         "what": "foreign thread spawns a task and blocks in concur_result until the loop completes it",
         "variants": [
-            V("concur", "bench_xwake", "concur_spawn", 20_000, 2_000),
-            V("futex ping-pong", "bench_xwake", "futex", 20_000, 2_000, target=("<=", 1.1)),
+            V("concur", "bench_xwake", "concur_spawn", 100_000, 2_000),
+            V("futex ping-pong", "bench_xwake", "futex", 100_000, 2_000, target=("<=", 1.1)),
         ],
     },
     {
         "name": "xwake/promise",
         "what": "foreign thread and a task ping-pong through promises (set / blocking result)",
         "variants": [
-            V("concur", "bench_xwake", "concur_promise", 20_000, 2_000),
-            V("futex ping-pong", "bench_xwake", "futex", 20_000, 2_000, target=("<=", 1.1)),
+            V("concur", "bench_xwake", "concur_promise", 100_000, 2_000),
+            V("futex ping-pong", "bench_xwake", "futex", 100_000, 2_000, target=("<=", 1.1)),
         ],
     },
     {
@@ -603,7 +605,7 @@ def main():
     ap.add_argument("--list", action="store_true", help="list the workloads and their variants")
     ap.add_argument("--filter", metavar="NAME",
                     help="only workloads whose name matches (substring or regex)")
-    ap.add_argument("--runs", type=int, help="counted runs per variant (default 7; quick 2)")
+    ap.add_argument("--runs", type=int, help="counted runs per variant (default 9; quick 2)")
     ap.add_argument("--warmup", type=int, help="warm-up runs per variant (default 1; quick 0)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke mode: every workload briefly, few runs (< 2 min); exits non-zero "
@@ -618,7 +620,7 @@ def main():
     args = ap.parse_args()
     args.build_dir = os.path.abspath(args.build_dir)
     if args.runs is None:
-        args.runs = 2 if args.quick else 7
+        args.runs = 2 if args.quick else 9
     if args.warmup is None:
         args.warmup = 0 if args.quick else 1
     if args.timeout is None:
