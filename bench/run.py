@@ -222,15 +222,18 @@ class Progress:
         left = (time.monotonic() - self.start) / self.done * (self.total - self.done)
         return "%d:%02d" % divmod(int(left + 0.5), 60)
 
-    def step(self, workload, label):
-        self.done += 1
+    def show(self, workload, label):
+        """Draw the bar for the invocation about to start (terminal only)."""
         if self.tty:
             width = 24
             fill = int(width * self.done / max(self.total, 1))
-            line = "[%s%s] %-16s %-14s ETA %s" % ("#" * fill, "." * (width - fill), workload,
+            line = "[%s%s] %-14s %-36s ETA %s" % ("#" * fill, "." * (width - fill), workload,
                                                   label, self.eta())
             sys.stderr.write("\r" + line[:118].ljust(118))
             sys.stderr.flush()
+
+    def step(self):
+        self.done += 1
 
     def workload_done(self, index, count, workload, runs, nvariants, seconds, problems):
         if self.tty:
@@ -309,9 +312,10 @@ def run_workload(w, args, progress):
         })
 
     def one(slot, counted, label):
+        progress.show(w["name"], "%s: %s" % (label, slot["name"]))
         status, rec = run_variant(args.build_dir, slot["_def"], args.quick, args.timeout,
                                   slot["role"] == "concur")
-        progress.step(w["name"], label)
+        progress.step()
         if status != "ok":
             slot["status"], slot["reason"] = status, rec
             if counted:
@@ -334,7 +338,7 @@ def run_workload(w, args, progress):
                 one(slot, True, "run %d/%d" % (i + 1, args.runs))
             else:
                 slot["values"].append(None)
-                progress.step(w["name"], "run %d/%d" % (i + 1, args.runs))
+                progress.step()
 
     for slot in variants:
         slot.pop("_def")
