@@ -51,6 +51,24 @@ def V(name, binary, variant, n, quick_n, extra=(), target=None, note=""):
     }
 
 
+def spawn_workload(kind, what, concur, bare, pool, omp, uv):
+    """spawn/one and spawn/bulk: the same peers, each given (n, quick_n)."""
+    pool_note = "target: concur >= 3x faster than the condvar pool"
+    return {
+        "name": "spawn/" + kind,
+        "what": what,
+        "variants": [
+            V("concur", "bench_spawn", "concur_" + kind, *concur),
+            V("bare pooled-stack spawn", "bench_spawn", "bare_" + kind, *bare,
+              target=("<=", 2.0)),
+            V("mutex+condvar pool", "bench_spawn", "pool_" + kind, *pool, target=("<=", 1 / 3),
+              note=pool_note),
+            V("OpenMP tasks+taskwait", "bench_omp", "spawn_" + kind, *omp),
+            V("libuv uv_queue_work", "bench_uv", "spawn_" + kind, *uv),
+        ],
+    }
+
+
 WORKLOADS = [
     {
         "name": "switch",
@@ -61,32 +79,12 @@ WORKLOADS = [
             V("swapcontext", "bench_switch", "ucontext", 2_000_000, 100_000),
         ],
     },
-    {
-        "name": "spawn/one",
-        "what": "inside a task (1 loop): spawn a trivial task, wait for its result, repeat",
-        "variants": [
-            V("concur", "bench_spawn", "concur_one", 1_000_000, 20_000),
-            V("bare pooled-stack spawn", "bench_spawn", "bare_one", 5_000_000, 200_000,
-              target=("<=", 2.0)),
-            V("mutex+condvar pool", "bench_spawn", "pool_one", 50_000, 2_000,
-              target=("<=", 1 / 3), note="target: concur >= 3x faster than the condvar pool"),
-            V("OpenMP task+taskwait", "bench_omp", "spawn_one", 500_000, 20_000),
-            V("libuv uv_queue_work", "bench_uv", "spawn_one", 50_000, 2_000),
-        ],
-    },
-    {
-        "name": "spawn/bulk",
-        "what": "one task spawns 10^6 trivial tasks (fire and forget), then concur_exec_join",
-        "variants": [
-            V("concur", "bench_spawn", "concur_bulk", 1_000_000, 100_000),
-            V("bare pooled-stack spawn", "bench_spawn", "bare_bulk", 1_000_000, 100_000,
-              target=("<=", 2.0)),
-            V("mutex+condvar pool", "bench_spawn", "pool_bulk", 1_000_000, 100_000,
-              target=("<=", 1 / 3), note="target: concur >= 3x faster than the condvar pool"),
-            V("OpenMP tasks+taskwait", "bench_omp", "spawn_bulk", 1_000_000, 100_000),
-            V("libuv uv_queue_work", "bench_uv", "spawn_bulk", 1_000_000, 100_000),
-        ],
-    },
+] + [
+    spawn_workload("one", "inside a task (1 loop): spawn a trivial task, wait for its result, "
+                   "repeat", (1_000_000, 20_000), (5_000_000, 200_000), (50_000, 2_000),
+                   (500_000, 20_000), (50_000, 2_000)),
+    spawn_workload("bulk", "one task spawns 10^6 trivial tasks (fire and forget), then "
+                   "concur_exec_join", *[(1_000_000, 100_000)] * 5),
 ] + [
     {
         "name": f"await_nop/{b}",
