@@ -474,7 +474,7 @@ def render_terminal(result):
     rows = table_rows(result)
     widths = [max(len(HEADINGS[i]), *(len(r[i]) for r in rows)) if rows else len(HEADINGS[i])
               for i in range(len(HEADINGS))]
-    widths[3] = min(widths[3], 40)
+    widths[3] = min(widths[3], 56)
     out = header_lines(result["header"], result["config"])
     out.append("ratio = concur time / peer time per run i (median of the pairs); < 1: concur is "
                "faster")
