@@ -99,6 +99,15 @@ WORKLOADS = [
     for b in (1, 8, 32, 128)
 ] + [
     {
+        "name": "await_nop/128/future",
+        "what": "as await_nop/128, with heap futures: concur_result(concur_nop(ex), -1)",
+        "variants": [
+            V("concur", "bench_nop", "concur_future", 2_000_000, 100_000, ["-b", "128"]),
+            V("raw liburing, batch 128", "bench_nop", "raw", 2_000_000, 100_000, ["-b", "128"]),
+        ],
+    },
+] + [
+    {
         "name": "xwake",
         "what": "foreign thread spawns a task and blocks in concur_result until the loop completes it",
         "variants": [
