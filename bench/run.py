@@ -585,8 +585,8 @@ def render_svg(result):
         label = "%s×" % fmt_ratio(r["median"])
         if r["met"] is not None:
             label += " (target %s: %s)" % (r["target"]["text"], "met" if r["met"] else "missed")
-        o.append('<text x="%.1f" y="%d" fill="#222">%s</text>' % (max(x1, xm) + 6, y + 16,
-                                                                 esc(label)))
+        o.append('<text x="%.1f" y="%d" fill="#222">%s</text>' %
+                 (max(x1, xm, x(r["max"])) + 6, y + 16, esc(label)))
     o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="black" stroke-width="1.5"/>' %
              (x(1.0), top - 8, x(1.0), base))
     o.append('<text x="%.1f" y="%d" text-anchor="middle" font-weight="bold">1.0 (parity)</text>'
@@ -598,6 +598,30 @@ def render_svg(result):
 
 
 # --------------------------------------------------------------------------------------------
+
+
+# Debian packages of the peers (libgomp comes with gcc; wrk, nginx, redis, fio join with the
+# server and I/O workloads).
+PEER_PACKAGES = ["libgomp1", "libuv1-dev"]
+
+
+def install_peers():
+    """apt-get install the peers' Debian packages that are missing (as root)."""
+    missing = [p for p in PEER_PACKAGES
+               if "install ok installed" not in sh(["dpkg-query", "-W", "-f", "${Status}", p])]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.stderr.write("peers missing (%s): not root or no apt-get, they will be reported "
+                         "skipped\n" % " ".join(missing))
+        return
+    sys.stderr.write("+ apt-get install -y %s\n" % " ".join(missing))
+    cmd = ["apt-get", "install", "-y", "-q"] + missing
+    if subprocess.run(cmd).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"])
+        if subprocess.run(cmd).returncode != 0:
+            sys.stderr.write("could not install %s: those peers will be reported skipped\n" %
+                             " ".join(missing))
 
 
 def build(build_dir):
@@ -625,6 +649,8 @@ def main():
                     help="CMake build dir holding bench/ (default: ./build)")
     ap.add_argument("--build", action="store_true",
                     help="configure (Release) and build the bench binaries first")
+    ap.add_argument("--install-peers", action="store_true",
+                    help="apt-get install the peers' missing Debian packages first (root)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="output dir (default bench/results)")
     ap.add_argument("--timeout", type=int, help="seconds per invocation (default 120; quick 30)")
@@ -659,6 +685,8 @@ def main():
                                                         tgt))
         return 0
 
+    if args.install_peers:
+        install_peers()
     if args.build:
         build(args.build_dir)
     if not os.path.isdir(os.path.join(args.build_dir, "bench")):
