@@ -33,8 +33,11 @@ def main():
         sys.exit("cannot read %s: %s (run bench/run.py first)" % (args.json, e))
     if result.get("schema") != run.SCHEMA:
         sys.exit("%s: schema %r, expected %r" % (args.json, result.get("schema"), run.SCHEMA))
-    with open(args.readme) as f:
-        text = f.read()
+    try:
+        with open(args.readme) as f:
+            text = f.read()
+    except OSError as e:
+        sys.exit("cannot read %s: %s" % (args.readme, e))
     b, e = text.find(BEGIN), text.find(END)
     if b < 0 or e < 0 or e < b:
         sys.exit("%s: markers %s ... %s not found; README left unchanged" %
