@@ -436,6 +436,27 @@ def fmt_ratio(x):
     return "%.2f" % x if x >= 0.1 else "%.3f" % x
 
 
+def fmt_count(x):
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return "%.3g%s" % (x / div, suf)
+    return "%g" % x
+
+
+def counters_text(stats):
+    """concur's counters of its median run, compact, for the concur row of the tables."""
+    keys = [("tasks_run", "tasks"), ("fibers_parked", "parked"), ("enters", "enters"),
+            ("cqes_per_enter", "CQE/enter"), ("steals", "steals"), ("msg_ring", "msg_ring"),
+            ("futex_wakes", "futex wakes")]
+    parts = []
+    for k, label in keys:
+        v = stats.get(k)
+        if isinstance(v, (int, float)) and (v or k in ("tasks_run", "enters")):
+            parts.append("%s %s" % (fmt_count(v) if k != "cqes_per_enter" else "%.3g" % v,
+                                    label))
+    return "counters: " + ", ".join(parts) if parts else ""
+
+
 def table_rows(result):
     """Rows shared by the terminal and markdown tables."""
     rows = []
@@ -449,6 +470,8 @@ def table_rows(result):
                 val, rng = v["status"].upper(), v["reason"]
             ratio = target = met = ""
             r = ratios.get(v["name"]) if v["role"] == "peer" else None
+            if v["role"] == "concur" and v["status"] == "ok":
+                ratio = counters_text(v.get("median_stats") or {})
             if r:
                 if r["status"] == "ok":
                     ratio = "%s (%s – %s)" % (fmt_ratio(r["median"]), fmt_ratio(r["min"]),
@@ -463,7 +486,8 @@ def table_rows(result):
     return rows
 
 
-HEADINGS = ["workload", "variant", "median", "min – max", "concur/peer ratio (min – max)",
+HEADINGS = ["workload", "variant", "median", "min – max",
+            "ratio concur/peer (min – max); concur row: its counters",
             "target", ""]
 
 

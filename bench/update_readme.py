@@ -25,6 +25,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
     ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+    ap.add_argument("--force", action="store_true",
+                    help="accept a --quick or --filter run's results")
     args = ap.parse_args()
     try:
         with open(args.json) as f:
@@ -33,6 +35,10 @@ def main():
         sys.exit("cannot read %s: %s (run bench/run.py first)" % (args.json, e))
     if result.get("schema") != run.SCHEMA:
         sys.exit("%s: schema %r, expected %r" % (args.json, result.get("schema"), run.SCHEMA))
+    cfg = result.get("config", {})
+    if (cfg.get("quick") or cfg.get("filter")) and not args.force:
+        sys.exit("%s is from a %s run; README left unchanged (--force to use it anyway)" %
+                 (args.json, "quick" if cfg.get("quick") else "filtered"))
     try:
         with open(args.readme) as f:
             text = f.read()
