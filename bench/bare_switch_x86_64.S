@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: MIT */
-/* void bare_switch(struct bare_ctx *from, struct bare_ctx *to): the bench's floor switch. */
+/* void bare_switch(struct bare_ctx *from, struct bare_ctx *to): the bench's floor switch.
+ * Deliberately its own copy, not src/fiber_x86_64.S: the floor must not move when the
+ * library's switch changes. */
 	.text
 	.globl	bare_switch
 	.type	bare_switch, @function
