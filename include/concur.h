@@ -288,7 +288,7 @@ struct concur_gather_opts {          /* zeroed (or a NULL pointer) = defaults */
  * with CONCUR_GATHER_RETURN_ERRORS, 0 once all are done whatever their results. -ETIMEDOUT when
  * the deadline passed first, -EINVAL, -ENOMEM, -EDEADLK as concur_wait().
  */
-int concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns, int64_t *values_out,
+int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns, int64_t *values_out,
                   const struct concur_gather_opts *opts);
 
 /* An iterator over futures as they complete (Python's as_completed). */
@@ -374,7 +374,7 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
  * succeeded, else the error of the first member that failed (in completion order; -ECANCELED if
  * members were only cancelled), -ETIMEDOUT, -EINVAL, -EDEADLK (see the top of this section).
  */
-int concur_group_wait(concur_group *g, int64_t timeout_ns);
+int64_t concur_group_wait(concur_group *g, int64_t timeout_ns);
 
 /* Cancel every member that has not started and refuse later spawns. Returns how many were
  * cancelled, or -EINVAL. */
