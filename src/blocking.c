@@ -33,10 +33,10 @@ static struct {
 	unsigned threads, idle, max;
 	int64_t idle_ns;
 } pool = {
-	.once = PTHREAD_ONCE_INIT,
-	.lock = PTHREAD_MUTEX_INITIALIZER,
-	.max = POOL_DEFAULT_MAX,
-	.idle_ns = POOL_DEFAULT_IDLE,
+    .once = PTHREAD_ONCE_INIT,
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .max = POOL_DEFAULT_MAX,
+    .idle_ns = POOL_DEFAULT_IDLE,
 };
 
 static void pool_init(void)

@@ -23,7 +23,7 @@ struct concur_group {
 	pthread_mutex_t lock; /* protects the list, first_err, wake */
 	struct member head;   /* circular list of live members */
 	size_t live;
-	int64_t first_err;   /* of the first member that failed */
+	int64_t first_err;  /* of the first member that failed */
 	bool any_cancelled; /* a member ended cancelled */
 	concur_future *wake;
 };
@@ -92,7 +92,7 @@ static void member_remove(struct member *m, bool done)
 	m->next->prev = m->prev;
 	bool first_failure = failed && g->first_err == 0;
 	if (first_failure)
-		g->first_err = concur__outcome(m->f);
+		g->first_err = concur__future_value(m->f);
 	g->any_cancelled = g->any_cancelled || (done && concur_cancelled(m->f));
 	bool idle = --g->live == 0;
 	pthread_mutex_unlock(&g->lock);
@@ -145,7 +145,9 @@ int64_t concur_group_wait(concur_group *g, int64_t timeout_ns)
 	for (;;) {
 		pthread_mutex_lock(&g->lock);
 		if (g->live == 0) {
-			int64_t err = g->first_err ? g->first_err : g->any_cancelled ? -ECANCELED : 0;
+			int64_t err = g->first_err       ? g->first_err
+			              : g->any_cancelled ? -ECANCELED
+			                                 : 0;
 			pthread_mutex_unlock(&g->lock);
 			return err;
 		}

@@ -113,7 +113,8 @@ static void grant_all(struct waitq *q, int status)
 		wake(p);
 }
 
-/* ---- mutex ------------------------------------------------------------------------------------ */
+/* ---- mutex ------------------------------------------------------------------------------------
+ */
 
 struct concur_mutex {
 	pthread_mutex_t lock;
@@ -182,7 +183,8 @@ int concur_mutex_unlock(concur_mutex *m)
 	return 0;
 }
 
-/* ---- semaphore -------------------------------------------------------------------------------- */
+/* ---- semaphore --------------------------------------------------------------------------------
+ */
 
 struct concur_sem {
 	pthread_mutex_t lock;
@@ -253,7 +255,8 @@ int64_t concur_sem_value(const concur_sem *s)
 	return v;
 }
 
-/* ---- event ------------------------------------------------------------------------------------ */
+/* ---- event ------------------------------------------------------------------------------------
+ */
 
 struct concur_event {
 	pthread_mutex_t lock;
@@ -320,14 +323,15 @@ int concur_event_wait(concur_event *e, int64_t timeout_ns)
 	return park(&e->lock, &e->q, &w, timeout_ns);
 }
 
-/* ---- channel ---------------------------------------------------------------------------------- */
+/* ---- channel ----------------------------------------------------------------------------------
+ */
 
 #define CHAN_MAX_CAPACITY (1u << 30)
 
 struct concur_chan {
 	pthread_mutex_t lock;
 	bool closed;
-	size_t cap, head, len; /* items[head .. head+len) mod cap */
+	size_t cap, head, len;  /* items[head .. head+len) mod cap */
 	struct waitq senders;   /* only while the buffer is full */
 	struct waitq receivers; /* only while the buffer is empty */
 	int64_t items[];

@@ -95,7 +95,7 @@ static void countdown_on_done(concur_future *f, void *arg)
  * one reference; its target is SIZE_MAX until countdown_wait) or NULL with *err set.
  */
 static struct countdown *countdown_start(concur_future *const *futures, size_t n,
-					 bool stop_on_failure, bool *failed, int *err)
+                                         bool stop_on_failure, bool *failed, int *err)
 {
 	struct countdown *c = calloc(1, sizeof(*c));
 	if (!c) {
@@ -147,7 +147,7 @@ static bool wait_satisfied(int mode, size_t ndone, size_t n, bool failed)
 }
 
 int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeout_ns,
-		bool *done_out)
+                bool *done_out)
 {
 	int err = concur__check_futures(futures, n);
 	if (err)
@@ -167,7 +167,7 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 	if (!wait_satisfied(mode, ndone, n, failed) && timeout_ns != 0) {
 		failed = false;
 		struct countdown *c =
-			countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &failed, &err);
+		    countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &failed, &err);
 		if (!c)
 			return err;
 		int64_t r = countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
@@ -185,8 +185,8 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 	return count;
 }
 
-int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns, int64_t *values_out,
-		      const struct concur_gather_opts *opts)
+int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns,
+                      int64_t *values_out, const struct concur_gather_opts *opts)
 {
 	static const struct concur_gather_opts defaults;
 	if (!opts)
@@ -225,7 +225,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	for (size_t i = 0; i < n; i++) {
 		int64_t v = -ETIMEDOUT;
 		if (concur_done(futures[i])) {
-			v = concur__outcome(futures[i]);
+			v = concur__future_value(futures[i]);
 			if (v < 0 && !first_err)
 				first_err = v;
 		} else {
@@ -239,7 +239,8 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	return (opts->flags & CONCUR_GATHER_RETURN_ERRORS) ? 0 : first_err;
 }
 
-/* ---- as_completed ------------------------------------------------------------------------------ */
+/* ---- as_completed ------------------------------------------------------------------------------
+ */
 
 struct ac_shared;
 struct ac_slot {
@@ -251,9 +252,9 @@ struct ac_slot {
 struct ac_shared {
 	_Atomic uint32_t refs;
 	pthread_mutex_t lock;
-	size_t head, tail;    /* ready[head..tail) not yielded yet; each index is queued once */
-	concur_future *wake;  /* the consumer's wake slot */
-	size_t *ready;        /* n entries */
+	size_t head, tail;     /* ready[head..tail) not yielded yet; each index is queued once */
+	concur_future *wake;   /* the consumer's wake slot */
+	size_t *ready;         /* n entries */
 	struct ac_slot slot[]; /* n entries */
 };
 
@@ -310,7 +311,7 @@ static size_t dedupe(concur_future *const *futures, size_t n, concur_future **ou
 }
 
 int concur_as_completed_new(concur_as_completed **out, concur_future *const *futures, size_t n,
-			    int64_t timeout_ns)
+                            int64_t timeout_ns)
 {
 	int err = concur__check_futures(futures, n);
 	if (!out || err)
@@ -383,8 +384,9 @@ int concur_as_completed_next(concur_as_completed *it, concur_future **f)
 			pthread_mutex_unlock(&s->lock);
 			if (!empty)
 				continue;
-			concur__set_error("as_completed: %zu of %zu futures unfinished at the deadline",
-					  it->n - it->yielded, it->n);
+			concur__set_error(
+			    "as_completed: %zu of %zu futures unfinished at the deadline",
+			    it->n - it->yielded, it->n);
 			return -ETIMEDOUT;
 		}
 		if (r < 0 && r != -ETIMEDOUT)
@@ -411,7 +413,8 @@ void concur_as_completed_free(concur_as_completed *it)
 	free(it);
 }
 
-/* ---- then and spawn_after ---------------------------------------------------------------------- */
+/* ---- then and spawn_after ----------------------------------------------------------------------
+ */
 
 /*
  * A dependent task before it exists: no stack, no thread, just this record. Each input's
@@ -462,7 +465,7 @@ static int64_t after_task(void *arg)
 static void after_task_done(concur_future *task, void *arg)
 {
 	struct after *a = arg;
-	concur_promise_set(a->out, concur__outcome(task));
+	concur_promise_set(a->out, concur__future_value(task));
 	after_free(a);
 }
 
@@ -509,13 +512,13 @@ static void after_input_done(concur_future *f, void *arg)
 {
 	struct after_slot *slot = arg;
 	struct after *a = slot->a;
-	a->values[slot->i] = concur__outcome(f);
+	a->values[slot->i] = concur__future_value(f);
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
 		after_ready(a);
 }
 
 static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then_fn then_fn,
-				void *arg, concur_future *const *inputs, size_t n)
+                                void *arg, concur_future *const *inputs, size_t n)
 {
 	if (!concur__exec_valid(ex))
 		return concur__failed_future(NULL, -EINVAL);
@@ -552,7 +555,7 @@ static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then
 }
 
 concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg,
-				  concur_future *const *inputs, size_t n)
+                                  concur_future *const *inputs, size_t n)
 {
 	if (!fn)
 		return concur__failed_future(NULL, -EINVAL);

@@ -51,12 +51,6 @@ static inline bool concur__failed(const concur_future *f)
 	return concur__state(f) == CONCUR__FINISHED && concur__future_value(f) < 0;
 }
 
-/* The outcome of a done future: its value, its error, or -ECANCELED. */
-static inline int64_t concur__outcome(const concur_future *f)
-{
-	return concur__state(f) == CONCUR__CANCELLED ? -ECANCELED : concur__future_value(f);
-}
-
 /* Check an array argument: -EINVAL for NULL with n > 0, too many, or a NULL/invalid future. */
 int concur__check_futures(concur_future *const *futures, size_t n);
 
@@ -73,7 +67,8 @@ int concur__check_futures(concur_future *const *futures, size_t n);
 extern _Atomic unsigned concur__stall_detectors;
 static inline int64_t concur__stall_begin(void)
 {
-	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) == 0))
+	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ==
+	                   0))
 		return 0;
 	return concur__now_ns();
 }
