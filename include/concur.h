@@ -289,8 +289,8 @@ struct concur_gather_opts {          /* zeroed (or a NULL pointer) = defaults */
  * with CONCUR_GATHER_RETURN_ERRORS, 0 once all are done whatever their results. -ETIMEDOUT when
  * the deadline passed first, -EINVAL, -ENOMEM, -EDEADLK as concur_wait().
  */
-int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns, int64_t *values_out,
-                  const struct concur_gather_opts *opts);
+int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns,
+                      int64_t *values_out, const struct concur_gather_opts *opts);
 
 /* An iterator over futures as they complete (Python's as_completed). */
 typedef struct concur_as_completed concur_as_completed;
@@ -412,6 +412,8 @@ int concur_mutex_lock(concur_mutex *m, int64_t timeout_ns);
 int concur_mutex_trylock(concur_mutex *m);
 /* Unlock m (handing it to the first waiter if any): 0, -EPERM if it was not locked, -EINVAL. */
 int concur_mutex_unlock(concur_mutex *m);
+/* How many wait for m now (a snapshot; 0 for NULL). */
+size_t concur_mutex_waiters(const concur_mutex *m);
 
 /* A counting semaphore with initial count value (at most INT64_MAX). */
 int concur_sem_new(concur_sem **out, int64_t value);

@@ -183,6 +183,18 @@ int concur_mutex_unlock(concur_mutex *m)
 	return 0;
 }
 
+size_t concur_mutex_waiters(const concur_mutex *m)
+{
+	if (!m)
+		return 0;
+	pthread_mutex_lock((pthread_mutex_t *)&m->lock);
+	size_t n = 0;
+	for (struct waiter *w = m->q.head; w; w = w->next)
+		n++;
+	pthread_mutex_unlock((pthread_mutex_t *)&m->lock);
+	return n;
+}
+
 /* ---- semaphore --------------------------------------------------------------------------------
  */
 
