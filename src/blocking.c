@@ -145,6 +145,8 @@ int concur_blocking_config(unsigned max_threads, int64_t idle_ns)
 		pool.max = max_threads;
 	if (idle_ns)
 		pool.idle_ns = idle_ns;
+	pthread_once(&pool.once, pool_init);
+	pthread_cond_broadcast(&pool.cond); /* idle helpers take the new idle time */
 	pthread_mutex_unlock(&pool.lock);
 	return 0;
 }
