@@ -508,6 +508,51 @@ static void test_pipeline(void **state)
 	}
 }
 
+static atomic_int tail_ran;
+
+static int64_t count_tail(void *arg, int64_t v)
+{
+	atomic_fetch_add(&tail_ran, 1);
+	return v;
+}
+
+static void test_then_fire_and_forget_join(void **state)
+{
+	/* join waits for dependents spawned by completion callbacks, even with no reference held */
+	atomic_store(&tail_ran, 0);
+	for (int i = 0; i < 100; i++) {
+		concur_future *a = concur_spawn(ex2, compute, NULL);
+		concur_future *b = concur_then(a, add_one, NULL);
+		concur_release(concur_then(b, count_tail, NULL));
+		concur_release(a);
+		concur_release(b);
+	}
+	assert_int_equal(concur_exec_join(ex2, -1), 0);
+	assert_int_equal(atomic_load(&tail_ran), 100);
+}
+
+/* On a loop thread outside any task (a callback), waiting would stop the loop: -EDEADLK. */
+static atomic_int in_callback_rc = 1;
+
+static void waits_in_callback(concur_future *f, void *arg)
+{
+	concur_future *pending = arg;
+	atomic_store(&in_callback_rc,
+	             concur_wait(&pending, 1, CONCUR_ALL_COMPLETED, 5000 * MS, NULL));
+}
+
+static void test_wait_in_callback_edeadlk(void **state)
+{
+	concur_future *pending = concur_promise_new(NULL);
+	concur_future *t = concur_spawn(ex1, sleep_then, NULL); /* still running when we register */
+	assert_int_equal(concur_on_done(t, waits_in_callback, pending), 0);
+	assert_int_equal(concur_exec_join(ex1, -1), 0);
+	assert_int_equal(atomic_load(&in_callback_rc), -EDEADLK);
+	concur_promise_set(pending, 0);
+	concur_release(pending);
+	concur_release(t);
+}
+
 /* ---- groups -------------------------------------------------------------------------------- */
 
 static atomic_int group_ran;
@@ -616,6 +661,8 @@ int main(void)
 	    cmocka_unit_test(test_then_chain_10000),
 	    cmocka_unit_test(test_spawn_after_failed_input),
 	    cmocka_unit_test(test_pipeline),
+	    cmocka_unit_test(test_then_fire_and_forget_join),
+	    cmocka_unit_test(test_wait_in_callback_edeadlk),
 	    cmocka_unit_test(test_group_wait),
 	    cmocka_unit_test(test_group_wait_in_task),
 	    cmocka_unit_test(test_group_cancel_on_failure),
