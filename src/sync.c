@@ -113,8 +113,24 @@ static void grant_all(struct waitq *q, int status)
 		wake(p);
 }
 
-/* ---- mutex ------------------------------------------------------------------------------------
- */
+/* Every object starts with its lock: made and freed the same way. */
+static void *sync_new(size_t size)
+{
+	pthread_mutex_t *lock = calloc(1, size);
+	if (lock)
+		pthread_mutex_init(lock, NULL);
+	return lock;
+}
+
+static void sync_free(void *obj)
+{
+	if (!obj)
+		return;
+	pthread_mutex_destroy(obj);
+	free(obj);
+}
+
+/* ---- mutex ---------------------------------------------------------------------------------- */
 
 struct concur_mutex {
 	pthread_mutex_t lock;
@@ -126,20 +142,13 @@ int concur_mutex_new(concur_mutex **out)
 {
 	if (!out)
 		return -EINVAL;
-	concur_mutex *m = calloc(1, sizeof(*m));
-	if (!m)
-		return -ENOMEM;
-	pthread_mutex_init(&m->lock, NULL);
-	*out = m;
-	return 0;
+	*out = sync_new(sizeof(**out));
+	return *out ? 0 : -ENOMEM;
 }
 
 void concur_mutex_free(concur_mutex *m)
 {
-	if (!m)
-		return;
-	pthread_mutex_destroy(&m->lock);
-	free(m);
+	sync_free(m);
 }
 
 int concur_mutex_lock(concur_mutex *m, int64_t timeout_ns)
@@ -195,8 +204,7 @@ size_t concur_mutex_waiters(const concur_mutex *m)
 	return n;
 }
 
-/* ---- semaphore --------------------------------------------------------------------------------
- */
+/* ---- semaphore ------------------------------------------------------------------------------ */
 
 struct concur_sem {
 	pthread_mutex_t lock;
@@ -208,10 +216,9 @@ int concur_sem_new(concur_sem **out, int64_t value)
 {
 	if (!out || value < 0)
 		return -EINVAL;
-	concur_sem *s = calloc(1, sizeof(*s));
+	concur_sem *s = sync_new(sizeof(*s));
 	if (!s)
 		return -ENOMEM;
-	pthread_mutex_init(&s->lock, NULL);
 	s->value = value;
 	*out = s;
 	return 0;
@@ -219,10 +226,7 @@ int concur_sem_new(concur_sem **out, int64_t value)
 
 void concur_sem_free(concur_sem *s)
 {
-	if (!s)
-		return;
-	pthread_mutex_destroy(&s->lock);
-	free(s);
+	sync_free(s);
 }
 
 int concur_sem_acquire(concur_sem *s, int64_t timeout_ns)
@@ -267,8 +271,7 @@ int64_t concur_sem_value(const concur_sem *s)
 	return v;
 }
 
-/* ---- event ------------------------------------------------------------------------------------
- */
+/* ---- event ---------------------------------------------------------------------------------- */
 
 struct concur_event {
 	pthread_mutex_t lock;
@@ -280,20 +283,13 @@ int concur_event_new(concur_event **out)
 {
 	if (!out)
 		return -EINVAL;
-	concur_event *e = calloc(1, sizeof(*e));
-	if (!e)
-		return -ENOMEM;
-	pthread_mutex_init(&e->lock, NULL);
-	*out = e;
-	return 0;
+	*out = sync_new(sizeof(**out));
+	return *out ? 0 : -ENOMEM;
 }
 
 void concur_event_free(concur_event *e)
 {
-	if (!e)
-		return;
-	pthread_mutex_destroy(&e->lock);
-	free(e);
+	sync_free(e);
 }
 
 int concur_event_set(concur_event *e)
@@ -335,8 +331,7 @@ int concur_event_wait(concur_event *e, int64_t timeout_ns)
 	return park(&e->lock, &e->q, &w, timeout_ns);
 }
 
-/* ---- channel ----------------------------------------------------------------------------------
- */
+/* ---- channel -------------------------------------------------------------------------------- */
 
 #define CHAN_MAX_CAPACITY (1u << 30)
 
@@ -353,10 +348,9 @@ int concur_chan_new(concur_chan **out, size_t capacity)
 {
 	if (!out || capacity < 1 || capacity > CHAN_MAX_CAPACITY)
 		return -EINVAL;
-	concur_chan *c = calloc(1, sizeof(*c) + capacity * sizeof(c->items[0]));
+	concur_chan *c = sync_new(sizeof(*c) + capacity * sizeof(c->items[0]));
 	if (!c)
 		return -ENOMEM;
-	pthread_mutex_init(&c->lock, NULL);
 	c->cap = capacity;
 	*out = c;
 	return 0;
@@ -364,10 +358,7 @@ int concur_chan_new(concur_chan **out, size_t capacity)
 
 void concur_chan_free(concur_chan *c)
 {
-	if (!c)
-		return;
-	pthread_mutex_destroy(&c->lock);
-	free(c);
+	sync_free(c);
 }
 
 int concur_chan_send(concur_chan *c, int64_t v, int64_t timeout_ns)

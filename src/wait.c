@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- wake slots ---------------------------------------------------------------------------- */
+/* ---- wake slots ----------------------------------------------------------------------------- */
 
 int64_t concur__wake_sleep(pthread_mutex_t *lock, concur_future **slot, int64_t deadline)
 {
@@ -56,7 +56,7 @@ int concur__check_futures(concur_future *const *futures, size_t n)
 	return 0;
 }
 
-/* ---- countdown: wait and gather -------------------------------------------------------------- */
+/* ---- countdown: wait and gather ------------------------------------------------------------- */
 
 struct countdown {
 	_Atomic uint32_t refs;
@@ -239,8 +239,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	return (opts->flags & CONCUR_GATHER_RETURN_ERRORS) ? 0 : first_err;
 }
 
-/* ---- as_completed ------------------------------------------------------------------------------
- */
+/* ---- as_completed --------------------------------------------------------------------------- */
 
 struct ac_shared;
 struct ac_slot {
@@ -413,8 +412,7 @@ void concur_as_completed_free(concur_as_completed *it)
 	free(it);
 }
 
-/* ---- then and spawn_after ----------------------------------------------------------------------
- */
+/* ---- then and spawn_after ------------------------------------------------------------------- */
 
 /*
  * A dependent task before it exists: no stack, no thread, just this record. Each input's

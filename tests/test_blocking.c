@@ -1,52 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /* The blocking pool and the stall detector. */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "internal.h" /* before comp_test.h: its executor is a global named ex */
+#include "wait.h"
+
+#include "comp_test.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <time.h>
 #include <unistd.h>
-
-#include "internal.h"
-#include "wait.h"
-
-#define MS 1000000ll
-
-static concur_exec *ex;
-
-static int setup(void **state)
-{
-	struct concur_exec_opts o = {.loops = 2};
-	return concur_exec_new(&ex, &o);
-}
-
-static int teardown(void **state)
-{
-	concur_exec_free(ex);
-	return 0;
-}
-
-#define EVENTUALLY(cond)                                                                           \
-	do {                                                                                       \
-		int tries_ = 0;                                                                    \
-		while (!(cond) && tries_++ < 5000)                                                 \
-			concur_sleep(1 * MS);                                                      \
-		assert_true(cond);                                                                 \
-	} while (0)
-
-static void spin_ns(int64_t ns)
-{
-	struct timespec t0, t;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	do
-		clock_gettime(CLOCK_MONOTONIC, &t);
-	while ((t.tv_sec - t0.tv_sec) * 1000000000ll + (t.tv_nsec - t0.tv_nsec) < ns);
-}
 
 /* A blocking job: a real blocking syscall on a helper thread, never on a loop. */
 static int64_t blocking_job(void *arg)
@@ -175,7 +137,7 @@ static void test_blocking_counts_for_join(void **state)
 	assert_true(atomic_load(&finished));
 }
 
-/* ---- stall detector -------------------------------------------------------------------------- */
+/* ---- stall detector ------------------------------------------------------------------------- */
 
 static atomic_int reports;
 static _Atomic int64_t reported_ns;
@@ -239,5 +201,5 @@ int main(void)
 	    cmocka_unit_test(test_blocking_counts_for_join),
 	    cmocka_unit_test(test_stall_detector),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
 }

@@ -1,44 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /* Fiber-aware mutex, semaphore, event and channel: from tasks on 2 loops and foreign threads. */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "comp_test.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#include "concur.h"
-
-#define MS 1000000ll
-
-static concur_exec *ex;
-
-static int setup(void **state)
-{
-	struct concur_exec_opts o = {.loops = 2};
-	return concur_exec_new(&ex, &o);
-}
-
-static int teardown(void **state)
-{
-	concur_exec_free(ex);
-	return 0;
-}
-
-/* Poll a condition from the test thread (only the test polls, never the library). */
-#define EVENTUALLY(cond)                                                                           \
-	do {                                                                                       \
-		int tries_ = 0;                                                                    \
-		while (!(cond) && tries_++ < 5000)                                                 \
-			concur_sleep(1 * MS);                                                      \
-		assert_true(cond);                                                                 \
-	} while (0)
-
-/* ---- mutex ----------------------------------------------------------------------------------- */
+/* ---- mutex ---------------------------------------------------------------------------------- */
 
 static void test_mutex_basic(void **state)
 {
@@ -152,7 +121,7 @@ static void test_mutex_exclusion_tasks_and_threads(void **state)
 	concur_mutex_free(c.m);
 }
 
-/* ---- semaphore ------------------------------------------------------------------------------- */
+/* ---- semaphore ------------------------------------------------------------------------------ */
 
 struct semtest {
 	concur_sem *s;
@@ -196,7 +165,7 @@ static void test_semaphore(void **state)
 	concur_sem_free(t.s);
 }
 
-/* ---- event ----------------------------------------------------------------------------------- */
+/* ---- event ---------------------------------------------------------------------------------- */
 
 static int64_t event_task(void *arg)
 {
@@ -225,7 +194,7 @@ static void test_event(void **state)
 	concur_event_free(e);
 }
 
-/* ---- channel --------------------------------------------------------------------------------- */
+/* ---- channel -------------------------------------------------------------------------------- */
 
 static void test_chan_basic(void **state)
 {
@@ -382,5 +351,5 @@ int main(void)
 	    cmocka_unit_test(test_chan_mpmc_tasks_and_threads),
 	    cmocka_unit_test(test_chan_order_single_producer),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
 }

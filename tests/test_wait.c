@@ -1,36 +1,23 @@
 /* SPDX-License-Identifier: MIT */
 /* wait, gather, as_completed, then, spawn_after and task groups. */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "comp_test.h"
 
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdlib.h>
-#include <time.h>
 
-#include "concur.h"
-
-#define MS 1000000ll
-
-static concur_exec *ex1, *ex2; /* 1 loop and 2 loops */
+static concur_exec *ex1; /* 1 loop (ex, from comp_test.h, has 2) */
 
 static int setup(void **state)
 {
 	struct concur_exec_opts o = {.loops = 1};
-	if (concur_exec_new(&ex1, &o))
-		return -1;
-	o.loops = 2;
-	return concur_exec_new(&ex2, &o);
+	return concur_exec_new(&ex1, &o) ? -1 : setup_ex2(state);
 }
 
 static int teardown(void **state)
 {
 	concur_exec_free(ex1);
-	concur_exec_free(ex2);
-	return 0;
+	return teardown_ex(state);
 }
 
 static concur_future *done_with(int64_t res)
@@ -53,7 +40,7 @@ static void release_all(concur_future **fs, size_t n)
 		concur_release(fs[i]);
 }
 
-/* ---- wait ---------------------------------------------------------------------------------- */
+/* ---- wait ----------------------------------------------------------------------------------- */
 
 static void test_wait_empty_and_bad_input(void **state)
 {
@@ -106,7 +93,7 @@ static void test_wait_all_completed_tasks(void **state)
 {
 	concur_future *fs[4];
 	for (int i = 0; i < 4; i++)
-		fs[i] = concur_spawn(ex2, sleep_then, (void *)(intptr_t)i);
+		fs[i] = concur_spawn(ex, sleep_then, (void *)(intptr_t)i);
 	bool done[4];
 	assert_int_equal(concur_wait(fs, 4, CONCUR_ALL_COMPLETED, -1, done), 4);
 	for (int i = 0; i < 4; i++) {
@@ -169,13 +156,13 @@ static void test_wait_first_exception(void **state)
 	assert_int_equal(concur_wait(gs, 2, CONCUR_FIRST_EXCEPTION, -1, done), 1);
 	assert_true(done[1]);
 	/* a failure that happens while waiting wakes it */
-	concur_future *t = concur_spawn(ex2, fail_later, NULL);
+	concur_future *t = concur_spawn(ex, fail_later, NULL);
 	concur_future *hs[2] = {p, t};
 	assert_int_equal(concur_wait(hs, 2, CONCUR_FIRST_EXCEPTION, -1, done), 1);
 	assert_false(done[0]);
 	assert_true(done[1]);
 	/* successes only: waits for all */
-	concur_future *ok = concur_spawn(ex2, sleep_then, (void *)1);
+	concur_future *ok = concur_spawn(ex, sleep_then, (void *)1);
 	concur_future *ks[2] = {ok, fs[2]};
 	assert_int_equal(concur_wait(ks, 2, CONCUR_FIRST_EXCEPTION, -1, done), 2);
 	concur_promise_set(p, 0);
@@ -204,7 +191,7 @@ static void test_wait_in_task(void **state)
 	concur_release(f);
 }
 
-/* ---- gather -------------------------------------------------------------------------------- */
+/* ---- gather --------------------------------------------------------------------------------- */
 
 struct progress {
 	int calls;
@@ -232,7 +219,7 @@ static void test_gather_failing_middle(void **state)
 {
 	concur_future *fs[10];
 	for (int i = 0; i < 10; i++)
-		fs[i] = concur_spawn(ex2, value_task, (void *)(intptr_t)i);
+		fs[i] = concur_spawn(ex, value_task, (void *)(intptr_t)i);
 	int64_t v[10];
 	/* first failure in input order, after waiting for all */
 	assert_int_equal(concur_gather(fs, 10, -1, v, NULL), -EIO);
@@ -254,7 +241,7 @@ static void test_gather_progress(void **state)
 	enum { N = 5000 };
 	concur_future **fs = calloc(N, sizeof(*fs));
 	for (int i = 0; i < N; i++)
-		fs[i] = concur_spawn(ex2, value_task, (void *)(intptr_t)(i == 5 ? 4 : i));
+		fs[i] = concur_spawn(ex, value_task, (void *)(intptr_t)(i == 5 ? 4 : i));
 	int64_t *v = calloc(N, sizeof(*v));
 	struct progress p = {0};
 	struct concur_gather_opts o = {.progress = on_progress, .progress_arg = &p};
@@ -283,7 +270,7 @@ static void test_gather_timeout(void **state)
 	release_all(fs, 3);
 }
 
-/* ---- as_completed -------------------------------------------------------------------------- */
+/* ---- as_completed --------------------------------------------------------------------------- */
 
 static void test_as_completed_order(void **state)
 {
@@ -331,7 +318,7 @@ static void test_as_completed_tasks_and_deadline(void **state)
 {
 	concur_future *fs[4];
 	for (int i = 0; i < 3; i++)
-		fs[i] = concur_spawn(ex2, sleep_then, (void *)(intptr_t)i);
+		fs[i] = concur_spawn(ex, sleep_then, (void *)(intptr_t)i);
 	fs[3] = concur_promise_new(NULL); /* never done in time */
 	concur_as_completed *it;
 	assert_int_equal(concur_as_completed_new(&it, fs, 4, 2000 * MS), 0);
@@ -365,7 +352,7 @@ static void test_as_completed_tasks_and_deadline(void **state)
 	release_all(fs, 4);
 }
 
-/* ---- then and spawn_after ------------------------------------------------------------------ */
+/* ---- then and spawn_after ------------------------------------------------------------------- */
 
 static int64_t add_one(void *arg, int64_t v)
 {
@@ -380,7 +367,7 @@ static int64_t compute(void *arg)
 static void test_then_chain_10000(void **state)
 {
 	enum { N = 10000 };
-	concur_exec *exs[2] = {ex1, ex2};
+	concur_exec *exs[2] = {ex1, ex};
 	for (int e = 0; e < 2; e++) {
 		concur_future *f = concur_spawn(exs[e], compute, NULL);
 		for (int i = 0; i < N; i++) {
@@ -392,7 +379,7 @@ static void test_then_chain_10000(void **state)
 		concur_release(f);
 	}
 	/* a failure at the head runs nothing and reaches the tail (no recursion) */
-	concur_future *head = concur_promise_new(ex2);
+	concur_future *head = concur_promise_new(ex);
 	concur_future *f = concur_retain(head);
 	for (int i = 0; i < N; i++) {
 		concur_future *g = concur_then(f, add_one, NULL);
@@ -419,10 +406,10 @@ static int64_t sum_inputs(void *arg, const int64_t *values, size_t n)
 static void test_spawn_after_failed_input(void **state)
 {
 	atomic_store(&dependent_runs, 0);
-	concur_future *a = concur_promise_new(ex2), *b = concur_promise_new(ex2);
-	concur_future *c = concur_promise_new(ex2);
+	concur_future *a = concur_promise_new(ex), *b = concur_promise_new(ex);
+	concur_future *c = concur_promise_new(ex);
 	concur_future *in[3] = {a, b, c};
-	concur_future *f = concur_spawn_after(ex2, sum_inputs, NULL, in, 3);
+	concur_future *f = concur_spawn_after(ex, sum_inputs, NULL, in, 3);
 	/* it waits without a thread: nothing ran yet */
 	assert_int_equal(concur_result(f, 20 * MS), -ETIMEDOUT);
 	concur_promise_set(c, -EIO);   /* fails last in input order... */
@@ -434,7 +421,7 @@ static void test_spawn_after_failed_input(void **state)
 	/* a cancelled input: -ECANCELED, fn never runs */
 	concur_future *x = cancelled();
 	concur_future *in2[2] = {a, x};
-	f = concur_spawn_after(ex2, sum_inputs, NULL, in2, 2);
+	f = concur_spawn_after(ex, sum_inputs, NULL, in2, 2);
 	assert_int_equal(concur_result(f, -1), -ECANCELED);
 	assert_int_equal(atomic_load(&dependent_runs), 0);
 	concur_release(f);
@@ -443,22 +430,22 @@ static void test_spawn_after_failed_input(void **state)
 	assert_int_equal(concur_result(f, -1), -EPERM);
 	concur_release(f);
 	/* no inputs: runs at once; all good: gets the values in order */
-	f = concur_spawn_after(ex2, sum_inputs, NULL, NULL, 0);
+	f = concur_spawn_after(ex, sum_inputs, NULL, NULL, 0);
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
 	concur_future *d = done_with(41);
 	concur_future *in3[2] = {a, d};
-	f = concur_spawn_after(ex2, sum_inputs, NULL, in3, 2);
+	f = concur_spawn_after(ex, sum_inputs, NULL, in3, 2);
 	assert_int_equal(concur_result(f, -1), 42);
 	assert_int_equal(atomic_load(&dependent_runs), 2);
 	concur_release(f);
 	/* cancelling the dependent before its inputs are done: it never runs */
-	concur_future *p = concur_promise_new(ex2);
-	f = concur_spawn_after(ex2, sum_inputs, NULL, &p, 1);
+	concur_future *p = concur_promise_new(ex);
+	f = concur_spawn_after(ex, sum_inputs, NULL, &p, 1);
 	assert_int_equal(concur_cancel(f), 1);
 	concur_promise_set(p, 1);
 	assert_int_equal(concur_result(f, -1), -ECANCELED);
-	assert_int_equal(concur_exec_join(ex2, -1), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
 	assert_int_equal(atomic_load(&dependent_runs), 2);
 	concur_release(f);
 	concur_release(p);
@@ -489,7 +476,7 @@ static int64_t stage_c(void *arg, const int64_t *in, size_t n)
 
 static void test_pipeline(void **state)
 {
-	concur_exec *exs[2] = {ex1, ex2};
+	concur_exec *exs[2] = {ex1, ex};
 	for (int e = 0; e < 2; e++) {
 		enum { N = 200 };
 		int64_t store[N] = {0};
@@ -521,13 +508,13 @@ static void test_then_fire_and_forget_join(void **state)
 	/* join waits for dependents spawned by completion callbacks, even with no reference held */
 	atomic_store(&tail_ran, 0);
 	for (int i = 0; i < 100; i++) {
-		concur_future *a = concur_spawn(ex2, compute, NULL);
+		concur_future *a = concur_spawn(ex, compute, NULL);
 		concur_future *b = concur_then(a, add_one, NULL);
 		concur_release(concur_then(b, count_tail, NULL));
 		concur_release(a);
 		concur_release(b);
 	}
-	assert_int_equal(concur_exec_join(ex2, -1), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
 	assert_int_equal(atomic_load(&tail_ran), 100);
 }
 
@@ -553,7 +540,7 @@ static void test_wait_in_callback_edeadlk(void **state)
 	concur_release(t);
 }
 
-/* ---- groups -------------------------------------------------------------------------------- */
+/* ---- groups --------------------------------------------------------------------------------- */
 
 static atomic_int group_ran;
 
@@ -567,11 +554,7 @@ static int64_t member_ok(void *arg)
 /* Holds its loop (no yield) for a while, then fails. */
 static int64_t member_fail(void *arg)
 {
-	struct timespec t0, t;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	do
-		clock_gettime(CLOCK_MONOTONIC, &t);
-	while ((t.tv_sec - t0.tv_sec) * 1000000000ll + (t.tv_nsec - t0.tv_nsec) < 50 * MS);
+	spin_ns(50 * MS);
 	return -EIO;
 }
 
@@ -586,7 +569,7 @@ static int64_t member_spawner(void *arg)
 static void test_group_wait(void **state)
 {
 	concur_group *g;
-	assert_int_equal(concur_group_new(&g, ex2, 0), 0);
+	assert_int_equal(concur_group_new(&g, ex, 0), 0);
 	atomic_store(&group_ran, 0);
 	for (int i = 0; i < 3; i++)
 		concur_release(concur_group_spawn(g, member_spawner, g));
