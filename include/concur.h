@@ -336,6 +336,16 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * task starts means fn never runs. On bad input the future is already failed: -EINVAL (NULL ex
  * or fn, NULL inputs with n > 0, a NULL or invalid input, n > CONCUR_MAX_FUTURES), -ENOMEM;
  * -ESHUTDOWN if the executor was shut down before the task could be spawned.
+ *
+ * The pipeline "A computes, B processes A's result, C stores B's", with no glue code (every
+ * stage is a task; nothing waits in between; the first failure skips the later stages):
+ *
+ *	concur_future *a = concur_spawn(ex, compute, input);       // int64_t compute(void *)
+ *	concur_future *b = concur_then(a, process, NULL);          // int64_t process(void *, int64_t)
+ *	concur_future *c = concur_spawn_after(ex, store, db, &b, 1); // store(void *, values, n)
+ *	concur_release(a);
+ *	concur_release(b);
+ *	... concur_result(c, -1) or concur_gather() over many c's ...
  */
 concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg,
                                   concur_future *const *inputs, size_t n);
