@@ -90,12 +90,13 @@ static void countdown_on_done(concur_future *f, void *arg)
 }
 
 /*
- * Count futures[0..n) down: each done now is counted at once (*failed is set if one of them
- * failed), a callback is registered on each of the others. Returns the record (the caller holds
- * one reference; its target is SIZE_MAX until countdown_wait) or NULL with *err set.
+ * Count futures[0..n) down: each done now is counted at once (and marks the record failed if it
+ * failed, with stop_on_failure), a callback is registered on each of the others. Returns the record
+ * (the caller holds one reference; its target is SIZE_MAX until countdown_wait) or NULL with *err
+ * set.
  */
 static struct countdown *countdown_start(concur_future *const *futures, size_t n,
-                                         bool stop_on_failure, bool *failed, int *err)
+                                         bool stop_on_failure, int *err)
 {
 	struct countdown *c = calloc(1, sizeof(*c));
 	if (!c) {
@@ -110,7 +111,8 @@ static struct countdown *countdown_start(concur_future *const *futures, size_t n
 	for (size_t i = 0; i < n; i++) {
 		if (concur_done(futures[i])) {
 			atomic_fetch_add(&c->done, 1);
-			*failed = *failed || concur__failed(futures[i]);
+			if (stop_on_failure && concur__failed(futures[i]))
+				atomic_store(&c->failed, true);
 			continue;
 		}
 		atomic_fetch_add(&c->refs, 1);
@@ -165,9 +167,8 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 		}
 	}
 	if (!wait_satisfied(mode, ndone, n, failed) && timeout_ns != 0) {
-		failed = false;
 		struct countdown *c =
-		    countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &failed, &err);
+		    countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);
 		if (!c)
 			return err;
 		int64_t r = countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
@@ -199,8 +200,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	int64_t t0 = concur__now_ns();
 	int64_t deadline = concur__deadline_after(timeout_ns);
 	int64_t r = 0;
-	bool failed = false;
-	struct countdown *c = countdown_start(futures, n, false, &failed, &err);
+	struct countdown *c = countdown_start(futures, n, false, &err);
 	if (!c)
 		return err;
 	/* With a progress callback, wake up each time another 1% is done (at most ~100 times). */
