@@ -229,6 +229,278 @@ const char *concur_strerror(int64_t err);
  */
 const char *concur_last_error(void);
 
+/* ---- Composition: wait, gather, as_completed, then, spawn_after, groups, sync, blocking pool
+ * (src/wait.c, src/group.c, src/sync.c, src/blocking.c) ---- */
+
+/*
+ * Everything in this section waits the same way as concur_result(): in a task it suspends the
+ * task's fiber (the loop goes on), on a thread outside the executor it blocks the thread, and on
+ * a loop thread outside any task (in a callback) it returns -EDEADLK instead of waiting (when
+ * it would have to wait). Nothing here polls: every wait is one future completed through the
+ * one completion path. timeout_ns < 0 waits forever, 0 does not wait.
+ */
+
+/* The most futures one call accepts (more gives -EINVAL). */
+#define CONCUR_MAX_FUTURES (1u << 24)
+
+/* concur_wait() modes (Python's concurrent.futures.wait). */
+enum concur_wait_mode {
+	CONCUR_ALL_COMPLETED = 0, /* return when every future is done */
+	CONCUR_FIRST_COMPLETED =
+	    1, /* return when at least one is done (at once if one already is) */
+	CONCUR_FIRST_EXCEPTION = 2, /* return when one has failed (a failure that happened earlier
+	                             * counts; a cancellation is not a failure), else as ALL */
+};
+
+/*
+ * Wait until the condition of mode holds for futures[0..n) or timeout_ns passes, then report the
+ * split (Python's (done, not_done)): done_out[i] (if done_out is not NULL) is set to whether
+ * futures[i] is done. A cancelled future counts as done, so a wait never hangs on one.
+ * Duplicates are fine; n == 0 returns 0 at once. A timeout is not an error: the split is the
+ * answer. Returns the number of indices i whose future is done (>= 0), -EINVAL (NULL array with
+ * n > 0, a NULL or invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a
+ * loop thread outside any task when it would have to wait.
+ */
+int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeout_ns,
+                bool *done_out);
+
+/* concur_gather_opts.flags */
+enum {
+	/* Return every item's own result (value or error) in values_out, and 0 once all are done,
+	 * instead of the first failure (Python's return_exceptions=True). */
+	CONCUR_GATHER_RETURN_ERRORS = 1u << 0,
+};
+
+/* Gather progress: completed of total done after elapsed_ns. Runs in the gathering thread/task. */
+typedef void (*concur_progress_fn)(size_t completed, size_t total, int64_t elapsed_ns, void *arg);
+
+struct concur_gather_opts {          /* zeroed (or a NULL pointer) = defaults */
+	unsigned flags;              /* CONCUR_GATHER_* */
+	concur_progress_fn progress; /* NULL: none. Called at most about 100 times per gather (each
+	                              * time another ~1% completed), and once at the end. */
+	void *progress_arg;
+};
+
+/*
+ * Wait for every future of futures[0..n) (at most timeout_ns in total) and store their results
+ * in input order: values_out[i] is futures[i]'s value or error, or -ETIMEDOUT for one not done at
+ * the deadline. values_out may be NULL. Returns 0 when every future succeeded; otherwise, after
+ * all are done, the first failure in input order (an error, -ECANCELED for a cancelled one);
+ * with CONCUR_GATHER_RETURN_ERRORS, 0 once all are done whatever their results. -ETIMEDOUT when
+ * the deadline passed first, -EINVAL, -ENOMEM, -EDEADLK as concur_wait().
+ */
+int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns,
+                      int64_t *values_out, const struct concur_gather_opts *opts);
+
+/* An iterator over futures as they complete (Python's as_completed). */
+typedef struct concur_as_completed concur_as_completed;
+
+/*
+ * Start iterating over futures[0..n) (duplicates are yielded once) with a total deadline of
+ * timeout_ns from now (< 0: none). The iterator holds a reference on each future until it
+ * yields it. Returns 0 and sets *out, -EINVAL or -ENOMEM.
+ */
+int concur_as_completed_new(concur_as_completed **out, concur_future *const *futures, size_t n,
+                            int64_t timeout_ns);
+
+/*
+ * The next done future: those already done when the iterator was made first (in input order),
+ * then in completion order. Returns 1 and sets *f (the caller now owns that reference; the
+ * iterator keeps none), 0 when every future was yielded, -ETIMEDOUT when the deadline passed
+ * (concur_as_completed_unfinished() and concur_last_error() tell how many of how many are
+ * unfinished; calling again keeps returning -ETIMEDOUT unless one completed meanwhile),
+ * -EINVAL, -EDEADLK on a loop thread outside any task. Use from one thread or task at a time.
+ */
+int concur_as_completed_next(concur_as_completed *it, concur_future **f);
+
+/* How many futures were not yielded yet; *total (if not NULL) gets the number of distinct
+ * futures. 0 for NULL. */
+size_t concur_as_completed_unfinished(const concur_as_completed *it, size_t *total);
+
+/* Free the iterator and drop its references on the futures not yielded. NULL is ignored. */
+void concur_as_completed_free(concur_as_completed *it);
+
+/* A continuation: receives the value (>= 0) of the future it follows. */
+typedef int64_t (*concur_then_fn)(void *arg, int64_t value);
+/* A task with inputs: receives the inputs' values, in input order (values is NULL if n is 0). */
+typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
+
+/*
+ * Spawn fn(arg, values, n) on ex as a task once every input is done. Returns at once a pending
+ * future (never NULL) that ends with fn's result. If an input failed or was cancelled, fn never
+ * runs and the future ends with the first such input's error in input order (-ECANCELED for a
+ * cancelled one). Waiting holds no thread and no fiber stack: a small record counts the inputs
+ * down with completion callbacks and spawns the task when the last one is done. The inputs need
+ * not stay referenced by the caller (a task's executor keeps it alive until it completes; a
+ * promise must be kept alive by whoever will set it). Cancelling the returned future before the
+ * task starts means fn never runs. On bad input the future is already failed: -EINVAL (NULL ex
+ * or fn, NULL inputs with n > 0, a NULL or invalid input, n > CONCUR_MAX_FUTURES), -ENOMEM;
+ * -ESHUTDOWN if the executor was shut down before the task could be spawned.
+ *
+ * The pipeline "A computes, B processes A's result, C stores B's", with no glue code (every
+ * stage is a task; nothing waits in between; the first failure skips the later stages):
+ *
+ *	concur_future *a = concur_spawn(ex, compute, input);       // int64_t compute(void *)
+ *	concur_future *b = concur_then(a, process, NULL);          // int64_t process(void *, int64_t)
+ *	concur_future *c = concur_spawn_after(ex, store, db, &b, 1); // store(void *, values, n)
+ *	concur_release(a);
+ *	concur_release(b);
+ *	... concur_result(c, -1) or concur_gather() over many c's ...
+ */
+concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg,
+                                  concur_future *const *inputs, size_t n);
+
+/*
+ * Run fn(arg, value of f) as a task when f completes; same rules as concur_spawn_after() with
+ * the single input f (never NULL; if f failed or was cancelled fn never runs and the future ends
+ * with f's error). It runs on f's executor, or the calling thread's one if f has none; with
+ * neither, the future fails with -EINVAL. Chains of any length are fine (no recursion).
+ */
+concur_future *concur_then(concur_future *f, concur_then_fn fn, void *arg);
+
+/* A task group (structured concurrency): spawn into it, then wait for all of it. */
+typedef struct concur_group concur_group;
+
+/* concur_group_new() flags */
+enum {
+	/* On the first failure, cancel every member that has not started yet, and refuse later
+	 * spawns (they return a future already ended -ECANCELED). Running members finish; they
+	 * can check concur_group_cancelled(). */
+	CONCUR_GROUP_CANCEL_ON_FAILURE = 1u << 0,
+};
+
+/* Make a group spawning on ex. Returns 0 and sets *out, -EINVAL (NULL ex or out, unknown
+ * flags) or -ENOMEM. */
+int concur_group_new(concur_group **out, concur_exec *ex, unsigned flags);
+
+/*
+ * Spawn fn(arg) as a member of g (a member may spawn more members). Returns the task's future
+ * (the caller owns one reference; releasing it is fine) and never NULL: on failure, a future
+ * already failed (-EINVAL, -ENOMEM, -ESHUTDOWN, -ECANCELED after the group was cancelled).
+ */
+concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg);
+
+/*
+ * Wait until no member is left (members spawned meanwhile included). Returns 0 if every member
+ * succeeded, else the error of the first member that failed (in completion order; -ECANCELED if
+ * members were only cancelled), -ETIMEDOUT, -EINVAL, -EDEADLK (see the top of this section).
+ */
+int64_t concur_group_wait(concur_group *g, int64_t timeout_ns);
+
+/* Cancel every member that has not started and refuse later spawns. Returns how many were
+ * cancelled, or -EINVAL. */
+int concur_group_cancel(concur_group *g);
+
+/* True once g was cancelled (by concur_group_cancel or a failure with CANCEL_ON_FAILURE). */
+bool concur_group_cancelled(const concur_group *g);
+
+/* Drop the group. Members still running go on (fire and forget); their futures stay valid.
+ * NULL is ignored. */
+void concur_group_free(concur_group *g);
+
+/*
+ * Fiber-aware synchronisation. Each works across loops and with threads outside the executor:
+ * a waiter in a task suspends its fiber, a foreign thread blocks. Waiters queue in FIFO order.
+ * Objects are made with *_new (0, -EINVAL, -ENOMEM) and freed with *_free (NULL is ignored;
+ * nobody may be waiting then).
+ */
+typedef struct concur_mutex concur_mutex;
+typedef struct concur_sem concur_sem;
+typedef struct concur_event concur_event;
+typedef struct concur_chan concur_chan;
+
+int concur_mutex_new(concur_mutex **out);
+void concur_mutex_free(concur_mutex *m);
+/*
+ * Lock m, waiting up to timeout_ns. Fair: unlock hands the mutex directly to the longest waiter
+ * (FIFO handoff), so no one can barge in ahead of the queue. Not recursive: owners are not
+ * tracked (a task may migrate between threads only by being resumed, so ownership is by
+ * convention). Returns 0, -ETIMEDOUT, -EINVAL, -EDEADLK (loop thread outside a task, locked).
+ */
+int concur_mutex_lock(concur_mutex *m, int64_t timeout_ns);
+/* Lock m if it is free and nobody queues for it: 0, -EBUSY or -EINVAL. */
+int concur_mutex_trylock(concur_mutex *m);
+/* Unlock m (handing it to the first waiter if any): 0, -EPERM if it was not locked, -EINVAL. */
+int concur_mutex_unlock(concur_mutex *m);
+/* How many wait for m now (a snapshot; 0 for NULL). */
+size_t concur_mutex_waiters(const concur_mutex *m);
+
+/* A counting semaphore with initial count value (at most INT64_MAX). */
+int concur_sem_new(concur_sem **out, int64_t value);
+void concur_sem_free(concur_sem *s);
+/* Take one unit, waiting up to timeout_ns (FIFO): 0, -ETIMEDOUT, -EINVAL, -EDEADLK. */
+int concur_sem_acquire(concur_sem *s, int64_t timeout_ns);
+/* Give n units back (n >= 1), waking up to n waiters in FIFO order: 0, -EINVAL, -EOVERFLOW. */
+int concur_sem_release(concur_sem *s, int64_t n);
+/* The number of units available now (a snapshot), or -EINVAL. */
+int64_t concur_sem_value(const concur_sem *s);
+
+/* An event (Python's threading.Event), initially clear. */
+int concur_event_new(concur_event **out);
+void concur_event_free(concur_event *e);
+/* Set the flag and wake every waiter: 0 or -EINVAL. */
+int concur_event_set(concur_event *e);
+/* Clear the flag: 0 or -EINVAL. */
+int concur_event_clear(concur_event *e);
+/* True if set (false for NULL). */
+bool concur_event_is_set(const concur_event *e);
+/* Wait until the flag is set: 0 (at once if set), -ETIMEDOUT, -EINVAL, -EDEADLK. */
+int concur_event_wait(concur_event *e, int64_t timeout_ns);
+
+/*
+ * A bounded multi-producer multi-consumer channel of int64_t items (a pointer travels as
+ * (int64_t)(intptr_t)p), holding up to capacity items (1 .. 2^30). Senders and receivers each
+ * queue FIFO; an item goes straight to a waiting receiver when there is one.
+ */
+int concur_chan_new(concur_chan **out, size_t capacity);
+void concur_chan_free(concur_chan *c);
+/* Send v, waiting up to timeout_ns for room: 0, -EPIPE if the channel is (or gets) closed,
+ * -ETIMEDOUT, -EINVAL, -EDEADLK. */
+int concur_chan_send(concur_chan *c, int64_t v, int64_t timeout_ns);
+/* Receive into *v, waiting up to timeout_ns: 0, -EPIPE once the channel is closed and drained
+ * (items sent before close are still received), -ETIMEDOUT, -EINVAL, -EDEADLK. */
+int concur_chan_recv(concur_chan *c, int64_t *v, int64_t timeout_ns);
+/* Close c: later sends fail with -EPIPE, and every waiting sender and receiver is woken with
+ * -EPIPE. Returns 0, -EALREADY if already closed, -EINVAL. */
+int concur_chan_close(concur_chan *c);
+/* Items buffered now (a snapshot), or 0 for NULL. */
+size_t concur_chan_len(const concur_chan *c);
+
+/*
+ * Run fn(arg) on a helper thread of the blocking pool, for blocking syscalls and long CPU work
+ * that would stall a loop. Helpers are started lazily, at most concur_blocking_config()'s max
+ * at a time (jobs queue beyond that), and an idle one exits after the idle time. The returned
+ * future (never NULL; on failure already failed with -EINVAL, -ESHUTDOWN or -ENOMEM) completes
+ * through the one completion path: a task awaiting it is resumed on its own loop (the helper
+ * posts it there with MSG_RING). The job counts as the executor's work for concur_exec_join().
+ * Cancelling the future before a helper picks the job means fn never runs.
+ */
+concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *arg);
+
+/*
+ * Configure the process-wide blocking pool: at most max_threads helpers (0 keeps the current
+ * value; default 64, at most 4096) and idle_ns before an idle helper exits (0 keeps the
+ * current value; default 10 s). Returns 0 or -EINVAL.
+ */
+int concur_blocking_config(unsigned max_threads, int64_t idle_ns);
+
+/* The number of helper threads alive now (a snapshot). */
+unsigned concur_blocking_threads(void);
+
+/* A stall report: a task ran ran_ns on loop loop_idx without suspending. On the loop thread. */
+typedef void (*concur_stall_fn)(concur_exec *ex, unsigned loop_idx, int64_t ran_ns, void *arg);
+
+/*
+ * Count (and report through fn, if not NULL) every time a task of ex runs longer than
+ * threshold_ns without suspending (yield, await, sleep or return). threshold_ns <= 0 turns the
+ * detector off. fn runs on the loop thread right after the task gives the loop back; keep it
+ * short. Returns 0, -EINVAL, or -ENOSPC if too many executors have a detector (16).
+ */
+int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn fn, void *arg);
+
+/* How many stalls were counted on ex since its detector was set (0 if none). */
+uint64_t concur_stall_count(const concur_exec *ex);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The blocking pool: process-wide helper threads for blocking syscalls and long CPU work.
+ *
+ * Helpers are ordinary threads, not loops, so they wait for jobs on a condition variable (the
+ * loops never touch it). A job's future is a promise of the job's executor, set by the helper
+ * when fn returns: that is the one completion path, which wakes a blocked thread with a futex
+ * and posts an awaiting fiber back to its own loop (inbox + MSG_RING doorbell). Each job counts
+ * as the executor's work from spawn to completion, so concur_exec_join() waits for it.
+ */
+#include "wait.h"
+
+#include <stdlib.h>
+#include <time.h>
+
+#define POOL_DEFAULT_MAX  64
+#define POOL_MAX_MAX      4096
+#define POOL_DEFAULT_IDLE (10 * 1000000000ll)
+
+struct job {
+	struct job *next;
+	concur_exec *ex;
+	concur_task_fn fn;
+	void *arg;
+	concur_future *out; /* the job's reference */
+};
+
+static struct {
+	pthread_once_t once;
+	pthread_mutex_t lock;
+	pthread_cond_t cond; /* CLOCK_MONOTONIC */
+	struct job *head, *tail;
+	unsigned threads, idle, max;
+	int64_t idle_ns;
+} pool = {
+    .once = PTHREAD_ONCE_INIT,
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .max = POOL_DEFAULT_MAX,
+    .idle_ns = POOL_DEFAULT_IDLE,
+};
+
+static void pool_init(void)
+{
+	pthread_condattr_t attr;
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&pool.cond, &attr);
+	pthread_condattr_destroy(&attr);
+}
+
+static void job_run(struct job *j)
+{
+	/* A job cancelled while queued never runs (its promise is already CANCELLED). */
+	if (!concur_done(j->out))
+		concur_promise_set(j->out, j->fn(j->arg));
+	concur_release(j->out);
+	concur__work_end(j->ex);
+	free(j);
+}
+
+static void *helper_main(void *unused)
+{
+	pthread_mutex_lock(&pool.lock);
+	for (;;) {
+		struct job *j = pool.head;
+		if (!j) {
+			struct timespec abs;
+			concur__deadline(&abs, pool.idle_ns);
+			pool.idle++;
+			int rc = pthread_cond_timedwait(&pool.cond, &pool.lock, &abs);
+			pool.idle--;
+			if (rc == ETIMEDOUT && !pool.head)
+				break;
+			continue;
+		}
+		pool.head = j->next;
+		if (!pool.head)
+			pool.tail = NULL;
+		pthread_mutex_unlock(&pool.lock);
+		job_run(j);
+		pthread_mutex_lock(&pool.lock);
+	}
+	pool.threads--;
+	pthread_mutex_unlock(&pool.lock);
+	return NULL;
+}
+
+concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	if (!concur__exec_valid(ex) || !fn)
+		return concur__failed_future(NULL, -EINVAL);
+	if (atomic_load(&ex->shutdown))
+		return concur__failed_future(ex, -ESHUTDOWN);
+	pthread_once(&pool.once, pool_init);
+	struct job *j = calloc(1, sizeof(*j));
+	concur_future *out = concur_promise_new(ex);
+	if (!j || !out) {
+		free(j);
+		concur_release(out);
+		return concur__failed_future(ex, -ENOMEM);
+	}
+	*j = (struct job){.ex = ex, .fn = fn, .arg = arg, .out = concur_retain(out)};
+	concur__work_begin(ex);
+
+	pthread_mutex_lock(&pool.lock);
+	if (pool.tail)
+		pool.tail->next = j;
+	else
+		pool.head = j;
+	pool.tail = j;
+	int err = 0;
+	if (pool.idle > 0) {
+		pthread_cond_signal(&pool.cond);
+	} else if (pool.threads < pool.max) {
+		pthread_t t;
+		pthread_attr_t attr;
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		err = -pthread_create(&t, &attr, helper_main, NULL);
+		pthread_attr_destroy(&attr);
+		if (!err)
+			pool.threads++;
+	}
+	if (err && pool.threads == 0) { /* nobody would ever run it */
+		pool.head = pool.tail = NULL;
+	} else {
+		err = 0;
+	}
+	pthread_mutex_unlock(&pool.lock);
+	if (err) {
+		concur_promise_set(out, err);
+		concur_release(j->out);
+		concur__work_end(ex);
+		free(j);
+	}
+	return out;
+}
+
+int concur_blocking_config(unsigned max_threads, int64_t idle_ns)
+{
+	if (max_threads > POOL_MAX_MAX || idle_ns < 0)
+		return -EINVAL;
+	pthread_mutex_lock(&pool.lock);
+	if (max_threads)
+		pool.max = max_threads;
+	if (idle_ns)
+		pool.idle_ns = idle_ns;
+	pthread_once(&pool.once, pool_init);
+	pthread_cond_broadcast(&pool.cond); /* idle helpers take the new idle time */
+	pthread_mutex_unlock(&pool.lock);
+	return 0;
+}
+
+unsigned concur_blocking_threads(void)
+{
+	pthread_mutex_lock(&pool.lock);
+	unsigned n = pool.threads;
+	pthread_mutex_unlock(&pool.lock);
+	return n;
+}

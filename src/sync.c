@@ -1,0 +1,439 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Fiber-aware mutex, semaphore, event and bounded MPMC channel.
+ *
+ * Each object has a pthread mutex held only to look at its state and its FIFO waiter queues,
+ * never while anyone sleeps. A waiter is a node on the waiter's own stack (a suspended fiber's
+ * stack stays put) with its own promise: it queues itself, drops the lock and sleeps in
+ * concur_result() on the promise, which blocks a foreign thread or suspends a task; whoever
+ * hands it what it waits for (the mutex, a unit, an item, the news of a close) takes it off the
+ * queue, writes its status under the lock and sets the promise. A waiter that times out takes
+ * the lock and removes itself if it is still queued; if it is not, it was granted meanwhile and
+ * takes the grant. So a wake-up is never lost and never doubled.
+ */
+#include "wait.h"
+
+#include <stdlib.h>
+
+struct waiter {
+	struct waiter *prev, *next;
+	concur_future *wake; /* the waiter's promise */
+	bool queued;
+	int status;    /* written by the granter, under the lock */
+	int64_t value; /* a channel item, either way */
+};
+
+struct waitq {
+	struct waiter *head, *tail;
+};
+
+static void wq_remove(struct waitq *q, struct waiter *w)
+{
+	if (w->prev)
+		w->prev->next = w->next;
+	else
+		q->head = w->next;
+	if (w->next)
+		w->next->prev = w->prev;
+	else
+		q->tail = w->prev;
+	w->queued = false;
+}
+
+/*
+ * Called with *lock held and w's status not yet decided: queue w at the tail of q, drop the
+ * lock, and sleep until granted or timeout_ns passes. Returns the status the granter wrote,
+ * or -ETIMEDOUT / -EDEADLK / -ENOMEM if the waiter gave up while still queued.
+ */
+static int park(pthread_mutex_t *lock, struct waitq *q, struct waiter *w, int64_t timeout_ns)
+{
+	if (timeout_ns == 0) {
+		pthread_mutex_unlock(lock);
+		return -ETIMEDOUT;
+	}
+	w->wake = concur_promise_new(NULL);
+	if (!w->wake) {
+		pthread_mutex_unlock(lock);
+		return -ENOMEM;
+	}
+	w->next = NULL;
+	w->prev = q->tail;
+	if (q->tail)
+		q->tail->next = w;
+	else
+		q->head = w;
+	q->tail = w;
+	w->queued = true;
+	pthread_mutex_unlock(lock);
+	int64_t r = concur_result(w->wake, timeout_ns);
+	if (r != 0) {
+		pthread_mutex_lock(lock);
+		bool gave_up = w->queued;
+		if (gave_up)
+			wq_remove(q, w);
+		pthread_mutex_unlock(lock);
+		if (gave_up) {
+			concur_release(w->wake);
+			return (int)r;
+		}
+	}
+	concur_release(w->wake);
+	return w->status;
+}
+
+/*
+ * With the lock held: take the first waiter of q off the queue and give it status. Returns its
+ * promise (retained) for wake(), or NULL if nobody waits. The waiter may be gone as soon as the
+ * lock is dropped: only the promise may be touched after that.
+ */
+static concur_future *grant(struct waitq *q, int status)
+{
+	struct waiter *w = q->head;
+	if (!w)
+		return NULL;
+	wq_remove(q, w);
+	w->status = status;
+	return concur_retain(w->wake);
+}
+
+static void wake(concur_future *p)
+{
+	if (p) {
+		concur_promise_set(p, 0);
+		concur_release(p);
+	}
+}
+
+/* With the lock held: grant status to every waiter of q (setting a promise never calls back
+ * into these objects: only its one waiter awaits it). */
+static void grant_all(struct waitq *q, int status)
+{
+	concur_future *p;
+	while ((p = grant(q, status)))
+		wake(p);
+}
+
+/* Every object starts with its lock: made and freed the same way. */
+static void *sync_new(size_t size)
+{
+	pthread_mutex_t *lock = calloc(1, size);
+	if (lock)
+		pthread_mutex_init(lock, NULL);
+	return lock;
+}
+
+static void sync_free(void *obj)
+{
+	if (!obj)
+		return;
+	pthread_mutex_destroy(obj);
+	free(obj);
+}
+
+/* ---- mutex ---------------------------------------------------------------------------------- */
+
+struct concur_mutex {
+	pthread_mutex_t lock;
+	bool locked; /* stays true across a handoff */
+	struct waitq q;
+};
+
+int concur_mutex_new(concur_mutex **out)
+{
+	if (!out)
+		return -EINVAL;
+	*out = sync_new(sizeof(**out));
+	return *out ? 0 : -ENOMEM;
+}
+
+void concur_mutex_free(concur_mutex *m)
+{
+	sync_free(m);
+}
+
+int concur_mutex_lock(concur_mutex *m, int64_t timeout_ns)
+{
+	if (!m)
+		return -EINVAL;
+	pthread_mutex_lock(&m->lock);
+	if (!m->locked) {
+		m->locked = true;
+		pthread_mutex_unlock(&m->lock);
+		return 0;
+	}
+	struct waiter w;
+	return park(&m->lock, &m->q, &w, timeout_ns);
+}
+
+int concur_mutex_trylock(concur_mutex *m)
+{
+	if (!m)
+		return -EINVAL;
+	pthread_mutex_lock(&m->lock);
+	bool got = !m->locked; /* a free mutex has no queue: unlock hands it over otherwise */
+	m->locked = true;
+	pthread_mutex_unlock(&m->lock);
+	return got ? 0 : -EBUSY;
+}
+
+int concur_mutex_unlock(concur_mutex *m)
+{
+	if (!m)
+		return -EINVAL;
+	pthread_mutex_lock(&m->lock);
+	if (!m->locked) {
+		pthread_mutex_unlock(&m->lock);
+		return -EPERM;
+	}
+	concur_future *p = grant(&m->q, 0); /* FIFO handoff: the mutex stays locked */
+	m->locked = p != NULL;
+	pthread_mutex_unlock(&m->lock);
+	wake(p);
+	return 0;
+}
+
+size_t concur_mutex_waiters(const concur_mutex *m)
+{
+	if (!m)
+		return 0;
+	pthread_mutex_lock((pthread_mutex_t *)&m->lock);
+	size_t n = 0;
+	for (struct waiter *w = m->q.head; w; w = w->next)
+		n++;
+	pthread_mutex_unlock((pthread_mutex_t *)&m->lock);
+	return n;
+}
+
+/* ---- semaphore ------------------------------------------------------------------------------ */
+
+struct concur_sem {
+	pthread_mutex_t lock;
+	int64_t value; /* > 0 only while nobody waits */
+	struct waitq q;
+};
+
+int concur_sem_new(concur_sem **out, int64_t value)
+{
+	if (!out || value < 0)
+		return -EINVAL;
+	concur_sem *s = sync_new(sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->value = value;
+	*out = s;
+	return 0;
+}
+
+void concur_sem_free(concur_sem *s)
+{
+	sync_free(s);
+}
+
+int concur_sem_acquire(concur_sem *s, int64_t timeout_ns)
+{
+	if (!s)
+		return -EINVAL;
+	pthread_mutex_lock(&s->lock);
+	if (s->value > 0) {
+		s->value--;
+		pthread_mutex_unlock(&s->lock);
+		return 0;
+	}
+	struct waiter w;
+	return park(&s->lock, &s->q, &w, timeout_ns);
+}
+
+int concur_sem_release(concur_sem *s, int64_t n)
+{
+	if (!s || n < 1)
+		return -EINVAL;
+	pthread_mutex_lock(&s->lock);
+	while (n > 0 && s->q.head) {
+		wake(grant(&s->q, 0));
+		n--;
+	}
+	int err = 0;
+	if (n > INT64_MAX - s->value)
+		err = -EOVERFLOW;
+	else
+		s->value += n;
+	pthread_mutex_unlock(&s->lock);
+	return err;
+}
+
+int64_t concur_sem_value(const concur_sem *s)
+{
+	if (!s)
+		return -EINVAL;
+	pthread_mutex_lock((pthread_mutex_t *)&s->lock);
+	int64_t v = s->value;
+	pthread_mutex_unlock((pthread_mutex_t *)&s->lock);
+	return v;
+}
+
+/* ---- event ---------------------------------------------------------------------------------- */
+
+struct concur_event {
+	pthread_mutex_t lock;
+	_Atomic bool set;
+	struct waitq q;
+};
+
+int concur_event_new(concur_event **out)
+{
+	if (!out)
+		return -EINVAL;
+	*out = sync_new(sizeof(**out));
+	return *out ? 0 : -ENOMEM;
+}
+
+void concur_event_free(concur_event *e)
+{
+	sync_free(e);
+}
+
+int concur_event_set(concur_event *e)
+{
+	if (!e)
+		return -EINVAL;
+	pthread_mutex_lock(&e->lock);
+	atomic_store(&e->set, true);
+	grant_all(&e->q, 0);
+	pthread_mutex_unlock(&e->lock);
+	return 0;
+}
+
+int concur_event_clear(concur_event *e)
+{
+	if (!e)
+		return -EINVAL;
+	atomic_store(&e->set, false);
+	return 0;
+}
+
+bool concur_event_is_set(const concur_event *e)
+{
+	return e && atomic_load(&e->set);
+}
+
+int concur_event_wait(concur_event *e, int64_t timeout_ns)
+{
+	if (!e)
+		return -EINVAL;
+	if (atomic_load(&e->set))
+		return 0;
+	pthread_mutex_lock(&e->lock);
+	if (atomic_load(&e->set)) {
+		pthread_mutex_unlock(&e->lock);
+		return 0;
+	}
+	struct waiter w;
+	return park(&e->lock, &e->q, &w, timeout_ns);
+}
+
+/* ---- channel -------------------------------------------------------------------------------- */
+
+#define CHAN_MAX_CAPACITY (1u << 30)
+
+struct concur_chan {
+	pthread_mutex_t lock;
+	bool closed;
+	size_t cap, head, len;  /* items[head .. head+len) mod cap */
+	struct waitq senders;   /* only while the buffer is full */
+	struct waitq receivers; /* only while the buffer is empty */
+	int64_t items[];
+};
+
+int concur_chan_new(concur_chan **out, size_t capacity)
+{
+	if (!out || capacity < 1 || capacity > CHAN_MAX_CAPACITY)
+		return -EINVAL;
+	concur_chan *c = sync_new(sizeof(*c) + capacity * sizeof(c->items[0]));
+	if (!c)
+		return -ENOMEM;
+	c->cap = capacity;
+	*out = c;
+	return 0;
+}
+
+void concur_chan_free(concur_chan *c)
+{
+	sync_free(c);
+}
+
+int concur_chan_send(concur_chan *c, int64_t v, int64_t timeout_ns)
+{
+	if (!c)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	if (c->closed) {
+		pthread_mutex_unlock(&c->lock);
+		return -EPIPE;
+	}
+	if (c->receivers.head) { /* the buffer is empty: hand the item over */
+		c->receivers.head->value = v;
+		concur_future *p = grant(&c->receivers, 0);
+		pthread_mutex_unlock(&c->lock);
+		wake(p);
+		return 0;
+	}
+	if (c->len < c->cap) {
+		c->items[(c->head + c->len++) % c->cap] = v;
+		pthread_mutex_unlock(&c->lock);
+		return 0;
+	}
+	struct waiter w = {.value = v};
+	return park(&c->lock, &c->senders, &w, timeout_ns);
+}
+
+int concur_chan_recv(concur_chan *c, int64_t *v, int64_t timeout_ns)
+{
+	if (!c || !v)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	if (c->len > 0) {
+		*v = c->items[c->head];
+		c->head = (c->head + 1) % c->cap;
+		c->len--;
+		concur_future *p = NULL;
+		if (c->senders.head) { /* the buffer was full: take the first sender's item */
+			c->items[(c->head + c->len++) % c->cap] = c->senders.head->value;
+			p = grant(&c->senders, 0);
+		}
+		pthread_mutex_unlock(&c->lock);
+		wake(p);
+		return 0;
+	}
+	if (c->closed) {
+		pthread_mutex_unlock(&c->lock);
+		return -EPIPE;
+	}
+	struct waiter w;
+	int r = park(&c->lock, &c->receivers, &w, timeout_ns);
+	if (r == 0)
+		*v = w.value;
+	return r;
+}
+
+int concur_chan_close(concur_chan *c)
+{
+	if (!c)
+		return -EINVAL;
+	pthread_mutex_lock(&c->lock);
+	int err = c->closed ? -EALREADY : 0;
+	c->closed = true;
+	grant_all(&c->senders, -EPIPE);
+	grant_all(&c->receivers, -EPIPE);
+	pthread_mutex_unlock(&c->lock);
+	return err;
+}
+
+size_t concur_chan_len(const concur_chan *c)
+{
+	if (!c)
+		return 0;
+	pthread_mutex_lock((pthread_mutex_t *)&c->lock);
+	size_t n = c->len;
+	pthread_mutex_unlock((pthread_mutex_t *)&c->lock);
+	return n;
+}

@@ -1,0 +1,571 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * wait, gather, as_completed, then and spawn_after: all built on completion callbacks
+ * (concur_on_done) that count inputs down and set a promise, which the caller awaits with
+ * concur_result(): a foreign thread blocks on it, a task suspends. Nothing polls, and nothing
+ * that waits for inputs holds a thread or a fiber stack.
+ *
+ * Lifetimes: a callback registered on an input may fire long after the wait that registered it
+ * returned (on a timeout), so what the callbacks touch is a small refcounted record: one
+ * reference for the waiter, one per registered callback.
+ */
+#include "wait.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- wake slots ----------------------------------------------------------------------------- */
+
+int64_t concur__wake_sleep(pthread_mutex_t *lock, concur_future **slot, int64_t deadline)
+{
+	int64_t left = concur__remaining(deadline);
+	if (left == 0) {
+		pthread_mutex_unlock(lock);
+		return -ETIMEDOUT;
+	}
+	if (!*slot)
+		*slot = concur_promise_new(NULL);
+	concur_future *p = concur_retain(*slot);
+	pthread_mutex_unlock(lock);
+	if (!p)
+		return -ENOMEM;
+	int64_t r = concur_result(p, left);
+	concur_release(p);
+	return r;
+}
+
+void concur__wake_fire(pthread_mutex_t *lock, concur_future **slot)
+{
+	pthread_mutex_lock(lock);
+	concur_future *p = *slot;
+	*slot = NULL;
+	pthread_mutex_unlock(lock);
+	if (p) {
+		concur_promise_set(p, 0);
+		concur_release(p);
+	}
+}
+
+int concur__check_futures(concur_future *const *futures, size_t n)
+{
+	if ((n && !futures) || n > CONCUR_MAX_FUTURES)
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++)
+		if (!concur__valid(futures[i]))
+			return -EINVAL;
+	return 0;
+}
+
+/* ---- countdown: wait and gather ------------------------------------------------------------- */
+
+struct countdown {
+	_Atomic uint32_t refs;
+	_Atomic size_t done;   /* inputs done (an index counts once per occurrence) */
+	_Atomic size_t target; /* wake the waiter when done reaches it */
+	_Atomic bool failed;   /* an input failed (FIRST_EXCEPTION only) */
+	bool stop_on_failure;
+	pthread_mutex_t lock; /* orders the waiter's check against the callbacks' fire */
+	concur_future *wake;
+};
+
+static void countdown_put(struct countdown *c)
+{
+	if (atomic_fetch_sub(&c->refs, 1) != 1)
+		return;
+	concur_release(c->wake);
+	pthread_mutex_destroy(&c->lock);
+	free(c);
+}
+
+static void countdown_on_done(concur_future *f, void *arg)
+{
+	struct countdown *c = arg;
+	size_t d = atomic_fetch_add(&c->done, 1) + 1;
+	bool failed = c->stop_on_failure && concur__failed(f);
+	if (failed)
+		atomic_store(&c->failed, true);
+	if (failed || d >= atomic_load(&c->target))
+		concur__wake_fire(&c->lock, &c->wake);
+	countdown_put(c);
+}
+
+/*
+ * Count futures[0..n) down: each done now is counted at once (and marks the record failed if it
+ * failed, with stop_on_failure), a callback is registered on each of the others. Returns the record
+ * (the caller holds one reference; its target is SIZE_MAX until countdown_wait) or NULL with *err
+ * set.
+ */
+static struct countdown *countdown_start(concur_future *const *futures, size_t n,
+                                         bool stop_on_failure, int *err)
+{
+	struct countdown *c = calloc(1, sizeof(*c));
+	if (!c) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	atomic_init(&c->refs, 1);
+	atomic_init(&c->target, SIZE_MAX);
+	c->stop_on_failure = stop_on_failure;
+	pthread_mutex_init(&c->lock, NULL);
+	*err = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (concur_done(futures[i])) {
+			atomic_fetch_add(&c->done, 1);
+			if (stop_on_failure && concur__failed(futures[i]))
+				atomic_store(&c->failed, true);
+			continue;
+		}
+		atomic_fetch_add(&c->refs, 1);
+		if (concur_on_done(futures[i], countdown_on_done, c) < 0) {
+			atomic_fetch_sub(&c->refs, 1);
+			*err = -ENOMEM;
+			break;
+		}
+	}
+	if (*err) {
+		countdown_put(c);
+		return NULL;
+	}
+	return c;
+}
+
+/* Wait until target inputs are done (or one failed, with stop_on_failure): 0 or an error. */
+static int64_t countdown_wait(struct countdown *c, size_t target, int64_t deadline)
+{
+	pthread_mutex_lock(&c->lock);
+	atomic_store(&c->target, target);
+	if (atomic_load(&c->done) >= target || atomic_load(&c->failed)) {
+		pthread_mutex_unlock(&c->lock);
+		return 0;
+	}
+	return concur__wake_sleep(&c->lock, &c->wake, deadline);
+}
+
+static bool wait_satisfied(int mode, size_t ndone, size_t n, bool failed)
+{
+	if (mode == CONCUR_FIRST_COMPLETED)
+		return ndone > 0 || n == 0;
+	return ndone == n || (mode == CONCUR_FIRST_EXCEPTION && failed);
+}
+
+int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeout_ns,
+                bool *done_out)
+{
+	int err = concur__check_futures(futures, n);
+	if (err)
+		return err;
+	if (mode != CONCUR_ALL_COMPLETED && mode != CONCUR_FIRST_COMPLETED &&
+	    mode != CONCUR_FIRST_EXCEPTION)
+		return -EINVAL;
+	int64_t deadline = concur__deadline_after(timeout_ns);
+	size_t ndone = 0;
+	bool failed = false;
+	for (size_t i = 0; i < n; i++) {
+		if (concur_done(futures[i])) {
+			ndone++;
+			failed = failed || concur__failed(futures[i]);
+		}
+	}
+	if (!wait_satisfied(mode, ndone, n, failed) && timeout_ns != 0) {
+		struct countdown *c =
+		    countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);
+		if (!c)
+			return err;
+		int64_t r = countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
+		countdown_put(c);
+		if (r < 0 && r != -ETIMEDOUT)
+			return (int)r;
+	}
+	int count = 0;
+	for (size_t i = 0; i < n; i++) {
+		bool d = concur_done(futures[i]);
+		count += d;
+		if (done_out)
+			done_out[i] = d;
+	}
+	return count;
+}
+
+int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_ns,
+                      int64_t *values_out, const struct concur_gather_opts *opts)
+{
+	static const struct concur_gather_opts defaults;
+	if (!opts)
+		opts = &defaults;
+	int err = concur__check_futures(futures, n);
+	if (err)
+		return err;
+	if (opts->flags & ~(unsigned)CONCUR_GATHER_RETURN_ERRORS)
+		return -EINVAL;
+	int64_t t0 = concur__now_ns();
+	int64_t deadline = concur__deadline_after(timeout_ns);
+	int64_t r = 0;
+	struct countdown *c = countdown_start(futures, n, false, &err);
+	if (!c)
+		return err;
+	/* With a progress callback, wake up each time another 1% is done (at most ~100 times). */
+	size_t step = opts->progress ? (n + 99) / 100 : n;
+	size_t done;
+	while ((done = atomic_load(&c->done)) < n) {
+		size_t target = (done / step + 1) * step;
+		r = countdown_wait(c, target < n ? target : n, deadline);
+		if (r < 0)
+			break;
+		done = atomic_load(&c->done);
+		if (opts->progress && done < n)
+			opts->progress(done, n, concur__now_ns() - t0, opts->progress_arg);
+	}
+	if (opts->progress)
+		opts->progress(atomic_load(&c->done), n, concur__now_ns() - t0, opts->progress_arg);
+	countdown_put(c);
+	if (r < 0 && r != -ETIMEDOUT)
+		return r;
+	int64_t first_err = 0;
+	bool unfinished = false;
+	for (size_t i = 0; i < n; i++) {
+		int64_t v = -ETIMEDOUT;
+		if (concur_done(futures[i])) {
+			v = concur__future_value(futures[i]);
+			if (v < 0 && !first_err)
+				first_err = v;
+		} else {
+			unfinished = true;
+		}
+		if (values_out)
+			values_out[i] = v;
+	}
+	if (unfinished)
+		return -ETIMEDOUT;
+	return (opts->flags & CONCUR_GATHER_RETURN_ERRORS) ? 0 : first_err;
+}
+
+/* ---- as_completed --------------------------------------------------------------------------- */
+
+struct ac_shared;
+struct ac_slot {
+	struct ac_shared *s;
+	size_t k; /* index among the distinct futures */
+};
+
+/* What the callbacks touch: the queue of done indices, in the order they became done. */
+struct ac_shared {
+	_Atomic uint32_t refs;
+	pthread_mutex_t lock;
+	size_t head, tail;     /* ready[head..tail) not yielded yet; each index is queued once */
+	concur_future *wake;   /* the consumer's wake slot */
+	size_t *ready;         /* n entries */
+	struct ac_slot slot[]; /* n entries */
+};
+
+struct concur_as_completed {
+	struct ac_shared *s;
+	concur_future **futs; /* distinct futures; the iterator's reference, NULL once yielded */
+	size_t n, yielded;
+	int64_t deadline;
+};
+
+static void ac_put(struct ac_shared *s)
+{
+	if (atomic_fetch_sub(&s->refs, 1) != 1)
+		return;
+	concur_release(s->wake);
+	pthread_mutex_destroy(&s->lock);
+	free(s->ready);
+	free(s);
+}
+
+static void ac_on_done(concur_future *f, void *arg)
+{
+	struct ac_slot *slot = arg;
+	struct ac_shared *s = slot->s;
+	pthread_mutex_lock(&s->lock);
+	s->ready[s->tail++] = slot->k;
+	pthread_mutex_unlock(&s->lock);
+	concur__wake_fire(&s->lock, &s->wake);
+	ac_put(s);
+}
+
+/* Keep the first occurrence of each future, in input order, in out; returns how many. */
+static size_t dedupe(concur_future *const *futures, size_t n, concur_future **out, int *err)
+{
+	size_t cap = 16;
+	while (cap < 2 * n)
+		cap *= 2;
+	concur_future **set = calloc(cap, sizeof(*set));
+	if (!set) {
+		*err = -ENOMEM;
+		return 0;
+	}
+	size_t m = 0;
+	for (size_t i = 0; i < n; i++) {
+		size_t h = ((uintptr_t)futures[i] >> 4) * 0x9e3779b97f4a7c15ull;
+		for (h &= cap - 1; set[h] && set[h] != futures[i]; h = (h + 1) & (cap - 1))
+			;
+		if (!set[h])
+			set[h] = out[m++] = futures[i];
+	}
+	free(set);
+	*err = 0;
+	return m;
+}
+
+int concur_as_completed_new(concur_as_completed **out, concur_future *const *futures, size_t n,
+                            int64_t timeout_ns)
+{
+	int err = concur__check_futures(futures, n);
+	if (!out || err)
+		return -EINVAL;
+	concur_as_completed *it = calloc(1, sizeof(*it));
+	struct ac_shared *s = calloc(1, sizeof(*s) + n * sizeof(s->slot[0]));
+	concur_future **futs = calloc(n ? n : 1, sizeof(*futs));
+	size_t *ready = calloc(n ? n : 1, sizeof(*ready));
+	size_t m = 0;
+	if (it && s && futs && ready)
+		m = dedupe(futures, n, futs, &err);
+	if (!it || !s || !futs || !ready || err) {
+		free(it);
+		free(s);
+		free(futs);
+		free(ready);
+		return -ENOMEM;
+	}
+	atomic_init(&s->refs, 1);
+	pthread_mutex_init(&s->lock, NULL);
+	s->ready = ready;
+	it->s = s;
+	it->futs = futs;
+	it->n = m;
+	it->deadline = concur__deadline_after(timeout_ns);
+	/* The done ones first, in input order (so ready[0..first) is sorted); the others queue
+	 * themselves as they complete. */
+	for (size_t k = 0; k < m; k++) {
+		concur_retain(futs[k]);
+		if (concur_done(futs[k]))
+			s->ready[s->tail++] = k;
+	}
+	size_t first = s->tail, q = 0;
+	for (size_t k = 0; k < m; k++) {
+		if (q < first && s->ready[q] == k) {
+			q++;
+			continue;
+		}
+		s->slot[k] = (struct ac_slot){s, k};
+		atomic_fetch_add(&s->refs, 1);
+		if (concur_on_done(futs[k], ac_on_done, &s->slot[k]) < 0) {
+			atomic_fetch_sub(&s->refs, 1);
+			concur_as_completed_free(it);
+			return -ENOMEM;
+		}
+	}
+	*out = it;
+	return 0;
+}
+
+int concur_as_completed_next(concur_as_completed *it, concur_future **f)
+{
+	if (!it || !f)
+		return -EINVAL;
+	struct ac_shared *s = it->s;
+	while (it->yielded < it->n) {
+		pthread_mutex_lock(&s->lock);
+		if (s->head < s->tail) {
+			size_t k = s->ready[s->head++];
+			pthread_mutex_unlock(&s->lock);
+			*f = it->futs[k]; /* the iterator's reference goes to the caller */
+			it->futs[k] = NULL;
+			it->yielded++;
+			return 1;
+		}
+		int64_t r = concur__wake_sleep(&s->lock, &s->wake, it->deadline);
+		if (r == -ETIMEDOUT && concur__remaining(it->deadline) == 0) {
+			pthread_mutex_lock(&s->lock);
+			bool empty = s->head == s->tail;
+			pthread_mutex_unlock(&s->lock);
+			if (!empty)
+				continue;
+			concur__set_error(
+			    "as_completed: %zu of %zu futures unfinished at the deadline",
+			    it->n - it->yielded, it->n);
+			return -ETIMEDOUT;
+		}
+		if (r < 0 && r != -ETIMEDOUT)
+			return (int)r;
+	}
+	return 0;
+}
+
+size_t concur_as_completed_unfinished(const concur_as_completed *it, size_t *total)
+{
+	if (total)
+		*total = it ? it->n : 0;
+	return it ? it->n - it->yielded : 0;
+}
+
+void concur_as_completed_free(concur_as_completed *it)
+{
+	if (!it)
+		return;
+	for (size_t k = 0; k < it->n; k++)
+		concur_release(it->futs[k]);
+	free(it->futs);
+	ac_put(it->s);
+	free(it);
+}
+
+/* ---- then and spawn_after ------------------------------------------------------------------- */
+
+/*
+ * A dependent task before it exists: no stack, no thread, just this record. Each input's
+ * callback stores the input's outcome and counts down; the last one starts the task, whose
+ * completion then completes the promise handed out at once (out).
+ */
+struct after;
+struct after_slot {
+	struct after *a;
+	size_t i;
+};
+
+struct after {
+	concur_exec *ex;
+	concur_after_fn fn;
+	concur_then_fn then_fn;
+	void *arg;
+	concur_future *out; /* the record's reference on the promise it will complete */
+	_Atomic size_t remaining;
+	size_t n;
+	struct after *next; /* in this thread's list of records to start */
+	int64_t *values;
+	struct after_slot slot[];
+};
+
+/*
+ * Records whose inputs are all done, started by the outermost caller on this thread. Starting
+ * one can complete a promise that makes another ready (a failed input propagating down a
+ * 10 000-long then chain): queueing instead of recursing keeps the stack flat.
+ */
+static __thread struct after *tl_ready_head, *tl_ready_tail;
+static __thread bool tl_starting;
+
+static void after_free(struct after *a)
+{
+	concur_release(a->out);
+	free(a);
+}
+
+static int64_t after_task(void *arg)
+{
+	struct after *a = arg;
+	if (a->then_fn)
+		return a->then_fn(a->arg, a->values[0]);
+	return a->fn(a->arg, a->n ? a->values : NULL, a->n);
+}
+
+static void after_task_done(concur_future *task, void *arg)
+{
+	struct after *a = arg;
+	concur_promise_set(a->out, concur__future_value(task));
+	after_free(a);
+}
+
+static void after_start(struct after *a)
+{
+	if (concur_done(a->out)) { /* cancelled by its owner: the task never runs */
+		after_free(a);
+		return;
+	}
+	for (size_t i = 0; i < a->n; i++) {
+		if (a->values[i] < 0) {
+			concur_promise_set(a->out, a->values[i]);
+			after_free(a);
+			return;
+		}
+	}
+	concur_future *task = concur_spawn(a->ex, after_task, a);
+	if (concur_on_done(task, after_task_done, a) < 0)
+		concur_promise_set(a->out, -ENOMEM); /* the record stays with the task (leaked) */
+	concur_release(task);
+}
+
+static void after_ready(struct after *a)
+{
+	a->next = NULL;
+	if (tl_ready_tail)
+		tl_ready_tail->next = a;
+	else
+		tl_ready_head = a;
+	tl_ready_tail = a;
+	if (tl_starting)
+		return;
+	tl_starting = true;
+	while ((a = tl_ready_head)) {
+		tl_ready_head = a->next;
+		if (!tl_ready_head)
+			tl_ready_tail = NULL;
+		after_start(a);
+	}
+	tl_starting = false;
+}
+
+static void after_input_done(concur_future *f, void *arg)
+{
+	struct after_slot *slot = arg;
+	struct after *a = slot->a;
+	a->values[slot->i] = concur__future_value(f);
+	if (atomic_fetch_sub(&a->remaining, 1) == 1)
+		after_ready(a);
+}
+
+static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then_fn then_fn,
+                                void *arg, concur_future *const *inputs, size_t n)
+{
+	if (!concur__exec_valid(ex))
+		return concur__failed_future(NULL, -EINVAL);
+	int err = concur__check_futures(inputs, n);
+	if (err)
+		return concur__failed_future(ex, err);
+	struct after *a = calloc(1, sizeof(*a) + n * (sizeof(a->slot[0]) + sizeof(int64_t)));
+	concur_future *out = concur_promise_new(ex);
+	if (!a || !out) {
+		free(a);
+		concur_release(out);
+		return concur__failed_future(ex, -ENOMEM);
+	}
+	a->ex = ex;
+	a->fn = fn;
+	a->then_fn = then_fn;
+	a->arg = arg;
+	a->out = concur_retain(out);
+	a->n = n;
+	a->values = (int64_t *)&a->slot[n];
+	/* One extra count, dropped below, so the task cannot start while callbacks are added. */
+	atomic_init(&a->remaining, n + 1);
+	for (size_t i = 0; i < n; i++) {
+		a->slot[i] = (struct after_slot){a, i};
+		if (concur_on_done(inputs[i], after_input_done, &a->slot[i]) < 0) {
+			/* The registered callbacks still count down: let the record fail then. */
+			a->values[i] = -ENOMEM;
+			atomic_fetch_sub(&a->remaining, 1);
+		}
+	}
+	if (atomic_fetch_sub(&a->remaining, 1) == 1)
+		after_ready(a);
+	return out;
+}
+
+concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg,
+                                  concur_future *const *inputs, size_t n)
+{
+	if (!fn)
+		return concur__failed_future(NULL, -EINVAL);
+	return after_new(ex, fn, NULL, arg, inputs, n);
+}
+
+concur_future *concur_then(concur_future *f, concur_then_fn fn, void *arg)
+{
+	if (!fn || !concur__valid(f))
+		return concur__failed_future(NULL, -EINVAL);
+	concur_exec *ex = concur_future_exec(f);
+	if (!ex)
+		ex = concur_current_exec();
+	return after_new(ex, NULL, fn, arg, &f, 1);
+}

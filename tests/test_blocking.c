@@ -1,0 +1,205 @@
+/* SPDX-License-Identifier: MIT */
+/* The blocking pool and the stall detector. */
+#include "internal.h" /* before comp_test.h: its executor is a global named ex */
+#include "wait.h"
+
+#include "comp_test.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
+
+/* A blocking job: a real blocking syscall on a helper thread, never on a loop. */
+static int64_t blocking_job(void *arg)
+{
+	if (concur_in_task() || concur_current_exec())
+		return -EPERM; /* ran on a loop thread */
+	usleep(20000);
+	return (int64_t)(intptr_t)arg;
+}
+
+struct resume {
+	struct concur__loop *before, *after;
+	int64_t value;
+};
+
+static int64_t awaiting_task(void *arg)
+{
+	struct resume *r = arg;
+	r->before = concur__tl_loop;
+	concur_future *f = concur_spawn_blocking(concur_current_exec(), blocking_job, (void *)77);
+	r->value =
+	    concur_result(f, -1); /* suspends this fiber; the helper's completion resumes it */
+	r->after = concur__tl_loop;
+	concur_release(f);
+	return 0;
+}
+
+static void test_blocking_resumes_fiber_on_its_own_loop(void **state)
+{
+	enum { N = 8 };
+	struct resume r[N] = {0};
+	concur_future *fs[N];
+	for (int i = 0; i < N; i++)
+		fs[i] = concur_spawn(ex, awaiting_task, &r[i]);
+	assert_int_equal(concur_gather(fs, N, -1, NULL, NULL), 0);
+	bool loops_seen[2] = {false, false};
+	for (int i = 0; i < N; i++) {
+		assert_int_equal(r[i].value, 77);
+		assert_non_null(r[i].before);
+		assert_ptr_equal(r[i].before, r[i].after);
+		loops_seen[r[i].before->idx] = true;
+		concur_release(fs[i]);
+	}
+	assert_true(loops_seen[0] && loops_seen[1]); /* both loops took part */
+	struct concur_stats st;
+	assert_int_equal(concur_exec_stats(ex, &st), 0);
+	assert_true(st.doorbells + st.inbox_items > 0); /* the helpers posted to the loops */
+}
+
+static void test_blocking_from_foreign_thread_and_bad_input(void **state)
+{
+	concur_future *f = concur_spawn_blocking(ex, blocking_job, (void *)5);
+	assert_int_equal(concur_result(f, -1), 5);
+	concur_release(f);
+	f = concur_spawn_blocking(NULL, blocking_job, NULL);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+	f = concur_spawn_blocking(ex, NULL, NULL);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+	assert_int_equal(concur_blocking_config(5000, 0), -EINVAL);
+	assert_int_equal(concur_blocking_config(0, -1), -EINVAL);
+}
+
+static atomic_int inside, max_inside;
+static atomic_bool release_gate;
+
+static int64_t gated_job(void *arg)
+{
+	int now = atomic_fetch_add(&inside, 1) + 1;
+	int max = atomic_load(&max_inside);
+	while (now > max && !atomic_compare_exchange_weak(&max_inside, &max, now))
+		;
+	while (!atomic_load(&release_gate))
+		usleep(1000);
+	atomic_fetch_sub(&inside, 1);
+	return 1;
+}
+
+static atomic_int never_ran;
+
+static int64_t must_not_run(void *arg)
+{
+	atomic_fetch_add(&never_ran, 1);
+	return 0;
+}
+
+static void test_blocking_bounded_cancel_and_idle_exit(void **state)
+{
+	assert_int_equal(concur_blocking_config(2, 50 * MS), 0);
+	EVENTUALLY(concur_blocking_threads() == 0); /* earlier helpers idle out */
+	atomic_store(&release_gate, false);
+	concur_future *fs[6];
+	for (int i = 0; i < 6; i++)
+		fs[i] = concur_spawn_blocking(ex, gated_job, NULL);
+	concur_future *queued = concur_spawn_blocking(ex, must_not_run, NULL);
+	EVENTUALLY(atomic_load(&inside) == 2);
+	assert_true(concur_blocking_threads() <= 2);
+	assert_int_equal(concur_cancel(queued), 1); /* not picked yet: it never runs */
+	atomic_store(&release_gate, true);
+	assert_int_equal(concur_gather(fs, 6, -1, NULL, NULL), 0);
+	assert_int_equal(atomic_load(&max_inside), 2);
+	assert_int_equal(concur_result(queued, -1), -ECANCELED);
+	assert_int_equal(concur_exec_join(ex, -1), 0); /* the cancelled job's work ended too */
+	assert_int_equal(atomic_load(&never_ran), 0);
+	for (int i = 0; i < 6; i++)
+		concur_release(fs[i]);
+	concur_release(queued);
+	EVENTUALLY(concur_blocking_threads() == 0); /* idle helpers exit */
+	assert_int_equal(concur_blocking_config(64, 10000 * MS), 0);
+}
+
+static int64_t slow_job(void *arg)
+{
+	usleep(50000);
+	atomic_store((atomic_bool *)arg, true);
+	return 0;
+}
+
+static void test_blocking_counts_for_join(void **state)
+{
+	atomic_bool finished = false;
+	concur_future *f = concur_spawn_blocking(ex, slow_job, &finished);
+	concur_release(f); /* fire and forget */
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_true(atomic_load(&finished));
+}
+
+/* ---- stall detector ------------------------------------------------------------------------- */
+
+static atomic_int reports;
+static _Atomic int64_t reported_ns;
+
+static void on_stall(concur_exec *e, unsigned loop_idx, int64_t ran_ns, void *arg)
+{
+	assert_ptr_equal(e, ex);
+	assert_true(loop_idx < 2);
+	atomic_store(&reported_ns, ran_ns);
+	atomic_fetch_add(&reports, 1);
+}
+
+static int64_t hog(void *arg)
+{
+	spin_ns(60 * MS);
+	return 0;
+}
+
+static int64_t polite(void *arg)
+{
+	for (int i = 0; i < 30; i++) {
+		spin_ns(1 * MS);
+		concur_yield();
+	}
+	return 0;
+}
+
+static void test_stall_detector(void **state)
+{
+	assert_int_equal(concur_stall_detector(NULL, 1, NULL, NULL), -EINVAL);
+	assert_int_equal(concur_stall_detector(ex, 20 * MS, on_stall, NULL), 0);
+	concur_future *f = concur_spawn(ex, polite, NULL); /* yields often: no stall */
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	if (!atomic_load(&concur__stall_hooked)) {
+		concur_stall_detector(ex, 0, NULL, NULL);
+		skip(); /* the loop does not call concur__stall_begin/end yet (see wait.h) */
+	}
+	assert_int_equal(concur_stall_count(ex), 0);
+	f = concur_spawn(ex, hog, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(concur_stall_count(ex), 1);
+	assert_int_equal(atomic_load(&reports), 1);
+	assert_true(atomic_load(&reported_ns) >= 60 * MS);
+	assert_int_equal(concur_stall_detector(ex, 0, NULL, NULL), 0); /* off */
+	f = concur_spawn(ex, hog, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(concur_stall_count(ex), 0);
+	assert_int_equal(atomic_load(&reports), 1);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_blocking_resumes_fiber_on_its_own_loop),
+	    cmocka_unit_test(test_blocking_from_foreign_thread_and_bad_input),
+	    cmocka_unit_test(test_blocking_bounded_cancel_and_idle_exit),
+	    cmocka_unit_test(test_blocking_counts_for_join),
+	    cmocka_unit_test(test_stall_detector),
+	};
+	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
+}

@@ -1,0 +1,654 @@
+/* SPDX-License-Identifier: MIT */
+/* wait, gather, as_completed, then, spawn_after and task groups. */
+#include "comp_test.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+static concur_exec *ex1; /* 1 loop (ex, from comp_test.h, has 2) */
+
+static int setup(void **state)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	return concur_exec_new(&ex1, &o) ? -1 : setup_ex2(state);
+}
+
+static int teardown(void **state)
+{
+	concur_exec_free(ex1);
+	return teardown_ex(state);
+}
+
+static concur_future *done_with(int64_t res)
+{
+	concur_future *p = concur_promise_new(NULL);
+	concur_promise_set(p, res);
+	return p;
+}
+
+static concur_future *cancelled(void)
+{
+	concur_future *p = concur_promise_new(NULL);
+	assert_int_equal(concur_cancel(p), 1);
+	return p;
+}
+
+static void release_all(concur_future **fs, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		concur_release(fs[i]);
+}
+
+/* ---- wait ----------------------------------------------------------------------------------- */
+
+static void test_wait_empty_and_bad_input(void **state)
+{
+	assert_int_equal(concur_wait(NULL, 0, CONCUR_ALL_COMPLETED, -1, NULL), 0);
+	assert_int_equal(concur_wait(NULL, 0, CONCUR_FIRST_COMPLETED, -1, NULL), 0);
+	assert_int_equal(concur_wait(NULL, 3, CONCUR_ALL_COMPLETED, -1, NULL), -EINVAL);
+	concur_future *fs[2] = {done_with(1), NULL};
+	assert_int_equal(concur_wait(fs, 2, CONCUR_ALL_COMPLETED, -1, NULL), -EINVAL);
+	assert_int_equal(concur_wait(fs, 1, 7, -1, NULL), -EINVAL);
+	assert_int_equal(
+	    concur_wait(fs, (size_t)CONCUR_MAX_FUTURES + 1, CONCUR_ALL_COMPLETED, -1, NULL),
+	    -EINVAL);
+	int64_t v;
+	assert_int_equal(concur_gather(NULL, 2, -1, &v, NULL), -EINVAL);
+	concur_as_completed *it;
+	assert_int_equal(concur_as_completed_new(&it, NULL, 1, -1), -EINVAL);
+	concur_future *f = concur_spawn_after(ex1, NULL, NULL, fs, 1);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+	f = concur_spawn_after(ex1, (concur_after_fn)1, NULL, NULL, 1);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+	release_all(fs, 1);
+}
+
+static void test_wait_all_completed(void **state)
+{
+	/* some already done (one failed, one cancelled), a duplicate, one set later */
+	concur_future *late = concur_promise_new(NULL);
+	concur_future *fs[5] = {done_with(1), done_with(-EIO), cancelled(), late, late};
+	bool done[5];
+	/* timeout: not an error, the split is the answer */
+	assert_int_equal(concur_wait(fs, 5, CONCUR_ALL_COMPLETED, 20 * MS, done), 3);
+	assert_true(done[0] && done[1] && done[2]);
+	assert_false(done[3] || done[4]);
+	concur_promise_set(late, 5);
+	assert_int_equal(concur_wait(fs, 5, CONCUR_ALL_COMPLETED, -1, done), 5);
+	for (int i = 0; i < 5; i++)
+		assert_true(done[i]);
+	release_all(fs, 4);
+}
+
+static int64_t sleep_then(void *arg)
+{
+	concur_sleep(30 * MS);
+	return (int64_t)(intptr_t)arg;
+}
+
+static void test_wait_all_completed_tasks(void **state)
+{
+	concur_future *fs[4];
+	for (int i = 0; i < 4; i++)
+		fs[i] = concur_spawn(ex, sleep_then, (void *)(intptr_t)i);
+	bool done[4];
+	assert_int_equal(concur_wait(fs, 4, CONCUR_ALL_COMPLETED, -1, done), 4);
+	for (int i = 0; i < 4; i++) {
+		assert_true(done[i]);
+		assert_int_equal(concur_result(fs[i], 0), i);
+	}
+	release_all(fs, 4);
+}
+
+static void test_wait_first_completed(void **state)
+{
+	concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
+	concur_future *fs[3] = {a, b, a};
+	bool done[3];
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_COMPLETED, 10 * MS, done), 0);
+	assert_false(done[0] || done[1] || done[2]);
+	/* already one done: returns at once even with an infinite timeout */
+	concur_promise_set(b, 2);
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_COMPLETED, -1, done), 1);
+	assert_true(done[1]);
+	assert_false(done[0] || done[2]);
+	/* a cancelled one counts as done */
+	concur_future *c = cancelled(), *d = concur_promise_new(NULL);
+	concur_future *gs[2] = {d, c};
+	assert_int_equal(concur_wait(gs, 2, CONCUR_FIRST_COMPLETED, -1, done), 1);
+	assert_true(done[1]);
+	/* woken by a completion on a loop */
+	concur_future *t = concur_spawn(ex1, sleep_then, (void *)7);
+	concur_future *hs[2] = {d, t};
+	assert_int_equal(concur_wait(hs, 2, CONCUR_FIRST_COMPLETED, -1, done), 1);
+	assert_false(done[0]);
+	assert_true(done[1]);
+	concur_promise_set(d, 0);
+	concur_promise_set(a, 0);
+	concur_release(t);
+	concur_release(a);
+	concur_release(b);
+	concur_release(c);
+	concur_release(d);
+}
+
+static int64_t fail_later(void *arg)
+{
+	concur_sleep(20 * MS);
+	return -EIO;
+}
+
+static void test_wait_first_exception(void **state)
+{
+	bool done[3];
+	/* a cancellation is not a failure: behaves like ALL_COMPLETED */
+	concur_future *p = concur_promise_new(NULL);
+	concur_future *fs[3] = {cancelled(), p, done_with(3)};
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_EXCEPTION, 20 * MS, done), 2);
+	assert_true(done[0] && done[2]);
+	assert_false(done[1]);
+	/* a failure that happened earlier counts */
+	concur_future *failed = done_with(-EBADF);
+	concur_future *gs[2] = {p, failed};
+	assert_int_equal(concur_wait(gs, 2, CONCUR_FIRST_EXCEPTION, -1, done), 1);
+	assert_true(done[1]);
+	/* a failure that happens while waiting wakes it */
+	concur_future *t = concur_spawn(ex, fail_later, NULL);
+	concur_future *hs[2] = {p, t};
+	assert_int_equal(concur_wait(hs, 2, CONCUR_FIRST_EXCEPTION, -1, done), 1);
+	assert_false(done[0]);
+	assert_true(done[1]);
+	/* successes only: waits for all */
+	concur_future *ok = concur_spawn(ex, sleep_then, (void *)1);
+	concur_future *ks[2] = {ok, fs[2]};
+	assert_int_equal(concur_wait(ks, 2, CONCUR_FIRST_EXCEPTION, -1, done), 2);
+	concur_promise_set(p, 0);
+	release_all(fs, 3);
+	concur_release(failed);
+	concur_release(t);
+	concur_release(ok);
+}
+
+/* inside a task, wait suspends the fiber instead of blocking the loop (1 loop) */
+static int64_t waiter_task(void *arg)
+{
+	concur_future *fs[2] = {concur_spawn(ex1, sleep_then, (void *)1),
+	                        concur_spawn(ex1, sleep_then, (void *)2)};
+	bool done[2];
+	int n = concur_wait(fs, 2, CONCUR_ALL_COMPLETED, -1, done);
+	int64_t sum = concur_result(fs[0], 0) + concur_result(fs[1], 0);
+	release_all(fs, 2);
+	return n == 2 ? sum : -1;
+}
+
+static void test_wait_in_task(void **state)
+{
+	concur_future *f = concur_spawn(ex1, waiter_task, NULL);
+	assert_int_equal(concur_result(f, -1), 3);
+	concur_release(f);
+}
+
+/* ---- gather --------------------------------------------------------------------------------- */
+
+struct progress {
+	int calls;
+	size_t last;
+};
+
+static void on_progress(size_t completed, size_t total, int64_t elapsed_ns, void *arg)
+{
+	struct progress *p = arg;
+	assert_true(completed >= p->last && completed <= total);
+	assert_true(elapsed_ns >= 0);
+	p->last = completed;
+	p->calls++;
+}
+
+static int64_t value_task(void *arg)
+{
+	intptr_t i = (intptr_t)arg;
+	if (i % 3 == 0)
+		concur_yield();
+	return i == 5 ? -EIO : i == 7 ? -ENOENT : i;
+}
+
+static void test_gather_failing_middle(void **state)
+{
+	concur_future *fs[10];
+	for (int i = 0; i < 10; i++)
+		fs[i] = concur_spawn(ex, value_task, (void *)(intptr_t)i);
+	int64_t v[10];
+	/* first failure in input order, after waiting for all */
+	assert_int_equal(concur_gather(fs, 10, -1, v, NULL), -EIO);
+	for (int i = 0; i < 10; i++) {
+		assert_true(concur_done(fs[i]));
+		assert_int_equal(v[i], i == 5 ? -EIO : i == 7 ? -ENOENT : i);
+	}
+	/* every item's own result */
+	struct concur_gather_opts o = {.flags = CONCUR_GATHER_RETURN_ERRORS};
+	assert_int_equal(concur_gather(fs, 10, -1, v, &o), 0);
+	assert_int_equal(v[5], -EIO);
+	assert_int_equal(v[7], -ENOENT);
+	assert_int_equal(v[9], 9);
+	release_all(fs, 10);
+}
+
+static void test_gather_progress(void **state)
+{
+	enum { N = 5000 };
+	concur_future **fs = calloc(N, sizeof(*fs));
+	for (int i = 0; i < N; i++)
+		fs[i] = concur_spawn(ex, value_task, (void *)(intptr_t)(i == 5 ? 4 : i));
+	int64_t *v = calloc(N, sizeof(*v));
+	struct progress p = {0};
+	struct concur_gather_opts o = {.progress = on_progress, .progress_arg = &p};
+	assert_int_equal(concur_gather(fs, N, -1, v, &o), -ENOENT); /* item 7 */
+	assert_true(p.calls >= 1 && p.calls <= 102);
+	assert_int_equal(p.last, N);
+	assert_int_equal(v[N - 1], N - 1);
+	release_all(fs, N);
+	free(fs);
+	free(v);
+}
+
+static void test_gather_timeout(void **state)
+{
+	concur_future *p = concur_promise_new(NULL);
+	concur_future *fs[3] = {done_with(1), p, done_with(-EIO)};
+	int64_t v[3];
+	assert_int_equal(concur_gather(fs, 3, 20 * MS, v, NULL), -ETIMEDOUT);
+	assert_int_equal(v[0], 1);
+	assert_int_equal(v[1], -ETIMEDOUT);
+	assert_int_equal(v[2], -EIO);
+	concur_promise_set(p, 2);
+	assert_int_equal(concur_gather(fs, 3, 20 * MS, v, NULL), -EIO);
+	assert_int_equal(v[1], 2);
+	assert_int_equal(concur_gather(fs, 2, 0, v, NULL), 0);
+	release_all(fs, 3);
+}
+
+/* ---- as_completed --------------------------------------------------------------------------- */
+
+static void test_as_completed_order(void **state)
+{
+	concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
+	concur_future *c = concur_promise_new(NULL);
+	concur_future *d1 = done_with(1), *d2 = cancelled();
+	concur_future *fs[7] = {a, d1, b, a, c, d2, d1};
+	concur_as_completed *it;
+	assert_int_equal(concur_as_completed_new(&it, fs, 7, -1), 0);
+	size_t total;
+	assert_int_equal(concur_as_completed_unfinished(it, &total), 5);
+	assert_int_equal(total, 5);
+	concur_future *f;
+	/* the already done first, in input order */
+	assert_int_equal(concur_as_completed_next(it, &f), 1);
+	assert_ptr_equal(f, d1);
+	concur_release(f);
+	assert_int_equal(concur_as_completed_next(it, &f), 1);
+	assert_ptr_equal(f, d2);
+	concur_release(f);
+	/* then in completion order */
+	concur_promise_set(c, 3);
+	concur_promise_set(a, 1);
+	assert_int_equal(concur_as_completed_next(it, &f), 1);
+	assert_ptr_equal(f, c);
+	concur_release(f);
+	assert_int_equal(concur_as_completed_next(it, &f), 1);
+	assert_ptr_equal(f, a);
+	concur_release(f);
+	concur_promise_set(b, 2);
+	assert_int_equal(concur_as_completed_next(it, &f), 1);
+	assert_ptr_equal(f, b);
+	concur_release(f);
+	assert_int_equal(concur_as_completed_next(it, &f), 0);
+	assert_int_equal(concur_as_completed_unfinished(it, NULL), 0);
+	concur_as_completed_free(it);
+	concur_release(a);
+	concur_release(b);
+	concur_release(c);
+	concur_release(d1);
+	concur_release(d2);
+}
+
+static void test_as_completed_tasks_and_deadline(void **state)
+{
+	concur_future *fs[4];
+	for (int i = 0; i < 3; i++)
+		fs[i] = concur_spawn(ex, sleep_then, (void *)(intptr_t)i);
+	fs[3] = concur_promise_new(NULL); /* never done in time */
+	concur_as_completed *it;
+	assert_int_equal(concur_as_completed_new(&it, fs, 4, 2000 * MS), 0);
+	concur_future *f;
+	int seen = 0;
+	int r;
+	while ((r = concur_as_completed_next(it, &f)) == 1) {
+		assert_true(f != fs[3]);
+		concur_release(f);
+		seen++;
+		if (seen == 3)
+			break;
+	}
+	assert_int_equal(seen, 3);
+	concur_as_completed_free(it);
+
+	/* a short deadline: the error tells how many of how many are unfinished */
+	assert_int_equal(concur_as_completed_new(&it, fs, 4, 20 * MS), 0);
+	for (int i = 0; i < 3; i++) {
+		assert_int_equal(concur_as_completed_next(it, &f), 1);
+		concur_release(f);
+	}
+	assert_int_equal(concur_as_completed_next(it, &f), -ETIMEDOUT);
+	size_t total;
+	assert_int_equal(concur_as_completed_unfinished(it, &total), 1);
+	assert_int_equal(total, 4);
+	assert_string_equal(concur_last_error(),
+	                    "as_completed: 1 of 4 futures unfinished at the deadline");
+	concur_as_completed_free(it);
+	concur_promise_set(fs[3], 0); /* lets the freed iterator's callback run and go */
+	release_all(fs, 4);
+}
+
+/* ---- then and spawn_after ------------------------------------------------------------------- */
+
+static int64_t add_one(void *arg, int64_t v)
+{
+	return v + 1;
+}
+
+static int64_t compute(void *arg)
+{
+	return 20;
+}
+
+static void test_then_chain_10000(void **state)
+{
+	enum { N = 10000 };
+	concur_exec *exs[2] = {ex1, ex};
+	for (int e = 0; e < 2; e++) {
+		concur_future *f = concur_spawn(exs[e], compute, NULL);
+		for (int i = 0; i < N; i++) {
+			concur_future *g = concur_then(f, add_one, NULL);
+			concur_release(f); /* no glue: the chain keeps itself alive */
+			f = g;
+		}
+		assert_int_equal(concur_result(f, -1), 20 + N);
+		concur_release(f);
+	}
+	/* a failure at the head runs nothing and reaches the tail (no recursion) */
+	concur_future *head = concur_promise_new(ex);
+	concur_future *f = concur_retain(head);
+	for (int i = 0; i < N; i++) {
+		concur_future *g = concur_then(f, add_one, NULL);
+		concur_release(f);
+		f = g;
+	}
+	concur_promise_set(head, -EBADMSG);
+	assert_int_equal(concur_result(f, -1), -EBADMSG);
+	concur_release(f);
+	concur_release(head);
+}
+
+static atomic_int dependent_runs;
+
+static int64_t sum_inputs(void *arg, const int64_t *values, size_t n)
+{
+	atomic_fetch_add(&dependent_runs, 1);
+	int64_t s = 0;
+	for (size_t i = 0; i < n; i++)
+		s += values[i];
+	return s;
+}
+
+static void test_spawn_after_failed_input(void **state)
+{
+	atomic_store(&dependent_runs, 0);
+	concur_future *a = concur_promise_new(ex), *b = concur_promise_new(ex);
+	concur_future *c = concur_promise_new(ex);
+	concur_future *in[3] = {a, b, c};
+	concur_future *f = concur_spawn_after(ex, sum_inputs, NULL, in, 3);
+	/* it waits without a thread: nothing ran yet */
+	assert_int_equal(concur_result(f, 20 * MS), -ETIMEDOUT);
+	concur_promise_set(c, -EIO);   /* fails last in input order... */
+	concur_promise_set(b, -EPERM); /* ...this one is first in input order */
+	concur_promise_set(a, 1);
+	assert_int_equal(concur_result(f, -1), -EPERM);
+	assert_int_equal(atomic_load(&dependent_runs), 0);
+	concur_release(f);
+	/* a cancelled input: -ECANCELED, fn never runs */
+	concur_future *x = cancelled();
+	concur_future *in2[2] = {a, x};
+	f = concur_spawn_after(ex, sum_inputs, NULL, in2, 2);
+	assert_int_equal(concur_result(f, -1), -ECANCELED);
+	assert_int_equal(atomic_load(&dependent_runs), 0);
+	concur_release(f);
+	/* then on a failed future */
+	f = concur_then(b, add_one, NULL);
+	assert_int_equal(concur_result(f, -1), -EPERM);
+	concur_release(f);
+	/* no inputs: runs at once; all good: gets the values in order */
+	f = concur_spawn_after(ex, sum_inputs, NULL, NULL, 0);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	concur_future *d = done_with(41);
+	concur_future *in3[2] = {a, d};
+	f = concur_spawn_after(ex, sum_inputs, NULL, in3, 2);
+	assert_int_equal(concur_result(f, -1), 42);
+	assert_int_equal(atomic_load(&dependent_runs), 2);
+	concur_release(f);
+	/* cancelling the dependent before its inputs are done: it never runs */
+	concur_future *p = concur_promise_new(ex);
+	f = concur_spawn_after(ex, sum_inputs, NULL, &p, 1);
+	assert_int_equal(concur_cancel(f), 1);
+	concur_promise_set(p, 1);
+	assert_int_equal(concur_result(f, -1), -ECANCELED);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&dependent_runs), 2);
+	concur_release(f);
+	concur_release(p);
+	concur_release(a);
+	concur_release(b);
+	concur_release(c);
+	concur_release(d);
+	concur_release(x);
+}
+
+/* The seed's pipeline: A computes, B processes A's future, C stores B's. No glue code. */
+static int64_t stage_a(void *arg)
+{
+	return (intptr_t)arg * 10;
+}
+
+static int64_t stage_b(void *arg, int64_t a)
+{
+	return a + 1;
+}
+
+static int64_t stage_c(void *arg, const int64_t *in, size_t n)
+{
+	int64_t *store = arg;
+	*store = in[0];
+	return 0;
+}
+
+static void test_pipeline(void **state)
+{
+	concur_exec *exs[2] = {ex1, ex};
+	for (int e = 0; e < 2; e++) {
+		enum { N = 200 };
+		int64_t store[N] = {0};
+		concur_future *cs[N];
+		for (int i = 0; i < N; i++) {
+			concur_future *a = concur_spawn(exs[e], stage_a, (void *)(intptr_t)i);
+			concur_future *b = concur_then(a, stage_b, NULL);
+			cs[i] = concur_spawn_after(exs[e], stage_c, &store[i], &b, 1);
+			concur_release(a);
+			concur_release(b);
+		}
+		assert_int_equal(concur_gather(cs, N, -1, NULL, NULL), 0);
+		for (int i = 0; i < N; i++)
+			assert_int_equal(store[i], i * 10 + 1);
+		release_all(cs, N);
+	}
+}
+
+static atomic_int tail_ran;
+
+static int64_t count_tail(void *arg, int64_t v)
+{
+	atomic_fetch_add(&tail_ran, 1);
+	return v;
+}
+
+static void test_then_fire_and_forget_join(void **state)
+{
+	/* join waits for dependents spawned by completion callbacks, even with no reference held */
+	atomic_store(&tail_ran, 0);
+	for (int i = 0; i < 100; i++) {
+		concur_future *a = concur_spawn(ex, compute, NULL);
+		concur_future *b = concur_then(a, add_one, NULL);
+		concur_release(concur_then(b, count_tail, NULL));
+		concur_release(a);
+		concur_release(b);
+	}
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&tail_ran), 100);
+}
+
+/* On a loop thread outside any task (a callback), waiting would stop the loop: -EDEADLK. */
+static atomic_int in_callback_rc = 1;
+
+static void waits_in_callback(concur_future *f, void *arg)
+{
+	concur_future *pending = arg;
+	atomic_store(&in_callback_rc,
+	             concur_wait(&pending, 1, CONCUR_ALL_COMPLETED, 5000 * MS, NULL));
+}
+
+static void test_wait_in_callback_edeadlk(void **state)
+{
+	concur_future *pending = concur_promise_new(NULL);
+	concur_future *t = concur_spawn(ex1, sleep_then, NULL); /* still running when we register */
+	assert_int_equal(concur_on_done(t, waits_in_callback, pending), 0);
+	assert_int_equal(concur_exec_join(ex1, -1), 0);
+	assert_int_equal(atomic_load(&in_callback_rc), -EDEADLK);
+	concur_promise_set(pending, 0);
+	concur_release(pending);
+	concur_release(t);
+}
+
+/* ---- groups --------------------------------------------------------------------------------- */
+
+static atomic_int group_ran;
+
+static int64_t member_ok(void *arg)
+{
+	atomic_fetch_add(&group_ran, 1);
+	concur_sleep(5 * MS);
+	return 0;
+}
+
+/* Holds its loop (no yield) for a while, then fails. */
+static int64_t member_fail(void *arg)
+{
+	spin_ns(50 * MS);
+	return -EIO;
+}
+
+static int64_t member_spawner(void *arg)
+{
+	concur_group *g = arg;
+	for (int i = 0; i < 5; i++)
+		concur_release(concur_group_spawn(g, member_ok, NULL));
+	return 0;
+}
+
+static void test_group_wait(void **state)
+{
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, ex, 0), 0);
+	atomic_store(&group_ran, 0);
+	for (int i = 0; i < 3; i++)
+		concur_release(concur_group_spawn(g, member_spawner, g));
+	assert_int_equal(concur_group_wait(g, -1), 0);
+	assert_int_equal(atomic_load(&group_ran), 15);
+	assert_false(concur_group_cancelled(g));
+	concur_group_free(g);
+	assert_int_equal(concur_group_new(&g, NULL, 0), -EINVAL);
+}
+
+static int64_t group_waiter_task(void *arg)
+{
+	concur_group *g;
+	if (concur_group_new(&g, ex1, 0))
+		return -1;
+	for (int i = 0; i < 4; i++)
+		concur_release(concur_group_spawn(g, member_ok, NULL));
+	int64_t r = concur_group_wait(g, -1); /* suspends: the members run on this same loop */
+	concur_group_free(g);
+	return r;
+}
+
+static void test_group_wait_in_task(void **state)
+{
+	atomic_store(&group_ran, 0);
+	concur_future *f = concur_spawn(ex1, group_waiter_task, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	assert_int_equal(atomic_load(&group_ran), 4);
+	concur_release(f);
+}
+
+static void test_group_cancel_on_failure(void **state)
+{
+	/* 1 loop: the failing member holds it, so the others are still queued when it fails */
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, ex1, CONCUR_GROUP_CANCEL_ON_FAILURE), 0);
+	atomic_store(&group_ran, 0);
+	concur_future *first = concur_group_spawn(g, member_fail, NULL);
+	concur_future *fs[20];
+	for (int i = 0; i < 20; i++)
+		fs[i] = concur_group_spawn(g, member_ok, NULL);
+	assert_int_equal(concur_group_wait(g, -1), -EIO);
+	assert_true(concur_group_cancelled(g));
+	int cancelled_n = 0;
+	for (int i = 0; i < 20; i++)
+		cancelled_n += concur_cancelled(fs[i]);
+	assert_int_equal(cancelled_n + atomic_load(&group_ran), 20);
+	assert_true(cancelled_n > 0);
+	/* later spawns are refused */
+	concur_future *late = concur_group_spawn(g, member_ok, NULL);
+	assert_int_equal(concur_result(late, -1), -ECANCELED);
+	concur_release(late);
+	concur_release(first);
+	release_all(fs, 20);
+	concur_group_free(g);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_wait_empty_and_bad_input),
+	    cmocka_unit_test(test_wait_all_completed),
+	    cmocka_unit_test(test_wait_all_completed_tasks),
+	    cmocka_unit_test(test_wait_first_completed),
+	    cmocka_unit_test(test_wait_first_exception),
+	    cmocka_unit_test(test_wait_in_task),
+	    cmocka_unit_test(test_gather_failing_middle),
+	    cmocka_unit_test(test_gather_progress),
+	    cmocka_unit_test(test_gather_timeout),
+	    cmocka_unit_test(test_as_completed_order),
+	    cmocka_unit_test(test_as_completed_tasks_and_deadline),
+	    cmocka_unit_test(test_then_chain_10000),
+	    cmocka_unit_test(test_spawn_after_failed_input),
+	    cmocka_unit_test(test_pipeline),
+	    cmocka_unit_test(test_then_fire_and_forget_join),
+	    cmocka_unit_test(test_wait_in_callback_edeadlk),
+	    cmocka_unit_test(test_group_wait),
+	    cmocka_unit_test(test_group_wait_in_task),
+	    cmocka_unit_test(test_group_cancel_on_failure),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
