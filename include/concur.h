@@ -47,11 +47,12 @@ typedef void (*concur_done_fn)(concur_future *f, void *arg);
 
 /* concur_exec_opts.flags */
 enum {
-	CONCUR_EXEC_PIN = 1u << 0,    /* pin loop i to online CPU i (mod CPUs) */
-	CONCUR_EXEC_SQPOLL = 1u << 1, /* kernel SQ polling thread per loop (burns a CPU when busy) */
+	CONCUR_EXEC_PIN = 1u << 0, /* pin loop i to online CPU i (mod CPUs) */
+	CONCUR_EXEC_SQPOLL =
+	    1u << 1, /* kernel SQ polling thread per loop (burns a CPU when busy) */
 };
 
-struct concur_exec_opts { /* zeroed = defaults */
+struct concur_exec_opts {      /* zeroed = defaults */
 	unsigned loops;        /* loop threads; 0 = online CPUs; at most 1024 */
 	unsigned ring_entries; /* SQ size per loop; 0 = 256; at most 32768 */
 	size_t stack_size;     /* fiber stack; 0 = 256 KiB; 16 KiB .. 1 GiB, rounded up to pages */
@@ -97,19 +98,19 @@ int concur_exec_loops(const concur_exec *ex);
 
 /* Counters of an executor, summed over its loops (monotonic since concur_exec_new). */
 struct concur_stats {
-	uint64_t tasks_spawned;   /* tasks created by concur_spawn and friends */
-	uint64_t tasks_run;       /* tasks that started running */
-	uint64_t fibers_parked;   /* times a fiber suspended to wait (await, sleep, yield) */
-	uint64_t cqes;            /* CQEs reaped by the loops */
-	uint64_t enters;          /* io_uring_enter calls made by the loops */
-	uint64_t sleeps;          /* of those, the ones that waited for a CQE (loop idle) */
-	uint64_t msg_ring;        /* MSG_RING messages sent between loops */
-	uint64_t doorbells;       /* MSG_RING doorbells rung by threads outside the executor */
-	uint64_t inbox_items;     /* items taken from the loops' inboxes */
-	uint64_t steals;          /* unstarted tasks moved from a busy loop to an idle one */
-	uint64_t futex_wakes;     /* blocked foreign threads woken (by ring or by syscall) */
+	uint64_t tasks_spawned;    /* tasks created by concur_spawn and friends */
+	uint64_t tasks_run;        /* tasks that started running */
+	uint64_t fibers_parked;    /* times a fiber suspended to wait (await, sleep, yield) */
+	uint64_t cqes;             /* CQEs reaped by the loops */
+	uint64_t enters;           /* io_uring_enter calls made by the loops */
+	uint64_t sleeps;           /* of those, the ones that waited for a CQE (loop idle) */
+	uint64_t msg_ring;         /* MSG_RING messages sent between loops */
+	uint64_t doorbells;        /* MSG_RING doorbells rung by threads outside the executor */
+	uint64_t inbox_items;      /* items taken from the loops' inboxes */
+	uint64_t steals;           /* unstarted tasks moved from a busy loop to an idle one */
+	uint64_t futex_wakes;      /* blocked foreign threads woken (by ring or by syscall) */
 	uint64_t futex_ring_wakes; /* of those, wakes sent as IORING_OP_FUTEX_WAKE */
-	uint64_t stacks_mapped;   /* fiber stacks mmap()ed (the pool reuses them) */
+	uint64_t stacks_mapped;    /* fiber stacks mmap()ed (the pool reuses them) */
 };
 
 /*

@@ -27,10 +27,21 @@
 #define CONCUR__UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define CONCUR__CACHELINE   64
 
+static inline void concur__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ volatile("yield" ::: "memory");
+#else
+	__asm__ volatile("" ::: "memory");
+#endif
+}
+
 /* Opcodes newer than liburing 2.3's header; used only where the ring's probe reports them. */
-#define CONCUR__OP_FUTEX_WAKE 52
+#define CONCUR__OP_FUTEX_WAKE   52
 #define CONCUR__FUTEX2_SIZE_U32 0x02
-#define CONCUR__FUTEX2_PRIVATE 128
+#define CONCUR__FUTEX2_PRIVATE  128
 
 struct concur__loop;
 struct concur__task;
@@ -63,7 +74,8 @@ struct concur__future_class {
 enum concur__waiter_kind {
 	CONCUR__WAIT_CALLBACK,    /* run fn(f, arg) */
 	CONCUR__WAIT_AWAIT,       /* resume a fiber (untimed: the node lives in the task) */
-	CONCUR__WAIT_AWAIT_TIMED, /* resume a fiber unless its timer won (struct concur__timed_wait) */
+	CONCUR__WAIT_AWAIT_TIMED, /* resume a fiber unless its timer won (struct concur__timed_wait)
+	                           */
 };
 
 struct concur__waiter {
@@ -93,7 +105,7 @@ struct concur_future {
 };
 
 void concur__future_init(concur_future *f, const struct concur__future_class *cls, concur_exec *ex,
-			 uint32_t refs);
+                         uint32_t refs);
 /*
  * THE completion path. Stores res, makes f FINISHED or CANCELLED (final_state), and wakes every
  * waiter: parked threads (futex, through the ring when on a loop), then callbacks and fibers in
@@ -129,11 +141,11 @@ static inline bool concur__is_done(const concur_future *f)
  * OP: an in-kernel operation; its handler gets the CQE. The others are messages.
  */
 enum concur__tag {
-	CONCUR__TAG_OP = 0,         /* struct concur__op * */
-	CONCUR__TAG_RUN = 1,        /* struct concur__task *: run or resume it on this loop */
-	CONCUR__TAG_HANDOFF = 2,    /* chain of unstarted tasks given by a busy loop (res = count) */
-	CONCUR__TAG_DOORBELL = 3,   /* nothing: wake up and drain the inbox */
-	CONCUR__TAG_RUN_FAILED = 4, /* our MSG_RING carrying a task failed: deliver by inbox */
+	CONCUR__TAG_OP = 0,       /* struct concur__op * */
+	CONCUR__TAG_NODE = 1,     /* struct concur__node *: run, resume or call it on this loop */
+	CONCUR__TAG_HANDOFF = 2,  /* chain of unstarted tasks given by a busy loop (res = count) */
+	CONCUR__TAG_DOORBELL = 3, /* nothing: wake up and drain the inbox */
+	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
 	CONCUR__TAG_RELEASE = 6, /* a futex wake for this future finished: drop its reference */
 	CONCUR__TAG_MASK = 7,
@@ -141,7 +153,7 @@ enum concur__tag {
 
 struct concur__op;
 typedef void (*concur__cqe_fn)(struct concur__loop *loop, struct concur__op *op, int32_t res,
-			       uint32_t cqe_flags);
+                               uint32_t cqe_flags);
 struct concur__op {
 	concur__cqe_fn cqe; /* called on the loop thread for each CQE of the operation */
 };
@@ -166,13 +178,14 @@ struct concur__node {
 /* ---- tasks and fibers (fiber.c) ----------------------------------------------------------- */
 
 struct concur__fiber {
-	void *sp;         /* saved stack pointer while switched out */
-	void *map;        /* the whole mapping, guard page included */
+	void *sp;   /* saved stack pointer while switched out (assembly switch) */
+	void *uctx; /* ucontext_t while switched out (fallback switch only) */
+	void *map;  /* the whole mapping, guard page included */
 	size_t map_size;
+	void *stack_lo; /* lowest usable byte, just above the guard page */
+	size_t stack_size;
 	struct concur__fiber *next_free;
-#if CONCUR__USE_UCONTEXT
-	void *uctx; /* ucontext_t, fallback only */
-#endif
+	void *tsan_fiber; /* ThreadSanitizer's fiber handle (TSan builds only) */
 };
 
 struct concur__task {
@@ -180,11 +193,11 @@ struct concur__task {
 	struct concur__node node;
 	concur_task_fn fn;
 	void *arg;
-	struct concur__fiber *fib;  /* NULL until the task first runs */
-	struct concur__loop *loop;  /* the loop it runs on, once started */
-	int64_t ret;                /* fn's return value, until completed */
-	bool finished;              /* fn returned: the loop completes it */
-	uint8_t wake;               /* why the fiber was resumed (timed waits) */
+	struct concur__fiber *fib;   /* NULL until the task first runs */
+	struct concur__loop *loop;   /* the loop it runs on, once started */
+	int64_t ret;                 /* fn's return value, until completed */
+	bool finished;               /* fn returned: the loop completes it */
+	uint8_t wake;                /* why the fiber was resumed (timed waits) */
 	struct concur__waiter await; /* untimed await on one future at a time */
 	struct concur__op sleep_op;  /* concur_sleep's timeout */
 	struct __kernel_timespec ts;
@@ -222,7 +235,7 @@ void concur__task_release(struct concur__task *t);
 
 struct concur__loop_stats {
 	_Atomic uint64_t tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring, inbox_items,
-		steals, futex_wakes, futex_ring_wakes, stacks_mapped;
+	    steals, futex_wakes, futex_ring_wakes, stacks_mapped;
 };
 
 struct concur__loop {
@@ -230,12 +243,18 @@ struct concur__loop {
 	struct io_uring ring;
 	concur_exec *ex;
 	unsigned idx;
-	int ring_fd;   /* the real fd, for MSG_RING senders */
-	void *sched_sp; /* the loop's own context while a fiber runs */
-	struct concur__node *fresh_head, *fresh_tail; /* unstarted tasks: local spawns at the front */
+	int ring_fd;               /* the real fd, for MSG_RING senders */
+	void *sched_sp;            /* the loop's own context while a fiber runs (assembly switch) */
+	void *sched_uctx;          /* the same for the ucontext fallback */
+	void *tsan_fiber;          /* the loop thread's own fiber handle (TSan builds only) */
+	const void *asan_stack_lo; /* the loop thread's stack, for ASan's fiber annotations */
+	size_t asan_stack_size;
+	_Atomic uint32_t started; /* futex word: 1 once the ring is set up (or setup failed) */
+	struct concur__node *fresh_head,
+	    *fresh_tail; /* unstarted tasks: local spawns at the front */
 	size_t nfresh;
 	struct concur__node *ready_head, *ready_tail; /* resumed fibers, FIFO */
-	unsigned inflight; /* our SQEs whose CQE is still to come */
+	unsigned inflight;                            /* our SQEs whose CQE is still to come */
 	struct concur__fiber *stack_pool;
 	unsigned stack_pool_len;
 	pthread_t thread;
@@ -251,7 +270,7 @@ static inline void concur__stat_inc(_Atomic uint64_t *c, uint64_t n)
 {
 	/* single writer: a plain load+store is enough, readers only need untorn values */
 	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n,
-			      memory_order_relaxed);
+	                      memory_order_relaxed);
 }
 
 /* Get an SQE on the current loop's ring (submitting to make room if it is full). Loop only. */

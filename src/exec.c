@@ -1,0 +1,319 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The executor: its loops, spawning, join and shutdown.
+ *
+ * Join counts work: every task (and every I/O op, see io.c) calls concur__work_begin() when
+ * created and concur__work_end() after its completion -- callbacks included -- is over. Join
+ * waits for the count to reach zero, on a futex word bumped when it does.
+ */
+#include "internal.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- live executors, so futures can tell whether theirs is gone ---------------------------- */
+
+static pthread_mutex_t concur__registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+	const concur_exec *ex;
+	uint64_t id;
+} * concur__registry;
+static size_t concur__registry_len, concur__registry_cap;
+static uint64_t concur__next_id = 1;
+
+static int concur__registry_add(concur_exec *ex)
+{
+	int r = 0;
+	pthread_mutex_lock(&concur__registry_lock);
+	if (concur__registry_len == concur__registry_cap) {
+		size_t cap = concur__registry_cap ? concur__registry_cap * 2 : 8;
+		void *p = realloc(concur__registry, cap * sizeof(*concur__registry));
+		if (!p) {
+			r = -ENOMEM;
+			goto out;
+		}
+		concur__registry = p;
+		concur__registry_cap = cap;
+	}
+	ex->id = concur__next_id++;
+	concur__registry[concur__registry_len].ex = ex;
+	concur__registry[concur__registry_len].id = ex->id;
+	concur__registry_len++;
+out:
+	pthread_mutex_unlock(&concur__registry_lock);
+	return r;
+}
+
+static void concur__registry_remove(concur_exec *ex)
+{
+	pthread_mutex_lock(&concur__registry_lock);
+	for (size_t i = 0; i < concur__registry_len; i++) {
+		if (concur__registry[i].ex == ex && concur__registry[i].id == ex->id) {
+			concur__registry[i] = concur__registry[--concur__registry_len];
+			break;
+		}
+	}
+	if (!concur__registry_len) {
+		free(concur__registry);
+		concur__registry = NULL;
+		concur__registry_cap = 0;
+	}
+	pthread_mutex_unlock(&concur__registry_lock);
+}
+
+bool concur__exec_alive(const concur_exec *ex, uint64_t id)
+{
+	bool alive = false;
+	pthread_mutex_lock(&concur__registry_lock);
+	for (size_t i = 0; i < concur__registry_len && !alive; i++)
+		alive = concur__registry[i].ex == ex && concur__registry[i].id == id;
+	pthread_mutex_unlock(&concur__registry_lock);
+	return alive;
+}
+
+/* ---- work accounting ----------------------------------------------------------------------- */
+
+void concur__work_begin(concur_exec *ex)
+{
+	atomic_fetch_add_explicit(&ex->outstanding, 1, memory_order_seq_cst);
+}
+
+void concur__work_end(concur_exec *ex)
+{
+	if (atomic_fetch_sub_explicit(&ex->outstanding, 1, memory_order_seq_cst) == 1 &&
+	    atomic_load_explicit(&ex->joiners, memory_order_seq_cst)) {
+		atomic_fetch_add_explicit(&ex->join_seq, 1, memory_order_seq_cst);
+		concur__futex_wake(&ex->join_seq, INT_MAX);
+	}
+}
+
+/* ---- executor lifecycle -------------------------------------------------------------------- */
+
+static void concur__exec_destroy(concur_exec *ex)
+{
+	for (unsigned i = 0; i < ex->nloops; i++)
+		free(ex->loops[i]);
+	free(ex->loops);
+	ex->magic = 0;
+	free(ex);
+}
+
+static void concur__stop_loops(concur_exec *ex, unsigned n)
+{
+	atomic_store_explicit(&ex->stopping, true, memory_order_seq_cst);
+	for (unsigned i = 0; i < n; i++)
+		concur__loop_stop(ex->loops[i]);
+}
+
+int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
+{
+	if (!out)
+		return -EINVAL;
+	*out = NULL;
+	struct concur_exec_opts o = {0};
+	if (opts)
+		o = *opts;
+	if (o.loops > 1024 || o.ring_entries > 32768 ||
+	    (o.stack_size && (o.stack_size < 16384 || o.stack_size > ((size_t)1 << 30))) ||
+	    (o.flags & ~(unsigned)(CONCUR_EXEC_PIN | CONCUR_EXEC_SQPOLL)))
+		return -EINVAL;
+	if (!o.loops) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		o.loops = n > 0 ? (unsigned)(n > 1024 ? 1024 : n) : 1;
+	}
+	if (!o.ring_entries)
+		o.ring_entries = 256;
+	if (!o.stack_size)
+		o.stack_size = 256 * 1024;
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	o.stack_size = (o.stack_size + page - 1) & ~(page - 1);
+
+	concur_exec *ex = aligned_alloc(CONCUR__CACHELINE, sizeof(*ex));
+	if (!ex)
+		return -ENOMEM;
+	memset(ex, 0, sizeof(*ex));
+	ex->magic = CONCUR__EXEC_MAGIC;
+	ex->opts = o;
+	ex->nloops = o.loops;
+	ex->loops = calloc(o.loops, sizeof(*ex->loops));
+	if (!ex->loops) {
+		free(ex);
+		return -ENOMEM;
+	}
+	for (unsigned i = 0; i < o.loops; i++) {
+		struct concur__loop *loop = aligned_alloc(CONCUR__CACHELINE, sizeof(*loop));
+		if (!loop) {
+			concur__exec_destroy(ex);
+			return -ENOMEM;
+		}
+		memset(loop, 0, sizeof(*loop));
+		loop->ex = ex;
+		loop->idx = i;
+		ex->loops[i] = loop;
+	}
+	int r = concur__registry_add(ex);
+	if (r) {
+		concur__exec_destroy(ex);
+		return r;
+	}
+	for (unsigned i = 0; i < o.loops; i++) {
+		r = concur__loop_start(ex->loops[i]);
+		if (r) {
+			concur__stop_loops(ex, i);
+			concur__registry_remove(ex);
+			concur__exec_destroy(ex);
+			return r;
+		}
+	}
+	*out = ex;
+	return 0;
+}
+
+int concur_exec_join(concur_exec *ex, int64_t timeout_ns)
+{
+	if (!concur__exec_valid(ex))
+		return -EINVAL;
+	if (concur__tl_loop)
+		return -EDEADLK; /* joining from a loop thread would stop that loop's own work */
+	struct timespec abs;
+	if (timeout_ns > 0)
+		concur__deadline(&abs, timeout_ns);
+	int r = 0;
+	atomic_fetch_add_explicit(&ex->joiners, 1, memory_order_seq_cst);
+	for (;;) {
+		/* read the word before the count: a wake after the read changes the word */
+		uint32_t seq = atomic_load_explicit(&ex->join_seq, memory_order_seq_cst);
+		if (atomic_load_explicit(&ex->outstanding, memory_order_seq_cst) == 0)
+			break;
+		if (timeout_ns == 0 ||
+		    concur__futex_wait(&ex->join_seq, seq, timeout_ns > 0 ? &abs : NULL) ==
+		        -ETIMEDOUT) {
+			r = atomic_load(&ex->outstanding) == 0 ? 0 : -ETIMEDOUT;
+			break;
+		}
+	}
+	atomic_fetch_sub_explicit(&ex->joiners, 1, memory_order_seq_cst);
+	return r;
+}
+
+void concur_exec_shutdown(concur_exec *ex, bool cancel_pending)
+{
+	if (!concur__exec_valid(ex))
+		return;
+	if (cancel_pending)
+		atomic_store_explicit(&ex->cancel_pending, true, memory_order_seq_cst);
+	atomic_store_explicit(&ex->shutdown, true, memory_order_seq_cst);
+}
+
+void concur_exec_free(concur_exec *ex)
+{
+	if (!concur__exec_valid(ex) || concur__tl_loop)
+		return;
+	concur_exec_shutdown(ex, false);
+	concur_exec_join(ex, -1);
+	concur__stop_loops(ex, ex->nloops);
+	concur__registry_remove(ex);
+	concur__exec_destroy(ex);
+}
+
+int concur_exec_loops(const concur_exec *ex)
+{
+	return concur__exec_valid(ex) ? (int)ex->nloops : -EINVAL;
+}
+
+unsigned concur_exec_ring_flags(const concur_exec *ex)
+{
+	return concur__exec_valid(ex) ? ex->ring_flags : 0;
+}
+
+bool concur__op_supported(const concur_exec *ex, unsigned opcode)
+{
+	return opcode < 256 && ex->op_supported[opcode];
+}
+
+concur_exec *concur_current_exec(void)
+{
+	return concur__tl_loop ? concur__tl_loop->ex : NULL;
+}
+
+int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
+{
+	if (!concur__exec_valid(ex) || !out)
+		return -EINVAL;
+	memset(out, 0, sizeof(*out));
+	out->tasks_spawned = atomic_load_explicit(&ex->tasks_spawned, memory_order_relaxed);
+	out->doorbells = atomic_load_explicit(&ex->doorbells, memory_order_relaxed);
+	for (unsigned i = 0; i < ex->nloops; i++) {
+		const struct concur__loop_stats *s = &ex->loops[i]->st;
+#define CONCUR__SUM(field) out->field += atomic_load_explicit(&s->field, memory_order_relaxed)
+		CONCUR__SUM(tasks_run);
+		CONCUR__SUM(fibers_parked);
+		CONCUR__SUM(cqes);
+		CONCUR__SUM(enters);
+		CONCUR__SUM(sleeps);
+		CONCUR__SUM(msg_ring);
+		CONCUR__SUM(inbox_items);
+		CONCUR__SUM(steals);
+		CONCUR__SUM(futex_wakes);
+		CONCUR__SUM(futex_ring_wakes);
+		CONCUR__SUM(stacks_mapped);
+#undef CONCUR__SUM
+	}
+	return 0;
+}
+
+/* ---- spawning ------------------------------------------------------------------------------- */
+
+static void concur__task_destroy(concur_future *f)
+{
+	free(f);
+}
+
+static const struct concur__future_class concur__task_class = {
+    .name = "task",
+    .cancel_running = NULL, /* a running task cannot be stopped from outside */
+    .destroy = concur__task_destroy,
+};
+
+struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
+{
+	unsigned i = atomic_fetch_add_explicit(&ex->rr, 1, memory_order_relaxed);
+	return ex->loops[i % ex->nloops];
+}
+
+concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	if (!concur__exec_valid(ex))
+		return concur__failed_future(NULL, -EINVAL);
+	if (!fn)
+		return concur__failed_future(ex, -EINVAL);
+	/* count the work before checking the flag: a join racing a shutdown sees one or the
+	 * other, never neither */
+	concur__work_begin(ex);
+	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
+		concur__work_end(ex);
+		return concur__failed_future(ex, -ESHUTDOWN);
+	}
+	struct concur__task *t = malloc(sizeof(*t));
+	if (!t) {
+		concur__work_end(ex);
+		return concur__failed_future(ex, -ENOMEM);
+	}
+	concur__future_init(&t->f, &concur__task_class, ex, 2); /* the caller's and ours */
+	t->node.kind = CONCUR__NODE_RUN;
+	t->fn = fn;
+	t->arg = arg;
+	t->fib = NULL;
+	t->loop = NULL;
+	t->finished = false;
+	atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
+
+	struct concur__loop *me = concur__tl_loop;
+	if (me && me->ex == ex)
+		concur__loop_push_fresh(me, t, true); /* local, depth first */
+	else
+		concur__loop_post(concur__exec_pick_loop(ex), &t->node);
+	return &t->f;
+}

@@ -1,0 +1,279 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Fibers: pooled stacks, the context switch, and suspend/resume.
+ *
+ * A task has no stack while queued. When its loop first runs it, the task takes a stack from
+ * the loop's pool (mmap()ed with a guard page below it, so an overflow faults instead of
+ * corrupting a neighbour; pages are touched lazily), and gives it back when it returns. Fibers
+ * only ever switch with their loop's own context, never with each other, so a suspended task is
+ * just a saved stack pointer until something calls concur__resume().
+ *
+ * The switch is assembly (fiber_x86_64.S, fiber_aarch64.S); ucontext is a slow fallback for
+ * other CPUs (swapcontext makes a sigprocmask syscall per switch). ASan and TSan builds annotate
+ * every switch so the sanitizers follow the stacks.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if CONCUR__USE_UCONTEXT
+#include <ucontext.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CONCUR__ASAN 1
+#include <sanitizer/common_interface_defs.h>
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define CONCUR__TSAN 1
+#include <sanitizer/tsan_interface.h>
+#endif
+
+__thread struct concur__loop *concur__tl_loop;
+__thread struct concur__task *concur__tl_task;
+
+#define CONCUR__POOL_MAX 256 /* stacks kept per loop; more are unmapped when returned */
+
+void concur__ctx_switch(void **save_sp, void *load_sp);
+void concur__ctx_start(void);
+
+static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn));
+
+/* ---- the switch, with the sanitizers' annotations ----------------------------------------- */
+
+static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
+{
+#ifdef CONCUR__ASAN
+	void *fake = NULL;
+	__sanitizer_start_switch_fiber(&fake, fib->stack_lo, fib->stack_size);
+#endif
+#ifdef CONCUR__TSAN
+	__tsan_switch_to_fiber(fib->tsan_fiber, 0);
+#endif
+#if CONCUR__USE_UCONTEXT
+	swapcontext(loop->sched_uctx, fib->uctx);
+#else
+	concur__ctx_switch(&loop->sched_sp, fib->sp);
+#endif
+#ifdef CONCUR__ASAN
+	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
+#endif
+}
+
+/* final: the fiber will never run again (its fake stack can go). */
+static inline void concur__switch_out(struct concur__loop *loop, struct concur__fiber *fib,
+                                      bool final)
+{
+#ifdef CONCUR__ASAN
+	void *fake = NULL;
+	__sanitizer_start_switch_fiber(final ? NULL : &fake, loop->asan_stack_lo,
+	                               loop->asan_stack_size);
+#endif
+#ifdef CONCUR__TSAN
+	__tsan_switch_to_fiber(loop->tsan_fiber, 0);
+#endif
+#if CONCUR__USE_UCONTEXT
+	swapcontext(fib->uctx, loop->sched_uctx);
+#else
+	concur__ctx_switch(&fib->sp, loop->sched_sp);
+#endif
+#ifdef CONCUR__ASAN
+	__sanitizer_finish_switch_fiber(fake, &loop->asan_stack_lo, &loop->asan_stack_size);
+#endif
+	(void) final;
+}
+
+/* ---- stacks --------------------------------------------------------------------------------- */
+
+struct concur__fiber *concur__fiber_get(struct concur__loop *loop)
+{
+	struct concur__fiber *fib = loop->stack_pool;
+	if (fib) {
+		loop->stack_pool = fib->next_free;
+		loop->stack_pool_len--;
+		return fib;
+	}
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	size_t map_size = loop->ex->opts.stack_size + page;
+	void *map = mmap(NULL, map_size, PROT_READ | PROT_WRITE,
+	                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+	if (map == MAP_FAILED)
+		return NULL;
+	if (mprotect(map, page, PROT_NONE) != 0) { /* the guard page */
+		munmap(map, map_size);
+		return NULL;
+	}
+	/* the fiber's record (and ucontext) live at the top of its own stack mapping */
+	size_t head = sizeof(struct concur__fiber);
+#if CONCUR__USE_UCONTEXT
+	head += sizeof(ucontext_t);
+#endif
+	head = (head + 63) & ~(size_t)63;
+	char *top = (char *)map + map_size - head;
+	fib = (struct concur__fiber *)top;
+	memset(fib, 0, sizeof(*fib));
+	fib->map = map;
+	fib->map_size = map_size;
+	fib->stack_lo = (char *)map + page;
+	fib->stack_size = (size_t)(top - (char *)fib->stack_lo);
+#if CONCUR__USE_UCONTEXT
+	fib->uctx = top + sizeof(struct concur__fiber);
+#endif
+#ifdef CONCUR__TSAN
+	fib->tsan_fiber = __tsan_create_fiber(0);
+#endif
+	concur__stat_inc(&loop->st.stacks_mapped, 1);
+	return fib;
+}
+
+static void concur__fiber_unmap(struct concur__fiber *fib)
+{
+#ifdef CONCUR__TSAN
+	__tsan_destroy_fiber(fib->tsan_fiber);
+#endif
+	munmap(fib->map, fib->map_size);
+}
+
+void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
+{
+	if (loop->stack_pool_len >= CONCUR__POOL_MAX) {
+		concur__fiber_unmap(fib);
+		return;
+	}
+	fib->next_free = loop->stack_pool;
+	loop->stack_pool = fib;
+	loop->stack_pool_len++;
+}
+
+void concur__fiber_pool_free(struct concur__loop *loop)
+{
+	while (loop->stack_pool) {
+		struct concur__fiber *fib = loop->stack_pool;
+		loop->stack_pool = fib->next_free;
+		concur__fiber_unmap(fib);
+	}
+	loop->stack_pool_len = 0;
+#if CONCUR__USE_UCONTEXT
+	free(loop->sched_uctx);
+	loop->sched_uctx = NULL;
+#endif
+}
+
+/* ---- running and suspending ----------------------------------------------------------------- */
+
+#if CONCUR__USE_UCONTEXT
+static void concur__uctx_entry(unsigned hi, unsigned lo)
+{
+	concur__fiber_main((struct concur__task *)(((uintptr_t)hi << 32) | lo));
+}
+#endif
+
+void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
+{
+#if CONCUR__USE_UCONTEXT
+	ucontext_t *uc = fib->uctx;
+	getcontext(uc);
+	uc->uc_stack.ss_sp = fib->stack_lo;
+	uc->uc_stack.ss_size = fib->stack_size;
+	uc->uc_link = NULL;
+	uintptr_t p = (uintptr_t)t;
+	makecontext(uc, (void (*)(void))concur__uctx_entry, 2, (unsigned)(p >> 32), (unsigned)p);
+#else
+	uintptr_t top = ((uintptr_t)fib->stack_lo + fib->stack_size) & ~(uintptr_t)15;
+#if defined(__x86_64__)
+	/* popped by concur__ctx_switch: r15 r14 r13 r12 rbx rbp, then the jump target */
+	uintptr_t *sp = (uintptr_t *)(top - 72);
+	memset(sp, 0, 72);
+	sp[2] = (uintptr_t)concur__fiber_main; /* r13 */
+	sp[3] = (uintptr_t)t;                  /* r12 */
+	sp[6] = (uintptr_t)concur__ctx_start;
+#elif defined(__aarch64__)
+	/* x19..x30 at 0..95, d8..d15 at 96..159 */
+	uintptr_t *sp = (uintptr_t *)(top - 176);
+	memset(sp, 0, 176);
+	sp[0] = (uintptr_t)t;                  /* x19 */
+	sp[1] = (uintptr_t)concur__fiber_main; /* x20 */
+	sp[11] = (uintptr_t)concur__ctx_start; /* x30 */
+#else
+#error "no assembly context switch for this CPU: build with CONCUR_UCONTEXT"
+#endif
+	fib->sp = sp;
+#endif
+}
+
+static void concur__fiber_main(struct concur__task *t)
+{
+	struct concur__loop *loop = t->loop;
+#ifdef CONCUR__ASAN
+	__sanitizer_finish_switch_fiber(NULL, &loop->asan_stack_lo, &loop->asan_stack_size);
+#endif
+	t->ret = t->fn(t->arg);
+	t->finished = true;
+	concur__switch_out(loop, t->fib, true);
+	__builtin_unreachable();
+}
+
+void concur__fiber_run(struct concur__loop *loop, struct concur__task *t)
+{
+#if CONCUR__USE_UCONTEXT
+	if (!loop->sched_uctx) {
+		loop->sched_uctx = malloc(sizeof(ucontext_t));
+		if (!loop->sched_uctx)
+			abort(); /* cannot happen after the first task: allocated once per loop */
+	}
+#endif
+#ifdef CONCUR__TSAN
+	if (!loop->tsan_fiber)
+		loop->tsan_fiber = __tsan_get_current_fiber();
+#endif
+	concur__tl_task = t;
+	concur__switch_in(loop, t->fib);
+	concur__tl_task = NULL;
+}
+
+void concur__suspend(void)
+{
+	struct concur__task *t = concur__tl_task;
+	concur__stat_inc(&t->loop->st.fibers_parked, 1);
+	concur__switch_out(t->loop, t->fib, false);
+}
+
+void concur__resume(struct concur__task *t)
+{
+	struct concur__loop *loop = t->loop;
+	if (concur__tl_loop == loop)
+		concur__loop_push_ready(loop, t);
+	else
+		concur__loop_post(loop, &t->node);
+}
+
+bool concur_in_task(void)
+{
+	return concur__tl_task != NULL;
+}
+
+void concur_yield(void)
+{
+	struct concur__task *t = concur__tl_task;
+	if (!t)
+		return;
+	concur__loop_push_ready(t->loop, t);
+	concur__suspend();
+}
+
+int64_t concur__await_timed(struct concur__task *t, concur_future *f, int64_t timeout_ns);
+
+int64_t concur__await(concur_future *f, int64_t timeout_ns)
+{
+	struct concur__task *t = concur__tl_task;
+	if (timeout_ns >= 0)
+		return concur__await_timed(t, f, timeout_ns);
+	t->await.kind = CONCUR__WAIT_AWAIT;
+	t->await.task = t;
+	if (concur__waiter_push(f, &t->await))
+		concur__suspend();
+	return concur__future_value(f);
+}

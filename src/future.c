@@ -1,0 +1,393 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Futures: the state word, the waiter list, and concur__complete(), the one function every
+ * completion goes through.
+ *
+ * A future's waiters are of three kinds, all on one list:
+ *   - threads outside the executor park on the state word itself (a futex) after setting
+ *     CONCUR__PARKED, so a blocked thread costs no node and no allocation;
+ *   - callbacks and awaiting fibers are nodes pushed on a lock-free LIFO list. Completing swaps
+ *     the list for CONCUR__WAITERS_CLOSED (later pushes fail and run at once), reverses it to
+ *     registration order and wakes each node. No lock is held while a callback runs.
+ */
+#include "internal.h"
+
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- time and futex helpers --------------------------------------------------------------- */
+
+int64_t concur__now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void concur__deadline(struct timespec *abs, int64_t timeout_ns)
+{
+	int64_t t = concur__now_ns() + timeout_ns;
+	abs->tv_sec = t / 1000000000;
+	abs->tv_nsec = t % 1000000000;
+}
+
+/* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */
+int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono)
+{
+	long r = syscall(SYS_futex, word, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, val, abs_mono,
+	                 NULL, FUTEX_BITSET_MATCH_ANY);
+	return r < 0 ? -errno : 0;
+}
+
+void concur__futex_wake(_Atomic uint32_t *word, int n)
+{
+	syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
+}
+
+/* ---- errors -------------------------------------------------------------------------------- */
+
+static __thread char concur__errbuf[256];
+
+void concur__set_error(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(concur__errbuf, sizeof(concur__errbuf), fmt, ap);
+	va_end(ap);
+}
+
+const char *concur_last_error(void)
+{
+	return concur__errbuf;
+}
+
+const char *concur_strerror(int64_t err)
+{
+	if (err >= 0)
+		return "Success";
+	if (err < -4095)
+		return "Unknown error";
+	const char *s = strerrordesc_np((int)-err);
+	return s ? s : "Unknown error";
+}
+
+/* ---- lifecycle ----------------------------------------------------------------------------- */
+
+void concur__future_init(concur_future *f, const struct concur__future_class *cls, concur_exec *ex,
+                         uint32_t refs)
+{
+	atomic_init(&f->state, CONCUR__PENDING);
+	f->magic = CONCUR__FUTURE_MAGIC;
+	atomic_init(&f->refs, refs);
+	f->flags = 0;
+	f->res = 0;
+	atomic_init(&f->waiters, NULL);
+	f->cls = cls;
+	f->ex = ex;
+	f->ex_id = ex ? ex->id : 0;
+}
+
+concur_future *concur_retain(concur_future *f)
+{
+	if (!concur__valid(f))
+		return NULL;
+	atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
+	return f;
+}
+
+/* Free waiter nodes of a future that dies without completing (a promise never set). */
+static void concur__drop_waiters(concur_future *f)
+{
+	struct concur__waiter *w = atomic_load_explicit(&f->waiters, memory_order_acquire);
+	while (w && w != CONCUR__WAITERS_CLOSED) {
+		struct concur__waiter *next = w->next;
+		if (w->kind == CONCUR__WAIT_CALLBACK)
+			free(w);
+		/* AWAIT nodes belong to a task that holds a reference, so cannot be here;
+		 * timed ones are owned by their timer (timer.c) */
+		w = next;
+	}
+}
+
+void concur_release(concur_future *f)
+{
+	if (!concur__valid(f))
+		return;
+	if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
+		return;
+	concur__drop_waiters(f);
+	f->magic = CONCUR__FUTURE_DEAD;
+	f->cls->destroy(f);
+}
+
+/* ---- waiters ------------------------------------------------------------------------------- */
+
+bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
+{
+	struct concur__waiter *old = atomic_load_explicit(&f->waiters, memory_order_acquire);
+	do {
+		if (old == CONCUR__WAITERS_CLOSED)
+			return false;
+		w->next = old;
+	} while (!atomic_compare_exchange_weak_explicit(&f->waiters, &old, w, memory_order_acq_rel,
+	                                                memory_order_acquire));
+	return true;
+}
+
+void concur__timed_wait_fire(struct concur__waiter *w, bool by_completion); /* timer.c */
+
+/* Wake a thread parked on f's state word: through the ring when we are on a loop, so the wake
+ * rides its next submit; else with the syscall. */
+static void concur__wake_parked(concur_future *f)
+{
+	struct concur__loop *loop = concur__tl_loop;
+	if (loop && loop->ex->has_futex_wake) {
+		struct io_uring_sqe *sqe = concur__sqe(loop);
+		io_uring_prep_rw(CONCUR__OP_FUTEX_WAKE, sqe,
+		                 CONCUR__FUTEX2_SIZE_U32 | CONCUR__FUTEX2_PRIVATE, &f->state, 0,
+		                 INT_MAX);
+		sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
+		concur_retain(f); /* the SQE reads the word when submitted: keep f until the CQE */
+		io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
+		loop->inflight++;
+		concur__stat_inc(&loop->st.futex_ring_wakes, 1);
+		concur__stat_inc(&loop->st.futex_wakes, 1);
+		return;
+	}
+	concur__futex_wake(&f->state, INT_MAX);
+	if (loop)
+		concur__stat_inc(&loop->st.futex_wakes, 1);
+}
+
+void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+{
+	f->res = res;
+	uint32_t old = atomic_exchange_explicit(&f->state, final_state, memory_order_acq_rel);
+	if (old & CONCUR__PARKED)
+		concur__wake_parked(f);
+
+	struct concur__waiter *w =
+	    atomic_exchange_explicit(&f->waiters, CONCUR__WAITERS_CLOSED, memory_order_acq_rel);
+	/* the list is newest first: reverse it into registration order */
+	struct concur__waiter *ordered = NULL;
+	while (w) {
+		struct concur__waiter *next = w->next;
+		w->next = ordered;
+		ordered = w;
+		w = next;
+	}
+	while (ordered) {
+		/* read next first: waking a node may let its owner reuse or free it */
+		struct concur__waiter *next = ordered->next;
+		switch (ordered->kind) {
+		case CONCUR__WAIT_CALLBACK: {
+			concur_done_fn fn = ordered->cb.fn;
+			void *arg = ordered->cb.arg;
+			free(ordered);
+			fn(f, arg);
+			break;
+		}
+		case CONCUR__WAIT_AWAIT:
+			concur__resume(ordered->task);
+			break;
+		case CONCUR__WAIT_AWAIT_TIMED:
+			concur__timed_wait_fire(ordered, true);
+			break;
+		}
+		ordered = next;
+	}
+}
+
+bool concur__future_claim(concur_future *f)
+{
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
+	for (;;) {
+		if ((s & CONCUR__STATE_MASK) != CONCUR__PENDING)
+			return false;
+		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
+		                                          memory_order_relaxed))
+			return true;
+	}
+}
+
+int64_t concur__future_value(const concur_future *f)
+{
+	return concur__state(f) == CONCUR__CANCELLED ? -ECANCELED : f->res;
+}
+
+/* ---- promises and failed futures ----------------------------------------------------------- */
+
+static void concur__heap_destroy(concur_future *f)
+{
+	free(f);
+}
+
+static const struct concur__future_class concur__promise_class = {
+    .name = "promise",
+    .cancel_running = NULL,
+    .destroy = concur__heap_destroy,
+};
+
+concur_future *concur_promise_new(concur_exec *ex)
+{
+	if (ex && !concur__exec_valid(ex))
+		return NULL;
+	concur_future *f = malloc(sizeof(*f));
+	if (!f)
+		return NULL;
+	concur__future_init(f, &concur__promise_class, ex, 1);
+	return f;
+}
+
+int concur_promise_set(concur_future *f, int64_t res)
+{
+	if (!concur__valid(f) || f->cls != &concur__promise_class)
+		return -EINVAL;
+	bool cancel = res == -ECANCELED;
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
+	for (;;) {
+		if ((s & CONCUR__STATE_MASK) != CONCUR__PENDING)
+			return -EALREADY;
+		/* RUNNING marks "being completed" so a concurrent set or cancel loses */
+		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
+		                                          memory_order_relaxed))
+			break;
+	}
+	concur__complete(f, res, cancel ? CONCUR__CANCELLED : CONCUR__FINISHED);
+	return 0;
+}
+
+/* When even a failed future cannot be allocated, spawn returns this one: never freed. */
+static concur_future concur__enomem_future = {
+    .state = CONCUR__FINISHED,
+    .magic = CONCUR__FUTURE_MAGIC,
+    .refs = 1u << 30,
+    .res = -ENOMEM,
+    .waiters = CONCUR__WAITERS_CLOSED,
+    .cls = &concur__promise_class,
+};
+
+concur_future *concur__failed_future(concur_exec *ex, int64_t err)
+{
+	concur_future *f = concur_promise_new(concur__exec_valid(ex) ? ex : NULL);
+	if (!f) {
+		atomic_fetch_add(&concur__enomem_future.refs, 1);
+		return &concur__enomem_future;
+	}
+	concur_promise_set(f, err);
+	return f;
+}
+
+/* ---- the public calls ---------------------------------------------------------------------- */
+
+bool concur_done(const concur_future *f)
+{
+	return concur__valid(f) && concur__is_done(f);
+}
+
+bool concur_cancelled(const concur_future *f)
+{
+	return concur__valid(f) && concur__state(f) == CONCUR__CANCELLED;
+}
+
+bool concur_running(const concur_future *f)
+{
+	return concur__valid(f) && concur__state(f) == CONCUR__RUNNING;
+}
+
+concur_exec *concur_future_exec(const concur_future *f)
+{
+	if (!concur__valid(f) || !f->ex)
+		return NULL;
+	return concur__exec_alive(f->ex, f->ex_id) ? f->ex : NULL;
+}
+
+int concur_cancel(concur_future *f)
+{
+	if (!concur__valid(f))
+		return -EINVAL;
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
+	for (;;) {
+		switch (s & CONCUR__STATE_MASK) {
+		case CONCUR__CANCELLED:
+			return 1;
+		case CONCUR__FINISHED:
+			return 0;
+		case CONCUR__RUNNING:
+			return f->cls->cancel_running ? f->cls->cancel_running(f) : 0;
+		}
+		uint32_t want = CONCUR__CANCELLED | (s & CONCUR__PARKED);
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
+		                                          memory_order_acquire))
+			break;
+	}
+	concur__complete(f, -ECANCELED, CONCUR__CANCELLED);
+	return 1;
+}
+
+int concur_on_done(concur_future *f, concur_done_fn fn, void *arg)
+{
+	if (!concur__valid(f) || !fn)
+		return -EINVAL;
+	struct concur__waiter *w = malloc(sizeof(*w));
+	if (!w)
+		return -ENOMEM;
+	w->kind = CONCUR__WAIT_CALLBACK;
+	w->cb.fn = fn;
+	w->cb.arg = arg;
+	if (!concur__waiter_push(f, w)) {
+		free(w);
+		fn(f, arg);
+	}
+	return 0;
+}
+
+/* A thread outside the executor: spin briefly (a wake-up costs tens of µs here), then park. */
+static int64_t concur__block(concur_future *f, int64_t timeout_ns)
+{
+	for (int i = 0; i < 2000; i++) {
+		if (concur__is_done(f))
+			return concur__future_value(f);
+		concur__cpu_relax();
+	}
+	struct timespec abs;
+	if (timeout_ns > 0)
+		concur__deadline(&abs, timeout_ns);
+	for (;;) {
+		uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
+		if ((s & CONCUR__STATE_MASK) >= CONCUR__FINISHED)
+			return concur__future_value(f);
+		if (!(s & CONCUR__PARKED) && !atomic_compare_exchange_strong_explicit(
+		                                 &f->state, &s, s | CONCUR__PARKED,
+		                                 memory_order_acq_rel, memory_order_acquire))
+			continue;
+		int r =
+		    concur__futex_wait(&f->state, s | CONCUR__PARKED, timeout_ns > 0 ? &abs : NULL);
+		if (r == -ETIMEDOUT)
+			return concur__is_done(f) ? concur__future_value(f) : -ETIMEDOUT;
+	}
+}
+
+int64_t concur_result(concur_future *f, int64_t timeout_ns)
+{
+	if (!concur__valid(f))
+		return -EINVAL;
+	if (concur__is_done(f))
+		return concur__future_value(f);
+	if (timeout_ns == 0)
+		return -ETIMEDOUT;
+	if (concur__tl_task)
+		return concur__await(f, timeout_ns);
+	if (concur__tl_loop)
+		return -EDEADLK; /* a callback on a loop thread: blocking would stop the loop */
+	return concur__block(f, timeout_ns);
+}

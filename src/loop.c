@@ -1,0 +1,560 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A loop: one thread, one io_uring. It goes round a circle:
+ *
+ *   1. run the fibers on its run queues, with a budget so I/O is never starved;
+ *   2. take what other threads left in its inbox, and hand spare unstarted tasks to idle loops;
+ *   3. submit and reap in one io_uring_enter -- sleeping in it when there is nothing to run
+ *      (concur__loop_sleep, the only place a loop ever sleeps);
+ *   4. hand each CQE to its owner (an op's handler, which calls concur__complete(), or a
+ *      message: a task to run, a chain of tasks, a future to release).
+ *
+ * Crossing threads: a loop reaches another loop with IORING_OP_MSG_RING: the message is a CQE
+ * in the target's ring and the SQE rides the sender's next submit. A thread outside the executor
+ * pushes onto the loop's inbox (a lock-free LIFO, reversed when drained) and rings the loop only
+ * if it is asleep, with a MSG_RING from a small ring of its own.
+ */
+#include "internal.h"
+
+#include <limits.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CONCUR__RUN_BUDGET 64 /* runnables per turn before looking at I/O again */
+#define CONCUR__REAP_BATCH 64
+
+static void concur__ignore_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                               uint32_t cqe_flags)
+{
+}
+
+struct concur__op concur__ignore_op = {.cqe = concur__ignore_cqe};
+
+struct io_uring_sqe *concur__sqe(struct concur__loop *loop)
+{
+	struct io_uring_sqe *sqe;
+	while (!(sqe = io_uring_get_sqe(&loop->ring))) {
+		io_uring_submit(&loop->ring); /* SQ full: make room */
+		concur__stat_inc(&loop->st.enters, 1);
+	}
+	return sqe;
+}
+
+/* ---- run queues (loop thread only) ---------------------------------------------------------- */
+
+void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
+{
+	struct concur__node *n = &t->node;
+	n->next = NULL;
+	if (loop->ready_tail)
+		loop->ready_tail->next = n;
+	else
+		loop->ready_head = n;
+	loop->ready_tail = n;
+}
+
+/* Unstarted tasks: a deque. Local spawns go to the front (depth first, so a task waiting on
+ * its children finds them next and few fibers are suspended at once); tasks from elsewhere go
+ * to the back; idle loops are handed the oldest, from the back. */
+void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front)
+{
+	struct concur__node *n = &t->node;
+	if (front) {
+		n->prev = NULL;
+		n->next = loop->fresh_head;
+		if (loop->fresh_head)
+			loop->fresh_head->prev = n;
+		else
+			loop->fresh_tail = n;
+		loop->fresh_head = n;
+	} else {
+		n->next = NULL;
+		n->prev = loop->fresh_tail;
+		if (loop->fresh_tail)
+			loop->fresh_tail->next = n;
+		else
+			loop->fresh_head = n;
+		loop->fresh_tail = n;
+	}
+	loop->nfresh++;
+}
+
+static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
+{
+	struct concur__node *n = loop->ready_head;
+	if (n) {
+		loop->ready_head = n->next;
+		if (!n->next)
+			loop->ready_tail = NULL;
+		return concur__task_of_node(n);
+	}
+	n = loop->fresh_head;
+	if (!n)
+		return NULL;
+	loop->fresh_head = n->next;
+	if (n->next)
+		n->next->prev = NULL;
+	else
+		loop->fresh_tail = NULL;
+	loop->nfresh--;
+	return concur__task_of_node(n);
+}
+
+/* The executor's reference to a task is done with: it no longer counts as work. */
+static void concur__task_drop(struct concur__task *t)
+{
+	concur_exec *ex = t->f.ex;
+	concur_release(&t->f);
+	concur__work_end(ex);
+}
+
+/* Give an unstarted task its fiber. False if it is not to run (cancelled, no memory). */
+static bool concur__task_start(struct concur__loop *loop, struct concur__task *t)
+{
+	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
+		concur_cancel(&t->f); /* shutdown(ex, true): end it CANCELLED without running */
+	if (!concur__future_claim(&t->f)) {
+		concur__task_drop(t); /* cancelled while queued: its waiters know already */
+		return false;
+	}
+	t->fib = concur__fiber_get(loop);
+	if (!t->fib) {
+		concur__complete(&t->f, -ENOMEM, CONCUR__FINISHED);
+		concur__task_drop(t);
+		return false;
+	}
+	t->loop = loop;
+	concur__fiber_prepare(t->fib, t);
+	concur__stat_inc(&loop->st.tasks_run, 1);
+	return true;
+}
+
+static void concur__run_queues(struct concur__loop *loop)
+{
+	for (unsigned budget = CONCUR__RUN_BUDGET; budget; budget--) {
+		struct concur__task *t = concur__pop_runnable(loop);
+		if (!t)
+			return;
+		if (!t->fib && !concur__task_start(loop, t))
+			continue;
+		concur__fiber_run(loop, t);
+		if (t->finished) {
+			/* the stack goes back first: callbacks run on the loop's stack, and any
+			 * task they spawn can reuse it */
+			concur__fiber_put(loop, t->fib);
+			t->fib = NULL;
+			concur__complete(&t->f, t->ret, CONCUR__FINISHED);
+			concur__task_drop(t);
+		}
+	}
+}
+
+/* ---- messages ------------------------------------------------------------------------------- */
+
+/* Post a CQE into another loop's ring. It rides our next submit; success posts no CQE here. */
+static void concur__msg_ring(struct concur__loop *from, struct concur__loop *to, uint64_t payload,
+                             uint32_t len, uint64_t on_failure)
+{
+	struct io_uring_sqe *sqe = concur__sqe(from);
+	io_uring_prep_msg_ring(sqe, to->ring_fd, len, payload, 0);
+	sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+	io_uring_sqe_set_data64(sqe, on_failure);
+	concur__stat_inc(&from->st.msg_ring, 1);
+}
+
+/* A node has reached its loop's thread. */
+static void concur__node_arrived(struct concur__loop *loop, struct concur__node *n)
+{
+	if (n->kind == CONCUR__NODE_CALL) {
+		n->call(loop, n);
+		return;
+	}
+	struct concur__task *t = concur__task_of_node(n);
+	if (t->fib)
+		concur__loop_push_ready(loop, t);
+	else
+		concur__loop_push_fresh(loop, t, false);
+}
+
+static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n)
+{
+	struct concur__node *old = atomic_load_explicit(&loop->inbox, memory_order_relaxed);
+	do
+		n->next = old;
+	while (!atomic_compare_exchange_weak_explicit(&loop->inbox, &old, n, memory_order_seq_cst,
+	                                              memory_order_relaxed));
+	/* Ring only a sleeping loop, once per sleep: the exchange makes us the one who rings. A
+	 * busy loop drains its inbox every turn, so a burst of posts costs no syscall. */
+	if (atomic_load_explicit(&loop->sleeping, memory_order_seq_cst) &&
+	    atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst)) {
+		struct concur__loop *me = concur__tl_loop;
+		if (me)
+			concur__msg_ring(me, loop, CONCUR__TAG_DOORBELL, 0,
+			                 (uint64_t)(uintptr_t)&concur__ignore_op);
+		else
+			concur__loop_ring_doorbell(loop);
+	}
+}
+
+void concur__loop_post(struct concur__loop *loop, struct concur__node *n)
+{
+	struct concur__loop *me = concur__tl_loop;
+	if (me == loop)
+		concur__node_arrived(loop, n);
+	else if (me)
+		concur__msg_ring(me, loop, (uint64_t)(uintptr_t)n | CONCUR__TAG_NODE, 0,
+		                 (uint64_t)(uintptr_t)n | CONCUR__TAG_NODE_FAILED);
+	else
+		concur__inbox_push(loop, n);
+}
+
+static void concur__drain_inbox(struct concur__loop *loop)
+{
+	if (!atomic_load_explicit(&loop->inbox, memory_order_relaxed))
+		return;
+	struct concur__node *n = atomic_exchange_explicit(&loop->inbox, NULL, memory_order_acquire);
+	struct concur__node *fifo = NULL;
+	uint64_t count = 0;
+	while (n) { /* newest first: reverse */
+		struct concur__node *next = n->next;
+		n->next = fifo;
+		fifo = n;
+		n = next;
+		count++;
+	}
+	while (fifo) {
+		struct concur__node *next = fifo->next;
+		concur__node_arrived(loop, fifo);
+		fifo = next;
+	}
+	concur__stat_inc(&loop->st.inbox_items, count);
+}
+
+/* The loop with spare unstarted tasks hands the oldest half to one sleeping loop. The busy side
+ * starts it, so an idle loop never has to poll for work; the tasks travel as one MSG_RING. */
+static void concur__handoff(struct concur__loop *loop)
+{
+	concur_exec *ex = loop->ex;
+	for (unsigned i = 1; i < ex->nloops; i++) {
+		struct concur__loop *idle = ex->loops[(loop->idx + i) % ex->nloops];
+		if (!atomic_load_explicit(&idle->sleeping, memory_order_relaxed) ||
+		    !atomic_exchange_explicit(&idle->sleeping, 0, memory_order_seq_cst))
+			continue;
+		size_t k = loop->nfresh / 2;
+		struct concur__node *first = loop->fresh_tail;
+		for (size_t j = 1; j < k; j++)
+			first = first->prev;
+		/* detach first..tail; the chain is linked by next, oldest last */
+		if (first->prev)
+			first->prev->next = NULL;
+		else
+			loop->fresh_head = NULL;
+		loop->fresh_tail = first->prev;
+		loop->nfresh -= k;
+		concur__msg_ring(loop, idle, (uint64_t)(uintptr_t)first | CONCUR__TAG_HANDOFF,
+		                 (uint32_t)k,
+		                 (uint64_t)(uintptr_t)first | CONCUR__TAG_HANDOFF_FAILED);
+		concur__stat_inc(&loop->st.steals, k);
+		return;
+	}
+}
+
+static void concur__take_chain(struct concur__loop *loop, struct concur__node *n)
+{
+	while (n) {
+		struct concur__node *next = n->next;
+		concur__loop_push_fresh(loop, concur__task_of_node(n), false);
+		n = next;
+	}
+}
+
+/* ---- CQEs ------------------------------------------------------------------------------------ */
+
+static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res, uint32_t flags)
+{
+	void *p = (void *)(uintptr_t)(ud & ~(uint64_t)CONCUR__TAG_MASK);
+	switch (ud & CONCUR__TAG_MASK) {
+	case CONCUR__TAG_OP: {
+		struct concur__op *op = p;
+		op->cqe(loop, op, res, flags);
+		break;
+	}
+	case CONCUR__TAG_NODE:
+		concur__node_arrived(loop, p);
+		break;
+	case CONCUR__TAG_HANDOFF:
+		concur__take_chain(loop, p);
+		break;
+	case CONCUR__TAG_DOORBELL:
+		break; /* the inbox is drained every turn */
+	case CONCUR__TAG_NODE_FAILED: {
+		/* the MSG_RING could not post (target CQ overflow): go through the inbox */
+		struct concur__node *n = p;
+		if (n->kind == CONCUR__NODE_RUN && concur__task_of_node(n)->loop)
+			concur__inbox_push(concur__task_of_node(n)->loop, n);
+		else
+			concur__node_arrived(loop, n); /* any loop of the executor may run it */
+		break;
+	}
+	case CONCUR__TAG_HANDOFF_FAILED:
+		concur__take_chain(loop, p); /* keep them */
+		break;
+	case CONCUR__TAG_RELEASE:
+		loop->inflight--;
+		concur_release(p);
+		break;
+	}
+}
+
+static unsigned concur__reap(struct concur__loop *loop)
+{
+	struct io_uring_cqe *cqes[CONCUR__REAP_BATCH];
+	struct {
+		uint64_t ud;
+		int32_t res;
+		uint32_t flags;
+	} batch[CONCUR__REAP_BATCH];
+	unsigned total = 0, n;
+	do {
+		n = io_uring_peek_batch_cqe(&loop->ring, cqes, CONCUR__REAP_BATCH);
+		/* copy out and free the CQ slots first: handlers may submit (and even flush) */
+		for (unsigned i = 0; i < n; i++) {
+			batch[i].ud = cqes[i]->user_data;
+			batch[i].res = cqes[i]->res;
+			batch[i].flags = cqes[i]->flags;
+		}
+		io_uring_cq_advance(&loop->ring, n);
+		for (unsigned i = 0; i < n; i++)
+			concur__dispatch(loop, batch[i].ud, batch[i].res, batch[i].flags);
+		total += n;
+	} while (n == CONCUR__REAP_BATCH);
+	concur__stat_inc(&loop->st.cqes, total);
+	return total;
+}
+
+/* ---- the circle --------------------------------------------------------------------------------
+ */
+
+static bool concur__has_runnable(const struct concur__loop *loop)
+{
+	return loop->ready_head || loop->fresh_head;
+}
+
+/* With runnables waiting, enter the kernel only if there is something to submit or the kernel
+ * has completions for us (IORING_SQ_TASKRUN): a loop busy with CPU tasks makes no syscall. */
+static void concur__flush(struct concur__loop *loop)
+{
+	unsigned kflags = IO_URING_READ_ONCE(*loop->ring.sq.kflags);
+	if (io_uring_sq_ready(&loop->ring) ||
+	    (kflags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW))) {
+		io_uring_submit_and_get_events(&loop->ring);
+		concur__stat_inc(&loop->st.enters, 1);
+	}
+}
+
+/* THE one place a loop sleeps: submitting whatever is queued and waiting for one CQE. Anyone
+ * who wants the loop awake posts a CQE into its ring (MSG_RING). */
+static void concur__loop_sleep(struct concur__loop *loop)
+{
+	concur_exec *ex = loop->ex;
+	atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
+	/* re-check after announcing the sleep: a poster that saw sleeping == 0 did not ring */
+	if (atomic_load_explicit(&loop->inbox, memory_order_seq_cst) ||
+	    (atomic_load_explicit(&ex->stopping, memory_order_seq_cst) && !loop->inflight)) {
+		atomic_store_explicit(&loop->sleeping, 0, memory_order_relaxed);
+		return;
+	}
+	atomic_fetch_add_explicit(&ex->nsleeping, 1, memory_order_relaxed);
+	io_uring_submit_and_wait(&loop->ring, 1);
+	atomic_fetch_sub_explicit(&ex->nsleeping, 1, memory_order_relaxed);
+	atomic_store_explicit(&loop->sleeping, 0, memory_order_relaxed);
+	concur__stat_inc(&loop->st.enters, 1);
+	concur__stat_inc(&loop->st.sleeps, 1);
+}
+
+static int concur__ring_setup(struct concur__loop *loop)
+{
+	concur_exec *ex = loop->ex;
+	unsigned entries = ex->opts.ring_entries;
+	const unsigned base = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+	unsigned tries[5];
+	int ntries = 0;
+	if (ex->opts.flags & CONCUR_EXEC_SQPOLL)
+		tries[ntries++] = base | IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER;
+	tries[ntries++] = base | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+	                  IORING_SETUP_TASKRUN_FLAG;
+	tries[ntries++] = base | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+	tries[ntries++] = base;
+	tries[ntries++] = 0;
+	int r = -EINVAL;
+	for (int i = 0; i < ntries; i++) {
+		struct io_uring_params p;
+		memset(&p, 0, sizeof(p));
+		p.flags = tries[i];
+		p.cq_entries = entries * 4;
+		if (p.flags & IORING_SETUP_SQPOLL)
+			p.sq_thread_idle = 50;
+		r = io_uring_queue_init_params(entries, &loop->ring, &p);
+		if (r == 0) {
+			if (loop->idx == 0)
+				ex->ring_flags = tries[i];
+			break;
+		}
+		if (r != -EINVAL)
+			break; /* EPERM, ENOSYS, ENOMEM: falling back will not help */
+	}
+	if (r < 0) {
+		concur__set_error(
+		    "concur: io_uring_setup failed: %s%s", concur_strerror(r),
+		    r == -EPERM || r == -ENOSYS
+		        ? " (io_uring disabled? check sysctl kernel.io_uring_disabled, "
+		          "seccomp filters of containers, and the kernel config)"
+		        : "");
+		return r;
+	}
+	loop->ring_fd = loop->ring.ring_fd;
+	io_uring_register_ring_fd(&loop->ring); /* saves an fd lookup per enter; optional */
+
+	if (loop->idx == 0) { /* one probe for the executor: rings of one kernel agree */
+		struct io_uring_probe *probe = io_uring_get_probe_ring(&loop->ring);
+		if (probe) {
+			for (unsigned op = 0; op <= probe->last_op && op < 256; op++)
+				ex->op_supported[op] = io_uring_opcode_supported(probe, (int)op);
+			io_uring_free_probe(probe);
+		}
+		if (!ex->op_supported[IORING_OP_MSG_RING]) {
+			concur__set_error(
+			    "concur: the kernel lacks IORING_OP_MSG_RING (Linux 5.18+)");
+			io_uring_queue_exit(&loop->ring);
+			return -EOPNOTSUPP;
+		}
+		ex->has_futex_wake = ex->op_supported[CONCUR__OP_FUTEX_WAKE];
+	}
+	return 0;
+}
+
+static void concur__loop_cleanup(struct concur__loop *loop)
+{
+	/* Ops still in the kernel (none after a join, but be safe): cancel and reap them, so
+	 * no CQE handler is left pointing at freed memory. */
+	if (loop->inflight) {
+		struct io_uring_sqe *sqe = concur__sqe(loop);
+		io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+		concur__sqe_set_op(sqe, &concur__ignore_op);
+		while (loop->inflight) {
+			io_uring_submit_and_wait(&loop->ring, 1);
+			concur__reap(loop);
+		}
+	}
+	concur__fiber_pool_free(loop);
+	io_uring_queue_exit(&loop->ring);
+}
+
+static void *concur__loop_main(void *arg)
+{
+	struct concur__loop *loop = arg;
+	concur_exec *ex = loop->ex;
+	char name[16];
+	snprintf(name, sizeof(name), "concur-%u", loop->idx);
+	pthread_setname_np(pthread_self(), name);
+	if (ex->opts.flags & CONCUR_EXEC_PIN) {
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(loop->idx % (unsigned)sysconf(_SC_NPROCESSORS_ONLN), &set);
+		pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+	}
+	loop->setup_err = concur__ring_setup(loop);
+	atomic_store_explicit(&loop->started, 1, memory_order_release);
+	concur__futex_wake(&loop->started, 1);
+	if (loop->setup_err)
+		return NULL;
+	concur__tl_loop = loop;
+
+	for (;;) {
+		concur__run_queues(loop);
+		concur__drain_inbox(loop);
+		if (loop->nfresh >= 2 && atomic_load_explicit(&ex->nsleeping, memory_order_relaxed))
+			concur__handoff(loop);
+		if (concur__has_runnable(loop)) {
+			concur__flush(loop);
+		} else {
+			if (atomic_load_explicit(&ex->stopping, memory_order_acquire) &&
+			    !loop->inflight && !atomic_load(&loop->inbox))
+				break;
+			concur__loop_sleep(loop);
+		}
+		concur__reap(loop);
+	}
+	concur__loop_cleanup(loop);
+	concur__tl_loop = NULL;
+	return NULL;
+}
+
+int concur__loop_start(struct concur__loop *loop)
+{
+	int r = pthread_create(&loop->thread, NULL, concur__loop_main, loop);
+	if (r)
+		return -r;
+	while (!atomic_load_explicit(&loop->started, memory_order_acquire))
+		concur__futex_wait(&loop->started, 0, NULL);
+	if (loop->setup_err) {
+		pthread_join(loop->thread, NULL);
+		return loop->setup_err;
+	}
+	return 0;
+}
+
+void concur__loop_stop(struct concur__loop *loop)
+{
+	/* ex->stopping is set: wake the loop if it sleeps, it will see the flag */
+	if (atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst))
+		concur__loop_ring_doorbell(loop);
+	pthread_join(loop->thread, NULL);
+}
+
+/* ---- doorbells from threads outside the executor ------------------------------------------- */
+
+static pthread_key_t concur__bell_key;
+static pthread_once_t concur__bell_once = PTHREAD_ONCE_INIT;
+static __thread struct io_uring *concur__tl_bell;
+
+static void concur__bell_free(void *p)
+{
+	struct io_uring *ring = p;
+	io_uring_queue_exit(ring);
+	free(ring);
+}
+
+static void concur__bell_key_init(void)
+{
+	pthread_key_create(&concur__bell_key, concur__bell_free);
+}
+
+void concur__loop_ring_doorbell(struct concur__loop *loop)
+{
+	struct io_uring *bell = concur__tl_bell;
+	if (!bell) { /* first use in this thread: a tiny ring, released when the thread exits */
+		pthread_once(&concur__bell_once, concur__bell_key_init);
+		bell = malloc(sizeof(*bell));
+		if (!bell || io_uring_queue_init(8, bell, 0) < 0) {
+			free(bell);
+			concur__set_error("concur: cannot set up this thread's doorbell ring");
+			return;
+		}
+		concur__tl_bell = bell;
+		pthread_setspecific(concur__bell_key, bell);
+	}
+	struct io_uring_sqe *sqe = io_uring_get_sqe(bell);
+	io_uring_prep_msg_ring(sqe, loop->ring_fd, 0, CONCUR__TAG_DOORBELL, 0);
+	sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+	io_uring_sqe_set_data64(sqe, 0);
+	io_uring_submit(bell);
+	/* a CQE here means the doorbell failed (the target CQ overflowing: it is awake anyway) */
+	struct io_uring_cqe *cqe;
+	while (io_uring_peek_cqe(bell, &cqe) == 0)
+		io_uring_cqe_seen(bell, cqe);
+	atomic_fetch_add_explicit(&loop->ex->doorbells, 1, memory_order_relaxed);
+}
