@@ -12,7 +12,9 @@
  * buffers (and, for the direct form, the request on the fiber's stack) are never touched by the
  * kernel after that.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include "internal.h"
 
 #include <fcntl.h>
@@ -201,6 +203,10 @@ static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
 	struct concur__io *io = IO_CONTAINER(node, struct concur__io, cancel_node);
 
+	if (loop != io->r.loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
+		concur__loop_post(io->r.loop, node);
+		return;
+	}
 	if (!concur__is_done(&io->f)) {
 		struct io_uring_sqe *sqe = concur__sqe(loop);
 
@@ -239,6 +245,7 @@ static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 {
 	struct concur__io *io = IO_CONTAINER(node, struct concur__io, node);
 
+	io->r.loop = loop; /* where it runs (a failed MSG_RING may bring it to another loop) */
 	if (!concur__future_claim(&io->f)) {
 		io_drop(io); /* CANCELLED while queued: never submitted */
 		return;
