@@ -456,4 +456,407 @@ IO_OP(splice, IORING_OP_SPLICE,
       (int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len, unsigned flags),
       off_in < -1 || off_out < -1 ? -EINVAL : 0,
       io_uring_prep_splice(sqe, fd_in, off_in, fd_out, off_out, io_len(len), flags))
-    /* clang-format on */
+/* clang-format on */
+
+/* ---- multishot streams -------------------------------------------------------------------- */
+
+/*
+ * Each loop thread gets, on first use, a provided-buffer ring shared by its recv streams. It
+ * lives as long as the thread (freed by a thread-exit destructor, after the loop has closed its
+ * ring). Buffers are handed out by the kernel (a CQE with F_BUFFER), lent to the consumer, and
+ * put back into the ring by concur_stream_give() on the same thread.
+ */
+#define IO_BGID     0x4355 /* our buffer group id */
+#define IO_NBUFS    256u
+#define IO_BUF_SIZE 4096u
+
+                                                                                struct io_bufs {
+	struct io_uring_buf_ring *br;
+	char *mem;
+	size_t ring_bytes;
+	unsigned free;                 /* buffers in the ring */
+	struct concur_stream *starved; /* recv streams stopped by ENOBUFS */
+};
+
+struct io_item {
+	int32_t res;
+	uint32_t flags;
+};
+
+struct concur_stream {
+	struct concur__op op;
+	struct concur__loop *loop;
+	concur_exec *ex;
+	struct io_bufs *bufs; /* recv streams */
+	struct concur__task *waiter;
+	struct concur_stream *next_starved;
+	int fd, flags;
+	bool recv;
+	bool armed;        /* a multishot SQE is in the kernel */
+	bool starved;      /* on bufs->starved, waiting for buffers */
+	bool cancel_req;   /* concur_stream_cancel */
+	bool ended;        /* the end is known: end_res */
+	bool end_reported; /* next() said so */
+	bool closed;       /* concur_stream_close: free when the kernel is done */
+	int32_t end_res;
+	struct io_item *q; /* items not consumed yet, a ring of qcap */
+	unsigned qhead, qlen, qcap;
+};
+
+static __thread struct io_bufs *io_tl_bufs;
+static pthread_key_t io_bufs_key;
+static pthread_once_t io_bufs_once = PTHREAD_ONCE_INIT;
+
+static void io_bufs_free(void *p)
+{
+	struct io_bufs *b = p;
+	munmap(b->br, b->ring_bytes);
+	free(b->mem);
+	free(b);
+}
+
+static void io_bufs_key_init(void)
+{
+	pthread_key_create(&io_bufs_key, io_bufs_free);
+}
+
+static void io_bufs_put(struct io_bufs *b, unsigned bid)
+{
+	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * IO_BUF_SIZE, IO_BUF_SIZE,
+	                      (unsigned short)bid, io_uring_buf_ring_mask(IO_NBUFS), 0);
+	io_uring_buf_ring_advance(b->br, 1);
+	b->free++;
+}
+
+/* This loop thread's buffer ring, registered on first use. */
+static int io_bufs_get(struct concur__loop *loop, struct io_bufs **out)
+{
+	struct io_bufs *b = io_tl_bufs;
+	struct io_uring_buf_reg reg;
+	int err;
+
+	if (b) {
+		*out = b;
+		return 0;
+	}
+	b = calloc(1, sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	b->ring_bytes = IO_NBUFS * sizeof(struct io_uring_buf);
+	b->br =
+	    mmap(NULL, b->ring_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	b->mem = aligned_alloc(4096, (size_t)IO_NBUFS * IO_BUF_SIZE);
+	if (b->br == MAP_FAILED || !b->mem) {
+		if (b->br != MAP_FAILED)
+			munmap(b->br, b->ring_bytes);
+		free(b->mem);
+		free(b);
+		return -ENOMEM;
+	}
+	memset(&reg, 0, sizeof(reg));
+	reg.ring_addr = (uint64_t)(uintptr_t)b->br;
+	reg.ring_entries = IO_NBUFS;
+	reg.bgid = IO_BGID;
+	err = io_uring_register_buf_ring(&loop->ring, &reg, 0);
+	if (err < 0) {
+		io_bufs_free(b);
+		return err;
+	}
+	io_uring_buf_ring_init(b->br);
+	for (unsigned i = 0; i < IO_NBUFS; i++)
+		io_bufs_put(b, i);
+	pthread_once(&io_bufs_once, io_bufs_key_init);
+	pthread_setspecific(io_bufs_key, b);
+	io_tl_bufs = b;
+	*out = b;
+	return 0;
+}
+
+static void io_stream_arm(struct concur_stream *s)
+{
+	struct io_uring_sqe *sqe = concur__sqe(s->loop);
+
+	if (s->recv) {
+		io_uring_prep_recv_multishot(sqe, s->fd, NULL, 0, s->flags);
+		sqe->flags |= IOSQE_BUFFER_SELECT;
+		sqe->buf_group = IO_BGID;
+	} else {
+		io_uring_prep_multishot_accept(sqe, s->fd, NULL, NULL, s->flags);
+	}
+	concur__sqe_set_op(sqe, &s->op);
+	s->loop->inflight++;
+	s->armed = true;
+}
+
+static void io_stream_unstarve(struct concur_stream *s)
+{
+	struct concur_stream **pp = &s->bufs->starved;
+
+	while (*pp && *pp != s)
+		pp = &(*pp)->next_starved;
+	if (*pp)
+		*pp = s->next_starved;
+	s->starved = false;
+}
+
+static void io_stream_free(struct concur_stream *s)
+{
+	concur_exec *ex = s->ex;
+
+	free(s->q);
+	free(s);
+	concur__work_end(ex);
+}
+
+/* An item nobody will consume: close the fd or give the buffer back. */
+static void io_stream_discard(struct concur_stream *s, struct io_item it)
+{
+	if (it.flags & IORING_CQE_F_BUFFER)
+		io_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
+	else if (!s->recv && it.res >= 0)
+		close(it.res);
+}
+
+static void io_stream_end(struct concur_stream *s, int32_t res)
+{
+	if (!s->ended) {
+		s->ended = true;
+		s->end_res = res;
+	}
+}
+
+static bool io_stream_push(struct concur_stream *s, int32_t res, uint32_t flags)
+{
+	if (s->qlen == s->qcap) {
+		unsigned ncap = s->qcap ? s->qcap * 2 : 16;
+		struct io_item *nq = malloc(ncap * sizeof(*nq));
+		if (!nq)
+			return false;
+		for (unsigned i = 0; i < s->qlen; i++)
+			nq[i] = s->q[(s->qhead + i) % s->qcap];
+		free(s->q);
+		s->q = nq;
+		s->qcap = ncap;
+		s->qhead = 0;
+	}
+	s->q[(s->qhead + s->qlen++) % s->qcap] = (struct io_item){res, flags};
+	return true;
+}
+
+/* Ask the kernel to stop the multishot (its last CQE comes later, without F_MORE). */
+static void io_stream_cancel(struct concur_stream *s)
+{
+	struct io_uring_sqe *sqe;
+
+	if (s->cancel_req || !s->armed)
+		return;
+	s->cancel_req = true;
+	sqe = concur__sqe(s->loop);
+	io_uring_prep_cancel64(sqe, io_user_data(&s->op), 0);
+	concur__sqe_set_op(sqe, &io_quiet_op);
+	s->loop->inflight++;
+}
+
+static void io_stream_wake(struct concur_stream *s)
+{
+	struct concur__task *t = s->waiter;
+
+	if (t) {
+		s->waiter = NULL;
+		concur__resume(t);
+	}
+}
+
+static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                          uint32_t flags)
+{
+	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, op);
+	bool more = flags & IORING_CQE_F_MORE;
+	bool item = res > 0 || (!s->recv && res == 0);
+
+	if (flags & IORING_CQE_F_BUFFER)
+		s->bufs->free--;
+	if (!more) {
+		loop->inflight--;
+		s->armed = false;
+	}
+	if (s->closed || s->ended) { /* nobody will consume it */
+		io_stream_discard(s, (struct io_item){res, flags});
+		if (s->closed && !s->armed)
+			io_stream_free(s);
+		return;
+	}
+	if (s->recv && res == -ENOBUFS && !s->cancel_req) {
+		/* out of buffers: resume as soon as some are in the ring again */
+		if (s->bufs->free) {
+			io_stream_arm(s);
+		} else if (!s->starved) {
+			s->starved = true;
+			s->next_starved = s->bufs->starved;
+			s->bufs->starved = s;
+		}
+		return;
+	}
+	if (!item) {
+		io_stream_end(s, res); /* recv's EOF (0), an error, or -ECANCELED after a cancel */
+	} else if (!io_stream_push(s, res, flags)) {
+		io_stream_discard(s, (struct io_item){res, flags});
+		io_stream_end(s, -ENOMEM);
+	} else if (!more && s->cancel_req) {
+		io_stream_end(s, -ECANCELED);
+	} else if (!more) {
+		io_stream_arm(s); /* the kernel stopped on its own (CQ overflow, ...): go on */
+	}
+	if (s->ended)
+		io_stream_cancel(s); /* no-op unless still armed */
+	io_stream_wake(s);
+}
+
+static int io_stream_open(concur_stream **out, int fd, int flags, bool recv)
+{
+	struct concur__loop *loop = concur__tl_loop;
+	struct concur_stream *s;
+	int err;
+
+	if (!out)
+		return -EINVAL;
+	*out = NULL;
+	if (!concur__tl_task)
+		return -EPERM;
+	err = io_check_supported(loop->ex, recv ? IORING_OP_RECV : IORING_OP_ACCEPT, -1);
+	if (err)
+		return err;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	if (recv) {
+		err = io_bufs_get(loop, &s->bufs);
+		if (err) {
+			free(s);
+			return err;
+		}
+	}
+	s->op.cqe = io_stream_cqe;
+	s->loop = loop;
+	s->ex = loop->ex;
+	s->fd = fd;
+	s->flags = flags;
+	s->recv = recv;
+	concur__work_begin(s->ex);
+	io_stream_arm(s);
+	*out = s;
+	return 0;
+}
+
+int concur_accept_stream(concur_stream **out, int fd, int flags)
+{
+	return io_stream_open(out, fd, flags, false);
+}
+
+int concur_recv_stream(concur_stream **out, int fd, int flags)
+{
+	return io_stream_open(out, fd, flags, true);
+}
+
+static int io_stream_check(const concur_stream *s)
+{
+	if (!s || s->closed)
+		return -EINVAL;
+	if (!concur__tl_task || concur__tl_loop != s->loop)
+		return -EPERM;
+	return 0;
+}
+
+int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
+{
+	int err = io_stream_check(s);
+	struct io_item it;
+
+	if (err)
+		return err;
+	if (s->recv && !chunk)
+		return -EINVAL;
+	if (s->waiter)
+		return -EBUSY;
+	while (!s->qlen && !s->ended) {
+		s->waiter = concur__tl_task;
+		concur__suspend(); /* io_stream_cqe resumes us */
+	}
+	if (!s->qlen) {
+		if (s->end_reported)
+			return -ENODATA;
+		s->end_reported = true;
+		return s->end_res;
+	}
+	it = s->q[s->qhead];
+	s->qhead = (s->qhead + 1) % s->qcap;
+	s->qlen--;
+	if (s->recv) {
+		chunk->bid = it.flags >> IORING_CQE_BUFFER_SHIFT;
+		chunk->data = s->bufs->mem + (size_t)chunk->bid * IO_BUF_SIZE;
+		chunk->len = (size_t)it.res;
+	} else if (chunk) {
+		chunk->data = NULL;
+		chunk->len = 0;
+		chunk->bid = 0;
+	}
+	return it.res;
+}
+
+int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
+{
+	int err = io_stream_check(s);
+	struct io_bufs *b;
+
+	if (err)
+		return err;
+	if (!s->recv || !chunk || chunk->bid >= IO_NBUFS)
+		return -EINVAL;
+	b = s->bufs;
+	io_bufs_put(b, chunk->bid);
+	while (b->starved) { /* buffers are back: re-arm the streams that ran dry */
+		struct concur_stream *t = b->starved;
+		b->starved = t->next_starved;
+		t->starved = false;
+		io_stream_arm(t);
+	}
+	return 0;
+}
+
+int concur_stream_cancel(concur_stream *s)
+{
+	int err = io_stream_check(s);
+
+	if (err)
+		return err;
+	if (s->ended)
+		return 0;
+	if (s->armed) {
+		io_stream_cancel(s);
+		return 0;
+	}
+	/* paused for buffers: nothing in the kernel, end it here */
+	if (s->starved)
+		io_stream_unstarve(s);
+	s->cancel_req = true;
+	io_stream_end(s, -ECANCELED);
+	io_stream_wake(s);
+	return 0;
+}
+
+void concur_stream_close(concur_stream *s)
+{
+	if (!s || s->closed || concur__tl_loop != s->loop)
+		return;
+	io_stream_cancel(s);
+	s->closed = true;
+	while (s->qlen) {
+		io_stream_discard(s, s->q[s->qhead]);
+		s->qhead = (s->qhead + 1) % s->qcap;
+		s->qlen--;
+	}
+	if (s->starved)
+		io_stream_unstarve(s);
+	if (!s->armed)
+		io_stream_free(s);
+}
