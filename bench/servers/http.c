@@ -41,28 +41,7 @@ static const char *date_header(size_t *len)
 	return buf;
 }
 
-struct out {
-	char buf[OUT_CAP];
-	size_t len;
-};
-
-static void out_add(struct out *o, const char *s, size_t n)
-{
-	memcpy(o->buf + o->len, s, n);
-	o->len += n;
-}
-
-/* Room for one more answer (the largest is well under 512 bytes); 0 or -errno. */
-static int out_room(int fd, struct out *o)
-{
-	if (o->len + 512 <= sizeof(o->buf))
-		return 0;
-	int err = server_send_all(fd, o->buf, o->len);
-	o->len = 0;
-	return err;
-}
-
-static void respond(struct out *o, const char *status, const char *ctype, const char *b,
+static void respond(struct server_conn *o, const char *status, const char *ctype, const char *b,
                     size_t blen, bool keep_alive, bool head)
 {
 	char hdr[256];
@@ -72,14 +51,14 @@ static void respond(struct out *o, const char *status, const char *ctype, const 
 	                 "HTTP/1.1 %s\r\nServer: concur\r\nContent-Type: %s\r\n"
 	                 "Content-Length: %zu\r\n%s",
 	                 status, ctype, blen, keep_alive ? "" : "Connection: close\r\n");
-	out_add(o, hdr, (size_t)n);
-	out_add(o, date, dlen);
-	out_add(o, "\r\n", 2);
+	server_out_add(o, hdr, (size_t)n);
+	server_out_add(o, date, dlen);
+	server_out_add(o, "\r\n", 2);
 	if (!head)
-		out_add(o, b, blen);
+		server_out_add(o, b, blen);
 }
 
-static void respond_error(struct out *o, const char *status)
+static void respond_error(struct server_conn *o, const char *status)
 {
 	respond(o, status, "text/plain", status, strlen(status), false, false);
 }
@@ -94,7 +73,7 @@ static bool is_tchar(char c)
  * status: 0 keep going, 1 close after answering, -1 malformed (400). *body_len: bytes of body
  * that follow the head.
  */
-static int handle(struct out *o, char *head, size_t n, size_t *body_len)
+static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
 {
 	char *end = head + n, *p = head, *line_end;
 	*body_len = 0;
@@ -109,7 +88,7 @@ static int handle(struct out *o, char *head, size_t n, size_t *body_len)
 		return -1;
 	size_t mlen = (size_t)(p - m);
 	char *target = ++p;
-	while (p<line_end && * p> ' ' && *p < 127)
+	while (p < line_end && (unsigned char)*p > ' ' && *p != 127)
 		p++;
 	if (p == target || p >= line_end || *p != ' ' || *target != '/')
 		return -1;
@@ -163,61 +142,45 @@ static int handle(struct out *o, char *head, size_t n, size_t *body_len)
 	return keep_alive ? 0 : 1;
 }
 
+/* Answer every complete request in in[0..len); c->state: body bytes still to drop. */
+static size_t http_process(struct server_conn *c, char *in, size_t len, bool full, bool *close)
+{
+	size_t pos = 0;
+	for (;;) {
+		size_t k = c->state < len - pos ? (size_t)c->state : len - pos;
+		pos += k;
+		c->state -= k;
+		if (c->state)
+			return pos;
+		char *start = in + pos;
+		char *eoh = memmem(start, len - pos, "\r\n\r\n", 4);
+		if (!eoh) {
+			if (pos == 0 && full) { /* no room for the rest of the header block */
+				respond_error(c, "431 Request Header Fields Too Large");
+				*close = true;
+			}
+			return pos;
+		}
+		size_t n = (size_t)(eoh + 4 - start), blen;
+		if (server_out_reserve(c, 512)) { /* the largest answer is well under that */
+			*close = true;
+			return pos;
+		}
+		int st = handle(c, start, n, &blen);
+		pos += n;
+		c->state = blen;
+		if (st < 0)
+			respond_error(c, "400 Bad Request");
+		if (st != 0) {
+			*close = true;
+			return pos;
+		}
+	}
+}
+
 static int64_t http_conn(int fd)
 {
-	char in[IN_CAP];
-	struct out *o = malloc(sizeof(*o));
-	size_t len = 0, skip = 0; /* skip: body bytes still to drop */
-	bool open = o != NULL;
-	if (o)
-		o->len = 0;
-	while (open && !server_stopping()) {
-		int64_t r = concur_await_recv(fd, in + len, sizeof(in) - len, 0, CONCUR_NO_TIMEOUT);
-		if (r <= 0)
-			break; /* EOF (maybe in the middle of a request) or error: close */
-		len += (size_t)r;
-		size_t pos = 0;
-		for (;;) {
-			if (skip) {
-				size_t k = skip < len - pos ? skip : len - pos;
-				pos += k;
-				skip -= k;
-				if (skip)
-					break;
-			}
-			char *start = in + pos;
-			char *eoh = memmem(start, len - pos, "\r\n\r\n", 4);
-			if (!eoh) {
-				if (pos == 0 && len == sizeof(in)) { /* no room for the rest */
-					respond_error(o, "431 Request Header Fields Too Large");
-					open = false;
-				}
-				break;
-			}
-			size_t n = (size_t)(eoh + 4 - start), blen;
-			if (out_room(fd, o)) {
-				open = false;
-				break;
-			}
-			int st = handle(o, start, n, &blen);
-			pos += n;
-			skip = blen;
-			if (st < 0)
-				respond_error(o, "400 Bad Request");
-			if (st != 0) {
-				open = false;
-				break;
-			}
-		}
-		memmove(in, in + pos, len - pos);
-		len -= pos;
-		if (o->len && server_send_all(fd, o->buf, o->len))
-			open = false;
-		o->len = 0;
-	}
-	free(o);
-	server_conn_done(fd);
-	return 0;
+	return server_serve(fd, IN_CAP, OUT_CAP, http_process);
 }
 
 int main(int argc, char **argv)

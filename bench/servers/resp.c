@@ -48,55 +48,33 @@ static struct entry **find(struct entry **b, const char *k, size_t klen)
 	return b;
 }
 
-struct out {
-	char buf[OUT_CAP];
-	size_t len;
-};
-
-static int out_room(int fd, struct out *o, size_t need)
-{
-	if (o->len + need <= sizeof(o->buf))
-		return 0;
-	int err = server_send_all(fd, o->buf, o->len);
-	o->len = 0;
-	if (!err && need > sizeof(o->buf))
-		return -E2BIG;
-	return err;
-}
-
-static void out_str(struct out *o, const char *s, size_t n)
-{
-	memcpy(o->buf + o->len, s, n);
-	o->len += n;
-}
-
-static int out_bulk(int fd, struct out *o, const char *s, size_t n)
+static int out_bulk(struct server_conn *o, const char *s, size_t n)
 {
 	char hdr[32];
 	int h = snprintf(hdr, sizeof(hdr), "$%zu\r\n", n);
-	int err = out_room(fd, o, (size_t)h + n + 2);
+	int err = server_out_reserve(o, (size_t)h + n + 2);
 	if (err == -E2BIG) { /* larger than the buffer: send it straight */
-		err = server_send_all(fd, hdr, (size_t)h);
+		err = server_send_all(o->fd, hdr, (size_t)h);
 		if (!err)
-			err = server_send_all(fd, s, n);
+			err = server_send_all(o->fd, s, n);
 		if (!err)
-			err = server_send_all(fd, "\r\n", 2);
+			err = server_send_all(o->fd, "\r\n", 2);
 		return err;
 	}
 	if (err)
 		return err;
-	out_str(o, hdr, (size_t)h);
-	out_str(o, s, n);
-	out_str(o, "\r\n", 2);
+	server_out_add(o, hdr, (size_t)h);
+	server_out_add(o, s, n);
+	server_out_add(o, "\r\n", 2);
 	return 0;
 }
 
-static int out_simple(int fd, struct out *o, const char *s)
+static int out_simple(struct server_conn *o, const char *s)
 {
 	size_t n = strlen(s);
-	int err = out_room(fd, o, n);
+	int err = server_out_reserve(o, n);
 	if (!err)
-		out_str(o, s, n);
+		server_out_add(o, s, n);
 	return err;
 }
 
@@ -105,24 +83,23 @@ static bool cmd_is(const char *a, size_t n, const char *name)
 	return n == strlen(name) && !strncasecmp(a, name, n);
 }
 
-static int execute(int fd, struct out *o, int argc, char **argv, size_t *alen)
+static int execute(struct server_conn *o, int argc, char **argv, size_t *alen)
 {
 	if (cmd_is(argv[0], alen[0], "PING")) {
 		if (argc == 1)
-			return out_simple(fd, o, "+PONG\r\n");
-		return argc == 2
-		           ? out_bulk(fd, o, argv[1], alen[1])
-		           : out_simple(fd, o, "-ERR wrong number of arguments for 'ping'\r\n");
+			return out_simple(o, "+PONG\r\n");
+		return argc == 2 ? out_bulk(o, argv[1], alen[1])
+		                 : out_simple(o, "-ERR wrong number of arguments for 'ping'\r\n");
 	}
 	if (cmd_is(argv[0], alen[0], "ECHO") && argc == 2)
-		return out_bulk(fd, o, argv[1], alen[1]);
+		return out_bulk(o, argv[1], alen[1]);
 	if (cmd_is(argv[0], alen[0], "SET") && argc == 3) {
 		struct entry *e = malloc(sizeof(*e) + alen[1]);
 		char *v = malloc(alen[2] ? alen[2] : 1);
 		if (!e || !v) {
 			free(e);
 			free(v);
-			return out_simple(fd, o, "-ERR out of memory\r\n");
+			return out_simple(o, "-ERR out of memory\r\n");
 		}
 		memcpy(e->key, argv[1], alen[1]);
 		memcpy(v, argv[2], alen[2]);
@@ -141,7 +118,7 @@ static int execute(int fd, struct out *o, int argc, char **argv, size_t *alen)
 			free(old->val);
 			free(old);
 		}
-		return out_simple(fd, o, "+OK\r\n");
+		return out_simple(o, "+OK\r\n");
 	}
 	if (cmd_is(argv[0], alen[0], "GET") && argc == 2) {
 		uint64_t h = hash(argv[1], alen[1]);
@@ -150,16 +127,16 @@ static int execute(int fd, struct out *o, int argc, char **argv, size_t *alen)
 		struct entry *e = *find(&table[h % NBUCKETS], argv[1], alen[1]);
 		int err;
 		if (!e) {
-			err = out_simple(fd, o, "$-1\r\n");
-		} else if (o->len + e->vlen + 32 <= sizeof(o->buf)) {
-			err = out_bulk(fd, o, e->val, e->vlen); /* no send under the lock */
+			err = out_simple(o, "$-1\r\n");
+		} else if (o->out_len + e->vlen + 32 <= o->out_cap) {
+			err = out_bulk(o, e->val, e->vlen); /* no send under the lock */
 		} else {
 			size_t n = e->vlen;
 			char *copy = malloc(n ? n : 1);
 			if (copy)
 				memcpy(copy, e->val, n);
 			pthread_mutex_unlock(l);
-			err = copy ? out_bulk(fd, o, copy, n) : out_simple(fd, o, "-ERR oom\r\n");
+			err = copy ? out_bulk(o, copy, n) : out_simple(o, "-ERR oom\r\n");
 			free(copy);
 			return err;
 		}
@@ -185,11 +162,11 @@ static int execute(int fd, struct out *o, int argc, char **argv, size_t *alen)
 		}
 		char r[32];
 		snprintf(r, sizeof(r), ":%ld\r\n", n);
-		return out_simple(fd, o, r);
+		return out_simple(o, r);
 	}
 	if (cmd_is(argv[0], alen[0], "CONFIG"))
-		return out_simple(fd, o, "*0\r\n");
-	return out_simple(fd, o, "-ERR unknown command\r\n");
+		return out_simple(o, "*0\r\n");
+	return out_simple(o, "-ERR unknown command\r\n");
 }
 
 /* A decimal after a type byte up to CRLF: the number, -2 if incomplete, -3 if malformed. */
@@ -259,53 +236,39 @@ static long parse(char *p, char *end, int *argc, char **argv, size_t *alen)
 	return q - p;
 }
 
+/* Execute every complete command in in[0..len). */
+static size_t resp_process(struct server_conn *c, char *in, size_t len, bool full, bool *close)
+{
+	size_t pos = 0;
+	while (pos < len) {
+		char *argv[MAX_ARGS];
+		size_t alen[MAX_ARGS];
+		int argc;
+		long n = parse(in + pos, in + len, &argc, argv, alen);
+		if (n == 0) {
+			if (pos == 0 && full) {
+				out_simple(c, "-ERR request too large\r\n");
+				*close = true;
+			}
+			break;
+		}
+		if (n < 0) {
+			out_simple(c, "-ERR Protocol error\r\n");
+			*close = true;
+			break;
+		}
+		pos += (size_t)n;
+		if (argc && execute(c, argc, argv, alen)) {
+			*close = true;
+			break;
+		}
+	}
+	return pos;
+}
+
 static int64_t resp_conn(int fd)
 {
-	char *in = malloc(IN_CAP);
-	struct out *o = malloc(sizeof(*o));
-	size_t len = 0;
-	bool open = in && o;
-	if (o)
-		o->len = 0;
-	while (open && !server_stopping()) {
-		int64_t r = concur_await_recv(fd, in + len, IN_CAP - len, 0, CONCUR_NO_TIMEOUT);
-		if (r <= 0)
-			break;
-		len += (size_t)r;
-		size_t pos = 0;
-		while (pos < len) {
-			char *argv[MAX_ARGS];
-			size_t alen[MAX_ARGS];
-			int argc;
-			long n = parse(in + pos, in + len, &argc, argv, alen);
-			if (n == 0) {
-				if (pos == 0 && len == IN_CAP) {
-					out_simple(fd, o, "-ERR request too large\r\n");
-					open = false;
-				}
-				break;
-			}
-			if (n < 0) {
-				out_simple(fd, o, "-ERR Protocol error\r\n");
-				open = false;
-				break;
-			}
-			pos += (size_t)n;
-			if (argc && execute(fd, o, argc, argv, alen)) {
-				open = false;
-				break;
-			}
-		}
-		memmove(in, in + pos, len - pos);
-		len -= pos;
-		if (o->len && server_send_all(fd, o->buf, o->len))
-			open = false;
-		o->len = 0;
-	}
-	free(in);
-	free(o);
-	server_conn_done(fd);
-	return 0;
+	return server_serve(fd, IN_CAP, OUT_CAP, resp_process);
 }
 
 int main(int argc, char **argv)

@@ -50,6 +50,47 @@ int server_send_all(int fd, const void *buf, size_t len)
 	return 0;
 }
 
+int server_out_reserve(struct server_conn *c, size_t need)
+{
+	if (c->out_len + need <= c->out_cap)
+		return 0;
+	int err = server_send_all(c->fd, c->out, c->out_len);
+	c->out_len = 0;
+	if (!err && need > c->out_cap)
+		return -E2BIG;
+	return err;
+}
+
+void server_out_add(struct server_conn *c, const void *p, size_t n)
+{
+	memcpy(c->out + c->out_len, p, n);
+	c->out_len += n;
+}
+
+int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process)
+{
+	char *in = malloc(in_cap);
+	struct server_conn c = {.fd = fd, .out = malloc(out_cap), .out_cap = out_cap};
+	size_t len = 0;
+	bool close_it = !in || !c.out;
+	while (!close_it && !server_stopping()) {
+		int64_t r = concur_await_recv(fd, in + len, in_cap - len, 0, CONCUR_NO_TIMEOUT);
+		if (r <= 0)
+			break; /* EOF (maybe in the middle of a request) or an error: close */
+		len += (size_t)r;
+		size_t used = process(&c, in, len, len == in_cap, &close_it);
+		memmove(in, in + used, len - used);
+		len -= used;
+		if (c.out_len && server_send_all(fd, c.out, c.out_len))
+			close_it = true;
+		c.out_len = 0;
+	}
+	free(in);
+	free(c.out);
+	server_conn_done(fd);
+	return 0;
+}
+
 static int64_t conn_task(void *arg)
 {
 	int fd = (int)(intptr_t)arg;
