@@ -500,6 +500,215 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 
 /* How many stalls were counted on ex since its detector was set (0 if none). */
 uint64_t concur_stall_count(const concur_exec *ex);
+/* ---- I/O (src/io.c) ---- */
+/*
+ * Every kernel operation comes in two forms:
+ *   - concur_OP(ex, ...) returns a future, from any thread. The operation is submitted on one of
+ *     ex's loops (the caller's own loop when called there) and its result is the future's
+ *     result: the kernel's res (>= 0) or a negative errno. Never NULL: on a bad argument or a
+ *     missing kernel feature the future is already failed (-EINVAL, -EOPNOTSUPP, -ENOMEM).
+ *   - concur_await_OP(...) is the direct form, for inside a task: it submits on the task's loop,
+ *     suspends the task until the completion arrives and returns the result, with no heap
+ *     allocation. Outside a task it returns -EPERM at once.
+ *
+ * The buffer rule: a future of an I/O operation is done only once the kernel has posted the
+ * operation's completion (even when it was cancelled or timed out), so every buffer, path,
+ * iovec, msghdr or address passed in must stay valid until the future is done (or the direct
+ * form returns), and may be freed or reused as soon as it is.
+ *
+ * Deadlines: operations taking timeout_ns carry a deadline when timeout_ns >= 0 (a linked
+ * IORING_OP_LINK_TIMEOUT): if the operation has not completed timeout_ns nanoseconds after it was
+ * submitted, the kernel cancels it and the result is -ETIMEDOUT (the kernel's -ECANCELED, or
+ * -EINTR for an interrupted worker, mapped; the link timeout's own -ETIME never shows). An
+ * operation that completed anyway keeps its own result. timeout_ns < 0: no deadline
+ * (CONCUR_NO_TIMEOUT).
+ *
+ * Cancellation: concur_cancel() on an I/O future returns 1 if the operation was not submitted
+ * yet (it never will be), or -EINPROGRESS once the kernel was asked to cancel it
+ * (IORING_OP_ASYNC_CANCEL): the future then ends CANCELLED with -ECANCELED, or FINISHED with the
+ * operation's own result if it completed first. Join accounting: an operation in flight counts
+ * as work for concur_exec_join().
+ *
+ * Offsets: an offset of -1 means the file's current position (read, write, readv, writev);
+ * below -1 is -EINVAL. Lengths are capped at 0x7ffff000 bytes per call, like read(2). A NULL
+ * buffer with a nonzero length, a NULL path, address or msghdr give -EINVAL; descriptors are
+ * checked by the kernel (-EBADF). An operation the running kernel lacks (probed once per
+ * executor) gives -EOPNOTSUPP at once, never a hang.
+ */
+#define CONCUR_NO_TIMEOUT ((int64_t)-1)
+
+#include <sys/socket.h> /* socklen_t, struct sockaddr, struct msghdr */
+#include <sys/types.h>  /* mode_t */
+#include <sys/uio.h>    /* struct iovec */
+struct statx;
+
+/* A no-op through the ring (res 0): a round trip to the kernel, for benchmarks. */
+#define CONCUR_HAVE_NOP 1
+concur_future *concur_nop(concur_exec *ex);
+/* In a task: a no-op through the task's loop's ring; 0, or -EPERM outside a task. */
+int64_t concur_await_nop(void);
+
+/* read(2)/pread(2) at off (-1: current position): bytes read, 0 at end of file, -errno. */
+concur_future *concur_read(concur_exec *ex, int fd, void *buf, size_t len, int64_t off,
+                           int64_t timeout_ns);
+int64_t concur_await_read(int fd, void *buf, size_t len, int64_t off, int64_t timeout_ns);
+
+/* write(2)/pwrite(2) at off (-1: current position): bytes written (maybe short), -errno. */
+concur_future *concur_write(concur_exec *ex, int fd, const void *buf, size_t len, int64_t off,
+                            int64_t timeout_ns);
+int64_t concur_await_write(int fd, const void *buf, size_t len, int64_t off, int64_t timeout_ns);
+
+/* preadv(2) (iovcnt 1..IOV_MAX, off -1: current position): bytes read, -errno. */
+concur_future *concur_readv(concur_exec *ex, int fd, const struct iovec *iov, int iovcnt,
+                            int64_t off, int64_t timeout_ns);
+int64_t concur_await_readv(int fd, const struct iovec *iov, int iovcnt, int64_t off,
+                           int64_t timeout_ns);
+
+/* pwritev(2) (iovcnt 1..IOV_MAX, off -1: current position): bytes written, -errno. */
+concur_future *concur_writev(concur_exec *ex, int fd, const struct iovec *iov, int iovcnt,
+                             int64_t off, int64_t timeout_ns);
+int64_t concur_await_writev(int fd, const struct iovec *iov, int iovcnt, int64_t off,
+                            int64_t timeout_ns);
+
+/* fsync(2), or fdatasync(2) when datasync: 0 or -errno. */
+concur_future *concur_fsync(concur_exec *ex, int fd, bool datasync, int64_t timeout_ns);
+int64_t concur_await_fsync(int fd, bool datasync, int64_t timeout_ns);
+
+/* openat(2): the new fd, or -errno. path must stay valid until done. */
+concur_future *concur_openat(concur_exec *ex, int dfd, const char *path, int flags, mode_t mode,
+                             int64_t timeout_ns);
+int64_t concur_await_openat(int dfd, const char *path, int flags, mode_t mode, int64_t timeout_ns);
+
+/* close(2): 0 or -errno (-EBADF for a descriptor that is not open). */
+concur_future *concur_close(concur_exec *ex, int fd, int64_t timeout_ns);
+int64_t concur_await_close(int fd, int64_t timeout_ns);
+
+/* statx(2) into *out: 0 or -errno. */
+concur_future *concur_statx(concur_exec *ex, int dfd, const char *path, int flags, unsigned mask,
+                            struct statx *out, int64_t timeout_ns);
+int64_t concur_await_statx(int dfd, const char *path, int flags, unsigned mask, struct statx *out,
+                           int64_t timeout_ns);
+
+/* fallocate(2): 0 or -errno (-EINVAL for a negative off or len). */
+concur_future *concur_fallocate(concur_exec *ex, int fd, int mode, int64_t off, int64_t len,
+                                int64_t timeout_ns);
+int64_t concur_await_fallocate(int fd, int mode, int64_t off, int64_t len, int64_t timeout_ns);
+
+/* unlinkat(2) (flags 0 or AT_REMOVEDIR): 0 or -errno. */
+concur_future *concur_unlinkat(concur_exec *ex, int dfd, const char *path, int flags,
+                               int64_t timeout_ns);
+int64_t concur_await_unlinkat(int dfd, const char *path, int flags, int64_t timeout_ns);
+
+/* renameat2(2): 0 or -errno. */
+concur_future *concur_renameat(concur_exec *ex, int olddfd, const char *oldpath, int newdfd,
+                               const char *newpath, unsigned flags, int64_t timeout_ns);
+int64_t concur_await_renameat(int olddfd, const char *oldpath, int newdfd, const char *newpath,
+                              unsigned flags, int64_t timeout_ns);
+
+/* mkdirat(2): 0 or -errno. */
+concur_future *concur_mkdirat(concur_exec *ex, int dfd, const char *path, mode_t mode,
+                              int64_t timeout_ns);
+int64_t concur_await_mkdirat(int dfd, const char *path, mode_t mode, int64_t timeout_ns);
+
+/* socket(2): the new fd, or -errno. */
+concur_future *concur_socket(concur_exec *ex, int domain, int type, int protocol,
+                             int64_t timeout_ns);
+int64_t concur_await_socket(int domain, int type, int protocol, int64_t timeout_ns);
+
+/* accept4(2) (addr and addrlen may be NULL): the new fd, or -errno. */
+concur_future *concur_accept(concur_exec *ex, int fd, struct sockaddr *addr, socklen_t *addrlen,
+                             int flags, int64_t timeout_ns);
+int64_t concur_await_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags,
+                            int64_t timeout_ns);
+
+/* connect(2): 0 or -errno (-ECONNREFUSED, ...). */
+concur_future *concur_connect(concur_exec *ex, int fd, const struct sockaddr *addr,
+                              socklen_t addrlen, int64_t timeout_ns);
+int64_t concur_await_connect(int fd, const struct sockaddr *addr, socklen_t addrlen,
+                             int64_t timeout_ns);
+
+/* recv(2): bytes received, 0 when the peer has shut down, -errno (-ECONNRESET, ...). */
+concur_future *concur_recv(concur_exec *ex, int fd, void *buf, size_t len, int flags,
+                           int64_t timeout_ns);
+int64_t concur_await_recv(int fd, void *buf, size_t len, int flags, int64_t timeout_ns);
+
+/* send(2): bytes sent (maybe short), -errno (-EPIPE, -ECONNRESET, ...). Pass MSG_NOSIGNAL to
+ * avoid SIGPIPE. */
+concur_future *concur_send(concur_exec *ex, int fd, const void *buf, size_t len, int flags,
+                           int64_t timeout_ns);
+int64_t concur_await_send(int fd, const void *buf, size_t len, int flags, int64_t timeout_ns);
+
+/* recvmsg(2): bytes received, -errno. msg and everything it points to stays valid until done. */
+concur_future *concur_recvmsg(concur_exec *ex, int fd, struct msghdr *msg, int flags,
+                              int64_t timeout_ns);
+int64_t concur_await_recvmsg(int fd, struct msghdr *msg, int flags, int64_t timeout_ns);
+
+/* sendmsg(2): bytes sent, -errno. */
+concur_future *concur_sendmsg(concur_exec *ex, int fd, const struct msghdr *msg, int flags,
+                              int64_t timeout_ns);
+int64_t concur_await_sendmsg(int fd, const struct msghdr *msg, int flags, int64_t timeout_ns);
+
+/* shutdown(2) (how: SHUT_RD, SHUT_WR, SHUT_RDWR): 0 or -errno. */
+concur_future *concur_shutdown(concur_exec *ex, int fd, int how, int64_t timeout_ns);
+int64_t concur_await_shutdown(int fd, int how, int64_t timeout_ns);
+
+/* One-shot poll for events (POLLIN, POLLOUT, ...): the events that are ready, or -errno. */
+concur_future *concur_poll(concur_exec *ex, int fd, unsigned events, int64_t timeout_ns);
+int64_t concur_await_poll(int fd, unsigned events, int64_t timeout_ns);
+
+/* splice(2) of up to len bytes (one side must be a pipe; offsets -1 for a pipe or the current
+ * position): bytes moved, -errno. */
+concur_future *concur_splice(concur_exec *ex, int fd_in, int64_t off_in, int fd_out,
+                             int64_t off_out, size_t len, unsigned flags, int64_t timeout_ns);
+int64_t concur_await_splice(int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len,
+                            unsigned flags, int64_t timeout_ns);
+
+/* A kernel timer (IORING_OP_TIMEOUT) of ns nanoseconds: 0 when it expires, -ECANCELED if
+ * cancelled, -EINVAL for ns < 0. */
+concur_future *concur_timeout(concur_exec *ex, int64_t ns);
+int64_t concur_await_timeout(int64_t ns);
+
+/*
+ * Multishot streams: one SQE, many completions, consumed one item at a time. A stream lives on
+ * the loop of the task that opened it and is used only from tasks on that loop (which is where
+ * the opening task stays); elsewhere its functions return -EPERM.
+ *
+ * concur_stream_next() suspends the task until the next item: for an accept stream a new fd
+ * (>= 0); for a recv stream the number of bytes (> 0), with *chunk set to a buffer borrowed from
+ * the loop's provided-buffer ring, to be given back with concur_stream_give() (soon: the ring is
+ * shared by the loop's streams; when it runs dry, recv streams pause and re-arm when buffers come
+ * back). The end of a stream is reported exactly once: 0 for a recv stream whose peer shut down,
+ * otherwise the error that ended it (-ECANCELED after concur_stream_cancel(), -ECONNRESET, ...);
+ * after that next() returns -ENODATA. A kernel that stops a multishot on its own (CQ overflow,
+ * buffers running out) is re-armed transparently.
+ */
+typedef struct concur_stream concur_stream;
+
+struct concur_chunk {
+	void *data;   /* the received bytes, borrowed */
+	size_t len;   /* how many */
+	uint32_t bid; /* the buffer's id, for concur_stream_give */
+};
+
+/* In a task: open a multishot accept stream on listening socket fd (flags as accept4).
+ * Returns 0 and *out, -EPERM outside a task, -EINVAL, -ENOMEM, -EOPNOTSUPP. */
+int concur_accept_stream(concur_stream **out, int fd, int flags);
+/* In a task: open a multishot recv stream on socket fd (flags as recv). Returns as above, or
+ * the error setting up the loop's buffer ring. */
+int concur_recv_stream(concur_stream **out, int fd, int flags);
+/* In a task on the stream's loop: the next item (see above), waiting for it. chunk may be NULL
+ * for accept streams. -EBUSY if another task is already waiting on s, -EINVAL for bad
+ * arguments, -EPERM from elsewhere. */
+int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
+/* Give a borrowed buffer back. Returns 0 or -EINVAL. */
+int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
+/* Ask the kernel to stop the stream early; next() then drains what came and reports the end
+ * (-ECANCELED unless the stream ended on its own first). Returns 0 or -EINVAL/-EPERM. */
+int concur_stream_cancel(concur_stream *s);
+/* Close the stream: cancels it if still armed, closes accepted fds and gives back buffers not
+ * yet consumed; the memory goes once the kernel's last completion arrived. No other task may
+ * be waiting on it. Borrowed chunks must have been given back. NULL is ignored. */
+void concur_stream_close(concur_stream *s);
 
 #ifdef __cplusplus
 }

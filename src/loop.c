@@ -15,6 +15,7 @@
  * if it is asleep, with a MSG_RING from a small ring of its own.
  */
 #include "internal.h"
+#include "wait.h" /* the stall detector's hook */
 
 #include <limits.h>
 #include <sched.h>
@@ -141,7 +142,10 @@ static void concur__run_queues(struct concur__loop *loop)
 			return;
 		if (!t->fib && !concur__task_start(loop, t))
 			continue;
+		int64_t t0 = concur__stall_begin(); /* 0 unless a stall detector is set */
 		concur__fiber_run(loop, t);
+		if (t0)
+			concur__stall_end(loop, t0);
 		if (t->finished) {
 			/* the stack goes back first: callbacks run on the loop's stack, and any
 			 * task they spawn can reuse it */

@@ -1,0 +1,28 @@
+/* SPDX-License-Identifier: MIT */
+/* An echo server: every byte received is sent back. Receives through a multishot recv stream. */
+#include "server.h"
+
+static int64_t echo_conn(int fd)
+{
+	concur_stream *s;
+	int64_t r = concur_recv_stream(&s, fd, 0);
+	if (r == 0) {
+		struct concur_chunk c;
+		while ((r = concur_stream_next(s, &c)) > 0) {
+			int err = server_send_all(fd, c.data, c.len);
+			concur_stream_give(s, &c);
+			if (err) {
+				r = err;
+				break;
+			}
+		}
+		concur_stream_close(s);
+	}
+	server_conn_done(fd);
+	return r;
+}
+
+int main(int argc, char **argv)
+{
+	return server_main(argc, argv, "echo", 7000, echo_conn);
+}

@@ -1,0 +1,189 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * An HTTP/1.1 server: GET /plaintext answers "Hello, World!" (with Date and Server headers).
+ * Keep-alive (HTTP/1.1 by default, HTTP/1.0 with "Connection: keep-alive") and pipelining: every
+ * complete request in what was received is answered, the answers leave in one send. A malformed
+ * request gets 400, a header block larger than the buffer 431, and the connection closes; so
+ * does it on EOF (a half request and a hang-up just ends the connection).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "server.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#define IN_CAP  8192  /* the largest header block we take */
+#define OUT_CAP 65536 /* answers gathered before a send */
+
+static const char body[] = "Hello, World!";
+
+/* "Date: ...\r\n", refreshed once a second per thread. */
+static const char *date_header(size_t *len)
+{
+	static __thread char buf[64];
+	static __thread time_t last;
+	static __thread size_t n;
+	time_t now = time(NULL);
+	if (now != last) {
+		struct tm tm;
+		gmtime_r(&now, &tm);
+		n = strftime(buf, sizeof(buf), "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+		last = now;
+	}
+	*len = n;
+	return buf;
+}
+
+static void respond(struct server_conn *o, const char *status, const char *ctype, const char *b,
+                    size_t blen, bool keep_alive, bool head)
+{
+	char hdr[256];
+	size_t dlen;
+	const char *date = date_header(&dlen);
+	int n = snprintf(hdr, sizeof(hdr),
+	                 "HTTP/1.1 %s\r\nServer: concur\r\nContent-Type: %s\r\n"
+	                 "Content-Length: %zu\r\n%s",
+	                 status, ctype, blen, keep_alive ? "" : "Connection: close\r\n");
+	server_out_add(o, hdr, (size_t)n);
+	server_out_add(o, date, dlen);
+	server_out_add(o, "\r\n", 2);
+	if (!head)
+		server_out_add(o, b, blen);
+}
+
+static void respond_error(struct server_conn *o, const char *status)
+{
+	respond(o, status, "text/plain", status, strlen(status), false, false);
+}
+
+static bool is_tchar(char c)
+{
+	return isalnum((unsigned char)c) || strchr("!#$%&'*+-.^_`|~", c);
+}
+
+/*
+ * Parse one complete request (head is n bytes, ending with the blank line). Returns the answer
+ * status: 0 keep going, 1 close after answering, -1 malformed (400). *body_len: bytes of body
+ * that follow the head.
+ */
+static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
+{
+	char *end = head + n, *p = head, *line_end;
+	*body_len = 0;
+	/* request line: METHOD SP TARGET SP HTTP/1.x CRLF */
+	line_end = memchr(p, '\r', (size_t)(end - p));
+	if (!line_end || line_end[1] != '\n')
+		return -1;
+	char *m = p;
+	while (p < line_end && is_tchar(*p))
+		p++;
+	if (p == m || p >= line_end || *p != ' ')
+		return -1;
+	size_t mlen = (size_t)(p - m);
+	char *target = ++p;
+	while (p < line_end && (unsigned char)*p > ' ' && *p != 127)
+		p++;
+	if (p == target || p >= line_end || *p != ' ' || *target != '/')
+		return -1;
+	size_t tlen = (size_t)(p - target);
+	p++;
+	if (line_end - p != 8 || memcmp(p, "HTTP/1.", 7) || (p[7] != '0' && p[7] != '1'))
+		return -1;
+	bool http10 = p[7] == '0';
+	bool keep_alive = !http10;
+	/* headers: NAME ":" value CRLF, up to the blank line */
+	for (p = line_end + 2; p < end - 2; p = line_end + 2) {
+		line_end = memchr(p, '\r', (size_t)(end - p));
+		if (!line_end || line_end[1] != '\n')
+			return -1;
+		char *colon = p;
+		while (colon < line_end && is_tchar(*colon))
+			colon++;
+		if (colon == p || colon >= line_end || *colon != ':')
+			return -1;
+		size_t nlen = (size_t)(colon - p);
+		char *v = colon + 1;
+		while (v < line_end && (*v == ' ' || *v == '\t'))
+			v++;
+		size_t vlen = (size_t)(line_end - v);
+		if (nlen == 10 && !strncasecmp(p, "connection", 10)) {
+			if (vlen >= 5 && !strncasecmp(v, "close", 5))
+				keep_alive = false;
+			else if (vlen >= 10 && !strncasecmp(v, "keep-alive", 10))
+				keep_alive = true;
+		} else if (nlen == 14 && !strncasecmp(p, "content-length", 14)) {
+			char *e;
+			if (!vlen || !isdigit((unsigned char)*v))
+				return -1;
+			unsigned long long cl = strtoull(v, &e, 10);
+			if (e != line_end && *e != ' ' && *e != '\t')
+				return -1;
+			*body_len = (size_t)cl;
+		} else if (nlen == 17 && !strncasecmp(p, "transfer-encoding", 17)) {
+			return -1; /* no chunked bodies here */
+		}
+	}
+	bool get = mlen == 3 && !memcmp(m, "GET", 3), head_req = mlen == 4 && !memcmp(m, "HEAD", 4);
+	if (!get && !head_req)
+		respond(o, "405 Method Not Allowed", "text/plain", "405 Method Not Allowed", 22,
+		        keep_alive, false);
+	else if (tlen == 10 && !memcmp(target, "/plaintext", 10))
+		respond(o, "200 OK", "text/plain", body, sizeof(body) - 1, keep_alive, head_req);
+	else
+		respond(o, "404 Not Found", "text/plain", "404 Not Found", 13, keep_alive,
+		        head_req);
+	return keep_alive ? 0 : 1;
+}
+
+/* Answer every complete request in in[0..len); c->state: body bytes still to drop. */
+static size_t http_process(struct server_conn *c, char *in, size_t len, bool full, bool *close)
+{
+	size_t pos = 0;
+	for (;;) {
+		size_t k = c->state < len - pos ? (size_t)c->state : len - pos;
+		pos += k;
+		c->state -= k;
+		if (c->state)
+			return pos;
+		char *start = in + pos;
+		char *eoh = memmem(start, len - pos, "\r\n\r\n", 4);
+		if (!eoh) {
+			if (pos == 0 && full) { /* no room for the rest of the header block */
+				respond_error(c, "431 Request Header Fields Too Large");
+				*close = true;
+			}
+			return pos;
+		}
+		size_t n = (size_t)(eoh + 4 - start), blen;
+		if (server_out_reserve(c, 512)) { /* the largest answer is well under that */
+			*close = true;
+			return pos;
+		}
+		int st = handle(c, start, n, &blen);
+		pos += n;
+		c->state = blen;
+		if (st < 0)
+			respond_error(c, "400 Bad Request");
+		if (st != 0) {
+			*close = true;
+			return pos;
+		}
+	}
+}
+
+static int64_t http_conn(int fd)
+{
+	return server_serve(fd, IN_CAP, OUT_CAP, http_process);
+}
+
+int main(int argc, char **argv)
+{
+	return server_main(argc, argv, "http", 8080, http_conn);
+}

@@ -1,0 +1,240 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "server.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAX_FDS   (1 << 20)
+#define MAX_LOOPS 1024
+
+static _Atomic bool stopping;
+static _Atomic unsigned char *conn_open; /* conn_open[fd]: a connection task owns fd */
+static int64_t (*conn_fn)(int fd);
+static int listeners[MAX_LOOPS];
+static unsigned nlisteners;
+
+bool server_stopping(void)
+{
+	return atomic_load(&stopping);
+}
+
+void server_conn_done(int fd)
+{
+	if (fd >= 0 && fd < MAX_FDS)
+		atomic_store(&conn_open[fd], 0);
+	concur_await_close(fd, CONCUR_NO_TIMEOUT);
+}
+
+int server_send_all(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+	while (len) {
+		int64_t r = concur_await_send(fd, p, len, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT);
+		if (r <= 0)
+			return r ? (int)r : -EPIPE;
+		p += r;
+		len -= (size_t)r;
+	}
+	return 0;
+}
+
+int server_out_reserve(struct server_conn *c, size_t need)
+{
+	if (c->out_len + need <= c->out_cap)
+		return 0;
+	int err = server_send_all(c->fd, c->out, c->out_len);
+	c->out_len = 0;
+	if (!err && need > c->out_cap)
+		return -E2BIG;
+	return err;
+}
+
+void server_out_add(struct server_conn *c, const void *p, size_t n)
+{
+	memcpy(c->out + c->out_len, p, n);
+	c->out_len += n;
+}
+
+int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process)
+{
+	char *in = malloc(in_cap);
+	struct server_conn c = {.fd = fd, .out = malloc(out_cap), .out_cap = out_cap};
+	size_t len = 0;
+	bool close_it = !in || !c.out;
+	while (!close_it && !server_stopping()) {
+		int64_t r = concur_await_recv(fd, in + len, in_cap - len, 0, CONCUR_NO_TIMEOUT);
+		if (r <= 0)
+			break; /* EOF (maybe in the middle of a request) or an error: close */
+		len += (size_t)r;
+		size_t used = process(&c, in, len, len == in_cap, &close_it);
+		memmove(in, in + used, len - used);
+		len -= used;
+		if (c.out_len && server_send_all(fd, c.out, c.out_len))
+			close_it = true;
+		c.out_len = 0;
+	}
+	free(in);
+	free(c.out);
+	server_conn_done(fd);
+	return 0;
+}
+
+static int64_t conn_task(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	if (fd >= MAX_FDS) {
+		concur_await_close(fd, CONCUR_NO_TIMEOUT);
+		return -EMFILE;
+	}
+	atomic_store(&conn_open[fd], 1);
+	if (server_stopping()) { /* raced with the stop's sweep */
+		server_conn_done(fd);
+		return 0;
+	}
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return conn_fn(fd);
+}
+
+static int64_t accept_task(void *arg)
+{
+	int lfd = (int)(intptr_t)arg;
+	concur_stream *s;
+	int err = concur_accept_stream(&s, lfd, SOCK_CLOEXEC);
+	if (err) {
+		fprintf(stderr, "accept stream: %s\n", concur_strerror(err));
+		return err;
+	}
+	concur_exec *ex = concur_current_exec();
+	for (;;) {
+		int64_t fd = concur_stream_next(s, NULL);
+		if (fd < 0)
+			break; /* the listener was shut down (or failed) */
+		if (server_stopping()) {
+			close((int)fd);
+			continue;
+		}
+		concur_release(concur_spawn(ex, conn_task, (void *)(intptr_t)fd));
+	}
+	concur_stream_close(s);
+	return 0;
+}
+
+/* Wait for SIGINT/SIGTERM through the ring, then make every task end. */
+static int64_t signal_task(void *arg)
+{
+	int sfd = (int)(intptr_t)arg;
+	struct signalfd_siginfo si;
+	int64_t r = concur_await_read(sfd, &si, sizeof(si), -1, CONCUR_NO_TIMEOUT);
+	atomic_store(&stopping, true);
+	fprintf(stderr, "signal %d: stopping\n", r == (int64_t)sizeof(si) ? (int)si.ssi_signo : -1);
+	for (unsigned i = 0; i < nlisteners; i++)
+		shutdown(listeners[i], SHUT_RDWR);
+	for (int fd = 0; fd < MAX_FDS; fd++)
+		if (atomic_load_explicit(&conn_open[fd], memory_order_relaxed))
+			shutdown(fd, SHUT_RDWR);
+	return 0;
+}
+
+static int make_listener(uint16_t *port)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int one = 1;
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(*port)};
+	socklen_t len = sizeof(a);
+	if (fd < 0)
+		return -errno;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) || listen(fd, 4096) ||
+	    getsockname(fd, (struct sockaddr *)&a, &len)) {
+		int err = -errno;
+		close(fd);
+		return err;
+	}
+	*port = ntohs(a.sin_port);
+	return fd;
+}
+
+static void usage(const char *name, uint16_t port)
+{
+	fprintf(stderr, "usage: %s [--port N (default %u, 0: any)] [--loops N (default: CPUs)]\n",
+	        name, port);
+}
+
+int server_main(int argc, char **argv, const char *name, uint16_t default_port,
+                int64_t (*conn)(int fd))
+{
+	unsigned long port = default_port, loops = 0;
+	for (int i = 1; i < argc; i++) {
+		char *end;
+		unsigned long *dst = !strcmp(argv[i], "--port")    ? &port
+		                     : !strcmp(argv[i], "--loops") ? &loops
+		                                                   : NULL;
+		if (!dst || i + 1 >= argc) {
+			usage(name, default_port);
+			return 2;
+		}
+		*dst = strtoul(argv[++i], &end, 10);
+		if (*end || (dst == &port && port > 65535) ||
+		    (dst == &loops && loops > MAX_LOOPS)) {
+			usage(name, default_port);
+			return 2;
+		}
+	}
+	conn_fn = conn;
+	conn_open = calloc(MAX_FDS, 1);
+	/* block the signals in every thread (the loops inherit the mask): they come by signalfd */
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+	concur_exec *ex;
+	struct concur_exec_opts o = {.loops = (unsigned)loops};
+	int err = concur_exec_new(&ex, &o);
+	if (!conn_open || sfd < 0 || err) {
+		fprintf(stderr, "%s: cannot start: %s %s\n", name, concur_strerror(err),
+		        concur_last_error());
+		return 1;
+	}
+	nlisteners = (unsigned)concur_exec_loops(ex);
+	uint16_t p = (uint16_t)port;
+	for (unsigned i = 0; i < nlisteners; i++) {
+		int fd = make_listener(&p); /* the first may pick the port; the rest share it */
+		if (fd < 0) {
+			fprintf(stderr, "%s: listen on port %u: %s\n", name, p,
+			        concur_strerror(fd));
+			return 1;
+		}
+		listeners[i] = fd;
+	}
+	printf("%s: listening on 0.0.0.0:%u with %u loops\n", name, p, nlisteners);
+	fflush(stdout);
+	concur_future *sig = concur_spawn(ex, signal_task, (void *)(intptr_t)sfd);
+	for (unsigned i = 0; i < nlisteners; i++)
+		concur_release(concur_spawn(ex, accept_task, (void *)(intptr_t)listeners[i]));
+	concur_result(sig, -1);
+	concur_release(sig);
+	concur_exec_free(ex); /* joins: every connection task has ended */
+	for (unsigned i = 0; i < nlisteners; i++)
+		close(listeners[i]);
+	close(sfd);
+	free(conn_open);
+	printf("%s: stopped\n", name);
+	return 0;
+}

@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * What the example servers share, on concur's public API only: options (--port, --loops), one
+ * SO_REUSEPORT listener and one accepting task (a multishot accept stream) per loop, a task per
+ * connection, and a clean stop on SIGINT/SIGTERM: the signal is read from a signalfd through the
+ * ring, the listeners are shut down and every open connection is shut down, so each task ends.
+ */
+#ifndef CONCUR_BENCH_SERVER_H
+#define CONCUR_BENCH_SERVER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "concur.h"
+
+/* Serve connections with conn(fd), which must call server_conn_done(fd) before it returns (it
+ * closes fd). Returns the process exit status. */
+int server_main(int argc, char **argv, const char *name, uint16_t default_port,
+                int64_t (*conn)(int fd));
+
+/* True once a stop was requested: a connection task should wind down. */
+bool server_stopping(void);
+
+/* Close a connection's fd and forget it. */
+void server_conn_done(int fd);
+
+/* Send all of buf (the direct form: call it from the connection's task). 0 or -errno. */
+int server_send_all(int fd, const void *buf, size_t len);
+
+/* A request/response connection: what server_serve() gives the protocol. */
+struct server_conn {
+	int fd;
+	char *out; /* answers gathered for one send */
+	size_t out_len, out_cap;
+	uint64_t state; /* the protocol's own, per connection (starts at 0) */
+};
+
+/* Make room for need more bytes of answer, sending what is gathered if it must. 0, -E2BIG if
+ * need is larger than the whole buffer (send it with server_send_all after this), -errno. */
+int server_out_reserve(struct server_conn *c, size_t need);
+/* Append n bytes of answer (after server_out_reserve). */
+void server_out_add(struct server_conn *c, const void *p, size_t n);
+
+/*
+ * The protocol: handle the complete requests at the start of in[0..len) and return how many
+ * bytes they took; set *close to end the connection after the answers went out. full: the
+ * buffer is full, so an incomplete request will never complete (answer that it is too large).
+ */
+typedef size_t (*server_process_fn)(struct server_conn *c, char *in, size_t len, bool full,
+                                    bool *close);
+
+/* Receive into a buffer of in_cap bytes and let process answer, until EOF, an error, close or a
+ * stop; then server_conn_done(fd). Use it as (or in) server_main's conn. */
+int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process);
+
+#endif

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+# Smoke test of the example servers: a real curl request, keep-alive and pipelining, 400 on a
+# malformed request, 431 on oversized headers, a half request and a hang-up, RESP commands and
+# bad input, echo; then a clean stop on SIGTERM. Usage: test_servers.py DIR_WITH_SERVERS
+import os, re, signal, socket, subprocess, sys, time
+
+bindir = sys.argv[1]
+
+def start(name):
+    p = subprocess.Popen([os.path.join(bindir, 'concur_%s_server' % name), '--port', '0',
+                          '--loops', '2'], stdout=subprocess.PIPE, text=True)
+    m = re.search(r':(\d+) with', p.stdout.readline())
+    assert m, name + ' did not say where it listens'
+    return p, int(m.group(1))
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=10) == 0
+    assert 'stopped' in p.stdout.read()
+
+def recv_until(s, n, marker=None):
+    d = b''
+    s.settimeout(5)
+    while len(d) < n and (marker is None or marker not in d):
+        c = s.recv(65536)
+        if not c:
+            break
+        d += c
+    return d
+
+def test_http():
+    p, port = start('http')
+    try:
+        out = subprocess.run(['curl', '-s', '-i', 'http://127.0.0.1:%d/plaintext' % port],
+                             capture_output=True, timeout=10).stdout
+        assert out.startswith(b'HTTP/1.1 200 OK'), out
+        assert b'\r\nDate: ' in out and b'\r\nServer: ' in out and out.endswith(b'Hello, World!')
+        s = socket.create_connection(('127.0.0.1', port))
+        s.sendall(b'GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n' * 16)  # pipelined
+        d = b''
+        while d.count(b'Hello, World!') < 16:
+            d += recv_until(s, 1)
+        s.sendall(b'GET /plaintext HTTP/1.1\r\n\r\n')  # still open: keep-alive
+        assert b'200 OK' in recv_until(s, 1, b'Hello, World!')
+        for bad in [b'BAD\r\n\r\n', b'GET  /plaintext HTTP/1.1\r\n\r\n', b'GET / HTTP/2.0\r\n\r\n',
+                    b'GET / HTTP/1.1\r\nno colon\r\n\r\n']:
+            s = socket.create_connection(('127.0.0.1', port))
+            s.sendall(bad)
+            d = recv_until(s, 1 << 20)
+            assert d.startswith(b'HTTP/1.1 400'), (bad, d)
+        s = socket.create_connection(('127.0.0.1', port))
+        s.sendall(b'GET /plaintext HTTP/1.1\r\nX-Big: ' + b'a' * 20000 + b'\r\n\r\n')
+        assert recv_until(s, 1 << 20, b'\r\n\r\n').startswith(b'HTTP/1.1 431')
+        s = socket.create_connection(('127.0.0.1', port))
+        s.sendall(b'GET /plain')  # half a request, then hang up
+        s.close()
+        s = socket.create_connection(('127.0.0.1', port))  # an idle connection at stop
+    finally:
+        stop(p)
+
+def test_resp():
+    p, port = start('resp')
+    try:
+        s = socket.create_connection(('127.0.0.1', port))
+        s.sendall(b'*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nvv\r\n'
+                  b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$3\r\nDEL\r\n$1\r\nk\r\n'
+                  b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n')
+        want = b'+PONG\r\n+OK\r\n$2\r\nvv\r\n:1\r\n$-1\r\n+PONG\r\n'
+        assert recv_until(s, len(want)) == want
+        s.sendall(b'*1\r\n$4\r\nPI')  # half, then the rest
+        time.sleep(0.05)
+        s.sendall(b'NG\r\n')
+        assert recv_until(s, 7) == b'+PONG\r\n'
+        s.sendall(b'*1\r\n$x\r\n')
+        assert recv_until(s, 1 << 20).startswith(b'-ERR Protocol error')
+        s = socket.create_connection(('127.0.0.1', port))
+        s.sendall(b'*2\r\n$3\r\nGET')
+        s.close()
+    finally:
+        stop(p)
+
+def test_echo():
+    p, port = start('echo')
+    try:
+        s = socket.create_connection(('127.0.0.1', port))
+        data = bytes(range(256)) * 4000
+        s.sendall(data)
+        assert recv_until(s, len(data)) == data
+    finally:
+        stop(p)
+
+test_http()
+test_resp()
+test_echo()
+print('servers: ok')

@@ -1,0 +1,862 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * I/O as futures: every kernel operation is an SQE whose CQE completes a future (or resumes the
+ * task that awaits it directly), with optional deadlines (a linked timeout), in-flight
+ * cancellation (IORING_OP_ASYNC_CANCEL) and multishot streams (accept, recv with a provided
+ * buffer ring per loop).
+ *
+ * An operation is described by a struct io_req: the SQE is prepared at the call, into the
+ * request itself, and copied into the ring on the loop thread that owns the ring. The request is
+ * done when every CQE it expects has arrived (the operation's, and its linked timeout's when it
+ * has a deadline): only then is the future completed or the task resumed, so the caller's
+ * buffers (and, for the direct form, the request on the fiber's stack) are never touched by the
+ * kernel after that.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "internal.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define IO_CONTAINER(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
+#define IO_MAX_LEN                    0x7ffff000u /* MAX_RW_COUNT, as read(2) caps it */
+
+/* ---- one operation ------------------------------------------------------------------------ */
+
+struct io_req {
+	struct concur__op op;              /* the operation's CQE */
+	struct concur__op lt_op;           /* its linked timeout's CQE (with a deadline) */
+	struct concur__loop *loop;         /* the loop whose ring carries it */
+	struct concur__task *task;         /* direct form: the task to resume; NULL for a future */
+	struct io_uring_sqe sqe;           /* prepared at the call, copied into the ring */
+	struct __kernel_timespec ts;       /* IORING_OP_TIMEOUT's own time */
+	struct __kernel_timespec deadline; /* the linked timeout's */
+	int32_t res;                       /* the operation's CQE res */
+	int32_t lt_res;                    /* the linked timeout's: -ETIME when it fired */
+	uint8_t cqes_left;
+	bool has_deadline;
+	_Atomic bool cancel_req; /* concur_cancel asked the kernel to cancel it */
+};
+
+/* The future form: the request plus what it takes to reach the loop from another thread. */
+struct concur__io {
+	struct concur_future f;          /* first: the I/O op is its future */
+	struct concur__node node;        /* submit on the loop */
+	struct concur__node cancel_node; /* cancel on the loop */
+	struct io_req r;
+};
+
+_Static_assert(offsetof(struct concur__io, f) == 0, "an I/O op starts with its future");
+
+static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                      uint32_t flags);
+static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                      uint32_t flags);
+
+/* CQEs we expect but do not care about (our ASYNC_CANCELs): just the in-flight count. */
+static void io_quiet_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                         uint32_t flags)
+{
+	loop->inflight--;
+}
+static struct concur__op io_quiet_op = {io_quiet_cqe};
+
+static void io_ns_to_ts(struct __kernel_timespec *ts, int64_t ns)
+{
+	ts->tv_sec = ns / 1000000000;
+	ts->tv_nsec = ns % 1000000000;
+}
+
+static void io_req_init(struct io_req *r, int64_t timeout_ns)
+{
+	memset(r, 0, sizeof(*r));
+	r->op.cqe = io_op_cqe;
+	r->lt_op.cqe = io_lt_cqe;
+	r->cqes_left = 1;
+	if (timeout_ns >= 0) {
+		r->has_deadline = true;
+		r->cqes_left = 2;
+		io_ns_to_ts(&r->deadline, timeout_ns);
+	}
+}
+
+/* -EOPNOTSUPP if the kernel lacks the operation (or the linked timeout a deadline needs). */
+static int io_check_supported(const concur_exec *ex, unsigned opcode, int64_t timeout_ns)
+{
+	if (!concur__op_supported(ex, opcode))
+		return -EOPNOTSUPP;
+	if (timeout_ns >= 0 && !concur__op_supported(ex, IORING_OP_LINK_TIMEOUT))
+		return -EOPNOTSUPP;
+	return 0;
+}
+
+static uint64_t io_user_data(struct concur__op *op)
+{
+	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
+}
+
+/* Loop thread: put the request's SQE (and its linked timeout) into the ring. */
+static void io_submit(struct concur__loop *loop, struct io_req *r)
+{
+	struct io_uring_sqe *sqe;
+
+	/* a link must not be split across two submits: make room for both at once */
+	while (r->has_deadline && io_uring_sq_space_left(&loop->ring) < 2)
+		io_uring_submit(&loop->ring);
+	sqe = concur__sqe(loop);
+	*sqe = r->sqe;
+	concur__sqe_set_op(sqe, &r->op);
+	loop->inflight++;
+	if (r->has_deadline) {
+		sqe->flags |= IOSQE_IO_LINK;
+		sqe = concur__sqe(loop);
+		io_uring_prep_link_timeout(sqe, &r->deadline, 0);
+		concur__sqe_set_op(sqe, &r->lt_op);
+		loop->inflight++;
+	}
+}
+
+/*
+ * The request's outcome, the kernel's codes mapped: a timeout op's expiry (-ETIME) is 0; an op
+ * ended by its deadline (-ECANCELED, or -EINTR from a worker) is -ETIMEDOUT; one ended by our
+ * cancel is -ECANCELED and *cancelled. Anything else is the kernel's own result.
+ */
+static int64_t io_outcome(struct io_req *r, bool *cancelled)
+{
+	int64_t res = r->res;
+
+	*cancelled = false;
+	if (r->sqe.opcode == IORING_OP_TIMEOUT && res == -ETIME)
+		return 0;
+	if (res == -ECANCELED || res == -EINTR) {
+		if (r->has_deadline && r->lt_res == -ETIME)
+			return -ETIMEDOUT;
+		if (atomic_load_explicit(&r->cancel_req, memory_order_relaxed)) {
+			*cancelled = true;
+			return -ECANCELED;
+		}
+	}
+	return res;
+}
+
+/* The executor's side of a future op is over: account it and drop its reference. */
+static void io_drop(struct concur__io *io)
+{
+	concur__work_end(io->f.ex);
+	concur_release(&io->f);
+}
+
+static void io_req_cqe(struct io_req *r)
+{
+	struct concur__io *io;
+	bool cancelled;
+	int64_t res;
+
+	if (--r->cqes_left)
+		return;
+	if (r->task) {
+		concur__resume(r->task);
+		return;
+	}
+	io = IO_CONTAINER(r, struct concur__io, r);
+	res = io_outcome(r, &cancelled);
+	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
+	io_drop(io);
+}
+
+static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
+{
+	struct io_req *r = IO_CONTAINER(op, struct io_req, op);
+
+	loop->inflight--;
+	r->res = res;
+	io_req_cqe(r);
+}
+
+static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
+{
+	struct io_req *r = IO_CONTAINER(op, struct io_req, lt_op);
+
+	loop->inflight--;
+	r->lt_res = res;
+	io_req_cqe(r);
+}
+
+/* ---- the future form ---------------------------------------------------------------------- */
+
+static void io_destroy(concur_future *f)
+{
+	free(f);
+}
+
+/* Loop thread: ask the kernel to cancel the op (unless it is already over). */
+static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
+{
+	struct concur__io *io = IO_CONTAINER(node, struct concur__io, cancel_node);
+
+	if (loop != io->r.loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
+		concur__loop_post(io->r.loop, node);
+		return;
+	}
+	if (!concur__is_done(&io->f)) {
+		struct io_uring_sqe *sqe = concur__sqe(loop);
+
+		io_uring_prep_cancel64(sqe, io_user_data(&io->r.op), 0);
+		concur__sqe_set_op(sqe, &io_quiet_op);
+		loop->inflight++;
+	}
+	concur_release(&io->f); /* taken by io_cancel_running */
+}
+
+static int io_cancel_running(concur_future *f)
+{
+	struct concur__io *io = (struct concur__io *)f;
+
+	if (atomic_exchange(&io->r.cancel_req, true))
+		return -EINPROGRESS; /* asked already */
+	concur_retain(f);
+	if (concur__tl_loop == io->r.loop) {
+		io_cancel_call(io->r.loop, &io->cancel_node);
+	} else {
+		io->cancel_node.kind = CONCUR__NODE_CALL;
+		io->cancel_node.call = io_cancel_call;
+		concur__loop_post(io->r.loop, &io->cancel_node);
+	}
+	return -EINPROGRESS;
+}
+
+static const struct concur__future_class io_class = {
+    .name = "io",
+    .cancel_running = io_cancel_running,
+    .destroy = io_destroy,
+};
+
+/* Loop thread: submit, unless the op was cancelled before it got here. */
+static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
+{
+	struct concur__io *io = IO_CONTAINER(node, struct concur__io, node);
+
+	io->r.loop = loop; /* where it runs (a failed MSG_RING may bring it to another loop) */
+	if (!concur__future_claim(&io->f)) {
+		io_drop(io); /* CANCELLED while queued: never submitted */
+		return;
+	}
+	io_submit(loop, &io->r);
+}
+
+/* A new future op (two references: the caller's and the executor's), or an error. */
+static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct concur__io **out)
+{
+	struct concur__io *io;
+	int err;
+
+	if (!concur__exec_valid(ex))
+		return -EINVAL;
+	err = io_check_supported(ex, opcode, timeout_ns);
+	if (err)
+		return err;
+	io = malloc(sizeof(*io));
+	if (!io)
+		return -ENOMEM;
+	memset(&io->node, 0, sizeof(io->node));
+	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
+	io_req_init(&io->r, timeout_ns);
+	concur__future_init(&io->f, &io_class, ex, 2);
+	*out = io;
+	return 0;
+}
+
+static concur_future *io_fail(concur_exec *ex, int err)
+{
+	return concur__failed_future(concur__exec_valid(ex) ? ex : NULL, err);
+}
+
+/* Submit on the caller's loop when it is one of ex's, else post it to one. */
+static concur_future *io_start(struct concur__io *io)
+{
+	concur_exec *ex = io->f.ex;
+	struct concur__loop *cur = concur__tl_loop;
+
+	concur__work_begin(ex);
+	if (cur && cur->ex == ex) {
+		io->r.loop = cur;
+		concur__future_claim(&io->f); /* nobody else has seen it yet */
+		io_submit(cur, &io->r);
+	} else {
+		io->r.loop = concur__exec_pick_loop(ex);
+		io->node.kind = CONCUR__NODE_CALL;
+		io->node.call = io_submit_call;
+		concur__loop_post(io->r.loop, &io->node);
+	}
+	return &io->f;
+}
+
+/* ---- the direct form ---------------------------------------------------------------------- */
+
+static int io_await_init(struct io_req *r, unsigned opcode, int64_t timeout_ns)
+{
+	int err;
+
+	if (!concur__tl_task)
+		return -EPERM;
+	err = io_check_supported(concur__tl_loop->ex, opcode, timeout_ns);
+	if (err)
+		return err;
+	io_req_init(r, timeout_ns);
+	return 0;
+}
+
+static int64_t io_await(struct io_req *r)
+{
+	bool cancelled;
+
+	r->task = concur__tl_task;
+	r->loop = concur__tl_loop;
+	io_submit(r->loop, r);
+	concur__suspend(); /* resumed by io_req_cqe once every CQE is in */
+	return io_outcome(r, &cancelled);
+}
+
+/* ---- the operations ----------------------------------------------------------------------- */
+
+/*
+ * Both forms of an operation from one description: its opcode, its parameters, a check of the
+ * arguments (0 or a negative errno) and the statement preparing `sqe` (the request is `r_`).
+ */
+#define IO_ARGS(...) __VA_ARGS__
+
+#define IO_FUTURE_BODY(opcode, check, prep, timeout)                                               \
+	{                                                                                          \
+		struct concur__io *io_ = NULL;                                                     \
+		int err_ = (check);                                                                \
+		if (!err_)                                                                         \
+			err_ = io_new(ex, opcode, timeout, &io_);                                  \
+		if (err_)                                                                          \
+			return io_fail(ex, err_);                                                  \
+		struct io_req *r_ = &io_->r;                                                       \
+		struct io_uring_sqe *sqe = &r_->sqe;                                               \
+		(void)r_;                                                                          \
+		prep;                                                                              \
+		return io_start(io_);                                                              \
+	}
+
+#define IO_AWAIT_BODY(opcode, check, prep, timeout)                                                \
+	{                                                                                          \
+		struct io_req req_, *r_ = &req_;                                                   \
+		struct io_uring_sqe *sqe = &r_->sqe;                                               \
+		int err_ = (check);                                                                \
+		if (!err_)                                                                         \
+			err_ = io_await_init(r_, opcode, timeout);                                 \
+		if (err_)                                                                          \
+			return err_;                                                               \
+		prep;                                                                              \
+		return io_await(r_);                                                               \
+	}
+
+/* clang-format off */
+#define IO_OP(name, opcode, params, check, prep)                                                   \
+	concur_future *concur_##name(concur_exec *ex, IO_ARGS params, int64_t timeout_ns)          \
+		IO_FUTURE_BODY(opcode, check, prep, timeout_ns)                                    \
+	int64_t concur_await_##name(IO_ARGS params, int64_t timeout_ns)                            \
+		IO_AWAIT_BODY(opcode, check, prep, timeout_ns)
+/* clang-format on */
+
+static inline unsigned io_len(size_t len)
+{
+	return len > IO_MAX_LEN ? IO_MAX_LEN : (unsigned)len;
+}
+
+static inline int io_check_buf(const void *buf, size_t len, int64_t off)
+{
+	return (!buf && len) || off < -1 ? -EINVAL : 0;
+}
+
+static inline int io_check_iov(const struct iovec *iov, int iovcnt, int64_t off)
+{
+	return !iov || iovcnt < 1 || iovcnt > IOV_MAX || off < -1 ? -EINVAL : 0;
+}
+
+static inline int io_check_ptr(const void *p)
+{
+	return p ? 0 : -EINVAL;
+}
+
+/* clang-format off */
+concur_future *concur_nop(concur_exec *ex)
+	IO_FUTURE_BODY(IORING_OP_NOP, 0, io_uring_prep_nop(sqe), CONCUR_NO_TIMEOUT)
+int64_t concur_await_nop(void)
+	IO_AWAIT_BODY(IORING_OP_NOP, 0, io_uring_prep_nop(sqe), CONCUR_NO_TIMEOUT)
+
+concur_future *concur_timeout(concur_exec *ex, int64_t ns)
+	IO_FUTURE_BODY(IORING_OP_TIMEOUT, ns < 0 ? -EINVAL : 0,
+		       (io_ns_to_ts(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
+		       CONCUR_NO_TIMEOUT)
+int64_t concur_await_timeout(int64_t ns)
+	IO_AWAIT_BODY(IORING_OP_TIMEOUT, ns < 0 ? -EINVAL : 0,
+		      (io_ns_to_ts(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
+		      CONCUR_NO_TIMEOUT)
+
+IO_OP(read, IORING_OP_READ, (int fd, void *buf, size_t len, int64_t off),
+      io_check_buf(buf, len, off), io_uring_prep_read(sqe, fd, buf, io_len(len), (uint64_t)off))
+IO_OP(write, IORING_OP_WRITE, (int fd, const void *buf, size_t len, int64_t off),
+      io_check_buf(buf, len, off),
+      io_uring_prep_write(sqe, fd, buf, io_len(len), (uint64_t)off))
+IO_OP(readv, IORING_OP_READV, (int fd, const struct iovec *iov, int iovcnt, int64_t off),
+      io_check_iov(iov, iovcnt, off),
+      io_uring_prep_readv(sqe, fd, iov, (unsigned)iovcnt, (uint64_t)off))
+IO_OP(writev, IORING_OP_WRITEV, (int fd, const struct iovec *iov, int iovcnt, int64_t off),
+      io_check_iov(iov, iovcnt, off),
+      io_uring_prep_writev(sqe, fd, iov, (unsigned)iovcnt, (uint64_t)off))
+IO_OP(fsync, IORING_OP_FSYNC, (int fd, bool datasync), 0,
+      io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0))
+IO_OP(openat, IORING_OP_OPENAT, (int dfd, const char *path, int flags, mode_t mode),
+      io_check_ptr(path), io_uring_prep_openat(sqe, dfd, path, flags, mode))
+IO_OP(close, IORING_OP_CLOSE, (int fd), 0, io_uring_prep_close(sqe, fd))
+IO_OP(statx, IORING_OP_STATX,
+      (int dfd, const char *path, int flags, unsigned mask, struct statx *out),
+      io_check_ptr(path) ?: io_check_ptr(out),
+      io_uring_prep_statx(sqe, dfd, path, flags, mask, out))
+IO_OP(fallocate, IORING_OP_FALLOCATE, (int fd, int mode, int64_t off, int64_t len),
+      off < 0 || len < 0 ? -EINVAL : 0, io_uring_prep_fallocate(sqe, fd, mode, off, len))
+IO_OP(unlinkat, IORING_OP_UNLINKAT, (int dfd, const char *path, int flags), io_check_ptr(path),
+      io_uring_prep_unlinkat(sqe, dfd, path, flags))
+IO_OP(renameat, IORING_OP_RENAMEAT,
+      (int olddfd, const char *oldpath, int newdfd, const char *newpath, unsigned flags),
+      io_check_ptr(oldpath) ?: io_check_ptr(newpath),
+      io_uring_prep_renameat(sqe, olddfd, oldpath, newdfd, newpath, flags))
+IO_OP(mkdirat, IORING_OP_MKDIRAT, (int dfd, const char *path, mode_t mode), io_check_ptr(path),
+      io_uring_prep_mkdirat(sqe, dfd, path, mode))
+IO_OP(socket, IORING_OP_SOCKET, (int domain, int type, int protocol), 0,
+      io_uring_prep_socket(sqe, domain, type, protocol, 0))
+IO_OP(accept, IORING_OP_ACCEPT, (int fd, struct sockaddr *addr, socklen_t *addrlen, int flags),
+      !addr != !addrlen ? -EINVAL : 0, io_uring_prep_accept(sqe, fd, addr, addrlen, flags))
+IO_OP(connect, IORING_OP_CONNECT, (int fd, const struct sockaddr *addr, socklen_t addrlen),
+      io_check_ptr(addr), io_uring_prep_connect(sqe, fd, addr, addrlen))
+IO_OP(recv, IORING_OP_RECV, (int fd, void *buf, size_t len, int flags),
+      io_check_buf(buf, len, 0), io_uring_prep_recv(sqe, fd, buf, io_len(len), flags))
+IO_OP(send, IORING_OP_SEND, (int fd, const void *buf, size_t len, int flags),
+      io_check_buf(buf, len, 0), io_uring_prep_send(sqe, fd, buf, io_len(len), flags))
+IO_OP(recvmsg, IORING_OP_RECVMSG, (int fd, struct msghdr *msg, int flags), io_check_ptr(msg),
+      io_uring_prep_recvmsg(sqe, fd, msg, (unsigned)flags))
+IO_OP(sendmsg, IORING_OP_SENDMSG, (int fd, const struct msghdr *msg, int flags),
+      io_check_ptr(msg), io_uring_prep_sendmsg(sqe, fd, msg, (unsigned)flags))
+IO_OP(shutdown, IORING_OP_SHUTDOWN, (int fd, int how), 0, io_uring_prep_shutdown(sqe, fd, how))
+IO_OP(poll, IORING_OP_POLL_ADD, (int fd, unsigned events), 0,
+      io_uring_prep_poll_add(sqe, fd, events))
+IO_OP(splice, IORING_OP_SPLICE,
+      (int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len, unsigned flags),
+      off_in < -1 || off_out < -1 ? -EINVAL : 0,
+      io_uring_prep_splice(sqe, fd_in, off_in, fd_out, off_out, io_len(len), flags))
+/* clang-format on */
+
+/* ---- multishot streams -------------------------------------------------------------------- */
+
+/*
+ * Each loop thread gets, on first use, a provided-buffer ring shared by its recv streams. It
+ * lives as long as the thread (freed by a thread-exit destructor, after the loop has closed its
+ * ring). Buffers are handed out by the kernel (a CQE with F_BUFFER), lent to the consumer, and
+ * put back into the ring by concur_stream_give() on the same thread.
+ */
+#define IO_BGID     0x4355 /* our buffer group id */
+#define IO_NBUFS    256u
+#define IO_BUF_SIZE 4096u
+
+                                                                                struct io_bufs {
+	struct io_uring_buf_ring *br;
+	char *mem;
+	size_t ring_bytes;
+	unsigned free;                 /* buffers in the ring */
+	struct concur_stream *starved; /* recv streams stopped by ENOBUFS */
+};
+
+struct io_item {
+	int32_t res;
+	uint32_t flags;
+};
+
+struct concur_stream {
+	struct concur__op op;
+	struct concur__loop *loop;
+	concur_exec *ex;
+	struct io_bufs *bufs; /* recv streams */
+	struct concur__task *waiter;
+	struct concur_stream *next_starved;
+	int fd, flags;
+	bool recv;
+	bool armed;        /* a multishot SQE is in the kernel */
+	bool starved;      /* on bufs->starved, waiting for buffers */
+	bool cancel_req;   /* concur_stream_cancel */
+	bool ended;        /* the end is known: end_res */
+	bool end_reported; /* next() said so */
+	bool closed;       /* concur_stream_close: free when the kernel is done */
+	int32_t end_res;
+	struct io_item *q; /* items not consumed yet, a ring of qcap */
+	unsigned qhead, qlen, qcap;
+};
+
+static __thread struct io_bufs *io_tl_bufs;
+static pthread_key_t io_bufs_key;
+static pthread_once_t io_bufs_once = PTHREAD_ONCE_INIT;
+
+static void io_bufs_free(void *p)
+{
+	struct io_bufs *b = p;
+	munmap(b->br, b->ring_bytes);
+	free(b->mem);
+	free(b);
+}
+
+static void io_bufs_key_init(void)
+{
+	pthread_key_create(&io_bufs_key, io_bufs_free);
+}
+
+static void io_bufs_put(struct io_bufs *b, unsigned bid)
+{
+	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * IO_BUF_SIZE, IO_BUF_SIZE,
+	                      (unsigned short)bid, io_uring_buf_ring_mask(IO_NBUFS), 0);
+	io_uring_buf_ring_advance(b->br, 1);
+	b->free++;
+}
+
+/* This loop thread's buffer ring, registered on first use. */
+static int io_bufs_get(struct concur__loop *loop, struct io_bufs **out)
+{
+	struct io_bufs *b = io_tl_bufs;
+	struct io_uring_buf_reg reg;
+	int err;
+
+	if (b) {
+		*out = b;
+		return 0;
+	}
+	b = calloc(1, sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	b->ring_bytes = IO_NBUFS * sizeof(struct io_uring_buf);
+	b->br =
+	    mmap(NULL, b->ring_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	b->mem = aligned_alloc(4096, (size_t)IO_NBUFS * IO_BUF_SIZE);
+	if (b->br == MAP_FAILED || !b->mem) {
+		if (b->br != MAP_FAILED)
+			munmap(b->br, b->ring_bytes);
+		free(b->mem);
+		free(b);
+		return -ENOMEM;
+	}
+	memset(&reg, 0, sizeof(reg));
+	reg.ring_addr = (uint64_t)(uintptr_t)b->br;
+	reg.ring_entries = IO_NBUFS;
+	reg.bgid = IO_BGID;
+	err = io_uring_register_buf_ring(&loop->ring, &reg, 0);
+	if (err < 0) {
+		io_bufs_free(b);
+		return err;
+	}
+	io_uring_buf_ring_init(b->br);
+	for (unsigned i = 0; i < IO_NBUFS; i++)
+		io_bufs_put(b, i);
+	pthread_once(&io_bufs_once, io_bufs_key_init);
+	pthread_setspecific(io_bufs_key, b);
+	io_tl_bufs = b;
+	*out = b;
+	return 0;
+}
+
+static void io_stream_arm(struct concur_stream *s)
+{
+	struct io_uring_sqe *sqe = concur__sqe(s->loop);
+
+	if (s->recv) {
+		io_uring_prep_recv_multishot(sqe, s->fd, NULL, 0, s->flags);
+		sqe->flags |= IOSQE_BUFFER_SELECT;
+		sqe->buf_group = IO_BGID;
+	} else {
+		io_uring_prep_multishot_accept(sqe, s->fd, NULL, NULL, s->flags);
+	}
+	concur__sqe_set_op(sqe, &s->op);
+	s->loop->inflight++;
+	s->armed = true;
+}
+
+static void io_stream_unstarve(struct concur_stream *s)
+{
+	struct concur_stream **pp = &s->bufs->starved;
+
+	while (*pp && *pp != s)
+		pp = &(*pp)->next_starved;
+	if (*pp)
+		*pp = s->next_starved;
+	s->starved = false;
+}
+
+static void io_stream_free(struct concur_stream *s)
+{
+	concur_exec *ex = s->ex;
+
+	free(s->q);
+	free(s);
+	concur__work_end(ex);
+}
+
+/* An item nobody will consume: close the fd or give the buffer back. */
+static void io_stream_discard(struct concur_stream *s, struct io_item it)
+{
+	if (it.flags & IORING_CQE_F_BUFFER)
+		io_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
+	else if (!s->recv && it.res >= 0)
+		close(it.res);
+}
+
+static void io_stream_end(struct concur_stream *s, int32_t res)
+{
+	if (!s->ended) {
+		s->ended = true;
+		s->end_res = res;
+	}
+}
+
+static bool io_stream_push(struct concur_stream *s, int32_t res, uint32_t flags)
+{
+	if (s->qlen == s->qcap) {
+		unsigned ncap = s->qcap ? s->qcap * 2 : 16;
+		struct io_item *nq = malloc(ncap * sizeof(*nq));
+		if (!nq)
+			return false;
+		for (unsigned i = 0; i < s->qlen; i++)
+			nq[i] = s->q[(s->qhead + i) % s->qcap];
+		free(s->q);
+		s->q = nq;
+		s->qcap = ncap;
+		s->qhead = 0;
+	}
+	s->q[(s->qhead + s->qlen++) % s->qcap] = (struct io_item){res, flags};
+	return true;
+}
+
+/* Ask the kernel to stop the multishot (its last CQE comes later, without F_MORE). */
+static void io_stream_cancel(struct concur_stream *s)
+{
+	struct io_uring_sqe *sqe;
+
+	if (s->cancel_req || !s->armed)
+		return;
+	s->cancel_req = true;
+	sqe = concur__sqe(s->loop);
+	io_uring_prep_cancel64(sqe, io_user_data(&s->op), 0);
+	concur__sqe_set_op(sqe, &io_quiet_op);
+	s->loop->inflight++;
+}
+
+static void io_stream_wake(struct concur_stream *s)
+{
+	struct concur__task *t = s->waiter;
+
+	if (t) {
+		s->waiter = NULL;
+		concur__resume(t);
+	}
+}
+
+static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                          uint32_t flags)
+{
+	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, op);
+	bool more = flags & IORING_CQE_F_MORE;
+	bool item = res > 0 || (!s->recv && res == 0);
+
+	if (flags & IORING_CQE_F_BUFFER)
+		s->bufs->free--;
+	if (!more) {
+		loop->inflight--;
+		s->armed = false;
+	}
+	if (s->closed || s->ended) { /* nobody will consume it */
+		io_stream_discard(s, (struct io_item){res, flags});
+		if (s->closed && !s->armed)
+			io_stream_free(s);
+		return;
+	}
+	if (s->recv && res == -ENOBUFS && !s->cancel_req) {
+		/* out of buffers: resume as soon as some are in the ring again */
+		if (s->bufs->free) {
+			io_stream_arm(s);
+		} else if (!s->starved) {
+			s->starved = true;
+			s->next_starved = s->bufs->starved;
+			s->bufs->starved = s;
+		}
+		return;
+	}
+	if (!item) {
+		io_stream_end(s, res); /* recv's EOF (0), an error, or -ECANCELED after a cancel */
+	} else if (!io_stream_push(s, res, flags)) {
+		io_stream_discard(s, (struct io_item){res, flags});
+		io_stream_end(s, -ENOMEM);
+	} else if (!more && s->cancel_req) {
+		io_stream_end(s, -ECANCELED);
+	} else if (!more) {
+		io_stream_arm(s); /* the kernel stopped on its own (CQ overflow, ...): go on */
+	}
+	if (s->ended)
+		io_stream_cancel(s); /* no-op unless still armed */
+	io_stream_wake(s);
+}
+
+static int io_stream_open(concur_stream **out, int fd, int flags, bool recv)
+{
+	struct concur__loop *loop = concur__tl_loop;
+	struct concur_stream *s;
+	int err;
+
+	if (!out)
+		return -EINVAL;
+	*out = NULL;
+	if (!concur__tl_task)
+		return -EPERM;
+	err = io_check_supported(loop->ex, recv ? IORING_OP_RECV : IORING_OP_ACCEPT, -1);
+	if (err)
+		return err;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	if (recv) {
+		err = io_bufs_get(loop, &s->bufs);
+		if (err) {
+			free(s);
+			return err;
+		}
+	}
+	s->op.cqe = io_stream_cqe;
+	s->loop = loop;
+	s->ex = loop->ex;
+	s->fd = fd;
+	s->flags = flags;
+	s->recv = recv;
+	concur__work_begin(s->ex);
+	io_stream_arm(s);
+	*out = s;
+	return 0;
+}
+
+int concur_accept_stream(concur_stream **out, int fd, int flags)
+{
+	return io_stream_open(out, fd, flags, false);
+}
+
+int concur_recv_stream(concur_stream **out, int fd, int flags)
+{
+	return io_stream_open(out, fd, flags, true);
+}
+
+static int io_stream_check(const concur_stream *s)
+{
+	if (!s || s->closed)
+		return -EINVAL;
+	if (!concur__tl_task || concur__tl_loop != s->loop)
+		return -EPERM;
+	return 0;
+}
+
+int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
+{
+	int err = io_stream_check(s);
+	struct io_item it;
+
+	if (err)
+		return err;
+	if (s->recv && !chunk)
+		return -EINVAL;
+	if (s->waiter)
+		return -EBUSY;
+	while (!s->qlen && !s->ended) {
+		s->waiter = concur__tl_task;
+		concur__suspend(); /* io_stream_cqe resumes us */
+	}
+	if (!s->qlen) {
+		if (s->end_reported)
+			return -ENODATA;
+		s->end_reported = true;
+		return s->end_res;
+	}
+	it = s->q[s->qhead];
+	s->qhead = (s->qhead + 1) % s->qcap;
+	s->qlen--;
+	if (s->recv) {
+		chunk->bid = it.flags >> IORING_CQE_BUFFER_SHIFT;
+		chunk->data = s->bufs->mem + (size_t)chunk->bid * IO_BUF_SIZE;
+		chunk->len = (size_t)it.res;
+	} else if (chunk) {
+		chunk->data = NULL;
+		chunk->len = 0;
+		chunk->bid = 0;
+	}
+	return it.res;
+}
+
+int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
+{
+	int err = io_stream_check(s);
+	struct io_bufs *b;
+
+	if (err)
+		return err;
+	if (!s->recv || !chunk || chunk->bid >= IO_NBUFS)
+		return -EINVAL;
+	b = s->bufs;
+	io_bufs_put(b, chunk->bid);
+	while (b->starved) { /* buffers are back: re-arm the streams that ran dry */
+		struct concur_stream *t = b->starved;
+		b->starved = t->next_starved;
+		t->starved = false;
+		io_stream_arm(t);
+	}
+	return 0;
+}
+
+int concur_stream_cancel(concur_stream *s)
+{
+	int err = io_stream_check(s);
+
+	if (err)
+		return err;
+	if (s->ended)
+		return 0;
+	if (s->armed) {
+		io_stream_cancel(s);
+		return 0;
+	}
+	/* paused for buffers: nothing in the kernel, end it here */
+	if (s->starved)
+		io_stream_unstarve(s);
+	s->cancel_req = true;
+	io_stream_end(s, -ECANCELED);
+	io_stream_wake(s);
+	return 0;
+}
+
+void concur_stream_close(concur_stream *s)
+{
+	if (!s || s->closed || concur__tl_loop != s->loop)
+		return;
+	io_stream_cancel(s);
+	s->closed = true;
+	while (s->qlen) {
+		io_stream_discard(s, s->q[s->qhead]);
+		s->qhead = (s->qhead + 1) % s->qcap;
+		s->qlen--;
+	}
+	if (s->starved)
+		io_stream_unstarve(s);
+	if (!s->armed)
+		io_stream_free(s);
+}

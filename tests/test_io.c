@@ -1,0 +1,740 @@
+/* SPDX-License-Identifier: MIT */
+/* I/O as futures: file and socket operations, deadlines, cancellation, multishot streams. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "concur.h"
+
+#define MS (1000 * 1000LL)
+
+static concur_exec *ex;
+
+static int setup(void **state)
+{
+	struct concur_exec_opts o = {.loops = 2, .stack_size = 64 * 1024};
+	return concur_exec_new(&ex, &o);
+}
+
+static int teardown(void **state)
+{
+	concur_exec_free(ex);
+	ex = NULL;
+	return 0;
+}
+
+/* Wait for f from this (foreign) thread, release it, return its result. */
+static int64_t wait_res(concur_future *f)
+{
+	int64_t r = concur_result(f, 10000 * MS);
+	concur_release(f);
+	return r;
+}
+
+static int64_t run_task(concur_task_fn fn, void *arg)
+{
+	return wait_res(concur_spawn(ex, fn, arg));
+}
+
+static void temp_path(char *buf, size_t n, const char *what)
+{
+	snprintf(buf, n, "/tmp/concur-test-io-%d-%s", (int)getpid(), what);
+}
+
+static int listener(uint16_t *port)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t len = sizeof(a);
+	int one = 1;
+	assert_true(fd >= 0);
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(fd, 4096), 0);
+	assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+	*port = ntohs(a.sin_port);
+	return fd;
+}
+
+static struct sockaddr_in loopback(uint16_t port)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET,
+	                        .sin_port = htons(port),
+	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	return a;
+}
+
+/* ---- files -------------------------------------------------------------------------------- */
+
+static void test_file_futures(void **state)
+{
+	char path[128], buf[64] = {0};
+	struct statx stx;
+	temp_path(path, sizeof(path), "futures");
+	int fd = (int)wait_res(
+	    concur_openat(ex, AT_FDCWD, path, O_RDWR | O_CREAT | O_TRUNC, 0600, CONCUR_NO_TIMEOUT));
+	assert_true(fd >= 0);
+	assert_int_equal(wait_res(concur_write(ex, fd, "hello world", 11, 0, CONCUR_NO_TIMEOUT)),
+	                 11);
+	/* offsets */
+	assert_int_equal(wait_res(concur_read(ex, fd, buf, 5, 6, CONCUR_NO_TIMEOUT)), 5);
+	assert_memory_equal(buf, "world", 5);
+	/* short read, then EOF */
+	assert_int_equal(wait_res(concur_read(ex, fd, buf, sizeof(buf), 3, CONCUR_NO_TIMEOUT)), 8);
+	assert_memory_equal(buf, "lo world", 8);
+	assert_int_equal(wait_res(concur_read(ex, fd, buf, sizeof(buf), 11, CONCUR_NO_TIMEOUT)), 0);
+	/* -1: the current position (0 after open, the pwrites did not move it) */
+	struct iovec iov[2] = {{buf, 3}, {buf + 3, 2}};
+	assert_int_equal(wait_res(concur_readv(ex, fd, iov, 2, -1, CONCUR_NO_TIMEOUT)), 5);
+	assert_memory_equal(buf, "hello", 5);
+	assert_int_equal(lseek(fd, 0, SEEK_CUR), 5);
+	struct iovec wv[2] = {{"AB", 2}, {"CD", 2}};
+	assert_int_equal(wait_res(concur_writev(ex, fd, wv, 2, -1, CONCUR_NO_TIMEOUT)), 4);
+	assert_int_equal(lseek(fd, 0, SEEK_CUR), 9);
+	assert_int_equal(pread(fd, buf, 11, 0), 11);
+	assert_memory_equal(buf, "helloABCDld", 11);
+	assert_int_equal(wait_res(concur_fsync(ex, fd, false, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(wait_res(concur_fsync(ex, fd, true, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(wait_res(concur_fallocate(ex, fd, 0, 0, 4096, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(
+	    wait_res(concur_statx(ex, fd, "", AT_EMPTY_PATH, STATX_SIZE, &stx, CONCUR_NO_TIMEOUT)),
+	    0);
+	assert_int_equal(stx.stx_size, 4096);
+	assert_int_equal(wait_res(concur_close(ex, fd, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(wait_res(concur_unlinkat(ex, AT_FDCWD, path, 0, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(access(path, F_OK), -1);
+}
+
+static int64_t file_task(void *arg)
+{
+	char path[128], path2[128], dir[128], buf[32];
+	struct statx stx;
+	temp_path(path, sizeof(path), "direct");
+	temp_path(path2, sizeof(path2), "direct2");
+	temp_path(dir, sizeof(dir), "dir");
+	int fd = (int)concur_await_openat(AT_FDCWD, path, O_RDWR | O_CREAT | O_TRUNC, 0600,
+	                                  CONCUR_NO_TIMEOUT);
+	if (fd < 0)
+		return fd;
+	if (concur_await_write(fd, "0123456789", 10, -1, CONCUR_NO_TIMEOUT) != 10)
+		return -100;
+	if (concur_await_read(fd, buf, sizeof(buf), 4, CONCUR_NO_TIMEOUT) != 6 ||
+	    memcmp(buf, "456789", 6))
+		return -101;
+	if (concur_await_read(fd, buf, sizeof(buf), -1, CONCUR_NO_TIMEOUT) != 0) /* at EOF */
+		return -102;
+	if (concur_await_fsync(fd, true, CONCUR_NO_TIMEOUT) != 0)
+		return -103;
+	if (concur_await_close(fd, CONCUR_NO_TIMEOUT) != 0)
+		return -104;
+	if (concur_await_renameat(AT_FDCWD, path, AT_FDCWD, path2, 0, CONCUR_NO_TIMEOUT) != 0)
+		return -105;
+	if (concur_await_statx(AT_FDCWD, path2, 0, STATX_SIZE, &stx, CONCUR_NO_TIMEOUT) != 0 ||
+	    stx.stx_size != 10)
+		return -106;
+	if (concur_await_statx(AT_FDCWD, path, 0, STATX_SIZE, &stx, CONCUR_NO_TIMEOUT) != -ENOENT)
+		return -107;
+	if (concur_await_unlinkat(AT_FDCWD, path2, 0, CONCUR_NO_TIMEOUT) != 0)
+		return -108;
+	if (concur_await_mkdirat(AT_FDCWD, dir, 0700, CONCUR_NO_TIMEOUT) != 0)
+		return -109;
+	if (concur_await_mkdirat(AT_FDCWD, dir, 0700, CONCUR_NO_TIMEOUT) != -EEXIST)
+		return -110;
+	if (concur_await_unlinkat(AT_FDCWD, dir, AT_REMOVEDIR, CONCUR_NO_TIMEOUT) != 0)
+		return -111;
+	return 0;
+}
+
+static void test_file_direct(void **state)
+{
+	assert_int_equal(run_task(file_task, NULL), 0);
+}
+
+static void test_ebadf(void **state)
+{
+	int fds[2];
+	char c;
+	assert_int_equal(pipe(fds), 0);
+	close(fds[0]);
+	close(fds[1]);
+	assert_int_equal(wait_res(concur_read(ex, fds[0], &c, 1, -1, CONCUR_NO_TIMEOUT)), -EBADF);
+	assert_int_equal(wait_res(concur_write(ex, fds[1], "x", 1, -1, 100 * MS)), -EBADF);
+	assert_int_equal(wait_res(concur_close(ex, fds[0], CONCUR_NO_TIMEOUT)), -EBADF);
+}
+
+static int64_t ebadf_task(void *arg)
+{
+	char c;
+	return concur_await_recv(*(int *)arg, &c, 1, 0, CONCUR_NO_TIMEOUT);
+}
+
+static void test_ebadf_direct(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	close(fds[0]);
+	close(fds[1]);
+	assert_int_equal(run_task(ebadf_task, &fds[0]), -EBADF);
+}
+
+static void test_bad_input(void **state)
+{
+	char c;
+	struct iovec iov = {&c, 1};
+	assert_int_equal(wait_res(concur_read(NULL, 0, &c, 1, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_read(ex, 0, NULL, 1, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_read(ex, 0, &c, 1, -2, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_readv(ex, 0, &iov, 0, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_writev(ex, 0, NULL, 1, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_openat(ex, AT_FDCWD, NULL, 0, 0, CONCUR_NO_TIMEOUT)),
+	                 -EINVAL);
+	assert_int_equal(wait_res(concur_connect(ex, 0, NULL, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_sendmsg(ex, 0, NULL, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_fallocate(ex, 0, 0, -1, 1, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_splice(ex, 0, -2, 1, -1, 1, 0, CONCUR_NO_TIMEOUT)),
+	                 -EINVAL);
+	assert_int_equal(wait_res(concur_timeout(ex, -1)), -EINVAL);
+	assert_int_equal(wait_res(concur_nop(NULL)), -EINVAL);
+	/* direct forms outside a task */
+	assert_int_equal(concur_await_nop(), -EPERM);
+	assert_int_equal(concur_await_read(0, &c, 1, 0, CONCUR_NO_TIMEOUT), -EPERM);
+	assert_int_equal(concur_await_read(0, NULL, 1, 0, CONCUR_NO_TIMEOUT), -EINVAL);
+	concur_stream *s;
+	assert_int_equal(concur_accept_stream(&s, 0, 0), -EPERM);
+	assert_int_equal(concur_recv_stream(NULL, 0, 0), -EINVAL);
+	assert_int_equal(concur_stream_next(NULL, NULL), -EINVAL);
+	assert_int_equal(concur_stream_give(NULL, NULL), -EINVAL);
+	concur_stream_close(NULL);
+}
+
+/* ---- nop and timeout ---------------------------------------------------------------------- */
+
+static int64_t nop_task(void *arg)
+{
+	for (int i = 0; i < 1000; i++)
+		if (concur_await_nop() != 0)
+			return -1;
+	return concur_await_timeout(1 * MS);
+}
+
+static void test_nop_timeout(void **state)
+{
+	assert_int_equal(wait_res(concur_nop(ex)), 0);
+	assert_int_equal(run_task(nop_task, NULL), 0);
+	assert_int_equal(wait_res(concur_timeout(ex, 2 * MS)), 0);
+	concur_future *f = concur_timeout(ex, 10000 * MS);
+	int c = concur_cancel(f);
+	assert_true(c == 1 || c == -EINPROGRESS);
+	assert_int_equal(concur_result(f, 5000 * MS), -ECANCELED);
+	assert_true(concur_cancelled(f));
+	concur_release(f);
+}
+
+/* ---- sockets ------------------------------------------------------------------------------ */
+
+struct pair {
+	int fd;
+	size_t n;
+};
+
+static int64_t sender_task(void *arg)
+{
+	struct pair *p = arg;
+	char buf[1000];
+	for (size_t i = 0; i < p->n; i += sizeof(buf)) {
+		for (size_t j = 0; j < sizeof(buf); j++)
+			buf[j] = (char)((i + j) * 7);
+		size_t off = 0;
+		while (off < sizeof(buf)) {
+			int64_t r = concur_await_send(p->fd, buf + off, sizeof(buf) - off,
+			                              MSG_NOSIGNAL, CONCUR_NO_TIMEOUT);
+			if (r <= 0)
+				return r ? r : -EIO;
+			off += (size_t)r;
+		}
+	}
+	return concur_await_shutdown(p->fd, SHUT_WR, CONCUR_NO_TIMEOUT);
+}
+
+static int64_t receiver_task(void *arg)
+{
+	struct pair *p = arg;
+	char buf[777];
+	size_t got = 0;
+	for (;;) {
+		int64_t r = concur_await_recv(p->fd, buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT);
+		if (r < 0)
+			return r;
+		if (r == 0)
+			break;
+		for (int64_t j = 0; j < r; j++)
+			if (buf[j] != (char)((got + (size_t)j) * 7))
+				return -EILSEQ;
+		got += (size_t)r;
+	}
+	return (int64_t)got;
+}
+
+static void test_socketpair_tasks(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+	struct pair a = {fds[0], 200000}, b = {fds[1], 0};
+	concur_future *fs = concur_spawn(ex, sender_task, &a);
+	concur_future *fr = concur_spawn(ex, receiver_task, &b);
+	assert_int_equal(wait_res(fs), 0);
+	assert_int_equal(wait_res(fr), 200000);
+	close(fds[0]);
+	close(fds[1]);
+}
+
+static int64_t tcp_client_task(void *arg)
+{
+	uint16_t port = *(uint16_t *)arg;
+	struct sockaddr_in a = loopback(port);
+	int fd =
+	    (int)concur_await_socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0, CONCUR_NO_TIMEOUT);
+	if (fd < 0)
+		return fd;
+	int64_t r = concur_await_connect(fd, (struct sockaddr *)&a, sizeof(a), 1000 * MS);
+	if (r == 0) {
+		struct pair p = {fd, 100000};
+		r = sender_task(&p);
+	}
+	concur_await_close(fd, CONCUR_NO_TIMEOUT);
+	return r;
+}
+
+static int64_t tcp_server_task(void *arg)
+{
+	int lfd = *(int *)arg;
+	struct sockaddr_in peer;
+	socklen_t plen = sizeof(peer);
+	int fd =
+	    (int)concur_await_accept(lfd, (struct sockaddr *)&peer, &plen, SOCK_CLOEXEC, 2000 * MS);
+	if (fd < 0)
+		return fd;
+	if (peer.sin_family != AF_INET)
+		return -EPROTO;
+	struct pair p = {fd, 0};
+	int64_t r = receiver_task(&p);
+	close(fd);
+	return r;
+}
+
+static void test_tcp_loopback(void **state)
+{
+	uint16_t port;
+	int lfd = listener(&port);
+	concur_future *fsrv = concur_spawn(ex, tcp_server_task, &lfd);
+	concur_future *fcli = concur_spawn(ex, tcp_client_task, &port);
+	assert_int_equal(wait_res(fcli), 0);
+	assert_int_equal(wait_res(fsrv), 100000);
+	close(lfd);
+}
+
+static void test_sendmsg_poll_splice(void **state)
+{
+	int sp[2], pp[2];
+	char a[4] = "abc", b[4] = "de", out[8] = {0};
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sp), 0);
+	assert_int_equal(pipe(pp), 0);
+	/* poll waits for data */
+	concur_future *fp = concur_poll(ex, sp[1], POLLIN, CONCUR_NO_TIMEOUT);
+	assert_false(concur_done(fp));
+	struct iovec iov[2] = {{a, 3}, {b, 2}};
+	struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+	assert_int_equal(wait_res(concur_sendmsg(ex, sp[0], &m, 0, CONCUR_NO_TIMEOUT)), 5);
+	assert_true(wait_res(fp) & POLLIN);
+	/* splice socket -> pipe, then recvmsg the rest */
+	assert_int_equal(wait_res(concur_splice(ex, sp[1], -1, pp[1], -1, 3, 0, CONCUR_NO_TIMEOUT)),
+	                 3);
+	assert_int_equal(read(pp[0], out, sizeof(out)), 3);
+	assert_memory_equal(out, "abc", 3);
+	struct iovec riov = {out, sizeof(out)};
+	struct msghdr rm = {.msg_iov = &riov, .msg_iovlen = 1};
+	assert_int_equal(wait_res(concur_recvmsg(ex, sp[1], &rm, 0, CONCUR_NO_TIMEOUT)), 2);
+	assert_memory_equal(out, "de", 2);
+	/* poll with a deadline that expires */
+	assert_int_equal(wait_res(concur_poll(ex, sp[1], POLLIN, 20 * MS)), -ETIMEDOUT);
+	close(sp[0]);
+	close(sp[1]);
+	close(pp[0]);
+	close(pp[1]);
+}
+
+/* ---- cancellation and deadlines ------------------------------------------------------------- */
+
+static void test_cancel_recv(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	for (int i = 0; i < 50; i++) {
+		char *buf = malloc(64);
+		concur_future *f = concur_recv(ex, fds[1], buf, 64, 0, CONCUR_NO_TIMEOUT);
+		if (i & 1)
+			usleep(1000); /* sometimes in flight for sure, sometimes maybe not yet */
+		int c = concur_cancel(f);
+		assert_true(c == 1 || c == -EINPROGRESS);
+		assert_int_equal(concur_result(f, 5000 * MS), -ECANCELED);
+		assert_true(concur_cancelled(f));
+		assert_int_equal(concur_cancel(f), 1);
+		concur_release(f);
+		free(buf); /* the kernel is done with it: the future said so */
+	}
+	/* the data goes to the next reader, not into a freed buffer */
+	char got[8] = {0};
+	assert_int_equal(write(fds[0], "data", 4), 4);
+	assert_int_equal(wait_res(concur_recv(ex, fds[1], got, sizeof(got), 0, CONCUR_NO_TIMEOUT)),
+	                 4);
+	assert_memory_equal(got, "data", 4);
+	/* too late to cancel a finished op */
+	concur_future *f = concur_nop(ex);
+	assert_int_equal(concur_result(f, -1), 0);
+	assert_int_equal(concur_cancel(f), 0);
+	concur_release(f);
+	close(fds[0]);
+	close(fds[1]);
+}
+
+static void test_deadline_recv(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	char *buf = malloc(64);
+	int64_t t0 = 0;
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	t0 = ts.tv_sec * 1000 * MS + ts.tv_nsec;
+	concur_future *f = concur_recv(ex, fds[1], buf, 64, 0, 30 * MS);
+	assert_int_equal(concur_result(f, 5000 * MS), -ETIMEDOUT);
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	assert_true(ts.tv_sec * 1000 * MS + ts.tv_nsec - t0 >= 29 * MS);
+	assert_false(concur_cancelled(f));
+	concur_release(f);
+	free(buf);
+	/* a deadline that does not expire leaves the result alone */
+	char got[8];
+	assert_int_equal(write(fds[0], "x", 1), 1);
+	assert_int_equal(wait_res(concur_recv(ex, fds[1], got, sizeof(got), 0, 5000 * MS)), 1);
+	close(fds[0]);
+	close(fds[1]);
+}
+
+static int64_t deadline_task(void *arg)
+{
+	char buf[16];
+	return concur_await_recv(*(int *)arg, buf, sizeof(buf), 0, 20 * MS);
+}
+
+static void test_deadline_direct(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	assert_int_equal(run_task(deadline_task, &fds[1]), -ETIMEDOUT);
+	close(fds[0]);
+	close(fds[1]);
+}
+
+static int64_t reset_task(void *arg)
+{
+	int fd = *(int *)arg;
+	char buf[16];
+	return concur_await_recv(fd, buf, sizeof(buf), 0, 5000 * MS);
+}
+
+static void test_econnreset(void **state)
+{
+	uint16_t port;
+	int lfd = listener(&port);
+	int cfd = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a = loopback(port);
+	assert_int_equal(connect(cfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	int sfd = (int)wait_res(concur_accept(ex, lfd, NULL, NULL, 0, 1000 * MS));
+	assert_true(sfd >= 0);
+	concur_future *f = concur_spawn(ex, reset_task, &sfd);
+	usleep(10000);
+	struct linger lg = {1, 0};
+	setsockopt(cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(cfd); /* RST */
+	assert_int_equal(wait_res(f), -ECONNRESET);
+	close(sfd);
+	close(lfd);
+}
+
+/* ---- many connections ----------------------------------------------------------------------- */
+
+#define NCONN      1000
+#define CONN_BYTES 3000
+
+static uint16_t many_port;
+static int many_lfd;
+
+static int64_t echo_conn_task(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	char buf[1024];
+	int64_t r;
+	while ((r = concur_await_recv(fd, buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT)) > 0) {
+		int64_t off = 0;
+		while (off < r) {
+			int64_t w = concur_await_send(fd, buf + off, (size_t)(r - off),
+			                              MSG_NOSIGNAL, CONCUR_NO_TIMEOUT);
+			if (w <= 0)
+				goto out;
+			off += w;
+		}
+	}
+out:
+	concur_await_close(fd, CONCUR_NO_TIMEOUT);
+	return r;
+}
+
+static int64_t many_acceptor(void *arg)
+{
+	for (int i = 0; i < NCONN; i++) {
+		int fd = (int)concur_await_accept(many_lfd, NULL, NULL, SOCK_CLOEXEC, 20000 * MS);
+		if (fd < 0)
+			return fd;
+		concur_release(concur_spawn(ex, echo_conn_task, (void *)(intptr_t)fd));
+	}
+	return 0;
+}
+
+static int64_t many_client(void *arg)
+{
+	unsigned id = (unsigned)(uintptr_t)arg;
+	struct sockaddr_in a = loopback(many_port);
+	char out[CONN_BYTES], in[CONN_BYTES];
+	for (int i = 0; i < CONN_BYTES; i++)
+		out[i] = (char)(id * 31 + (unsigned)i * 13);
+	int fd =
+	    (int)concur_await_socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0, CONCUR_NO_TIMEOUT);
+	if (fd < 0)
+		return fd;
+	int64_t r = concur_await_connect(fd, (struct sockaddr *)&a, sizeof(a), CONCUR_NO_TIMEOUT);
+	size_t sent = 0, got = 0;
+	/* interleave: send a slice, read what came back */
+	while (r == 0 && got < CONN_BYTES) {
+		if (sent < CONN_BYTES) {
+			size_t n = CONN_BYTES - sent < 500 ? CONN_BYTES - sent : 500;
+			int64_t w =
+			    concur_await_send(fd, out + sent, n, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT);
+			if (w <= 0) {
+				r = w ? w : -EIO;
+				break;
+			}
+			sent += (size_t)w;
+		}
+		int64_t g = concur_await_recv(fd, in + got, CONN_BYTES - got, 0, CONCUR_NO_TIMEOUT);
+		if (g <= 0) {
+			r = g ? g : -EPIPE;
+			break;
+		}
+		got += (size_t)g;
+	}
+	concur_await_close(fd, CONCUR_NO_TIMEOUT);
+	if (r)
+		return r;
+	return memcmp(in, out, CONN_BYTES) ? -EILSEQ : 0;
+}
+
+static void test_many_connections(void **state)
+{
+	static concur_future *fs[NCONN];
+	many_lfd = listener(&many_port);
+	concur_future *acc = concur_spawn(ex, many_acceptor, NULL);
+	for (unsigned i = 0; i < NCONN; i++)
+		fs[i] = concur_spawn(ex, many_client, (void *)(uintptr_t)i);
+	int bad = 0;
+	for (unsigned i = 0; i < NCONN; i++) {
+		int64_t r = wait_res(fs[i]);
+		if (r != 0 && bad++ < 5)
+			fprintf(stderr, "client %u: %s\n", i, concur_strerror(r));
+	}
+	assert_int_equal(bad, 0);
+	assert_int_equal(wait_res(acc), 0);
+	assert_int_equal(concur_exec_join(ex, 10000 * MS), 0);
+	close(many_lfd);
+}
+
+/* ---- multishot streams ---------------------------------------------------------------------- */
+
+static int64_t accept_stream_task(void *arg)
+{
+	int lfd = *(int *)arg;
+	concur_stream *s;
+	int n = 0;
+	int err = concur_accept_stream(&s, lfd, SOCK_CLOEXEC);
+	if (err)
+		return err;
+	while (n < 5) {
+		int64_t fd = concur_stream_next(s, NULL);
+		if (fd < 0)
+			return fd;
+		if (concur_await_send((int)fd, "hi", 2, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT) != 2)
+			return -EIO;
+		close((int)fd);
+		n++;
+	}
+	if (concur_stream_cancel(s) != 0)
+		return -EINVAL;
+	int64_t end = concur_stream_next(s, NULL);
+	int64_t after = concur_stream_next(s, NULL);
+	concur_stream_close(s);
+	if (end != -ECANCELED)
+		return -1000 + end;
+	if (after != -ENODATA)
+		return -2000 + after;
+	return n;
+}
+
+static void test_accept_stream(void **state)
+{
+	uint16_t port;
+	int lfd = listener(&port);
+	concur_future *f = concur_spawn(ex, accept_stream_task, &lfd);
+	for (int i = 0; i < 5; i++) {
+		int c = socket(AF_INET, SOCK_STREAM, 0);
+		struct sockaddr_in a = loopback(port);
+		char buf[4];
+		assert_int_equal(connect(c, (struct sockaddr *)&a, sizeof(a)), 0);
+		assert_int_equal(recv(c, buf, sizeof(buf), MSG_WAITALL), 2);
+		close(c);
+	}
+	assert_int_equal(wait_res(f), 5);
+	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	close(lfd);
+}
+
+#define STREAM_BYTES 3000000 /* a multiple of sender_task's 1000 */
+
+static int64_t stream_producer(void *arg)
+{
+	struct pair p = {*(int *)arg, STREAM_BYTES};
+	return sender_task(&p);
+}
+
+static int64_t recv_stream_task(void *arg)
+{
+	int fd = *(int *)arg;
+	concur_stream *s;
+	static struct concur_chunk held[200];
+	unsigned nheld = 0;
+	size_t got = 0;
+	int err = concur_recv_stream(&s, fd, 0);
+	if (err)
+		return err;
+	concur_release(concur_spawn(ex, stream_producer, arg == NULL ? NULL : (int *)arg + 1));
+	for (;;) {
+		struct concur_chunk c;
+		int64_t r = concur_stream_next(s, &c);
+		if (r <= 0) {
+			if (r < 0)
+				return r;
+			break;
+		}
+		if ((size_t)r != c.len)
+			return -EPROTO;
+		for (size_t j = 0; j < c.len; j++)
+			if (((char *)c.data)[j] != (char)((got + j) * 7))
+				return -EILSEQ;
+		got += c.len;
+		held[nheld++] = c;
+		if (nheld == 200) { /* hold many buffers for a while: the ring runs dry */
+			concur_sleep(2 * MS);
+			while (nheld)
+				if (concur_stream_give(s, &held[--nheld]))
+					return -EINVAL;
+		}
+	}
+	while (nheld)
+		concur_stream_give(s, &held[--nheld]);
+	struct concur_chunk c;
+	if (concur_stream_next(s, &c) != -ENODATA)
+		return -ENOTRECOVERABLE;
+	concur_stream_close(s);
+	return (int64_t)got;
+}
+
+static void test_recv_stream(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+	int rs[2] = {fds[1], fds[0]}; /* receive on rs[0], the producer sends on rs[1] */
+	assert_int_equal(run_task(recv_stream_task, rs), STREAM_BYTES);
+	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	close(fds[0]);
+	close(fds[1]);
+}
+
+static int64_t stream_close_task(void *arg)
+{
+	int *fds = arg;
+	concur_stream *rs, *as;
+	int err = concur_recv_stream(&rs, fds[0], 0);
+	if (err)
+		return err;
+	err = concur_accept_stream(&as, fds[1], 0);
+	if (err)
+		return err;
+	concur_await_nop();
+	concur_stream_close(rs); /* armed, nothing came: cancelled and freed later */
+	concur_stream_close(as);
+	return 0;
+}
+
+static void test_stream_close(void **state)
+{
+	int fds[2];
+	uint16_t port;
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	int args[2] = {fds[0], listener(&port)};
+	assert_int_equal(run_task(stream_close_task, args), 0);
+	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	close(fds[0]);
+	close(fds[1]);
+	close(args[1]);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test_setup_teardown(test_file_futures, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_file_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_ebadf, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_ebadf_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_nop_timeout, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_socketpair_tasks, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_tcp_loopback, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_sendmsg_poll_splice, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_cancel_recv, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_deadline_recv, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_deadline_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_econnreset, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_many_connections, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_accept_stream, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_recv_stream, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
