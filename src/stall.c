@@ -11,7 +11,6 @@
 #define STALL_SLOTS 16
 
 _Atomic unsigned concur__stall_detectors;
-_Atomic bool concur__stall_hooked;
 
 static struct stall_slot {
 	_Atomic(concur_exec *) ex; /* NULL: free */
@@ -82,8 +81,6 @@ uint64_t concur_stall_count(const concur_exec *ex)
 
 void concur__stall_end(struct concur__loop *loop, int64_t t0)
 {
-	if (!atomic_load_explicit(&concur__stall_hooked, memory_order_relaxed))
-		atomic_store(&concur__stall_hooked, true);
 	struct stall_slot *s = slot_of(loop->ex);
 	if (!s)
 		return;

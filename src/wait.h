@@ -73,7 +73,5 @@ static inline int64_t concur__stall_begin(void)
 	return concur__now_ns();
 }
 void concur__stall_end(struct concur__loop *loop, int64_t t0);
-/* Set once the loop called concur__stall_end (the hook is in place). */
-extern _Atomic bool concur__stall_hooked;
 
 #endif /* CONCUR_WAIT_H */
