@@ -274,7 +274,7 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	concur__loop_push_ready(t->loop, t);
+	concur__loop_push_yielded(t->loop, t);
 	concur__suspend();
 }
 

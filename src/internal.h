@@ -266,8 +266,9 @@ struct concur__loop {
 	struct concur__node *fresh_head,
 	    *fresh_tail; /* unstarted tasks: local spawns at the front */
 	size_t nfresh;
-	struct concur__node *ready_head, *ready_tail; /* resumed fibers, FIFO */
-	unsigned inflight;                            /* our SQEs whose CQE is still to come */
+	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
+	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
+	unsigned inflight;                                /* our SQEs whose CQE is still to come */
 	struct concur__fiber *stack_pool;
 	unsigned stack_pool_len;
 	pthread_t thread;
@@ -297,6 +298,8 @@ static inline void concur__sqe_set_op(struct io_uring_sqe *sqe, struct concur__o
 void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
 /* Queue a runnable task on the current loop (loop thread only). */
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
+/* Queue a task that yielded: it runs after everything runnable now, and after an I/O check. */
+void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);
