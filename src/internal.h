@@ -230,11 +230,15 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop);
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
-/* Loop side: run t until it suspends or finishes. */
-void concur__fiber_run(struct concur__loop *loop, struct concur__task *t);
 /*
- * Task side: switch back to the loop. Whoever arranged the suspension calls concur__resume()
- * later (from any thread); the call returns then.
+ * Loop side: run t until a fiber switches back to the loop; returns that fiber's task, which is
+ * not t if t passed the thread on (concur__suspend) -- it has finished or suspended.
+ */
+struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur__task *t);
+/*
+ * Task side: switch to the next ready fiber of the loop (within the turn's budget) or back to
+ * the loop. Whoever arranged the suspension calls concur__resume() later (from any thread); the
+ * call returns then.
  */
 void concur__suspend(void);
 /* Make a suspended task runnable again on its own loop, from any thread. */
@@ -267,7 +271,8 @@ struct concur__loop {
 	    *fresh_tail; /* unstarted tasks: local spawns at the front */
 	size_t nfresh;
 	struct concur__node *ready_head, *ready_tail; /* resumed fibers, FIFO */
-	unsigned inflight;                            /* our SQEs whose CQE is still to come */
+	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
+	unsigned inflight; /* our SQEs whose CQE is still to come */
 	struct concur__fiber *stack_pool;
 	unsigned stack_pool_len;
 	pthread_t thread;

@@ -136,14 +136,14 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 
 static void concur__run_queues(struct concur__loop *loop)
 {
-	for (unsigned budget = CONCUR__RUN_BUDGET; budget; budget--) {
+	for (loop->budget = CONCUR__RUN_BUDGET; loop->budget; loop->budget--) {
 		struct concur__task *t = concur__pop_runnable(loop);
 		if (!t)
 			return;
 		if (!t->fib && !concur__task_start(loop, t))
 			continue;
 		int64_t t0 = concur__stall_begin(); /* 0 unless a stall detector is set */
-		concur__fiber_run(loop, t);
+		t = concur__fiber_run(loop, t);     /* the fiber back here, after direct switches */
 		if (t0)
 			concur__stall_end(loop, t0);
 		if (t->finished) {
