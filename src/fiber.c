@@ -319,7 +319,26 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	concur__loop_push_ready(t->loop, t);
+	struct concur__loop *loop = t->loop;
+	struct concur__node *n = loop->ready_head;
+	if (n && loop->budget > 1 &&
+	    !atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
+		/* the hot path of concur__suspend(), without queueing t only to pop the other */
+		loop->budget--;
+		concur__stat_inc(&loop->st.fibers_parked, 1);
+		loop->ready_head = n->next;
+		t->node.next = NULL;
+		if (n->next)
+			loop->ready_tail->next = &t->node;
+		else
+			loop->ready_head = &t->node;
+		loop->ready_tail = &t->node;
+		struct concur__task *next = concur__task_of_node(n);
+		concur__tl_task = next;
+		concur__switch_direct(t->fib, next->fib);
+		return;
+	}
+	concur__loop_push_ready(loop, t);
 	concur__suspend();
 }
 

@@ -40,6 +40,16 @@
 #define CONCUR__TSAN_ACQUIRE(p) ((void)(p))
 #endif
 
+/* ASan: memory kept for reuse (a cache of freed records) is poisoned while it sits there. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define CONCUR__ASAN_POISON(p, n)   ASAN_POISON_MEMORY_REGION(p, n)
+#define CONCUR__ASAN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define CONCUR__ASAN_POISON(p, n)   ((void)(p), (void)(n))
+#define CONCUR__ASAN_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 static inline void concur__cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
@@ -251,8 +261,8 @@ void concur__task_release(struct concur__task *t);
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
 
 struct concur__loop_stats {
-	_Atomic uint64_t tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring, inbox_items,
-	    steals, futex_wakes, futex_ring_wakes, stacks_mapped;
+	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
+	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped;
 };
 
 struct concur__loop {
@@ -275,6 +285,9 @@ struct concur__loop {
 	unsigned inflight; /* our SQEs whose CQE is still to come */
 	struct concur__fiber *stack_pool;
 	unsigned stack_pool_len;
+	void *task_cache; /* freed task records, for the next spawns on this thread */
+	unsigned task_cache_len;
+	int64_t work_ended; /* concur__work_end()s not yet taken off ex->outstanding */
 	pthread_t thread;
 	int setup_err;
 	struct concur__loop_stats st;
@@ -328,7 +341,8 @@ struct concur_exec {
 	_Atomic bool cancel_pending;
 	_Atomic bool stopping;
 	_Atomic unsigned nsleeping;
-	_Atomic uint64_t tasks_spawned;
+	_Atomic uint64_t
+	    tasks_spawned; /* from threads outside the executor; loops count their own */
 	_Atomic uint64_t doorbells;
 
 	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;
@@ -345,6 +359,9 @@ static inline bool concur__exec_valid(const concur_exec *ex)
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);
+/* Take the loop's batched work_end()s off the executor's count. Loop thread, every turn. */
+void concur__work_publish(struct concur__loop *loop);
+void concur__task_cache_free(struct concur__loop *loop);
 /* True if the executor with this id is still alive (not freed). */
 bool concur__exec_alive(const concur_exec *ex, uint64_t id);
 bool concur__op_supported(const concur_exec *ex, unsigned opcode);

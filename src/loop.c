@@ -468,6 +468,7 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 		}
 	}
 	concur__fiber_pool_free(loop);
+	concur__task_cache_free(loop);
 	io_uring_queue_exit(&loop->ring);
 }
 
@@ -495,6 +496,7 @@ static void *concur__loop_main(void *arg)
 	for (;;) {
 		concur__run_queues(loop);
 		fed = concur__drain_inbox(loop);
+		concur__work_publish(loop); /* before a handoff: a task may end on the other loop */
 		if (loop->nfresh >= 2 && atomic_load_explicit(&ex->nsleeping, memory_order_relaxed))
 			concur__handoff(loop);
 		if (concur__has_runnable(loop)) {
