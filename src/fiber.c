@@ -47,23 +47,31 @@ static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn))
 
 /* ---- the switch, with the sanitizers' annotations ----------------------------------------- */
 
-static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
+/* Into fiber to, saving the current context (the loop's, or a suspending fiber's) in save_*. */
+static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__fiber *to)
 {
 #ifdef CONCUR__ASAN
 	void *fake = NULL;
-	__sanitizer_start_switch_fiber(&fake, fib->stack_lo, fib->stack_size);
+	__sanitizer_start_switch_fiber(&fake, to->stack_lo, to->stack_size);
 #endif
 #ifdef CONCUR__TSAN
-	__tsan_switch_to_fiber(fib->tsan_fiber, 0);
+	__tsan_switch_to_fiber(to->tsan_fiber, 0);
 #endif
 #if CONCUR__USE_UCONTEXT
-	swapcontext(loop->sched_uctx, fib->uctx);
+	swapcontext(save_uctx, to->uctx);
+	(void)save_sp;
 #else
-	concur__ctx_switch(&loop->sched_sp, fib->sp);
+	concur__ctx_switch(save_sp, to->sp);
+	(void)save_uctx;
 #endif
 #ifdef CONCUR__ASAN
 	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #endif
+}
+
+static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
+{
+	concur__switch_to(&loop->sched_sp, loop->sched_uctx, fib);
 }
 
 /* final: the fiber will never run again (its fake stack can go). */
@@ -94,21 +102,7 @@ static inline void concur__switch_out(struct concur__loop *loop, struct concur__
 /* Fiber to fiber, from a suspending one to a ready one on the same loop. */
 static inline void concur__switch_direct(struct concur__fiber *from, struct concur__fiber *to)
 {
-#ifdef CONCUR__ASAN
-	void *fake = NULL;
-	__sanitizer_start_switch_fiber(&fake, to->stack_lo, to->stack_size);
-#endif
-#ifdef CONCUR__TSAN
-	__tsan_switch_to_fiber(to->tsan_fiber, 0);
-#endif
-#if CONCUR__USE_UCONTEXT
-	swapcontext(from->uctx, to->uctx);
-#else
-	concur__ctx_switch(&from->sp, to->sp);
-#endif
-#ifdef CONCUR__ASAN
-	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
-#endif
+	concur__switch_to(&from->sp, from->uctx, to);
 }
 
 /* ---- stacks --------------------------------------------------------------------------------- */
