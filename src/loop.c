@@ -146,14 +146,14 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 
 static void concur__run_queues(struct concur__loop *loop)
 {
-	for (unsigned budget = CONCUR__RUN_BUDGET; budget; budget--) {
+	for (loop->budget = CONCUR__RUN_BUDGET; loop->budget; loop->budget--) {
 		struct concur__task *t = concur__pop_runnable(loop);
 		if (!t)
 			break;
 		if (!t->fib && !concur__task_start(loop, t))
 			continue;
 		int64_t t0 = concur__stall_begin(); /* 0 unless a stall detector is set */
-		concur__fiber_run(loop, t);
+		t = concur__fiber_run(loop, t);     /* the fiber back here, after direct switches */
 		if (t0)
 			concur__stall_end(loop, t0);
 		if (t->finished) {
@@ -486,6 +486,7 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 		}
 	}
 	concur__fiber_pool_free(loop);
+	concur__task_cache_free(loop);
 	io_uring_queue_exit(&loop->ring);
 }
 
@@ -513,6 +514,7 @@ static void *concur__loop_main(void *arg)
 	for (;;) {
 		concur__run_queues(loop);
 		fed = concur__drain_inbox(loop);
+		concur__work_publish(loop); /* before a handoff: a task may end on the other loop */
 		if (loop->nfresh >= 2 && atomic_load_explicit(&ex->nsleeping, memory_order_relaxed))
 			concur__handoff(loop);
 		if (concur__has_runnable(loop)) {
