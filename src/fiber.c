@@ -268,6 +268,24 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
 	return t;
 }
 
+/*
+ * Many ready fibers (a batch of I/O completions) are each a few cold cache lines of stack:
+ * loading them one after another is a chain of misses at every switch, which was most of the
+ * cost of await_nop with 128 tasks. The fiber after the next one gets its top frames fetched
+ * while the next one runs.
+ */
+static inline void concur__fiber_prefetch(struct concur__task *t)
+{
+	struct concur__fiber *fib = t->fib;
+	if (!fib)
+		return; /* not started: nothing saved on a stack yet */
+	const char *sp = fib->sp;
+	if (!sp)
+		return; /* the ucontext fallback keeps no stack pointer */
+	for (int i = 0; i < 4; i++)
+		__builtin_prefetch(sp + i * CONCUR__CACHELINE, 1);
+}
+
 void concur__suspend(void)
 {
 	struct concur__task *t = concur__tl_task;
@@ -287,6 +305,8 @@ void concur__suspend(void)
 		struct concur__task *next = concur__task_of_node(n);
 		if (next == t)
 			return; /* a yield with nobody else ready: go on */
+		if (n->next)
+			concur__fiber_prefetch(concur__task_of_node(n->next));
 		concur__tl_task = next;
 		concur__switch_direct(t->fib, next->fib);
 		return; /* concur__tl_task is t again: whoever switched here set it */

@@ -510,10 +510,14 @@ static void *concur__loop_main(void *arg)
 		return NULL;
 	concur__tl_loop = loop;
 
-	bool fed = false; /* the inbox had items this turn */
+	/* The inbox had items since the loop last slept. Not just this turn: a task from the
+	 * inbox runs the turn after it arrives, and its foreign waiter posts again only once it
+	 * has the result, so "this turn" would always be false by then. */
+	bool fed = false;
 	for (;;) {
 		concur__run_queues(loop);
-		fed = concur__drain_inbox(loop);
+		if (concur__drain_inbox(loop))
+			fed = true;
 		concur__work_publish(loop); /* before a handoff: a task may end on the other loop */
 		if (loop->nfresh >= 2 && atomic_load_explicit(&ex->nsleeping, memory_order_relaxed))
 			concur__handoff(loop);
@@ -524,6 +528,7 @@ static void *concur__loop_main(void *arg)
 			    !loop->inflight && !atomic_load(&loop->inbox))
 				break;
 			concur__loop_sleep(loop, fed);
+			fed = false;
 		}
 		concur__reap(loop);
 	}
