@@ -253,11 +253,6 @@ unsigned concur_exec_ring_flags(const concur_exec *ex)
 	return concur__exec_valid(ex) ? ex->ring_flags : 0;
 }
 
-bool concur__op_supported(const concur_exec *ex, unsigned opcode)
-{
-	return opcode < 256 && ex->op_supported[opcode];
-}
-
 concur_exec *concur_current_exec(void)
 {
 	return concur__tl_loop ? concur__tl_loop->ex : NULL;

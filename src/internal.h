@@ -367,7 +367,11 @@ void concur__work_publish(struct concur__loop *loop);
 void concur__task_cache_free(struct concur__loop *loop);
 /* True if the executor with this id is still alive (not freed). */
 bool concur__exec_alive(const concur_exec *ex, uint64_t id);
-bool concur__op_supported(const concur_exec *ex, unsigned opcode);
+/* Inline: the direct-form I/O calls ask on every operation. */
+static inline bool concur__op_supported(const concur_exec *ex, unsigned opcode)
+{
+	return opcode < 256 && ex->op_supported[opcode];
+}
 
 /* ---- misc ---------------------------------------------------------------------------------- */
 
