@@ -105,6 +105,19 @@ void concur__work_end(concur_exec *ex)
 		concur__work_sub(ex, 1);
 }
 
+/*
+ * A task spawned on its own loop is counted on the loop too, with the ends, and the net goes
+ * to ex->outstanding at the same publish: every spawn would otherwise write the shared line.
+ * Join still cannot return early: the spawner is work counted already (its own end is not
+ * published before this begin), and the new task ends on a loop of ex -- this one, or another
+ * only after a handoff, which comes after the publish. Anything that may end off the loops
+ * (spawn_blocking, streams, future I/O from other threads) uses concur__work_begin().
+ */
+void concur__work_begin_local(struct concur__loop *loop)
+{
+	loop->work_ended--;
+}
+
 void concur__work_publish(struct concur__loop *loop)
 {
 	if (loop->work_ended) {
@@ -356,12 +369,16 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 		return concur__failed_future(ex, -EINVAL);
 	/* count the work before checking the flag: a join racing a shutdown sees one or the
 	 * other, never neither */
-	concur__work_begin(ex);
+	struct concur__loop *me = concur__tl_loop;
+	bool local = me && me->ex == ex;
+	if (local)
+		concur__work_begin_local(me);
+	else
+		concur__work_begin(ex);
 	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
 		concur__work_end(ex);
 		return concur__failed_future(ex, -ESHUTDOWN);
 	}
-	struct concur__loop *me = concur__tl_loop;
 	struct concur__task *t = concur__task_alloc(me);
 	if (!t) {
 		concur__work_end(ex);
@@ -374,7 +391,7 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 	t->fib = NULL;
 	t->loop = NULL;
 	t->finished = false;
-	if (me && me->ex == ex) {
+	if (local) {
 		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
 	} else {

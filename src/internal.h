@@ -288,7 +288,7 @@ struct concur__loop {
 	unsigned stack_pool_len;
 	void *task_cache; /* freed task records, for the next spawns on this thread */
 	unsigned task_cache_len;
-	int64_t work_ended; /* concur__work_end()s not yet taken off ex->outstanding */
+	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	pthread_t thread;
 	int setup_err;
 	struct concur__loop_stats st;
@@ -362,6 +362,8 @@ static inline bool concur__exec_valid(const concur_exec *ex)
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);
+/* The begin of a task spawned on its own loop (loop thread): published with the loop's ends. */
+void concur__work_begin_local(struct concur__loop *loop);
 /* Take the loop's batched work_end()s off the executor's count. Loop thread, every turn. */
 void concur__work_publish(struct concur__loop *loop);
 void concur__task_cache_free(struct concur__loop *loop);
