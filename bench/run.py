@@ -563,8 +563,9 @@ def extra_text(e, unit):
     if not e:
         return ""
     parts = ["%s req/s" % fmt_count(e["req_s"])] if "req_s" in e else []
-    if "p50_us" in e and "p99_us" in e:
-        parts.append("p50 %s / p99 %s" % (fmt_us(e["p50_us"]), fmt_us(e["p99_us"])))
+    if e.get("p50_us"):
+        parts.append("p50 %s / p99 %s" % (fmt_us(e["p50_us"]),
+                                          fmt_us(e["p99_us"]) if e.get("p99_us") else "n/a"))
     if "cpu_us_per_req" in e and unit != "µs CPU/req":
         parts.append("%.3g µs CPU/req" % e["cpu_us_per_req"])
     return ", ".join(parts)
