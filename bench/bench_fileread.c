@@ -6,6 +6,8 @@
  *   raw:    one thread, one ring (concur's setup flags where the kernel takes them), -b reads
  *           kept in flight: each CQE queues the next read, io_uring_submit_and_wait(1) per turn.
  *           The floor; fio's io_uring engine (run by bench/run.py) is the peer.
+ *   raw_fixed: the same with the file registered (io_uring_register_files, IOSQE_FIXED_FILE):
+ *           what registered files would save here.
  * Unit: ns per read (wall clock / reads).
  */
 #include "common.h"
@@ -14,7 +16,7 @@
 #include <liburing.h>
 #include <sys/stat.h>
 
-#define VARIANTS "concur|raw"
+#define VARIANTS "concur|raw|raw_fixed"
 #define BS       4096
 
 static long iters, depth;
@@ -71,7 +73,7 @@ static void run_concur(void)
 	concur_exec_free(ex);
 }
 
-static void run_raw(void)
+static void run_raw(bool fixed)
 {
 	struct io_uring ring;
 	static const unsigned tries[] = {
@@ -88,14 +90,23 @@ static void run_raw(void)
 	}
 	if (err)
 		bench_die("io_uring_queue_init: %s", strerror(-err));
+	int rfd = fd;
+	if (fixed) {
+		int rc = io_uring_register_files(&ring, &fd, 1);
+		if (rc)
+			bench_die("io_uring_register_files: %s", strerror(-rc));
+		rfd = 0;
+	}
 	char *bufs = aligned_alloc(BS, (size_t)depth * BS);
 	uint64_t seed = 0x9e3779b97f4a7c15ull;
 	long issued = 0, done = 0, enters = 0;
 	int64_t t0 = bench_now_ns();
 	for (long i = 0; i < depth && issued < iters; i++, issued++) {
 		struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-		io_uring_prep_read(sqe, fd, bufs + i * BS, BS, (rnd(&seed) % blocks) * BS);
+		io_uring_prep_read(sqe, rfd, bufs + i * BS, BS, (rnd(&seed) % blocks) * BS);
 		io_uring_sqe_set_data64(sqe, (uint64_t)i);
+		if (fixed)
+			sqe->flags |= IOSQE_FIXED_FILE;
 	}
 	while (done < iters) {
 		io_uring_submit_and_wait(&ring, 1);
@@ -111,9 +122,11 @@ static void run_raw(void)
 			if (issued < iters) {
 				uint64_t slot = io_uring_cqe_get_data64(cqe);
 				struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-				io_uring_prep_read(sqe, fd, bufs + slot * BS, BS,
+				io_uring_prep_read(sqe, rfd, bufs + slot * BS, BS,
 				                   (rnd(&seed) % blocks) * BS);
 				io_uring_sqe_set_data64(sqe, slot);
+				if (fixed)
+					sqe->flags |= IOSQE_FIXED_FILE;
 				issued++;
 			}
 		}
@@ -121,8 +134,8 @@ static void run_raw(void)
 	}
 	int64_t t1 = bench_now_ns();
 	char params[128];
-	snprintf(params, sizeof(params), "\"n\": %ld, \"depth\": %ld, \"bs\": %d", iters, depth,
-	         BS);
+	snprintf(params, sizeof(params), "\"n\": %ld, \"depth\": %ld, \"bs\": %d, \"fixed\": %s",
+	         iters, depth, BS, fixed ? "true" : "false");
 	bench_begin((double)(t1 - t0) / (double)iters, "ns/op", "lower", params);
 	printf("\"cqes\": %ld, \"enters\": %ld, \"cqes_per_enter\": %.3g, \"ring_flags\": %u", done,
 	       enters, (double)done / (double)enters, flags);
@@ -157,8 +170,8 @@ int main(int argc, char **argv)
 	blocks = (uint64_t)st.st_size / BS;
 	if (!strcmp(a.variant, "concur"))
 		run_concur();
-	else if (!strcmp(a.variant, "raw"))
-		run_raw();
+	else if (!strcmp(a.variant, "raw") || !strcmp(a.variant, "raw_fixed"))
+		run_raw(!strcmp(a.variant, "raw_fixed"));
 	else
 		bench_usage(argv[0], VARIANTS);
 	close(fd);

@@ -178,6 +178,8 @@ WORKLOADS = [
               note="target: >= 0.95x fio's IOPS"),
             V("raw liburing", "bench_fileread", "raw", 2_000_000, 50_000,
               ["-b", str(d), "--file", "{build}/bench/fileread.dat"]),
+            V("raw liburing, registered file", "bench_fileread", "raw_fixed", 2_000_000, 50_000,
+              ["-b", str(d), "--file", "{build}/bench/fileread.dat"]),
         ],
     }
     for d in (32, 128)
