@@ -30,6 +30,9 @@
 extern "C" {
 #endif
 
+/* The library is built with hidden visibility: what this header declares is its whole ABI. */
+#pragma GCC visibility push(default)
+
 #define CONCUR_VERSION_MAJOR 0
 #define CONCUR_VERSION_MINOR 1
 
@@ -709,6 +712,8 @@ int concur_stream_cancel(concur_stream *s);
  * yet consumed; the memory goes once the kernel's last completion arrived. No other task may
  * be waiting on it. Borrowed chunks must have been given back. NULL is ignored. */
 void concur_stream_close(concur_stream *s);
+
+#pragma GCC visibility pop
 
 #ifdef __cplusplus
 }

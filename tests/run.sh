@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build concur and pass every test, the way CI does: installs what is missing (Debian, as root),
+# then builds three ways -- normal, ASan+UBSan, TSan -- with -Werror and runs all tests in each;
+# any sanitizer report fails the run. Finally the benchmark suite's smoke mode (--quick), so the
+# suite cannot rot. Usage: bash tests/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=(cmake make gcc g++ pkg-config liburing-dev libcmocka-dev python3 curl
+      libuv1-dev wrk nginx-light redis-server redis-tools fio)
+missing=()
+for p in "${need[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "== installing: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	# the Debian packages start services on install; the tests and benches start their own
+	for s in nginx redis-server; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
+fi
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+
+run() { # name, cmake options...
+	local name=$1
+	shift
+	echo "== build: $name"
+	cmake -S . -B "build-test/$name" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCONCUR_WERROR=ON "$@" >/dev/null
+	cmake --build "build-test/$name" -j"$(nproc)" >/dev/null
+	echo "== test: $name"
+	ctest --test-dir "build-test/$name" --output-on-failure --timeout 600
+}
+
+start=$(date +%s)
+run normal
+run asan-ubsan -DCONCUR_SANITIZE=address,undefined
+run tsan -DCONCUR_SANITIZE=thread
+echo "== bench smoke: python3 bench/run.py --quick"
+python3 bench/run.py --quick --build-dir build-test/normal --out build-test/bench-quick
+echo "== all tests passed in normal, asan-ubsan and tsan builds ($(($(date +%s) - start)) s)"
