@@ -253,11 +253,15 @@ SERVERS = {
     "concur_resp": (None, lambda b, t: start_printing(
         [_built(b, "servers/concur_resp_server"), "--port", "0", "--loops", "2"], t),
         "servers/concur_resp_server --loops 2"),
+    "concur_resp1": (None, lambda b, t: start_printing(
+        [_built(b, "servers/concur_resp_server"), "--port", "0", "--loops", "1"], t),
+        "servers/concur_resp_server --loops 1"),
     "redis": ("redis-server", lambda b, t: start_redis(t),
               "redis-server --save '' --appendonly no"),
 }
 BINARIES = {"concur_http": "servers/concur_http_server", "uring_http": "peers/peer_uring_http",
-            "epoll_http": "peers/peer_epoll_http", "concur_resp": "servers/concur_resp_server"}
+            "epoll_http": "peers/peer_epoll_http", "concur_resp": "servers/concur_resp_server",
+            "concur_resp1": "servers/concur_resp_server"}
 
 
 def _with_server(server, build_dir, timeout, is_concur, load_tool, body):
