@@ -660,6 +660,28 @@ def render_markdown(result):
     return "\n".join(out) + "\n"
 
 
+def svg_esc(t):
+    return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_start(width, height, title, header):
+    """The opening of a plot: white page, bold title, the run's date and CPU under it."""
+    return ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+            'font-family="sans-serif" font-size="12">' % (width, height),
+            '<rect width="100%" height="100%" fill="white"/>',
+            '<text x="10" y="20" font-size="14" font-weight="bold">%s</text>' % title,
+            '<text x="10" y="38" fill="#555">%s</text>' % svg_esc(header["date"] + " · " +
+                                                                  header["cpu"])]
+
+
+def log_axis(lo, hi, left, plot_w):
+    """x(v) on a log axis from lo to hi, and the 1-2-5 ticks inside it."""
+    llo, lhi = math.log10(lo), math.log10(hi)
+    ticks = [m * 10 ** e for e in range(math.floor(llo) - 1, math.ceil(lhi) + 1)
+             for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
+    return (lambda v: left + (math.log10(v) - llo) / (lhi - llo) * plot_w), ticks
+
+
 def render_latency_svg(result):
     """p50 and p99 latency of every server variant (median run), per workload, log axis."""
     groups = []
@@ -672,31 +694,16 @@ def render_latency_svg(result):
     height = top + row_h * nrows + 28 * len(groups) + 50
     vals = [e[k] for _, rows in groups for _, e, _ in rows for k in ("p50_us", "p99_us")
             if e.get(k)] or [1.0, 1000.0]
-    lo, hi = min(vals) / 1.5, max(vals) * 1.5
-    llo, lhi = math.log10(lo), math.log10(hi)
-
-    def x(v):
-        return left + (math.log10(v) - llo) / (lhi - llo) * plot_w
-
-    def esc(t):
-        return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-    o = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
-         'font-family="sans-serif" font-size="12">' % (left + plot_w + right, height),
-         '<rect width="100%" height="100%" fill="white"/>',
-         '<text x="10" y="20" font-size="14" font-weight="bold">server latency under load: p50 '
-         '(bar) and p99 (whisker end), median run, log scale; lower is better</text>',
-         '<text x="10" y="38" fill="#555">%s</text>' % esc(result["header"]["date"] + " · " +
-                                                           result["header"]["cpu"])]
+    x, ticks = log_axis(min(vals) / 1.5, max(vals) * 1.5, left, plot_w)
+    esc = svg_esc
+    o = svg_start(left + plot_w + right, height, "server latency under load: p50 (bar) and p99 "
+                  "(whisker end), median run, log scale; lower is better", result["header"])
     base = top + row_h * nrows + 28 * len(groups)
-    for e10 in range(math.floor(llo), math.ceil(lhi) + 1):
-        for m in (1, 2, 5):
-            t = m * 10 ** e10
-            if lo <= t <= hi:
-                o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' %
-                         (x(t), top - 6, x(t), base))
-                o.append('<text x="%.1f" y="%d" text-anchor="middle" fill="#555">%s</text>' %
-                         (x(t), base + 16, esc(fmt_us(t))))
+    for t in ticks:
+        o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' %
+                 (x(t), top - 6, x(t), base))
+        o.append('<text x="%.1f" y="%d" text-anchor="middle" fill="#555">%s</text>' %
+                 (x(t), base + 16, esc(fmt_us(t))))
     y = top
     for wname, rows in groups:
         o.append('<text x="10" y="%d" font-weight="bold">%s</text>' % (y + 16, esc(wname)))
@@ -741,30 +748,10 @@ def render_svg(result):
     vals = [r["median"] for _, r in bars if r["median"]]
     vals += [r["max"] for _, r in bars if r["max"]] + [r["min"] for _, r in bars if r["min"]]
     vals += [r["target"]["value"] for _, r in bars if r["target"]]
-    lo = min(vals + [0.5]) / 1.3
-    hi = max(vals + [2.0]) * 1.3
-    llo, lhi = math.log10(lo), math.log10(hi)
-
-    def x(v):
-        return left + (math.log10(v) - llo) / (lhi - llo) * plot_w
-
-    def esc(s):
-        return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-    o = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
-         'font-family="sans-serif" font-size="12">' % (width, height),
-         '<rect width="100%" height="100%" fill="white"/>',
-         '<text x="10" y="20" font-size="14" font-weight="bold">concur / peer, per workload '
-         '(median of run-by-run ratios, log scale; &lt; 1: concur is faster)</text>',
-         '<text x="10" y="38" fill="#555">%s</text>' % esc(result["header"]["date"] + " · " +
-                                                           result["header"]["cpu"])]
-    # axis ticks at 1-2-5 steps
-    ticks = []
-    for e in range(math.floor(llo) - 1, math.ceil(lhi) + 1):
-        for m in (1, 2, 5):
-            t = m * 10 ** e
-            if lo <= t <= hi:
-                ticks.append(t)
+    x, ticks = log_axis(min(vals + [0.5]) / 1.3, max(vals + [2.0]) * 1.3, left, plot_w)
+    esc = svg_esc
+    o = svg_start(width, height, "concur / peer, per workload (median of run-by-run ratios, "
+                  "log scale; &lt; 1: concur is faster)", result["header"])
     base = top + row_h * max(len(bars), 1)
     for t in ticks:
         o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' % (x(t), top - 6,

@@ -239,29 +239,23 @@ def _built(build_dir, rel):
     return os.path.join(build_dir, "bench", rel)
 
 
+def _ours(rel, opt, n):
+    """One of the servers built here (concur's or a hand-written peer): start, label."""
+    return (None, lambda b, t: start_printing([_built(b, rel), "--port", "0", opt, str(n)], t),
+            "%s %s %d" % (rel, opt, n))
+
+
 SERVERS = {
-    "concur_http": (None, lambda b, t: start_printing(
-        [_built(b, "servers/concur_http_server"), "--port", "0", "--loops", "2"], t),
-        "servers/concur_http_server --loops 2"),
-    "uring_http": (None, lambda b, t: start_printing(
-        [_built(b, "peers/peer_uring_http"), "--port", "0", "--threads", "2"], t),
-        "peers/peer_uring_http --threads 2"),
-    "epoll_http": (None, lambda b, t: start_printing(
-        [_built(b, "peers/peer_epoll_http"), "--port", "0", "--threads", "2"], t),
-        "peers/peer_epoll_http --threads 2"),
+    "concur_http": _ours("servers/concur_http_server", "--loops", 2),
+    "uring_http": _ours("peers/peer_uring_http", "--threads", 2),
+    "epoll_http": _ours("peers/peer_epoll_http", "--threads", 2),
     "nginx": ("nginx", lambda b, t: start_nginx(t), "nginx (workers = CPUs, generated config)"),
-    "concur_resp": (None, lambda b, t: start_printing(
-        [_built(b, "servers/concur_resp_server"), "--port", "0", "--loops", "2"], t),
-        "servers/concur_resp_server --loops 2"),
-    "concur_resp1": (None, lambda b, t: start_printing(
-        [_built(b, "servers/concur_resp_server"), "--port", "0", "--loops", "1"], t),
-        "servers/concur_resp_server --loops 1"),
+    "concur_resp": _ours("servers/concur_resp_server", "--loops", 2),
+    "concur_resp1": _ours("servers/concur_resp_server", "--loops", 1),
     "redis": ("redis-server", lambda b, t: start_redis(t),
               "redis-server --save '' --appendonly no"),
 }
-BINARIES = {"concur_http": "servers/concur_http_server", "uring_http": "peers/peer_uring_http",
-            "epoll_http": "peers/peer_epoll_http", "concur_resp": "servers/concur_resp_server",
-            "concur_resp1": "servers/concur_resp_server"}
+BINARIES = {k: v[2].split()[0] for k, v in SERVERS.items() if v[0] is None}
 
 
 def _with_server(server, build_dir, timeout, is_concur, load_tool, body):

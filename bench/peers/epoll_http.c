@@ -8,8 +8,6 @@
  */
 #include "http_common.h"
 
-#include <pthread.h>
-#include <signal.h>
 #include <sys/epoll.h>
 
 struct conn {
@@ -119,31 +117,5 @@ static void *loop(void *arg)
 
 int main(int argc, char **argv)
 {
-	struct peer_opts o = peer_parse(argc, argv, "epoll_http");
-	sigset_t set;
-	sigemptyset(&set);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGTERM);
-	pthread_sigmask(SIG_BLOCK, &set, NULL); /* the threads inherit the mask */
-	signal(SIGPIPE, SIG_IGN);
-	unsigned port = o.port;
-	for (unsigned i = 0; i < o.threads; i++) {
-		int fd = peer_listener(&port, SOCK_NONBLOCK);
-		pthread_t t;
-		if (fd < 0) {
-			fprintf(stderr, "epoll_http: listen on port %u: %s\n", port, strerror(-fd));
-			return 1;
-		}
-		if (pthread_create(&t, NULL, loop, (void *)(intptr_t)fd)) {
-			fprintf(stderr, "epoll_http: pthread_create failed\n");
-			return 1;
-		}
-	}
-	printf("epoll_http: listening on 127.0.0.1:%u with %u threads\n", port, o.threads);
-	fflush(stdout);
-	int sig;
-	sigwait(&set, &sig);
-	printf("epoll_http: signal %d: stopped\n", sig);
-	fflush(stdout);
-	_exit(0); /* the kernel closes every socket */
+	return peer_main(argc, argv, "epoll_http", loop, SOCK_NONBLOCK);
 }

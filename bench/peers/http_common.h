@@ -17,6 +17,8 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -143,6 +145,43 @@ static inline size_t peer_process(const char *in, size_t len, char *out, size_t 
 		}
 	}
 	return pos;
+}
+
+/*
+ * main() of a peer: --threads listeners (listen_flags: e.g. SOCK_NONBLOCK) each served by
+ * loop(listener fd) in its own thread; print the port, wait for SIGINT/SIGTERM, exit (the
+ * kernel closes every socket and ring).
+ */
+static inline int peer_main(int argc, char **argv, const char *name, void *(*loop)(void *),
+                            int listen_flags)
+{
+	struct peer_opts o = peer_parse(argc, argv, name);
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &set, NULL); /* the threads inherit the mask */
+	signal(SIGPIPE, SIG_IGN);
+	unsigned port = o.port;
+	for (unsigned i = 0; i < o.threads; i++) {
+		int fd = peer_listener(&port, listen_flags);
+		pthread_t t;
+		if (fd < 0) {
+			fprintf(stderr, "%s: listen on port %u: %s\n", name, port, strerror(-fd));
+			return 1;
+		}
+		if (pthread_create(&t, NULL, loop, (void *)(intptr_t)fd)) {
+			fprintf(stderr, "%s: pthread_create failed\n", name);
+			return 1;
+		}
+	}
+	printf("%s: listening on 127.0.0.1:%u with %u threads\n", name, port, o.threads);
+	fflush(stdout);
+	int sig;
+	sigwait(&set, &sig);
+	printf("%s: signal %d: stopped\n", name, sig);
+	fflush(stdout);
+	_exit(0);
 }
 
 #endif

@@ -10,8 +10,6 @@
 #include "http_common.h"
 
 #include <liburing.h>
-#include <pthread.h>
-#include <signal.h>
 
 enum { OP_ACCEPT = 1, OP_RECV = 2, OP_SEND = 3, OP_CLOSE = 0 };
 
@@ -178,31 +176,5 @@ static void *loop(void *arg)
 
 int main(int argc, char **argv)
 {
-	struct peer_opts o = peer_parse(argc, argv, "uring_http");
-	sigset_t set;
-	sigemptyset(&set);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGTERM);
-	pthread_sigmask(SIG_BLOCK, &set, NULL); /* the threads inherit the mask */
-	signal(SIGPIPE, SIG_IGN);
-	unsigned port = o.port;
-	for (unsigned i = 0; i < o.threads; i++) {
-		int fd = peer_listener(&port, 0);
-		pthread_t t;
-		if (fd < 0) {
-			fprintf(stderr, "uring_http: listen on port %u: %s\n", port, strerror(-fd));
-			return 1;
-		}
-		if (pthread_create(&t, NULL, loop, (void *)(intptr_t)fd)) {
-			fprintf(stderr, "uring_http: pthread_create failed\n");
-			return 1;
-		}
-	}
-	printf("uring_http: listening on 127.0.0.1:%u with %u threads\n", port, o.threads);
-	fflush(stdout);
-	int sig;
-	sigwait(&set, &sig);
-	printf("uring_http: signal %d: stopped\n", sig);
-	fflush(stdout);
-	_exit(0); /* the kernel closes every socket and tears the rings down */
+	return peer_main(argc, argv, "uring_http", loop, 0);
 }
