@@ -344,8 +344,8 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * stage is a task; nothing waits in between; the first failure skips the later stages):
  *
  *	concur_future *a = concur_spawn(ex, compute, input);       // int64_t compute(void *)
- *	concur_future *b = concur_then(a, process, NULL);          // int64_t process(void *, int64_t)
- *	concur_future *c = concur_spawn_after(ex, store, db, &b, 1); // store(void *, values, n)
+ *	concur_future *b = concur_then(a, process, NULL);          // int64_t process(void *,
+ *int64_t) concur_future *c = concur_spawn_after(ex, store, db, &b, 1); // store(void *, values, n)
  *	concur_release(a);
  *	concur_release(b);
  *	... concur_result(c, -1) or concur_gather() over many c's ...
@@ -494,9 +494,10 @@ unsigned concur_blocking_threads(void);
 typedef void (*concur_stall_fn)(concur_exec *ex, unsigned loop_idx, int64_t ran_ns, void *arg);
 
 /*
- * Count (and report through fn, if not NULL) every time a task of ex runs longer than
- * threshold_ns without suspending (yield, await, sleep or return). threshold_ns <= 0 turns the
- * detector off. fn runs on the loop thread right after the task gives the loop back; keep it
+ * Count (and report through fn, if not NULL) every time a task of ex runs for more than
+ * threshold_ns of CPU time without suspending (yield, await, sleep or return). CPU time, not wall
+ * time: a loop thread preempted by a busy machine is not the task's fault. threshold_ns <= 0 turns
+ * the detector off. fn runs on the loop thread right after the task gives the loop back; keep it
  * short. Returns 0, -EINVAL, or -ENOSPC if too many executors have a detector (16).
  */
 int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn fn, void *arg);

@@ -80,12 +80,37 @@ void concur__work_begin(concur_exec *ex)
 	atomic_fetch_add_explicit(&ex->outstanding, 1, memory_order_seq_cst);
 }
 
-void concur__work_end(concur_exec *ex)
+static void concur__work_sub(concur_exec *ex, int64_t n)
 {
-	if (atomic_fetch_sub_explicit(&ex->outstanding, 1, memory_order_seq_cst) == 1 &&
+	if (atomic_fetch_sub_explicit(&ex->outstanding, n, memory_order_seq_cst) == n &&
 	    atomic_load_explicit(&ex->joiners, memory_order_seq_cst)) {
 		atomic_fetch_add_explicit(&ex->join_seq, 1, memory_order_seq_cst);
 		concur__futex_wake(&ex->join_seq, INT_MAX);
+	}
+}
+
+/*
+ * On a loop of ex, the end is only noted, and the loop takes its ends off the count once a
+ * turn (concur__work_publish, before it can sleep): with several loops, one shared counter
+ * written for every task ending would bounce between them. The count may lag behind the
+ * work, never run ahead of it (begins are counted at once), so join never returns early; it
+ * returns at most a turn late.
+ */
+void concur__work_end(concur_exec *ex)
+{
+	struct concur__loop *loop = concur__tl_loop;
+	if (loop && loop->ex == ex)
+		loop->work_ended++;
+	else
+		concur__work_sub(ex, 1);
+}
+
+void concur__work_publish(struct concur__loop *loop)
+{
+	if (loop->work_ended) {
+		int64_t n = loop->work_ended;
+		loop->work_ended = 0;
+		concur__work_sub(loop->ex, n);
 	}
 }
 
@@ -248,6 +273,7 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
 	for (unsigned i = 0; i < ex->nloops; i++) {
 		const struct concur__loop_stats *s = &ex->loops[i]->st;
 #define CONCUR__SUM(field) out->field += atomic_load_explicit(&s->field, memory_order_relaxed)
+		CONCUR__SUM(tasks_spawned);
 		CONCUR__SUM(tasks_run);
 		CONCUR__SUM(fibers_parked);
 		CONCUR__SUM(cqes);
@@ -266,9 +292,53 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
 
 /* ---- spawning ------------------------------------------------------------------------------- */
 
+/*
+ * Task records: each loop thread keeps a few freed ones for its next spawns, so a task's life
+ * on a loop costs no malloc/free. A record may be freed on any thread; off a loop it goes back
+ * to malloc. Any loop may cache any record (they are all alike), until the loop stops.
+ */
+#define CONCUR__TASK_CACHE_MAX 1024
+
+struct concur__free_task {
+	struct concur__free_task *next;
+};
+
+static struct concur__task *concur__task_alloc(struct concur__loop *loop)
+{
+	struct concur__free_task *ft = loop ? loop->task_cache : NULL;
+	if (!ft)
+		return malloc(sizeof(struct concur__task));
+	CONCUR__ASAN_UNPOISON(ft, sizeof(struct concur__task));
+	loop->task_cache = ft->next;
+	loop->task_cache_len--;
+	return (struct concur__task *)ft;
+}
+
 static void concur__task_destroy(concur_future *f)
 {
-	free(f);
+	struct concur__loop *loop = concur__tl_loop;
+	if (!loop || loop->task_cache_len >= CONCUR__TASK_CACHE_MAX) {
+		free(f);
+		return;
+	}
+	struct concur__free_task *ft = (struct concur__free_task *)f;
+	ft->next = loop->task_cache;
+	loop->task_cache = ft;
+	loop->task_cache_len++;
+	CONCUR__ASAN_POISON(ft, sizeof(struct concur__task)); /* a use after release still trips */
+}
+
+void concur__task_cache_free(struct concur__loop *loop)
+{
+	struct concur__free_task *ft = loop->task_cache;
+	while (ft) {
+		CONCUR__ASAN_UNPOISON(ft, sizeof(struct concur__task));
+		struct concur__free_task *next = ft->next;
+		free(ft);
+		ft = next;
+	}
+	loop->task_cache = NULL;
+	loop->task_cache_len = 0;
 }
 
 static const struct concur__future_class concur__task_class = {
@@ -296,7 +366,8 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 		concur__work_end(ex);
 		return concur__failed_future(ex, -ESHUTDOWN);
 	}
-	struct concur__task *t = malloc(sizeof(*t));
+	struct concur__loop *me = concur__tl_loop;
+	struct concur__task *t = concur__task_alloc(me);
 	if (!t) {
 		concur__work_end(ex);
 		return concur__failed_future(ex, -ENOMEM);
@@ -308,12 +379,12 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 	t->fib = NULL;
 	t->loop = NULL;
 	t->finished = false;
-	atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
-
-	struct concur__loop *me = concur__tl_loop;
-	if (me && me->ex == ex)
+	if (me && me->ex == ex) {
+		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
-	else
+	} else {
+		atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
 		concur__loop_post(concur__exec_pick_loop(ex), &t->node);
+	}
 	return &t->f;
 }

@@ -4,15 +4,17 @@
  *
  * A task has no stack while queued. When its loop first runs it, the task takes a stack from
  * the loop's pool (mmap()ed with a guard page below it, so an overflow faults instead of
- * corrupting a neighbour; pages are touched lazily), and gives it back when it returns. Fibers
- * only ever switch with their loop's own context, never with each other, so a suspended task is
- * just a saved stack pointer until something calls concur__resume().
+ * corrupting a neighbour; pages are touched lazily), and gives it back when it returns. A fiber
+ * is started and finished by its loop's own context; in between, a fiber that suspends while
+ * another is ready switches straight to it (one switch instead of two through the loop). A
+ * suspended task is just a saved stack pointer until something calls concur__resume().
  *
  * The switch is assembly (fiber_x86_64.S, fiber_aarch64.S); ucontext is a slow fallback for
  * other CPUs (swapcontext makes a sigprocmask syscall per switch). ASan and TSan builds annotate
  * every switch so the sanitizers follow the stacks.
  */
 #include "internal.h"
+#include "wait.h" /* the stall detector's hook */
 
 #include <stdlib.h>
 #include <string.h>
@@ -45,23 +47,31 @@ static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn))
 
 /* ---- the switch, with the sanitizers' annotations ----------------------------------------- */
 
-static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
+/* Into fiber to, saving the current context (the loop's, or a suspending fiber's) in save_*. */
+static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__fiber *to)
 {
 #ifdef CONCUR__ASAN
 	void *fake = NULL;
-	__sanitizer_start_switch_fiber(&fake, fib->stack_lo, fib->stack_size);
+	__sanitizer_start_switch_fiber(&fake, to->stack_lo, to->stack_size);
 #endif
 #ifdef CONCUR__TSAN
-	__tsan_switch_to_fiber(fib->tsan_fiber, 0);
+	__tsan_switch_to_fiber(to->tsan_fiber, 0);
 #endif
 #if CONCUR__USE_UCONTEXT
-	swapcontext(loop->sched_uctx, fib->uctx);
+	swapcontext(save_uctx, to->uctx);
+	(void)save_sp;
 #else
-	concur__ctx_switch(&loop->sched_sp, fib->sp);
+	concur__ctx_switch(save_sp, to->sp);
+	(void)save_uctx;
 #endif
 #ifdef CONCUR__ASAN
 	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #endif
+}
+
+static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
+{
+	concur__switch_to(&loop->sched_sp, loop->sched_uctx, fib);
 }
 
 /* final: the fiber will never run again (its fake stack can go). */
@@ -82,9 +92,17 @@ static inline void concur__switch_out(struct concur__loop *loop, struct concur__
 	concur__ctx_switch(&fib->sp, loop->sched_sp);
 #endif
 #ifdef CONCUR__ASAN
-	__sanitizer_finish_switch_fiber(fake, &loop->asan_stack_lo, &loop->asan_stack_size);
+	/* whoever resumed us may be another fiber: the loop's stack bounds are recorded once, on
+	 * a fiber's first entry (concur__fiber_main), which always comes from the loop */
+	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #endif
 	(void) final;
+}
+
+/* Fiber to fiber, from a suspending one to a ready one on the same loop. */
+static inline void concur__switch_direct(struct concur__fiber *from, struct concur__fiber *to)
+{
+	concur__switch_to(&from->sp, from->uctx, to);
 }
 
 /* ---- stacks --------------------------------------------------------------------------------- */
@@ -230,7 +248,7 @@ static void concur__fiber_main(struct concur__task *t)
 	__builtin_unreachable();
 }
 
-void concur__fiber_run(struct concur__loop *loop, struct concur__task *t)
+struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur__task *t)
 {
 #if CONCUR__USE_UCONTEXT
 	if (!loop->sched_uctx) {
@@ -245,14 +263,35 @@ void concur__fiber_run(struct concur__loop *loop, struct concur__task *t)
 #endif
 	concur__tl_task = t;
 	concur__switch_in(loop, t->fib);
+	t = concur__tl_task; /* not the one we switched to if it passed the thread on */
 	concur__tl_task = NULL;
+	return t;
 }
 
 void concur__suspend(void)
 {
 	struct concur__task *t = concur__tl_task;
-	concur__stat_inc(&t->loop->st.fibers_parked, 1);
-	concur__switch_out(t->loop, t->fib, false);
+	struct concur__loop *loop = t->loop;
+	/* Another fiber is ready: switch straight to it instead of through the loop's context.
+	 * Each direct switch is charged to the loop's turn budget, so the loop still gets back to
+	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
+	 * the loop, so each run is timed on its own. */
+	concur__stat_inc(&loop->st.fibers_parked, 1);
+	struct concur__node *n = loop->ready_head;
+	if (n && loop->budget > 1 &&
+	    !atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
+		loop->budget--;
+		loop->ready_head = n->next;
+		if (!n->next)
+			loop->ready_tail = NULL;
+		struct concur__task *next = concur__task_of_node(n);
+		if (next == t)
+			return; /* a yield with nobody else ready: go on */
+		concur__tl_task = next;
+		concur__switch_direct(t->fib, next->fib);
+		return; /* concur__tl_task is t again: whoever switched here set it */
+	}
+	concur__switch_out(loop, t->fib, false);
 }
 
 void concur__resume(struct concur__task *t)
@@ -274,7 +313,7 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	concur__loop_push_ready(t->loop, t);
+	concur__loop_push_yielded(t->loop, t);
 	concur__suspend();
 }
 

@@ -120,7 +120,9 @@ void concur_release(concur_future *f)
 {
 	if (!concur__valid(f))
 		return;
-	if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
+	/* The last reference needs no atomic write: holding it, nobody else can take one. */
+	if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1 &&
+	    atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
 		return;
 	concur__drop_waiters(f);
 	f->magic = CONCUR__FUTURE_DEAD;

@@ -40,6 +40,16 @@
 #define CONCUR__TSAN_ACQUIRE(p) ((void)(p))
 #endif
 
+/* ASan: memory kept for reuse (a cache of freed records) is poisoned while it sits there. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define CONCUR__ASAN_POISON(p, n)   ASAN_POISON_MEMORY_REGION(p, n)
+#define CONCUR__ASAN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define CONCUR__ASAN_POISON(p, n)   ((void)(p), (void)(n))
+#define CONCUR__ASAN_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 static inline void concur__cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
@@ -230,11 +240,15 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop);
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
-/* Loop side: run t until it suspends or finishes. */
-void concur__fiber_run(struct concur__loop *loop, struct concur__task *t);
 /*
- * Task side: switch back to the loop. Whoever arranged the suspension calls concur__resume()
- * later (from any thread); the call returns then.
+ * Loop side: run t until a fiber switches back to the loop; returns that fiber's task, which is
+ * not t if t passed the thread on (concur__suspend) -- it has finished or suspended.
+ */
+struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur__task *t);
+/*
+ * Task side: switch to the next ready fiber of the loop (within the turn's budget) or back to
+ * the loop. Whoever arranged the suspension calls concur__resume() later (from any thread); the
+ * call returns then.
  */
 void concur__suspend(void);
 /* Make a suspended task runnable again on its own loop, from any thread. */
@@ -247,8 +261,8 @@ void concur__task_release(struct concur__task *t);
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
 
 struct concur__loop_stats {
-	_Atomic uint64_t tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring, inbox_items,
-	    steals, futex_wakes, futex_ring_wakes, stacks_mapped;
+	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
+	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped;
 };
 
 struct concur__loop {
@@ -266,10 +280,15 @@ struct concur__loop {
 	struct concur__node *fresh_head,
 	    *fresh_tail; /* unstarted tasks: local spawns at the front */
 	size_t nfresh;
-	struct concur__node *ready_head, *ready_tail; /* resumed fibers, FIFO */
-	unsigned inflight;                            /* our SQEs whose CQE is still to come */
+	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
+	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
+	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
+	unsigned inflight; /* our SQEs whose CQE is still to come */
 	struct concur__fiber *stack_pool;
 	unsigned stack_pool_len;
+	void *task_cache; /* freed task records, for the next spawns on this thread */
+	unsigned task_cache_len;
+	int64_t work_ended; /* concur__work_end()s not yet taken off ex->outstanding */
 	pthread_t thread;
 	int setup_err;
 	struct concur__loop_stats st;
@@ -297,6 +316,8 @@ static inline void concur__sqe_set_op(struct io_uring_sqe *sqe, struct concur__o
 void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
 /* Queue a runnable task on the current loop (loop thread only). */
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
+/* Queue a task that yielded: it runs after everything runnable now, and after an I/O check. */
+void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);
@@ -323,7 +344,8 @@ struct concur_exec {
 	_Atomic bool cancel_pending;
 	_Atomic bool stopping;
 	_Atomic unsigned nsleeping;
-	_Atomic uint64_t tasks_spawned;
+	_Atomic uint64_t
+	    tasks_spawned; /* from threads outside the executor; loops count their own */
 	_Atomic uint64_t doorbells;
 
 	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;
@@ -340,6 +362,9 @@ static inline bool concur__exec_valid(const concur_exec *ex)
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);
+/* Take the loop's batched work_end()s off the executor's count. Loop thread, every turn. */
+void concur__work_publish(struct concur__loop *loop);
+void concur__task_cache_free(struct concur__loop *loop);
 /* True if the executor with this id is still alive (not freed). */
 bool concur__exec_alive(const concur_exec *ex, uint64_t id);
 bool concur__op_supported(const concur_exec *ex, unsigned opcode);

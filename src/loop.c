@@ -47,15 +47,25 @@ struct io_uring_sqe *concur__sqe(struct concur__loop *loop)
 
 /* ---- run queues (loop thread only) ---------------------------------------------------------- */
 
+static void concur__fifo_push(struct concur__node **head, struct concur__node **tail,
+                              struct concur__node *n)
+{
+	n->next = NULL;
+	if (*tail)
+		(*tail)->next = n;
+	else
+		*head = n;
+	*tail = n;
+}
+
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
 {
-	struct concur__node *n = &t->node;
-	n->next = NULL;
-	if (loop->ready_tail)
-		loop->ready_tail->next = n;
-	else
-		loop->ready_head = n;
-	loop->ready_tail = n;
+	concur__fifo_push(&loop->ready_head, &loop->ready_tail, &t->node);
+}
+
+void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t)
+{
+	concur__fifo_push(&loop->yielded_head, &loop->yielded_tail, &t->node);
 }
 
 /* Unstarted tasks: a deque. Local spawns go to the front (depth first, so a task waiting on
@@ -136,14 +146,14 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 
 static void concur__run_queues(struct concur__loop *loop)
 {
-	for (unsigned budget = CONCUR__RUN_BUDGET; budget; budget--) {
+	for (loop->budget = CONCUR__RUN_BUDGET; loop->budget; loop->budget--) {
 		struct concur__task *t = concur__pop_runnable(loop);
 		if (!t)
-			return;
+			break;
 		if (!t->fib && !concur__task_start(loop, t))
 			continue;
 		int64_t t0 = concur__stall_begin(); /* 0 unless a stall detector is set */
-		concur__fiber_run(loop, t);
+		t = concur__fiber_run(loop, t);     /* the fiber back here, after direct switches */
 		if (t0)
 			concur__stall_end(loop, t0);
 		if (t->finished) {
@@ -154,6 +164,14 @@ static void concur__run_queues(struct concur__loop *loop)
 			concur__complete(&t->f, t->ret, CONCUR__FINISHED);
 			concur__task_drop(t);
 		}
+	}
+	if (loop->yielded_head) { /* the tasks that yielded this turn are ready for the next */
+		if (loop->ready_tail)
+			loop->ready_tail->next = loop->yielded_head;
+		else
+			loop->ready_head = loop->yielded_head;
+		loop->ready_tail = loop->yielded_tail;
+		loop->yielded_head = loop->yielded_tail = NULL;
 	}
 }
 
@@ -468,6 +486,7 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 		}
 	}
 	concur__fiber_pool_free(loop);
+	concur__task_cache_free(loop);
 	io_uring_queue_exit(&loop->ring);
 }
 
@@ -495,6 +514,7 @@ static void *concur__loop_main(void *arg)
 	for (;;) {
 		concur__run_queues(loop);
 		fed = concur__drain_inbox(loop);
+		concur__work_publish(loop); /* before a handoff: a task may end on the other loop */
 		if (loop->nfresh >= 2 && atomic_load_explicit(&ex->nsleeping, memory_order_relaxed))
 			concur__handoff(loop);
 		if (concur__has_runnable(loop)) {

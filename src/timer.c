@@ -6,7 +6,8 @@
  *
  * A timed await needs a node that outlives the await itself (the future's waiter list and the
  * in-flight timer both point at it), so it is a small refcounted allocation: one reference for
- * the list, one for the timer. Whoever flips `fired` first resumes the fiber.
+ * the list, one for the timer, one for the fiber that reads it once resumed. Whoever flips `fired`
+ * first resumes the fiber.
  */
 #include "internal.h"
 
@@ -67,7 +68,7 @@ int64_t concur__await_timed(struct concur__task *t, concur_future *f, int64_t ti
 	tw->task = t;
 	tw->timed_out = false;
 	atomic_init(&tw->fired, 0);
-	atomic_init(&tw->refs, 2);
+	atomic_init(&tw->refs, 3); /* the waiter list's, the timer's, and ours */
 	concur__ts_set(&tw->ts, timeout_ns);
 	if (!concur__waiter_push(f, &tw->w)) {
 		free(tw);

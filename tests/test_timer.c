@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: MIT */
+/* Timers: concur_sleep in and out of tasks, timed awaits (the timer or the future wins). */
+#include "helpers.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+
+static concur_exec *ex;
+
+static atomic_llong slept_ns;
+static int64_t sleeper(void *arg)
+{
+	int64_t t0 = now_ns();
+	int r = concur_sleep((int64_t)(intptr_t)arg);
+	atomic_store(&slept_ns, now_ns() - t0);
+	return r;
+}
+
+static atomic_int others_ran;
+static int64_t other(void *arg)
+{
+	atomic_fetch_add(&others_ran, 1);
+	return 0;
+}
+
+/* A sleeping task suspends: its loop runs other tasks meanwhile. */
+static void test_sleep_in_task(void **state)
+{
+	ex = new_exec(1);
+	atomic_store(&others_ran, 0);
+	concur_future *s = concur_spawn(ex, sleeper, (void *)(intptr_t)MS(30));
+	concur_future *o[10];
+	for (int i = 0; i < 10; i++)
+		o[i] = concur_spawn(ex, other, NULL);
+	for (int i = 0; i < 10; i++) {
+		assert_int_equal(concur_result(o[i], -1), 0);
+		concur_release(o[i]);
+	}
+	assert_false(concur_done(s)); /* the others finished while it slept */
+	assert_int_equal(concur_result(s, -1), 0);
+	assert_true(atomic_load(&slept_ns) >= MS(30)); /* a timer never fires early */
+	assert_int_equal(atomic_load(&others_ran), 10);
+	concur_release(s);
+
+	s = concur_spawn(ex, sleeper, (void *)(intptr_t)-1);
+	assert_int_equal(concur_result(s, -1), -EINVAL);
+	concur_release(s);
+	s = concur_spawn(ex, sleeper, (void *)0); /* 0: a yield */
+	assert_int_equal(concur_result(s, -1), 0);
+	concur_release(s);
+	concur_exec_free(ex);
+}
+
+static void test_sleep_outside_task(void **state)
+{
+	int64_t t0 = now_ns();
+	assert_int_equal(concur_sleep(MS(10)), 0);
+	assert_true(now_ns() - t0 >= MS(10));
+	assert_int_equal(concur_sleep(-5), -EINVAL);
+}
+
+/* A timed await: the timer wins against a promise nobody sets, the future wins otherwise. */
+static concur_future *promise;
+static int64_t timed_await(void *arg)
+{
+	return concur_result(promise, (int64_t)(intptr_t)arg);
+}
+
+static void test_timed_await(void **state)
+{
+	unsigned loops[] = {1, 2};
+	for (int k = 0; k < 2; k++) {
+		ex = new_exec(loops[k]);
+		promise = concur_promise_new(ex);
+		concur_future *f = concur_spawn(ex, timed_await, (void *)(intptr_t)MS(20));
+		assert_int_equal(concur_result(f, -1), -ETIMEDOUT);
+		assert_false(concur_done(promise)); /* a timeout changes nothing */
+		concur_release(f);
+
+		/* the future wins: the await returns its value, the timer is taken down */
+		f = concur_spawn(ex, timed_await, (void *)(intptr_t)MS(10000));
+		concur_sleep(MS(10));
+		assert_int_equal(concur_promise_set(promise, 31), 0);
+		assert_int_equal(concur_result(f, -1), 31);
+		concur_release(f);
+
+		/* already done: no wait at all */
+		f = concur_spawn(ex, timed_await, (void *)(intptr_t)MS(1));
+		assert_int_equal(concur_result(f, -1), 31);
+		concur_release(f);
+		/* a poll (0) of a pending future */
+		concur_future *p2 = promise;
+		promise = concur_promise_new(ex);
+		f = concur_spawn(ex, timed_await, (void *)0);
+		assert_int_equal(concur_result(f, -1), -ETIMEDOUT);
+		concur_release(f);
+		concur_release(p2);
+		concur_release(promise);
+		/* join returns: no timer lingers as work */
+		assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
+		concur_exec_free(ex);
+	}
+}
+
+/* Many timed awaits racing their futures: each resumes exactly once, with either outcome. */
+#define RACERS 200
+static concur_future *racer_promises[RACERS];
+static atomic_int outcomes_value, outcomes_timeout;
+static int64_t racer(void *arg)
+{
+	intptr_t i = (intptr_t)arg;
+	int64_t v = concur_result(racer_promises[i], MS(1));
+	if (v == 5)
+		atomic_fetch_add(&outcomes_value, 1);
+	else if (v == -ETIMEDOUT)
+		atomic_fetch_add(&outcomes_timeout, 1);
+	return 0;
+}
+
+static void test_timed_await_races(void **state)
+{
+	ex = new_exec(2);
+	atomic_store(&outcomes_value, 0);
+	atomic_store(&outcomes_timeout, 0);
+	concur_future *tasks[RACERS];
+	for (intptr_t i = 0; i < RACERS; i++) {
+		racer_promises[i] = concur_promise_new(ex);
+		tasks[i] = concur_spawn(ex, racer, (void *)i);
+	}
+	concur_sleep(MS(1));
+	for (int i = 0; i < RACERS; i++)
+		concur_promise_set(racer_promises[i], 5);
+	for (int i = 0; i < RACERS; i++) {
+		assert_int_equal(concur_result(tasks[i], -1), 0);
+		concur_release(tasks[i]);
+		concur_release(racer_promises[i]);
+	}
+	assert_int_equal(atomic_load(&outcomes_value) + atomic_load(&outcomes_timeout), RACERS);
+	concur_exec_free(ex);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_sleep_in_task),
+	    cmocka_unit_test(test_sleep_outside_task),
+	    cmocka_unit_test(test_timed_await),
+	    cmocka_unit_test(test_timed_await_races),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
