@@ -195,6 +195,39 @@ WORKLOADS = [
     for d in (32, 128)
 ] + [
     {
+        "name": "channel/same_loop",
+        "what": "ping-pong of int64 items through two bounded channels, two tasks on one loop",
+        "variants": [
+            V("concur", "bench_channel", "same_loop", 200000, 20000),
+            V("mutex+condvar queue, 2 threads", "bench_channel", "condvar", 50000, 5000),
+        ],
+    },
+    {
+        "name": "channel/cross_loop",
+        "what": "the same ping-pong with the two tasks on different loops (MSG_RING wake-ups)",
+        "variants": [
+            V("concur", "bench_channel", "cross_loop", 50000, 5000),
+            V("mutex+condvar queue, 2 threads", "bench_channel", "condvar", 50000, 5000),
+        ],
+    },
+    {
+        "name": "gather",
+        "what": "10^5 trivial tasks collected with concur_gather (vs one concur_result each)",
+        "variants": [
+            V("concur_gather", "bench_gather", "gather", 100000, 10000),
+            V("concur_result one by one", "bench_gather", "one_by_one", 100000, 10000),
+            V("concur_as_completed", "bench_gather", "as_completed", 100000, 10000),
+        ],
+    },
+    {
+        "name": "pipeline",
+        "what": "3-stage pipeline of 10^5 items: unwrapped tasks (then/spawn_after) vs a condvar pool",
+        "variants": [
+            V("concur unwrapped tasks", "bench_pipeline", "unwrapped", 100000, 10000),
+            V("mutex+condvar pool", "bench_pipeline", "condvar_pool", 100000, 10000),
+        ],
+    },
+    {
         "name": "fib",
         "what": "fib(27), every call n >= 2 spawns both children and waits (nested waits)",
         "variants": [
