@@ -67,7 +67,7 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * Returns 0 and sets *out, or a negative errno: -EINVAL for bad options, the kernel's error if
  * io_uring is unavailable (ENOSYS: kernel without io_uring; EPERM: kernel.io_uring_disabled
  * or a seccomp filter; see concur_last_error()), -EOPNOTSUPP if the kernel lacks
- * IORING_OP_MSG_RING (Linux < 5.18).
+ * IORING_OP_MSG_RING (Linux < 5.18), -ENOMEM (including: 4096 executors alive at once already).
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 

@@ -15,33 +15,30 @@
 
 /* ---- live executors, so futures can tell whether theirs is gone ---------------------------- */
 
+/*
+ * A fixed table of slots; an executor's id is (generation << 12 | slot), so "is it alive" is
+ * one atomic load of its slot -- no lock on the path of concur_future_exec() and concur_then().
+ * Only creating and freeing an executor take the lock.
+ */
+#define CONCUR__REGISTRY_BITS  12
+#define CONCUR__REGISTRY_SLOTS (1u << CONCUR__REGISTRY_BITS) /* executors alive at once */
+
 static pthread_mutex_t concur__registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct {
-	const concur_exec *ex;
-	uint64_t id;
-} * concur__registry;
-static size_t concur__registry_len, concur__registry_cap;
-static uint64_t concur__next_id = 1;
+static _Atomic uint64_t concur__registry[CONCUR__REGISTRY_SLOTS]; /* id of the slot's exec, or 0 */
+static uint64_t concur__registry_gen = 1;
 
 static int concur__registry_add(concur_exec *ex)
 {
-	int r = 0;
+	int r = -ENOMEM; /* CONCUR__REGISTRY_SLOTS executors alive already */
 	pthread_mutex_lock(&concur__registry_lock);
-	if (concur__registry_len == concur__registry_cap) {
-		size_t cap = concur__registry_cap ? concur__registry_cap * 2 : 8;
-		void *p = realloc(concur__registry, cap * sizeof(*concur__registry));
-		if (!p) {
-			r = -ENOMEM;
-			goto out;
-		}
-		concur__registry = p;
-		concur__registry_cap = cap;
+	for (uint64_t slot = 0; slot < CONCUR__REGISTRY_SLOTS; slot++) {
+		if (atomic_load_explicit(&concur__registry[slot], memory_order_relaxed))
+			continue;
+		ex->id = (concur__registry_gen++ << CONCUR__REGISTRY_BITS) | slot;
+		atomic_store_explicit(&concur__registry[slot], ex->id, memory_order_release);
+		r = 0;
+		break;
 	}
-	ex->id = concur__next_id++;
-	concur__registry[concur__registry_len].ex = ex;
-	concur__registry[concur__registry_len].id = ex->id;
-	concur__registry_len++;
-out:
 	pthread_mutex_unlock(&concur__registry_lock);
 	return r;
 }
@@ -49,28 +46,16 @@ out:
 static void concur__registry_remove(concur_exec *ex)
 {
 	pthread_mutex_lock(&concur__registry_lock);
-	for (size_t i = 0; i < concur__registry_len; i++) {
-		if (concur__registry[i].ex == ex && concur__registry[i].id == ex->id) {
-			concur__registry[i] = concur__registry[--concur__registry_len];
-			break;
-		}
-	}
-	if (!concur__registry_len) {
-		free(concur__registry);
-		concur__registry = NULL;
-		concur__registry_cap = 0;
-	}
+	atomic_store_explicit(&concur__registry[ex->id & (CONCUR__REGISTRY_SLOTS - 1)], 0,
+	                      memory_order_release);
 	pthread_mutex_unlock(&concur__registry_lock);
 }
 
 bool concur__exec_alive(const concur_exec *ex, uint64_t id)
 {
-	bool alive = false;
-	pthread_mutex_lock(&concur__registry_lock);
-	for (size_t i = 0; i < concur__registry_len && !alive; i++)
-		alive = concur__registry[i].ex == ex && concur__registry[i].id == id;
-	pthread_mutex_unlock(&concur__registry_lock);
-	return alive;
+	(void)ex; /* the id names the executor: never dereference a pointer that may be freed */
+	return id && atomic_load_explicit(&concur__registry[id & (CONCUR__REGISTRY_SLOTS - 1)],
+	                                  memory_order_acquire) == id;
 }
 
 /* ---- work accounting ----------------------------------------------------------------------- */
