@@ -338,32 +338,52 @@ struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
 	return ex->loops[i % ex->nloops];
 }
 
-concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
+/* Deferred tasks carry their creator's data after the record: never cached, always freed. */
+static void concur__deferred_task_destroy(concur_future *f)
 {
-	if (!concur__exec_valid(ex))
-		return concur__failed_future(NULL, -EINVAL);
-	if (!fn)
-		return concur__failed_future(ex, -EINVAL);
-	/* count the work before checking the flag: a join racing a shutdown sees one or the
-	 * other, never neither */
-	concur__work_begin(ex);
-	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
-		concur__work_end(ex);
-		return concur__failed_future(ex, -ESHUTDOWN);
-	}
-	struct concur__loop *me = concur__tl_loop;
-	struct concur__task *t = concur__task_alloc(me);
-	if (!t) {
-		concur__work_end(ex);
-		return concur__failed_future(ex, -ENOMEM);
-	}
-	concur__future_init(&t->f, &concur__task_class, ex, 2); /* the caller's and ours */
+	free(f);
+}
+
+static const struct concur__future_class concur__deferred_task_class = {
+    .name = "task",
+    .cancel_running = NULL,
+    .destroy = concur__deferred_task_destroy,
+};
+
+static void concur__task_init(struct concur__task *t, const struct concur__future_class *cls,
+                              concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	concur__future_init(&t->f, cls, ex, 2); /* the caller's reference and the executor's */
 	t->node.kind = CONCUR__NODE_RUN;
 	t->fn = fn;
 	t->arg = arg;
 	t->fib = NULL;
 	t->loop = NULL;
 	t->finished = false;
+}
+
+struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)
+{
+	struct concur__task *t = malloc(sizeof(*t) + extra);
+	if (t)
+		concur__task_init(t, &concur__deferred_task_class, ex, fn, t + 1);
+	return t;
+}
+
+void concur__task_enqueue(struct concur__task *t)
+{
+	concur_exec *ex = t->f.ex;
+	/* count the work before checking the flag: a join racing a shutdown sees one or the
+	 * other, never neither */
+	concur__work_begin(ex);
+	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
+		concur__work_end(ex);
+		if (concur__future_claim(&t->f))
+			concur__complete(&t->f, -ESHUTDOWN, CONCUR__FINISHED);
+		concur_release(&t->f); /* the executor's reference: it will never run */
+		return;
+	}
+	struct concur__loop *me = concur__tl_loop;
 	if (me && me->ex == ex) {
 		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
@@ -371,5 +391,18 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 		atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
 		concur__loop_post(concur__exec_pick_loop(ex), &t->node);
 	}
+}
+
+concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	if (!concur__exec_valid(ex))
+		return concur__failed_future(NULL, -EINVAL);
+	if (!fn)
+		return concur__failed_future(ex, -EINVAL);
+	struct concur__task *t = concur__task_alloc(concur__tl_loop);
+	if (!t)
+		return concur__failed_future(ex, -ENOMEM);
+	concur__task_init(t, &concur__task_class, ex, fn, arg);
+	concur__task_enqueue(t);
 	return &t->f;
 }
