@@ -79,6 +79,18 @@ def spawn_workload(kind, what, concur, bare, pool, omp, uv):
     }
 
 
+def channel_workload(kind, where, n, quick_n):
+    """channel/same_loop and channel/cross_loop: the same peer, a condvar queue between threads."""
+    return {
+        "name": "channel/" + kind,
+        "what": "ping-pong of int64 items through two bounded channels, " + where,
+        "variants": [
+            V("concur", "bench_channel", kind, n, quick_n),
+            V("mutex+condvar queue, 2 threads", "bench_channel", "condvar", 50000, 5000),
+        ],
+    }
+
+
 WORKLOADS = [
     {
         "name": "switch",
@@ -194,22 +206,9 @@ WORKLOADS = [
     }
     for d in (32, 128)
 ] + [
-    {
-        "name": "channel/same_loop",
-        "what": "ping-pong of int64 items through two bounded channels, two tasks on one loop",
-        "variants": [
-            V("concur", "bench_channel", "same_loop", 200000, 20000),
-            V("mutex+condvar queue, 2 threads", "bench_channel", "condvar", 50000, 5000),
-        ],
-    },
-    {
-        "name": "channel/cross_loop",
-        "what": "the same ping-pong with the two tasks on different loops (MSG_RING wake-ups)",
-        "variants": [
-            V("concur", "bench_channel", "cross_loop", 50000, 5000),
-            V("mutex+condvar queue, 2 threads", "bench_channel", "condvar", 50000, 5000),
-        ],
-    },
+    channel_workload("same_loop", "two tasks on one loop", 200000, 20000),
+    channel_workload("cross_loop", "the two tasks on different loops (MSG_RING wake-ups)",
+                     50000, 5000),
     {
         "name": "gather",
         "what": "10^5 trivial tasks collected with concur_gather (vs one concur_result each)",
