@@ -300,6 +300,7 @@ struct concur__loop {
 	int64_t work_ended; /* concur__work_end()s not yet taken off ex->outstanding */
 	pthread_t thread;
 	int setup_err;
+	char setup_msg[256]; /* why setup failed, for the thread that called concur_exec_new */
 	struct concur__loop_stats st;
 
 	/* touched by other threads */
