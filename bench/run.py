@@ -5,7 +5,7 @@
 Runs every workload's variants (concur and its peers) alternating A B A B, after a warm-up,
 takes median / min / max, and computes the ratio of concur to each peer pair by pair (the ratio
 of run i to run i, then the median of those ratios). Writes results/latest.json (schema in
-bench/README.md), results/latest.md and results/ratios.svg, and prints the table.
+bench/README.md), results/latest.md, results/ratios.svg and results/latency.svg, and prints the table.
 
     python3 bench/run.py --build                 # configure + build into ./build, then run all
     python3 bench/run.py --quick                 # smoke: every workload briefly (< 2 min)
@@ -31,6 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCHEMA = "concur-bench/1"
 
+sys.path.insert(0, HERE)
+import servers  # noqa: E402  (the server and file workloads: bench/servers.py)
+
 
 # --------------------------------------------------------------------------------------------
 # The workloads. Each variant is a binary from the build dir plus arguments; `n` is the size of
@@ -51,6 +54,13 @@ def V(name, binary, variant, n, quick_n, extra=(), target=None, note=""):
     }
 
 
+def E(name, run, target=None, note=""):
+    """A variant driven by bench/servers.py (a server under load, fio) instead of one binary:
+    run(build_dir, quick, timeout, is_concur) -> (status, record or reason)."""
+    return {"name": name, "binary": None, "run": run, "args": [], "n": None, "quick_n": None,
+            "target": target, "note": note}
+
+
 def spawn_workload(kind, what, concur, bare, pool, omp, uv):
     """spawn/one and spawn/bulk: the same peers, each given (n, quick_n)."""
     pool_note = "target: concur >= 3x faster than the condvar pool"
@@ -65,6 +75,18 @@ def spawn_workload(kind, what, concur, bare, pool, omp, uv):
               note=pool_note),
             V("OpenMP tasks+taskwait", "bench_omp", "spawn_" + kind, *omp),
             V("libuv uv_queue_work", "bench_uv", "spawn_" + kind, *uv),
+        ],
+    }
+
+
+def channel_workload(kind, where, n, quick_n):
+    """channel/same_loop and channel/cross_loop: the same peer, a condvar queue between threads."""
+    return {
+        "name": "channel/" + kind,
+        "what": "ping-pong of int64 items through two bounded channels, " + where,
+        "variants": [
+            V("concur", "bench_channel", kind, n, quick_n),
+            V("mutex+condvar queue, 2 threads", "bench_channel", "condvar", 50000, 5000),
         ],
     }
 
@@ -121,6 +143,87 @@ WORKLOADS = [
         "variants": [
             V("concur", "bench_xwake", "concur_promise", 100_000, 2_000),
             V("futex ping-pong", "bench_xwake", "futex", 100_000, 2_000, target=("<=", 1.1)),
+        ],
+    },
+    {
+        "name": "http/plaintext",
+        "what": "HTTP/1.1 GET /plaintext under wrk -t2 -c50 (keep-alive); value: server CPU "
+                "time per request",
+        "variants": [
+            E("concur (2 loops)", servers.http_variant("concur_http")),
+            E("raw liburing (2 threads)", servers.http_variant("uring_http"),
+              target=("<=", 1.0)),
+            E("epoll (2 threads)", servers.http_variant("epoll_http")),
+            E("nginx (workers = CPUs)", servers.http_variant("nginx"), target=("<=", 0.8)),
+        ],
+    },
+    {
+        "name": "http/pipeline16",
+        "what": "as http/plaintext with 16 requests pipelined per write (wrk Lua script)",
+        "variants": [
+            E("concur (2 loops)", servers.http_variant("concur_http", 16)),
+            E("raw liburing (2 threads)", servers.http_variant("uring_http", 16),
+              target=("<=", 1.0)),
+            E("epoll (2 threads)", servers.http_variant("epoll_http", 16)),
+            E("nginx (workers = CPUs)", servers.http_variant("nginx", 16), target=("<=", 0.8)),
+        ],
+    },
+    {
+        "name": "resp",
+        "what": "RESP PING/SET/GET under redis-benchmark -c 50, one server thread (as redis); "
+                "value: requests/s over the tests",
+        "variants": [
+            E("concur (1 loop)", servers.resp_variant("concur_resp1")),
+            E("redis-server", servers.resp_variant("redis"), target=("<=", 1.0),
+              note="target: throughput >= redis-server"),
+        ],
+    },
+    {
+        "name": "resp/2loops",
+        "what": "as resp, concur with 2 loops (sharing the 2 CPUs with redis-benchmark)",
+        "variants": [
+            E("concur (2 loops)", servers.resp_variant("concur_resp")),
+            E("redis-server", servers.resp_variant("redis"), target=("<=", 1.0),
+              note="target: throughput >= redis-server"),
+        ],
+    },
+] + [
+    {
+        "name": "fileread/%d" % d,
+        "what": "4 KiB random reads from a page-cached %d MiB file, queue depth %d, 1 loop" %
+                (servers.FILE_MB, d),
+        "prepare": servers.fileread_prepare,
+        "variants": [
+            V("concur", "bench_fileread", "concur", 2_000_000, 50_000,
+              ["-b", str(d), "--file", "{build}/bench/fileread.dat"]),
+            E("fio io_uring engine", servers.fio_variant(d), target=("<=", 1 / 0.95),
+              note="target: >= 0.95x fio's IOPS"),
+            V("raw liburing", "bench_fileread", "raw", 2_000_000, 50_000,
+              ["-b", str(d), "--file", "{build}/bench/fileread.dat"]),
+            V("raw liburing, registered file", "bench_fileread", "raw_fixed", 2_000_000, 50_000,
+              ["-b", str(d), "--file", "{build}/bench/fileread.dat"]),
+        ],
+    }
+    for d in (32, 128)
+] + [
+    channel_workload("same_loop", "two tasks on one loop", 200000, 20000),
+    channel_workload("cross_loop", "the two tasks on different loops (MSG_RING wake-ups)",
+                     50000, 5000),
+    {
+        "name": "gather",
+        "what": "10^5 trivial tasks collected with concur_gather (vs one concur_result each)",
+        "variants": [
+            V("concur_gather", "bench_gather", "gather", 100000, 10000),
+            V("concur_result one by one", "bench_gather", "one_by_one", 100000, 10000),
+            V("concur_as_completed", "bench_gather", "as_completed", 100000, 10000),
+        ],
+    },
+    {
+        "name": "pipeline",
+        "what": "3-stage pipeline of 10^5 items: unwrapped tasks (then/spawn_after) vs a condvar pool",
+        "variants": [
+            V("concur unwrapped tasks", "bench_pipeline", "unwrapped", 100000, 10000),
+            V("mutex+condvar pool", "bench_pipeline", "condvar_pool", 100000, 10000),
         ],
     },
     {
@@ -253,12 +356,15 @@ class Progress:
 
 def run_variant(build_dir, v, quick, timeout, is_concur):
     """One invocation. Returns ("ok", record) / ("skipped", reason) / ("failed", reason)."""
+    if v.get("run"):
+        return v["run"](build_dir, quick, timeout, is_concur)
     exe = os.path.join(build_dir, "bench", v["binary"])
     if not os.access(exe, os.X_OK):
         if is_concur:  # concur's own binaries are always built: their absence is a failure
             return "failed", "%s not found in %s/bench" % (v["binary"], build_dir)
         return "skipped", MISSING_REASON.get(v["binary"], "%s was not built" % v["binary"])
-    cmd = [exe] + v["args"] + ["-n", str(v["quick_n"] if quick else v["n"])]
+    cmd = [exe] + [a.replace("{build}", build_dir) for a in v["args"]]
+    cmd += ["-n", str(v["quick_n"] if quick else v["n"])]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -312,6 +418,7 @@ def run_workload(w, args, progress):
             "reason": "",
             "values": [],
             "stats": [],
+            "extra": [],
             "params": {},
             "unit": None,
             "better": None,
@@ -327,6 +434,7 @@ def run_workload(w, args, progress):
             slot["status"], slot["reason"] = status, rec
             if counted:
                 slot["values"].append(None)
+                slot["extra"].append(None)
             return
         slot["command"] = " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c
                                    for c in rec["command"])
@@ -335,7 +443,10 @@ def run_workload(w, args, progress):
         if counted:
             slot["values"].append(float(rec["value"]))
             slot["stats"].append(rec.get("stats", {}))
+            slot["extra"].append(rec.get("extra"))
 
+    if w.get("prepare"):
+        w["prepare"](args.build_dir)
     for k in range(args.warmup):
         for slot in variants:
             one(slot, False, "warm-up")
@@ -345,6 +456,7 @@ def run_workload(w, args, progress):
                 one(slot, True, "run %d/%d" % (i + 1, args.runs))
             else:
                 slot["values"].append(None)
+                slot["extra"].append(None)
                 progress.step()
 
     for slot in variants:
@@ -356,10 +468,14 @@ def run_workload(w, args, progress):
             mid = min(range(len(slot["values"])),
                       key=lambda j: abs((slot["values"][j] or math.inf) - slot["median"]))
             slot["median_stats"] = slot["stats"][mid] if slot["stats"] else {}
+            slot["median_extra"] = slot["extra"][mid] if slot["extra"] else None
         else:
             if slot["status"] == "ok":
                 slot["status"], slot["reason"] = "failed", "no successful run"
-            slot.update({"median": None, "min": None, "max": None, "median_stats": {}})
+            slot.update({"median": None, "min": None, "max": None, "median_stats": {},
+                         "median_extra": None})
+        if not any(slot["extra"]):
+            del slot["extra"], slot["median_extra"]  # only the server workloads have them
 
     concur = variants[0]
     ratios = []
@@ -482,13 +598,39 @@ def table_rows(result):
                     target = r["target"]["text"]
                     met = {True: "met", False: "MISSED", None: "n/a"}[r["met"]]
             rows.append([w["name"] if v["role"] == "concur" else "", v["name"], val, rng, ratio,
-                         target, met])
+                         target, met, extra_text(v.get("median_extra"), v["unit"])])
     return rows
+
+
+def extra_text(e, unit):
+    """A server run's load figures (the median run's): req/s, p50 / p99 latency."""
+    if not e:
+        return ""
+    parts = ["%s req/s" % fmt_count(e["req_s"])] if "req_s" in e else []
+    if e.get("p50_us"):
+        parts.append("p50 %s / p99 %s" % (fmt_us(e["p50_us"]),
+                                          fmt_us(e["p99_us"]) if e.get("p99_us") else "n/a"))
+    if "cpu_us_per_req" in e and unit != "µs CPU/req":
+        parts.append("%.3g µs CPU/req" % e["cpu_us_per_req"])
+    return ", ".join(parts)
+
+
+def fmt_us(us):
+    return "%.3g ms" % (us / 1e3) if us >= 1000 else "%.3g µs" % us
+
+
+def has_extras(result):
+    return any(v.get("median_extra") for w in result["workloads"] for v in w["variants"])
 
 
 HEADINGS = ["workload", "variant", "median", "min – max",
             "ratio concur/peer (min – max); concur row: its counters",
-            "target", ""]
+            "target", "", "servers: req/s, latency p50 / p99 (median run)"]
+
+
+def columns(result):
+    """The table's columns: the last one only when there are server workloads."""
+    return len(HEADINGS) if has_extras(result) else len(HEADINGS) - 1
 
 
 def header_lines(h, cfg):
@@ -504,15 +646,16 @@ def header_lines(h, cfg):
 
 
 def render_terminal(result):
-    rows = table_rows(result)
+    ncol = columns(result)
+    rows = [r[:ncol] for r in table_rows(result)]
     widths = [max(len(HEADINGS[i]), *(len(r[i]) for r in rows)) if rows else len(HEADINGS[i])
-              for i in range(len(HEADINGS))]
+              for i in range(ncol)]
     widths[3] = min(widths[3], 56)
     out = header_lines(result["header"], result["config"])
     out.append("ratio = concur time / peer time per run i (median of the pairs); < 1: concur is "
                "faster")
     out.append("")
-    line = "  ".join(h.ljust(widths[i]) for i, h in enumerate(HEADINGS))
+    line = "  ".join(h.ljust(widths[i]) for i, h in enumerate(HEADINGS[:ncol]))
     out.append(line)
     out.append("-" * len(line))
     for r in rows:
@@ -530,9 +673,12 @@ def render_markdown(result):
     out.append("- ratio = concur / peer, computed run by run (median, min – max); **< 1 means "
                "concur is faster**. Targets are read from the data, not asserted.")
     out.append("")
-    out.append("| " + " | ".join(HEADINGS[:-1] + ["met"]) + " |")
-    out.append("|" + "---|" * len(HEADINGS))
+    ncol = columns(result)
+    heads = HEADINGS[:6] + ["met"] + HEADINGS[7:ncol]
+    out.append("| " + " | ".join(heads) + " |")
+    out.append("|" + "---|" * ncol)
     for r in table_rows(result):
+        r = r[:ncol]
         cells = [c.replace("|", "\\|") for c in r]
         if cells[0]:
             cells[0] = "**%s**" % cells[0]
@@ -544,6 +690,82 @@ def render_markdown(result):
         for wname, vname, reason in skipped:
             out.append("- %s / %s: not measured — %s" % (wname, vname, reason))
     return "\n".join(out) + "\n"
+
+
+def svg_esc(t):
+    return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_start(width, height, title, header):
+    """The opening of a plot: white page, bold title, the run's date and CPU under it."""
+    return ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+            'font-family="sans-serif" font-size="12">' % (width, height),
+            '<rect width="100%" height="100%" fill="white"/>',
+            '<text x="10" y="20" font-size="14" font-weight="bold">%s</text>' % title,
+            '<text x="10" y="38" fill="#555">%s</text>' % svg_esc(header["date"] + " · " +
+                                                                  header["cpu"])]
+
+
+def log_axis(lo, hi, left, plot_w):
+    """x(v) on a log axis from lo to hi, and the 1-2-5 ticks inside it."""
+    llo, lhi = math.log10(lo), math.log10(hi)
+    ticks = [m * 10 ** e for e in range(math.floor(llo) - 1, math.ceil(lhi) + 1)
+             for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
+    return (lambda v: left + (math.log10(v) - llo) / (lhi - llo) * plot_w), ticks
+
+
+def render_latency_svg(result):
+    """p50 and p99 latency of every server variant (median run), per workload, log axis."""
+    groups = []
+    for w in result["workloads"]:
+        rows = [(v["name"], v.get("median_extra") or {}, v) for v in w["variants"]]
+        if any(e.get("p50_us") for _, e, _ in rows):
+            groups.append((w["name"], rows))
+    row_h, left, plot_w, right, top = 20, 250, 480, 150, 60
+    nrows = sum(len(r) for _, r in groups)
+    height = top + row_h * nrows + 28 * len(groups) + 50
+    vals = [e[k] for _, rows in groups for _, e, _ in rows for k in ("p50_us", "p99_us")
+            if e.get(k)] or [1.0, 1000.0]
+    x, ticks = log_axis(min(vals) / 1.5, max(vals) * 1.5, left, plot_w)
+    esc = svg_esc
+    o = svg_start(left + plot_w + right, height, "server latency under load: p50 (bar) and p99 "
+                  "(whisker end), median run, log scale; lower is better", result["header"])
+    base = top + row_h * nrows + 28 * len(groups)
+    for t in ticks:
+        o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' %
+                 (x(t), top - 6, x(t), base))
+        o.append('<text x="%.1f" y="%d" text-anchor="middle" fill="#555">%s</text>' %
+                 (x(t), base + 16, esc(fmt_us(t))))
+    y = top
+    for wname, rows in groups:
+        o.append('<text x="10" y="%d" font-weight="bold">%s</text>' % (y + 16, esc(wname)))
+        y += 28
+        for name, e, v in rows:
+            o.append('<text x="%d" y="%d" text-anchor="end">%s</text>' %
+                     (left - 8, y + 13, esc(name)))
+            if not e.get("p50_us"):
+                o.append('<text x="%d" y="%d" fill="#888">%s</text>' %
+                         (left + 4, y + 13, esc((v["status"] + ": " + v["reason"])[:70])))
+                y += row_h
+                continue
+            color = "#1565c0" if v["role"] == "concur" else "#888"
+            o.append('<rect x="%d" y="%d" width="%.1f" height="12" fill="%s"/>' %
+                     (left, y + 3, max(x(e["p50_us"]) - left, 1.0), color))
+            if e.get("p99_us"):
+                o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="black"/>' %
+                         (x(e["p50_us"]), y + 9, x(e["p99_us"]), y + 9))
+                o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="black"/>' %
+                         (x(e["p99_us"]), y + 4, x(e["p99_us"]), y + 14))
+            o.append('<text x="%.1f" y="%d" fill="#222">p50 %s · p99 %s</text>' %
+                     (x(e.get("p99_us") or e["p50_us"]) + 6, y + 13, esc(fmt_us(e["p50_us"])),
+                      esc(fmt_us(e["p99_us"])) if e.get("p99_us") else "-"))
+            y += row_h
+    if not groups:
+        o.append('<text x="10" y="%d" fill="#888">no server workload in this run</text>' % top)
+    o.append('<text x="10" y="%d" fill="#555">blue: concur · grey: peers · the load generator '
+             'shares the CPUs with the server</text>' % (base + 36))
+    o.append("</svg>")
+    return "\n".join(o) + "\n"
 
 
 def render_svg(result):
@@ -558,30 +780,10 @@ def render_svg(result):
     vals = [r["median"] for _, r in bars if r["median"]]
     vals += [r["max"] for _, r in bars if r["max"]] + [r["min"] for _, r in bars if r["min"]]
     vals += [r["target"]["value"] for _, r in bars if r["target"]]
-    lo = min(vals + [0.5]) / 1.3
-    hi = max(vals + [2.0]) * 1.3
-    llo, lhi = math.log10(lo), math.log10(hi)
-
-    def x(v):
-        return left + (math.log10(v) - llo) / (lhi - llo) * plot_w
-
-    def esc(s):
-        return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-    o = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
-         'font-family="sans-serif" font-size="12">' % (width, height),
-         '<rect width="100%" height="100%" fill="white"/>',
-         '<text x="10" y="20" font-size="14" font-weight="bold">concur / peer, per workload '
-         '(median of run-by-run ratios, log scale; &lt; 1: concur is faster)</text>',
-         '<text x="10" y="38" fill="#555">%s</text>' % esc(result["header"]["date"] + " · " +
-                                                           result["header"]["cpu"])]
-    # axis ticks at 1-2-5 steps
-    ticks = []
-    for e in range(math.floor(llo) - 1, math.ceil(lhi) + 1):
-        for m in (1, 2, 5):
-            t = m * 10 ** e
-            if lo <= t <= hi:
-                ticks.append(t)
+    x, ticks = log_axis(min(vals + [0.5]) / 1.3, max(vals + [2.0]) * 1.3, left, plot_w)
+    esc = svg_esc
+    o = svg_start(width, height, "concur / peer, per workload (median of run-by-run ratios, "
+                  "log scale; &lt; 1: concur is faster)", result["header"])
     base = top + row_h * max(len(bars), 1)
     for t in ticks:
         o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' % (x(t), top - 6,
@@ -626,7 +828,7 @@ def render_svg(result):
 
 # Debian packages of the peers (libgomp comes with gcc; wrk, nginx, redis, fio join with the
 # server and I/O workloads).
-PEER_PACKAGES = ["libgomp1", "libuv1-dev"]
+PEER_PACKAGES = ["libgomp1", "libuv1-dev"] + servers.PACKAGES
 
 
 def install_peers():
@@ -655,6 +857,17 @@ def build(build_dir):
         sys.stderr.write("+ %s\n" % " ".join(cmd))
         if subprocess.run(cmd).returncode != 0:
             sys.exit("build failed: %s" % " ".join(cmd))
+
+
+def run_all(selected, args, progress, results):
+    for k, w in enumerate(selected):
+        t0 = time.monotonic()
+        res = run_workload(w, args, progress)
+        problems = ["%s %s (%s)" % (v["name"], v["status"], v["reason"]) for v in res["variants"]
+                    if v["status"] != "ok"]
+        progress.workload_done(k + 1, len(selected), w["name"], args.runs, len(w["variants"]),
+                               time.monotonic() - t0, problems)
+        results.append(res)
 
 
 def main():
@@ -704,9 +917,9 @@ def main():
             print("%-15s %s" % (w["name"], w["what"]))
             for i, v in enumerate(w["variants"]):
                 tgt = ("  target %s" % target_text(v["target"])) if v["target"] else ""
-                print("    %-6s %-26s %s %s -n %s%s" % ("concur" if i == 0 else "peer", v["name"],
-                                                        v["binary"], " ".join(v["args"]), v["n"],
-                                                        tgt))
+                how = (v["run"].describe if v.get("run") else "%s %s -n %s" %
+                       (v["binary"], " ".join(v["args"]), v["n"]))
+                print("    %-6s %-26s %s%s" % ("concur" if i == 0 else "peer", v["name"], how, tgt))
         return 0
 
     if args.install_peers:
@@ -726,14 +939,12 @@ def main():
     total = sum((args.runs + args.warmup) * len(w["variants"]) for w in selected)
     progress = Progress(total)
     results = []
-    for k, w in enumerate(selected):
-        t0 = time.monotonic()
-        res = run_workload(w, args, progress)
-        problems = ["%s %s (%s)" % (v["name"], v["status"], v["reason"]) for v in res["variants"]
-                    if v["status"] != "ok"]
-        progress.workload_done(k + 1, len(selected), w["name"], args.runs, len(w["variants"]),
-                               time.monotonic() - t0, problems)
-        results.append(res)
+    # a server under test is always stopped, even when the runner is interrupted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        run_all(selected, args, progress, results)
+    finally:
+        servers.stop_all()
 
     result = {"schema": SCHEMA, "header": header, "config": cfg, "workloads": results}
     os.makedirs(args.out, exist_ok=True)
@@ -744,13 +955,16 @@ def main():
         f.write(render_markdown(result))
     with open(os.path.join(args.out, "ratios.svg"), "w") as f:
         f.write(render_svg(result))
+    with open(os.path.join(args.out, "latency.svg"), "w") as f:
+        f.write(render_latency_svg(result))
     hist = os.path.join(args.out, "history")
     os.makedirs(hist, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     shutil.copyfile(os.path.join(args.out, "latest.json"), os.path.join(hist, stamp + ".json"))
 
     print(render_terminal(result))
-    print("\nwrote %s/{latest.json,latest.md,ratios.svg}" % os.path.relpath(args.out))
+    print("\nwrote %s/{latest.json,latest.md,ratios.svg,latency.svg}" %
+          os.path.relpath(args.out))
 
     failed = [(w["name"], v["reason"]) for w in results for v in w["variants"]
               if v["role"] == "concur" and v["status"] == "failed"]

@@ -67,7 +67,7 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * Returns 0 and sets *out, or a negative errno: -EINVAL for bad options, the kernel's error if
  * io_uring is unavailable (ENOSYS: kernel without io_uring; EPERM: kernel.io_uring_disabled
  * or a seccomp filter; see concur_last_error()), -EOPNOTSUPP if the kernel lacks
- * IORING_OP_MSG_RING (Linux < 5.18).
+ * IORING_OP_MSG_RING (Linux < 5.18), -ENOMEM (including: 4096 executors alive at once already).
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 
@@ -494,9 +494,10 @@ unsigned concur_blocking_threads(void);
 typedef void (*concur_stall_fn)(concur_exec *ex, unsigned loop_idx, int64_t ran_ns, void *arg);
 
 /*
- * Count (and report through fn, if not NULL) every time a task of ex runs longer than
- * threshold_ns without suspending (yield, await, sleep or return). threshold_ns <= 0 turns the
- * detector off. fn runs on the loop thread right after the task gives the loop back; keep it
+ * Count (and report through fn, if not NULL) every time a task of ex runs for more than
+ * threshold_ns of CPU time without suspending (yield, await, sleep or return). CPU time, not wall
+ * time: a loop thread preempted by a busy machine is not the task's fault. threshold_ns <= 0 turns
+ * the detector off. fn runs on the loop thread right after the task gives the loop back; keep it
  * short. Returns 0, -EINVAL, or -ENOSPC if too many executors have a detector (16).
  */
 int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn fn, void *arg);

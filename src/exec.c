@@ -15,33 +15,30 @@
 
 /* ---- live executors, so futures can tell whether theirs is gone ---------------------------- */
 
+/*
+ * A fixed table of slots; an executor's id is (generation << 12 | slot), so "is it alive" is
+ * one atomic load of its slot -- no lock on the path of concur_future_exec() and concur_then().
+ * Only creating and freeing an executor take the lock.
+ */
+#define CONCUR__REGISTRY_BITS  12
+#define CONCUR__REGISTRY_SLOTS (1u << CONCUR__REGISTRY_BITS) /* executors alive at once */
+
 static pthread_mutex_t concur__registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct {
-	const concur_exec *ex;
-	uint64_t id;
-} * concur__registry;
-static size_t concur__registry_len, concur__registry_cap;
-static uint64_t concur__next_id = 1;
+static _Atomic uint64_t concur__registry[CONCUR__REGISTRY_SLOTS]; /* id of the slot's exec, or 0 */
+static uint64_t concur__registry_gen = 1;
 
 static int concur__registry_add(concur_exec *ex)
 {
-	int r = 0;
+	int r = -ENOMEM; /* CONCUR__REGISTRY_SLOTS executors alive already */
 	pthread_mutex_lock(&concur__registry_lock);
-	if (concur__registry_len == concur__registry_cap) {
-		size_t cap = concur__registry_cap ? concur__registry_cap * 2 : 8;
-		void *p = realloc(concur__registry, cap * sizeof(*concur__registry));
-		if (!p) {
-			r = -ENOMEM;
-			goto out;
-		}
-		concur__registry = p;
-		concur__registry_cap = cap;
+	for (uint64_t slot = 0; slot < CONCUR__REGISTRY_SLOTS; slot++) {
+		if (atomic_load_explicit(&concur__registry[slot], memory_order_relaxed))
+			continue;
+		ex->id = (concur__registry_gen++ << CONCUR__REGISTRY_BITS) | slot;
+		atomic_store_explicit(&concur__registry[slot], ex->id, memory_order_release);
+		r = 0;
+		break;
 	}
-	ex->id = concur__next_id++;
-	concur__registry[concur__registry_len].ex = ex;
-	concur__registry[concur__registry_len].id = ex->id;
-	concur__registry_len++;
-out:
 	pthread_mutex_unlock(&concur__registry_lock);
 	return r;
 }
@@ -49,28 +46,16 @@ out:
 static void concur__registry_remove(concur_exec *ex)
 {
 	pthread_mutex_lock(&concur__registry_lock);
-	for (size_t i = 0; i < concur__registry_len; i++) {
-		if (concur__registry[i].ex == ex && concur__registry[i].id == ex->id) {
-			concur__registry[i] = concur__registry[--concur__registry_len];
-			break;
-		}
-	}
-	if (!concur__registry_len) {
-		free(concur__registry);
-		concur__registry = NULL;
-		concur__registry_cap = 0;
-	}
+	atomic_store_explicit(&concur__registry[ex->id & (CONCUR__REGISTRY_SLOTS - 1)], 0,
+	                      memory_order_release);
 	pthread_mutex_unlock(&concur__registry_lock);
 }
 
 bool concur__exec_alive(const concur_exec *ex, uint64_t id)
 {
-	bool alive = false;
-	pthread_mutex_lock(&concur__registry_lock);
-	for (size_t i = 0; i < concur__registry_len && !alive; i++)
-		alive = concur__registry[i].ex == ex && concur__registry[i].id == id;
-	pthread_mutex_unlock(&concur__registry_lock);
-	return alive;
+	(void)ex; /* the id names the executor: never dereference a pointer that may be freed */
+	return id && atomic_load_explicit(&concur__registry[id & (CONCUR__REGISTRY_SLOTS - 1)],
+	                                  memory_order_acquire) == id;
 }
 
 /* ---- work accounting ----------------------------------------------------------------------- */
@@ -361,36 +346,56 @@ struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
 	return ex->loops[i % ex->nloops];
 }
 
-concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
+/* Deferred tasks carry their creator's data after the record: never cached, always freed. */
+static void concur__deferred_task_destroy(concur_future *f)
 {
-	if (!concur__exec_valid(ex))
-		return concur__failed_future(NULL, -EINVAL);
-	if (!fn)
-		return concur__failed_future(ex, -EINVAL);
-	/* count the work before checking the flag: a join racing a shutdown sees one or the
-	 * other, never neither */
-	struct concur__loop *me = concur__tl_loop;
-	bool local = me && me->ex == ex;
-	if (local)
-		concur__work_begin_local(me);
-	else
-		concur__work_begin(ex);
-	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
-		concur__work_end(ex);
-		return concur__failed_future(ex, -ESHUTDOWN);
-	}
-	struct concur__task *t = concur__task_alloc(me);
-	if (!t) {
-		concur__work_end(ex);
-		return concur__failed_future(ex, -ENOMEM);
-	}
-	concur__future_init(&t->f, &concur__task_class, ex, 2); /* the caller's and ours */
+	free(f);
+}
+
+static const struct concur__future_class concur__deferred_task_class = {
+    .name = "task",
+    .cancel_running = NULL,
+    .destroy = concur__deferred_task_destroy,
+};
+
+static void concur__task_init(struct concur__task *t, const struct concur__future_class *cls,
+                              concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	concur__future_init(&t->f, cls, ex, 2); /* the caller's reference and the executor's */
 	t->node.kind = CONCUR__NODE_RUN;
 	t->fn = fn;
 	t->arg = arg;
 	t->fib = NULL;
 	t->loop = NULL;
 	t->finished = false;
+}
+
+struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)
+{
+	struct concur__task *t = malloc(sizeof(*t) + extra);
+	if (t)
+		concur__task_init(t, &concur__deferred_task_class, ex, fn, t + 1);
+	return t;
+}
+
+void concur__task_enqueue(struct concur__task *t)
+{
+	concur_exec *ex = t->f.ex;
+	struct concur__loop *me = concur__tl_loop;
+	bool local = me && me->ex == ex;
+	/* count the work before checking the flag: a join racing a shutdown sees one or the
+	 * other, never neither */
+	if (local)
+		concur__work_begin_local(me);
+	else
+		concur__work_begin(ex);
+	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
+		concur__work_end(ex);
+		if (concur__future_claim(&t->f))
+			concur__complete(&t->f, -ESHUTDOWN, CONCUR__FINISHED);
+		concur_release(&t->f); /* the executor's reference: it will never run */
+		return;
+	}
 	if (local) {
 		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
@@ -398,5 +403,18 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 		atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
 		concur__loop_post(concur__exec_pick_loop(ex), &t->node);
 	}
+}
+
+concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	if (!concur__exec_valid(ex))
+		return concur__failed_future(NULL, -EINVAL);
+	if (!fn)
+		return concur__failed_future(ex, -EINVAL);
+	struct concur__task *t = concur__task_alloc(concur__tl_loop);
+	if (!t)
+		return concur__failed_future(ex, -ENOMEM);
+	concur__task_init(t, &concur__task_class, ex, fn, arg);
+	concur__task_enqueue(t);
 	return &t->f;
 }

@@ -4,7 +4,9 @@
  *
  * AAPCS64 callee-saved state: x19-x30 and d8-d15, 176 bytes on the stack. Ends with an
  * indirect branch (br x30) rather than ret, for the same reason as the x86-64 version: the
- * return address belongs to another stack, so the return predictor would always miss.
+ * return address belongs to another stack, so the return predictor would always miss. Except
+ * when built for BTI (-mbranch-protection=bti or standard): there a br must land on a bti
+ * instruction and a return address is none, so it faults (SIGILL); ret is not checked.
  */
 	.text
 	.globl	concur__ctx_switch
@@ -38,7 +40,11 @@ concur__ctx_switch:
 	ldp	d12, d13, [sp, #128]
 	ldp	d14, d15, [sp, #144]
 	add	sp, sp, #176
+#if defined(__ARM_FEATURE_BTI_DEFAULT)
+	ret
+#else
 	br	x30
+#endif
 	.size	concur__ctx_switch, .-concur__ctx_switch
 
 /* First entry of a fiber: the task in x19, the entry function in x20; it never returns. */
@@ -54,3 +60,17 @@ concur__ctx_start:
 	.size	concur__ctx_start, .-concur__ctx_start
 
 	.section .note.GNU-stack, "", %progbits
+
+#if defined(__ARM_FEATURE_BTI_DEFAULT)
+/* Mark the object BTI-compatible: without this note the linker drops BTI for the whole program. */
+	.section .note.gnu.property, "a"
+	.p2align 3
+	.word	4			/* name size */
+	.word	16			/* descriptor size */
+	.word	5			/* NT_GNU_PROPERTY_TYPE_0 */
+	.asciz	"GNU"
+	.word	0xc0000000		/* GNU_PROPERTY_AARCH64_FEATURE_1_AND */
+	.word	4
+	.word	1			/* GNU_PROPERTY_AARCH64_FEATURE_1_BTI */
+	.word	0
+#endif

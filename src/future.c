@@ -196,6 +196,9 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 			fn(f, arg);
 			break;
 		}
+		case CONCUR__WAIT_CALL: /* the owner may free the node once fn runs */
+			ordered->cb.fn(f, ordered->cb.arg);
+			break;
 		case CONCUR__WAIT_AWAIT:
 			concur__resume(ordered->task);
 			break;

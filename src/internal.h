@@ -95,7 +95,8 @@ struct concur__future_class {
 };
 
 enum concur__waiter_kind {
-	CONCUR__WAIT_CALLBACK,    /* run fn(f, arg) */
+	CONCUR__WAIT_CALLBACK,    /* run fn(f, arg), then free the node */
+	CONCUR__WAIT_CALL,        /* run fn(f, arg); the node belongs to its owner (embedded) */
 	CONCUR__WAIT_AWAIT,       /* resume a fiber (untimed: the node lives in the task) */
 	CONCUR__WAIT_AWAIT_TIMED, /* resume a fiber unless its timer won (struct concur__timed_wait)
 	                           */
@@ -255,8 +256,16 @@ void concur__suspend(void);
 void concur__resume(struct concur__task *t);
 /* In a task: wait for f (timeout_ns < 0: forever). Returns f's value or -ETIMEDOUT. */
 int64_t concur__await(concur_future *f, int64_t timeout_ns);
-/* The task's reference from the executor is gone: free when the user's is gone too. */
-void concur__task_release(struct concur__task *t);
+/*
+ * A task made now and queued later (by concur__task_enqueue, from any thread): a dependent task
+ * waiting for its inputs holds no stack and is not counted as work yet. extra bytes follow the
+ * record for the caller, and are the task's arg. Its future has two references: the caller's,
+ * and the executor's, dropped when the task completes -- or by the caller with concur_release()
+ * if it completes the future itself instead of queueing it. NULL on -ENOMEM.
+ */
+struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra);
+/* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
+void concur__task_enqueue(struct concur__task *t);
 
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
 
@@ -291,6 +300,7 @@ struct concur__loop {
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	pthread_t thread;
 	int setup_err;
+	char setup_msg[256]; /* why setup failed, for the thread that called concur_exec_new */
 	struct concur__loop_stats st;
 
 	/* touched by other threads */

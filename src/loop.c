@@ -504,6 +504,8 @@ static void *concur__loop_main(void *arg)
 		pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 	}
 	loop->setup_err = concur__ring_setup(loop);
+	if (loop->setup_err) /* the message is this thread's: hand it to concur_exec_new's caller */
+		snprintf(loop->setup_msg, sizeof(loop->setup_msg), "%s", concur_last_error());
 	atomic_store_explicit(&loop->started, 1, memory_order_release);
 	concur__futex_wake(&loop->started, 1);
 	if (loop->setup_err)
@@ -546,6 +548,7 @@ int concur__loop_start(struct concur__loop *loop)
 		concur__futex_wait(&loop->started, 0, NULL);
 	if (loop->setup_err) {
 		pthread_join(loop->thread, NULL);
+		concur__set_error("%s", loop->setup_msg);
 		return loop->setup_err;
 	}
 	return 0;

@@ -84,7 +84,7 @@ void concur__stall_end(struct concur__loop *loop, int64_t t0)
 	struct stall_slot *s = slot_of(loop->ex);
 	if (!s)
 		return;
-	int64_t ran = concur__now_ns() - t0;
+	int64_t ran = concur__thread_cpu_ns() - t0;
 	if (ran <= atomic_load_explicit(&s->threshold_ns, memory_order_relaxed))
 		return;
 	atomic_fetch_add(&s->count, 1);

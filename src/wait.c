@@ -415,22 +415,23 @@ void concur_as_completed_free(concur_as_completed *it)
 /* ---- then and spawn_after ------------------------------------------------------------------- */
 
 /*
- * A dependent task before it exists: no stack, no thread, just this record. Each input's
- * callback stores the input's outcome and counts down; the last one starts the task, whose
- * completion then completes the promise handed out at once (out).
+ * A dependent task is a task record made at once but queued only when its inputs are done: no
+ * stack, no thread and no work count while it waits. Its unwrapping state lives right after the
+ * record, in the same allocation, and so do the waiter nodes it hangs on its inputs. The future
+ * handed out is the task's own.
  */
 struct after;
 struct after_slot {
+	struct concur__waiter w; /* on input i's waiter list */
 	struct after *a;
 	size_t i;
 };
 
 struct after {
-	concur_exec *ex;
+	struct concur__task *task;
 	concur_after_fn fn;
 	concur_then_fn then_fn;
 	void *arg;
-	concur_future *out; /* the record's reference on the promise it will complete */
 	_Atomic size_t remaining;
 	size_t n;
 	struct after *next; /* in this thread's list of records to start */
@@ -440,17 +441,11 @@ struct after {
 
 /*
  * Records whose inputs are all done, started by the outermost caller on this thread. Starting
- * one can complete a promise that makes another ready (a failed input propagating down a
+ * one can complete a future that makes another ready (a failed input propagating down a
  * 10 000-long then chain): queueing instead of recursing keeps the stack flat.
  */
 static __thread struct after *tl_ready_head, *tl_ready_tail;
 static __thread bool tl_starting;
-
-static void after_free(struct after *a)
-{
-	concur_release(a->out);
-	free(a);
-}
 
 static int64_t after_task(void *arg)
 {
@@ -460,30 +455,19 @@ static int64_t after_task(void *arg)
 	return a->fn(a->arg, a->n ? a->values : NULL, a->n);
 }
 
-static void after_task_done(concur_future *task, void *arg)
-{
-	struct after *a = arg;
-	concur_promise_set(a->out, concur__future_value(task));
-	after_free(a);
-}
-
+/* Every input is done: queue the task, or end it with the first input's error. */
 static void after_start(struct after *a)
 {
-	if (concur_done(a->out)) { /* cancelled by its owner: the task never runs */
-		after_free(a);
-		return;
-	}
+	struct concur__task *t = a->task;
 	for (size_t i = 0; i < a->n; i++) {
 		if (a->values[i] < 0) {
-			concur_promise_set(a->out, a->values[i]);
-			after_free(a);
+			if (concur__future_claim(&t->f)) /* unless its owner cancelled it */
+				concur__complete(&t->f, a->values[i], CONCUR__FINISHED);
+			concur_release(&t->f); /* the executor's reference: it never runs */
 			return;
 		}
 	}
-	concur_future *task = concur_spawn(a->ex, after_task, a);
-	if (concur_on_done(task, after_task_done, a) < 0)
-		concur_promise_set(a->out, -ENOMEM); /* the record stays with the task (leaked) */
-	concur_release(task);
+	concur__task_enqueue(t); /* cancelled meanwhile: its loop drops it unrun */
 }
 
 static void after_ready(struct after *a)
@@ -523,33 +507,32 @@ static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then
 	int err = concur__check_futures(inputs, n);
 	if (err)
 		return concur__failed_future(ex, err);
-	struct after *a = calloc(1, sizeof(*a) + n * (sizeof(a->slot[0]) + sizeof(int64_t)));
-	concur_future *out = concur_promise_new(ex);
-	if (!a || !out) {
-		free(a);
-		concur_release(out);
+	struct concur__task *t = concur__task_new_deferred(
+	    ex, after_task,
+	    sizeof(struct after) + n * (sizeof(struct after_slot) + sizeof(int64_t)));
+	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
-	}
-	a->ex = ex;
+	struct after *a = t->arg;
+	a->task = t;
 	a->fn = fn;
 	a->then_fn = then_fn;
 	a->arg = arg;
-	a->out = concur_retain(out);
 	a->n = n;
 	a->values = (int64_t *)&a->slot[n];
-	/* One extra count, dropped below, so the task cannot start while callbacks are added. */
+	/* One extra count, dropped below, so the task cannot start while waiters are added. */
 	atomic_init(&a->remaining, n + 1);
 	for (size_t i = 0; i < n; i++) {
-		a->slot[i] = (struct after_slot){a, i};
-		if (concur_on_done(inputs[i], after_input_done, &a->slot[i]) < 0) {
-			/* The registered callbacks still count down: let the record fail then. */
-			a->values[i] = -ENOMEM;
-			atomic_fetch_sub(&a->remaining, 1);
-		}
+		struct after_slot *slot = &a->slot[i];
+		*slot = (struct after_slot){.a = a, .i = i};
+		slot->w.kind = CONCUR__WAIT_CALL;
+		slot->w.cb.fn = after_input_done;
+		slot->w.cb.arg = slot;
+		if (!concur__waiter_push(inputs[i], &slot->w))
+			after_input_done(inputs[i], slot); /* already done */
 	}
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
 		after_ready(a);
-	return out;
+	return &t->f;
 }
 
 concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg,

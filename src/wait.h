@@ -11,6 +11,8 @@
 
 #include "internal.h"
 
+#include <time.h>
+
 /* An absolute deadline on concur__now_ns()'s clock for timeout_ns (< 0: none, returned as -1). */
 static inline int64_t concur__deadline_after(int64_t timeout_ns)
 {
@@ -65,12 +67,20 @@ int concur__check_futures(concur_future *const *futures, size_t n);
  * concur__stall_begin() is one relaxed load and returns 0 while no executor has a detector.
  */
 extern _Atomic unsigned concur__stall_detectors;
+/* The loop thread's CPU time: what a task consumed, not counting the times the thread was
+ * preempted (wall time would blame a task for a busy machine). Never 0. */
+static inline int64_t concur__thread_cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + 1;
+}
 static inline int64_t concur__stall_begin(void)
 {
 	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ==
 	                   0))
 		return 0;
-	return concur__now_ns();
+	return concur__thread_cpu_ns();
 }
 void concur__stall_end(struct concur__loop *loop, int64_t t0);
 

@@ -4,8 +4,14 @@
 #include "helpers.h"
 
 #include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static const unsigned loop_matrix[] = {1, 2, 3};
 #define FOR_EACH_LOOPS(n) for (size_t li_ = 0; li_ < 3 && ((n) = loop_matrix[li_], 1); li_++)
@@ -362,6 +368,38 @@ static void test_bad_options(void **state)
 	concur_release(f);
 }
 
+/* io_uring unavailable (a seccomp filter, as container runtimes install): concur_exec_new
+ * returns the kernel's error and says what to check. Runs in a child: filters are forever. */
+static void test_io_uring_unavailable(void **state)
+{
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		struct sock_filter filter[] = {
+		    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = {.len = 4, .filter = filter};
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+		    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+			_exit(10);
+		concur_exec *e = NULL;
+		int r = concur_exec_new(&e, NULL);
+		if (r != -EPERM || e)
+			_exit(11);
+		if (!strstr(concur_last_error(), "io_uring") ||
+		    !strstr(concur_last_error(), "kernel.io_uring_disabled"))
+			_exit(12);
+		_exit(0);
+	}
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -373,6 +411,7 @@ int main(void)
 	    cmocka_unit_test(test_foreign_burst),
 	    cmocka_unit_test(test_result_in_callback),
 	    cmocka_unit_test(test_bad_options),
+	    cmocka_unit_test(test_io_uring_unavailable),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
