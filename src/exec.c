@@ -367,7 +367,6 @@ static void concur__task_init(struct concur__task *t, const struct concur__futur
 	t->arg = arg;
 	t->fib = NULL;
 	t->loop = NULL;
-	t->finished = false;
 }
 
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)

@@ -242,8 +242,8 @@ static void concur__fiber_main(struct concur__task *t)
 #ifdef CONCUR__ASAN
 	__sanitizer_finish_switch_fiber(NULL, &loop->asan_stack_lo, &loop->asan_stack_size);
 #endif
-	t->ret = t->fn(t->arg);
-	t->finished = true;
+	t->f.res = t->fn(t->arg);
+	t->f.flags |= CONCUR__TASK_RETURNED;
 	concur__switch_out(loop, t->fib, true);
 	__builtin_unreachable();
 }
@@ -344,9 +344,9 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns)
 	struct concur__task *t = concur__tl_task;
 	if (timeout_ns >= 0)
 		return concur__await_timed(t, f, timeout_ns);
-	t->await.kind = CONCUR__WAIT_AWAIT;
-	t->await.task = t;
-	if (concur__waiter_push(f, &t->await))
+	/* on the fiber's stack: complete() is done with the node once it has resumed us */
+	struct concur__waiter w = {.kind = CONCUR__WAIT_AWAIT, .task = t};
+	if (concur__waiter_push(f, &w))
 		concur__suspend();
 	return concur__future_value(f);
 }

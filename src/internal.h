@@ -212,22 +212,27 @@ struct concur__fiber {
 	void *tsan_fiber; /* ThreadSanitizer's fiber handle (TSan builds only) */
 };
 
+/*
+ * A queued task is only this record, so it is kept small: 120 bytes, a 128-byte malloc chunk
+ * (a million queued tasks are 128 MB of fresh pages, and their page faults were much of
+ * spawn/bulk). What a task needs only while it runs or waits (its await node, its sleep's
+ * timeout) lives on its fiber's stack; fn's return value goes straight into f.res, which
+ * nobody reads before the state says FINISHED.
+ */
 struct concur__task {
-	struct concur_future f; /* first: a task is its future */
+	struct concur_future f; /* first: a task is its future; f.flags: CONCUR__TASK_RETURNED */
 	struct concur__node node;
 	concur_task_fn fn;
 	void *arg;
-	struct concur__fiber *fib;   /* NULL until the task first runs */
-	struct concur__loop *loop;   /* the loop it runs on, once started */
-	int64_t ret;                 /* fn's return value, until completed */
-	bool finished;               /* fn returned: the loop completes it */
-	uint8_t wake;                /* why the fiber was resumed (timed waits) */
-	struct concur__waiter await; /* untimed await on one future at a time */
-	struct concur__op sleep_op;  /* concur_sleep's timeout */
-	struct __kernel_timespec ts;
+	struct concur__fiber *fib; /* NULL until the task first runs */
+	struct concur__loop *loop; /* the loop it runs on, once started */
 };
 
+#define CONCUR__TASK_RETURNED 1u /* in f.flags: fn returned, the loop completes the task */
+
 _Static_assert(offsetof(struct concur__task, f) == 0, "a task starts with its future");
+_Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,
+               "a task record fits a 128-byte malloc chunk");
 
 static inline struct concur__task *concur__task_of_node(struct concur__node *n)
 {

@@ -156,12 +156,12 @@ static void concur__run_queues(struct concur__loop *loop)
 		t = concur__fiber_run(loop, t);     /* the fiber back here, after direct switches */
 		if (t0)
 			concur__stall_end(loop, t0);
-		if (t->finished) {
+		if (t->f.flags & CONCUR__TASK_RETURNED) {
 			/* the stack goes back first: callbacks run on the loop's stack, and any
 			 * task they spawn can reuse it */
 			concur__fiber_put(loop, t->fib);
 			t->fib = NULL;
-			concur__complete(&t->f, t->ret, CONCUR__FINISHED);
+			concur__complete(&t->f, t->f.res, CONCUR__FINISHED);
 			concur__task_drop(t);
 		}
 	}

@@ -97,13 +97,19 @@ int64_t concur__await_timed(struct concur__task *t, concur_future *f, int64_t ti
 	return r;
 }
 
+/* concur_sleep's timeout, on the sleeping fiber's stack: its CQE is what resumes the fiber. */
+struct concur__sleep {
+	struct concur__op op;
+	struct __kernel_timespec ts;
+	struct concur__task *task;
+};
+
 static void concur__sleep_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                               uint32_t cqe_flags)
 {
-	struct concur__task *t =
-	    (struct concur__task *)((char *)op - offsetof(struct concur__task, sleep_op));
+	struct concur__sleep *s = (struct concur__sleep *)op;
 	loop->inflight--;
-	concur__loop_push_ready(loop, t);
+	concur__loop_push_ready(loop, s->task);
 }
 
 int concur_sleep(int64_t ns)
@@ -122,11 +128,11 @@ int concur_sleep(int64_t ns)
 		return 0;
 	}
 	struct concur__loop *loop = t->loop;
-	concur__ts_set(&t->ts, ns);
-	t->sleep_op.cqe = concur__sleep_cqe;
+	struct concur__sleep s = {.op.cqe = concur__sleep_cqe, .task = t};
+	concur__ts_set(&s.ts, ns);
 	struct io_uring_sqe *sqe = concur__sqe(loop);
-	io_uring_prep_timeout(sqe, &t->ts, 0, 0);
-	concur__sqe_set_op(sqe, &t->sleep_op);
+	io_uring_prep_timeout(sqe, &s.ts, 0, 0);
+	concur__sqe_set_op(sqe, &s.op);
 	loop->inflight++;
 	concur__suspend();
 	return 0;
