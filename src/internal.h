@@ -61,11 +61,6 @@ static inline void concur__cpu_relax(void)
 #endif
 }
 
-/* Opcodes newer than liburing 2.3's header; used only where the ring's probe reports them. */
-#define CONCUR__OP_FUTEX_WAKE   52
-#define CONCUR__FUTEX2_SIZE_U32 0x02
-#define CONCUR__FUTEX2_PRIVATE  128
-
 struct concur__loop;
 struct concur__task;
 
@@ -132,8 +127,8 @@ void concur__future_init(concur_future *f, const struct concur__future_class *cl
                          uint32_t refs);
 /*
  * THE completion path. Stores res, makes f FINISHED or CANCELLED (final_state), and wakes every
- * waiter: parked threads (futex, through the ring when on a loop), then callbacks and fibers in
- * registration order. The caller must own the right to complete f (it won the state CAS or
+ * waiter: parked threads (futex syscall), then callbacks and fibers in registration order.
+ * The caller must own the right to complete f (it won the state CAS or
  * reaped the op's CQE) and hold a reference across the call.
  */
 void concur__complete(concur_future *f, int64_t res, uint32_t final_state);
@@ -171,7 +166,6 @@ enum concur__tag {
 	CONCUR__TAG_DOORBELL = 3, /* nothing: wake up and drain the inbox */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
-	CONCUR__TAG_RELEASE = 6, /* a futex wake for this future finished: drop its reference */
 	CONCUR__TAG_MASK = 7,
 };
 
@@ -276,7 +270,7 @@ void concur__task_enqueue(struct concur__task *t);
 
 struct concur__loop_stats {
 	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
-	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped;
+	    inbox_items, steals, futex_wakes, stacks_mapped;
 };
 
 struct concur__loop {
@@ -352,7 +346,6 @@ struct concur_exec {
 	struct concur__loop **loops;
 	struct concur_exec_opts opts;
 	unsigned ring_flags;
-	bool has_futex_wake;
 	uint8_t op_supported[256]; /* from io_uring_get_probe_ring, filled once */
 
 	_Atomic bool shutdown;

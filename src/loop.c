@@ -328,10 +328,6 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	case CONCUR__TAG_HANDOFF_FAILED:
 		concur__take_chain(loop, p); /* keep them */
 		break;
-	case CONCUR__TAG_RELEASE:
-		loop->inflight--;
-		concur_release(p);
-		break;
 	}
 }
 
@@ -390,6 +386,12 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 	 * otherwise a producer slightly slower than the loop rings a doorbell (a syscall) for
 	 * almost every post. Bounded, and only right after inbox traffic: idle stays idle. */
 	if (fed) {
+		/* what is queued (MSG_RINGs waking tasks of other loops) goes out before the watch
+		 */
+		if (io_uring_sq_ready(&loop->ring)) {
+			io_uring_submit(&loop->ring);
+			concur__stat_inc(&loop->st.enters, 1);
+		}
 		for (int i = 0; i < CONCUR__INBOX_SPIN; i++) {
 			if (atomic_load_explicit(&loop->inbox, memory_order_relaxed))
 				return;
@@ -467,7 +469,6 @@ static int concur__ring_setup(struct concur__loop *loop)
 			io_uring_queue_exit(&loop->ring);
 			return -EOPNOTSUPP;
 		}
-		ex->has_futex_wake = ex->op_supported[CONCUR__OP_FUTEX_WAKE];
 	}
 	return 0;
 }

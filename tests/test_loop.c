@@ -89,7 +89,7 @@ static void test_cross_loop_resume(void **state)
 }
 
 /* A thread outside the executor parked on a future is woken by the loop that completes it
- * (with IORING_OP_FUTEX_WAKE when the kernel has it). */
+ * (with the futex syscall). */
 static int64_t slow_value(void *arg)
 {
 	concur_sleep(MS(30));
