@@ -576,9 +576,24 @@ static void concur__bell_free(void *p)
 	free(ring);
 }
 
+/* A child of fork() has the forking thread's bell, but the ring's memory is shared with the
+ * parent: ringing through it moved the parent's SQ tail behind liburing's back, and the
+ * parent's next doorbell was lost (a hang in test_fiber, after test_guard_page's child rang).
+ * The child drops it and makes its own on first use. */
+static void concur__bell_atfork_child(void)
+{
+	struct io_uring *bell = concur__tl_bell;
+	if (!bell)
+		return;
+	concur__tl_bell = NULL;
+	pthread_setspecific(concur__bell_key, NULL);
+	concur__bell_free(bell); /* unmaps and closes the child's copies only */
+}
+
 static void concur__bell_key_init(void)
 {
 	pthread_key_create(&concur__bell_key, concur__bell_free);
+	pthread_atfork(NULL, NULL, concur__bell_atfork_child);
 }
 
 void concur__loop_ring_doorbell(struct concur__loop *loop)
