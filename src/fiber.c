@@ -333,7 +333,16 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	concur__loop_push_yielded(t->loop, t);
+	/* A yield goes behind everything runnable now. With no unstarted task and nobody else
+	 * yielded this turn, that is just the ready queue's tail: concur__suspend() then switches
+	 * straight to the next fiber (or goes on, if alone), charged to the turn's budget so I/O
+	 * still gets its look. Otherwise wait for the turn's end, so yielders cannot starve the
+	 * tasks that have not started. */
+	struct concur__loop *loop = t->loop;
+	if (loop->fresh_head || loop->yielded_head)
+		concur__loop_push_yielded(loop, t);
+	else
+		concur__loop_push_ready(loop, t);
 	concur__suspend();
 }
 
