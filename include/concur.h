@@ -112,7 +112,7 @@ struct concur_stats {
 	uint64_t inbox_items;      /* items taken from the loops' inboxes */
 	uint64_t steals;           /* unstarted tasks moved from a busy loop to an idle one */
 	uint64_t futex_wakes;      /* blocked foreign threads woken (by ring or by syscall) */
-	uint64_t futex_ring_wakes; /* of those, sent as IORING_OP_FUTEX_WAKE: 0, the syscall is faster */
+	uint64_t futex_ring_wakes; /* of those, sent as IORING_OP_FUTEX_WAKE riding a submit */
 	uint64_t stacks_mapped;    /* fiber stacks mmap()ed (the pool reuses them) */
 };
 

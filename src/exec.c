@@ -276,6 +276,7 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
 		CONCUR__SUM(inbox_items);
 		CONCUR__SUM(steals);
 		CONCUR__SUM(futex_wakes);
+		CONCUR__SUM(futex_ring_wakes);
 		CONCUR__SUM(stacks_mapped);
 #undef CONCUR__SUM
 	}

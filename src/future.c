@@ -146,16 +146,29 @@ bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 void concur__timed_wait_fire(struct concur__waiter *w, bool by_completion); /* timer.c */
 
 /*
- * Wake a thread parked on f's state word: with the futex syscall, at once. An
- * IORING_OP_FUTEX_WAKE riding the loop's next submit was measured against it (xwake with the
- * waiter forced to park, 2-core VM, kernel 6.18): 2.0-3.3 us a round trip through the ring
- * (even with the SQE submitted before the loop's inbox watch) against 1.7-2.1 us with the
- * syscall; the ring's op also costs a CQE and a reference held until it. The parked thread
- * is waiting for exactly this, so there is nothing to batch it with.
+ * Wake a thread parked on f's state word. When the loop has SQEs queued, it enters the kernel
+ * for them at the end of its turn anyway: an IORING_OP_FUTEX_WAKE rides that submit and costs
+ * no syscall of its own. Otherwise the futex syscall, at once: a ring wake would need an enter
+ * just for itself and was measured slower (xwake with the waiter forced to park, 2-core VM,
+ * kernel 6.18: 2.0-3.3 us a round trip through the ring, 1.7-2.1 us with the syscall), and the
+ * parked thread is waiting for exactly this.
  */
 static void concur__wake_parked(concur_future *f)
 {
 	struct concur__loop *loop = concur__tl_loop;
+	if (loop && loop->ex->has_futex_wake && io_uring_sq_ready(&loop->ring)) {
+		struct io_uring_sqe *sqe = concur__sqe(loop);
+		io_uring_prep_rw(CONCUR__OP_FUTEX_WAKE, sqe,
+		                 CONCUR__FUTEX2_SIZE_U32 | CONCUR__FUTEX2_PRIVATE, &f->state, 0,
+		                 INT_MAX);
+		sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
+		concur_retain(f); /* the kernel reads the word at submit: keep f until the CQE */
+		io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
+		loop->inflight++;
+		concur__stat_inc(&loop->st.futex_ring_wakes, 1);
+		concur__stat_inc(&loop->st.futex_wakes, 1);
+		return;
+	}
 	concur__futex_wake(&f->state, INT_MAX);
 	if (loop)
 		concur__stat_inc(&loop->st.futex_wakes, 1);

@@ -61,6 +61,11 @@ static inline void concur__cpu_relax(void)
 #endif
 }
 
+/* Opcodes newer than liburing 2.3's header; used only where the ring's probe reports them. */
+#define CONCUR__OP_FUTEX_WAKE   52
+#define CONCUR__FUTEX2_SIZE_U32 0x02
+#define CONCUR__FUTEX2_PRIVATE  128
+
 struct concur__loop;
 struct concur__task;
 
@@ -166,6 +171,7 @@ enum concur__tag {
 	CONCUR__TAG_DOORBELL = 3, /* nothing: wake up and drain the inbox */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
+	CONCUR__TAG_RELEASE = 6, /* a futex wake for this future finished: drop its reference */
 	CONCUR__TAG_MASK = 7,
 };
 
@@ -270,7 +276,7 @@ void concur__task_enqueue(struct concur__task *t);
 
 struct concur__loop_stats {
 	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
-	    inbox_items, steals, futex_wakes, stacks_mapped;
+	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped;
 };
 
 struct concur__loop {
@@ -347,6 +353,7 @@ struct concur_exec {
 	struct concur_exec_opts opts;
 	unsigned ring_flags;
 	uint8_t op_supported[256]; /* from io_uring_get_probe_ring, filled once */
+	bool has_futex_wake;       /* IORING_OP_FUTEX_WAKE (Linux 6.7+) */
 
 	_Atomic bool shutdown;
 	_Atomic bool cancel_pending;

@@ -328,6 +328,10 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	case CONCUR__TAG_HANDOFF_FAILED:
 		concur__take_chain(loop, p); /* keep them */
 		break;
+	case CONCUR__TAG_RELEASE:
+		loop->inflight--;
+		concur_release(p);
+		break;
 	}
 }
 
@@ -463,6 +467,7 @@ static int concur__ring_setup(struct concur__loop *loop)
 				ex->op_supported[op] = io_uring_opcode_supported(probe, (int)op);
 			io_uring_free_probe(probe);
 		}
+		ex->has_futex_wake = ex->op_supported[CONCUR__OP_FUTEX_WAKE];
 		if (!ex->op_supported[IORING_OP_MSG_RING]) {
 			concur__set_error(
 			    "concur: the kernel lacks IORING_OP_MSG_RING (Linux 5.18+)");

@@ -108,10 +108,62 @@ static void test_parked_thread_woken_by_loop(void **state)
 	}
 	concur_exec_stats(ex, &after);
 	assert_true(after.futex_wakes - before.futex_wakes >= 3);
-	/* the probe decides the path; either way every wake was counted on the loop */
-	assert_true(after.futex_ring_wakes - before.futex_ring_wakes == 0 ||
-	            after.futex_ring_wakes - before.futex_ring_wakes ==
-	                after.futex_wakes - before.futex_wakes);
+	/* nothing else queued on the loop: each wake was the futex syscall */
+	assert_int_equal(after.futex_ring_wakes, before.futex_ring_wakes);
+	concur_exec_free(ex);
+}
+
+/* When the loop has SQEs queued anyway, the wake rides that submit (IORING_OP_FUTEX_WAKE). */
+static _Atomic(concur_future *) spinner_future;
+static int64_t spin_then_value(void *arg)
+{
+	int64_t t0 = now_ns();
+	while (now_ns() - t0 < MS(50)) /* long past the waiter's spin: it parks */
+		;
+	return 77;
+}
+static int64_t short_sleep(void *arg)
+{
+	return concur_sleep(MS(1)); /* queues a timeout SQE, submitted at the turn's end */
+}
+static int64_t arrange_turn(void *arg)
+{
+	/* local spawns run depth first: the sleeper queues its SQE, then the spinner completes */
+	concur_future *spinner = concur_spawn(ex, spin_then_value, NULL);
+	concur_release(concur_spawn(ex, short_sleep, NULL));
+	atomic_store(&spinner_future, spinner);
+	return 0;
+}
+
+static bool kernel_has_futex_wake(void)
+{
+	struct io_uring ring;
+	if (io_uring_queue_init(2, &ring, 0))
+		return false;
+	struct io_uring_probe *p = io_uring_get_probe_ring(&ring);
+	bool has = p && io_uring_opcode_supported(p, 52 /* IORING_OP_FUTEX_WAKE */);
+	io_uring_free_probe(p);
+	io_uring_queue_exit(&ring);
+	return has;
+}
+
+static void test_parked_thread_woken_through_ring(void **state)
+{
+	ex = new_exec(1);
+	atomic_store(&spinner_future, NULL);
+	struct concur_stats before, after;
+	concur_exec_stats(ex, &before);
+	concur_release(concur_spawn(ex, arrange_turn, NULL));
+	concur_future *f;
+	while (!(f = atomic_load(&spinner_future)))
+		;
+	assert_int_equal(concur_result(f, -1), 77);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	concur_exec_stats(ex, &after);
+	assert_int_equal(after.futex_wakes - before.futex_wakes, 1);
+	assert_int_equal(after.futex_ring_wakes - before.futex_ring_wakes,
+	                 kernel_has_futex_wake() ? 1 : 0);
+	concur_release(f);
 	concur_exec_free(ex);
 }
 
@@ -133,6 +185,7 @@ int main(void)
 	    cmocka_unit_test(test_ring_flags),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
+	    cmocka_unit_test(test_parked_thread_woken_through_ring),
 	    cmocka_unit_test(test_blocking_timeout),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
