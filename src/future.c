@@ -169,9 +169,9 @@ static void concur__wake_parked(concur_future *f)
 		concur__stat_inc(&loop->st.futex_wakes, 1);
 		return;
 	}
-	concur__futex_wake(&f->state, INT_MAX);
-	if (loop)
+	if (loop) /* counted first: the woken thread may read the stats at once */
 		concur__stat_inc(&loop->st.futex_wakes, 1);
+	concur__futex_wake(&f->state, INT_MAX);
 }
 
 void concur__complete(concur_future *f, int64_t res, uint32_t final_state)

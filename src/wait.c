@@ -205,15 +205,17 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 		return err;
 	/* With a progress callback, wake up each time another 1% is done (at most ~100 times). */
 	size_t step = opts->progress ? (n + 99) / 100 : n;
-	size_t done;
+	size_t done, reported = 0; /* the last step reported: a wake-up may come early */
 	while ((done = atomic_load(&c->done)) < n) {
 		size_t target = (done / step + 1) * step;
 		r = countdown_wait(c, target < n ? target : n, deadline);
 		if (r < 0)
 			break;
 		done = atomic_load(&c->done);
-		if (opts->progress && done < n)
+		if (opts->progress && done < n && done / step > reported) {
+			reported = done / step;
 			opts->progress(done, n, concur__now_ns() - t0, opts->progress_arg);
+		}
 	}
 	if (opts->progress)
 		opts->progress(atomic_load(&c->done), n, concur__now_ns() - t0, opts->progress_arg);
