@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -715,6 +716,471 @@ static void test_stream_close(void **state)
 	close(args[1]);
 }
 
+/* ---- the operations not covered above ---------------------------------------------------------
+ */
+
+/* A temp file opened O_RDWR | O_CREAT | O_TRUNC by the test thread. */
+static int temp_file(char *path, size_t n, const char *what)
+{
+	temp_path(path, n, what);
+	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	assert_true(fd >= 0);
+	return fd;
+}
+
+/* A descriptor number that is not open: high, so that files opened later do not take it. */
+static int closed_fd(void)
+{
+	struct rlimit rl;
+	assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+	int low = rl.rlim_cur > 100000 ? 100000 : (int)rl.rlim_cur - 16;
+	int fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, low);
+	assert_true(fd >= low);
+	close(fd);
+	return fd;
+}
+
+struct vec_args {
+	int fd, bad_fd;
+	char got[64];
+};
+
+static int64_t vectored_task(void *arg)
+{
+	struct vec_args *a = arg;
+	char x[8] = {0}, y[8] = {0}, z[16] = {0};
+	/* writev at offset 4 (a hole before it), three pieces */
+	struct iovec wv[3] = {{"alpha-", 6}, {"beta-", 5}, {"gamma", 5}};
+	if (concur_await_writev(a->fd, wv, 3, 4, CONCUR_NO_TIMEOUT) != 16)
+		return -100;
+	/* a positioned write leaves the file position at 0: -1 writes there and moves it */
+	struct iovec hv[2] = {{"H", 1}, {"h", 1}};
+	if (concur_await_writev(a->fd, hv, 2, -1, CONCUR_NO_TIMEOUT) != 2)
+		return -101;
+	if (lseek(a->fd, 0, SEEK_CUR) != 2)
+		return -102;
+	/* readv at offset 7 ("ha-beta-gamma"), split across three buffers of 3 + 6 + rest */
+	struct iovec rv[3] = {{x, 3}, {y, 6}, {z, sizeof(z)}};
+	if (concur_await_readv(a->fd, rv, 3, 7, CONCUR_NO_TIMEOUT) != 13)
+		return -103;
+	if (memcmp(x, "ha-", 3) || memcmp(y, "beta-g", 6) || memcmp(z, "amma", 4))
+		return -104;
+	/* readv at -1 reads from the position (2): the rest of the hole, then the data */
+	struct iovec cv[2] = {{a->got, 2}, {a->got + 2, sizeof(a->got) - 2}};
+	if (concur_await_readv(a->fd, cv, 2, -1, CONCUR_NO_TIMEOUT) != 18)
+		return -105;
+	if (lseek(a->fd, 0, SEEK_CUR) != 20)
+		return -106;
+	/* at end of file: 0 */
+	if (concur_await_readv(a->fd, rv, 3, 100, CONCUR_NO_TIMEOUT) != 0)
+		return -107;
+	/* bad input */
+	if (concur_await_readv(a->fd, NULL, 1, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -108;
+	if (concur_await_writev(a->fd, wv, 0, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -109;
+	if (concur_await_readv(a->fd, rv, 1, -2, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -110;
+	if (concur_await_writev(a->bad_fd, wv, 3, 0, CONCUR_NO_TIMEOUT) != -EBADF)
+		return -111;
+	if (concur_await_readv(a->bad_fd, rv, 3, 0, CONCUR_NO_TIMEOUT) != -EBADF)
+		return -112;
+	return 0;
+}
+
+static void test_vectored_direct(void **state)
+{
+	char path[128], buf[32];
+	struct vec_args a = {.bad_fd = closed_fd()};
+	a.fd = temp_file(path, sizeof(path), "vectored");
+	assert_int_equal(run_task(vectored_task, &a), 0);
+	assert_memory_equal(a.got, "\0\0alpha-beta-gamma", 18);
+	assert_int_equal(pread(a.fd, buf, sizeof(buf), 0), 20);
+	assert_memory_equal(buf, "Hh\0\0alpha-beta-gamma", 20);
+	/* outside a task */
+	struct iovec iov = {buf, 1};
+	assert_int_equal(concur_await_readv(a.fd, &iov, 1, 0, CONCUR_NO_TIMEOUT), -EPERM);
+	assert_int_equal(concur_await_writev(a.fd, &iov, 1, 0, CONCUR_NO_TIMEOUT), -EPERM);
+	close(a.fd);
+	unlink(path);
+}
+
+static int64_t fallocate_task(void *arg)
+{
+	int *fds = arg;
+	if (concur_await_fallocate(fds[0], 0, 0, 8192, CONCUR_NO_TIMEOUT) != 0)
+		return -100;
+	/* beyond the end: the file grows to off + len */
+	if (concur_await_fallocate(fds[0], 0, 16384, 4096, 1000 * MS) != 0)
+		return -101;
+	/* KEEP_SIZE reserves blocks without changing the size */
+	if (concur_await_fallocate(fds[0], FALLOC_FL_KEEP_SIZE, 0, 65536, CONCUR_NO_TIMEOUT) != 0)
+		return -102;
+	if (concur_await_fallocate(fds[0], 0, -1, 4096, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -103;
+	if (concur_await_fallocate(fds[0], 0, 0, -4096, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -104;
+	if (concur_await_fallocate(fds[1], 0, 0, 4096, CONCUR_NO_TIMEOUT) != -EBADF)
+		return -105;
+	return 0;
+}
+
+static void test_fallocate_direct(void **state)
+{
+	char path[128], buf[64];
+	struct stat st;
+	int fds[2] = {temp_file(path, sizeof(path), "fallocate"), closed_fd()};
+	assert_int_equal(write(fds[0], "keep", 4), 4);
+	assert_int_equal(run_task(fallocate_task, fds), 0);
+	assert_int_equal(fstat(fds[0], &st), 0);
+	assert_int_equal(st.st_size, 16384 + 4096);
+	assert_true(st.st_blocks * 512 >= 65536); /* the KEEP_SIZE reservation is allocated */
+	/* the data written before is untouched; the allocated range reads as zeros */
+	assert_int_equal(pread(fds[0], buf, sizeof(buf), 0), (ssize_t)sizeof(buf));
+	assert_memory_equal(buf, "keep", 4);
+	for (size_t i = 4; i < sizeof(buf); i++)
+		assert_int_equal(buf[i], 0);
+	assert_int_equal(concur_await_fallocate(fds[0], 0, 0, 1, CONCUR_NO_TIMEOUT), -EPERM);
+	close(fds[0]);
+	unlink(path);
+}
+
+static void test_mkdirat_renameat(void **state)
+{
+	char dir[128], dir2[128];
+	struct stat st;
+	temp_path(dir, sizeof(dir), "mkdir");
+	temp_path(dir2, sizeof(dir2), "mkdir-renamed");
+	assert_int_equal(wait_res(concur_mkdirat(ex, AT_FDCWD, dir, 0750, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(stat(dir, &st), 0);
+	assert_true(S_ISDIR(st.st_mode));
+	assert_int_equal(st.st_mode & 0700, 0700); /* the umask may only clear group/other bits */
+	assert_int_equal(st.st_mode & 0027, 0);
+	assert_int_equal(wait_res(concur_mkdirat(ex, AT_FDCWD, dir, 0700, 1000 * MS)), -EEXIST);
+	/* relative to a directory descriptor */
+	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	assert_true(dfd >= 0);
+	assert_int_equal(wait_res(concur_mkdirat(ex, dfd, "a", 0700, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(wait_res(concur_mkdirat(ex, dfd, "b", 0700, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(fstatat(dfd, "a", &st, 0), 0);
+	assert_true(S_ISDIR(st.st_mode));
+	/* renameat2 flags reach the kernel: NOREPLACE refuses an existing target */
+	assert_int_equal(
+	    wait_res(concur_renameat(ex, dfd, "a", dfd, "b", RENAME_NOREPLACE, CONCUR_NO_TIMEOUT)),
+	    -EEXIST);
+	assert_int_equal(wait_res(concur_renameat(ex, dfd, "a", dfd, "c", 0, CONCUR_NO_TIMEOUT)),
+	                 0);
+	assert_int_equal(fstatat(dfd, "a", &st, 0), -1);
+	assert_int_equal(errno, ENOENT);
+	assert_int_equal(fstatat(dfd, "c", &st, 0), 0);
+	assert_true(S_ISDIR(st.st_mode));
+	assert_int_equal(wait_res(concur_renameat(ex, dfd, "a", dfd, "d", 0, CONCUR_NO_TIMEOUT)),
+	                 -ENOENT);
+	/* across directory descriptors: dfd's "c" becomes AT_FDCWD's dir2 */
+	assert_int_equal(wait_res(concur_renameat(ex, dfd, "c", AT_FDCWD, dir2, 0, 1000 * MS)), 0);
+	assert_int_equal(stat(dir2, &st), 0);
+	assert_true(S_ISDIR(st.st_mode));
+	assert_int_equal(fstatat(dfd, "c", &st, 0), -1);
+	/* bad input */
+	assert_int_equal(wait_res(concur_mkdirat(ex, AT_FDCWD, NULL, 0700, CONCUR_NO_TIMEOUT)),
+	                 -EINVAL);
+	assert_int_equal(
+	    wait_res(concur_renameat(ex, AT_FDCWD, NULL, AT_FDCWD, dir2, 0, CONCUR_NO_TIMEOUT)),
+	    -EINVAL);
+	assert_int_equal(
+	    wait_res(concur_renameat(ex, AT_FDCWD, dir2, AT_FDCWD, NULL, 0, CONCUR_NO_TIMEOUT)),
+	    -EINVAL);
+	assert_int_equal(wait_res(concur_mkdirat(ex, closed_fd(), "x", 0700, CONCUR_NO_TIMEOUT)),
+	                 -EBADF);
+	assert_int_equal(wait_res(concur_mkdirat(NULL, AT_FDCWD, dir, 0700, CONCUR_NO_TIMEOUT)),
+	                 -EINVAL);
+	/* cleanup */
+	close(dfd);
+	assert_int_equal(unlinkat(AT_FDCWD, dir2, AT_REMOVEDIR), 0);
+	char sub[160];
+	snprintf(sub, sizeof(sub), "%s/b", dir);
+	assert_int_equal(rmdir(sub), 0);
+	assert_int_equal(rmdir(dir), 0);
+}
+
+static void test_socket_future(void **state)
+{
+	int type = 0, domain = 0;
+	socklen_t len = sizeof(type);
+	int fd = (int)wait_res(
+	    concur_socket(ex, AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0, CONCUR_NO_TIMEOUT));
+	assert_true(fd >= 0);
+	assert_int_equal(getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len), 0);
+	assert_int_equal(type, SOCK_STREAM);
+	len = sizeof(domain);
+	assert_int_equal(getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len), 0);
+	assert_int_equal(domain, AF_INET);
+	assert_true(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+	/* a usable socket: it connects to a listener */
+	uint16_t port;
+	int lfd = listener(&port);
+	struct sockaddr_in a = loopback(port);
+	assert_int_equal(
+	    wait_res(concur_connect(ex, fd, (struct sockaddr *)&a, sizeof(a), 1000 * MS)), 0);
+	close(fd);
+	close(lfd);
+	/* a datagram socket, with a deadline that does not expire */
+	fd = (int)wait_res(concur_socket(ex, AF_UNIX, SOCK_DGRAM, 0, 1000 * MS));
+	assert_true(fd >= 0);
+	len = sizeof(type);
+	assert_int_equal(getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len), 0);
+	assert_int_equal(type, SOCK_DGRAM);
+	assert_false(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+	close(fd);
+	/* the kernel's errors */
+	assert_int_equal(wait_res(concur_socket(ex, 4095, SOCK_STREAM, 0, CONCUR_NO_TIMEOUT)),
+	                 -EAFNOSUPPORT);
+	assert_int_equal(
+	    wait_res(concur_socket(ex, AF_INET, SOCK_STREAM, IPPROTO_UDP, CONCUR_NO_TIMEOUT)),
+	    -EPROTONOSUPPORT);
+	assert_int_equal(wait_res(concur_socket(NULL, AF_INET, SOCK_STREAM, 0, CONCUR_NO_TIMEOUT)),
+	                 -EINVAL);
+}
+
+static void test_send_shutdown_futures(void **state)
+{
+	int sp[2], pp[2];
+	char buf[16] = {0};
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+	assert_int_equal(
+	    wait_res(concur_send(ex, sp[0], "ping", 4, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT)), 4);
+	assert_int_equal(wait_res(concur_send(ex, sp[0], "pong", 4, MSG_NOSIGNAL, 1000 * MS)), 4);
+	assert_int_equal(recv(sp[1], buf, sizeof(buf), MSG_WAITALL | MSG_DONTWAIT), 8);
+	assert_memory_equal(buf, "pingpong", 8);
+	/* a zero-length send is fine */
+	assert_int_equal(wait_res(concur_send(ex, sp[0], NULL, 0, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT)),
+	                 0);
+	/* the peer is waiting for data when the write side shuts down: it reads EOF */
+	concur_future *r = concur_recv(ex, sp[1], buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT);
+	assert_int_equal(concur_result(r, 20 * MS), -ETIMEDOUT); /* nothing to read yet */
+	assert_int_equal(wait_res(concur_shutdown(ex, sp[0], SHUT_WR, CONCUR_NO_TIMEOUT)), 0);
+	assert_int_equal(wait_res(r), 0);
+	assert_int_equal(recv(sp[1], buf, sizeof(buf), MSG_DONTWAIT), 0); /* and stays at EOF */
+	/* no more sending on the shut side; the other direction still works (half close) */
+	assert_int_equal(
+	    wait_res(concur_send(ex, sp[0], "late", 4, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT)), -EPIPE);
+	assert_int_equal(
+	    wait_res(concur_send(ex, sp[1], "back", 4, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT)), 4);
+	assert_int_equal(recv(sp[0], buf, sizeof(buf), 0), 4);
+	assert_memory_equal(buf, "back", 4);
+	/* bad input */
+	assert_int_equal(wait_res(concur_send(ex, sp[0], NULL, 1, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_send(NULL, sp[0], "x", 1, 0, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(wait_res(concur_shutdown(ex, sp[0], 42, CONCUR_NO_TIMEOUT)), -EINVAL);
+	assert_int_equal(pipe(pp), 0);
+	assert_int_equal(wait_res(concur_shutdown(ex, pp[0], SHUT_RDWR, CONCUR_NO_TIMEOUT)),
+	                 -ENOTSOCK);
+	int bad = closed_fd();
+	assert_int_equal(wait_res(concur_send(ex, bad, "x", 1, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT)),
+	                 -EBADF);
+	assert_int_equal(wait_res(concur_shutdown(ex, bad, SHUT_WR, CONCUR_NO_TIMEOUT)), -EBADF);
+	close(pp[0]);
+	close(pp[1]);
+	close(sp[0]);
+	close(sp[1]);
+}
+
+struct msg_args {
+	int sp[2];
+	int pp[2]; /* a pipe whose write end travels over the socket */
+	int got_fd;
+};
+
+static int64_t msg_task(void *arg)
+{
+	struct msg_args *a = arg;
+	/* sendmsg: three pieces and an SCM_RIGHTS control message */
+	struct iovec wv[3] = {{"one,", 4}, {"two,", 4}, {"three", 5}};
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} ctl, rctl;
+	memset(&ctl, 0, sizeof(ctl));
+	memset(&rctl, 0, sizeof(rctl));
+	struct msghdr m = {.msg_iov = wv,
+	                   .msg_iovlen = 3,
+	                   .msg_control = ctl.buf,
+	                   .msg_controllen = sizeof(ctl.buf)};
+	struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &a->pp[1], sizeof(int));
+	if (concur_await_sendmsg(a->sp[0], &m, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT) != 13)
+		return -100;
+	/* recvmsg: the bytes spread over iovecs cut elsewhere, and the descriptor */
+	char x[6] = {0}, y[16] = {0};
+	struct iovec rv[2] = {{x, sizeof(x)}, {y, sizeof(y)}};
+	struct msghdr rm = {.msg_iov = rv,
+	                    .msg_iovlen = 2,
+	                    .msg_control = rctl.buf,
+	                    .msg_controllen = sizeof(rctl.buf)};
+	if (concur_await_recvmsg(a->sp[1], &rm, MSG_CMSG_CLOEXEC, 1000 * MS) != 13)
+		return -101;
+	if (memcmp(x, "one,tw", 6) || memcmp(y, "o,three", 7))
+		return -102;
+	if (rm.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+		return -103;
+	c = CMSG_FIRSTHDR(&rm);
+	if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
+	    c->cmsg_len != CMSG_LEN(sizeof(int)))
+		return -104;
+	memcpy(&a->got_fd, CMSG_DATA(c), sizeof(int));
+	/* bad input */
+	if (concur_await_recvmsg(a->sp[1], NULL, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -105;
+	if (concur_await_sendmsg(a->sp[0], NULL, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
+		return -106;
+	/* with a deadline that expires: nothing comes */
+	if (concur_await_recvmsg(a->sp[1], &rm, 0, 20 * MS) != -ETIMEDOUT)
+		return -107;
+	return 0;
+}
+
+static void test_msg_direct(void **state)
+{
+	struct msg_args a = {.got_fd = -1};
+	char c = 0;
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a.sp), 0);
+	assert_int_equal(pipe(a.pp), 0);
+	assert_int_equal(run_task(msg_task, &a), 0);
+	/* the received descriptor is a working copy of the pipe's write end */
+	assert_true(a.got_fd >= 0);
+	assert_true(a.got_fd != a.pp[1]);
+	assert_true(fcntl(a.got_fd, F_GETFD) & FD_CLOEXEC);
+	assert_int_equal(write(a.got_fd, "!", 1), 1);
+	assert_int_equal(read(a.pp[0], &c, 1), 1);
+	assert_int_equal(c, '!');
+	/* EBADF, and outside a task */
+	struct msghdr m = {0};
+	int bad = closed_fd();
+	assert_int_equal(wait_res(concur_recvmsg(ex, bad, &m, 0, CONCUR_NO_TIMEOUT)), -EBADF);
+	assert_int_equal(concur_await_recvmsg(a.sp[1], &m, 0, CONCUR_NO_TIMEOUT), -EPERM);
+	assert_int_equal(concur_await_sendmsg(a.sp[0], &m, 0, CONCUR_NO_TIMEOUT), -EPERM);
+	close(a.got_fd);
+	close(a.pp[0]);
+	close(a.pp[1]);
+	close(a.sp[0]);
+	close(a.sp[1]);
+}
+
+static int64_t poll_task(void *arg)
+{
+	return concur_await_poll(*(int *)arg, POLLIN, CONCUR_NO_TIMEOUT);
+}
+
+static int64_t poll_checks_task(void *arg)
+{
+	int *sp = arg;
+	/* a socket with room to write is writable at once, not readable */
+	int64_t r = concur_await_poll(sp[0], POLLOUT, CONCUR_NO_TIMEOUT);
+	if (r < 0 || !(r & POLLOUT) || (r & POLLIN))
+		return -100;
+	/* nothing to read: the deadline ends the poll */
+	if (concur_await_poll(sp[0], POLLIN, 20 * MS) != -ETIMEDOUT)
+		return -101;
+	/* a closed descriptor */
+	if (concur_await_poll(sp[2], POLLIN, CONCUR_NO_TIMEOUT) != -EBADF)
+		return -102;
+	return 0;
+}
+
+static void test_poll_direct(void **state)
+{
+	int sp[3];
+	char buf[4];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+	sp[2] = closed_fd();
+	assert_int_equal(run_task(poll_checks_task, sp), 0);
+	/* a task polls an empty socket: it waits until the peer writes */
+	concur_future *f = concur_spawn(ex, poll_task, &sp[1]);
+	assert_int_equal(concur_result(f, 20 * MS), -ETIMEDOUT); /* not readable yet */
+	assert_int_equal(write(sp[0], "abc", 3), 3);
+	int64_t r = wait_res(f);
+	assert_true(r > 0);
+	assert_true(r & POLLIN);
+	/* one-shot, and poll consumes nothing: the data is still there */
+	assert_int_equal(read(sp[1], buf, sizeof(buf)), 3);
+	assert_memory_equal(buf, "abc", 3);
+	/* the peer shutting down its write side makes it readable too (EOF) */
+	f = concur_spawn(ex, poll_task, &sp[1]);
+	assert_int_equal(shutdown(sp[0], SHUT_WR), 0);
+	r = wait_res(f);
+	assert_true(r > 0);
+	assert_true(r & POLLIN);
+	assert_int_equal(concur_await_poll(sp[1], POLLIN, CONCUR_NO_TIMEOUT), -EPERM);
+	close(sp[0]);
+	close(sp[1]);
+}
+
+struct splice_args {
+	int in, out, bad;
+};
+
+static int64_t splice_task(void *arg)
+{
+	struct splice_args *a = arg;
+	int pp[2];
+	int64_t r = 0;
+	if (pipe(pp))
+		return -errno;
+	/* file (at offset 6) -> pipe -> file (at offset 3) */
+	if (concur_await_splice(a->in, 6, pp[1], -1, 5, 0, CONCUR_NO_TIMEOUT) != 5)
+		r = -100;
+	else if (concur_await_splice(pp[0], -1, a->out, 3, 100, 0, 1000 * MS) != 5)
+		r = -101;
+	/* -1 on the file: its current position (0), which moves */
+	else if (concur_await_splice(a->in, -1, pp[1], -1, 4, 0, CONCUR_NO_TIMEOUT) != 4)
+		r = -102;
+	else if (lseek(a->in, 0, SEEK_CUR) != 4)
+		r = -103;
+	else if (concur_await_splice(pp[0], -1, a->out, 8, 4, 0, CONCUR_NO_TIMEOUT) != 4)
+		r = -104;
+	/* an empty pipe with SPLICE_F_NONBLOCK does not wait */
+	else if (concur_await_splice(pp[0], -1, a->out, 0, 4, SPLICE_F_NONBLOCK,
+	                             CONCUR_NO_TIMEOUT) != -EAGAIN)
+		r = -105;
+	/* neither side a pipe */
+	else if (concur_await_splice(a->in, 0, a->out, 0, 4, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
+		r = -106;
+	else if (concur_await_splice(a->in, -2, pp[1], -1, 4, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
+		r = -107;
+	else if (concur_await_splice(a->bad, 0, pp[1], -1, 4, 0, CONCUR_NO_TIMEOUT) != -EBADF)
+		r = -108;
+	close(pp[0]);
+	close(pp[1]);
+	return r;
+}
+
+static void test_splice_direct(void **state)
+{
+	char in_path[128], out_path[128], buf[32] = {0};
+	struct splice_args a;
+	a.in = temp_file(in_path, sizeof(in_path), "splice-in");
+	a.out = temp_file(out_path, sizeof(out_path), "splice-out");
+	a.bad = closed_fd();
+	assert_int_equal(write(a.in, "0123456789abcdef", 16), 16);
+	assert_int_equal(lseek(a.in, 0, SEEK_SET), 0);
+	assert_int_equal(run_task(splice_task, &a), 0);
+	assert_int_equal(pread(a.out, buf, sizeof(buf), 0), 12);
+	assert_memory_equal(buf,
+	                    "\0\0\0"
+	                    "6789a"
+	                    "0123",
+	                    12);
+	assert_int_equal(lseek(a.out, 0, SEEK_CUR), 0); /* offsets given: position untouched */
+	assert_int_equal(concur_await_splice(a.in, 0, a.out, 0, 1, 0, CONCUR_NO_TIMEOUT), -EPERM);
+	close(a.in);
+	close(a.out);
+	unlink(in_path);
+	unlink(out_path);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -735,6 +1201,14 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_accept_stream, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_recv_stream, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_vectored_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_fallocate_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_mkdirat_renameat, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_socket_future, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_send_shutdown_futures, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_msg_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_poll_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_splice_direct, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

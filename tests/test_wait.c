@@ -627,6 +627,136 @@ static void test_group_cancel_on_failure(void **state)
 	concur_group_free(g);
 }
 
+static atomic_int gate; /* a spinner task holds its loop until this is set */
+static atomic_int spinning;
+
+static int64_t spin_until_gate(void *arg)
+{
+	atomic_store(&spinning, 1);
+	while (!atomic_load(&gate))
+		;
+	return 1;
+}
+
+/* Occupy the only loop of ex1 (by spawning into g, or outside any group when g is NULL) so the
+ * members spawned next stay PENDING. */
+static concur_future *hold_loop(concur_group *g)
+{
+	atomic_store(&gate, 0);
+	atomic_store(&spinning, 0);
+	concur_future *s = g ? concur_group_spawn(g, spin_until_gate, NULL)
+	                     : concur_spawn(ex1, spin_until_gate, NULL);
+	while (!atomic_load(&spinning))
+		;
+	return s;
+}
+
+static void release_loop(concur_future *s)
+{
+	atomic_store(&gate, 1);
+	assert_int_equal(concur_result(s, -1), 1);
+	concur_release(s);
+}
+
+static atomic_int cancel_cb_count;
+
+static void count_cancelled(concur_future *f, void *arg)
+{
+	if (concur_cancelled(f))
+		atomic_fetch_add(&cancel_cb_count, 1);
+}
+
+static void test_group_cancel(void **state)
+{
+	concur_group *g;
+	assert_int_equal(concur_group_cancel(NULL), -EINVAL);
+	assert_false(concur_group_cancelled(NULL));
+	/* cancelling a group with no member: nothing to cancel, but later spawns are refused */
+	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
+	assert_int_equal(concur_group_cancel(g), 0);
+	assert_true(concur_group_cancelled(g));
+	concur_future *late = concur_group_spawn(g, member_ok, NULL);
+	assert_int_equal(concur_result(late, 0), -ECANCELED);
+	concur_release(late);
+	assert_int_equal(concur_group_wait(g, 0), 0); /* no member ever: nothing failed */
+	concur_group_free(g);
+
+	/* members queued behind a spinner (outside the group) on the only loop never start */
+	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
+	atomic_store(&group_ran, 0);
+	atomic_store(&cancel_cb_count, 0);
+	concur_future *s = hold_loop(NULL);
+	concur_future *fs[10];
+	for (int i = 0; i < 10; i++) {
+		fs[i] = concur_group_spawn(g, member_ok, NULL);
+		assert_int_equal(concur_on_done(fs[i], count_cancelled, NULL), 0);
+		assert_false(concur_done(fs[i]));
+	}
+	assert_false(concur_group_cancelled(g));
+	assert_int_equal(concur_group_wait(g, 0), -ETIMEDOUT); /* members pending */
+	assert_int_equal(concur_group_cancel(g), 10);
+	assert_true(concur_group_cancelled(g));
+	/* done at once: the callbacks ran in this thread, the wait needs no loop */
+	assert_int_equal(atomic_load(&cancel_cb_count), 10);
+	for (int i = 0; i < 10; i++) {
+		assert_true(concur_cancelled(fs[i]));
+		assert_int_equal(concur_result(fs[i], 0), -ECANCELED);
+	}
+	assert_int_equal(concur_group_wait(g, 0), -ECANCELED);
+	assert_int_equal(concur_group_cancel(g), 0); /* again: nobody left */
+	late = concur_group_spawn(g, member_ok, NULL);
+	assert_true(concur_done(late));
+	assert_int_equal(concur_result(late, 0), -ECANCELED);
+	concur_release(late);
+	release_loop(s);
+	assert_int_equal(concur_exec_join(ex1, -1), 0);
+	assert_int_equal(atomic_load(&group_ran), 0); /* none of them ever ran */
+	release_all(fs, 10);
+	concur_group_free(g);
+
+	/* a running member is not cancelled: it finishes, and the group waits for it */
+	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
+	s = hold_loop(g);
+	for (int i = 0; i < 5; i++)
+		fs[i] = concur_group_spawn(g, member_ok, NULL);
+	assert_int_equal(concur_group_cancel(g), 5);
+	assert_true(concur_running(s));
+	assert_false(concur_cancelled(s));
+	assert_int_equal(concur_group_wait(g, 0), -ETIMEDOUT); /* the spinner is still a member */
+	atomic_store(&gate, 1);
+	assert_int_equal(concur_group_wait(g, -1), -ECANCELED);
+	assert_int_equal(concur_result(s, 0), 1); /* it ran to the end */
+	concur_release(s);
+	for (int i = 0; i < 5; i++)
+		assert_true(concur_cancelled(fs[i]));
+	release_all(fs, 5);
+	concur_group_free(g);
+}
+
+static int64_t cancel_from_member(void *arg)
+{
+	concur_group *g = arg;
+	/* on the only loop, which this task holds: the members it spawns cannot start yet */
+	for (int i = 0; i < 3; i++)
+		concur_release(concur_group_spawn(g, member_ok, NULL));
+	int n = concur_group_cancel(g);
+	return n == 3 && concur_group_cancelled(g) ? 0 : -1000 - n;
+}
+
+static void test_group_cancel_in_member(void **state)
+{
+	/* a member cancels its own group: its siblings (queued) are cancelled, it is not */
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
+	atomic_store(&group_ran, 0);
+	concur_future *f = concur_group_spawn(g, cancel_from_member, g);
+	assert_int_equal(concur_group_wait(g, -1), -ECANCELED);
+	assert_int_equal(concur_result(f, -1), 0);
+	assert_int_equal(atomic_load(&group_ran), 0);
+	concur_release(f);
+	concur_group_free(g);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -649,6 +779,8 @@ int main(void)
 	    cmocka_unit_test(test_group_wait),
 	    cmocka_unit_test(test_group_wait_in_task),
 	    cmocka_unit_test(test_group_cancel_on_failure),
+	    cmocka_unit_test(test_group_cancel),
+	    cmocka_unit_test(test_group_cancel_in_member),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
