@@ -2,6 +2,7 @@
 /* The executor: nested waits, unfolding work and join, shutdown, placement, bad options.
  * The workloads run over a matrix of loop counts. */
 #include "helpers.h"
+#include "hold_loop.h"
 
 #include <errno.h>
 #include <linux/filter.h>
@@ -158,14 +159,7 @@ static void test_join(void **state)
 }
 
 /* 11. shutdown */
-static atomic_int gate, spinning, ran;
-static int64_t spin_until_gate(void *arg)
-{
-	atomic_store(&spinning, 1);
-	while (!atomic_load(&gate))
-		;
-	return 1;
-}
+static atomic_int ran;
 static int64_t mark_ran(void *arg)
 {
 	atomic_fetch_add(&ran, 1);
@@ -183,12 +177,8 @@ static int64_t spawn_after_shutdown(void *arg)
 static void shutdown_case(bool cancel)
 {
 	ex = new_exec(1);
-	atomic_store(&gate, 0);
-	atomic_store(&spinning, 0);
 	atomic_store(&ran, 0);
-	concur_future *s = concur_spawn(ex, spin_until_gate, NULL);
-	while (!atomic_load(&spinning))
-		;
+	concur_future *s = hold_loop(ex);
 	concur_future *queued[5];
 	for (int i = 0; i < 5; i++)
 		queued[i] = concur_spawn(ex, mark_ran, NULL);
@@ -197,7 +187,7 @@ static void shutdown_case(bool cancel)
 	concur_exec_shutdown(ex, cancel); /* twice is harmless */
 	concur_future *refused = concur_spawn(ex, mark_ran, NULL);
 	assert_int_equal(concur_result(refused, 0), -ESHUTDOWN);
-	atomic_store(&gate, 1);
+	atomic_store(&hold_gate, 1);
 	assert_int_equal(concur_result(s, -1), 1); /* the running task finishes */
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	for (int i = 0; i < 5; i++) {

@@ -1,21 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /* Futures: states, results, cancel, callbacks, waking every kind of waiter, promises. */
 #include "helpers.h"
+#include "hold_loop.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
-
-static atomic_int gate; /* a spinner task holds its loop until this is set */
-static atomic_int spinning;
-
-static int64_t spin_until_gate(void *arg)
-{
-	atomic_store(&spinning, 1);
-	while (!atomic_load(&gate))
-		;
-	return 1;
-}
 
 static int64_t return_arg(void *arg)
 {
@@ -27,24 +17,6 @@ static int64_t mark_ran(void *arg)
 {
 	atomic_fetch_add(&ran, 1);
 	return 5;
-}
-
-/* Occupy the only loop of ex so tasks spawned next stay PENDING. */
-static concur_future *hold_loop(concur_exec *ex)
-{
-	atomic_store(&gate, 0);
-	atomic_store(&spinning, 0);
-	concur_future *s = concur_spawn(ex, spin_until_gate, NULL);
-	while (!atomic_load(&spinning))
-		;
-	return s;
-}
-
-static void release_loop(concur_future *s)
-{
-	atomic_store(&gate, 1);
-	assert_int_equal(concur_result(s, -1), 1);
-	concur_release(s);
 }
 
 /* 1. spawn never returns NULL */

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* wait, gather, as_completed, then, spawn_after and task groups. */
 #include "comp_test.h"
+#include "hold_loop.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -627,35 +628,13 @@ static void test_group_cancel_on_failure(void **state)
 	concur_group_free(g);
 }
 
-static atomic_int gate; /* a spinner task holds its loop until this is set */
-static atomic_int spinning;
-
-static int64_t spin_until_gate(void *arg)
-{
-	atomic_store(&spinning, 1);
-	while (!atomic_load(&gate))
-		;
-	return 1;
-}
-
 /* Occupy the only loop of ex1 (by spawning into g, or outside any group when g is NULL) so the
  * members spawned next stay PENDING. */
-static concur_future *hold_loop(concur_group *g)
+static concur_future *hold_loop_in(concur_group *g)
 {
-	atomic_store(&gate, 0);
-	atomic_store(&spinning, 0);
-	concur_future *s = g ? concur_group_spawn(g, spin_until_gate, NULL)
-	                     : concur_spawn(ex1, spin_until_gate, NULL);
-	while (!atomic_load(&spinning))
-		;
-	return s;
-}
-
-static void release_loop(concur_future *s)
-{
-	atomic_store(&gate, 1);
-	assert_int_equal(concur_result(s, -1), 1);
-	concur_release(s);
+	hold_loop_arm();
+	return hold_loop_running(g ? concur_group_spawn(g, hold_loop_task, NULL)
+	                           : concur_spawn(ex1, hold_loop_task, NULL));
 }
 
 static atomic_int cancel_cb_count;
@@ -685,7 +664,7 @@ static void test_group_cancel(void **state)
 	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
 	atomic_store(&group_ran, 0);
 	atomic_store(&cancel_cb_count, 0);
-	concur_future *s = hold_loop(NULL);
+	concur_future *s = hold_loop_in(NULL);
 	concur_future *fs[10];
 	for (int i = 0; i < 10; i++) {
 		fs[i] = concur_group_spawn(g, member_ok, NULL);
@@ -716,14 +695,14 @@ static void test_group_cancel(void **state)
 
 	/* a running member is not cancelled: it finishes, and the group waits for it */
 	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
-	s = hold_loop(g);
+	s = hold_loop_in(g);
 	for (int i = 0; i < 5; i++)
 		fs[i] = concur_group_spawn(g, member_ok, NULL);
 	assert_int_equal(concur_group_cancel(g), 5);
 	assert_true(concur_running(s));
 	assert_false(concur_cancelled(s));
 	assert_int_equal(concur_group_wait(g, 0), -ETIMEDOUT); /* the spinner is still a member */
-	atomic_store(&gate, 1);
+	atomic_store(&hold_gate, 1);
 	assert_int_equal(concur_group_wait(g, -1), -ECANCELED);
 	assert_int_equal(concur_result(s, 0), 1); /* it ran to the end */
 	concur_release(s);
