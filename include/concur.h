@@ -672,6 +672,43 @@ int64_t concur_await_splice(int fd_in, int64_t off_in, int fd_out, int64_t off_o
 concur_future *concur_timeout(concur_exec *ex, int64_t ns);
 int64_t concur_await_timeout(int64_t ns);
 
+/* ---- Signals (src/signal.c) ---- */
+#include <signal.h> /* sigset_t */
+
+/*
+ * A future that completes with the number of the next signal of set delivered to the process
+ * (SIGTERM, SIGINT, SIGHUP, ...): a signalfd for set, read through the ring. Waiting for it costs
+ * no thread and no CPU (the loops keep sleeping). Never NULL: on failure the future is already
+ * failed with -EINVAL (ex NULL or invalid; set NULL or holding no signal but SIGKILL/SIGSTOP,
+ * which no signalfd can take), -ENOMEM, or signalfd(2)'s error (-EMFILE, -ENFILE, ...).
+ *
+ * The signal mask is the caller's job. Every signal of set must be blocked in EVERY thread of
+ * the process, or the kernel may deliver it the ordinary way first -- its default action (SIGTERM
+ * kills the process) or a handler -- in any thread that has it unblocked. Block them with
+ * pthread_sigmask(SIG_BLOCK, set, NULL) in main before concur_exec_new() and before creating
+ * any other thread: new threads inherit the mask (the loop threads from the thread calling
+ * concur_exec_new, the blocking pool's helpers from the thread that first needs one). A signal
+ * blocked everywhere waits, pending, until a concur_signal future reads it: one sent before the
+ * call completes the future at once.
+ *
+ * Which signals it sees: those sent to the process (kill(getpid(), sig), kill(1) from a shell,
+ * a terminal's ^C) and those sent to the loop thread that reads. Not one aimed at another thread
+ * with raise() (in a threaded program raise() signals the calling thread only) or
+ * pthread_kill(): use kill(getpid(), sig).
+ *
+ * Several futures for the same signal: each delivered signal is taken by exactly one of them
+ * (which one is unspecified); the others keep waiting for the next one. A standard signal sent
+ * several times before it is read is delivered once (POSIX); realtime signals queue, one each.
+ *
+ * The signalfd is closed when the future is done (before it is seen done). The future is
+ * RUNNING while it waits; concur_cancel() cancels the read in the kernel and returns
+ * -EINPROGRESS (or 1 if the read was not yet submitted): the future then ends CANCELLED with
+ * -ECANCELED, or FINISHED with the signal's number if one was read first. Its read counts as
+ * work for concur_exec_join() until then, so cancel a future that may never fire before
+ * concur_exec_free().
+ */
+concur_future *concur_signal(concur_exec *ex, const sigset_t *set);
+
 /*
  * Multishot streams: one SQE, many completions, consumed one item at a time. A stream lives on
  * the loop of the task that opened it and is used only from tasks on that loop (which is where
