@@ -140,6 +140,18 @@ unsigned concur_exec_ring_flags(const concur_exec *ex);
 concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg);
 
 /*
+ * Spawn fn(arg) as a task on loop loop_idx (0 .. concur_exec_loops(ex) - 1) and only there, for
+ * thread-per-core designs (Seastar's submit_to): the task starts, runs and ends on that loop's
+ * thread, and an idle loop is never handed it, however busy its loop is. Tasks it spawns with
+ * concur_spawn() are not pinned (they go to its loop first, and may be handed to idle loops);
+ * use concur_spawn_on() for them too. Tasks pinned to one loop start in the order they reach
+ * it (FIFO), not depth first like concur_spawn() in a task. Otherwise as concur_spawn(): never
+ * NULL; on failure the future is already failed with -EINVAL (NULL or invalid ex, NULL fn, loop_idx
+ * >= the number of loops), -ESHUTDOWN, -ENOMEM.
+ */
+concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_fn fn, void *arg);
+
+/*
  * The result of f, waiting up to timeout_ns (< 0: forever, 0: do not wait).
  * Returns the value (>= 0), the task's or operation's error, -ECANCELED if it was cancelled,
  * -ETIMEDOUT if not done in time (f is unchanged), -EINVAL for a NULL or invalid future.
@@ -218,6 +230,13 @@ bool concur_in_task(void);
 
 /* The executor whose task or loop thread calls this, or NULL elsewhere. */
 concur_exec *concur_current_exec(void);
+
+/*
+ * The index (0 .. loops - 1) of the loop whose thread calls this, within its executor, or -1 on
+ * a thread that is no executor's loop. In a task: the loop it runs on, the same from its start
+ * to its return (a started task never moves; concur_spawn_on() chooses it).
+ */
+int concur_current_loop(void);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors                                                                                      */
