@@ -10,20 +10,23 @@
  *  - CPU per message of the echo round: utime + stime of every thread of the server
  *    (/proc/PID/stat) across the round, divided by the messages.
  *
- * One thread, one epoll set, non-blocking sockets. The client sockets are bound to 127.0.0.2,
- * 127.0.0.3, ... (port 0, IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect time) in turn,
+ * One thread, one epoll set, non-blocking sockets, loopback only: the server is 127.0.0.1, the
+ * client sockets are bound to 127.0.0.2, 127.0.0.3, ... in turn (port 0 with
+ * IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect time), at least 4 of them and
  * --per-source connections each at most, so 100,000 connections fit in the ephemeral port range.
  * Connects go out in batches: at most --batch are in the handshake at once, and none is started
  * while the listener's accept queue (read by sock_diag: a netlink dump of the listening sockets)
- * holds more than half the backlog, so a slow server is never flooded into dropped SYNs (which
- * would cost a 1 s retransmission and measure the kernel's timer, not the server). Where
- * sock_diag is missing, the end of the connect phase is when the server holds --conns more fds.
+ * holds more than min(1024, net.core.somaxconn / 2), so a slow server is never flooded into
+ * dropped SYNs (which would cost a 1 s retransmission and measure the kernel's timer, not the
+ * server). Without sock_diag (or with --sock-diag 0) the connect phase ends when the server
+ * holds --conns more fds (/proc/PID/fd).
  *
  * Before the idle RSS is read, the server must have finished with the connections it accepted:
  * the client waits until its CPU time stops moving (3 samples 50 ms apart, at most 3 s), then
  * holds the connections idle for --idle seconds (the server's CPU time meanwhile is reported: an
  * idle server should use none). The echo round keeps at most --window messages outstanding.
- * Everything ends with an RST per connection (SO_LINGER 0), so no TIME_WAIT is left behind.
+ * Every connection ends with an RST (SO_LINGER 0, also when the run dies), so no TIME_WAIT is
+ * left behind for the next run.
  *
  * A failed connect, a connection the server closes, a wrong echo, a round making no progress
  * for 10 s, or the --time-limit alarm fail the run with a message and a non-zero exit status.
@@ -193,6 +196,10 @@ static void connect_one(int ep, long i)
 	src.sin_addr.s_addr = htonl(INADDR_LOOPBACK + 1 + (uint32_t)(i % nsrc)); /* 127.0.0.2 ... */
 	setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	/* closed with an RST, at the end or when the run dies: no TIME_WAIT left for the next run
+	 */
+	struct linger lg = {1, 0};
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 	if (bind(fd, (struct sockaddr *)&src, sizeof(src)))
 		bench_die("conns_load: bind %s: %s", inet_ntoa(src.sin_addr), strerror(errno));
 	struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -295,13 +302,13 @@ static void usage(void)
 {
 	fprintf(stderr, "usage: conns_load --port P --pid SERVER_PID --conns N [--size 64] "
 	                "[--batch 256] [--window 1024] [--idle 1] [--per-source 10000] "
-	                "[--time-limit 120]\n");
+	                "[--time-limit 120] [--sock-diag 1]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	long batch = 256, window = 1024, per_source = 10000, limit = 120;
+	long batch = 256, window = 1024, per_source = 10000, limit = 120, use_diag = 1;
 	double idle = 1;
 	msg_size = 64;
 	nconns = -1;
@@ -329,6 +336,8 @@ int main(int argc, char **argv)
 			idle = x;
 		else if (!strcmp(o, "--per-source"))
 			per_source = (long)x;
+		else if (!strcmp(o, "--sock-diag")) /* 0: count the server's fds instead */
+			use_diag = (long)x;
 		else if (!strcmp(o, "--time-limit"))
 			limit = (long)x;
 		else
@@ -351,7 +360,8 @@ int main(int argc, char **argv)
 	int ep = epoll_create1(EPOLL_CLOEXEC);
 	if (!conns || ep < 0)
 		bench_die("conns_load: out of memory or epoll_create1 failed");
-	diag_fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+	if (use_diag)
+		diag_fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
 	long q = accept_queue();
 	if (q < 0) { /* no sock_diag here, or the listener is not seen: count fds instead */
 		if (diag_fd >= 0)
@@ -375,6 +385,7 @@ int main(int argc, char **argv)
 	long long cpu_c0 = server_cpu_ticks();
 	int64_t t_c0 = bench_now_ns();
 	long next = 0, established = 0;
+	int64_t progress_at = t_c0;
 	while (established < nconns) {
 		q = diag_fd >= 0 && next < nconns ? accept_queue() : 0;
 		while (next < nconns && next - established < batch && q < qmax)
@@ -382,14 +393,33 @@ int main(int argc, char **argv)
 		int n = epoll_wait(ep, evs, 1024, 10);
 		if (n < 0 && errno != EINTR)
 			bench_die("conns_load: epoll_wait: %s", strerror(errno));
-		for (int k = 0; k < n; k++)
-			established += on_event(&evs[k]);
+		int64_t now = bench_now_ns();
+		for (int k = 0; k < n; k++) {
+			int got = on_event(&evs[k]);
+			established += got;
+			if (got)
+				progress_at = now;
+		}
+		if (now - progress_at > STALL_NS)
+			bench_die(
+			    "conns_load: no connection got established for %lld s (%ld of %ld "
+			    "are; accept queue %ld)",
+			    STALL_NS / 1000000000LL, established, nconns, accept_queue());
 	}
 	/* ... ends when the server has accepted every connection */
-	for (;;) {
+	for (long last = -1;;) {
 		long left = diag_fd >= 0 ? accept_queue() : nconns - (server_fds() - fds0);
 		if (left <= 0)
 			break;
+		int64_t now = bench_now_ns();
+		if (left != last)
+			progress_at = now;
+		else if (now - progress_at > STALL_NS)
+			bench_die(
+			    "conns_load: the server accepted no connection for %lld s, %ld of %ld "
+			    "are not accepted (out of fds?)",
+			    STALL_NS / 1000000000LL, left, nconns);
+		last = left;
 		usleep(diag_fd >= 0 ? 200 : 2000);
 	}
 	int64_t t_c1 = bench_now_ns();
@@ -413,7 +443,8 @@ int main(int argc, char **argv)
 
 	/* the echo round: every connection sends one message, at most `window` outstanding */
 	long long cpu_e0 = server_cpu_ticks();
-	int64_t t_e0 = bench_now_ns(), progress_at = t_e0;
+	int64_t t_e0 = bench_now_ns();
+	progress_at = t_e0;
 	long sent = 0, done = 0;
 	while (done < nconns) {
 		while (sent < nconns && sent - done < window)
@@ -439,12 +470,8 @@ int main(int argc, char **argv)
 	int64_t t_e1 = bench_now_ns();
 	long long cpu_e1 = server_cpu_ticks();
 
-	/* end every connection with an RST: no TIME_WAIT left for the next run */
-	struct linger lg = {1, 0};
-	for (long i = 0; i < nconns; i++) {
-		setsockopt(conns[i].fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	for (long i = 0; i < nconns; i++) /* an RST each (SO_LINGER 0) */
 		close(conns[i].fd);
-	}
 
 	double tick = 1.0 / (double)sysconf(_SC_CLK_TCK);
 	double connect_s = (double)(t_c1 - t_c0) / 1e9, echo_s = (double)(t_e1 - t_e0) / 1e9;
