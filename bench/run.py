@@ -762,6 +762,9 @@ def render_terminal(result):
             out.append("")
         cells = [c if len(c) <= widths[i] else c[:widths[i] - 1] + "…" for i, c in enumerate(r)]
         out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip())
+    notes = size_notes(result)
+    if notes:
+        out += [""] + notes
     return "\n".join(out)
 
 
@@ -788,7 +791,24 @@ def render_markdown(result):
         out.append("")
         for wname, vname, reason in skipped:
             out.append("- %s / %s: not measured — %s" % (wname, vname, reason))
+    notes = size_notes(result)
+    if notes:
+        out.append("")
+        out += ["- " + n for n in notes]
     return "\n".join(out) + "\n"
+
+
+def size_notes(result):
+    """Workloads run smaller than their name says, and why (conns/100k where the fd limit or
+    the memory is short)."""
+    notes = []
+    for w in result["workloads"]:
+        p = next((v["params"] for v in w["variants"] if v["params"].get("conns_limited_by")),
+                 None)
+        if p:
+            notes.append("%s: %d connections instead of %d: %s" % (
+                w["name"], p["conns"], p["conns_wanted"], p["conns_limited_by"]))
+    return notes
 
 
 def svg_esc(t):
