@@ -196,8 +196,7 @@ static void connect_one(int ep, long i)
 	src.sin_addr.s_addr = htonl(INADDR_LOOPBACK + 1 + (uint32_t)(i % nsrc)); /* 127.0.0.2 ... */
 	setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	/* closed with an RST, at the end or when the run dies: no TIME_WAIT left for the next run
-	 */
+	/* closed with an RST (at the end, or when the run dies): no TIME_WAIT for the next run */
 	struct linger lg = {1, 0};
 	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 	if (bind(fd, (struct sockaddr *)&src, sizeof(src)))
@@ -245,25 +244,24 @@ static int on_event(struct epoll_event *e)
 	}
 	if (c->state != SENT || !(e->events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
 		return 0;
+	/* the message is the connection's number, then the pattern: each piece is checked as it
+	 * comes, so a connection keeps no buffer */
+	uint64_t id = e->data.u64;
+	memcpy(pattern, &id, sizeof(id));
 	unsigned char in[256];
-	for (;;) {
-		ssize_t r = recv(c->fd, in + c->got, (size_t)msg_size - c->got, 0);
+	while (c->got < msg_size) {
+		ssize_t r = recv(c->fd, in, (size_t)msg_size - c->got, 0);
 		if (r < 0 && errno == EAGAIN)
 			return 0;
 		if (r <= 0)
-			bench_die("conns_load: recv (connection %llu): %s",
-			          (unsigned long long)e->data.u64,
+			bench_die("conns_load: recv (connection %llu): %s", (unsigned long long)id,
 			          r < 0 ? strerror(errno) : "the server closed it before the echo");
+		if (memcmp(in, pattern + c->got, (size_t)r))
+			bench_die(
+			    "conns_load: the echo on connection %llu differs from what was sent",
+			    (unsigned long long)id);
 		c->got = (unsigned char)(c->got + r);
-		if (c->got == msg_size)
-			break;
 	}
-	/* the message is the connection's number, then the pattern */
-	uint64_t id = e->data.u64;
-	memcpy(pattern, &id, sizeof(id));
-	if (memcmp(in, pattern, (size_t)msg_size))
-		bench_die("conns_load: the echo on connection %llu differs from what was sent",
-		          (unsigned long long)id);
 	c->state = DONE;
 	return 1;
 }
