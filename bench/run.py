@@ -289,6 +289,23 @@ def echo_workload(size, label):
 
 WORKLOADS += [echo_workload(64, "64"), echo_workload(4096, "4k")]
 
+# Issue 11: 100,000 idle connections, each served by its own task (goroutine, epoll registration).
+WORKLOADS.append({
+    "name": "conns/100k",
+    "what": "100,000 TCP connections on loopback (fewer if this machine's fd limit or memory "
+            "says so, with the reason) opened, held idle, then one 64-byte echo each "
+            "(conns_load); every server on 1 thread; value: server RSS per idle connection",
+    # the connect rate and the CPU per message of the echo round, concur / peer run by run too
+    "also": [("conn_s", "conns/s", "higher"), ("cpu_us_per_msg", "CPU/msg", "lower")],
+    "runs": 5,  # a run holds 100,000 connections for seconds: 5 rounds unless --runs says
+    "variants": [
+        E("concur (1 loop)", servers.conns_variant("concur_echo")),
+        E("epoll (1 thread)", servers.conns_variant("epoll_echo")),
+        E("libuv (1 loop)", servers.conns_variant("uv_echo")),
+        E("Go goroutine per connection, GOMAXPROCS=1", servers.conns_variant("go_echo")),
+    ],
+})
+
 
 def also_ratios(w, concur, peer):
     """The workload's second figures (w["also"]: extra key, label, better), concur / peer run by
@@ -470,6 +487,12 @@ def summarize(values):
     }
 
 
+def workload_runs(w, args):
+    """Counted runs of w: --runs, or the default capped by the workload's own "runs" (a long
+    workload such as conns/100k)."""
+    return args.runs if args.runs_given or args.quick else min(args.runs, w.get("runs", args.runs))
+
+
 def run_workload(w, args, progress):
     variants = []
     for i, v in enumerate(w["variants"]):
@@ -513,10 +536,11 @@ def run_workload(w, args, progress):
     for k in range(args.warmup):
         for slot in variants:
             one(slot, False, "warm-up")
-    for i in range(args.runs):
+    runs = workload_runs(w, args)
+    for i in range(runs):
         for slot in variants:  # A B A B: every variant once per round
             if slot["status"] == "ok":
-                one(slot, True, "run %d/%d" % (i + 1, args.runs))
+                one(slot, True, "run %d/%d" % (i + 1, runs))
             else:
                 slot["values"].append(None)
                 slot["extra"].append(None)
@@ -677,7 +701,10 @@ def extra_text(e, unit):
     if not e:
         return ""
     parts = ["%s req/s" % fmt_count(e["req_s"])] if "req_s" in e else []
-    if "msg_s" in e:
+    if "conn_s" in e:  # conns/*: how many, how fast they connected, the echo round's CPU
+        parts.append("%s conns, %s conns/s, %.3g µs CPU/msg" % (
+            fmt_count(e["conns"]), fmt_count(e["conn_s"]), e["cpu_us_per_msg"]))
+    elif "msg_s" in e:
         parts.append("%s msgs/s" % fmt_count(e["msg_s"]))
     if e.get("p50_us"):
         parts.append("p50 %s / p99 %s" % (fmt_us(e["p50_us"]),
@@ -735,6 +762,9 @@ def render_terminal(result):
             out.append("")
         cells = [c if len(c) <= widths[i] else c[:widths[i] - 1] + "…" for i, c in enumerate(r)]
         out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip())
+    notes = size_notes(result)
+    if notes:
+        out += [""] + notes
     return "\n".join(out)
 
 
@@ -761,7 +791,24 @@ def render_markdown(result):
         out.append("")
         for wname, vname, reason in skipped:
             out.append("- %s / %s: not measured — %s" % (wname, vname, reason))
+    notes = size_notes(result)
+    if notes:
+        out.append("")
+        out += ["- " + n for n in notes]
     return "\n".join(out) + "\n"
+
+
+def size_notes(result):
+    """Workloads run smaller than their name says, and why (conns/100k where the fd limit or
+    the memory is short)."""
+    notes = []
+    for w in result["workloads"]:
+        p = next((v["params"] for v in w["variants"] if v["params"].get("conns_limited_by")),
+                 None)
+        if p:
+            notes.append("%s: %d connections instead of %d: %s" % (
+                w["name"], p["conns"], p["conns_wanted"], p["conns_limited_by"]))
+    return notes
 
 
 def svg_esc(t):
@@ -938,7 +985,8 @@ def run_all(selected, args, progress, results):
         res = run_workload(w, args, progress)
         problems = ["%s %s (%s)" % (v["name"], v["status"], v["reason"]) for v in res["variants"]
                     if v["status"] != "ok"]
-        progress.workload_done(k + 1, len(selected), w["name"], args.runs, len(w["variants"]),
+        progress.workload_done(k + 1, len(selected), w["name"], workload_runs(w, args),
+                               len(w["variants"]),
                                time.monotonic() - t0, problems)
         results.append(res)
 
@@ -966,6 +1014,7 @@ def main():
     ap.add_argument("--timeout", type=int, help="seconds per invocation (default 120; quick 30)")
     args = ap.parse_args()
     args.build_dir = os.path.abspath(args.build_dir)
+    args.runs_given = args.runs is not None
     if args.runs is None:
         args.runs = 2 if args.quick else 9
     if args.warmup is None:
@@ -1009,7 +1058,7 @@ def main():
     for line in header_lines(header, cfg):
         sys.stderr.write(line + "\n")
 
-    total = sum((args.runs + args.warmup) * len(w["variants"]) for w in selected)
+    total = sum((workload_runs(w, args) + args.warmup) * len(w["variants"]) for w in selected)
     progress = Progress(total)
     results = []
     # a server under test is always stopped, even when the runner is interrupted

@@ -14,11 +14,13 @@ Every call returns ("ok", record), ("skipped", reason) or ("failed", reason), as
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -154,9 +156,10 @@ def stop_all():
         s.stop()
 
 
-def start_printing(cmd, timeout):
+def start_printing(cmd, timeout, preexec_fn=None):
     """A server that prints ':PORT with' on its first line (concur's and the peers)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=preexec_fn)
     srv = Server(proc, None)
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else ""
@@ -258,9 +261,11 @@ SERVERS = {
 BINARIES = {k: v[2].split()[0] for k, v in SERVERS.items() if v[0] is None}
 
 
-def _with_server(server, build_dir, timeout, is_concur, load_tool, body):
-    """Start server, run body(srv) -> record, always stop it. The run's status and record."""
-    needs, start, label = SERVERS[server]
+def _with_server(server, build_dir, timeout, is_concur, load_tool, body, start=None):
+    """Start server (with start(build_dir, timeout) if given), run body(srv) -> record, always
+    stop it. The run's status and record."""
+    needs, default_start, label = SERVERS[server]
+    start = start or default_start
     for t in (load_tool, needs):
         reason = t and missing_tool(t)
         if reason:
@@ -587,4 +592,133 @@ def echo_variant(server, size):
         return _with_server(server, build_dir, timeout, is_concur, None, body)
 
     run.describe = "%s; echo_load --conns %d --size %d" % (SERVERS[server][2], ECHO_CONNS, size)
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+# Conns: bench/conns_load holds 100,000 idle connections to an echo server, then one echo each
+# ------------------------------------------------------------------------------------------
+
+CONNS_N, QUICK_CONNS_N = 100_000, 2_000
+CONNS_IDLE, QUICK_CONNS_IDLE = 1.0, 0.2  # seconds every connection is held idle
+CONNS_FD_MARGIN = 256  # fds a process needs besides the connections (listener, rings, stdio)
+# Memory one connection may cost the machine, all told: its two sockets in the kernel, the
+# server's and the client's state. Generous (a measured idle connection costs < 16 KiB): a run
+# wants half the available memory at most.
+CONNS_KIB_PER_CONN = 48
+CONNS_SERVERS = ["concur_echo", "epoll_echo", "uv_echo", "go_echo"]
+_told = set()  # reasons for a smaller run already printed
+
+
+def _read_int(path, key=None):
+    try:
+        with open(path) as f:
+            if key is None:
+                return int(f.read().split()[0])
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_plans = {}
+
+
+def conns_plan(n):
+    """conns_plan_once(n), computed once per run of the suite: every run of every server holds
+    the same number of connections."""
+    if n not in _plans:
+        _plans[n] = conns_plan_once(n)
+    return _plans[n]
+
+
+def conns_plan_once(n):
+    """How many connections this machine can hold, and why fewer than n (or "").
+
+    Each of the two processes (server, client) needs an fd per connection: the runner raises its
+    RLIMIT_NOFILE hard limit up to fs.nr_open if it may (root with CAP_SYS_RESOURCE), the server
+    and conns_load then raise their soft limit to it. Never a sysctl."""
+    reasons = []
+    nr_open = _read_int("/proc/sys/fs/nr_open") or 1 << 20
+    need = n + CONNS_FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, min(need, nr_open)))
+        except (ValueError, OSError):
+            pass
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd_cap = min(nr_open if hard == resource.RLIM_INFINITY else hard, nr_open) - CONNS_FD_MARGIN
+    if fd_cap < n:
+        if fd_cap == nr_open - CONNS_FD_MARGIN:
+            reasons.append("fs.nr_open is %d" % nr_open)
+        else:
+            reasons.append("RLIMIT_NOFILE's hard limit is %d and cannot be raised here (no "
+                           "CAP_SYS_RESOURCE)" % hard)
+        n = fd_cap
+    avail = _read_int("/proc/meminfo", "MemAvailable:")
+    if avail is not None and avail // 2 // CONNS_KIB_PER_CONN < n:
+        n = avail // 2 // CONNS_KIB_PER_CONN
+        reasons.append("MemAvailable is %d MiB (a run takes at most half, at %d KiB a "
+                       "connection)" % (avail // 1024, CONNS_KIB_PER_CONN))
+    return max(n, 0), "; ".join(reasons)
+
+
+def conns_variant(server):
+    """A variant function for run.py: conns_load against an echo server (1 thread); value: the
+    server's RSS per idle connection (KiB); extra: connect rate, CPU per echoed message."""
+
+    def run(build_dir, quick, timeout, is_concur):
+        rel, opt, why = ECHO_SERVERS[server]
+        exe = _built(build_dir, rel)
+        if not is_concur and not os.access(exe, os.X_OK):
+            return "skipped", why or "%s was not built in %s/bench" % (rel, build_dir)
+        load = _built(build_dir, "conns_load")
+        if not os.access(load, os.X_OK):
+            return ("failed" if is_concur else "skipped"), "conns_load was not built"
+        want = QUICK_CONNS_N if quick else CONNS_N
+        n, reason = conns_plan(want)
+        if n < 100:
+            return "skipped", "cannot hold even 100 connections here: " + reason
+        if reason and reason not in _told:
+            _told.add(reason)
+            sys.stderr.write("conns: %d connections instead of %d: %s\n" % (n, want, reason))
+        nofile = n + CONNS_FD_MARGIN
+
+        def raise_nofile():  # in the server, before exec: the fds its connections need
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if hard != resource.RLIM_INFINITY and hard < nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            else:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
+        def start(b, t):
+            return start_printing([exe, "--port", "0", opt, "1"], t, preexec_fn=raise_nofile)
+
+        idle = QUICK_CONNS_IDLE if quick else CONNS_IDLE
+
+        def body(srv):
+            args = ["--conns", str(n), "--idle", str(idle), "--time-limit",
+                    str(max(timeout - 5, 5))]
+            cmd = [load, "--port", str(srv.port), "--pid", str(srv.proc.pid)] + args
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if r.returncode != 0:
+                raise RuntimeError("conns_load exit status %d: %s" %
+                                   (r.returncode, r.stderr.strip()[-300:]))
+            lines = r.stdout.strip().splitlines()
+            rec = json.loads(lines[-1]) if lines else None
+            if not isinstance(rec, dict) or "extra" not in rec:
+                raise RuntimeError("conns_load printed no result: %r" % r.stdout[-200:])
+            shown = ["conns_load", "--port", "PORT", "--pid", "SERVER_PID"] + args
+            rec["params"].update({"load": " ".join(shown), "conns_wanted": want,
+                                  "conns_limited_by": reason})
+            rec["command"] = ["(start)", SERVERS[server][2], ";"] + shown
+            return rec
+
+        return _with_server(server, build_dir, timeout, is_concur, None, body, start)
+
+    run.describe = "%s; conns_load --conns %d (fewer if the fd limit or memory says so)" % (
+        SERVERS[server][2], CONNS_N)
     return run
