@@ -104,13 +104,15 @@ func main() {
 			die("goroutine %d got %d", i, results[i])
 		}
 	}
+	parkMs := float64(t1.Sub(t0).Microseconds()) / 1e3
+	wakeMs := float64(t2.Sub(t1).Microseconds()) / 1e3
 	chans, results = nil, nil
 	debug.FreeOSMemory()
 	after := statusKB("VmRSS") - base
 	fmt.Printf("{\"value\": %.6g, \"unit\": \"KiB/task\", \"better\": \"lower\", \"params\": "+
 		"{\"n\": %d, \"gomaxprocs\": %d, \"park_ms\": %.1f, \"wake_ms\": %.1f, \"pte_kb\": %d, "+
-		"\"rss_after_kb\": %d, \"go\": \"%s\"}, \"stats\": {}}\n",
-		float64(hwm-base)/float64(n), n, runtime.GOMAXPROCS(0),
-		float64(t1.Sub(t0).Microseconds())/1e3, float64(t2.Sub(t1).Microseconds())/1e3, pte,
-		after, runtime.Version())
+		"\"rss_after_kb\": %d, \"go\": \"%s\"}, \"stats\": {}, "+
+		"\"extra\": {\"park_ms\": %.1f, \"wake_ms\": %.1f}}\n",
+		float64(hwm-base)/float64(n), n, runtime.GOMAXPROCS(0), parkMs, wakeMs, pte,
+		after, runtime.Version(), parkMs, wakeMs)
 }

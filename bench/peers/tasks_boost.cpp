@@ -88,7 +88,9 @@ int main(int argc, char **argv)
 	double wake_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
 	std::printf("{\"value\": %.6g, \"unit\": \"KiB/task\", \"better\": \"lower\", \"params\": "
 	            "{\"n\": %ld, \"stack_size\": %ld, \"park_ms\": %.1f, \"wake_ms\": %.1f, "
-	            "\"pte_kb\": %ld}, \"stats\": {}}\n",
-	            (double)(hwm_kb - base_kb) / (double)n, n, stack, park_ms, wake_ms, pte_kb);
+	            "\"pte_kb\": %ld}, \"stats\": {}, \"extra\": {\"park_ms\": %.1f, "
+	            "\"wake_ms\": %.1f}}\n",
+	            (double)(hwm_kb - base_kb) / (double)n, n, stack, park_ms, wake_ms, pte_kb,
+	            park_ms, wake_ms);
 	return 0;
 }
