@@ -172,12 +172,15 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	 * each time the task suspends or returns; a clobbered canary aborts the process with a
 	 * message, but a frame that jumps over it goes unseen, and the damage happens before
 	 * the check. Use them only for tasks whose depth you know: awaiting futures, promises,
-	 * timers and concur's I/O calls fits in 1 KiB (about 400 bytes are in use while such a
-	 * task is suspended); printf and most of libc, deep recursion, or a signal handler that
-	 * runs on the task's stack (the kernel pushes a 1-3 KiB frame; give handlers
-	 * SA_ONSTACK and a sigaltstack) do not. What they buy: a suspended task costs its stack
-	 * plus its 128-byte record, e.g. 1.2 KiB with 1 KiB stacks where a page-sized stack
-	 * costs at least 4 KiB.
+	 * timers and concur's I/O calls fits in 1 KiB (250-400 bytes over such a task's life,
+	 * record included, in an optimized build; -O0 and the sanitizers need several times
+	 * more). These do not fit: printf and much of libc; deep recursion; a signal handler
+	 * running on the task's stack (the kernel pushes a 1-3 KiB frame: give handlers
+	 * SA_ONSTACK and a sigaltstack); and the FIRST call of any function from a shared
+	 * library, which the dynamic linker resolves on the caller's stack, saving the vector
+	 * registers there (1-3 KiB): link with -Wl,-z,now or make that first call elsewhere.
+	 * What they buy: a suspended task costs its stack plus its 128-byte record, 1.2 KiB with
+	 * 1 KiB stacks where a stack of a page or more costs at least 4 KiB.
 	 */
 	size_t stack_size;
 	unsigned flags; /* none yet: must be 0 */

@@ -224,6 +224,11 @@ long concur__stack_map_budget(long budget)
 	                   : atomic_load(&concur__maps_budget);
 }
 
+long concur__stack_maps_used(void)
+{
+	return atomic_load(&concur__maps_used);
+}
+
 static bool concur__maps_take(long n)
 {
 	long used = atomic_fetch_add(&concur__maps_used, n) + n;
@@ -556,20 +561,21 @@ void concur__fiber_pool_free(struct concur__loop *loop)
 #endif
 }
 
-/* A tiny stack's canary was overwritten: memory is corrupt, stop before it spreads. */
-static void __attribute__((noreturn, cold)) concur__stack_overflow(struct concur__fiber *fib)
+/* A tiny stack's canary was overwritten: memory is corrupt, stop before it spreads. Runs on
+ * the overflowed stack itself, so no stdio: one write(2). */
+static void __attribute__((noreturn, cold)) concur__stack_overflow(void)
 {
-	fprintf(stderr,
-	        "concur: a task overflowed its %zu-byte stack (smaller than a page, no guard "
-	        "page): give it a larger concur_spawn_opts.stack_size\n",
-	        fib->stack_size + concur__fiber_head());
+	static const char msg[] = "concur: a task overflowed its stack (smaller than a page, no "
+	                          "guard page): give it a larger concur_spawn_opts.stack_size\n";
+	ssize_t r = write(2, msg, sizeof(msg) - 1);
+	(void)r;
 	abort();
 }
 
 static inline void concur__stack_check(struct concur__fiber *fib)
 {
 	if (CONCUR__UNLIKELY(fib->canary) && *(uint64_t *)fib->stack_lo != CONCUR__CANARY)
-		concur__stack_overflow(fib);
+		concur__stack_overflow();
 }
 
 /* ---- running and suspending ----------------------------------------------------------------- */

@@ -268,6 +268,8 @@ void concur__stack_guard_force(int mode);
 /* Tests: set the budget of mappings stacks may hold (process-wide) if budget >= 0; returns
  * the previous one. The default leaves room under vm.max_map_count for everything else. */
 long concur__stack_map_budget(long budget);
+/* Tests: the mappings stacks hold now, process-wide. */
+long concur__stack_maps_used(void);
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
