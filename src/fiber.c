@@ -123,11 +123,12 @@ static inline void concur__switch_direct(struct concur__fiber *from, struct conc
  * Each reservation keeps its free slots on a LIFO stack of indices held outside the slots, so
  * a slot's memory can go back to the kernel while free. The newest free slots are reused first
  * (their pages are warm). Entries below `cold` were released since they were freed; the ones
- * above are "warm", maybe resident. When a class holds more than CONCUR__STACK_WARM_MAX warm
- * free stacks, it trims: every warm free stack goes back with MADV_DONTNEED (a tiny slot's
- * page only once every slot of the page is free), in batches, and a reservation left empty is
- * unmapped unless it is the class's last. So RSS follows the live tasks, and a loop that runs
- * tasks one after another never trims. Only the loop thread touches its classes: no lock.
+ * above are "warm", maybe resident. When a class holds more warm free stacks than
+ * CONCUR__STACK_WARM_MAX and than half its live ones, it trims: every warm free stack goes back
+ * with MADV_DONTNEED (a tiny slot's page only once every slot of the page is free), in batches, and
+ * a reservation left empty is unmapped unless it is the class's last. So RSS follows the live
+ * tasks, and a loop that runs tasks one after another never trims. Only the loop thread touches its
+ * classes: no lock.
  */
 
 #define CONCUR__MADV_GUARD_INSTALL 102      /* Linux 6.13 */
@@ -145,6 +146,7 @@ struct concur__stack_class {
 	unsigned per_page; /* tiny: slots per page */
 	unsigned nres;     /* reservations alive */
 	unsigned warm;     /* free stacks that may be resident, over all reservations */
+	unsigned live;     /* stacks in use */
 	struct concur__stack_res *avail; /* reservations with a free or uncarved slot */
 	struct concur__stack_res *full;  /* the others */
 	struct concur__stack_res *dirty; /* reservations with warm free slots */
@@ -443,6 +445,7 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur
 		concur__stat_inc(&loop->st.stacks_mapped, 1);
 	}
 	r->used++;
+	c->live++;
 	if (c->per_page)
 		r->page_used[i / c->per_page]++;
 	if (!r->nfree && r->carved == r->nslots) {
@@ -529,6 +532,7 @@ void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
 	}
 	r->free[r->nfree++] = (uint16_t)i;
 	r->used--;
+	c->live--;
 	if (c->per_page)
 		r->page_used[i / c->per_page]--;
 	if (!r->dirty) {
@@ -536,7 +540,9 @@ void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
 		r->dirty_next = c->dirty;
 		c->dirty = r;
 	}
-	if (++c->warm > CONCUR__STACK_WARM_MAX)
+	/* the mark follows the live stacks: a loop serving thousands of tasks that come and go
+	 * reuses its warm stacks instead of faulting them in again after every trim */
+	if (++c->warm > CONCUR__STACK_WARM_MAX && c->warm > c->live / 2)
 		concur__class_trim(loop, c);
 }
 
