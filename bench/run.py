@@ -641,7 +641,8 @@ def extra_text(e, unit):
     if "cpu_us_per_req" in e and unit != "µs CPU/req":
         parts.append("%.3g µs CPU/req" % e["cpu_us_per_req"])
     if "park_ms" in e:  # tasks/1M
-        parts.append("park all %.4g ms, wake all %.4g ms" % (e["park_ms"], e["wake_ms"]))
+        parts.append("park all %s ms, wake all %s ms" % (fmt_num(e["park_ms"]),
+                                                          fmt_num(e["wake_ms"])))
     return ", ".join(parts)
 
 

@@ -3,8 +3,9 @@
  * Fibers: pooled stacks, the context switch, and suspend/resume.
  *
  * A task has no stack while queued. When its loop first runs it, the task takes a stack from
- * the loop's pool (mmap()ed with a guard page below it, so an overflow faults instead of
- * corrupting a neighbour; pages are touched lazily), and gives it back when it returns. A fiber
+ * the loop's pool of its size class (carved from a large reservation, with a guard page below
+ * it so an overflow faults instead of corrupting a neighbour; pages are touched lazily; see
+ * "stacks" below), and gives it back when it returns. A fiber
  * is started and finished by its loop's own context; in between, a fiber that suspends while
  * another is ready switches straight to it (one switch instead of two through the loop). A
  * suspended task is just a saved stack pointer until something calls concur__resume().
@@ -421,6 +422,17 @@ static bool concur__slot_carve(struct concur__stack_res *r, unsigned i)
 	return true;
 }
 
+/* The newest free slot of r. */
+static unsigned concur__slot_pop(struct concur__stack_class *c, struct concur__stack_res *r)
+{
+	unsigned i = r->free[--r->nfree];
+	if (r->nfree < r->cold)
+		r->cold = r->nfree; /* a released slot: fresh zero pages */
+	else
+		c->warm--;
+	return i;
+}
+
 struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t)
 {
 	unsigned idx = (t->f.flags & CONCUR__TASK_STACK_MASK) >> CONCUR__TASK_STACK_SHIFT;
@@ -432,17 +444,16 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur
 		return NULL;
 	unsigned i;
 	if (r->nfree) {
-		i = r->free[--r->nfree];
-		if (r->nfree < r->cold)
-			r->cold = r->nfree; /* a released slot: fresh zero pages */
-		else
-			c->warm--;
-	} else {
-		i = r->carved;
-		if (!concur__slot_carve(r, i))
-			return NULL;
-		r->carved++;
+		i = concur__slot_pop(c, r);
+	} else if (concur__slot_carve(r, r->carved)) {
+		i = r->carved++;
 		concur__stat_inc(&loop->st.stacks_mapped, 1);
+	} else { /* out of mappings: a slot freed in another reservation will still do */
+		while ((r = r->next) && !r->nfree)
+			;
+		if (!r)
+			return NULL;
+		i = concur__slot_pop(c, r);
 	}
 	r->used++;
 	c->live++;
