@@ -236,8 +236,36 @@ WORKLOADS = [
     },
 ]
 
+
+
+def tasks_workload():
+    """tasks/1M: a million suspended tasks at once, beside Go and Boost.Fiber (bench_tasks.c)."""
+    def concur(label, stack):
+        return V(label, "bench_tasks", "concur", 1_000_000, 100_000, ["-b", str(stack)])
+    return {
+        "name": "tasks/1M",
+        "what": "10^6 tasks each suspended on its own promise (Go: goroutine on a channel), "
+                "then all set and joined: peak RSS per suspended task; extra: time to park "
+                "all / to wake all",
+        "variants": [
+            concur("concur, 1 KiB stacks (spawn_ex)", 1024),
+            V("Go goroutines", "peer_go_tasks", "go", 1_000_000, 100_000, target=("<=", 1.0),
+              note="target: memory per suspended task <= Go's per parked goroutine"),
+            V("Boost.Fiber, 16 KiB pooled stacks", "peer_boost_tasks", "boost", 1_000_000,
+              100_000, ["-b", "16384"]),
+            concur("concur, 2 KiB stacks", 2048),
+            concur("concur, default 256 KiB stacks", 0),
+        ],
+    }
+
+
+WORKLOADS += [tasks_workload()]
+
 # Why a binary may be missing: told to the reader instead of a number.
 MISSING_REASON = {
+    "peer_go_tasks": "go (golang-go) not found by CMake, so peer_go_tasks was not built",
+    "peer_boost_tasks": "a C++ compiler or Boost.Fiber (libboost-fiber-dev) not found by CMake, "
+                        "so peer_boost_tasks was not built",
     "bench_omp": "OpenMP (libgomp) not found by CMake, so bench_omp was not built",
     "bench_uv": "libuv (libuv1-dev) not found by pkg-config, so bench_uv was not built",
 }
@@ -711,6 +739,9 @@ def extra_text(e, unit):
                                           fmt_us(e["p99_us"]) if e.get("p99_us") else "n/a"))
     if "cpu_us_per_req" in e and unit != "µs CPU/req":
         parts.append("%.3g µs CPU/req" % e["cpu_us_per_req"])
+    if "park_ms" in e:  # tasks/1M
+        parts.append("park all %s ms, wake all %s ms" % (fmt_num(e["park_ms"]),
+                                                          fmt_num(e["wake_ms"])))
     return ", ".join(parts)
 
 
@@ -948,7 +979,7 @@ def render_svg(result):
 # Debian packages of the peers (libgomp comes with gcc; wrk, nginx, redis, fio join with the
 # server and I/O workloads).
 PEER_PACKAGES = ["libgomp1", "libuv1-dev"] + servers.PACKAGES
-PEER_PACKAGES += ["g++", "golang-go", "libboost-context-dev", "libboost-fiber-dev"]  # issue 9
+PEER_PACKAGES += ["g++", "golang-go", "libboost-context-dev", "libboost-fiber-dev"]  # Go, Boost peers
 
 
 def install_peers():

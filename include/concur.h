@@ -113,7 +113,23 @@ struct concur_stats {
 	uint64_t steals;           /* unstarted tasks moved from a busy loop to an idle one */
 	uint64_t futex_wakes;      /* blocked foreign threads woken (by ring or by syscall) */
 	uint64_t futex_ring_wakes; /* of those, sent as IORING_OP_FUTEX_WAKE riding a submit */
-	uint64_t stacks_mapped;    /* fiber stacks mmap()ed (the pool reuses them) */
+	uint64_t stacks_mapped;   /* fiber stacks carved from reservations (the pools reuse them) */
+	uint64_t stack_maps;      /* now, not monotonic: mappings (reservations) holding stacks */
+	uint64_t stacks_released; /* free stacks whose memory went back to the kernel */
+	uint64_t stack_guard;     /* how guard pages are made: CONCUR_STACK_GUARD_* */
+};
+
+/*
+ * concur_stats.stack_guard. Stacks are carved from large reservations (one mapping holds many
+ * stacks), each stack of a page or more with a guard page below it. MADVISE: guard regions
+ * installed with madvise(MADV_GUARD_INSTALL) (Linux 6.13+), which do not split the mapping, so
+ * a million stacks need a few thousand mappings. MPROTECT (older kernels): a PROT_NONE page,
+ * which splits the mapping: two mappings a stack, so vm.max_map_count (65530 by default) caps
+ * the live tasks near 28,000 there (spawns past it fail with -ENOMEM).
+ */
+enum {
+	CONCUR_STACK_GUARD_MADVISE = 1,
+	CONCUR_STACK_GUARD_MPROTECT = 2,
 };
 
 /*
@@ -138,6 +154,46 @@ unsigned concur_exec_ring_flags(const concur_exec *ex);
  * task (fire and forget): the executor keeps its own reference until the task completes.
  */
 concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg);
+
+#define CONCUR_STACK_MIN ((size_t)1024)    /* smallest per-spawn stack */
+#define CONCUR_STACK_MAX ((size_t)1 << 30) /* largest per-spawn stack */
+
+struct concur_spawn_opts { /* zeroed = as concur_spawn */
+	/*
+	 * The task's fiber stack in bytes; 0 = the executor's (concur_exec_opts.stack_size).
+	 * CONCUR_STACK_MIN .. CONCUR_STACK_MAX, rounded up to a power of two; the fiber's own
+	 * record (64 bytes) is at its top. A stack never grows: size it for the deepest call chain
+	 * the task makes, signal handlers included (see below).
+	 *
+	 * A stack of a page (4 KiB) or more has a guard page below it: an overflow faults
+	 * (SIGSEGV) at the instruction that overflows. A stack SMALLER THAN A PAGE shares its page
+	 * with its neighbours and has NO guard page of its own: an overflow silently writes into
+	 * the neighbour below. concur writes a canary at the bottom of such a stack and checks it
+	 * each time the task suspends or returns; a clobbered canary aborts the process with a
+	 * message, but a frame that jumps over it goes unseen, and the damage happens before
+	 * the check. Use them only for tasks whose depth you know: awaiting futures, promises,
+	 * timers and concur's I/O calls fits in 1 KiB (250-400 bytes over such a task's life,
+	 * record included, in an optimized build; -O0 and the sanitizers need several times
+	 * more). These do not fit: printf and much of libc; deep recursion; a signal handler
+	 * running on the task's stack (the kernel pushes a 1-3 KiB frame: give handlers
+	 * SA_ONSTACK and a sigaltstack); and the FIRST call of any function from a shared
+	 * library, which the dynamic linker resolves on the caller's stack, saving the vector
+	 * registers there (1-3 KiB): link with -Wl,-z,now or make that first call elsewhere.
+	 * What they buy: a suspended task costs its stack plus its 128-byte record, 1.2 KiB with
+	 * 1 KiB stacks where a stack of a page or more costs at least 4 KiB.
+	 */
+	size_t stack_size;
+	unsigned flags; /* none yet: must be 0 */
+};
+
+/*
+ * concur_spawn with options (opts may be NULL: then exactly concur_spawn). Never returns NULL;
+ * bad options (a stack_size out of range, unknown flags) give a future failed with -EINVAL.
+ * A task whose stack cannot be had when it starts (memory, RLIMIT_AS, the mappings left under
+ * vm.max_map_count) ends with -ENOMEM without running; the others are unaffected.
+ */
+concur_future *concur_spawn_ex(concur_exec *ex, concur_task_fn fn, void *arg,
+                               const struct concur_spawn_opts *opts);
 
 /*
  * Spawn fn(arg) as a task on loop loop_idx (0 .. concur_exec_loops(ex) - 1) and only there, for

@@ -278,8 +278,11 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
 		CONCUR__SUM(futex_wakes);
 		CONCUR__SUM(futex_ring_wakes);
 		CONCUR__SUM(stacks_mapped);
+		CONCUR__SUM(stack_maps);
+		CONCUR__SUM(stacks_released);
 #undef CONCUR__SUM
 	}
+	out->stack_guard = (uint64_t)concur__stack_guard_mode();
 	return 0;
 }
 
@@ -413,14 +416,22 @@ void concur__task_enqueue(struct concur__task *t)
 
 concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 {
+	return concur_spawn_ex(ex, fn, arg, NULL);
+}
+
+concur_future *concur_spawn_ex(concur_exec *ex, concur_task_fn fn, void *arg,
+                               const struct concur_spawn_opts *opts)
+{
 	if (!concur__exec_valid(ex))
 		return concur__failed_future(NULL, -EINVAL);
-	if (!fn)
+	int stack = opts ? concur__stack_flags(opts->stack_size) : 0;
+	if (!fn || stack < 0 || (opts && opts->flags))
 		return concur__failed_future(ex, -EINVAL);
 	struct concur__task *t = concur__task_alloc(concur__tl_loop);
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
 	concur__task_init(t, &concur__task_class, ex, fn, arg);
+	t->f.flags = (uint32_t)stack; /* the stack size class, read when the task starts */
 	concur__task_enqueue(t);
 	return &t->f;
 }

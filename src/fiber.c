@@ -3,8 +3,9 @@
  * Fibers: pooled stacks, the context switch, and suspend/resume.
  *
  * A task has no stack while queued. When its loop first runs it, the task takes a stack from
- * the loop's pool (mmap()ed with a guard page below it, so an overflow faults instead of
- * corrupting a neighbour; pages are touched lazily), and gives it back when it returns. A fiber
+ * the loop's pool of its size class (carved from a large reservation, with a guard page below
+ * it so an overflow faults instead of corrupting a neighbour; pages are touched lazily; see
+ * "stacks" below), and gives it back when it returns. A fiber
  * is started and finished by its loop's own context; in between, a fiber that suspends while
  * another is ready switches straight to it (one switch instead of two through the loop). A
  * suspended task is just a saved stack pointer until something calls concur__resume().
@@ -16,9 +17,12 @@
 #include "internal.h"
 #include "wait.h" /* the stall detector's hook */
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #if CONCUR__USE_UCONTEXT
@@ -37,8 +41,6 @@
 
 __thread struct concur__loop *concur__tl_loop;
 __thread struct concur__task *concur__tl_task;
-
-#define CONCUR__POOL_MAX 256 /* stacks kept per loop; more are unmapped when returned */
 
 void concur__ctx_switch(void **save_sp, void *load_sp);
 void concur__ctx_start(void);
@@ -107,81 +109,490 @@ static inline void concur__switch_direct(struct concur__fiber *from, struct conc
 
 /* ---- stacks --------------------------------------------------------------------------------- */
 
-struct concur__fiber *concur__fiber_get(struct concur__loop *loop)
+/*
+ * A slab allocator of stacks. A size class (one per loop and stack size) carves its stacks
+ * from reservations: one mmap (MAP_NORESERVE: untouched pages cost nothing) holds up to 4096
+ * slots, so a million stacks are a few thousand mappings, under vm.max_map_count. A slot of a
+ * page or more is [guard page][stack], the guard a guard region (MADV_GUARD_INSTALL, Linux
+ * 6.13+, which keeps the mapping whole; installed for all slots at once, batched with
+ * process_madvise where it can) or, on older kernels, a PROT_NONE page made when the slot is
+ * first carved (each splits the mapping: those count against a budget of mappings). A slot
+ * smaller than a page ("tiny", asked for with concur_spawn_ex) shares its page with its
+ * neighbours: only the reservation's lowest slot sits above a guard page, the others get a
+ * canary at their bottom, checked when the task suspends or returns.
+ *
+ * Each reservation keeps its free slots on a LIFO stack of indices held outside the slots, so
+ * a slot's memory can go back to the kernel while free. The newest free slots are reused first
+ * (their pages are warm). Entries below `cold` were released since they were freed; the ones
+ * above are "warm", maybe resident. When a class holds more warm free stacks than
+ * CONCUR__STACK_WARM_MAX and than half its live ones, it trims: every warm free stack goes back
+ * with MADV_DONTNEED (a tiny slot's page only once every slot of the page is free), in batches, and
+ * a reservation left empty is unmapped unless it is the class's last. So RSS follows the live
+ * tasks, and a loop that runs tasks one after another never trims. Only the loop thread touches its
+ * classes: no lock.
+ */
+
+#define CONCUR__MADV_GUARD_INSTALL 102      /* Linux 6.13 */
+#define CONCUR__PIDFD_SELF         (-10000) /* Linux 6.15: process_madvise() on ourselves */
+#define CONCUR__STACK_WARM_MAX     256u     /* warm free stacks a class keeps before trimming */
+#define CONCUR__RES_MAX_BYTES      ((size_t)64 << 20)
+#define CONCUR__RES_MAX_SLOTS      4096u /* free indices are uint16_t */
+#define CONCUR__RES_MIN_SLOTS      16u   /* the first reservation; each next one doubles */
+#define CONCUR__IOV_BATCH          64
+#define CONCUR__CANARY             0x7375636e6f632121ull
+
+struct concur__stack_class {
+	size_t stride;     /* bytes per slot, guard page included */
+	size_t guard;      /* 0 for tiny slots, else the page below each slot */
+	unsigned per_page; /* tiny: slots per page */
+	unsigned nres;     /* reservations alive */
+	unsigned warm;     /* free stacks that may be resident, over all reservations */
+	unsigned live;     /* stacks in use */
+	struct concur__stack_res *avail; /* reservations with a free or uncarved slot */
+	struct concur__stack_res *full;  /* the others */
+	struct concur__stack_res *dirty; /* reservations with warm free slots */
+};
+
+struct concur__stack_res {
+	struct concur__stack_res *next, *prev; /* in the class's avail or full list */
+	struct concur__stack_res *dirty_next;
+	struct concur__stack_class *cls;
+	char *map;   /* the mapping */
+	size_t size; /* its length */
+	char *slots; /* slot 0 */
+	long maps;   /* mappings it accounts for in the budget */
+	unsigned nslots, carved, used, nfree, cold;
+	bool full, dirty, mprotect;
+	uint8_t *page_used; /* tiny: slots in use per page */
+	uint16_t free[];    /* free slot indices, newest on top; page_used follows */
+};
+
+static pthread_once_t concur__stack_once = PTHREAD_ONCE_INIT;
+static size_t concur__page;
+static int concur__guard_probed;         /* CONCUR_STACK_GUARD_* the kernel offers */
+static _Atomic int concur__guard_forced; /* tests: 0 or a CONCUR_STACK_GUARD_* */
+static bool concur__pm_self;             /* process_madvise(PIDFD_SELF, ...) works */
+static _Atomic long concur__maps_used;   /* mappings our stacks hold, process-wide */
+static _Atomic long concur__maps_budget;
+
+static void concur__stack_probe(void)
 {
-	struct concur__fiber *fib = loop->stack_pool;
-	if (fib) {
-		loop->stack_pool = fib->next_free;
-		loop->stack_pool_len--;
-		return fib;
+	concur__page = (size_t)sysconf(_SC_PAGESIZE);
+	concur__guard_probed = CONCUR_STACK_GUARD_MPROTECT;
+	char *p = mmap(NULL, 2 * concur__page, PROT_READ | PROT_WRITE,
+	               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p != MAP_FAILED) {
+		if (madvise(p, concur__page, CONCUR__MADV_GUARD_INSTALL) == 0)
+			concur__guard_probed = CONCUR_STACK_GUARD_MADVISE;
+		struct iovec iov = {p + concur__page, concur__page};
+		concur__pm_self = concur__guard_probed == CONCUR_STACK_GUARD_MADVISE &&
+		                  syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, &iov, 1,
+		                          CONCUR__MADV_GUARD_INSTALL, 0) == (long)concur__page;
+		munmap(p, 2 * concur__page);
 	}
-	size_t page = (size_t)sysconf(_SC_PAGESIZE);
-	size_t map_size = loop->ex->opts.stack_size + page;
-	void *map = mmap(NULL, map_size, PROT_READ | PROT_WRITE,
-	                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
-	if (map == MAP_FAILED)
-		return NULL;
-	if (mprotect(map, page, PROT_NONE) != 0) { /* the guard page */
-		munmap(map, map_size);
-		return NULL;
+	/* leave room under vm.max_map_count for everything else: libraries, malloc arenas,
+	 * rings, thread stacks, and the program's own mappings */
+	long max = 65530;
+	FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+	if (f) {
+		if (fscanf(f, "%ld", &max) != 1)
+			max = 65530;
+		fclose(f);
 	}
-	/* the fiber's record (and ucontext) live at the top of its own stack mapping */
+	long spare = max / 8 > 4096 ? max / 8 : 4096;
+	atomic_store(&concur__maps_budget, max > 2 * spare ? max - spare : max / 2);
+}
+
+static int concur__guard_now(void)
+{
+	pthread_once(&concur__stack_once, concur__stack_probe);
+	int forced = atomic_load_explicit(&concur__guard_forced, memory_order_relaxed);
+	return forced ? forced : concur__guard_probed;
+}
+
+int concur__stack_guard_mode(void)
+{
+	return concur__guard_now();
+}
+
+void concur__stack_guard_force(int mode)
+{
+	atomic_store(&concur__guard_forced, mode);
+}
+
+long concur__stack_map_budget(long budget)
+{
+	pthread_once(&concur__stack_once, concur__stack_probe);
+	return budget >= 0 ? atomic_exchange(&concur__maps_budget, budget)
+	                   : atomic_load(&concur__maps_budget);
+}
+
+long concur__stack_maps_used(void)
+{
+	return atomic_load(&concur__maps_used);
+}
+
+static bool concur__maps_take(long n)
+{
+	long used = atomic_fetch_add(&concur__maps_used, n) + n;
+	if (used <= atomic_load_explicit(&concur__maps_budget, memory_order_relaxed))
+		return true;
+	atomic_fetch_sub(&concur__maps_used, n);
+	return false;
+}
+
+int concur__stack_flags(size_t stack_size)
+{
+	if (!stack_size)
+		return 0;
+	if (stack_size < CONCUR_STACK_MIN || stack_size > CONCUR_STACK_MAX)
+		return -EINVAL;
+	unsigned lg = 10;
+	while (((size_t)1 << lg) < stack_size)
+		lg++;
+#if CONCUR__USE_UCONTEXT
+	/* the ucontext_t alone is most of a kilobyte: no tiny stacks */
+	pthread_once(&concur__stack_once, concur__stack_probe);
+	while (((size_t)1 << lg) < concur__page)
+		lg++;
+#endif
+	return (int)(lg << CONCUR__TASK_STACK_SHIFT);
+}
+
+/* The fiber's record and (fallback switch) its ucontext, at the top of each slot. */
+static size_t concur__fiber_head(void)
+{
 	size_t head = sizeof(struct concur__fiber);
 #if CONCUR__USE_UCONTEXT
 	head += sizeof(ucontext_t);
 #endif
-	head = (head + 63) & ~(size_t)63;
-	char *top = (char *)map + map_size - head;
-	fib = (struct concur__fiber *)top;
-	memset(fib, 0, sizeof(*fib));
-	fib->map = map;
-	fib->map_size = map_size;
-	fib->stack_lo = (char *)map + page;
-	fib->stack_size = (size_t)(top - (char *)fib->stack_lo);
-#if CONCUR__USE_UCONTEXT
-	fib->uctx = top + sizeof(struct concur__fiber);
-#endif
-	concur__stat_inc(&loop->st.stacks_mapped, 1);
-	return fib;
+	return (head + 63) & ~(size_t)63;
 }
 
-static void concur__fiber_unmap(struct concur__fiber *fib)
+/* madvise() over many ranges: one process_madvise() where the kernel takes it. */
+static void concur__madvise_many(struct iovec *iov, size_t n, int advice)
 {
-#ifdef CONCUR__TSAN
-	if (fib->tsan_fiber)
-		__tsan_destroy_fiber(fib->tsan_fiber);
-#endif
+	if (!n)
+		return;
+	if (concur__pm_self &&
+	    syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, iov, n, advice, 0) >= 0)
+		return;
+	for (size_t i = 0; i < n; i++)
+		madvise(iov[i].iov_base, iov[i].iov_len, advice);
+}
+
+static void concur__list_push(struct concur__stack_res **head, struct concur__stack_res *r)
+{
+	r->prev = NULL;
+	r->next = *head;
+	if (*head)
+		(*head)->prev = r;
+	*head = r;
+}
+
+static void concur__list_unlink(struct concur__stack_res **head, struct concur__stack_res *r)
+{
+	if (r->prev)
+		r->prev->next = r->next;
+	else
+		*head = r->next;
+	if (r->next)
+		r->next->prev = r->prev;
+}
+
+/* The first stack of a size class on this loop. */
+static struct concur__stack_class *concur__class_new(struct concur__loop *loop, unsigned idx)
+{
+	pthread_once(&concur__stack_once, concur__stack_probe);
+	size_t size = idx ? (size_t)1 << idx : loop->ex->opts.stack_size;
+	if (idx && size == loop->ex->opts.stack_size) { /* the default size, asked for by name */
+		if (!loop->stacks.cls[0] && !concur__class_new(loop, 0))
+			return NULL;
+		return loop->stacks.cls[idx] = loop->stacks.cls[0];
+	}
+	struct concur__stack_class *c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	size_t page = concur__page;
+	if (size < page) {
+		c->stride = size;
+		c->per_page = (unsigned)(page / size);
+	} else {
+		c->guard = page;
+		c->stride = size + page;
+	}
+	return loop->stacks.cls[idx] = c;
+}
+
+static struct concur__stack_res *concur__res_new(struct concur__loop *loop,
+                                                 struct concur__stack_class *c)
+{
+	size_t page = concur__page;
+	unsigned n = CONCUR__RES_MIN_SLOTS << (c->nres < 8 ? c->nres : 8);
+	size_t fit = CONCUR__RES_MAX_BYTES / c->stride;
+	if (n > fit)
+		n = fit ? (unsigned)fit : 1;
+	if (n > CONCUR__RES_MAX_SLOTS)
+		n = CONCUR__RES_MAX_SLOTS;
+	size_t npages = c->per_page ? (n + c->per_page - 1) / c->per_page : 0;
+	struct concur__stack_res *r = calloc(1, sizeof(*r) + n * sizeof(uint16_t) + npages);
+	if (!r)
+		return NULL;
+	bool mprot = concur__guard_now() == CONCUR_STACK_GUARD_MPROTECT;
+	/* tiny slots: one guard page below the lowest; it splits the mapping in mprotect mode */
+	r->maps = c->per_page && mprot ? 2 : 1;
+	if (!concur__maps_take(r->maps)) {
+		free(r);
+		return NULL;
+	}
+	r->size = (c->per_page ? page : 0) + n * c->stride;
+	r->map = mmap(NULL, r->size, PROT_READ | PROT_WRITE,
+	              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+	if (r->map == MAP_FAILED)
+		goto fail;
+	madvise(r->map, r->size, MADV_NOHUGEPAGE); /* MAP_STACK implies it only since 6.7 */
+	r->slots = r->map + (c->per_page ? page : 0);
+	if (c->per_page) {
+		int e = mprot ? mprotect(r->map, page, PROT_NONE)
+		              : madvise(r->map, page, CONCUR__MADV_GUARD_INSTALL);
+		if (e)
+			goto fail_unmap;
+	} else if (!mprot) { /* every slot's guard now, in one call where the kernel allows */
+		struct iovec iov[CONCUR__IOV_BATCH];
+		for (unsigned i = 0; i < n;) {
+			size_t k = 0;
+			for (; k < CONCUR__IOV_BATCH && i < n; k++, i++)
+				iov[k] = (struct iovec){r->slots + i * c->stride, page};
+			if (concur__pm_self) {
+				if (syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, iov, k,
+				            CONCUR__MADV_GUARD_INSTALL, 0) < 0)
+					goto fail_unmap;
+				continue;
+			}
+			for (size_t j = 0; j < k; j++)
+				if (madvise(iov[j].iov_base, page, CONCUR__MADV_GUARD_INSTALL))
+					goto fail_unmap;
+		}
+	}
+	r->mprotect = mprot;
+	r->cls = c;
+	r->nslots = n;
+	r->page_used = (uint8_t *)&r->free[n];
+	c->nres++;
+	concur__list_push(&c->avail, r);
+	concur__stat_inc(&loop->st.stack_maps, 1);
+	return r;
+fail_unmap:
+	munmap(r->map, r->size);
+fail:
+	atomic_fetch_sub(&concur__maps_used, r->maps);
+	free(r);
+	return NULL;
+}
+
+static void concur__res_unmap(struct concur__loop *loop, struct concur__stack_res *r)
+{
+	struct concur__stack_class *c = r->cls;
 #ifdef CONCUR__ASAN
 	/* ASan keeps the poison of dead frames: clear it, or whatever the kernel maps here next
 	 * (an io_uring ring, say) looks like a stack to it */
-	__asan_unpoison_memory_region(fib->stack_lo, fib->stack_size);
+	__asan_unpoison_memory_region(r->slots, (size_t)r->carved * c->stride);
 #endif
-	munmap(fib->map, fib->map_size);
+	munmap(r->map, r->size);
+	atomic_fetch_sub(&concur__maps_used, r->maps);
+	concur__list_unlink(r->full ? &c->full : &c->avail, r);
+	c->nres--;
+	concur__stat_inc(&loop->st.stack_maps, (uint64_t)-1);
+	free(r);
+}
+
+/* Carve slot i of r for the first time: in mprotect mode, make its guard page now. */
+static bool concur__slot_carve(struct concur__stack_res *r, unsigned i)
+{
+	struct concur__stack_class *c = r->cls;
+	if (!r->mprotect || !c->guard)
+		return true;
+	if (!concur__maps_take(2)) /* the guard splits one mapping into three */
+		return false;
+	if (mprotect(r->slots + (size_t)i * c->stride, c->guard, PROT_NONE)) {
+		atomic_fetch_sub(&concur__maps_used, 2);
+		return false;
+	}
+	r->maps += 2;
+	return true;
+}
+
+/* The newest free slot of r. */
+static unsigned concur__slot_pop(struct concur__stack_class *c, struct concur__stack_res *r)
+{
+	unsigned i = r->free[--r->nfree];
+	if (r->nfree < r->cold)
+		r->cold = r->nfree; /* a released slot: fresh zero pages */
+	else
+		c->warm--;
+	return i;
+}
+
+struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t)
+{
+	unsigned idx = (t->f.flags & CONCUR__TASK_STACK_MASK) >> CONCUR__TASK_STACK_SHIFT;
+	struct concur__stack_class *c = loop->stacks.cls[idx];
+	if (CONCUR__UNLIKELY(!c) && !(c = concur__class_new(loop, idx)))
+		return NULL;
+	struct concur__stack_res *r = c->avail;
+	if (!r && !(r = concur__res_new(loop, c)))
+		return NULL;
+	unsigned i;
+	if (r->nfree) {
+		i = concur__slot_pop(c, r);
+	} else if (concur__slot_carve(r, r->carved)) {
+		i = r->carved++;
+		concur__stat_inc(&loop->st.stacks_mapped, 1);
+	} else { /* out of mappings: a slot freed in another reservation will still do */
+		while ((r = r->next) && !r->nfree)
+			;
+		if (!r)
+			return NULL;
+		i = concur__slot_pop(c, r);
+	}
+	r->used++;
+	c->live++;
+	if (c->per_page)
+		r->page_used[i / c->per_page]++;
+	if (!r->nfree && r->carved == r->nslots) {
+		concur__list_unlink(&c->avail, r);
+		concur__list_push(&c->full, r);
+		r->full = true;
+	}
+	char *lo = r->slots + (size_t)i * c->stride + c->guard;
+	char *top = r->slots + (size_t)(i + 1) * c->stride - concur__fiber_head();
+	struct concur__fiber *fib = (struct concur__fiber *)top;
+	memset(fib, 0, sizeof(*fib));
+	fib->res = r;
+	fib->slot = i;
+	fib->stack_lo = lo;
+	fib->stack_size = (size_t)(top - lo);
+	fib->canary = !c->guard;
+#if CONCUR__USE_UCONTEXT
+	fib->uctx = top + sizeof(struct concur__fiber);
+#endif
+	return fib;
+}
+
+/* Give every warm free stack of the class back to the kernel; unmap empty reservations. */
+static void concur__class_trim(struct concur__loop *loop, struct concur__stack_class *c)
+{
+	struct iovec iov[CONCUR__IOV_BATCH];
+	size_t n = 0;
+	uint64_t released = 0;
+	struct concur__stack_res *r;
+	while ((r = c->dirty)) {
+		c->dirty = r->dirty_next;
+		r->dirty = false;
+		if (!r->used && c->nres > 1) {
+			concur__res_unmap(loop, r);
+			continue;
+		}
+		for (unsigned k = r->cold; k < r->nfree; k++) {
+			unsigned i = r->free[k];
+			char *lo;
+			size_t len;
+			if (c->per_page) { /* the page, once no slot of it is in use (then mark it)
+				            */
+				unsigned p = i / c->per_page;
+				if (r->page_used[p])
+					continue;
+				r->page_used[p] = UINT8_MAX;
+				lo = r->slots + (size_t)p * concur__page;
+				len = concur__page;
+			} else {
+				lo = r->slots + (size_t)i * c->stride + c->guard;
+				len = c->stride - c->guard;
+			}
+			released++;
+			iov[n++] = (struct iovec){lo, len};
+			if (n == CONCUR__IOV_BATCH) {
+				concur__madvise_many(iov, n, MADV_DONTNEED);
+				n = 0;
+			}
+		}
+		if (c->per_page) /* unmark */
+			for (unsigned k = r->cold; k < r->nfree; k++)
+				if (r->page_used[r->free[k] / c->per_page] == UINT8_MAX)
+					r->page_used[r->free[k] / c->per_page] = 0;
+		r->cold = r->nfree;
+	}
+	concur__madvise_many(iov, n, MADV_DONTNEED);
+	c->warm = 0;
+	concur__stat_inc(&loop->st.stacks_released, released);
 }
 
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
 {
-	if (loop->stack_pool_len >= CONCUR__POOL_MAX) {
-		concur__fiber_unmap(fib);
-		return;
+#ifdef CONCUR__TSAN
+	if (fib->tsan_fiber) /* the record is rewritten when the slot is next used */
+		__tsan_destroy_fiber(fib->tsan_fiber);
+#endif
+	struct concur__stack_res *r = fib->res;
+	struct concur__stack_class *c = r->cls;
+	unsigned i = fib->slot;
+	if (r->full) {
+		concur__list_unlink(&c->full, r);
+		concur__list_push(&c->avail, r);
+		r->full = false;
 	}
-	fib->next_free = loop->stack_pool;
-	loop->stack_pool = fib;
-	loop->stack_pool_len++;
+	r->free[r->nfree++] = (uint16_t)i;
+	r->used--;
+	c->live--;
+	if (c->per_page)
+		r->page_used[i / c->per_page]--;
+	if (!r->dirty) {
+		r->dirty = true;
+		r->dirty_next = c->dirty;
+		c->dirty = r;
+	}
+	/* the mark follows the live stacks: a loop serving thousands of tasks that come and go
+	 * reuses its warm stacks instead of faulting them in again after every trim */
+	if (++c->warm > CONCUR__STACK_WARM_MAX && c->warm > c->live / 2)
+		concur__class_trim(loop, c);
 }
 
 void concur__fiber_pool_free(struct concur__loop *loop)
 {
-	while (loop->stack_pool) {
-		struct concur__fiber *fib = loop->stack_pool;
-		loop->stack_pool = fib->next_free;
-		concur__fiber_unmap(fib);
+	for (unsigned idx = 0; idx < CONCUR__STACK_CLASSES; idx++) {
+		struct concur__stack_class *c = loop->stacks.cls[idx];
+		if (!c)
+			continue;
+		for (unsigned j = idx; j < CONCUR__STACK_CLASSES; j++)
+			if (loop->stacks.cls[j] == c) /* the default class may have two names */
+				loop->stacks.cls[j] = NULL;
+		while (c->avail)
+			concur__res_unmap(loop, c->avail);
+		while (c->full)
+			concur__res_unmap(loop, c->full);
+		free(c);
 	}
-	loop->stack_pool_len = 0;
 #if CONCUR__USE_UCONTEXT
 	free(loop->sched_uctx);
 	loop->sched_uctx = NULL;
 #endif
+}
+
+/* A tiny stack's canary was overwritten: memory is corrupt, stop before it spreads. Runs on
+ * the overflowed stack itself, so no stdio: one write(2). */
+static void __attribute__((noreturn, cold)) concur__stack_overflow(void)
+{
+	static const char msg[] = "concur: a task overflowed its stack (smaller than a page, no "
+	                          "guard page): give it a larger concur_spawn_opts.stack_size\n";
+	ssize_t r = write(2, msg, sizeof(msg) - 1);
+	(void)r;
+	abort();
+}
+
+static inline void concur__stack_check(struct concur__fiber *fib)
+{
+	if (CONCUR__UNLIKELY(fib->canary) && *(uint64_t *)fib->stack_lo != CONCUR__CANARY)
+		concur__stack_overflow();
 }
 
 /* ---- running and suspending ----------------------------------------------------------------- */
@@ -198,6 +609,8 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 #ifdef CONCUR__ASAN
 	__asan_unpoison_memory_region(fib->stack_lo, fib->stack_size); /* frames of the last task */
 #endif
+	if (fib->canary)
+		*(uint64_t *)fib->stack_lo = CONCUR__CANARY;
 #ifdef CONCUR__TSAN
 	/* a fiber's entry never returns, so TSan's shadow call stack for a reused stack would
 	 * grow with every task: give each task a fresh TSan fiber */
@@ -243,6 +656,7 @@ static void concur__fiber_main(struct concur__task *t)
 	__sanitizer_finish_switch_fiber(NULL, &loop->asan_stack_lo, &loop->asan_stack_size);
 #endif
 	t->f.res = t->fn(t->arg);
+	concur__stack_check(t->fib);
 	t->f.flags |= CONCUR__TASK_RETURNED;
 	concur__switch_out(loop, t->fib, true);
 	__builtin_unreachable();
@@ -290,6 +704,7 @@ void concur__suspend(void)
 {
 	struct concur__task *t = concur__tl_task;
 	struct concur__loop *loop = t->loop;
+	concur__stack_check(t->fib);
 	/* Another fiber is ready: switch straight to it instead of through the loop's context.
 	 * Each direct switch is charged to the loop's turn budget, so the loop still gets back to
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from

@@ -201,15 +201,27 @@ struct concur__node {
 
 /* ---- tasks and fibers (fiber.c) ----------------------------------------------------------- */
 
+/*
+ * A fiber's record lives at the top of its own stack slot (a slab allocator, in fiber.c):
+ * a slot is carved from a reservation, one mapping holding many slots of one size class.
+ */
+struct concur__stack_res;
 struct concur__fiber {
-	void *sp;   /* saved stack pointer while switched out (assembly switch) */
-	void *uctx; /* ucontext_t while switched out (fallback switch only) */
-	void *map;  /* the whole mapping, guard page included */
-	size_t map_size;
+	void *sp;       /* saved stack pointer while switched out (assembly switch) */
+	void *uctx;     /* ucontext_t while switched out (fallback switch only) */
 	void *stack_lo; /* lowest usable byte, just above the guard page */
 	size_t stack_size;
-	struct concur__fiber *next_free;
+	struct concur__stack_res *res; /* the reservation the slot belongs to */
+	uint32_t slot;                 /* its index there */
+	uint32_t canary;  /* nonzero: no guard page below, a canary at stack_lo instead */
 	void *tsan_fiber; /* ThreadSanitizer's fiber handle (TSan builds only) */
+};
+
+/* A loop's stacks: size class 0 is the executor's default, class k (10..30) is 2^k bytes. */
+#define CONCUR__STACK_CLASSES 32
+struct concur__stack_class;
+struct concur__stacks {
+	struct concur__stack_class *cls[CONCUR__STACK_CLASSES];
 };
 
 /*
@@ -232,6 +244,9 @@ struct concur__task {
 /* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
  * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
 #define CONCUR__TASK_PINNED (1u << 7)
+/* in f.flags: the task's stack size class (0: the executor's default), from concur_spawn_ex */
+#define CONCUR__TASK_STACK_SHIFT 8
+#define CONCUR__TASK_STACK_MASK  (31u << CONCUR__TASK_STACK_SHIFT)
 
 _Static_assert(offsetof(struct concur__task, f) == 0, "a task starts with its future");
 _Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,
@@ -245,7 +260,19 @@ static inline struct concur__task *concur__task_of_node(struct concur__node *n)
 extern __thread struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
 extern __thread struct concur__task *concur__tl_task; /* the task running, or NULL */
 
-struct concur__fiber *concur__fiber_get(struct concur__loop *loop);
+/* A stack for task t (of its size class), or NULL (-ENOMEM: memory, map budget, RLIMIT_AS). */
+struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t);
+/* The task flags for a per-spawn stack size (0: the default), or -EINVAL. */
+int concur__stack_flags(size_t stack_size);
+/* How guard pages are made (CONCUR_STACK_GUARD_*), probed once per process. */
+int concur__stack_guard_mode(void);
+/* Tests: force a guard mechanism for reservations made from now on (0: back to the probe). */
+void concur__stack_guard_force(int mode);
+/* Tests: set the budget of mappings stacks may hold (process-wide) if budget >= 0; returns
+ * the previous one. The default leaves room under vm.max_map_count for everything else. */
+long concur__stack_map_budget(long budget);
+/* Tests: the mappings stacks hold now, process-wide. */
+long concur__stack_maps_used(void);
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
@@ -279,7 +306,8 @@ void concur__task_enqueue(struct concur__task *t);
 
 struct concur__loop_stats {
 	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
-	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped;
+	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped, stack_maps,
+	    stacks_released;
 };
 
 struct concur__loop {
@@ -301,9 +329,8 @@ struct concur__loop {
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
 	unsigned inflight; /* our SQEs whose CQE is still to come */
-	struct concur__fiber *stack_pool;
-	unsigned stack_pool_len;
-	void *task_cache; /* freed task records, for the next spawns on this thread */
+	struct concur__stacks stacks; /* fiber.c's stack pools */
+	void *task_cache;             /* freed task records, for the next spawns on this thread */
 	unsigned task_cache_len;
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	pthread_t thread;

@@ -132,7 +132,7 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 		concur__task_drop(t); /* cancelled while queued: its waiters know already */
 		return false;
 	}
-	t->fib = concur__fiber_get(loop);
+	t->fib = concur__fiber_get(loop, t);
 	if (!t->fib) {
 		concur__complete(&t->f, -ENOMEM, CONCUR__FINISHED);
 		concur__task_drop(t);

@@ -1,12 +1,22 @@
 /* SPDX-License-Identifier: MIT */
-/* Fibers: stacks only while running, the guard page, yield order, deep recursion, sleep. */
+/*
+ * Fibers: stacks only while running, the guard page (each mechanism), yield order, deep
+ * recursion, per-spawn stack sizes, 100,000 suspended tasks, memory back after a burst, and
+ * running out of mappings or address space.
+ */
 #include "helpers.h"
 
 #include <errno.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+/* internal switches (src/fiber.c) */
+void concur__stack_guard_force(int mode);
+long concur__stack_map_budget(long budget);
+long concur__stack_maps_used(void);
 
 static concur_exec *ex;
 
@@ -111,26 +121,394 @@ static int64_t overflow(void *arg)
 	return recurse(1 << 20);
 }
 
+static int64_t park_on(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+/*
+ * In a child: with guard mechanism `mode` forced, three tasks hold the first stacks of a
+ * reservation, and a fourth (64 KiB stack, from the executor's default or from opts) overflows:
+ * the guard page between it and its neighbour must turn that into SIGSEGV.
+ */
+static void guard_child(int mode, size_t exec_stack, size_t spawn_stack)
+{
+	signal(SIGSEGV, SIG_DFL);
+	alarm(60);
+	concur__stack_guard_force(mode);
+	struct concur_exec_opts o = {.loops = 1, .stack_size = exec_stack};
+	concur_exec *cex;
+	if (concur_exec_new(&cex, &o))
+		_exit(3);
+	struct concur_stats st;
+	concur_exec_stats(cex, &st);
+	if (st.stack_guard != (uint64_t)mode)
+		_exit(4);
+	struct concur_spawn_opts so = {.stack_size = spawn_stack};
+	concur_future *p = concur_promise_new(cex);
+	for (int i = 0; i < 3; i++)
+		concur_release(concur_spawn_ex(cex, park_on, p, &so));
+	concur_future *f = concur_spawn_ex(cex, overflow, NULL, &so);
+	concur_result(f, -1);
+	_exit(0); /* reached only if the overflow went unnoticed */
+}
+
+static void expect_signal(pid_t pid, int sig)
+{
+	assert_true(pid >= 0);
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	if (WIFEXITED(status))
+		fail_msg("the child exited with %d instead of dying of signal %d",
+		         WEXITSTATUS(status), sig);
+	assert_true(WIFSIGNALED(status));
+	assert_int_equal(WTERMSIG(status), sig);
+}
+
+static int guard_probed(void)
+{
+	concur_exec *e = new_exec(1);
+	struct concur_stats st;
+	concur_exec_stats(e, &st);
+	concur_exec_free(e);
+	return (int)st.stack_guard;
+}
+
 static void test_guard_page(void **state)
 {
+	if (guard_probed() != CONCUR_STACK_GUARD_MADVISE)
+		skip(); /* Linux < 6.13: no MADV_GUARD_INSTALL; the mprotect test covers it */
+	pid_t pid = fork();
+	if (pid == 0)
+		guard_child(CONCUR_STACK_GUARD_MADVISE, 64 * 1024, 0);
+	expect_signal(pid, SIGSEGV);
+	pid = fork();
+	if (pid == 0) /* a per-spawn stack, in its own size class */
+		guard_child(CONCUR_STACK_GUARD_MADVISE, 0, 64 * 1024);
+	expect_signal(pid, SIGSEGV);
+}
+
+static void test_guard_page_mprotect(void **state)
+{
+	pid_t pid = fork();
+	if (pid == 0)
+		guard_child(CONCUR_STACK_GUARD_MPROTECT, 64 * 1024, 0);
+	expect_signal(pid, SIGSEGV);
+	pid = fork();
+	if (pid == 0)
+		guard_child(CONCUR_STACK_GUARD_MPROTECT, 0, 4096);
+	expect_signal(pid, SIGSEGV);
+}
+
+/* A stack smaller than a page has no guard page: the canary catches an overflow on return. */
+static int64_t scribble(int depth)
+{
+	volatile char pad[256];
+	for (size_t i = 0; i < sizeof(pad); i++)
+		pad[i] = (char)depth;
+	return depth ? scribble(depth - 1) + pad[7] - (char)depth : 0;
+}
+
+static int64_t tiny_overflow(void *arg)
+{
+	return scribble(5); /* about 1.5 KiB of frames on a 1 KiB stack */
+}
+
+static void test_tiny_stack_canary(void **state)
+{
+	if (SANITIZED)
+		skip(); /* their own frames on the fiber stack overflow 1 KiB before the test's */
+	pid_t pid = fork();
+	if (pid == 0) {
+		signal(SIGABRT, SIG_DFL);
+		alarm(60);
+		concur_exec *cex;
+		struct concur_exec_opts o = {.loops = 1};
+		if (concur_exec_new(&cex, &o))
+			_exit(3);
+		struct concur_spawn_opts so = {.stack_size = 1024};
+		concur_future *p = concur_promise_new(cex);
+		/* below the overflowing one: 4 tiny stacks, so it writes over theirs, not a guard
+		 */
+		for (int i = 0; i < 4; i++)
+			concur_release(concur_spawn_ex(cex, park_on, p, &so));
+		concur_future *f = concur_spawn_ex(cex, tiny_overflow, NULL, &so);
+		concur_result(f, -1);
+		_exit(0);
+	}
+	expect_signal(pid, SIGABRT);
+}
+
+/* Bad options fail the spawn with -EINVAL; good ones round up and run. */
+static int64_t stack_room(void *arg)
+{
+	char probe;
+	return (int64_t)(intptr_t)&probe & 0xf; /* any value: it ran */
+}
+
+static void test_spawn_opts(void **state)
+{
+	ex = new_exec(1);
+	const size_t bad[] = {1, CONCUR_STACK_MIN - 1, CONCUR_STACK_MAX + 1, (size_t)-1};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct concur_spawn_opts o = {.stack_size = bad[i]};
+		concur_future *f = concur_spawn_ex(ex, stack_room, NULL, &o);
+		assert_int_equal(concur_result(f, -1), -EINVAL);
+		concur_release(f);
+	}
+	struct concur_spawn_opts flags = {.flags = 1};
+	concur_future *f = concur_spawn_ex(ex, stack_room, NULL, &flags);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+	f = concur_spawn_ex(ex, NULL, NULL, NULL);
+	assert_int_equal(concur_result(f, -1), -EINVAL);
+	concur_release(f);
+	const size_t good[] = {0, CONCUR_STACK_MIN, 1500, 4096, 5000, 256 * 1024, 3 << 20};
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		struct concur_spawn_opts o = {.stack_size = good[i]};
+		f = concur_spawn_ex(ex, stack_room, NULL, i ? &o : NULL);
+		assert_true(concur_result(f, -1) >= 0);
+		concur_release(f);
+	}
+	concur_exec_free(ex);
+}
+
+/* A per-spawn stack is really that big: 600 KiB of frames on an executor of 256 KiB stacks. */
+static void test_spawn_big_stack(void **state)
+{
+	ex = new_exec(1);
+	struct concur_spawn_opts o = {.stack_size = 1 << 20};
+	concur_future *f = concur_spawn_ex(ex, deep, (void *)1000, &o);
+	assert_int_equal(concur_result(f, -1), 1000);
+	concur_release(f);
+	concur_exec_free(ex);
+}
+
+/*
+ * 100,000 tasks suspended at once, each on its own promise, with stacks of four sizes (the
+ * default, 8 KiB, 2 KiB and 1 KiB), then all resumed: each returns what its promise got.
+ * Stacks come from shared reservations: far fewer mappings than tasks.
+ */
+static int64_t park_plus(void *arg)
+{
+	concur_future *p = arg;
+	int64_t v = concur_result(p, -1);
+	return v < 0 ? v : v + 1;
+}
+
+static void test_many_suspended(void **state)
+{
+#if defined(__SANITIZE_THREAD__)
+	const long n = 6000; /* TSan counts each fiber as a thread, and allows 8128 */
+#else
+	const long n = BULK(100000);
+#endif
+	ex = new_exec(2);
+	concur_future **p = calloc((size_t)n, sizeof(*p));
+	concur_future **f = calloc((size_t)n, sizeof(*f));
+	assert_non_null(p);
+	assert_non_null(f);
+	/* under the sanitizers frames are bigger: no stack below a page there */
+	const size_t sizes[] = {0, 8192, SANITIZED ? 16384 : 2048, SANITIZED ? 4096 : 1024};
+	struct concur_stats before, st;
+	concur_exec_stats(ex, &before);
+	for (long i = 0; i < n; i++) {
+		p[i] = concur_promise_new(ex);
+		assert_non_null(p[i]);
+		struct concur_spawn_opts o = {.stack_size = sizes[i % 4]};
+		f[i] = concur_spawn_ex(ex, park_plus, p[i], &o);
+	}
+	do { /* wait until every task has suspended on its promise */
+		concur_exec_stats(ex, &st);
+		concur_sleep(MS(1));
+	} while (st.fibers_parked - before.fibers_parked < (uint64_t)n);
+	assert_int_equal(st.tasks_run - before.tasks_run, (uint64_t)n);
+	assert_true(st.stack_maps > 0 && st.stack_maps < (uint64_t)n / 50);
+	for (long i = 0; i < n; i++)
+		assert_false(concur_done(f[i]));
+	for (long i = n - 1; i >= 0; i--)
+		assert_int_equal(concur_promise_set(p[i], i * 3), 0);
+	for (long i = 0; i < n; i++) {
+		assert_int_equal(concur_result(f[i], -1), i * 3 + 1);
+		concur_release(f[i]);
+		concur_release(p[i]);
+	}
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	free(p);
+	free(f);
+	concur_exec_free(ex);
+}
+
+/*
+ * Memory follows the live tasks: 10,000 tasks each dirty 32 KiB of their stacks and suspend
+ * (over 300 MB resident), then all end; the stacks go back to the kernel past the high-water
+ * mark, so RSS falls back near where it started (a generous bound: the pools keep a few
+ * hundred warm stacks per loop). Normal build only: the sanitizers keep memory of their own.
+ */
+static int64_t dirty_and_park(void *arg)
+{
+	volatile char buf[32 * 1024];
+	for (size_t i = 0; i < sizeof(buf); i += 512)
+		buf[i] = 1;
+	return concur_result(arg, -1) + buf[0];
+}
+
+static void test_rss_falls_back(void **state)
+{
+	if (SANITIZED)
+		skip();
+	const long n = 10000;
+	ex = new_exec(2);
+	concur_future *p = concur_promise_new(ex);
+	concur_future **f = calloc((size_t)n, sizeof(*f));
+	assert_non_null(f);
+	long base_kb = proc_status_kb("VmRSS");
+	struct concur_stats before, st;
+	concur_exec_stats(ex, &before);
+	for (long i = 0; i < n; i++)
+		f[i] = concur_spawn(ex, dirty_and_park, p);
+	do {
+		concur_exec_stats(ex, &st);
+		concur_sleep(MS(1));
+	} while (st.fibers_parked - before.fibers_parked < (uint64_t)n);
+	long peak_kb = proc_status_kb("VmRSS") - base_kb;
+	assert_true(peak_kb > n * 32); /* the stacks really were dirty */
+	concur_promise_set(p, 1);
+	for (long i = 0; i < n; i++) {
+		assert_int_equal(concur_result(f[i], -1), 2);
+		concur_release(f[i]);
+	}
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	free(f);
+	concur_release(p);
+	long after_kb = proc_status_kb("VmRSS") - base_kb;
+	concur_exec_stats(ex, &st);
+	assert_true(st.stacks_released > 0);
+	if (after_kb > 64 * 1024 || after_kb > peak_kb / 4)
+		fail_msg("RSS %ld KiB above the start after join (peak %ld KiB)", after_kb,
+		         peak_kb);
+	concur_exec_free(ex);
+}
+
+/*
+ * Out of mappings: with the budget of mappings for stacks nearly used up, the tasks that find
+ * no stack end -ENOMEM without running, the others run, nothing hangs, and once the budget is
+ * back spawning works again. With each guard mechanism (mprotect: two mappings a stack).
+ */
+static void spawn_under_budget(int mode)
+{
+	concur__stack_guard_force(mode);
+	ex = new_exec(1);
+	const long n = 2000;
+	concur_future *p = concur_promise_new(ex);
+	concur_future **f = calloc((size_t)n, sizeof(*f));
+	assert_non_null(f);
+	long old = concur__stack_map_budget(concur__stack_maps_used() + 8);
+	for (long i = 0; i < n; i++)
+		f[i] = concur_spawn(ex, park_plus, p);
+	/* the failures come first: the tasks that got a stack are parked on p */
+	struct concur_stats st;
+	long failed;
+	do {
+		concur_sleep(MS(1));
+		concur_exec_stats(ex, &st);
+		failed = 0;
+		for (long i = 0; i < n; i++)
+			failed += concur_done(f[i]);
+	} while (st.fibers_parked + (uint64_t)failed < (uint64_t)n);
+	assert_true(failed > 0 && failed < n);
+	assert_int_equal(concur_promise_set(p, 6), 0);
+	long ok = 0;
+	for (long i = 0; i < n; i++) {
+		int64_t r = concur_result(f[i], -1);
+		assert_true(r == 7 || r == -ENOMEM);
+		ok += r == 7;
+		concur_release(f[i]);
+	}
+	assert_int_equal(ok + failed, n);
+	assert_int_equal(concur_exec_join(ex, MS(10000)), 0);
+	/* the budget stops new mappings only: a freed stack serves the next task */
+	concur_future *again = concur_spawn(ex, stack_room, NULL);
+	assert_true(concur_result(again, -1) >= 0);
+	concur_release(again);
+	concur__stack_map_budget(old);
+	concur_release(p);
+	free(f);
+	concur_exec_free(ex);
+	concur__stack_guard_force(0);
+}
+
+static void test_map_budget(void **state)
+{
+	if (guard_probed() == CONCUR_STACK_GUARD_MADVISE)
+		spawn_under_budget(CONCUR_STACK_GUARD_MADVISE);
+	spawn_under_budget(CONCUR_STACK_GUARD_MPROTECT);
+}
+
+/*
+ * Out of address space (RLIMIT_AS, in a child): stacks that cannot be mapped fail their tasks
+ * with -ENOMEM, the rest run, join returns. Not under the sanitizers (their shadow memory
+ * needs terabytes of address space).
+ */
+static void test_rlimit_as(void **state)
+{
+	if (SANITIZED)
+		skip();
 	pid_t pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0) {
-		/* the child overflows a 64 KiB fiber stack; it must die of SIGSEGV */
-		signal(SIGSEGV, SIG_DFL);
-		struct concur_exec_opts o = {.loops = 1, .stack_size = 64 * 1024};
+		alarm(60); /* a hang dies of SIGALRM */
 		concur_exec *cex;
+		struct concur_exec_opts o = {.loops = 1};
 		if (concur_exec_new(&cex, &o))
 			_exit(3);
-		concur_future *f = concur_spawn(cex, overflow, NULL);
-		concur_result(f, -1);
-		_exit(0); /* reached only if the overflow went unnoticed */
+		concur_future *warm =
+		    concur_spawn(cex, stack_room, NULL); /* the loop's first mallocs */
+		concur_result(warm, -1);
+		concur_release(warm);
+		const long n = 4000; /* 4000 x 260 KiB of stacks: about 1 GiB of address space */
+		concur_future **f = calloc((size_t)n, sizeof(*f));
+		concur_future *p = concur_promise_new(cex);
+		if (!f || !p)
+			_exit(4);
+		struct rlimit rl = {.rlim_cur =
+		                        (rlim_t)(proc_status_kb("VmSize") + 256 * 1024) * 1024};
+		rl.rlim_max = RLIM_INFINITY;
+		if (setrlimit(RLIMIT_AS, &rl))
+			_exit(5);
+		for (long i = 0; i < n; i++)
+			f[i] = concur_spawn(cex, park_plus, p);
+		long failed;
+		struct concur_stats st;
+		do {
+			concur_sleep(MS(1));
+			concur_exec_stats(cex, &st);
+			failed = 0;
+			for (long i = 0; i < n; i++)
+				failed += concur_done(f[i]);
+		} while (st.fibers_parked + (uint64_t)failed < (uint64_t)n);
+		if (concur_promise_set(p, 1))
+			_exit(6);
+		long ok = 0, enomem = 0;
+		for (long i = 0; i < n; i++) {
+			int64_t r = concur_result(f[i], -1);
+			ok += r == 2;
+			enomem += r == -ENOMEM;
+		}
+		if (ok + enomem != n)
+			_exit(7);
+		if (!ok || !enomem)
+			_exit(8);
+		if (concur_exec_join(cex, MS(20000)))
+			_exit(9);
+		_exit(0);
 	}
 	int status = 0;
 	assert_int_equal(waitpid(pid, &status, 0), pid);
-	assert_true(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0));
 	if (WIFSIGNALED(status))
-		assert_int_equal(WTERMSIG(status), SIGSEGV);
+		fail_msg("the child died of signal %d", WTERMSIG(status));
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
 /* concur_in_task and concur_current_exec */
@@ -162,6 +540,14 @@ int main(void)
 	    cmocka_unit_test(test_yield_interleaves),
 	    cmocka_unit_test(test_deep_stack),
 	    cmocka_unit_test(test_guard_page),
+	    cmocka_unit_test(test_guard_page_mprotect),
+	    cmocka_unit_test(test_tiny_stack_canary),
+	    cmocka_unit_test(test_spawn_opts),
+	    cmocka_unit_test(test_spawn_big_stack),
+	    cmocka_unit_test(test_many_suspended),
+	    cmocka_unit_test(test_rss_falls_back),
+	    cmocka_unit_test(test_map_budget),
+	    cmocka_unit_test(test_rlimit_as),
 	    cmocka_unit_test(test_context_queries),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
