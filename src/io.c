@@ -315,15 +315,37 @@ static int io_await_init(struct io_req *r, unsigned opcode, int64_t timeout_ns)
 	return 0;
 }
 
+/* A cancel or a deadline broke the wait: ask the kernel to cancel the op; its CQE (with its
+ * own result if it won the race) resumes the task as usual. */
+static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
+{
+	struct io_req *r = arg;
+	struct io_uring_sqe *sqe = concur__sqe(loop);
+
+	io_uring_prep_cancel64(sqe, io_user_data(&r->op), 0);
+	concur__sqe_set_op(sqe, &io_quiet_op);
+	loop->inflight++;
+	return true;
+}
+
 static int64_t io_await(struct io_req *r)
 {
+	struct concur__task *t = concur__tl_task;
 	bool cancelled;
+	int64_t res;
+	int intr = concur__ctl_check(t);
 
-	r->task = concur__tl_task;
+	if (intr)
+		return intr; /* cancelled or past a deadline: the op is not even started */
+	r->task = t;
 	r->loop = concur__tl_loop;
 	io_submit(r->loop, r);
-	concur__suspend(); /* resumed by io_req_cqe once every CQE is in */
-	return io_outcome(r, &cancelled);
+	/* resumed by io_req_cqe once every CQE is in */
+	intr = concur__suspend_interruptible(t, io_await_interrupt, r);
+	res = io_outcome(r, &cancelled);
+	if (intr && (r->res == -ECANCELED || r->res == -EINTR))
+		return intr; /* ended by the interrupt, not by the op or its own deadline */
+	return res;
 }
 
 /* ---- the operations ----------------------------------------------------------------------- */
