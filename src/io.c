@@ -44,6 +44,7 @@ struct io_req {
 	int32_t lt_res;                    /* the linked timeout's: -ETIME when it fired */
 	uint8_t cqes_left;
 	bool has_deadline;
+	bool timer_deadline;     /* direct form: the deadline rides the loop's timer instead */
 	_Atomic bool cancel_req; /* concur_cancel asked the kernel to cancel it */
 };
 
@@ -328,6 +329,22 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
 	return true;
 }
 
+/*
+ * In a task, a deadline on the operation is a deadline on this wait, on the loop's one timer
+ * (timer.c), rather than a linked timeout: no SQE and no CQE unless it fires (then the op is
+ * cancelled like on any interrupt). Without memory for the timer's heap, the linked timeout.
+ */
+static void io_await_deadline(struct concur__task *t, struct io_req *r)
+{
+	int64_t ns = (int64_t)r->deadline.tv_sec * 1000000000 + r->deadline.tv_nsec;
+
+	if (!r->has_deadline || concur__ctl_wait_deadline(t, concur__after_ns(ns)) < 0)
+		return;
+	r->has_deadline = false;
+	r->cqes_left = 1;
+	r->timer_deadline = true;
+}
+
 static int64_t io_await(struct io_req *r)
 {
 	struct concur__task *t = concur__tl_task;
@@ -339,12 +356,15 @@ static int64_t io_await(struct io_req *r)
 		return intr; /* cancelled or past a deadline: the op is not even started */
 	r->task = t;
 	r->loop = concur__tl_loop;
+	io_await_deadline(t, r);
 	io_submit(r->loop, r);
 	/* resumed by io_req_cqe once every CQE is in */
 	intr = concur__suspend_interruptible(t, io_await_interrupt, r);
+	if (r->timer_deadline)
+		concur__ctl_wait_deadline(t, INT64_MAX);
 	res = io_outcome(r, &cancelled);
 	if (intr && (r->res == -ECANCELED || r->res == -EINTR))
-		return intr; /* ended by the interrupt, not by the op or its own deadline */
+		return intr; /* ended by the interrupt (a cancel, its deadline, a scope's) */
 	return res;
 }
 
