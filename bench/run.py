@@ -128,6 +128,19 @@ WORKLOADS = [
             V("raw liburing, batch 128", "bench_nop", "raw", 2_000_000, 100_000, ["-b", "128"]),
         ],
     },
+    {
+        "name": "await_nop/128/deadline",
+        "what": "as await_nop/128, each task inside a deadline scope that never fires "
+                "(concur_deadline_push), and with a scope pushed and popped around each NOP",
+        "variants": [
+            V("concur, one scope per task", "bench_nop", "concur_deadline", 2_000_000, 100_000,
+              ["-b", "128"]),
+            V("concur, no deadline", "bench_nop", "concur", 2_000_000, 100_000, ["-b", "128"],
+              target=("<=", 1.05)),
+            V("concur, a scope per NOP", "bench_nop", "concur_op_deadline", 2_000_000, 100_000,
+              ["-b", "128"]),
+        ],
+    },
 ] + [
     {
         "name": "xwake",
