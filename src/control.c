@@ -160,9 +160,11 @@ bool concur_cancel_requested(void)
 
 /* ---- stopping an executor ------------------------------------------------------------------ */
 
-/* On each loop: request cancellation of every started task and break their waits. */
+/* On each loop: request cancellation of every started task and break their waits; cancel the
+ * future I/O ops in flight. */
 static void concur__stop_arrived(struct concur__loop *loop, struct concur__node *node)
 {
+	concur__io_cancel_all(loop);
 	for (struct concur__task *t = loop->live, *next; t; t = next) {
 		next = t->fib->ctl.live_next;
 		atomic_fetch_or_explicit(&t->f.state, CONCUR__CANCEL_REQ, memory_order_acq_rel);

@@ -349,6 +349,7 @@ struct concur__loop {
 	struct concur__loop_stats st;
 	struct concur__timers timers;  /* deadlines and timed waits (timer.c) */
 	struct concur__task *live;     /* started tasks, for concur_exec_stop (control.c) */
+	struct concur__node *io_live;  /* future I/O ops in flight, for the same (io.c) */
 	struct concur__node stop_node; /* concur_exec_stop's message (control.c) */
 	_Atomic bool stop_posted;
 
@@ -483,6 +484,8 @@ void concur__timers_del(struct concur__loop *loop, struct concur__task *t);
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
 /* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
 int64_t concur__after_ns(int64_t timeout_ns);
+/* Loop thread: cancel every future I/O op of the loop in flight (io.c). */
+void concur__io_cancel_all(struct concur__loop *loop);
 /* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
 bool concur__timers_stop(struct concur__loop *loop);
 

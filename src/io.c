@@ -156,6 +156,37 @@ static void io_drop(struct concur__io *io)
 	concur_release(&io->f);
 }
 
+/*
+ * A loop's future ops in flight, linked through their (then unused) submit node, so that
+ * concur_exec_stop can cancel them all (concur__io_cancel_all).
+ */
+static void io_live_add(struct concur__loop *loop, struct concur__io *io)
+{
+	io->node.prev = NULL;
+	io->node.next = loop->io_live;
+	if (loop->io_live)
+		loop->io_live->prev = &io->node;
+	loop->io_live = &io->node;
+}
+
+static void io_live_del(struct concur__loop *loop, struct concur__io *io)
+{
+	if (io->node.prev)
+		io->node.prev->next = io->node.next;
+	else
+		loop->io_live = io->node.next;
+	if (io->node.next)
+		io->node.next->prev = io->node.prev;
+}
+
+void concur__io_cancel_all(struct concur__loop *loop)
+{
+	for (struct concur__node *n = loop->io_live, *next; n; n = next) {
+		next = n->next;
+		concur_cancel(&IO_CONTAINER(n, struct concur__io, node)->f);
+	}
+}
+
 static void io_req_cqe(struct io_req *r)
 {
 	struct concur__io *io;
@@ -169,6 +200,7 @@ static void io_req_cqe(struct io_req *r)
 		return;
 	}
 	io = IO_CONTAINER(r, struct concur__io, r);
+	io_live_del(r->loop, io);
 	res = io_outcome(r, &cancelled);
 	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	io_drop(io);
@@ -252,6 +284,7 @@ static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 		return;
 	}
 	io_submit(loop, &io->r);
+	io_live_add(loop, io);
 }
 
 /* A new future op (two references: the caller's and the executor's), or an error. */
@@ -292,6 +325,7 @@ static concur_future *io_start(struct concur__io *io)
 		io->r.loop = cur;
 		concur__future_claim(&io->f); /* nobody else has seen it yet */
 		io_submit(cur, &io->r);
+		io_live_add(cur, io);
 	} else {
 		io->r.loop = concur__exec_pick_loop(ex);
 		io->node.kind = CONCUR__NODE_CALL;

@@ -416,6 +416,24 @@ static void test_exec_stop(void **state)
 	concur_exec_free(ex);
 }
 
+/* Future I/O in flight (no task waits for it) is cancelled by a stop too. */
+static void test_exec_stop_cancels_io(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	char buf[8];
+	concur_future *f = concur_recv(ex, sv[0], buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT);
+	assert_int_equal(concur_result(f, MS(20)), -ETIMEDOUT); /* in flight */
+	assert_int_equal(concur_exec_stop(ex, MS(20)), -ETIMEDOUT);
+	assert_true(concur_done(f));
+	assert_int_equal(concur_result(f, 0), -ECANCELED);
+	concur_release(f);
+	close(sv[0]);
+	close(sv[1]);
+	concur_exec_free(ex);
+}
+
 static void test_exec_stop_drains(void **state)
 {
 	concur_exec *ex = new_exec(1);
@@ -441,6 +459,7 @@ int main(void)
 	    cmocka_unit_test(test_deadline_costs_no_cqe),
 	    cmocka_unit_test(test_timed_waits),
 	    cmocka_unit_test(test_exec_stop),
+	    cmocka_unit_test(test_exec_stop_cancels_io),
 	    cmocka_unit_test(test_exec_stop_drains),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
