@@ -257,6 +257,69 @@ MISSING_REASON = {
 
 
 # --------------------------------------------------------------------------------------------
+# Peers a user would pick (issue 9): Go and Boost on switch and spawn/one, and the echo workload.
+# --------------------------------------------------------------------------------------------
+
+MISSING_REASON.update({
+    "bench_boost": "Boost.Context/Boost.Fiber (libboost-context-dev, libboost-fiber-dev) or a C++ "
+                   "compiler not found by CMake at configure time, so bench_boost was not built",
+    "bench_go_hotpath": "go (golang-go) not found by CMake at configure time, so "
+                        "bench_go_hotpath was not built",
+})
+
+USER_PEERS = {
+    "switch": [
+        V("Boost.Context fiber resume", "bench_boost", "context_switch", 20_000_000, 1_000_000),
+        V("Boost.Fiber yield", "bench_boost", "fiber_switch", 2_000_000, 100_000),
+        V("Go runtime.Gosched, GOMAXPROCS=1", "bench_go_hotpath", "switch", 2_000_000, 100_000),
+    ],
+    "spawn/one": [
+        V("Boost.Fiber async().get()", "bench_boost", "fiber_spawn_one", 500_000, 20_000),
+        V("Go goroutine + channel, GOMAXPROCS=1", "bench_go_hotpath", "spawn_one", 1_000_000,
+          20_000),
+    ],
+}
+for _w in WORKLOADS:
+    _w["variants"] += USER_PEERS.get(_w["name"], [])
+
+
+def echo_workload(size, label):
+    return {
+        "name": "echo/" + label,
+        "what": "echo ping-pong of %d-byte messages on 64 connections (echo_load, 1 thread); "
+                "every server on 1 thread; value: server CPU time per message" % size,
+        # a second ratio, from each run's extra: the messages per second the load got through
+        "also": [("msg_s", "msgs/s", "higher")],
+        "variants": [
+            E("concur (1 loop)", servers.echo_variant("concur_echo", size)),
+            E("raw liburing (1 thread)", servers.echo_variant("uring_echo", size)),
+            E("epoll (1 thread)", servers.echo_variant("epoll_echo", size)),
+            E("libuv (1 loop)", servers.echo_variant("uv_echo", size)),
+            E("Go goroutine per connection, GOMAXPROCS=1", servers.echo_variant("go_echo", size)),
+        ],
+    }
+
+
+WORKLOADS += [echo_workload(64, "64"), echo_workload(4096, "4k")]
+
+
+def also_ratios(w, concur, peer):
+    """The workload's second figures (w["also"]: extra key, label, better), concur / peer run by
+    run like the main ratio, oriented so that < 1 means concur is better."""
+    out = []
+    for key, label, better in w.get("also", ()):
+        pairs = [ratio_of(c[key], p[key], better)
+                 for c, p in zip(concur.get("extra") or [], peer.get("extra") or [])
+                 if c and p and c.get(key) and p.get(key)]
+        r = {"key": key, "label": label, "better": better, "per_run": pairs, "median": None,
+             "min": None, "max": None}
+        if pairs:
+            r.update(summarize(pairs))
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Header
 # --------------------------------------------------------------------------------------------
 
@@ -517,6 +580,8 @@ def run_workload(w, args, progress):
                     r["met"] = r["median"] <= r["target"]["value"]
             else:
                 r["status"], r["reason"] = "failed", "no pair of successful runs"
+            if w.get("also"):
+                r["also"] = also_ratios(w, concur, peer)
         ratios.append(r)
 
     return {
@@ -605,6 +670,11 @@ def table_rows(result):
                 if r["status"] == "ok":
                     ratio = "%s (%s – %s)" % (fmt_ratio(r["median"]), fmt_ratio(r["min"]),
                                               fmt_ratio(r["max"]))
+                    for a in r.get("also") or []:
+                        if a["median"] is not None:
+                            ratio += "; %s %s (%s – %s)" % (a["label"], fmt_ratio(a["median"]),
+                                                             fmt_ratio(a["min"]),
+                                                             fmt_ratio(a["max"]))
                 else:
                     ratio = "n/a (%s)" % r["status"]
                 if r["target"]:
@@ -620,6 +690,8 @@ def extra_text(e, unit):
     if not e:
         return ""
     parts = ["%s req/s" % fmt_count(e["req_s"])] if "req_s" in e else []
+    if "msg_s" in e:
+        parts.append("%s msgs/s" % fmt_count(e["msg_s"]))
     if e.get("p50_us"):
         parts.append("p50 %s / p99 %s" % (fmt_us(e["p50_us"]),
                                           fmt_us(e["p99_us"]) if e.get("p99_us") else "n/a"))
@@ -842,6 +914,7 @@ def render_svg(result):
 # Debian packages of the peers (libgomp comes with gcc; wrk, nginx, redis, fio join with the
 # server and I/O workloads).
 PEER_PACKAGES = ["libgomp1", "libuv1-dev"] + servers.PACKAGES
+PEER_PACKAGES += ["g++", "golang-go", "libboost-context-dev", "libboost-fiber-dev"]  # issue 9
 
 
 def install_peers():

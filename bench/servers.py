@@ -523,3 +523,68 @@ def fio_variant(depth):
 def fileread_prepare(build_dir):
     """Before the concur / raw variants: the same cached file fio reads."""
     data_file(build_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# Echo: bench/echo_load against concur's echo server and its peers
+# ------------------------------------------------------------------------------------------
+
+# One counted load run and the warm-up before it (seconds), full and --quick.
+ECHO_SECONDS, ECHO_WARM = 2, 0.5
+QUICK_ECHO_SECONDS, QUICK_ECHO_WARM = 0.15, 0.05
+ECHO_CONNS = 64
+
+# name -> (binary under build/bench, its thread option, why it may be missing). Every server runs
+# one thread (libuv's loop is one thread; Go gets GOMAXPROCS=1), so the figures compare the same
+# thing: what one thread spends per message.
+ECHO_SERVERS = {
+    "concur_echo": ("servers/concur_echo_server", "--loops", None),
+    "uring_echo": ("peers/peer_uring_echo", "--threads", None),
+    "epoll_echo": ("peers/peer_epoll_echo", "--threads", None),
+    "uv_echo": ("peers/peer_uv_echo", "--threads",
+                "libuv (libuv1-dev) was not found by pkg-config at configure time, so "
+                "peer_uv_echo was not built"),
+    "go_echo": ("peers/peer_go_echo", "--threads",
+                "go (golang-go) was not found by CMake at configure time, so peer_go_echo was "
+                "not built (apt-get install golang-go, then re-run cmake)"),
+}
+SERVERS.update({k: _ours(rel, opt, 1) for k, (rel, opt, _) in ECHO_SERVERS.items()})
+BINARIES.update({k: rel for k, (rel, _, _) in ECHO_SERVERS.items()})
+
+
+def echo_variant(server, size):
+    """A variant function for run.py: echo_load (64 connections, size-byte ping-pong) against
+    server; value: the server's CPU µs per message (echo_load reads it from /proc/PID/stat over
+    its counted window)."""
+
+    def run(build_dir, quick, timeout, is_concur):
+        rel, _, why = ECHO_SERVERS[server]
+        if not is_concur and not os.access(_built(build_dir, rel), os.X_OK):
+            return "skipped", why or "%s was not built in %s/bench" % (rel, build_dir)
+        load = _built(build_dir, "echo_load")
+        if not os.access(load, os.X_OK):
+            return ("failed" if is_concur else "skipped"), "echo_load was not built"
+        secs = QUICK_ECHO_SECONDS if quick else ECHO_SECONDS
+        warm = QUICK_ECHO_WARM if quick else ECHO_WARM
+
+        def body(srv):
+            args = ["--conns", str(ECHO_CONNS), "--size", str(size), "--seconds", str(secs),
+                    "--warmup", str(warm)]
+            cmd = [load, "--port", str(srv.port), "--pid", str(srv.proc.pid)] + args
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if r.returncode != 0:
+                raise RuntimeError("echo_load exit status %d: %s" %
+                                   (r.returncode, r.stderr.strip()[-200:]))
+            lines = r.stdout.strip().splitlines()
+            rec = json.loads(lines[-1]) if lines else None
+            if not isinstance(rec, dict) or "extra" not in rec:
+                raise RuntimeError("echo_load printed no result: %r" % r.stdout[-200:])
+            shown = ["echo_load", "--port", "PORT", "--pid", "SERVER_PID"] + args
+            rec["params"]["load"] = " ".join(shown)
+            rec["command"] = ["(start)", SERVERS[server][2], ";"] + shown
+            return rec
+
+        return _with_server(server, build_dir, timeout, is_concur, None, body)
+
+    run.describe = "%s; echo_load --conns %d --size %d" % (SERVERS[server][2], ECHO_CONNS, size)
+    return run

@@ -151,6 +151,18 @@ unsigned concur_exec_ring_flags(const concur_exec *ex);
 concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg);
 
 /*
+ * Spawn fn(arg) as a task on loop loop_idx (0 .. concur_exec_loops(ex) - 1) and only there, for
+ * thread-per-core designs (Seastar's submit_to): the task starts, runs and ends on that loop's
+ * thread, and an idle loop is never handed it, however busy its loop is. Tasks it spawns with
+ * concur_spawn() are not pinned (they go to its loop first, and may be handed to idle loops);
+ * use concur_spawn_on() for them too. Tasks pinned to one loop start in the order they reach
+ * it (FIFO), not depth first like concur_spawn() in a task. Otherwise as concur_spawn(): never
+ * NULL; on failure the future is already failed with -EINVAL (NULL or invalid ex, NULL fn, loop_idx
+ * >= the number of loops), -ESHUTDOWN, -ENOMEM.
+ */
+concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_fn fn, void *arg);
+
+/*
  * The result of f, waiting up to timeout_ns (< 0: forever, 0: do not wait).
  * Returns the value (>= 0), the task's or operation's error, -ECANCELED if it was cancelled,
  * -ETIMEDOUT if not done in time (f is unchanged), -EINVAL for a NULL or invalid future.
@@ -276,6 +288,13 @@ bool concur_in_task(void);
 
 /* The executor whose task or loop thread calls this, or NULL elsewhere. */
 concur_exec *concur_current_exec(void);
+
+/*
+ * The index (0 .. loops - 1) of the loop whose thread calls this, within its executor, or -1 on
+ * a thread that is no executor's loop. In a task: the loop it runs on, the same from its start
+ * to its return (a started task never moves; concur_spawn_on() chooses it).
+ */
+int concur_current_loop(void);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors                                                                                      */
@@ -729,6 +748,43 @@ int64_t concur_await_splice(int fd_in, int64_t off_in, int fd_out, int64_t off_o
  * cancelled, -EINVAL for ns < 0. */
 concur_future *concur_timeout(concur_exec *ex, int64_t ns);
 int64_t concur_await_timeout(int64_t ns);
+
+/* ---- Signals (src/signal.c) ---- */
+#include <signal.h> /* sigset_t */
+
+/*
+ * A future that completes with the number of the next signal of set delivered to the process
+ * (SIGTERM, SIGINT, SIGHUP, ...): a signalfd for set, read through the ring. Waiting for it costs
+ * no thread and no CPU (the loops keep sleeping). Never NULL: on failure the future is already
+ * failed with -EINVAL (ex NULL or invalid; set NULL or holding no signal but SIGKILL/SIGSTOP,
+ * which no signalfd can take), -ENOMEM, or signalfd(2)'s error (-EMFILE, -ENFILE, ...).
+ *
+ * The signal mask is the caller's job. Every signal of set must be blocked in EVERY thread of
+ * the process, or the kernel may deliver it the ordinary way first -- its default action (SIGTERM
+ * kills the process) or a handler -- in any thread that has it unblocked. Block them with
+ * pthread_sigmask(SIG_BLOCK, set, NULL) in main before concur_exec_new() and before creating
+ * any other thread: new threads inherit the mask (the loop threads from the thread calling
+ * concur_exec_new, the blocking pool's helpers from the thread that first needs one). A signal
+ * blocked everywhere waits, pending, until a concur_signal future reads it: one sent before the
+ * call completes the future at once.
+ *
+ * Which signals it sees: those sent to the process (kill(getpid(), sig), kill(1) from a shell,
+ * a terminal's ^C) and those sent to the loop thread that reads. Not one aimed at another thread
+ * with raise() (in a threaded program raise() signals the calling thread only) or
+ * pthread_kill(): use kill(getpid(), sig).
+ *
+ * Several futures for the same signal: each delivered signal is taken by exactly one of them
+ * (which one is unspecified); the others keep waiting for the next one. A standard signal sent
+ * several times before it is read is delivered once (POSIX); realtime signals queue, one each.
+ *
+ * The signalfd is closed when the future is done (before it is seen done). The future is
+ * RUNNING while it waits; concur_cancel() cancels the read in the kernel and returns
+ * -EINPROGRESS (or 1 if the read was not yet submitted): the future then ends CANCELLED with
+ * -ECANCELED, or FINISHED with the signal's number if one was read first. Its read counts as
+ * work for concur_exec_join() until then, so cancel a future that may never fire before
+ * concur_exec_free().
+ */
+concur_future *concur_signal(concur_exec *ex, const sigset_t *set);
 
 /*
  * Multishot streams: one SQE, many completions, consumed one item at a time. A stream lives on

@@ -381,7 +381,8 @@ void concur__task_enqueue(struct concur__task *t)
 {
 	concur_exec *ex = t->f.ex;
 	struct concur__loop *me = concur__tl_loop;
-	bool local = me && me->ex == ex;
+	struct concur__loop *pin = (t->f.flags & CONCUR__TASK_PINNED) ? t->loop : NULL;
+	bool local = me && me->ex == ex && (!pin || pin == me);
 	/* count the work before checking the flag: a join racing a shutdown sees one or the
 	 * other, never neither */
 	if (local)
@@ -395,7 +396,13 @@ void concur__task_enqueue(struct concur__task *t)
 		concur_release(&t->f); /* the executor's reference: it will never run */
 		return;
 	}
-	if (local) {
+	if (pin) { /* concur_spawn_on: to its loop's ready queue, however it gets there */
+		if (me && me->ex == ex)
+			concur__stat_inc(&me->st.tasks_spawned, 1);
+		else
+			atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
+		concur__loop_post(pin, &t->node);
+	} else if (local) {
 		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
 	} else {
@@ -416,4 +423,30 @@ concur_future *concur_spawn(concur_exec *ex, concur_task_fn fn, void *arg)
 	concur__task_init(t, &concur__task_class, ex, fn, arg);
 	concur__task_enqueue(t);
 	return &t->f;
+}
+
+/*
+ * Pinned: the task is marked and queued in its loop's ready queue, where the idle-loop handoff
+ * (which takes only from the fresh deque) never looks; a failed MSG_RING forwards it to t->loop.
+ * It runs after the fibers ready before it (FIFO), not depth first like a local concur_spawn.
+ */
+concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_fn fn, void *arg)
+{
+	if (!concur__exec_valid(ex))
+		return concur__failed_future(NULL, -EINVAL);
+	if (!fn || loop_idx >= ex->nloops)
+		return concur__failed_future(ex, -EINVAL);
+	struct concur__task *t = concur__task_alloc(concur__tl_loop);
+	if (!t)
+		return concur__failed_future(ex, -ENOMEM);
+	concur__task_init(t, &concur__task_class, ex, fn, arg);
+	t->f.flags |= CONCUR__TASK_PINNED;
+	t->loop = ex->loops[loop_idx];
+	concur__task_enqueue(t);
+	return &t->f;
+}
+
+int concur_current_loop(void)
+{
+	return concur__tl_loop ? (int)concur__tl_loop->idx : -1;
 }

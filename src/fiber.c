@@ -296,7 +296,8 @@ void concur__suspend(void)
 	 * the loop, so each run is timed on its own. */
 	concur__stat_inc(&loop->st.fibers_parked, 1);
 	struct concur__node *n = loop->ready_head;
-	if (n && loop->budget > 1 &&
+	/* (a pinned task not started yet waits there too: the loop starts it) */
+	if (n && concur__task_of_node(n)->fib && loop->budget > 1 &&
 	    !atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
 		loop->budget--;
 		loop->ready_head = n->next;

@@ -258,6 +258,9 @@ struct concur__task {
 };
 
 #define CONCUR__TASK_RETURNED 1u /* in f.flags: fn returned, the loop completes the task */
+/* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
+ * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
+#define CONCUR__TASK_PINNED (1u << 7)
 
 _Static_assert(offsetof(struct concur__task, f) == 0, "a task starts with its future");
 _Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,

@@ -201,7 +201,7 @@ static void concur__node_arrived(struct concur__loop *loop, struct concur__node 
 		return;
 	}
 	struct concur__task *t = concur__task_of_node(n);
-	if (t->fib)
+	if (t->fib || (t->f.flags & CONCUR__TASK_PINNED)) /* pinned: out of the handoff's reach */
 		concur__loop_push_ready(loop, t);
 	else
 		concur__loop_push_fresh(loop, t, false);

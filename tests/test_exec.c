@@ -390,6 +390,109 @@ static void test_io_uring_unavailable(void **state)
 	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/* concur_spawn_on: a pinned task runs on its loop's thread only, never handed to an idle loop */
+static pthread_t pin_thread[2];
+static atomic_int pin_wrong, pin_ran;
+
+static int64_t whoami(void *arg)
+{
+	pin_thread[(intptr_t)arg] = pthread_self();
+	return concur_current_loop();
+}
+
+static bool on_loop(int want)
+{
+	return concur_current_loop() == want && pthread_equal(pthread_self(), pin_thread[want]);
+}
+
+static int64_t pinned_task(void *arg)
+{
+	int want = (int)(intptr_t)arg;
+	bool ok = on_loop(want);
+	volatile double x = 1; /* a little work, so the loop's queue builds up */
+	for (int i = 0; i < 2000; i++)
+		x = x * 1.000001 + 1;
+	if (!(atomic_fetch_add(&pin_ran, 1) & 63))
+		concur_yield(); /* a started task stays too (this never depended on pinning) */
+	if (!ok || !on_loop(want))
+		atomic_fetch_add(&pin_wrong, 1);
+	return want;
+}
+
+/* From a task: spawns on its own loop (local) and on the other one (a message). */
+static int64_t pin_spawner(void *arg)
+{
+	int n = (int)(intptr_t)arg;
+	for (int i = 0; i < n; i++)
+		concur_release(
+		    concur_spawn_on(ex, (unsigned)(i & 1), pinned_task, (void *)(intptr_t)(i & 1)));
+	return on_loop(0) ? 0 : -1;
+}
+
+static void test_spawn_on(void **state)
+{
+	const int N = BULK(10000);
+	ex = new_exec(2);
+	assert_int_equal(concur_current_loop(), -1);
+	for (intptr_t i = 0; i < 2; i++) {
+		concur_future *f = concur_spawn_on(ex, (unsigned)i, whoami, (void *)i);
+		assert_int_equal(concur_result(f, -1), i);
+		concur_release(f);
+	}
+	assert_false(pthread_equal(pin_thread[0], pin_thread[1]));
+	atomic_store(&pin_wrong, 0);
+	atomic_store(&pin_ran, 0);
+
+	/* Loop 0 held by a spinner while N tasks pinned to it queue up; loop 1 sleeps. Once the
+	 * spinner ends, loop 0 has N unstarted tasks and an idle peer: exactly when the handoff
+	 * gives half of them away, had they been spawned with concur_spawn. */
+	hold_loop_arm();
+	concur_future *s = hold_loop_running(concur_spawn_on(ex, 0, hold_loop_task, NULL));
+	for (int i = 0; i < N; i++)
+		concur_release(concur_spawn_on(ex, 0, pinned_task, (void *)0));
+	release_loop(s);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&pin_ran), N);
+	assert_int_equal(atomic_load(&pin_wrong), 0);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	assert_int_equal(st.steals, 0);
+
+	/* from a task on loop 0: to itself and across to loop 1 */
+	atomic_store(&pin_ran, 0);
+	concur_future *f = concur_spawn_on(ex, 0, pin_spawner, (void *)(intptr_t)N);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&pin_ran), N);
+	assert_int_equal(atomic_load(&pin_wrong), 0);
+	concur_exec_stats(ex, &st);
+	assert_int_equal(st.steals, 0);
+	assert_int_equal(st.tasks_spawned, st.tasks_run);
+	concur_exec_free(ex);
+}
+
+static void test_spawn_on_bad(void **state)
+{
+	ex = new_exec(2);
+	concur_future *f[] = {
+	    concur_spawn_on(ex, 2, whoami, NULL),
+	    concur_spawn_on(ex, UINT32_MAX, whoami, NULL),
+	    concur_spawn_on(NULL, 0, whoami, NULL),
+	    concur_spawn_on(ex, 0, NULL, NULL),
+	};
+	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+		assert_true(concur_done(f[i]));
+		assert_int_equal(concur_result(f[i], 0), -EINVAL);
+		concur_release(f[i]);
+	}
+	concur_exec_shutdown(ex, false);
+	concur_future *g = concur_spawn_on(ex, 1, whoami, (void *)1);
+	assert_int_equal(concur_result(g, -1), -ESHUTDOWN);
+	concur_release(g);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -402,6 +505,8 @@ int main(void)
 	    cmocka_unit_test(test_result_in_callback),
 	    cmocka_unit_test(test_bad_options),
 	    cmocka_unit_test(test_io_uring_unavailable),
+	    cmocka_unit_test(test_spawn_on),
+	    cmocka_unit_test(test_spawn_on_bad),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
