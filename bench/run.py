@@ -182,6 +182,18 @@ WORKLOADS = [
         ],
     },
     {
+        "name": "proxy",
+        "what": "TCP reverse proxy in front of concur's HTTP server (1 loop), wrk -t2 -c50 "
+                "keep-alive GET /plaintext through it; value: the proxy's CPU time per request",
+        "variants": [
+            E("concur, idle deadline per op (2 loops)", servers.http_variant("concur_proxy")),
+            E("concur, no deadline (--idle-ms 0)", servers.http_variant("concur_proxy_nodl"),
+              target=("<=", 1.05), note="target: an idle deadline per operation costs <= 5%"),
+            E("nginx stream proxy (2 workers)", servers.http_variant("nginx_stream"),
+              target=("<=", 0.8)),
+        ],
+    },
+    {
         "name": "resp",
         "what": "RESP PING/SET/GET under redis-benchmark -c 50, one server thread (as redis); "
                 "value: requests/s over the tests",
@@ -222,6 +234,18 @@ WORKLOADS = [
     channel_workload("same_loop", "two tasks on one loop", 200000, 20000),
     channel_workload("cross_loop", "the two tasks on different loops (MSG_RING wake-ups)",
                      50000, 5000),
+    {
+        "name": "cancel",
+        "what": "10^4 tasks each blocked in concur_await_recv on its own idle TCP connection "
+                "(127.0.0.1); a foreign thread stops them all; value: time from the first stop "
+                "request until every future is done (one concur_wait), per task",
+        "variants": [
+            V("concur_cancel each task", "bench_cancel", "cancel", 10000, 1000),
+            V("shutdown(SHUT_RD) each socket", "bench_cancel", "shutdown", 10000, 1000),
+            V("a stop promise each task selects on", "bench_cancel", "stop_promise", 10000,
+              1000),
+        ],
+    },
     {
         "name": "gather",
         "what": "10^5 trivial tasks collected with concur_gather (vs one concur_result each)",
