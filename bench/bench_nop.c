@@ -4,6 +4,11 @@
  *   concur:        -b tasks on a 1-loop executor, each awaiting IORING_OP_NOP in a loop
  *                  (concur_await_nop(), the in-task direct form), n NOPs in all.
  *   concur_future: the same with the heap-future form, concur_result(concur_nop(ex), -1).
+ *   concur_deadline: as concur, each task inside a deadline scope (concur_deadline_push of a
+ *                  minute) that never fires: what a deadline costs while it does not fire.
+ *   concur_op_deadline: as concur, each NOP with its own deadline (timeout_ns of a minute is
+ *                  not available for NOP: a deadline scope pushed and popped around each one,
+ *                  as a server does per request).
  *   raw:           one thread, one ring (same setup flags as concur's loops, where the kernel
  *                  takes them): queue -b NOP SQEs, io_uring_submit_and_wait for -b CQEs, reap,
  *                  repeat; n NOPs in all. The floor for a batch of that size.
@@ -13,7 +18,7 @@
 
 #include <liburing.h>
 
-#define VARIANTS "concur|concur_future|raw"
+#define VARIANTS "concur|concur_future|concur_deadline|concur_op_deadline|raw"
 
 static long iters, batch;
 
@@ -25,6 +30,29 @@ static int64_t nop_task(void *arg)
 	long n = (long)(intptr_t)arg;
 	for (long i = 0; i < n; i++) {
 		int64_t r = concur_await_nop();
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static int64_t nop_deadline_task(void *arg)
+{
+	if (concur_deadline_push(60ll * 1000000000) < 0)
+		return -1;
+	int64_t r = nop_task(arg);
+	concur_deadline_pop();
+	return r;
+}
+
+static int64_t nop_op_deadline_task(void *arg)
+{
+	long n = (long)(intptr_t)arg;
+	for (long i = 0; i < n; i++) {
+		if (concur_deadline_push(60ll * 1000000000) < 0)
+			return -1;
+		int64_t r = concur_await_nop();
+		concur_deadline_pop();
 		if (r < 0)
 			return r;
 	}
@@ -44,7 +72,7 @@ static int64_t nop_future_task(void *arg)
 	return 0;
 }
 
-static void run_concur(bool fut)
+static void run_concur(concur_task_fn fn)
 {
 	ex = bench_exec(1, 0);
 	struct concur_stats before;
@@ -53,7 +81,7 @@ static void run_concur(bool fut)
 	concur_future **fs = calloc((size_t)batch, sizeof(*fs));
 	int64_t t0 = bench_now_ns();
 	for (long i = 0; i < batch; i++)
-		fs[i] = concur_spawn(ex, fut ? nop_future_task : nop_task, (void *)(intptr_t)per);
+		fs[i] = concur_spawn(ex, fn, (void *)(intptr_t)per);
 	for (long i = 0; i < batch; i++) {
 		int64_t r = concur_result(fs[i], -1);
 		if (r < 0)
@@ -141,9 +169,21 @@ int main(int argc, char **argv)
 		iters = batch;
 	if (!strcmp(a.variant, "raw")) {
 		run_raw();
-	} else if (!strcmp(a.variant, "concur") || !strcmp(a.variant, "concur_future")) {
+	} else if (!strncmp(a.variant, "concur", 6)) {
 #ifdef CONCUR_HAVE_NOP
-		run_concur(!strcmp(a.variant, "concur_future"));
+		static const struct {
+			const char *name;
+			concur_task_fn fn;
+		} kinds[] = {{"concur", nop_task},
+		             {"concur_future", nop_future_task},
+		             {"concur_deadline", nop_deadline_task},
+		             {"concur_op_deadline", nop_op_deadline_task}};
+		for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+			if (!strcmp(a.variant, kinds[i].name)) {
+				run_concur(kinds[i].fn);
+				return 0;
+			}
+		bench_usage(argv[0], VARIANTS);
 #else
 		bench_skip("concur_await_nop not available");
 #endif

@@ -128,6 +128,19 @@ WORKLOADS = [
             V("raw liburing, batch 128", "bench_nop", "raw", 2_000_000, 100_000, ["-b", "128"]),
         ],
     },
+    {
+        "name": "await_nop/128/deadline",
+        "what": "as await_nop/128, each task inside a deadline scope that never fires "
+                "(concur_deadline_push), and with a scope pushed and popped around each NOP",
+        "variants": [
+            V("concur, one scope per task", "bench_nop", "concur_deadline", 2_000_000, 100_000,
+              ["-b", "128"]),
+            V("concur, no deadline", "bench_nop", "concur", 2_000_000, 100_000, ["-b", "128"],
+              target=("<=", 1.05)),
+            V("concur, a scope per NOP", "bench_nop", "concur_op_deadline", 2_000_000, 100_000,
+              ["-b", "128"]),
+        ],
+    },
 ] + [
     {
         "name": "xwake",
@@ -166,6 +179,18 @@ WORKLOADS = [
               target=("<=", 1.0)),
             E("epoll (2 threads)", servers.http_variant("epoll_http", 16)),
             E("nginx (workers = CPUs)", servers.http_variant("nginx", 16), target=("<=", 0.8)),
+        ],
+    },
+    {
+        "name": "proxy",
+        "what": "TCP reverse proxy in front of concur's HTTP server (1 loop), wrk -t2 -c50 "
+                "keep-alive GET /plaintext through it; value: the proxy's CPU time per request",
+        "variants": [
+            E("concur, idle deadline per op (2 loops)", servers.http_variant("concur_proxy")),
+            E("concur, no deadline (--idle-ms 0)", servers.http_variant("concur_proxy_nodl"),
+              target=("<=", 1.05), note="target: an idle deadline per operation costs <= 5%"),
+            E("nginx stream proxy (2 workers)", servers.http_variant("nginx_stream"),
+              target=("<=", 0.8)),
         ],
     },
     {
@@ -209,6 +234,18 @@ WORKLOADS = [
     channel_workload("same_loop", "two tasks on one loop", 200000, 20000),
     channel_workload("cross_loop", "the two tasks on different loops (MSG_RING wake-ups)",
                      50000, 5000),
+    {
+        "name": "cancel",
+        "what": "10^4 tasks each blocked in concur_await_recv on its own idle TCP connection "
+                "(127.0.0.1); a foreign thread stops them all; value: time from the first stop "
+                "request until every future is done (one concur_wait), per task",
+        "variants": [
+            V("concur_cancel each task", "bench_cancel", "cancel", 10000, 1000),
+            V("shutdown(SHUT_RD) each socket", "bench_cancel", "shutdown", 10000, 1000),
+            V("a stop promise each task selects on", "bench_cancel", "stop_promise", 10000,
+              1000),
+        ],
+    },
     {
         "name": "gather",
         "what": "10^5 trivial tasks collected with concur_gather (vs one concur_result each)",

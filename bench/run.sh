@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash .ci/deps.sh
-# Peers only the benchmarks use (kept out of .ci/deps.sh, so the test setup stays light): Go, and
-# Boost.Context / Boost.Fiber with a C++ compiler. Not root, or apt-get failing: they are skipped.
-bench_only=(g++ golang-go libboost-context-dev libboost-fiber-dev)
+# Peers only the benchmarks use (kept out of .ci/deps.sh, so the test setup stays light): Go,
+# Boost.Context / Boost.Fiber with a C++ compiler, and nginx's stream module (the proxy workload's
+# peer). Not root, or apt-get failing: they are skipped.
+bench_only=(g++ golang-go libboost-context-dev libboost-fiber-dev libnginx-mod-stream)
 missing=()
 for p in "${bench_only[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -36,8 +36,9 @@ TOOLS = {
     "redis-server": ("redis-server", "redis-server"),
     "redis-benchmark": ("redis-benchmark", "redis-tools"),
     "fio": ("fio", "fio"),
+    "nginx-stream": ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"),
 }
-PACKAGES = ["wrk", "nginx-light", "redis-server", "redis-tools", "fio"]
+PACKAGES = ["wrk", "nginx-light", "libnginx-mod-stream", "redis-server", "redis-tools", "fio"]
 
 # Durations (seconds) of one counted load run and of the warm-up before it.
 HTTP_SECONDS, HTTP_WARM = 3, 1
@@ -126,6 +127,7 @@ class Server:
 
     def __init__(self, proc, port, tmp=None, stop_signal=signal.SIGTERM):
         self.proc, self.port, self.tmp, self.stop_signal = proc, port, tmp, stop_signal
+        self.upstream = None  # a proxy's upstream server: stopped after the proxy
         _live.add(self)
 
     def stop(self):
@@ -148,6 +150,8 @@ class Server:
             self.proc.stdout.close()
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.upstream:
+            self.upstream.stop()
         return rc
 
 
@@ -199,12 +203,37 @@ http {{
 """
 
 
-def start_nginx(timeout):
+# nginx as a TCP proxy (the stream module) in front of upstream_port; proxy_timeout is its idle
+# timeout, as the concur proxy's --idle-ms.
+NGINX_STREAM_CONF = """\
+load_module {module};
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+stream {{
+    server {{
+        listen {host}:{port} reuseport;
+        proxy_pass {host}:{upstream_port};
+        proxy_connect_timeout 30s;
+        proxy_timeout 30s;
+    }}
+}}
+"""
+
+
+def start_nginx(timeout, template=NGINX_CONF, **fmt):
+    """nginx with a generated config: template formatted with workers (CPUs unless fmt says),
+    tmp, host, port and fmt."""
     tmp = tempfile.mkdtemp(prefix="concur-nginx-")
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
+    values = dict(workers=os.cpu_count() or 1, tmp=tmp, host=HOST, port=port)
+    values.update(fmt)
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(workers=os.cpu_count() or 1, tmp=tmp, host=HOST, port=port))
+        f.write(template.format(**values))
     proc = subprocess.Popen([tool("nginx"), "-p", tmp, "-c", conf, "-e", tmp + "/error.log"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     srv = Server(proc, port, tmp, signal.SIGQUIT)  # QUIT: graceful, the master reaps workers
@@ -258,6 +287,48 @@ SERVERS = {
     "redis": ("redis-server", lambda b, t: start_redis(t),
               "redis-server --save '' --appendonly no"),
 }
+
+
+# The proxy workload: every proxy forwards to the concur HTTP server (1 loop, its CPU is not
+# counted) and runs PROXY_THREADS threads (concur loops, nginx workers).
+PROXY_UPSTREAM = ("servers/concur_http_server", "--loops", 1)
+PROXY_THREADS = 2
+
+
+def _proxied(needs, start_proxy, label):
+    """A proxy: the upstream is started first, the proxy in front of it
+    (start_proxy(build_dir, timeout, upstream_port) -> Server), and stopped with it."""
+
+    def start(b, t):
+        rel, opt, n = PROXY_UPSTREAM
+        up = start_printing([_built(b, rel), "--port", "0", opt, str(n)], t)
+        try:
+            srv = start_proxy(b, t, up.port)
+        except (RuntimeError, OSError):
+            up.stop()
+            raise
+        srv.upstream = up
+        return srv
+
+    return needs, start, "%s (upstream: %s %s %d)" % ((label,) + PROXY_UPSTREAM)
+
+
+def _concur_proxy(idle_ms):
+    rel = "servers/concur_proxy_server"
+    args = ["--loops", str(PROXY_THREADS), "--idle-ms", str(idle_ms)]
+    return _proxied(None, lambda b, t, up: start_printing(
+        [_built(b, rel), "--port", "0", "--upstream", "%s:%d" % (HOST, up)] + args, t),
+        " ".join([rel] + args))
+
+
+SERVERS.update({
+    "concur_proxy": _concur_proxy(30000),
+    "concur_proxy_nodl": _concur_proxy(0),
+    "nginx_stream": _proxied("nginx-stream", lambda b, t, up: start_nginx(
+        t, NGINX_STREAM_CONF, module=TOOLS["nginx-stream"][0], upstream_port=up,
+        workers=PROXY_THREADS), "nginx stream proxy (workers %d, proxy_timeout 30s, "
+        "generated config)" % PROXY_THREADS),
+})
 BINARIES = {k: v[2].split()[0] for k, v in SERVERS.items() if v[0] is None}
 
 

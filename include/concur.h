@@ -96,6 +96,17 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
  */
 void concur_exec_free(concur_exec *ex);
 
+/*
+ * Stop an executor gracefully: stop new work as concur_exec_shutdown(ex, false) does, wait up to
+ * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
+ * CANCELLED unrun, and every running task is cancelled (concur_cancel: its waits fail with
+ * -ECANCELED, its I/O in flight is cancelled in the kernel), and join. Tasks decide how fast they
+ * end (a shielded cleanup runs to its end). Returns 0 if the work drained in time, -ETIMEDOUT if
+ * it had to cancel, -EINVAL for a bad ex, -EDEADLK on the executor's own threads. The executor
+ * stays allocated: concur_exec_free() it afterwards.
+ */
+int concur_exec_stop(concur_exec *ex, int64_t drain_ns);
+
 /* Number of loops of the executor, or -EINVAL. */
 int concur_exec_loops(const concur_exec *ex);
 
@@ -229,9 +240,23 @@ bool concur_running(const concur_future *f);
 /*
  * Cancel f. Returns 1 if f is now CANCELLED (it was PENDING, or already cancelled): it will
  * never run, its result is -ECANCELED, waiters are woken (callbacks run in the calling thread,
- * once). Returns 0 when it is too late (running or finished). For an I/O operation in flight
- * it asks the kernel to cancel it and returns -EINPROGRESS: the future ends -ECANCELED, or with
- * the operation's own result if it completed first. -EINVAL for a NULL or invalid future.
+ * once). Returns 0 when it is too late (finished, or a running future that cannot be stopped).
+ * -EINVAL for a NULL or invalid future.
+ *
+ * A RUNNING task: returns -EINPROGRESS, cancellation requested (from any thread, for a task on
+ * any loop). From then on the task is cancelled, for good: the wait it is suspended in and every
+ * later wait of the task return -ECANCELED promptly -- concur_result() and every composition
+ * waiting in it (wait, gather, as_completed, groups), every concur_await_* I/O form, concur_sleep,
+ * the mutex/semaphore/event/channel waits. An I/O operation in flight in that wait is cancelled
+ * in the kernel, and the wait returns only after the operation's last completion (the buffer rule
+ * holds; an operation that completed first keeps its own result). A call that does not have to
+ * wait (a done future, a free mutex, a buffered item) still succeeds. The task itself decides what
+ * to do: its future ends with whatever it returns, and returning -ECANCELED ends it CANCELLED.
+ * concur_shield_push() hides the cancellation from cleanup waits. Children are not cancelled.
+ *
+ * An I/O operation in flight (a future of concur_read() etc.): the kernel is asked to cancel it,
+ * returns -EINPROGRESS: the future ends -ECANCELED, or with the operation's own result if it
+ * completed first.
  */
 int concur_cancel(concur_future *f);
 
@@ -273,13 +298,46 @@ int concur_promise_set(concur_future *f, int64_t res);
 /* ------------------------------------------------------------------------------------------ */
 
 /*
- * Sleep ns nanoseconds. In a task it suspends the fiber (an IORING_OP_TIMEOUT on its loop);
- * elsewhere it sleeps the thread. Returns 0, or -EINVAL for ns < 0.
+ * Sleep ns nanoseconds. In a task it suspends the fiber (on the loop's one timer, see deadlines
+ * below); elsewhere it sleeps the thread. Returns 0, -EINVAL for ns < 0, and in a task
+ * -ECANCELED if the task was cancelled or -ETIMEDOUT if a deadline scope of the task passed
+ * before the sleep ended.
  */
 int concur_sleep(int64_t ns);
 
 /* In a task: let the loop run its other tasks and I/O first. Elsewhere: returns at once. */
 void concur_yield(void);
+
+/*
+ * Deadline scopes (in a task). concur_deadline_push(timeout_ns) puts a deadline timeout_ns from
+ * now over everything the task does until the matching concur_deadline_pop(). Once a pushed
+ * deadline has passed, the wait the task is in and every later wait return -ETIMEDOUT (sticky
+ * until popped), exactly as a cancel does with -ECANCELED (concur_cancel): an I/O operation in
+ * flight is cancelled in the kernel and the wait returns after its last completion. A deadline
+ * that passed while the task ran CPU work fails its next wait at once. Nested scopes: the
+ * earliest deadline in force wins. Timed waits (concur_result with a timeout, the sync
+ * primitives' timeouts) are deadlines on the same machinery.
+ * Cost: a deadline that does not fire takes no SQE and no CQE -- each loop keeps its tasks'
+ * deadlines in a heap and arms one kernel timer for the earliest.
+ * push returns 0, -EINVAL for timeout_ns < 0, -ENOMEM;
+ * pop returns 1 if the popped deadline had passed, 0 if not, -EINVAL if none is pushed.
+ * Both return -EPERM outside a task.
+ */
+int concur_deadline_push(int64_t timeout_ns);
+int concur_deadline_pop(void);
+
+/*
+ * Shields (in a task): between concur_shield_push() and concur_shield_pop() a cancellation of the
+ * task is not seen (its waits go on) and the deadline scopes pushed outside the shield do not
+ * apply; deadlines pushed inside it do -- bound cleanup with one. When the last shield is popped,
+ * a cancellation requested meanwhile applies again (the next wait fails). Nest freely.
+ * Both return 0, -EPERM outside a task; pop returns -EINVAL without a shield.
+ */
+int concur_shield_push(void);
+int concur_shield_pop(void);
+
+/* True in a task whose cancellation was requested (concur_cancel), shielded or not. */
+bool concur_cancel_requested(void);
 
 /* True when called inside a task. */
 bool concur_in_task(void);

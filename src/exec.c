@@ -339,7 +339,7 @@ void concur__task_cache_free(struct concur__loop *loop)
 
 static const struct concur__future_class concur__task_class = {
     .name = "task",
-    .cancel_running = NULL, /* a running task cannot be stopped from outside */
+    .cancel_running = concur__task_cancel_running,
     .destroy = concur__task_destroy,
 };
 
@@ -357,7 +357,7 @@ static void concur__deferred_task_destroy(concur_future *f)
 
 static const struct concur__future_class concur__deferred_task_class = {
     .name = "task",
-    .cancel_running = NULL,
+    .cancel_running = concur__task_cancel_running,
     .destroy = concur__deferred_task_destroy,
 };
 

@@ -762,16 +762,35 @@ void concur_yield(void)
 	concur__suspend();
 }
 
-int64_t concur__await_timed(struct concur__task *t, concur_future *f, int64_t timeout_ns);
+/* An await in progress: its node on the future, and the future, for an interrupt to undo. */
+struct concur__await {
+	struct concur__waiter w;
+	concur_future *f;
+};
+
+static bool concur__await_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
+{
+	struct concur__await *a = arg;
+	if (!concur__waiter_remove(a->f, &a->w))
+		return false; /* completed first: the completion resumes us */
+	concur__loop_push_ready(loop, t);
+	return true;
+}
 
 int64_t concur__await(concur_future *f, int64_t timeout_ns)
 {
 	struct concur__task *t = concur__tl_task;
-	if (timeout_ns >= 0)
-		return concur__await_timed(t, f, timeout_ns);
+	int err = concur__ctl_check(t);
+	if (err)
+		return err;
+	/* a timed await is a deadline on this wait, on the loop's one timer */
+	if (timeout_ns >= 0 && (err = concur__ctl_wait_deadline(t, concur__after_ns(timeout_ns))))
+		return err;
 	/* on the fiber's stack: complete() is done with the node once it has resumed us */
-	struct concur__waiter w = {.kind = CONCUR__WAIT_AWAIT, .task = t};
-	if (concur__waiter_push(f, &w))
-		concur__suspend();
-	return concur__future_value(f);
+	struct concur__await a = {.w = {.kind = CONCUR__WAIT_AWAIT, .task = t}, .f = f};
+	if (concur__waiter_push(f, &a.w))
+		err = concur__suspend_interruptible(t, concur__await_interrupt, &a);
+	if (timeout_ns >= 0)
+		concur__ctl_wait_deadline(t, INT64_MAX);
+	return err ? err : concur__future_value(f);
 }

@@ -110,8 +110,7 @@ static void concur__drop_waiters(concur_future *f)
 		struct concur__waiter *next = w->next;
 		if (w->kind == CONCUR__WAIT_CALLBACK)
 			free(w);
-		/* AWAIT nodes belong to a task that holds a reference, so cannot be here;
-		 * timed ones are owned by their timer (timer.c) */
+		/* AWAIT nodes belong to a task that holds a reference, so cannot be here */
 		w = next;
 	}
 }
@@ -131,19 +130,59 @@ void concur_release(concur_future *f)
 
 /* ---- waiters ------------------------------------------------------------------------------- */
 
+/* A waiter being removed holds the list: bit 1 of the word (nodes are 8-aligned). */
+#define CONCUR__WAITERS_LOCKED ((uintptr_t)2)
+
+static struct concur__waiter *concur__waiters_unlocked(concur_future *f)
+{
+	struct concur__waiter *w = atomic_load_explicit(&f->waiters, memory_order_acquire);
+	while ((uintptr_t)w & CONCUR__WAITERS_LOCKED) {
+		concur__cpu_relax();
+		w = atomic_load_explicit(&f->waiters, memory_order_acquire);
+	}
+	return w;
+}
+
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 {
-	struct concur__waiter *old = atomic_load_explicit(&f->waiters, memory_order_acquire);
-	do {
+	struct concur__waiter *old = concur__waiters_unlocked(f);
+	for (;;) {
 		if (old == CONCUR__WAITERS_CLOSED)
 			return false;
 		w->next = old;
-	} while (!atomic_compare_exchange_weak_explicit(&f->waiters, &old, w, memory_order_acq_rel,
-	                                                memory_order_acquire));
-	return true;
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->waiters, &old, w, memory_order_acq_rel, memory_order_acquire))
+			return true;
+		if ((uintptr_t)old & CONCUR__WAITERS_LOCKED)
+			old = concur__waiters_unlocked(f);
+	}
 }
 
-void concur__timed_wait_fire(struct concur__waiter *w, bool by_completion); /* timer.c */
+bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
+{
+	struct concur__waiter *head = concur__waiters_unlocked(f);
+	for (;;) {
+		if (head == CONCUR__WAITERS_CLOSED)
+			return false; /* completed: the completion has the node */
+		struct concur__waiter *locked =
+		    (struct concur__waiter *)((uintptr_t)head | CONCUR__WAITERS_LOCKED);
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->waiters, &head, locked, memory_order_acquire, memory_order_acquire))
+			break;
+		if ((uintptr_t)head & CONCUR__WAITERS_LOCKED)
+			head = concur__waiters_unlocked(f);
+	}
+	bool found = false;
+	for (struct concur__waiter **pp = &head; *pp; pp = &(*pp)->next) {
+		if (*pp == w) {
+			*pp = w->next;
+			found = true;
+			break;
+		}
+	}
+	atomic_store_explicit(&f->waiters, head, memory_order_release);
+	return found;
+}
 
 /*
  * Wake a thread parked on f's state word. When the loop has SQEs queued, it enters the kernel
@@ -181,8 +220,11 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 	if (old & CONCUR__PARKED)
 		concur__wake_parked(f);
 
-	struct concur__waiter *w =
-	    atomic_exchange_explicit(&f->waiters, CONCUR__WAITERS_CLOSED, memory_order_acq_rel);
+	struct concur__waiter *w = concur__waiters_unlocked(f);
+	while (!atomic_compare_exchange_weak_explicit(&f->waiters, &w, CONCUR__WAITERS_CLOSED,
+	                                              memory_order_acq_rel, memory_order_acquire))
+		if ((uintptr_t)w & CONCUR__WAITERS_LOCKED)
+			w = concur__waiters_unlocked(f);
 	/* the list is newest first: reverse it into registration order */
 	struct concur__waiter *ordered = NULL;
 	while (w) {
@@ -207,9 +249,6 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 			break;
 		case CONCUR__WAIT_AWAIT:
 			concur__resume(ordered->task);
-			break;
-		case CONCUR__WAIT_AWAIT_TIMED:
-			concur__timed_wait_fire(ordered, true);
 			break;
 		}
 		ordered = next;

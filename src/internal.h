@@ -9,7 +9,8 @@
  *              CQE dispatch, and concur__loop_sleep(): the one place a loop sleeps.
  *   exec.c     the executor: loops, spawn, join, shutdown, stats.
  *   fiber.c    stacks, context switches (fiber_x86_64.S / fiber_aarch64.S), suspend/resume.
- *   timer.c    concur_sleep and timed awaits (IORING_OP_TIMEOUT).
+ *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
+ *   control.c  cancelling a running task, shields, breaking a suspended wait, exec_stop.
  */
 #ifndef CONCUR_INTERNAL_H
 #define CONCUR_INTERNAL_H
@@ -79,6 +80,7 @@ enum {
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
 	CONCUR__PARKED = 4,
+	CONCUR__CANCEL_REQ = 8, /* a RUNNING task was asked to stop (concur_cancel): control.c */
 };
 
 #define CONCUR__FUTURE_MAGIC 0x46757475u /* "Futu" */
@@ -95,11 +97,9 @@ struct concur__future_class {
 };
 
 enum concur__waiter_kind {
-	CONCUR__WAIT_CALLBACK,    /* run fn(f, arg), then free the node */
-	CONCUR__WAIT_CALL,        /* run fn(f, arg); the node belongs to its owner (embedded) */
-	CONCUR__WAIT_AWAIT,       /* resume a fiber (untimed: the node lives in the task) */
-	CONCUR__WAIT_AWAIT_TIMED, /* resume a fiber unless its timer won (struct concur__timed_wait)
-	                           */
+	CONCUR__WAIT_CALLBACK, /* run fn(f, arg), then free the node */
+	CONCUR__WAIT_CALL,     /* run fn(f, arg); the node belongs to its owner (embedded) */
+	CONCUR__WAIT_AWAIT,    /* resume a fiber (the node lives on its stack) */
 };
 
 struct concur__waiter {
@@ -141,6 +141,8 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state);
 bool concur__future_claim(concur_future *f);
 /* Add a waiter; false if f is already done (the waiter was not added). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
+/* Take a waiter off again; false if f completed first (the completion wakes it). */
+bool concur__waiter_remove(concur_future *f, struct concur__waiter *w);
 /* A future already failed with err (never NULL: a static one if memory runs out). */
 concur_future *concur__failed_future(concur_exec *ex, int64_t err);
 /* The result of a done future. */
@@ -202,14 +204,45 @@ struct concur__node {
 /* ---- tasks and fibers (fiber.c) ----------------------------------------------------------- */
 
 /*
+ * What a started task carries for control (control.c): how to break the wait it is suspended
+ * in, its shields and deadline scopes. It lives in the fiber (only started tasks need it), is
+ * touched by the loop thread only, and is set up afresh for each task (concur__ctl_start).
+ */
+typedef bool (*concur__interrupt_fn)(struct concur__loop *loop, struct concur__task *t, void *arg);
+
+/* A task's deadline scopes, allocated on its first concur_deadline_push (timer.c). */
+struct concur__scopes {
+	unsigned n, cap;
+	struct {
+		int64_t at;
+		unsigned shield; /* the shield depth it was pushed at */
+	} at[];
+};
+
+/* Kept small: it sits at the top of every stack, 1 KiB stacks included. */
+struct concur__ctl {
+	concur__interrupt_fn interrupt; /* the wait the task is suspended in, or NULL */
+	void *interrupt_arg;
+	int64_t wait_due; /* the current timed wait's deadline, INT64_MAX: none */
+	int64_t due;      /* the earliest deadline in force (CLOCK_MONOTONIC ns), INT64_MAX: none */
+	int64_t seen_now; /* a time the loop's timer saw pass for this task */
+	struct concur__task *live_prev, *live_next; /* the loop's started tasks */
+	struct concur__scopes *scopes;              /* NULL until the first push */
+	uint32_t heap_idx;                          /* in loop->timers.heap, or UINT32_MAX */
+	int16_t interrupted; /* the error an interrupt ended the wait with, or 0 */
+	uint16_t shield;     /* concur_shield_push depth */
+};
+
+/*
  * A fiber's record lives at the top of its own stack slot (a slab allocator, in fiber.c):
  * a slot is carved from a reservation, one mapping holding many slots of one size class.
  */
 struct concur__stack_res;
 struct concur__fiber {
-	void *sp;       /* saved stack pointer while switched out (assembly switch) */
-	void *uctx;     /* ucontext_t while switched out (fallback switch only) */
-	void *stack_lo; /* lowest usable byte, just above the guard page */
+	struct concur__ctl ctl; /* first: the hot fields share the fiber's first line */
+	void *sp;               /* saved stack pointer while switched out (assembly switch) */
+	void *uctx;             /* ucontext_t while switched out (fallback switch only) */
+	void *stack_lo;         /* lowest usable byte, just above the guard page */
 	size_t stack_size;
 	struct concur__stack_res *res; /* the reservation the slot belongs to */
 	uint32_t slot;                 /* its index there */
@@ -289,7 +322,8 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
 void concur__suspend(void);
 /* Make a suspended task runnable again on its own loop, from any thread. */
 void concur__resume(struct concur__task *t);
-/* In a task: wait for f (timeout_ns < 0: forever). Returns f's value or -ETIMEDOUT. */
+/* In a task: wait for f (timeout_ns < 0: forever). Returns f's value, -ETIMEDOUT, or
+ * -ECANCELED if the task was cancelled (see control.c). */
 int64_t concur__await(concur_future *f, int64_t timeout_ns);
 /*
  * A task made now and queued later (by concur__task_enqueue, from any thread): a dependent task
@@ -303,6 +337,16 @@ struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn f
 void concur__task_enqueue(struct concur__task *t);
 
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
+
+/* The loop's one kernel timer, armed for the earliest deadline of a heap of tasks (control.c). */
+struct concur__timers {
+	struct concur__task **heap; /* min-heap on ctl.due */
+	size_t n, cap;
+	struct concur__op op;             /* the armed IORING_OP_TIMEOUT's CQE */
+	struct __kernel_timespec ts, upd; /* its expiry, and an update's (absolute) */
+	int64_t armed_at;                 /* when the armed timer fires */
+	bool armed;
+};
 
 struct concur__loop_stats {
 	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
@@ -337,6 +381,11 @@ struct concur__loop {
 	int setup_err;
 	char setup_msg[256]; /* why setup failed, for the thread that called concur_exec_new */
 	struct concur__loop_stats st;
+	struct concur__timers timers;  /* deadlines and timed waits (timer.c) */
+	struct concur__task *live;     /* started tasks, for concur_exec_stop (control.c) */
+	struct concur__node *io_live;  /* future I/O ops in flight, for the same (io.c) */
+	struct concur__node stop_node; /* concur_exec_stop's message (control.c) */
+	_Atomic bool stop_posted;
 
 	/* touched by other threads */
 	_Alignas(CONCUR__CACHELINE) _Atomic(struct concur__node *) inbox;
@@ -419,6 +468,60 @@ static inline bool concur__op_supported(const concur_exec *ex, unsigned opcode)
 {
 	return opcode < 256 && ex->op_supported[opcode];
 }
+
+/* ---- control of running tasks (control.c) -------------------------------------------------- */
+
+/* A task starts or ends on its loop: set up and tear down its control state. */
+void concur__ctl_start(struct concur__loop *loop, struct concur__task *t);
+void concur__ctl_end(struct concur__loop *loop, struct concur__task *t);
+/* The class hook of concur_cancel() on a RUNNING task. */
+int concur__task_cancel_running(concur_future *f);
+int concur__ctl_check_slow(struct concur__task *t);
+/*
+ * In a task, before a wait: 0, or the error the wait ends with at once (-ECANCELED: the task was
+ * cancelled and is not shielded; -ETIMEDOUT: a deadline in force has passed). Two loads when
+ * neither applies.
+ */
+static inline int concur__ctl_check(struct concur__task *t)
+{
+	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
+	if (CONCUR__LIKELY(!(s & CONCUR__CANCEL_REQ) && t->fib->ctl.due == INT64_MAX))
+		return 0;
+	return concur__ctl_check_slow(t);
+}
+/*
+ * In a task: suspend in a wait that a cancel or a deadline may break. If one does (on the loop
+ * thread), fn(loop, t, arg) must end the wait -- resume t now or later, exactly once -- and
+ * return true; false if the wait was over already (t is being resumed). Returns 0, or the
+ * error of the interrupt that ended the wait (-ECANCELED, -ETIMEDOUT).
+ */
+static inline int concur__suspend_interruptible(struct concur__task *t, concur__interrupt_fn fn,
+                                                void *arg)
+{
+	struct concur__ctl *c = &t->fib->ctl;
+	c->interrupt = fn;
+	c->interrupt_arg = arg;
+	c->interrupted = 0;
+	concur__suspend();
+	c->interrupt = NULL;
+	return c->interrupted;
+}
+/* Loop thread: break the wait t is suspended in (if any) with err. */
+void concur__interrupt(struct concur__loop *loop, struct concur__task *t, int err);
+/* The earliest deadline in force for a task (timer.c). */
+int64_t concur__ctl_due(const struct concur__ctl *c);
+/* A task's deadlines changed: put it where it belongs in its loop's timer heap (timer.c).
+ * 0, or -ENOMEM (the deadline is still checked when a wait begins, but cannot break one). */
+int concur__ctl_retime(struct concur__task *t);
+void concur__timers_del(struct concur__loop *loop, struct concur__task *t);
+/* Set (or, with INT64_MAX, clear) the deadline of the task's current wait. 0 or -ENOMEM. */
+int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
+/* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
+int64_t concur__after_ns(int64_t timeout_ns);
+/* Loop thread: cancel every future I/O op of the loop in flight (io.c). */
+void concur__io_cancel_all(struct concur__loop *loop);
+/* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
+bool concur__timers_stop(struct concur__loop *loop);
 
 /* ---- misc ---------------------------------------------------------------------------------- */
 

@@ -44,6 +44,7 @@ struct io_req {
 	int32_t lt_res;                    /* the linked timeout's: -ETIME when it fired */
 	uint8_t cqes_left;
 	bool has_deadline;
+	bool timer_deadline;     /* direct form: the deadline rides the loop's timer instead */
 	_Atomic bool cancel_req; /* concur_cancel asked the kernel to cancel it */
 };
 
@@ -155,6 +156,37 @@ static void io_drop(struct concur__io *io)
 	concur_release(&io->f);
 }
 
+/*
+ * A loop's future ops in flight, linked through their (then unused) submit node, so that
+ * concur_exec_stop can cancel them all (concur__io_cancel_all).
+ */
+static void io_live_add(struct concur__loop *loop, struct concur__io *io)
+{
+	io->node.prev = NULL;
+	io->node.next = loop->io_live;
+	if (loop->io_live)
+		loop->io_live->prev = &io->node;
+	loop->io_live = &io->node;
+}
+
+static void io_live_del(struct concur__loop *loop, struct concur__io *io)
+{
+	if (io->node.prev)
+		io->node.prev->next = io->node.next;
+	else
+		loop->io_live = io->node.next;
+	if (io->node.next)
+		io->node.next->prev = io->node.prev;
+}
+
+void concur__io_cancel_all(struct concur__loop *loop)
+{
+	for (struct concur__node *n = loop->io_live, *next; n; n = next) {
+		next = n->next;
+		concur_cancel(&IO_CONTAINER(n, struct concur__io, node)->f);
+	}
+}
+
 static void io_req_cqe(struct io_req *r)
 {
 	struct concur__io *io;
@@ -168,6 +200,7 @@ static void io_req_cqe(struct io_req *r)
 		return;
 	}
 	io = IO_CONTAINER(r, struct concur__io, r);
+	io_live_del(r->loop, io);
 	res = io_outcome(r, &cancelled);
 	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	io_drop(io);
@@ -251,6 +284,7 @@ static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 		return;
 	}
 	io_submit(loop, &io->r);
+	io_live_add(loop, io);
 }
 
 /* A new future op (two references: the caller's and the executor's), or an error. */
@@ -291,6 +325,7 @@ static concur_future *io_start(struct concur__io *io)
 		io->r.loop = cur;
 		concur__future_claim(&io->f); /* nobody else has seen it yet */
 		io_submit(cur, &io->r);
+		io_live_add(cur, io);
 	} else {
 		io->r.loop = concur__exec_pick_loop(ex);
 		io->node.kind = CONCUR__NODE_CALL;
@@ -315,15 +350,56 @@ static int io_await_init(struct io_req *r, unsigned opcode, int64_t timeout_ns)
 	return 0;
 }
 
+/* A cancel or a deadline broke the wait: ask the kernel to cancel the op; its CQE (with its
+ * own result if it won the race) resumes the task as usual. */
+static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
+{
+	struct io_req *r = arg;
+	struct io_uring_sqe *sqe = concur__sqe(loop);
+
+	io_uring_prep_cancel64(sqe, io_user_data(&r->op), 0);
+	concur__sqe_set_op(sqe, &io_quiet_op);
+	loop->inflight++;
+	return true;
+}
+
+/*
+ * In a task, a deadline on the operation is a deadline on this wait, on the loop's one timer
+ * (timer.c), rather than a linked timeout: no SQE and no CQE unless it fires (then the op is
+ * cancelled like on any interrupt). Without memory for the timer's heap, the linked timeout.
+ */
+static void io_await_deadline(struct concur__task *t, struct io_req *r)
+{
+	int64_t ns = (int64_t)r->deadline.tv_sec * 1000000000 + r->deadline.tv_nsec;
+
+	if (!r->has_deadline || concur__ctl_wait_deadline(t, concur__after_ns(ns)) < 0)
+		return;
+	r->has_deadline = false;
+	r->cqes_left = 1;
+	r->timer_deadline = true;
+}
+
 static int64_t io_await(struct io_req *r)
 {
+	struct concur__task *t = concur__tl_task;
 	bool cancelled;
+	int64_t res;
+	int intr = concur__ctl_check(t);
 
-	r->task = concur__tl_task;
+	if (intr)
+		return intr; /* cancelled or past a deadline: the op is not even started */
+	r->task = t;
 	r->loop = concur__tl_loop;
+	io_await_deadline(t, r);
 	io_submit(r->loop, r);
-	concur__suspend(); /* resumed by io_req_cqe once every CQE is in */
-	return io_outcome(r, &cancelled);
+	/* resumed by io_req_cqe once every CQE is in */
+	intr = concur__suspend_interruptible(t, io_await_interrupt, r);
+	if (r->timer_deadline)
+		concur__ctl_wait_deadline(t, INT64_MAX);
+	res = io_outcome(r, &cancelled);
+	if (intr && (r->res == -ECANCELED || r->res == -EINTR))
+		return intr; /* ended by the interrupt (a cancel, its deadline, a scope's) */
+	return res;
 }
 
 /* ---- the operations ----------------------------------------------------------------------- */

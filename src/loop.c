@@ -128,6 +128,7 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 {
 	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
 		concur_cancel(&t->f); /* shutdown(ex, true): end it CANCELLED without running */
+	t->loop = loop; /* before the claim: a concurrent concur_cancel reads it once RUNNING */
 	if (!concur__future_claim(&t->f)) {
 		concur__task_drop(t); /* cancelled while queued: its waiters know already */
 		return false;
@@ -138,8 +139,8 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 		concur__task_drop(t);
 		return false;
 	}
-	t->loop = loop;
 	concur__fiber_prepare(t->fib, t);
+	concur__ctl_start(loop, t);
 	concur__stat_inc(&loop->st.tasks_run, 1);
 	return true;
 }
@@ -159,9 +160,12 @@ static void concur__run_queues(struct concur__loop *loop)
 		if (t->f.flags & CONCUR__TASK_RETURNED) {
 			/* the stack goes back first: callbacks run on the loop's stack, and any
 			 * task they spawn can reuse it */
+			concur__ctl_end(loop, t);
 			concur__fiber_put(loop, t->fib);
 			t->fib = NULL;
-			concur__complete(&t->f, t->f.res, CONCUR__FINISHED);
+			concur__complete(&t->f, t->f.res,
+			                 t->f.res == -ECANCELED ? CONCUR__CANCELLED
+			                                        : CONCUR__FINISHED);
 			concur__task_drop(t);
 		}
 	}
@@ -486,10 +490,11 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 		struct io_uring_sqe *sqe = concur__sqe(loop);
 		io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
 		concur__sqe_set_op(sqe, &concur__ignore_op);
-		while (loop->inflight) {
-			io_uring_submit_and_wait(&loop->ring, 1);
-			concur__reap(loop);
-		}
+	}
+	concur__timers_stop(loop);
+	while (loop->inflight || loop->timers.armed) {
+		io_uring_submit_and_wait(&loop->ring, 1);
+		concur__reap(loop);
 	}
 	concur__fiber_pool_free(loop);
 	concur__task_cache_free(loop);

@@ -1,115 +1,275 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Timers: concur_sleep() and awaits with a timeout, both IORING_OP_TIMEOUT on the fiber's own
- * loop. Nothing polls: a timed await is woken by whichever comes first, the future's completion
- * or the timer's CQE.
+ * The loop's timer: one kernel timer per loop drives every deadline scope, timed wait and
+ * in-task sleep.
  *
- * A timed await needs a node that outlives the await itself (the future's waiter list and the
- * in-flight timer both point at it), so it is a small refcounted allocation: one reference for
- * the list, one for the timer, one for the fiber that reads it once resumed. Whoever flips `fired`
- * first resumes the fiber.
+ * Each started task with a deadline in force (a concur_deadline_push scope, or the deadline of
+ * the wait it is in: concur_result with a timeout, a timed sync wait, concur_sleep) sits in its
+ * loop's min-heap, keyed by its earliest deadline, and a single IORING_OP_TIMEOUT (absolute,
+ * CLOCK_MONOTONIC) is armed for the top of the heap. Its CQE breaks the waits of the tasks whose
+ * deadline passed (concur__interrupt, control.c) with -ETIMEDOUT.
+ *
+ * A deadline that does not fire costs no SQE and no CQE: pushing one that is not the earliest
+ * only touches the heap, and the armed timer is moved earlier (IORING_TIMEOUT_UPDATE) only when
+ * a new deadline is the earliest. Deadlines that are popped leave the timer armed: it fires
+ * once, early, finds nothing due and is re-armed for what is then the earliest.
  */
 #include "internal.h"
 
 #include <stdlib.h>
 #include <time.h>
 
-struct concur__timed_wait {
-	struct concur__waiter w; /* first: complete() hands us this */
-	struct concur__op op;    /* the timer's CQE */
-	struct __kernel_timespec ts;
-	struct concur__task *task;
-	_Atomic uint32_t fired;
-	_Atomic uint32_t refs;
-	bool timed_out;
-};
+/* ---- clocks -------------------------------------------------------------------------------- */
 
-static void concur__ts_set(struct __kernel_timespec *ts, int64_t ns)
+int64_t concur__after_ns(int64_t timeout_ns)
 {
-	ts->tv_sec = ns / 1000000000;
-	ts->tv_nsec = ns % 1000000000;
+	int64_t now = concur__now_ns();
+	return timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
 }
 
-static void concur__timed_wait_put(struct concur__timed_wait *tw)
+static void concur__ts_abs(struct __kernel_timespec *ts, int64_t at)
 {
-	if (atomic_fetch_sub_explicit(&tw->refs, 1, memory_order_acq_rel) == 1)
-		free(tw);
+	ts->tv_sec = at / 1000000000;
+	ts->tv_nsec = at % 1000000000;
 }
 
-/* Called by concur__complete() (by_completion) and by the timer's CQE. */
-void concur__timed_wait_fire(struct concur__waiter *w, bool by_completion)
+/* ---- the heap ------------------------------------------------------------------------------ */
+
+static int64_t concur__due(const struct concur__task *t)
 {
-	struct concur__timed_wait *tw = (struct concur__timed_wait *)w;
-	uint32_t expected = 0;
-	if (atomic_compare_exchange_strong_explicit(&tw->fired, &expected, 1, memory_order_acq_rel,
-	                                            memory_order_acquire)) {
-		tw->timed_out = !by_completion;
-		concur__resume(tw->task);
+	return t->fib->ctl.due;
+}
+
+static void concur__heap_set(struct concur__timers *tm, size_t i, struct concur__task *t)
+{
+	tm->heap[i] = t;
+	t->fib->ctl.heap_idx = (uint32_t)i;
+}
+
+static void concur__heap_up(struct concur__timers *tm, size_t i)
+{
+	struct concur__task *t = tm->heap[i];
+	while (i && concur__due(tm->heap[(i - 1) / 2]) > concur__due(t)) {
+		concur__heap_set(tm, i, tm->heap[(i - 1) / 2]);
+		i = (i - 1) / 2;
 	}
-	concur__timed_wait_put(tw);
+	concur__heap_set(tm, i, t);
 }
 
-static void concur__timed_wait_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                                   uint32_t cqe_flags)
+static void concur__heap_down(struct concur__timers *tm, size_t i)
 {
-	struct concur__timed_wait *tw =
-	    (struct concur__timed_wait *)((char *)op - offsetof(struct concur__timed_wait, op));
-	loop->inflight--;
-	concur__timed_wait_fire(&tw->w, false);
-}
-
-int64_t concur__await_timed(struct concur__task *t, concur_future *f, int64_t timeout_ns)
-{
-	struct concur__timed_wait *tw = malloc(sizeof(*tw));
-	if (!tw)
-		return -ENOMEM;
-	tw->w.kind = CONCUR__WAIT_AWAIT_TIMED;
-	tw->op.cqe = concur__timed_wait_cqe;
-	tw->task = t;
-	tw->timed_out = false;
-	atomic_init(&tw->fired, 0);
-	atomic_init(&tw->refs, 3); /* the waiter list's, the timer's, and ours */
-	concur__ts_set(&tw->ts, timeout_ns);
-	if (!concur__waiter_push(f, &tw->w)) {
-		free(tw);
-		return concur__future_value(f);
+	struct concur__task *t = tm->heap[i];
+	for (;;) {
+		size_t c = 2 * i + 1;
+		if (c >= tm->n)
+			break;
+		if (c + 1 < tm->n && concur__due(tm->heap[c + 1]) < concur__due(tm->heap[c]))
+			c++;
+		if (concur__due(tm->heap[c]) >= concur__due(t))
+			break;
+		concur__heap_set(tm, i, tm->heap[c]);
+		i = c;
 	}
-	struct concur__loop *loop = t->loop;
+	concur__heap_set(tm, i, t);
+}
+
+static int concur__heap_add(struct concur__timers *tm, struct concur__task *t)
+{
+	if (tm->n == tm->cap) {
+		size_t cap = tm->cap ? tm->cap * 2 : 64;
+		struct concur__task **h = realloc(tm->heap, cap * sizeof(*h));
+		if (!h)
+			return -ENOMEM;
+		tm->heap = h;
+		tm->cap = cap;
+	}
+	tm->heap[tm->n++] = t;
+	concur__heap_up(tm, tm->n - 1);
+	return 0;
+}
+
+static void concur__heap_del(struct concur__timers *tm, struct concur__task *t)
+{
+	size_t i = t->fib->ctl.heap_idx;
+	t->fib->ctl.heap_idx = UINT32_MAX;
+	struct concur__task *last = tm->heap[--tm->n];
+	if (last == t)
+		return;
+	concur__heap_set(tm, i, last);
+	concur__heap_up(tm, i);
+	concur__heap_down(tm, last->fib->ctl.heap_idx);
+}
+
+/* ---- the loop's timer ---------------------------------------------------------------------- */
+
+static void concur__timers_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                               uint32_t cqe_flags);
+
+/* Make the kernel timer fire no later than the heap's earliest deadline. */
+static void concur__timers_arm(struct concur__loop *loop)
+{
+	struct concur__timers *tm = &loop->timers;
+	if (!tm->n)
+		return;
+	int64_t first = concur__due(tm->heap[0]);
+	if (tm->armed && first >= tm->armed_at)
+		return; /* it fires early enough; then it is re-armed for what is due next */
 	struct io_uring_sqe *sqe = concur__sqe(loop);
-	io_uring_prep_timeout(sqe, &tw->ts, 0, 0);
-	concur__sqe_set_op(sqe, &tw->op);
-	loop->inflight++;
-
-	concur__suspend();
-
-	int64_t r;
-	if (tw->timed_out) {
-		r = concur__is_done(f) ? concur__future_value(f) : -ETIMEDOUT;
-	} else {
-		r = concur__future_value(f);
-		/* the future won: take the timer down now rather than let it linger */
-		sqe = concur__sqe(loop);
-		io_uring_prep_timeout_remove(sqe, (uint64_t)(uintptr_t)&tw->op | CONCUR__TAG_OP, 0);
-		sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+	tm->op.cqe = concur__timers_cqe;
+	if (tm->armed) {
+		concur__ts_abs(&tm->upd, first);
+		io_uring_prep_timeout_update(sqe, &tm->upd, (uint64_t)(uintptr_t)&tm->op,
+		                             IORING_TIMEOUT_ABS);
+		sqe->flags |= IOSQE_CQE_SKIP_SUCCESS; /* a failure: it fired meanwhile, fine */
 		concur__sqe_set_op(sqe, &concur__ignore_op);
+	} else {
+		concur__ts_abs(&tm->ts, first);
+		io_uring_prep_timeout(sqe, &tm->ts, 0, IORING_TIMEOUT_ABS);
+		concur__sqe_set_op(sqe, &tm->op);
+		tm->armed = true;
 	}
-	concur__timed_wait_put(tw);
-	return r;
+	tm->armed_at = first;
 }
 
-/* concur_sleep's timeout, on the sleeping fiber's stack: its CQE is what resumes the fiber. */
-struct concur__sleep {
-	struct concur__op op;
-	struct __kernel_timespec ts;
-	struct concur__task *task;
-};
-
-static void concur__sleep_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                              uint32_t cqe_flags)
+static void concur__timers_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                               uint32_t cqe_flags)
 {
-	struct concur__sleep *s = (struct concur__sleep *)op;
-	loop->inflight--;
-	concur__loop_push_ready(loop, s->task);
+	struct concur__timers *tm = &loop->timers;
+	tm->armed = false;
+	tm->armed_at = INT64_MAX;
+	int64_t now = concur__now_ns();
+	while (tm->n && concur__due(tm->heap[0]) <= now) {
+		struct concur__task *t = tm->heap[0];
+		concur__heap_del(tm, t);
+		t->fib->ctl.seen_now = now;
+		concur__interrupt(loop, t, -ETIMEDOUT);
+	}
+	concur__timers_arm(loop);
+}
+
+void concur__timers_del(struct concur__loop *loop, struct concur__task *t)
+{
+	concur__heap_del(&loop->timers, t);
+}
+
+bool concur__timers_stop(struct concur__loop *loop)
+{
+	struct concur__timers *tm = &loop->timers;
+	free(tm->heap);
+	tm->heap = NULL;
+	tm->n = tm->cap = 0;
+	if (!tm->armed)
+		return false;
+	struct io_uring_sqe *sqe = concur__sqe(loop);
+	io_uring_prep_timeout_remove(sqe, (uint64_t)(uintptr_t)&tm->op, 0);
+	sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+	concur__sqe_set_op(sqe, &concur__ignore_op);
+	return true; /* the caller reaps until tm->armed is false */
+}
+
+/* ---- deadlines of a task -------------------------------------------------------------------- */
+
+/* The earliest deadline in force: the scopes pushed at the current shield depth or deeper (a
+ * shield hides the deadlines outside it), and the current timed wait. */
+int64_t concur__ctl_due(const struct concur__ctl *c)
+{
+	int64_t due = c->wait_due;
+	const struct concur__scopes *sc = c->scopes;
+	for (unsigned i = sc ? sc->n : 0; i-- > 0;) {
+		if (sc->at[i].shield < c->shield)
+			break;
+		if (sc->at[i].at < due)
+			due = sc->at[i].at;
+	}
+	return due;
+}
+
+int concur__ctl_retime(struct concur__task *t)
+{
+	struct concur__loop *loop = t->loop;
+	struct concur__ctl *c = &t->fib->ctl;
+	int64_t due = concur__ctl_due(c);
+	if (due == c->due)
+		return 0;
+	if (c->heap_idx != UINT32_MAX)
+		concur__heap_del(&loop->timers, t);
+	c->due = due;
+	if (due == INT64_MAX || due <= c->seen_now)
+		return 0; /* none, or known to have passed: the next wait fails at once */
+	if (concur__heap_add(&loop->timers, t) < 0)
+		return -ENOMEM; /* still checked when a wait begins; it cannot break one */
+	concur__timers_arm(loop);
+	return 0;
+}
+
+int concur__ctl_wait_deadline(struct concur__task *t, int64_t due)
+{
+	t->fib->ctl.wait_due = due;
+	return concur__ctl_retime(t);
+}
+
+/* Room for one more scope: 0 or -ENOMEM. */
+static int concur__scopes_grow(struct concur__ctl *c)
+{
+	struct concur__scopes *sc = c->scopes;
+	if (sc && sc->n < sc->cap)
+		return 0;
+	unsigned cap = sc ? sc->cap * 2 : 4;
+	sc = realloc(sc, sizeof(*sc) + cap * sizeof(sc->at[0]));
+	if (!sc)
+		return -ENOMEM;
+	if (!c->scopes)
+		sc->n = 0;
+	sc->cap = cap;
+	c->scopes = sc;
+	return 0;
+}
+
+int concur_deadline_push(int64_t timeout_ns)
+{
+	struct concur__task *t = concur__tl_task;
+	if (!t)
+		return -EPERM;
+	if (timeout_ns < 0)
+		return -EINVAL;
+	struct concur__ctl *c = &t->fib->ctl;
+	if (concur__scopes_grow(c) < 0)
+		return -ENOMEM;
+	struct concur__scopes *sc = c->scopes;
+	sc->at[sc->n].at = concur__after_ns(timeout_ns);
+	sc->at[sc->n].shield = c->shield;
+	sc->n++;
+	int err = concur__ctl_retime(t);
+	if (err) {
+		sc->n--;
+		concur__ctl_retime(t); /* back to the previous one: the heap has room for it */
+	}
+	return err;
+}
+
+int concur_deadline_pop(void)
+{
+	struct concur__task *t = concur__tl_task;
+	if (!t)
+		return -EPERM;
+	struct concur__ctl *c = &t->fib->ctl;
+	if (!c->scopes || !c->scopes->n)
+		return -EINVAL;
+	int64_t at = c->scopes->at[--c->scopes->n].at;
+	int64_t now = concur__now_ns();
+	if (at <= now && now > c->seen_now)
+		c->seen_now = now;
+	concur__ctl_retime(t); /* a later deadline only: needs no memory */
+	return at <= now;
+}
+
+/* ---- sleeping -------------------------------------------------------------------------------- */
+
+/* The sleep's own deadline or a scope's fired, or a cancel came: nothing to undo but wake. */
+static bool concur__sleep_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
+{
+	concur__loop_push_ready(loop, t);
+	return true;
 }
 
 int concur_sleep(int64_t ns)
@@ -123,17 +283,19 @@ int concur_sleep(int64_t ns)
 			;
 		return 0;
 	}
+	int err = concur__ctl_check(t);
+	if (err)
+		return err;
 	if (ns == 0) {
 		concur_yield();
 		return 0;
 	}
-	struct concur__loop *loop = t->loop;
-	struct concur__sleep s = {.op.cqe = concur__sleep_cqe, .task = t};
-	concur__ts_set(&s.ts, ns);
-	struct io_uring_sqe *sqe = concur__sqe(loop);
-	io_uring_prep_timeout(sqe, &s.ts, 0, 0);
-	concur__sqe_set_op(sqe, &s.op);
-	loop->inflight++;
-	concur__suspend();
-	return 0;
+	err = concur__ctl_wait_deadline(t, concur__after_ns(ns));
+	if (err)
+		return err;
+	int r = concur__suspend_interruptible(t, concur__sleep_interrupt, NULL);
+	concur__ctl_wait_deadline(t, INT64_MAX); /* a later deadline only: needs no memory */
+	if (r == -ETIMEDOUT)
+		r = concur__ctl_check(t); /* a scope's deadline, or just the sleep's own: 0 */
+	return r;
 }

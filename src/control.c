@@ -1,0 +1,198 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Control of running tasks: cancelling a running task, shields, breaking a suspended wait, and
+ * stopping an executor.
+ *
+ * A wait inside a task (an await of a future, a direct I/O operation, a sleep, a stream's next)
+ * suspends through concur__suspend_interruptible(), naming how to break it. Two things break a
+ * wait, both on the task's own loop thread (concur__interrupt):
+ *   - a cancel: concur_cancel() on a RUNNING task sets CONCUR__CANCEL_REQ in its state word
+ *     (sticky) and posts a message to the task's loop, which breaks the wait with -ECANCELED;
+ *   - a deadline: the loop's timer (timer.c) breaks it with -ETIMEDOUT.
+ * Every wait also checks at its start (concur__ctl_check): a task cancelled, or past a deadline,
+ * fails the wait at once instead of suspending -- even if it ran CPU work all along and no CQE
+ * could be reaped meanwhile (a coarse clock read, ~3 ns, only while a deadline is in force).
+ * A shield hides cancellation and the deadlines pushed outside it, for cleanup that must run.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <time.h>
+
+/* The last tick's time: never ahead of CLOCK_MONOTONIC, so "passed" by it is really passed. */
+static int64_t concur__coarse_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* ---- a task's control state ---------------------------------------------------------------- */
+
+void concur__ctl_start(struct concur__loop *loop, struct concur__task *t)
+{
+	struct concur__ctl *c = &t->fib->ctl;
+	c->interrupt = NULL;
+	c->shield = 0;
+	c->scopes = NULL;
+	c->wait_due = INT64_MAX;
+	c->due = INT64_MAX;
+	c->seen_now = 0;
+	c->heap_idx = UINT32_MAX;
+	c->live_prev = NULL;
+	c->live_next = loop->live;
+	if (loop->live)
+		loop->live->fib->ctl.live_prev = t;
+	loop->live = t;
+}
+
+void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
+{
+	struct concur__ctl *c = &t->fib->ctl;
+	if (c->heap_idx != UINT32_MAX)
+		concur__timers_del(loop, t);
+	free(c->scopes);
+	if (c->live_prev)
+		c->live_prev->fib->ctl.live_next = c->live_next;
+	else
+		loop->live = c->live_next;
+	if (c->live_next)
+		c->live_next->fib->ctl.live_prev = c->live_prev;
+}
+
+int concur__ctl_check_slow(struct concur__task *t)
+{
+	struct concur__ctl *c = &t->fib->ctl;
+	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
+	if ((s & CONCUR__CANCEL_REQ) && !c->shield)
+		return -ECANCELED;
+	if (c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now()))
+		return -ETIMEDOUT;
+	return 0;
+}
+
+/* Loop thread: break the wait t is suspended in, if it is in one. */
+void concur__interrupt(struct concur__loop *loop, struct concur__task *t, int err)
+{
+	struct concur__ctl *c = &t->fib->ctl;
+	concur__interrupt_fn fn = c->interrupt;
+	if (!fn)
+		return;      /* running, runnable, or not in a wait that can be broken */
+	c->interrupt = NULL; /* once per wait */
+	c->interrupted = err;
+	if (!fn(loop, t, c->interrupt_arg))
+		c->interrupted = 0; /* the wait was over already: it keeps its own outcome */
+}
+
+/* ---- cancelling a running task ------------------------------------------------------------- */
+
+struct concur__cancel_msg {
+	struct concur__node node;
+	struct concur__task *task; /* a reference */
+};
+
+static void concur__cancel_arrived(struct concur__loop *loop, struct concur__node *node)
+{
+	struct concur__cancel_msg *m = (struct concur__cancel_msg *)node;
+	struct concur__task *t = m->task;
+	if (t->fib && !t->fib->ctl.shield)
+		concur__interrupt(loop, t, -ECANCELED);
+	concur_release(&t->f);
+	free(m);
+}
+
+int concur__task_cancel_running(concur_future *f)
+{
+	struct concur__task *t = (struct concur__task *)f;
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
+	do {
+		if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING)
+			return (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
+		if (s & CONCUR__CANCEL_REQ)
+			return -EINPROGRESS; /* asked already */
+	} while (!atomic_compare_exchange_weak_explicit(
+	    &f->state, &s, s | CONCUR__CANCEL_REQ, memory_order_acq_rel, memory_order_acquire));
+	/* The request is in the state word: the task's next wait fails at once. A wait it is in
+	 * now is broken on its loop. Without memory for the message, the current wait runs on
+	 * (the request still ends every later one). */
+	struct concur__cancel_msg *m = malloc(sizeof(*m));
+	if (!m)
+		return -EINPROGRESS;
+	m->node.kind = CONCUR__NODE_CALL;
+	m->node.call = concur__cancel_arrived;
+	m->task = t;
+	concur_retain(f);
+	concur__loop_post(t->loop, &m->node);
+	return -EINPROGRESS;
+}
+
+/* ---- the public calls ---------------------------------------------------------------------- */
+
+int concur_shield_push(void)
+{
+	struct concur__task *t = concur__tl_task;
+	if (!t)
+		return -EPERM;
+	t->fib->ctl.shield++;
+	concur__ctl_retime(t); /* hides deadlines: never an earlier one */
+	return 0;
+}
+
+int concur_shield_pop(void)
+{
+	struct concur__task *t = concur__tl_task;
+	if (!t)
+		return -EPERM;
+	struct concur__ctl *c = &t->fib->ctl;
+	if (!c->shield)
+		return -EINVAL;
+	c->shield--;
+	/* Without memory for the heap the outer deadlines are still checked when a wait begins;
+	 * they just cannot break a wait already begun. */
+	concur__ctl_retime(t);
+	return 0;
+}
+
+bool concur_cancel_requested(void)
+{
+	struct concur__task *t = concur__tl_task;
+	return t && (atomic_load_explicit(&t->f.state, memory_order_relaxed) & CONCUR__CANCEL_REQ);
+}
+
+/* ---- stopping an executor ------------------------------------------------------------------ */
+
+/* On each loop: request cancellation of every started task and break their waits; cancel the
+ * future I/O ops in flight. */
+static void concur__stop_arrived(struct concur__loop *loop, struct concur__node *node)
+{
+	concur__io_cancel_all(loop);
+	for (struct concur__task *t = loop->live, *next; t; t = next) {
+		next = t->fib->ctl.live_next;
+		atomic_fetch_or_explicit(&t->f.state, CONCUR__CANCEL_REQ, memory_order_acq_rel);
+		if (!t->fib->ctl.shield)
+			concur__interrupt(loop, t, -ECANCELED);
+	}
+}
+
+int concur_exec_stop(concur_exec *ex, int64_t drain_ns)
+{
+	if (!concur__exec_valid(ex))
+		return -EINVAL;
+	if (concur__tl_loop)
+		return -EDEADLK;
+	concur_exec_shutdown(ex, false);
+	int r = concur_exec_join(ex, drain_ns);
+	if (r != -ETIMEDOUT)
+		return r;
+	concur_exec_shutdown(ex, true); /* what has not started ends CANCELLED unrun */
+	for (unsigned i = 0; i < ex->nloops; i++) {
+		struct concur__loop *loop = ex->loops[i];
+		if (atomic_exchange(&loop->stop_posted, true))
+			continue; /* a stop is on its way there already */
+		loop->stop_node.kind = CONCUR__NODE_CALL;
+		loop->stop_node.call = concur__stop_arrived;
+		concur__loop_post(loop, &loop->stop_node);
+	}
+	concur_exec_join(ex, -1);
+	return -ETIMEDOUT;
+}

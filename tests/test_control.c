@@ -1,0 +1,466 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Control of running tasks (src/control.c, with the loop's timer in src/timer.c): cancelling a
+ * task suspended in each kind of wait, stickiness, shields, deadline scopes, concur_exec_stop.
+ * Orders are forced with promises, never by racing.
+ */
+#include "helpers.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* A task that records what its waits returned, step by step. */
+struct probe {
+	concur_future *p;  /* what it first awaits */
+	concur_future *p2; /* what it awaits next */
+	atomic_int stage;  /* 1: about to wait, 2: first wait returned */
+	int64_t r1, r2;
+	int fd;
+	concur_mutex *m;
+	concur_chan *ch;
+};
+
+static void wait_stage(struct probe *pr, int stage)
+{
+	while (atomic_load(&pr->stage) < stage)
+		usleep(100);
+}
+
+static int64_t await_twice(void *arg)
+{
+	struct probe *pr = arg;
+	atomic_store(&pr->stage, 1);
+	pr->r1 = concur_result(pr->p, -1);
+	atomic_store(&pr->stage, 2);
+	pr->r2 = concur_result(pr->p2, -1); /* sticky: fails at once */
+	return pr->r1 == -ECANCELED ? -ECANCELED : 5;
+}
+
+/* Give the task time to suspend after announcing it is about to (it cannot be observed). */
+static void let_it_suspend(void)
+{
+	usleep(20000);
+}
+
+static void test_cancel_await_from_thread(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	struct probe pr = {.p = concur_promise_new(ex), .p2 = concur_promise_new(ex)};
+	concur_future *t = concur_spawn(ex, await_twice, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_true(concur_running(t));
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);
+	assert_int_equal(concur_cancel(t), -EINPROGRESS); /* asked already */
+	assert_int_equal(concur_result(t, -1), -ECANCELED);
+	assert_true(concur_cancelled(t));
+	assert_int_equal(pr.r1, -ECANCELED);
+	assert_int_equal(pr.r2, -ECANCELED);
+	assert_int_equal(concur_cancel(t), 1); /* CANCELLED now */
+	/* the awaits took their nodes off the promises: nothing is left to wake or leak */
+	assert_int_equal(concur_promise_set(pr.p, 1), 0);
+	concur_release(t);
+	concur_release(pr.p);
+	concur_release(pr.p2);
+	concur_exec_free(ex);
+}
+
+/* Another task of the executor cancels, on its own loop or the other. */
+static int64_t cancel_it(void *arg)
+{
+	return concur_cancel(arg);
+}
+
+static void test_cancel_await_from_task(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	for (int i = 0; i < 4; i++) { /* round-robin: both the same loop and the other */
+		struct probe pr = {.p = concur_promise_new(ex), .p2 = concur_promise_new(ex)};
+		concur_future *t = concur_spawn(ex, await_twice, &pr);
+		wait_stage(&pr, 1);
+		let_it_suspend();
+		concur_future *c = concur_spawn(ex, cancel_it, t);
+		assert_int_equal(concur_result(c, -1), -EINPROGRESS);
+		assert_int_equal(concur_result(t, -1), -ECANCELED);
+		assert_int_equal(pr.r1, -ECANCELED);
+		concur_release(c);
+		concur_release(t);
+		concur_release(pr.p);
+		concur_release(pr.p2);
+	}
+	concur_exec_free(ex);
+}
+
+/* The completion and the cancel both come: exactly one outcome for the wait. */
+static void test_cancel_after_completion(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct probe pr = {.p = concur_promise_new(ex), .p2 = concur_promise_new(ex)};
+	concur_future *t = concur_spawn(ex, await_twice, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_promise_set(pr.p, 42), 0); /* resumes it (or will) */
+	int c = concur_cancel(t);
+	assert_true(c == -EINPROGRESS || c == 0);
+	int64_t r = concur_result(t, -1);
+	if (c == 0) { /* it had finished already: impossible, it waits on p2 */
+		fail_msg("cancel found the task done: %lld", (long long)r);
+	}
+	/* the first wait was over before the cancel: it keeps the value; the next one fails */
+	assert_true(pr.r1 == 42 || pr.r1 == -ECANCELED);
+	assert_int_equal(pr.r2, -ECANCELED);
+	assert_int_equal(r, pr.r1 == 42 ? 5 : -ECANCELED);
+	concur_release(t);
+	concur_release(pr.p);
+	concur_release(pr.p2);
+	concur_exec_free(ex);
+}
+
+static int64_t recv_task(void *arg)
+{
+	struct probe *pr = arg;
+	char buf[64];
+	atomic_store(&pr->stage, 1);
+	pr->r1 = concur_await_recv(pr->fd, buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT);
+	pr->r2 = concur_await_nop(); /* sticky */
+	return pr->r1;
+}
+
+static void test_cancel_recv(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	struct probe pr = {.fd = sv[0]};
+	concur_future *t = concur_spawn(ex, recv_task, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);
+	assert_int_equal(concur_result(t, -1), -ECANCELED);
+	assert_int_equal(pr.r1, -ECANCELED);
+	assert_int_equal(pr.r2, -ECANCELED);
+	/* the recv is gone from the kernel: data sent now stays in the socket */
+	assert_int_equal(write(sv[1], "x", 1), 1);
+	char c;
+	assert_int_equal(read(sv[0], &c, 1), 1);
+	close(sv[0]);
+	close(sv[1]);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
+static int64_t sleep_task(void *arg)
+{
+	struct probe *pr = arg;
+	atomic_store(&pr->stage, 1);
+	pr->r1 = concur_sleep(MS(60000));
+	return pr->r1;
+}
+
+static void test_cancel_sleep(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct probe pr = {0};
+	concur_future *t = concur_spawn(ex, sleep_task, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);
+	assert_int_equal(concur_result(t, MS(10000)), -ECANCELED);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
+static int64_t mutex_task(void *arg)
+{
+	struct probe *pr = arg;
+	atomic_store(&pr->stage, 1);
+	pr->r1 = concur_mutex_lock(pr->m, -1);
+	atomic_store(&pr->stage, 2);
+	pr->r2 = concur_chan_recv(pr->ch, &pr->r2, -1);
+	return 0;
+}
+
+static void test_cancel_sync_waits(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	struct probe pr = {0};
+	assert_int_equal(concur_mutex_new(&pr.m), 0);
+	assert_int_equal(concur_chan_new(&pr.ch, 1), 0);
+	assert_int_equal(concur_mutex_lock(pr.m, -1), 0); /* held here: the task queues */
+	concur_future *t = concur_spawn(ex, mutex_task, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_mutex_waiters(pr.m), 1);
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);
+	assert_int_equal(concur_result(t, -1), 0);
+	assert_int_equal(pr.r1, -ECANCELED);
+	assert_int_equal(pr.r2, -ECANCELED);             /* the channel wait fails at once */
+	assert_int_equal(concur_mutex_waiters(pr.m), 0); /* it left the queue */
+	assert_int_equal(concur_mutex_unlock(pr.m), 0);
+	assert_int_equal(concur_mutex_trylock(pr.m), 0); /* nobody was handed the mutex */
+	concur_release(t);
+	concur_mutex_free(pr.m);
+	concur_chan_free(pr.ch);
+	concur_exec_free(ex);
+}
+
+/* Cleanup that must not be cancelled runs under a shield; the cancel applies after it. */
+static int64_t shielded_task(void *arg)
+{
+	struct probe *pr = arg;
+	assert_int_equal(concur_shield_push(), 0);
+	atomic_store(&pr->stage, 1);
+	pr->r1 = concur_result(pr->p, -1); /* the cancel comes meanwhile: not seen */
+	int64_t in_shield = concur_await_nop();
+	assert_true(concur_cancel_requested());
+	assert_int_equal(concur_shield_pop(), 0);
+	pr->r2 = concur_await_nop(); /* unshielded: the cancel applies */
+	return in_shield == 0 ? 9 : -1;
+}
+
+static void test_shield(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct probe pr = {.p = concur_promise_new(ex)};
+	concur_future *t = concur_spawn(ex, shielded_task, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);
+	assert_int_equal(concur_result(t, MS(50)), -ETIMEDOUT); /* still waiting, shielded */
+	assert_int_equal(concur_promise_set(pr.p, 3), 0);
+	assert_int_equal(concur_result(t, -1), 9);
+	assert_int_equal(pr.r1, 3);
+	assert_int_equal(pr.r2, -ECANCELED);
+	assert_int_equal(concur_shield_pop(), -EPERM);
+	concur_release(t);
+	concur_release(pr.p);
+	concur_exec_free(ex);
+}
+
+static int64_t deadline_task(void *arg)
+{
+	struct probe *pr = arg;
+	assert_int_equal(concur_deadline_push(MS(60000)), 0);
+	assert_int_equal(concur_deadline_push(MS(30)), 0); /* nested: the earliest wins */
+	pr->r1 = concur_result(pr->p, -1);
+	assert_int_equal(concur_await_nop(), -ETIMEDOUT); /* sticky until popped */
+	assert_int_equal(concur_deadline_pop(), 1);       /* it had passed */
+	pr->r2 = concur_await_nop();                      /* the outer one has not */
+	assert_int_equal(concur_deadline_pop(), 0);
+	assert_int_equal(concur_deadline_pop(), -EINVAL);
+	assert_int_equal(concur_deadline_push(-1), -EINVAL);
+	return 0;
+}
+
+static void test_deadline_scopes(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct probe pr = {.p = concur_promise_new(ex)};
+	concur_future *t = concur_spawn(ex, deadline_task, &pr);
+	assert_int_equal(concur_result(t, -1), 0);
+	assert_int_equal(pr.r1, -ETIMEDOUT);
+	assert_int_equal(pr.r2, 0);
+	assert_false(concur_done(pr.p)); /* the future itself is untouched */
+	concur_release(t);
+	concur_release(pr.p);
+	assert_int_equal(concur_deadline_push(0), -EPERM);
+	assert_int_equal(concur_deadline_pop(), -EPERM);
+	assert_int_equal(concur_shield_push(), -EPERM);
+	concur_exec_free(ex);
+}
+
+/* A deadline that passed while the task computed fails its next wait at once, without
+ * starting the operation. */
+static int64_t busy_then_recv(void *arg)
+{
+	struct probe *pr = arg;
+	assert_int_equal(concur_deadline_push(MS(2)), 0);
+	int64_t until = now_ns() + MS(30);
+	while (now_ns() < until)
+		; /* CPU work: the loop reaps nothing meanwhile */
+	char c;
+	pr->r1 = concur_await_recv(pr->fd, &c, 1, 0, CONCUR_NO_TIMEOUT);
+	concur_deadline_pop();
+	return 0;
+}
+
+static void test_deadline_during_cpu_work(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	assert_int_equal(write(sv[1], "y", 1), 1); /* the recv would succeed if it started */
+	struct probe pr = {.fd = sv[0]};
+	concur_future *t = concur_spawn(ex, busy_then_recv, &pr);
+	assert_int_equal(concur_result(t, -1), 0);
+	assert_int_equal(pr.r1, -ETIMEDOUT);
+	char c;
+	assert_int_equal(read(sv[0], &c, 1), 1); /* the byte was never taken */
+	close(sv[0]);
+	close(sv[1]);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
+/* A deadline that does not fire costs no SQE and no CQE per awaited operation. */
+#define NOPS 1000
+static int64_t nops_under_deadline(void *arg)
+{
+	assert_int_equal(concur_deadline_push(MS(60000)), 0);
+	for (int i = 0; i < NOPS; i++)
+		assert_int_equal(concur_await_nop(), 0);
+	/* and pushing a later one each time (a request's idle deadline) costs none either */
+	for (int i = 0; i < NOPS; i++) {
+		assert_int_equal(concur_deadline_push(MS(60000)), 0);
+		assert_int_equal(concur_await_nop(), 0);
+		assert_int_equal(concur_deadline_pop(), 0);
+	}
+	return concur_deadline_pop();
+}
+
+static void test_deadline_costs_no_cqe(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct concur_stats before, after;
+	assert_int_equal(concur_exec_stats(ex, &before), 0);
+	concur_future *t = concur_spawn(ex, nops_under_deadline, NULL);
+	assert_int_equal(concur_result(t, -1), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(concur_exec_stats(ex, &after), 0);
+	/* 2 * NOPS nops; the timer armed once (its CQE comes only when it fires, a minute on) */
+	assert_true(after.cqes - before.cqes <= 2 * NOPS + 2);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
+static int64_t sleep_in_scope(void *arg)
+{
+	assert_int_equal(concur_deadline_push(MS(20)), 0);
+	int r = concur_sleep(MS(60000));
+	concur_deadline_pop();
+	int r2 = concur_sleep(MS(1)); /* its own end: 0 */
+	return r == -ETIMEDOUT && r2 == 0 ? 0 : -1;
+}
+
+static int64_t timed_result(void *arg)
+{
+	return concur_result(arg, MS(20));
+}
+
+static void test_timed_waits(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *t = concur_spawn(ex, sleep_in_scope, NULL);
+	assert_int_equal(concur_result(t, -1), 0);
+	concur_release(t);
+	concur_future *p = concur_promise_new(ex);
+	for (int i = 0; i < 100; i++) { /* each timed-out await removes its node */
+		t = concur_spawn(ex, timed_result, p);
+		assert_int_equal(concur_result(t, -1), -ETIMEDOUT);
+		concur_release(t);
+	}
+	assert_int_equal(concur_promise_set(p, 1), 0);
+	concur_release(p);
+	concur_exec_free(ex);
+}
+
+/* concur_exec_stop: drain, then cancel; a shielded cleanup runs to its end. */
+static int64_t stubborn(void *arg)
+{
+	struct probe *pr = arg;
+	atomic_fetch_add(&pr->stage, 1);
+	int64_t r = concur_result(pr->p, -1);
+	if (r != -ECANCELED)
+		return -1;
+	assert_int_equal(concur_shield_push(), 0);
+	assert_int_equal(concur_deadline_push(MS(5000)), 0); /* cleanup, bounded */
+	int s = concur_sleep(MS(30));                        /* not cancelled */
+	concur_deadline_pop();
+	concur_shield_pop();
+	return s == 0 ? 7 : -2;
+}
+
+static int64_t stop_from_task(void *arg)
+{
+	return concur_exec_stop(arg, 0);
+}
+
+static void test_exec_stop(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	concur_future *s = concur_spawn(ex, stop_from_task, ex);
+	assert_int_equal(concur_result(s, -1), -EDEADLK);
+	concur_release(s);
+	assert_int_equal(concur_exec_stop(NULL, 0), -EINVAL);
+
+	struct probe pr = {.p = concur_promise_new(ex)};
+	concur_future *t[4];
+	for (int i = 0; i < 4; i++)
+		t[i] = concur_spawn(ex, stubborn, &pr);
+	wait_stage(&pr, 4);
+	let_it_suspend();
+	assert_int_equal(concur_exec_stop(ex, MS(30)), -ETIMEDOUT);
+	for (int i = 0; i < 4; i++) {
+		assert_true(concur_done(t[i]));
+		assert_int_equal(concur_result(t[i], 0), 7);
+		concur_release(t[i]);
+	}
+	/* after a stop, spawns fail; a second stop has nothing to drain */
+	s = concur_spawn(ex, stop_from_task, ex);
+	assert_int_equal(concur_result(s, -1), -ESHUTDOWN);
+	concur_release(s);
+	assert_int_equal(concur_exec_stop(ex, 0), 0);
+	concur_release(pr.p);
+	concur_exec_free(ex);
+}
+
+/* Future I/O in flight (no task waits for it) is cancelled by a stop too. */
+static void test_exec_stop_cancels_io(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	char buf[8];
+	concur_future *f = concur_recv(ex, sv[0], buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT);
+	assert_int_equal(concur_result(f, MS(20)), -ETIMEDOUT); /* in flight */
+	assert_int_equal(concur_exec_stop(ex, MS(20)), -ETIMEDOUT);
+	assert_true(concur_done(f));
+	assert_int_equal(concur_result(f, 0), -ECANCELED);
+	concur_release(f);
+	close(sv[0]);
+	close(sv[1]);
+	concur_exec_free(ex);
+}
+
+static void test_exec_stop_drains(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *t = concur_spawn(ex, sleep_in_scope, NULL);
+	assert_int_equal(concur_exec_stop(ex, MS(10000)), 0); /* it ends by itself */
+	assert_int_equal(concur_result(t, 0), 0);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_cancel_await_from_thread),
+	    cmocka_unit_test(test_cancel_await_from_task),
+	    cmocka_unit_test(test_cancel_after_completion),
+	    cmocka_unit_test(test_cancel_recv),
+	    cmocka_unit_test(test_cancel_sleep),
+	    cmocka_unit_test(test_cancel_sync_waits),
+	    cmocka_unit_test(test_shield),
+	    cmocka_unit_test(test_deadline_scopes),
+	    cmocka_unit_test(test_deadline_during_cpu_work),
+	    cmocka_unit_test(test_deadline_costs_no_cqe),
+	    cmocka_unit_test(test_timed_waits),
+	    cmocka_unit_test(test_exec_stop),
+	    cmocka_unit_test(test_exec_stop_cancels_io),
+	    cmocka_unit_test(test_exec_stop_drains),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
