@@ -2,6 +2,7 @@
 /* Loops: idle means idle, messages between loops ride MSG_RING, blocked threads are woken
  * through the ring, the ring flags the kernel gave us. */
 #include "helpers.h"
+#include "internal.h" /* concur__submit_fault */
 
 #include <errno.h>
 #include <liburing.h>
@@ -204,7 +205,7 @@ static void run_in_child(int (*fn)(void), unsigned timeout_s)
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	if (WIFSIGNALED(status))
 		fail_msg("the child died of signal %d (%s)", WTERMSIG(status),
-		         WTERMSIG(status) == SIGALRM ? "hung: a lost wake-up" : "crashed");
+		         WTERMSIG(status) == SIGALRM ? "hung: a lost wake-up or a spin" : "crashed");
 	assert_true(WIFEXITED(status));
 	if (WEXITSTATUS(status) == 77)
 		skip();
@@ -508,6 +509,61 @@ static void test_exhaustion_resumes_waiters(void **state)
 	run_in_child(exhaustion_child, 30);
 }
 
+/*
+ * The kernel pushing back: every submit made while the CQ is full fails with -EBUSY and takes
+ * nothing (as kernels before 5.19 did while CQEs overflowed), then every other submit fails
+ * with -EAGAIN (no memory for a request). A loop that only retried the submit would spin
+ * forever on its full SQ; it must make room in the CQ, and lose nothing.
+ */
+static atomic_uint fault_calls;
+static int busy_when_cq_full(struct concur__loop *l)
+{
+	return io_uring_cq_ready(&l->ring) >= l->ring.cq.ring_entries ? -EBUSY : 0;
+}
+static int again_every_other(struct concur__loop *l)
+{
+	return (atomic_fetch_add(&fault_calls, 1) & 1) ? -EAGAIN : 0;
+}
+
+static int pushback_child(void)
+{
+	int (*faults[])(struct concur__loop *) = {busy_when_cq_full, again_every_other};
+	for (int k = 0; k < 2; k++) {
+		concur__submit_fault = faults[k];
+		struct concur_exec_opts o = {.loops = 2, .ring_entries = 8};
+		if (concur_exec_new(&ex, &o))
+			return 1;
+		const int n = BULK(200);
+		concur_future **ts = calloc((size_t)n, sizeof(*ts));
+		for (int i = 0; i < n; i++)
+			ts[i] = concur_spawn(ex, small_ring_task, NULL);
+		for (int i = 0; i < n; i++) {
+			if (concur_result(ts[i], -1) != 1)
+				return 2;
+			concur_release(ts[i]);
+		}
+		free(ts);
+		if (concur_exec_join(ex, -1) || atomic_load(&small_ring_bad))
+			return 3;
+		concur_exec_free(ex);
+		concur__submit_fault = NULL;
+	}
+	return 0;
+}
+
+static void test_kernel_pushback(void **state)
+{
+	assert_int_equal(pipe(empty_pipe), 0);
+	assert_int_equal(pipe(full_pipe), 0);
+	assert_int_equal(write(full_pipe[1], "x", 1), 1);
+	atomic_store(&small_ring_bad, 0);
+	run_in_child(pushback_child, 60);
+	for (int i = 0; i < 2; i++) {
+		close(empty_pipe[i]);
+		close(full_pipe[i]);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -525,6 +581,7 @@ int main(void)
 	    cmocka_unit_test(test_parked_thread_woken_through_ring),
 	    cmocka_unit_test(test_blocking_timeout),
 	    cmocka_unit_test(test_small_ring_many_ops),
+	    cmocka_unit_test(test_kernel_pushback),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
