@@ -558,57 +558,31 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 #if defined(__SANITIZE_THREAD__)
 /*
  * ThreadSanitizer does not see liburing's mmap and munmap (raw syscalls). A ring mapped where an
- * earlier ring was (rings of executors created and freed on different threads, a user's own
- * rings) would inherit the old ring's accesses, and TSan would report races between rings that
- * never coexisted. So a new ring's regions are mapped again through libc (same file, same
- * offsets: the same pages), which TSan intercepts and starts afresh, and at the end they are
- * unmapped through libc, which clears TSan's record of them.
+ * earlier ring was (rings of executors created and freed on different threads) inherited the
+ * old ring's accesses, and TSan reported races between rings that never coexisted. So in TSan
+ * builds a ring is unmapped through libc, which TSan intercepts and which clears its record of
+ * the memory -- of whole pages only, so the lengths are rounded up to pages as the kernel does.
+ * (Mapping the ring again through libc at setup is not possible: the kernel refuses to map a
+ * ring at an address of the caller's choosing.)
  */
-struct concur__ring_region {
-	void *p;
-	size_t size;
-	off_t off;
-};
-
-static int concur__ring_regions(struct io_uring *ring, struct concur__ring_region r[3])
-{
-	size_t sqe_size = (ring->flags & IORING_SETUP_SQE128) ? 128 : 64;
-	int n = 0;
-	r[n++] =
-	    (struct concur__ring_region){ring->sq.ring_ptr, ring->sq.ring_sz, IORING_OFF_SQ_RING};
-	if (ring->cq.ring_ptr != ring->sq.ring_ptr) /* no IORING_FEAT_SINGLE_MMAP */
-		r[n++] = (struct concur__ring_region){ring->cq.ring_ptr, ring->cq.ring_sz,
-		                                      IORING_OFF_CQ_RING};
-	r[n++] = (struct concur__ring_region){ring->sq.sqes, sqe_size * ring->sq.ring_entries,
-	                                      IORING_OFF_SQES};
-	return n;
-}
-
-static void concur__ring_adopt(struct io_uring *ring)
-{
-	struct concur__ring_region r[3];
-	int n = concur__ring_regions(ring, r);
-	for (int i = 0; i < n; i++)
-		mmap(r[i].p, r[i].size, PROT_READ | PROT_WRITE,
-		     MAP_SHARED | MAP_FIXED | MAP_POPULATE, ring->ring_fd, r[i].off);
-}
-
 static void concur__ring_exit(struct io_uring *ring)
 {
-	struct concur__ring_region r[3];
-	int n = concur__ring_regions(ring, r);
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	size_t sqe_size = (ring->flags & IORING_SETUP_SQE128) ? 128 : 64;
+	struct {
+		void *p;
+		size_t size;
+	} r[3] = {{ring->sq.ring_ptr, ring->sq.ring_sz},
+	          {ring->sq.sqes, sqe_size * ring->sq.ring_entries},
+	          {ring->cq.ring_ptr, ring->cq.ring_sz}};
+	int n = ring->cq.ring_ptr != ring->sq.ring_ptr ? 3 : 2; /* no IORING_FEAT_SINGLE_MMAP */
 	if (ring->enter_ring_fd != ring->ring_fd) /* registered (io_uring_register_ring_fd) */
 		io_uring_unregister_ring_fd(ring);
 	for (int i = 0; i < n; i++)
-		munmap(r[i].p, r[i].size);
-	close(ring->ring_fd); /* what io_uring_queue_exit does, with the unmaps TSan sees */
+		munmap(r[i].p, (r[i].size + page - 1) & ~(page - 1));
+	close(ring->ring_fd); /* the rest of io_uring_queue_exit */
 }
 #else
-static void concur__ring_adopt(struct io_uring *ring)
-{
-	(void)ring;
-}
-
 static void concur__ring_exit(struct io_uring *ring)
 {
 	io_uring_queue_exit(ring);
@@ -685,7 +659,6 @@ static int concur__ring_setup(struct concur__loop *loop)
 		concur__setup_error("io_uring_setup", r);
 		return r;
 	}
-	concur__ring_adopt(&loop->ring);
 	loop->ring_fd = loop->ring.ring_fd;
 	io_uring_register_ring_fd(&loop->ring); /* saves an fd lookup per enter; optional */
 	if (loop->idx == 0 && (r = concur__probe(ex, &loop->ring)) < 0) {
@@ -796,7 +769,6 @@ int concur__bell_init(concur_exec *ex)
 		concur__setup_error("io_uring_setup (the executor's doorbell ring)", r);
 		return r;
 	}
-	concur__ring_adopt(&ex->bell);
 	pthread_mutex_init(&ex->bell_lock, NULL);
 	ex->bell_pid = (int)getpid();
 	ex->bell_ready = true;

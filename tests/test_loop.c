@@ -564,6 +564,68 @@ static void test_kernel_pushback(void **state)
 	}
 }
 
+/*
+ * Executors created on one thread and freed on another, over and over: each new ring lands
+ * where an earlier one was. Under TSan this must report nothing (TSan does not see liburing's
+ * mappings unless concur shows them to it); elsewhere it must simply work.
+ */
+static int64_t ring_user(void *arg)
+{
+	for (int i = 0; i < 4; i++)
+		if (concur_await_nop() != 0 || concur_await_timeout(1000) != 0)
+			return -1;
+	return 1;
+}
+/* One thread's executors, created and freed by turns on two threads of its own. */
+static void *make_exec(void *arg)
+{
+	concur_exec *e = NULL;
+	struct concur_exec_opts o = {.loops = 2, .ring_entries = 8};
+	if (concur_exec_new(&e, &o))
+		return NULL;
+	concur_release(concur_spawn(e, ring_user, NULL)); /* posted from this thread */
+	return e;
+}
+static void *use_and_free_exec(void *arg)
+{
+	concur_exec *e = arg;
+	concur_future *f[4];
+	intptr_t ok = 1;
+	for (int i = 0; i < 4; i++)
+		f[i] = concur_spawn(e, ring_user, NULL);
+	for (int i = 0; i < 4; i++) {
+		ok &= concur_result(f[i], -1) == 1;
+		concur_release(f[i]);
+	}
+	concur_exec_free(e);
+	return (void *)ok;
+}
+static void *exec_churn(void *arg)
+{
+	for (int i = 0; i < 20; i++) {
+		pthread_t a, b;
+		void *e = NULL, *ok = NULL;
+		if (pthread_create(&a, NULL, make_exec, NULL) || pthread_join(a, &e) || !e ||
+		    pthread_create(&b, NULL, use_and_free_exec, e) || pthread_join(b, &ok) || !ok)
+			return NULL;
+	}
+	return (void *)1;
+}
+
+/* Two such threads at once, with nothing ordering one's executors after the other's: a ring
+ * of one lands where a ring of the other was. */
+static void test_rings_across_threads(void **state)
+{
+	pthread_t t[2];
+	for (int i = 0; i < 2; i++)
+		assert_int_equal(pthread_create(&t[i], NULL, exec_churn, NULL), 0);
+	for (int i = 0; i < 2; i++) {
+		void *ok = NULL;
+		assert_int_equal(pthread_join(t[i], &ok), 0);
+		assert_non_null(ok);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -582,6 +644,7 @@ int main(void)
 	    cmocka_unit_test(test_blocking_timeout),
 	    cmocka_unit_test(test_small_ring_many_ops),
 	    cmocka_unit_test(test_kernel_pushback),
+	    cmocka_unit_test(test_rings_across_threads),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
