@@ -150,6 +150,8 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 	}
 	if (!o.ring_entries)
 		o.ring_entries = 256;
+	else if (o.ring_entries < 2)
+		o.ring_entries = 2; /* an op and its linked deadline go in one submit */
 	if (!o.stack_size)
 		o.stack_size = 256 * 1024;
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);

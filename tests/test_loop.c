@@ -205,7 +205,8 @@ static void run_in_child(int (*fn)(void), unsigned timeout_s)
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	if (WIFSIGNALED(status))
 		fail_msg("the child died of signal %d (%s)", WTERMSIG(status),
-		         WTERMSIG(status) == SIGALRM ? "hung: a lost wake-up or a spin" : "crashed");
+		         WTERMSIG(status) == SIGALRM ? "hung: a lost wake-up or a spin"
+		                                     : "crashed");
 	assert_true(WIFEXITED(status));
 	if (WEXITSTATUS(status) == 77)
 		skip();
@@ -509,6 +510,26 @@ static void test_exhaustion_resumes_waiters(void **state)
 	run_in_child(exhaustion_child, 30);
 }
 
+/* The smallest ring: an op with a deadline (a linked pair) still fits a submit. */
+static void test_one_entry_ring(void **state)
+{
+	assert_int_equal(pipe(empty_pipe), 0);
+	assert_int_equal(pipe(full_pipe), 0);
+	assert_int_equal(write(full_pipe[1], "x", 1), 1);
+	atomic_store(&small_ring_bad, 0);
+	struct concur_exec_opts o = {.loops = 1, .ring_entries = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_future *f = concur_spawn(ex, small_ring_task, NULL);
+	assert_int_equal(concur_result(f, -1), 1);
+	assert_int_equal(atomic_load(&small_ring_bad), 0);
+	concur_release(f);
+	concur_exec_free(ex);
+	for (int i = 0; i < 2; i++) {
+		close(empty_pipe[i]);
+		close(full_pipe[i]);
+	}
+}
+
 /*
  * The kernel pushing back: every submit made while the CQ is full fails with -EBUSY and takes
  * nothing (as kernels before 5.19 did while CQEs overflowed), then every other submit fails
@@ -643,6 +664,7 @@ int main(void)
 	    cmocka_unit_test(test_parked_thread_woken_through_ring),
 	    cmocka_unit_test(test_blocking_timeout),
 	    cmocka_unit_test(test_small_ring_many_ops),
+	    cmocka_unit_test(test_one_entry_ring),
 	    cmocka_unit_test(test_kernel_pushback),
 	    cmocka_unit_test(test_rings_across_threads),
 	};
