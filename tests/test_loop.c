@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* Loops: idle means idle, messages between loops ride MSG_RING, blocked threads are woken
- * through the ring, the ring flags the kernel gave us. */
+ * through the ring, the ring flags the kernel gave us. No wake-up is lost at the fd limit or
+ * when memory runs out; a tiny or pushed-back ring loses nothing and does not spin; rings of
+ * executors churned on several threads are clean under TSan. */
 #include "helpers.h"
 #include "internal.h" /* concur__submit_fault */
 
