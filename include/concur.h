@@ -57,7 +57,7 @@ enum {
 
 struct concur_exec_opts {      /* zeroed = defaults */
 	unsigned loops;        /* loop threads; 0 = online CPUs; at most 1024 */
-	unsigned ring_entries; /* SQ size per loop; 0 = 256; at most 32768 */
+	unsigned ring_entries; /* SQ size per loop; 0 = 256; 1 is taken as 2; at most 32768 */
 	size_t stack_size;     /* fiber stack; 0 = 256 KiB; 16 KiB .. 1 GiB, rounded up to pages */
 	unsigned flags;        /* CONCUR_EXEC_* */
 };
@@ -66,8 +66,15 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * Start an executor: opts->loops loop threads, each owning one io_uring. opts may be NULL.
  * Returns 0 and sets *out, or a negative errno: -EINVAL for bad options, the kernel's error if
  * io_uring is unavailable (ENOSYS: kernel without io_uring; EPERM: kernel.io_uring_disabled
- * or a seccomp filter; see concur_last_error()), -EOPNOTSUPP if the kernel lacks
- * IORING_OP_MSG_RING (Linux < 5.18), -ENOMEM (including: 4096 executors alive at once already).
+ * or a seccomp filter on io_uring_setup or io_uring_register; see concur_last_error(), which
+ * names the call), -EOPNOTSUPP if the kernel lacks IORING_OP_MSG_RING (Linux < 5.18), -EMFILE
+ * or -ENFILE at the fd limit, -ENOMEM (including: 4096 executors alive at once already).
+ * Nothing is left behind on failure.
+ *
+ * File descriptors: an executor holds opts->loops + 1 io_uring fds for its whole life: one per
+ * loop, and its doorbell, through which threads outside the executor (yours, the blocking
+ * pool's helpers) wake a sleeping loop. Those threads hold no fd of their own, so posting from
+ * a new thread works at the fd limit too.
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 
@@ -119,7 +126,7 @@ struct concur_stats {
 	uint64_t enters;           /* io_uring_enter calls made by the loops */
 	uint64_t sleeps;           /* of those, the ones that waited for a CQE (loop idle) */
 	uint64_t msg_ring;         /* MSG_RING messages sent between loops */
-	uint64_t doorbells;        /* MSG_RING doorbells rung by threads outside the executor */
+	uint64_t doorbells;        /* loops woken by threads outside the executor (doorbell ring) */
 	uint64_t inbox_items;      /* items taken from the loops' inboxes */
 	uint64_t steals;           /* unstarted tasks moved from a busy loop to an idle one */
 	uint64_t futex_wakes;      /* blocked foreign threads woken (by ring or by syscall) */

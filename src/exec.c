@@ -114,8 +114,10 @@ void concur__work_publish(struct concur__loop *loop)
 
 /* ---- executor lifecycle -------------------------------------------------------------------- */
 
+/* After the loops stopped (or never started). The doorbell goes last: stopping wakes with it. */
 static void concur__exec_destroy(concur_exec *ex)
 {
+	concur__bell_exit(ex);
 	for (unsigned i = 0; i < ex->nloops; i++)
 		free(ex->loops[i]);
 	free(ex->loops);
@@ -148,6 +150,8 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 	}
 	if (!o.ring_entries)
 		o.ring_entries = 256;
+	else if (o.ring_entries < 2)
+		o.ring_entries = 2; /* an op and its linked deadline go in one submit */
 	if (!o.stack_size)
 		o.stack_size = 256 * 1024;
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);
@@ -176,7 +180,11 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 		loop->idx = i;
 		ex->loops[i] = loop;
 	}
-	int r = concur__registry_add(ex);
+	/* the doorbell first: a loop that started can always be woken, even to stop it when a
+	 * later loop fails to start */
+	int r = concur__bell_init(ex);
+	if (!r)
+		r = concur__registry_add(ex);
 	if (r) {
 		concur__exec_destroy(ex);
 		return r;

@@ -173,7 +173,8 @@ enum concur__tag {
 	CONCUR__TAG_DOORBELL = 3, /* nothing: wake up and drain the inbox */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
-	CONCUR__TAG_RELEASE = 6, /* a futex wake for this future finished: drop its reference */
+	CONCUR__TAG_RELEASE = 6,     /* a futex wake for this future finished: drop its reference */
+	CONCUR__TAG_WAKE_FAILED = 7, /* our doorbell to this loop failed: ring it again */
 	CONCUR__TAG_MASK = 7,
 };
 
@@ -354,6 +355,13 @@ struct concur__loop_stats {
 	    stacks_released;
 };
 
+/* A CQE copied out of the ring (see concur__sqe: the kernel pushing back on a full CQ). */
+struct concur__cqe {
+	uint64_t ud;
+	int32_t res;
+	uint32_t flags;
+};
+
 struct concur__loop {
 	/* owned by the loop thread */
 	struct io_uring ring;
@@ -377,6 +385,8 @@ struct concur__loop {
 	void *task_cache;             /* freed task records, for the next spawns on this thread */
 	unsigned task_cache_len;
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
+	struct concur__cqe *stash; /* CQEs moved out of a full CQ, dispatched first by the reap */
+	unsigned stash_len, stash_cap;
 	pthread_t thread;
 	int setup_err;
 	char setup_msg[256]; /* why setup failed, for the thread that called concur_exec_new */
@@ -399,14 +409,30 @@ static inline void concur__stat_inc(_Atomic uint64_t *c, uint64_t n)
 	                      memory_order_relaxed);
 }
 
-/* Get an SQE on the current loop's ring (submitting to make room if it is full). Loop only. */
-struct io_uring_sqe *concur__sqe(struct concur__loop *loop);
+/*
+ * Get an SQE on the current loop's ring. Loop thread only. When the SQ is full it submits to
+ * make room; if the kernel pushes back (a full CQ, no memory for a request), it moves CQEs out
+ * of the CQ into the loop's stash (dispatched by the next reap, never from here) or waits in
+ * io_uring_enter, so it neither spins nor loses an SQE or a CQE.
+ */
+struct io_uring_sqe *concur__sqe_slow(struct concur__loop *loop);
+static inline struct io_uring_sqe *concur__sqe(struct concur__loop *loop)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&loop->ring);
+	return CONCUR__LIKELY(sqe != NULL) ? sqe : concur__sqe_slow(loop);
+}
+/* Make sure the SQ has n free entries (a linked pair must not be split across submits). */
+void concur__sq_reserve(struct concur__loop *loop, unsigned n);
+/* Tests only (fault injection): when set, called before each submit of a loop's ring; a
+ * nonzero return is taken as the submit's result and nothing is submitted. */
+extern int (*concur__submit_fault)(struct concur__loop *loop);
 /* Queue an op: the SQE will carry op as user_data; counts as in flight until its last CQE. */
 static inline void concur__sqe_set_op(struct io_uring_sqe *sqe, struct concur__op *op)
 {
 	io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)op | CONCUR__TAG_OP);
 }
-/* Hand a node to loop from any thread: local queue, MSG_RING or inbox + doorbell. */
+/* Hand a node to loop from any thread: local queue, MSG_RING or inbox + doorbell. Needs no
+ * memory: whatever the path, the node reaches the loop and a sleeping loop is woken. */
 void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
 /* Queue a runnable task on the current loop (loop thread only). */
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
@@ -415,8 +441,15 @@ void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);
-/* Wake a sleeping loop from a thread outside the executor (MSG_RING from a private ring). */
+/*
+ * Wake a sleeping loop from a thread outside the executor: a MSG_RING through the executor's
+ * doorbell ring. The caller has cleared loop->sleeping: the wake is sent (transient errors are
+ * retried); only if the kernel refuses it for good is sleeping set again (a later post rings).
+ */
 void concur__loop_ring_doorbell(struct concur__loop *loop);
+/* The executor's doorbell ring: made before its loops start, freed after they stopped. */
+int concur__bell_init(concur_exec *ex);
+void concur__bell_exit(concur_exec *ex);
 /* Pick the loop for work created outside the executor (round-robin). */
 struct concur__loop *concur__exec_pick_loop(concur_exec *ex);
 
@@ -441,6 +474,14 @@ struct concur_exec {
 	_Atomic uint64_t
 	    tasks_spawned; /* from threads outside the executor; loops count their own */
 	_Atomic uint64_t doorbells;
+
+	/* The doorbell: threads outside the executor wake a sleeping loop with a MSG_RING from
+	 * this ring, under the lock. It exists from concur_exec_new on, so a wake cannot fail
+	 * for want of a ring (one io_uring fd per executor, none per thread). */
+	pthread_mutex_t bell_lock;
+	struct io_uring bell;
+	int bell_pid; /* a forked child must not ring through its parent's ring */
+	bool bell_ready;
 
 	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;
 	/* join accounting: work begun and not yet ended (tasks, ops) */

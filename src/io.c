@@ -111,8 +111,8 @@ static void io_submit(struct concur__loop *loop, struct io_req *r)
 	struct io_uring_sqe *sqe;
 
 	/* a link must not be split across two submits: make room for both at once */
-	while (r->has_deadline && io_uring_sq_space_left(&loop->ring) < 2)
-		io_uring_submit(&loop->ring);
+	if (r->has_deadline)
+		concur__sq_reserve(loop, 2);
 	sqe = concur__sqe(loop);
 	*sqe = r->sqe;
 	concur__sqe_set_op(sqe, &r->op);

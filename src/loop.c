@@ -12,7 +12,17 @@
  * Crossing threads: a loop reaches another loop with IORING_OP_MSG_RING: the message is a CQE
  * in the target's ring and the SQE rides the sender's next submit. A thread outside the executor
  * pushes onto the loop's inbox (a lock-free LIFO, reversed when drained) and rings the loop only
- * if it is asleep, with a MSG_RING from a small ring of its own.
+ * if it is asleep, with a MSG_RING from the executor's doorbell ring (one per executor, made
+ * before the loops start, shared under a lock): no thread needs a ring of its own, so a post
+ * cannot fail for want of an fd or memory.
+ *
+ * No wake-up is lost: whoever exchanges a loop's `sleeping` flag from 1 to 0 sends the wake, and
+ * a wake that fails for a transient reason (no memory, a full CQ pushing back) is sent again.
+ * A MSG_RING whose target CQ overflowed is fine as it is: that target is awake.
+ *
+ * Back-pressure: every submit's result is looked at. When the kernel takes nothing (a full CQ,
+ * no memory for a request), the loop moves CQEs out of its CQ into a stash that the next reap
+ * dispatches first, or waits for one in io_uring_enter: it neither spins nor loses an SQE.
  */
 #include "internal.h"
 #include "wait.h" /* the stall detector's hook */
@@ -22,6 +32,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CONCUR__RUN_BUDGET 64 /* runnables per turn before looking at I/O again */
@@ -35,14 +47,104 @@ static void concur__ignore_cqe(struct concur__loop *loop, struct concur__op *op,
 
 struct concur__op concur__ignore_op = {.cqe = concur__ignore_cqe};
 
-struct io_uring_sqe *concur__sqe(struct concur__loop *loop)
+int (*concur__submit_fault)(struct concur__loop *loop);
+
+/* The kernel may succeed later: no memory for now, a full CQ pushing back, a signal. */
+static bool concur__transient(int r)
 {
-	struct io_uring_sqe *sqe;
-	while (!(sqe = io_uring_get_sqe(&loop->ring))) {
-		io_uring_submit(&loop->ring); /* SQ full: make room */
-		concur__stat_inc(&loop->st.enters, 1);
+	return r == -EINTR || r == -EAGAIN || r == -EBUSY || r == -ENOMEM;
+}
+
+/* ---- submitting (loop thread only) ---------------------------------------------------------- */
+
+enum concur__submit_how { CONCUR__SUBMIT, CONCUR__SUBMIT_GET_EVENTS, CONCUR__SUBMIT_WAIT };
+
+/* Every submit of a loop's ring goes through here. A failed submit leaves its SQEs queued
+ * (liburing has published them): the next submit takes them again. */
+static int concur__submit(struct concur__loop *loop, enum concur__submit_how how)
+{
+	int r;
+	if (CONCUR__UNLIKELY(concur__submit_fault != NULL) && (r = concur__submit_fault(loop)))
+		return r;
+	if (how == CONCUR__SUBMIT_WAIT)
+		r = io_uring_submit_and_wait(&loop->ring, 1);
+	else if (how == CONCUR__SUBMIT_GET_EVENTS)
+		r = io_uring_submit_and_get_events(&loop->ring);
+	else
+		r = io_uring_submit(&loop->ring);
+	concur__stat_inc(&loop->st.enters, 1);
+	return r;
+}
+
+/* Room for n more CQEs in the stash; false if memory ran out (the caller waits and retries). */
+static bool concur__stash_room(struct concur__loop *loop, unsigned n)
+{
+	if (loop->stash_cap - loop->stash_len >= n)
+		return true;
+	unsigned cap = loop->stash_cap ? loop->stash_cap : 64;
+	while (cap - loop->stash_len < n)
+		cap *= 2;
+	struct concur__cqe *p = realloc(loop->stash, cap * sizeof(*p));
+	if (!p)
+		return false;
+	loop->stash = p;
+	loop->stash_cap = cap;
+	return true;
+}
+
+/* Move the CQEs out of the CQ (and the kernel's overflow list) into the stash, in order. */
+static unsigned concur__stash_cqes(struct concur__loop *loop)
+{
+	struct io_uring_cqe *cqes[CONCUR__REAP_BATCH];
+	unsigned moved = 0, n;
+	do {
+		unsigned want = CONCUR__REAP_BATCH;
+		if (!concur__stash_room(loop, want))
+			want = loop->stash_cap - loop->stash_len;
+		if (!want)
+			break;
+		n = io_uring_peek_batch_cqe(&loop->ring, cqes, want);
+		for (unsigned i = 0; i < n; i++)
+			loop->stash[loop->stash_len++] =
+			    (struct concur__cqe){cqes[i]->user_data, cqes[i]->res, cqes[i]->flags};
+		io_uring_cq_advance(&loop->ring, n);
+		moved += n;
+	} while (n == CONCUR__REAP_BATCH);
+	return moved;
+}
+
+/*
+ * A submit took nothing because the kernel pushes back. Make room for its completions: move
+ * the CQEs into the stash; with none to move (or no memory for the stash), wait in
+ * io_uring_enter for a new CQE -- at most 1 ms, as nothing may be coming.
+ */
+static void concur__relieve(struct concur__loop *loop)
+{
+	if (concur__stash_cqes(loop))
+		return;
+	struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 1000000};
+	struct io_uring_cqe *cqe;
+	io_uring_wait_cqes(&loop->ring, &cqe, io_uring_cq_ready(&loop->ring) + 1, &ts, NULL);
+	concur__stash_cqes(loop);
+}
+
+void concur__sq_reserve(struct concur__loop *loop, unsigned n)
+{
+	while (io_uring_sq_space_left(&loop->ring) < n) {
+		int r = concur__submit(loop, CONCUR__SUBMIT);
+		if (io_uring_sq_space_left(&loop->ring) >= n)
+			break;
+		if (loop->ring.flags & IORING_SETUP_SQPOLL) /* the kernel thread takes them */
+			io_uring_sqring_wait(&loop->ring);
+		else if (r <= 0 || concur__transient(r))
+			concur__relieve(loop);
 	}
-	return sqe;
+}
+
+struct io_uring_sqe *concur__sqe_slow(struct concur__loop *loop)
+{
+	concur__sq_reserve(loop, 1);
+	return io_uring_get_sqe(&loop->ring);
 }
 
 /* ---- run queues (loop thread only) ---------------------------------------------------------- */
@@ -193,6 +295,13 @@ static void concur__msg_ring(struct concur__loop *from, struct concur__loop *to,
 	concur__stat_inc(&from->st.msg_ring, 1);
 }
 
+/* Wake loop `to` from loop `from`. If the message fails, the CQE says so and it goes again. */
+static void concur__wake(struct concur__loop *from, struct concur__loop *to)
+{
+	concur__msg_ring(from, to, CONCUR__TAG_DOORBELL, 0,
+	                 (uint64_t)(uintptr_t)to | CONCUR__TAG_WAKE_FAILED);
+}
+
 /* A node has reached its loop's thread. */
 static void concur__node_arrived(struct concur__loop *loop, struct concur__node *n)
 {
@@ -220,8 +329,7 @@ static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n
 	    atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst)) {
 		struct concur__loop *me = concur__tl_loop;
 		if (me)
-			concur__msg_ring(me, loop, CONCUR__TAG_DOORBELL, 0,
-			                 (uint64_t)(uintptr_t)&concur__ignore_op);
+			concur__wake(me, loop);
 		else
 			concur__loop_ring_doorbell(loop);
 	}
@@ -331,6 +439,17 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	}
 	case CONCUR__TAG_HANDOFF_FAILED:
 		concur__take_chain(loop, p); /* keep them */
+		/* the idle loop's `sleeping` was cleared for this message: wake it (we do not know
+		 * which one it was, and a spare wake is harmless) */
+		for (unsigned i = 0; i < loop->ex->nloops; i++)
+			if (loop->ex->loops[i] != loop)
+				concur__wake(loop, loop->ex->loops[i]);
+		break;
+	case CONCUR__TAG_WAKE_FAILED:
+		/* -EOVERFLOW: the target's CQ is full, so it is awake. No memory for the message
+		 * (a remote post): ring again, or it sleeps with nobody left to wake it. */
+		if (concur__transient(res))
+			concur__wake(loop, p);
 		break;
 	case CONCUR__TAG_RELEASE:
 		loop->inflight--;
@@ -339,16 +458,27 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	}
 }
 
+/* The stashed CQEs come before those still in the CQ. A handler may stash more (through
+ * concur__sqe): they are newer, and go in this same pass. */
+static unsigned concur__reap_stash(struct concur__loop *loop)
+{
+	unsigned i;
+	for (i = 0; i < loop->stash_len; i++) {
+		struct concur__cqe c = loop->stash[i];
+		concur__dispatch(loop, c.ud, c.res, c.flags);
+	}
+	loop->stash_len = 0;
+	return i;
+}
+
 static unsigned concur__reap(struct concur__loop *loop)
 {
 	struct io_uring_cqe *cqes[CONCUR__REAP_BATCH];
-	struct {
-		uint64_t ud;
-		int32_t res;
-		uint32_t flags;
-	} batch[CONCUR__REAP_BATCH];
+	struct concur__cqe batch[CONCUR__REAP_BATCH];
 	unsigned total = 0, n;
 	do {
+		if (CONCUR__UNLIKELY(loop->stash_len))
+			total += concur__reap_stash(loop);
 		n = io_uring_peek_batch_cqe(&loop->ring, cqes, CONCUR__REAP_BATCH);
 		/* copy out and free the CQ slots first: handlers may submit (and even flush) */
 		for (unsigned i = 0; i < n; i++) {
@@ -360,7 +490,7 @@ static unsigned concur__reap(struct concur__loop *loop)
 		for (unsigned i = 0; i < n; i++)
 			concur__dispatch(loop, batch[i].ud, batch[i].res, batch[i].flags);
 		total += n;
-	} while (n == CONCUR__REAP_BATCH);
+	} while (n == CONCUR__REAP_BATCH || loop->stash_len);
 	concur__stat_inc(&loop->st.cqes, total);
 	return total;
 }
@@ -370,7 +500,7 @@ static unsigned concur__reap(struct concur__loop *loop)
 
 static bool concur__has_runnable(const struct concur__loop *loop)
 {
-	return loop->ready_head || loop->fresh_head;
+	return loop->ready_head || loop->fresh_head || loop->stash_len;
 }
 
 /* With runnables waiting, enter the kernel only if there is something to submit or the kernel
@@ -378,11 +508,20 @@ static bool concur__has_runnable(const struct concur__loop *loop)
 static void concur__flush(struct concur__loop *loop)
 {
 	unsigned kflags = IO_URING_READ_ONCE(*loop->ring.sq.kflags);
+	/* a failed submit keeps its SQEs for the next one; the reap that follows drains the CQ,
+	 * which is what a kernel pushing back waits for */
 	if (io_uring_sq_ready(&loop->ring) ||
-	    (kflags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW))) {
-		io_uring_submit_and_get_events(&loop->ring);
-		concur__stat_inc(&loop->st.enters, 1);
-	}
+	    (kflags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)))
+		(void)concur__submit(loop, CONCUR__SUBMIT_GET_EVENTS);
+}
+
+/* Submit what is queued and wait for a CQE. When the kernel takes nothing and so does not wait
+ * (pushing back), the loop makes room rather than coming straight back (a spin). */
+static void concur__submit_wait(struct concur__loop *loop)
+{
+	int r = concur__submit(loop, CONCUR__SUBMIT_WAIT);
+	if (r != -EINTR && concur__transient(r))
+		concur__relieve(loop);
 }
 
 /* THE one place a loop sleeps: submitting whatever is queued and waiting for one CQE. Anyone
@@ -396,10 +535,8 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 	if (fed) {
 		/* what is queued (MSG_RINGs waking tasks of other loops) goes out before the watch
 		 */
-		if (io_uring_sq_ready(&loop->ring)) {
-			io_uring_submit(&loop->ring);
-			concur__stat_inc(&loop->st.enters, 1);
-		}
+		if (io_uring_sq_ready(&loop->ring))
+			(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the sleep submits */
 		for (int i = 0; i < CONCUR__INBOX_SPIN; i++) {
 			if (atomic_load_explicit(&loop->inbox, memory_order_relaxed))
 				return;
@@ -414,11 +551,81 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 		return;
 	}
 	atomic_fetch_add_explicit(&ex->nsleeping, 1, memory_order_relaxed);
-	io_uring_submit_and_wait(&loop->ring, 1);
+	concur__submit_wait(loop);
 	atomic_fetch_sub_explicit(&ex->nsleeping, 1, memory_order_relaxed);
 	atomic_store_explicit(&loop->sleeping, 0, memory_order_relaxed);
-	concur__stat_inc(&loop->st.enters, 1);
 	concur__stat_inc(&loop->st.sleeps, 1);
+}
+
+/* ---- rings: setup, probe, teardown ----------------------------------------------------------- */
+
+#if defined(__SANITIZE_THREAD__)
+/*
+ * ThreadSanitizer does not see liburing's mmap and munmap (raw syscalls). A ring mapped where an
+ * earlier ring was (rings of executors created and freed on different threads) inherited the
+ * old ring's accesses, and TSan reported races between rings that never coexisted. So in TSan
+ * builds a ring is unmapped through libc, which TSan intercepts and which clears its record of
+ * the memory -- of whole pages only, so the lengths are rounded up to pages as the kernel does.
+ * (Mapping the ring again through libc at setup is not possible: the kernel refuses to map a
+ * ring at an address of the caller's choosing.)
+ */
+static void concur__ring_exit(struct io_uring *ring)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	size_t sqe_size = (ring->flags & IORING_SETUP_SQE128) ? 128 : 64;
+	struct {
+		void *p;
+		size_t size;
+	} r[3] = {{ring->sq.ring_ptr, ring->sq.ring_sz},
+	          {ring->sq.sqes, sqe_size * ring->sq.ring_entries},
+	          {ring->cq.ring_ptr, ring->cq.ring_sz}};
+	int n = ring->cq.ring_ptr != ring->sq.ring_ptr ? 3 : 2; /* no IORING_FEAT_SINGLE_MMAP */
+	if (ring->enter_ring_fd != ring->ring_fd) /* registered (io_uring_register_ring_fd) */
+		io_uring_unregister_ring_fd(ring);
+	for (int i = 0; i < n; i++)
+		munmap(r[i].p, (r[i].size + page - 1) & ~(page - 1));
+	close(ring->ring_fd); /* the rest of io_uring_queue_exit */
+}
+#else
+static void concur__ring_exit(struct io_uring *ring)
+{
+	io_uring_queue_exit(ring);
+}
+#endif
+
+static void concur__setup_error(const char *what, int r)
+{
+	concur__set_error("concur: %s failed: %s%s", what, concur_strerror(r),
+	                  r == -EPERM || r == -ENOSYS
+	                      ? " (io_uring disabled? check sysctl kernel.io_uring_disabled, "
+	                        "seccomp filters of containers, and the kernel config)"
+	                      : "");
+}
+
+/* The operations the kernel has: one probe for the executor (rings of one kernel agree). */
+static int concur__probe(concur_exec *ex, struct io_uring *ring)
+{
+	size_t len = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+	struct io_uring_probe *probe = calloc(1, len);
+	if (!probe) {
+		concur__set_error("concur: out of memory probing io_uring");
+		return -ENOMEM;
+	}
+	int r = io_uring_register_probe(ring, probe, 256);
+	if (r == 0)
+		for (unsigned op = 0; op <= probe->last_op && op < 256; op++)
+			ex->op_supported[op] = io_uring_opcode_supported(probe, (int)op);
+	free(probe);
+	if (r < 0 && r != -EINVAL) { /* EINVAL: a kernel before 5.6, which lacks MSG_RING too */
+		concur__setup_error("io_uring_register (IORING_REGISTER_PROBE)", r);
+		return r;
+	}
+	ex->has_futex_wake = ex->op_supported[CONCUR__OP_FUTEX_WAKE];
+	if (!ex->op_supported[IORING_OP_MSG_RING]) {
+		concur__set_error("concur: the kernel lacks IORING_OP_MSG_RING (Linux 5.18+)");
+		return -EOPNOTSUPP;
+	}
+	return 0;
 }
 
 static int concur__ring_setup(struct concur__loop *loop)
@@ -453,31 +660,14 @@ static int concur__ring_setup(struct concur__loop *loop)
 			break; /* EPERM, ENOSYS, ENOMEM: falling back will not help */
 	}
 	if (r < 0) {
-		concur__set_error(
-		    "concur: io_uring_setup failed: %s%s", concur_strerror(r),
-		    r == -EPERM || r == -ENOSYS
-		        ? " (io_uring disabled? check sysctl kernel.io_uring_disabled, "
-		          "seccomp filters of containers, and the kernel config)"
-		        : "");
+		concur__setup_error("io_uring_setup", r);
 		return r;
 	}
 	loop->ring_fd = loop->ring.ring_fd;
 	io_uring_register_ring_fd(&loop->ring); /* saves an fd lookup per enter; optional */
-
-	if (loop->idx == 0) { /* one probe for the executor: rings of one kernel agree */
-		struct io_uring_probe *probe = io_uring_get_probe_ring(&loop->ring);
-		if (probe) {
-			for (unsigned op = 0; op <= probe->last_op && op < 256; op++)
-				ex->op_supported[op] = io_uring_opcode_supported(probe, (int)op);
-			io_uring_free_probe(probe);
-		}
-		ex->has_futex_wake = ex->op_supported[CONCUR__OP_FUTEX_WAKE];
-		if (!ex->op_supported[IORING_OP_MSG_RING]) {
-			concur__set_error(
-			    "concur: the kernel lacks IORING_OP_MSG_RING (Linux 5.18+)");
-			io_uring_queue_exit(&loop->ring);
-			return -EOPNOTSUPP;
-		}
+	if (loop->idx == 0 && (r = concur__probe(ex, &loop->ring)) < 0) {
+		concur__ring_exit(&loop->ring);
+		return r;
 	}
 	return 0;
 }
@@ -493,12 +683,14 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 	}
 	concur__timers_stop(loop);
 	while (loop->inflight || loop->timers.armed) {
-		io_uring_submit_and_wait(&loop->ring, 1);
+		concur__submit_wait(loop);
 		concur__reap(loop);
 	}
 	concur__fiber_pool_free(loop);
 	concur__task_cache_free(loop);
-	io_uring_queue_exit(&loop->ring);
+	concur__ring_exit(&loop->ring);
+	free(loop->stash);
+	loop->stash = NULL;
 }
 
 static void *concur__loop_main(void *arg)
@@ -573,61 +765,93 @@ void concur__loop_stop(struct concur__loop *loop)
 	pthread_join(loop->thread, NULL);
 }
 
-/* ---- doorbells from threads outside the executor ------------------------------------------- */
+/* ---- the doorbell: threads outside the executor wake a sleeping loop ----------------------- */
 
-static pthread_key_t concur__bell_key;
-static pthread_once_t concur__bell_once = PTHREAD_ONCE_INIT;
-static __thread struct io_uring *concur__tl_bell;
-
-static void concur__bell_free(void *p)
+int concur__bell_init(concur_exec *ex)
 {
-	struct io_uring *ring = p;
-	io_uring_queue_exit(ring);
-	free(ring);
+	int r = io_uring_queue_init(8, &ex->bell, 0);
+	if (r < 0) {
+		concur__setup_error("io_uring_setup (the executor's doorbell ring)", r);
+		return r;
+	}
+	pthread_mutex_init(&ex->bell_lock, NULL);
+	ex->bell_pid = (int)getpid();
+	ex->bell_ready = true;
+	return 0;
 }
 
-/* A child of fork() has the forking thread's bell, but the ring's memory is shared with the
- * parent: ringing through it moved the parent's SQ tail behind liburing's back, and the
- * parent's next doorbell was lost (a hang in test_fiber, after test_guard_page's child rang).
- * The child drops it and makes its own on first use. */
-static void concur__bell_atfork_child(void)
+void concur__bell_exit(concur_exec *ex)
 {
-	struct io_uring *bell = concur__tl_bell;
-	if (!bell)
+	if (!ex->bell_ready)
 		return;
-	concur__tl_bell = NULL;
-	pthread_setspecific(concur__bell_key, NULL);
-	concur__bell_free(bell); /* unmaps and closes the child's copies only */
+	ex->bell_ready = false;
+	concur__ring_exit(&ex->bell);
+	pthread_mutex_destroy(&ex->bell_lock);
 }
 
-static void concur__bell_key_init(void)
+/* Between tries after a transient failure: the kernel is short of memory, give it time. */
+static void concur__bell_backoff(unsigned tries)
 {
-	pthread_key_create(&concur__bell_key, concur__bell_free);
-	pthread_atfork(NULL, NULL, concur__bell_atfork_child);
+	if (tries < 4) {
+		sched_yield();
+		return;
+	}
+	struct timespec ts = {0, 50000L << (tries < 8 ? tries - 4 : 4)}; /* 50 us .. 0.8 ms */
+	nanosleep(&ts, NULL);
+}
+
+/* One try: submit our MSG_RING (queued already if the last try's submit failed). Its failure,
+ * if any, comes back as a CQE at once (success posts none). Returns the submit's or the
+ * message's error, or 0. */
+static int concur__bell_try(struct io_uring *bell, struct concur__loop *loop, bool *queued)
+{
+	if (!*queued) {
+		struct io_uring_sqe *sqe = io_uring_get_sqe(bell);
+		if (!sqe) /* left behind by a submit that failed for good: out they go */
+			io_uring_submit(bell);
+		if (!sqe && !(sqe = io_uring_get_sqe(bell)))
+			return -EBUSY;
+		io_uring_prep_msg_ring(sqe, loop->ring_fd, 0, CONCUR__TAG_DOORBELL, 0);
+		sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+		io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)loop);
+		*queued = true;
+	}
+	int r = io_uring_submit(bell);
+	if (r > 0)
+		*queued = false;
+	struct io_uring_cqe *cqe;
+	while (io_uring_peek_cqe(bell, &cqe) == 0) {
+		if (cqe->user_data == (uint64_t)(uintptr_t)loop && r >= 0)
+			r = cqe->res;
+		io_uring_cqe_seen(bell, cqe);
+	}
+	return r < 0 ? r : 0;
 }
 
 void concur__loop_ring_doorbell(struct concur__loop *loop)
 {
-	struct io_uring *bell = concur__tl_bell;
-	if (!bell) { /* first use in this thread: a tiny ring, released when the thread exits */
-		pthread_once(&concur__bell_once, concur__bell_key_init);
-		bell = malloc(sizeof(*bell));
-		if (!bell || io_uring_queue_init(8, bell, 0) < 0) {
-			free(bell);
-			concur__set_error("concur: cannot set up this thread's doorbell ring");
-			return;
-		}
-		concur__tl_bell = bell;
-		pthread_setspecific(concur__bell_key, bell);
+	concur_exec *ex = loop->ex;
+	pthread_mutex_lock(&ex->bell_lock);
+	/* in a forked child the loops do not exist, and the ring's memory is the parent's */
+	if (!ex->bell_ready || ex->bell_pid != (int)getpid()) {
+		pthread_mutex_unlock(&ex->bell_lock);
+		return;
 	}
-	struct io_uring_sqe *sqe = io_uring_get_sqe(bell);
-	io_uring_prep_msg_ring(sqe, loop->ring_fd, 0, CONCUR__TAG_DOORBELL, 0);
-	sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-	io_uring_sqe_set_data64(sqe, 0);
-	io_uring_submit(bell);
-	/* a CQE here means the doorbell failed (the target CQ overflowing: it is awake anyway) */
-	struct io_uring_cqe *cqe;
-	while (io_uring_peek_cqe(bell, &cqe) == 0)
-		io_uring_cqe_seen(bell, cqe);
-	atomic_fetch_add_explicit(&loop->ex->doorbells, 1, memory_order_relaxed);
+	bool queued = false;
+	int r;
+	for (unsigned tries = 0;; tries++) {
+		r = concur__bell_try(&ex->bell, loop, &queued);
+		/* sent; or -EOVERFLOW: the target's CQ is full, so it is awake */
+		if (!concur__transient(r))
+			break;
+		concur__bell_backoff(tries);
+	}
+	pthread_mutex_unlock(&ex->bell_lock);
+	if (r < 0 && r != -EOVERFLOW) {
+		/* refused for good (the ring's fd closed behind our back?): say the loop sleeps
+		 * again, so the next post rings rather than nobody ever */
+		atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
+		concur__set_error("concur: cannot wake a loop: %s", concur_strerror(r));
+	}
+	atomic_fetch_add_explicit(&ex->doorbells, 1, memory_order_relaxed);
 }

@@ -493,6 +493,38 @@ static void test_spawn_on_bad(void **state)
 	concur_exec_free(ex);
 }
 
+/* Only io_uring_register blocked (a seccomp filter can do that): concur_exec_new fails with
+ * the kernel's error and names the call, not "the kernel lacks IORING_OP_MSG_RING". */
+static void test_io_uring_register_blocked(void **state)
+{
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		struct sock_filter filter[] = {
+		    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_register, 0, 1),
+		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = {.len = 4, .filter = filter};
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+		    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+			_exit(10);
+		concur_exec *e = NULL;
+		int r = concur_exec_new(&e, NULL);
+		if (r != -EPERM || e)
+			_exit(11);
+		if (!strstr(concur_last_error(), "io_uring_register") ||
+		    strstr(concur_last_error(), "MSG_RING"))
+			_exit(12);
+		_exit(0);
+	}
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -507,6 +539,7 @@ int main(void)
 	    cmocka_unit_test(test_io_uring_unavailable),
 	    cmocka_unit_test(test_spawn_on),
 	    cmocka_unit_test(test_spawn_on_bad),
+	    cmocka_unit_test(test_io_uring_register_blocked),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

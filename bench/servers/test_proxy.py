@@ -99,7 +99,7 @@ def talker():
     return ls.getsockname()[1]
 
 def test_idle():
-    px, _, port = proxy(talker(), '--idle-ms', '300')
+    px, _, port = proxy(talker(), '--idle-ms', '1500')  # 15x the talker's gaps: load-proof
     try:
         s = socket.create_connection(('127.0.0.1', port))
         s.sendall(b'q')  # then nothing either way: closed after the idle time
