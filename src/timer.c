@@ -4,10 +4,16 @@
  * loop. Nothing polls: a timed await is woken by whichever comes first, the future's completion
  * or the timer's CQE.
  *
- * A timed await needs a node that outlives the await itself (the future's waiter list and the
- * in-flight timer both point at it), so it is a small refcounted allocation: one reference for
- * the list, one for the timer, one for the fiber that reads it once resumed. Whoever flips `fired`
- * first resumes the fiber.
+ * A timed await needs a node that outlives the await itself (the in-flight timer points at it
+ * until its CQE, which comes after the await returned when the future won), so it is a small
+ * refcounted allocation: one reference for the future's waiter list, one for the timer, one for
+ * the fiber that reads it once resumed. Whoever flips `fired` first resumes the fiber. A fiber
+ * resumed by its timer takes the node back off the future's list (the list's reference is then
+ * its to drop), so a timed-out await leaves nothing behind, even on a future that then dies
+ * unset (a sync primitive's waiter promise, on every timeout).
+ *
+ * Timeouts are relative kernel timespecs: tv_sec = ns / 10^9 cannot overflow, and the kernel
+ * saturates a huge one, so INT64_MAX means "practically never" without any care here.
  */
 #include "internal.h"
 
@@ -84,6 +90,10 @@ int64_t concur__await_timed(struct concur__task *t, concur_future *f, int64_t ti
 
 	int64_t r;
 	if (tw->timed_out) {
+		/* take our node back; if the completion has it already, it drops the list's
+		 * reference itself (and f is done: we return its value) */
+		if (concur__waiter_remove(f, &tw->w))
+			concur__timed_wait_put(tw);
 		r = concur__is_done(f) ? concur__future_value(f) : -ETIMEDOUT;
 	} else {
 		r = concur__future_value(f);
