@@ -303,16 +303,21 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 			concur__wake_parked(f);
 		return;
 	}
-	concur_retain(f); /* a callback may release the caller's last reference */
 	/* the list is newest first: split it into compositions and the rest, both oldest first */
 	struct concur__waiter *calls = NULL, *rest = NULL;
+	bool hold = false;
 	while (w) {
 		struct concur__waiter *next = w->next;
 		struct concur__waiter **to = w->kind == CONCUR__WAIT_CALL ? &calls : &rest;
+		hold = hold || w->kind == CONCUR__WAIT_CALL || w->kind == CONCUR__WAIT_CALLBACK;
 		w->next = *to;
 		*to = w;
 		w = next;
 	}
+	/* A callback or a composition may release the caller's last reference: hold f across
+	 * them. (Resuming fibers needs no hold: f is not touched after the last node.) */
+	if (hold)
+		concur_retain(f);
 	for (w = calls; w; w = w->next)
 		if (w->ops->record)
 			w->ops->record(w, f, res, final_state);
@@ -325,14 +330,15 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 	if (old & CONCUR__PARKED)
 		concur__wake_parked(f);
 	concur__wake_nodes(f, rest);
-	concur_release(f);
+	if (hold)
+		concur_release(f);
 }
 
 bool concur__future_claim(concur_future *f)
 {
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
 	for (;;) {
-		if ((s & CONCUR__STATE_MASK) != CONCUR__PENDING)
+		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return false;
 		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
 		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
@@ -377,7 +383,7 @@ int concur_promise_set(concur_future *f, int64_t res)
 	bool cancel = res == -ECANCELED;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
 	for (;;) {
-		if ((s & CONCUR__STATE_MASK) != CONCUR__PENDING)
+		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return -EALREADY;
 		/* RUNNING marks "being completed" so a concurrent set or cancel loses */
 		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
@@ -440,6 +446,10 @@ int concur_cancel(concur_future *f)
 		return -EINVAL;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
 	for (;;) {
+		if (s & CONCUR__COMPLETING) { /* another cancel won: it is about to be CANCELLED */
+			concur__future_wait_final(f);
+			return 1;
+		}
 		switch (s & CONCUR__STATE_MASK) {
 		case CONCUR__CANCELLED:
 			return 1;
@@ -448,7 +458,8 @@ int concur_cancel(concur_future *f)
 		case CONCUR__RUNNING:
 			return f->cls->cancel_running ? f->cls->cancel_running(f) : 0;
 		}
-		uint32_t want = CONCUR__CANCELLED | (s & CONCUR__PARKED);
+		/* not CANCELLED yet: done must not show before the compositions recorded it */
+		uint32_t want = CONCUR__PENDING | CONCUR__COMPLETING | (s & CONCUR__PARKED);
 		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
 		                                          memory_order_acquire))
 			break;

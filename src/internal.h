@@ -71,7 +71,11 @@ struct concur__task;
 
 /* ---- futures (future.c) ------------------------------------------------------------------ */
 
-/* state word: the low bits are the state, PARKED says a foreign thread sleeps on the word. */
+/*
+ * state word: the low bits are the state, PARKED says a foreign thread sleeps on the word,
+ * COMPLETING (with PENDING) says a cancel won the future and is completing it: not done yet
+ * (compositions are still recording it), but nobody else may claim, set or cancel it.
+ */
 enum {
 	CONCUR__PENDING = 0,
 	CONCUR__RUNNING = 1,
@@ -79,6 +83,7 @@ enum {
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
 	CONCUR__PARKED = 4,
+	CONCUR__COMPLETING = 8,
 };
 
 #define CONCUR__FUTURE_MAGIC 0x46757475u /* "Futu" */

@@ -835,41 +835,50 @@ static void slow_cb(concur_future *f, void *arg)
 		;
 }
 
-static void *set_promise_thread(void *arg)
+static void *complete_a_thread(void *arg)
 {
-	concur_promise_set(arg, 1);
+	concur_future **fs = arg; /* {A, how}: how NULL sets A, else cancels it */
+	if (fs[1])
+		concur_cancel(fs[0]);
+	else
+		concur_promise_set(fs[0], 1);
 	return NULL;
 }
 
 /* Defect 6: A's completion is observed (a thread returned from concur_result(A)) before B is
- * set, so as_completed yields A first, even while a slow callback on A still runs. */
+ * set, so as_completed yields A first, even while a slow callback on A still runs. Both for a
+ * set and for a cancel of A. */
 static void test_as_completed_observed_order(void **state)
 {
-	concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
-	atomic_store(&slow_entered, false);
-	atomic_store(&slow_go, false);
-	assert_int_equal(concur_on_done(a, slow_cb, NULL), 0); /* before the iterator's */
-	concur_future *fs[2] = {b, a};
-	concur_as_completed *it;
-	assert_int_equal(concur_as_completed_new(&it, fs, 2, -1), 0);
-	pthread_t th;
-	pthread_create(&th, NULL, set_promise_thread, a);
-	assert_int_equal(concur_result(a, -1), 1); /* A is done, and we know it */
-	while (!atomic_load(&slow_entered))
-		; /* A's completion is stuck in the slow callback */
-	concur_promise_set(b, 2);
-	atomic_store(&slow_go, true);
-	pthread_join(th, NULL);
-	concur_future *f;
-	assert_int_equal(concur_as_completed_next(it, &f), 1);
-	assert_ptr_equal(f, a);
-	concur_release(f);
-	assert_int_equal(concur_as_completed_next(it, &f), 1);
-	assert_ptr_equal(f, b);
-	concur_release(f);
-	concur_as_completed_free(it);
-	concur_release(a);
-	concur_release(b);
+	for (int cancel = 0; cancel < 2; cancel++) {
+		concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
+		atomic_store(&slow_entered, false);
+		atomic_store(&slow_go, false);
+		assert_int_equal(concur_on_done(a, slow_cb, NULL), 0); /* before the iterator's */
+		concur_future *fs[2] = {b, a};
+		concur_as_completed *it;
+		assert_int_equal(concur_as_completed_new(&it, fs, 2, -1), 0);
+		pthread_t th;
+		concur_future *how[2] = {a, cancel ? a : NULL};
+		pthread_create(&th, NULL, complete_a_thread, how);
+		assert_int_equal(concur_result(a, -1),
+		                 cancel ? -ECANCELED : 1); /* we know A is done */
+		while (!atomic_load(&slow_entered))
+			; /* A's completion is stuck in the slow callback */
+		concur_promise_set(b, 2);
+		atomic_store(&slow_go, true);
+		pthread_join(th, NULL);
+		concur_future *f;
+		assert_int_equal(concur_as_completed_next(it, &f), 1);
+		assert_ptr_equal(f, a);
+		concur_release(f);
+		assert_int_equal(concur_as_completed_next(it, &f), 1);
+		assert_ptr_equal(f, b);
+		concur_release(f);
+		concur_as_completed_free(it);
+		concur_release(a);
+		concur_release(b);
+	}
 }
 
 static int64_t fail_with(void *arg)
