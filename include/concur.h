@@ -18,6 +18,16 @@
  * Threads: every function may be called from any thread unless it says otherwise. "In a task"
  * means inside a function run by concur_spawn(); "on a loop thread" means on one of the
  * executor's own threads (a callback runs there).
+ *
+ * Order of completions: if one future A's completion can be observed by anyone (a result
+ * returned, concur_done() true, a callback ran) before a second future B completes, every
+ * composition sees A first: concur_as_completed_next() yields A before B, and a group whose
+ * members A and B both fail reports A's error as its first failure. (Compositions record a
+ * completion before the future's state becomes visible as done.) Completions nobody could
+ * tell apart may be seen in either order. Within one future, waiters are woken in this order:
+ * compositions, blocked threads, then callbacks and awaiting tasks in registration order -- so
+ * a callback may still be running, or not yet started, when a thread woken by the same
+ * completion has already returned from concur_result().
  */
 #ifndef CONCUR_H
 #define CONCUR_H
@@ -75,6 +85,11 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * loop, and its doorbell, through which threads outside the executor (yours, the blocking
  * pool's helpers) wake a sleeping loop. Those threads hold no fd of their own, so posting from
  * a new thread works at the fd limit too.
+ *
+ * The loop threads inherit the calling thread's signal mask (as any pthread does): block the
+ * signals you handle elsewhere (sigwait, a signalfd, concur_signal) before calling it, or loop
+ * threads may take them. Helper threads of the blocking pool likewise inherit the mask of the
+ * thread whose concur_spawn_blocking() started them.
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 
@@ -226,9 +241,11 @@ concur_future *concur_spawn_ex(concur_exec *ex, concur_task_fn fn, void *arg,
 concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_fn fn, void *arg);
 
 /*
- * The result of f, waiting up to timeout_ns (< 0: forever, 0: do not wait).
- * Returns the value (>= 0), the task's or operation's error, -ECANCELED if it was cancelled,
- * -ETIMEDOUT if not done in time (f is unchanged), -EINVAL for a NULL or invalid future.
+ * The result of f, waiting up to timeout_ns (< 0: forever, 0: do not wait; any value up to
+ * INT64_MAX is fine: deadlines saturate). Returns the value (>= 0), the task's or operation's
+ * error, -ECANCELED if it was cancelled, -ETIMEDOUT if not done in time (f is unchanged, and the
+ * wait leaves nothing behind on it), -EINVAL for a NULL or invalid future. f's callbacks may
+ * still be running on the completing thread when this returns (see "Order" at the top).
  * In a task it suspends the task's fiber; on a thread outside the executor it blocks the
  * thread; on a loop thread outside any task (a callback) it returns -EDEADLK unless f is
  * already done, since blocking there would stop the loop that must complete f.
@@ -271,8 +288,11 @@ int concur_cancel(concur_future *f);
  * Call fn(f, arg) once when f is done, in registration order, on the thread that completes f
  * (a loop thread, outside any task's fiber; or the thread that cancels). If f is already done,
  * fn runs before concur_on_done returns, in the caller's thread. No lock is held while fn runs:
- * it may release f, spawn, or add callbacks. f stays valid during fn even if fn releases it.
- * The callback does not keep f alive: hold a reference if you need f after releasing yours.
+ * it may release f, spawn, or add callbacks. f stays valid during fn even if fn releases the
+ * last reference (either way it is run). Callbacks run after blocked threads are woken: a
+ * thread may return from concur_result(f) before (or while) fn runs.
+ * The callback does not keep f alive: if f's last reference is released before f completes
+ * (a promise never set), fn is never called and its registration is freed.
  * Returns 0, -EINVAL (NULL f or fn), -ENOMEM. On error fn is never called.
  */
 int concur_on_done(concur_future *f, concur_done_fn fn, void *arg);
@@ -380,7 +400,9 @@ const char *concur_last_error(void);
  * task's fiber (the loop goes on), on a thread outside the executor it blocks the thread, and on
  * a loop thread outside any task (in a callback) it returns -EDEADLK instead of waiting (when
  * it would have to wait). Nothing here polls: every wait is one future completed through the
- * one completion path. timeout_ns < 0 waits forever, 0 does not wait.
+ * one completion path. timeout_ns < 0 waits forever, 0 does not wait. A wait that returns
+ * (done, timed out or abandoned) takes back everything it hung on its futures: waiting on a
+ * future that is then released unset leaks nothing.
  */
 
 /* The most futures one call accepts (more gives -EINVAL). */
@@ -448,11 +470,13 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 
 /*
  * The next done future: those already done when the iterator was made first (in input order),
- * then in completion order. Returns 1 and sets *f (the caller now owns that reference; the
- * iterator keeps none), 0 when every future was yielded, -ETIMEDOUT when the deadline passed
- * (concur_as_completed_unfinished() and concur_last_error() tell how many of how many are
- * unfinished; calling again keeps returning -ETIMEDOUT unless one completed meanwhile),
- * -EINVAL, -EDEADLK on a loop thread outside any task. Use from one thread or task at a time.
+ * then in completion order (a future anyone could see done before another completed comes
+ * first; see "Order" at the top). The future yielded is done. Returns 1 and sets *f (the caller now
+ * owns that reference; the iterator keeps none), 0 when every future was yielded, -ETIMEDOUT when
+ * the deadline passed (concur_as_completed_unfinished() and concur_last_error() tell how many of
+ * how many are unfinished; calling again keeps returning -ETIMEDOUT unless one completed
+ * meanwhile), -EINVAL, -EDEADLK on a loop thread outside any task. Use from one thread or task at a
+ * time.
  */
 int concur_as_completed_next(concur_as_completed *it, concur_future **f);
 
@@ -460,7 +484,8 @@ int concur_as_completed_next(concur_as_completed *it, concur_future **f);
  * futures. 0 for NULL. */
 size_t concur_as_completed_unfinished(const concur_as_completed *it, size_t *total);
 
-/* Free the iterator and drop its references on the futures not yielded. NULL is ignored. */
+/* Free the iterator and drop its references on the futures not yielded (nothing of it stays on
+ * them). NULL is ignored. */
 void concur_as_completed_free(concur_as_completed *it);
 
 /* A continuation: receives the value (>= 0) of the future it follows. */
@@ -475,10 +500,13 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * cancelled one). Waiting holds no thread and no fiber stack: a small record counts the inputs
  * down with completion callbacks and spawns the task when the last one is done. The inputs need
  * not stay referenced by the caller (a task's executor keeps it alive until it completes; a
- * promise must be kept alive by whoever will set it). Cancelling the returned future before the
- * task starts means fn never runs. On bad input the future is already failed: -EINVAL (NULL ex
- * or fn, NULL inputs with n > 0, a NULL or invalid input, n > CONCUR_MAX_FUTURES), -ENOMEM;
- * -ESHUTDOWN if the executor was shut down before the task could be spawned.
+ * promise must be kept alive by whoever will set it: a promise whose last reference is released
+ * unset can never complete, and the returned future then ends CANCELLED, -ECANCELED, fn never
+ * run). Cancelling the returned future before the task starts means fn never runs. On bad input
+ * the future is already failed: -EINVAL (NULL ex or fn, NULL inputs with n > 0, a NULL or invalid
+ * input, n > CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the executor was shut down (or freed)
+ * before the task could be spawned. (Freeing the executor while another thread sets an input
+ * is a race the caller must avoid, as for any use of a freed executor.)
  *
  * The pipeline "A computes, B processes A's result, C stores B's", with no glue code (every
  * stage is a task; nothing waits in between; the first failure skips the later stages):
@@ -525,8 +553,10 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 
 /*
  * Wait until no member is left (members spawned meanwhile included). Returns 0 if every member
- * succeeded, else the error of the first member that failed (in completion order; -ECANCELED if
- * members were only cancelled), -ETIMEDOUT, -EINVAL, -EDEADLK (see the top of this section).
+ * succeeded, else the error of the first member that failed (in completion order, as observable:
+ * see "Order" at the top; -ECANCELED if members were only cancelled), -ETIMEDOUT, -EINVAL,
+ * -EDEADLK (see the top of this section). When it returns 0 or an error other than -ETIMEDOUT,
+ * every member is done.
  */
 int64_t concur_group_wait(concur_group *g, int64_t timeout_ns);
 
@@ -545,7 +575,8 @@ void concur_group_free(concur_group *g);
  * Fiber-aware synchronisation. Each works across loops and with threads outside the executor:
  * a waiter in a task suspends its fiber, a foreign thread blocks. Waiters queue in FIFO order.
  * Objects are made with *_new (0, -EINVAL, -ENOMEM) and freed with *_free (NULL is ignored;
- * nobody may be waiting then).
+ * nobody may be waiting then). A wait that times out takes itself off the object and leaves
+ * nothing behind, however many time out.
  */
 typedef struct concur_mutex concur_mutex;
 typedef struct concur_sem concur_sem;
@@ -616,7 +647,9 @@ size_t concur_chan_len(const concur_chan *c);
  * future (never NULL; on failure already failed with -EINVAL, -ESHUTDOWN or -ENOMEM) completes
  * through the one completion path: a task awaiting it is resumed on its own loop (the helper
  * posts it there with MSG_RING). The job counts as the executor's work for concur_exec_join().
- * Cancelling the future before a helper picks the job means fn never runs.
+ * Cancelling the future before a helper picks the job means fn never runs (concur_cancel()
+ * returns 1). Once a helper has picked it the job is RUNNING (concur_running() is true) and
+ * runs to its end: concur_cancel() returns 0 and the future ends with fn's result.
  */
 concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *arg);
 

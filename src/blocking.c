@@ -3,10 +3,13 @@
  * The blocking pool: process-wide helper threads for blocking syscalls and long CPU work.
  *
  * Helpers are ordinary threads, not loops, so they wait for jobs on a condition variable (the
- * loops never touch it). A job's future is a promise of the job's executor, set by the helper
- * when fn returns: that is the one completion path, which wakes a blocked thread with a futex
- * and posts an awaiting fiber back to its own loop (inbox + MSG_RING doorbell). Each job counts
- * as the executor's work from spawn to completion, so concur_exec_join() waits for it.
+ * loops never touch it). A job's future is a promise of the job's executor. The helper that
+ * picks a job claims it (PENDING -> RUNNING, as a task starting) before calling fn, so a cancel
+ * either wins before that (fn never runs) or finds it RUNNING and is too late (0): never both
+ * "cancelled" and run. When fn returns the helper completes it through the one completion path,
+ * which wakes a blocked thread with a futex and posts an awaiting fiber back to its own loop
+ * (inbox + MSG_RING doorbell). Each job counts as the executor's work from spawn to completion,
+ * so concur_exec_join() waits for it.
  */
 #include "wait.h"
 
@@ -51,8 +54,8 @@ static void pool_init(void)
 static void job_run(struct job *j)
 {
 	/* A job cancelled while queued never runs (its promise is already CANCELLED). */
-	if (!concur_done(j->out))
-		concur_promise_set(j->out, j->fn(j->arg));
+	if (concur__future_claim(j->out))
+		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
 	concur_release(j->out);
 	concur__work_end(j->ex);
 	free(j);

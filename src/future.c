@@ -6,15 +6,24 @@
  * A future's waiters are of three kinds, all on one list:
  *   - threads outside the executor park on the state word itself (a futex) after setting
  *     CONCUR__PARKED, so a blocked thread costs no node and no allocation;
- *   - callbacks and awaiting fibers are nodes pushed on a lock-free LIFO list. Completing swaps
- *     the list for CONCUR__WAITERS_CLOSED (later pushes fail and run at once), reverses it to
- *     registration order and wakes each node. No lock is held while a callback runs.
+ *   - callbacks and awaiting fibers are nodes pushed on a doubly linked list whose head word
+ *     carries a lock bit: a push is one CAS and one store, a removal (a timed-out or abandoned
+ *     wait taking its node back) relinks in O(1) under the bit. Completing swaps the list for
+ *     CONCUR__WAITERS_CLOSED (later pushes fail and run at once), and wakes each node in
+ *     registration order. No lock is held while a callback runs.
+ *   - compositions (as_completed, wait/gather, groups, then/after) hang their own nodes
+ *     (CONCUR__WAIT_CALL) on the same list. Their record hooks run before the state flips, so
+ *     nobody can see a future done before every composition has it in its books: that is what
+ *     makes "observed first, recorded first" hold (see concur.h). When a future dies unset (its
+ *     last reference released), the nodes still on its list are told (drop), so nothing that
+ *     waited on it leaks.
  */
 #include "internal.h"
 
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <linux/futex.h>
@@ -31,9 +40,11 @@ int64_t concur__now_ns(void)
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Saturates: a timeout near INT64_MAX means "practically forever", never an overflow. */
 void concur__deadline(struct timespec *abs, int64_t timeout_ns)
 {
-	int64_t t = concur__now_ns() + timeout_ns;
+	int64_t now = concur__now_ns();
+	int64_t t = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
 	abs->tv_sec = t / 1000000000;
 	abs->tv_nsec = t % 1000000000;
 }
@@ -88,7 +99,7 @@ void concur__future_init(concur_future *f, const struct concur__future_class *cl
 	atomic_init(&f->refs, refs);
 	f->flags = 0;
 	f->res = 0;
-	atomic_init(&f->waiters, NULL);
+	atomic_init(&f->waiters, 0);
 	f->cls = cls;
 	f->ex = ex;
 	f->ex_id = ex ? ex->id : 0;
@@ -102,15 +113,45 @@ concur_future *concur_retain(concur_future *f)
 	return f;
 }
 
-/* Free waiter nodes of a future that dies without completing (a promise never set). */
+/* Short waits for a holder that is a few instructions away from letting go. */
+static void concur__backoff(unsigned *spins)
+{
+	if (++*spins < 64)
+		concur__cpu_relax();
+	else
+		sched_yield(); /* the holder was preempted: let it run */
+}
+
+/* Take the list for good: the head as it was (NULL if empty). Waits out a push or removal. */
+static struct concur__waiter *concur__waiters_close(concur_future *f)
+{
+	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+	unsigned spins = 0;
+	for (;;) {
+		if (old & CONCUR__WAITERS_LOCKED) {
+			concur__backoff(&spins);
+			old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+			continue;
+		}
+		if (atomic_compare_exchange_weak_explicit(&f->waiters, &old, CONCUR__WAITERS_CLOSED,
+		                                          memory_order_acq_rel,
+		                                          memory_order_relaxed))
+			return old == CONCUR__WAITERS_CLOSED ? NULL : (struct concur__waiter *)old;
+	}
+}
+
+/* A future dies unset with nodes on its list: free callbacks, tell compositions. */
 static void concur__drop_waiters(concur_future *f)
 {
-	struct concur__waiter *w = atomic_load_explicit(&f->waiters, memory_order_acquire);
-	while (w && w != CONCUR__WAITERS_CLOSED) {
+	struct concur__waiter *w = concur__waiters_close(f);
+	while (w) {
 		struct concur__waiter *next = w->next;
 		if (w->kind == CONCUR__WAIT_CALLBACK)
 			free(w);
-		/* AWAIT nodes belong to a task that holds a reference, so cannot be here */
+		else if (w->kind == CONCUR__WAIT_CALL && w->ops->drop)
+			w->ops->drop(w, f);
+		/* AWAIT nodes belong to a task that holds a reference while it waits, and so
+		 * cannot be here */
 		w = next;
 	}
 }
@@ -123,65 +164,74 @@ void concur_release(concur_future *f)
 	if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1 &&
 	    atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	concur__drop_waiters(f);
+	if (atomic_load_explicit(&f->waiters, memory_order_relaxed) != CONCUR__WAITERS_CLOSED)
+		concur__drop_waiters(f);
 	f->magic = CONCUR__FUTURE_DEAD;
 	f->cls->destroy(f);
 }
 
 /* ---- waiters ------------------------------------------------------------------------------- */
 
-/* A waiter being removed holds the list: bit 1 of the word (nodes are 8-aligned). */
-#define CONCUR__WAITERS_LOCKED ((uintptr_t)2)
-
-static struct concur__waiter *concur__waiters_unlocked(concur_future *f)
+void concur__future_wait_final(const concur_future *f)
 {
-	struct concur__waiter *w = atomic_load_explicit(&f->waiters, memory_order_acquire);
-	while ((uintptr_t)w & CONCUR__WAITERS_LOCKED) {
-		concur__cpu_relax();
-		w = atomic_load_explicit(&f->waiters, memory_order_acquire);
+	unsigned spins = 0;
+	while (!concur__is_done(f))
+		concur__backoff(&spins);
+}
+
+/* Lock the list: its head (LOCKED clear), or CONCUR__WAITERS_CLOSED (then not locked). */
+static uintptr_t concur__waiters_lock(concur_future *f)
+{
+	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+	unsigned spins = 0;
+	for (;;) {
+		if (old == CONCUR__WAITERS_CLOSED)
+			return old;
+		if (old & CONCUR__WAITERS_LOCKED) {
+			concur__backoff(&spins);
+			old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+			continue;
+		}
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->waiters, &old, old | CONCUR__WAITERS_LOCKED, memory_order_acquire,
+		        memory_order_relaxed))
+			return old;
 	}
-	return w;
 }
 
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 {
-	struct concur__waiter *old = concur__waiters_unlocked(f);
-	for (;;) {
-		if (old == CONCUR__WAITERS_CLOSED)
-			return false;
-		w->next = old;
-		if (atomic_compare_exchange_weak_explicit(
-		        &f->waiters, &old, w, memory_order_acq_rel, memory_order_acquire))
-			return true;
-		if ((uintptr_t)old & CONCUR__WAITERS_LOCKED)
-			old = concur__waiters_unlocked(f);
+	uintptr_t head = concur__waiters_lock(f);
+	if (head == CONCUR__WAITERS_CLOSED) {
+		/* closed before the state flips (record hooks run in between): wait for it, so
+		 * that whoever is told "done" finds f done */
+		concur__future_wait_final(f);
+		return false;
 	}
+	struct concur__waiter *old = (struct concur__waiter *)head;
+	w->prev = NULL;
+	w->next = old;
+	if (old)
+		old->prev = w;
+	atomic_store_explicit(&f->waiters, (uintptr_t)w, memory_order_release); /* unlocks */
+	return true;
 }
 
 bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 {
-	struct concur__waiter *head = concur__waiters_unlocked(f);
-	for (;;) {
-		if (head == CONCUR__WAITERS_CLOSED)
-			return false; /* completed: the completion has the node */
-		struct concur__waiter *locked =
-		    (struct concur__waiter *)((uintptr_t)head | CONCUR__WAITERS_LOCKED);
-		if (atomic_compare_exchange_weak_explicit(
-		        &f->waiters, &head, locked, memory_order_acquire, memory_order_acquire))
-			break;
-		if ((uintptr_t)head & CONCUR__WAITERS_LOCKED)
-			head = concur__waiters_unlocked(f);
+	uintptr_t head = concur__waiters_lock(f);
+	if (head == CONCUR__WAITERS_CLOSED) {
+		concur__future_wait_final(f);
+		return false;
 	}
-	bool found = false;
-	for (struct concur__waiter **pp = &head; *pp; pp = &(*pp)->next) {
-		if (*pp == w) {
-			*pp = w->next;
-			found = true;
-			break;
-		}
-	}
-	atomic_store_explicit(&f->waiters, head, memory_order_release);
-	return found;
+	if (w->prev)
+		w->prev->next = w->next;
+	else
+		head = (uintptr_t)w->next;
+	if (w->next)
+		w->next->prev = w->prev;
+	atomic_store_explicit(&f->waiters, head, memory_order_release); /* unlocks */
+	return true;
 }
 
 /*
@@ -213,53 +263,77 @@ static void concur__wake_parked(concur_future *f)
 	concur__futex_wake(&f->state, INT_MAX);
 }
 
-void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+/* Run the nodes of a completion that are not compositions', in registration order. */
+static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
 {
-	f->res = res;
-	uint32_t old = atomic_exchange_explicit(&f->state, final_state, memory_order_acq_rel);
-	if (old & CONCUR__PARKED)
-		concur__wake_parked(f);
-
-	struct concur__waiter *w = concur__waiters_unlocked(f);
-	while (!atomic_compare_exchange_weak_explicit(&f->waiters, &w, CONCUR__WAITERS_CLOSED,
-	                                              memory_order_acq_rel, memory_order_acquire))
-		if ((uintptr_t)w & CONCUR__WAITERS_LOCKED)
-			w = concur__waiters_unlocked(f);
-	/* the list is newest first: reverse it into registration order */
-	struct concur__waiter *ordered = NULL;
 	while (w) {
-		struct concur__waiter *next = w->next;
-		w->next = ordered;
-		ordered = w;
-		w = next;
-	}
-	while (ordered) {
 		/* read next first: waking a node may let its owner reuse or free it */
-		struct concur__waiter *next = ordered->next;
-		switch (ordered->kind) {
+		struct concur__waiter *next = w->next;
+		switch (w->kind) {
 		case CONCUR__WAIT_CALLBACK: {
-			concur_done_fn fn = ordered->cb.fn;
-			void *arg = ordered->cb.arg;
-			free(ordered);
+			concur_done_fn fn = w->cb.fn;
+			void *arg = w->cb.arg;
+			free(w);
 			fn(f, arg);
 			break;
 		}
-		case CONCUR__WAIT_CALL: /* the owner may free the node once fn runs */
-			ordered->cb.fn(f, ordered->cb.arg);
-			break;
 		case CONCUR__WAIT_AWAIT:
-			concur__resume(ordered->task);
+			concur__resume(w->task);
+			break;
+		case CONCUR__WAIT_CALL: /* not on this list */
 			break;
 		}
-		ordered = next;
+		w = next;
 	}
+}
+
+void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+{
+	f->res = res;
+	struct concur__waiter *w = concur__waiters_close(f);
+	if (CONCUR__LIKELY(!w)) { /* nobody but maybe parked threads: no reference needed */
+		uint32_t old =
+		    atomic_exchange_explicit(&f->state, final_state, memory_order_acq_rel);
+		if (old & CONCUR__PARKED)
+			concur__wake_parked(f);
+		return;
+	}
+	/* the list is newest first: split it into compositions and the rest, both oldest first */
+	struct concur__waiter *calls = NULL, *rest = NULL;
+	bool hold = false;
+	while (w) {
+		struct concur__waiter *next = w->next;
+		struct concur__waiter **to = w->kind == CONCUR__WAIT_CALL ? &calls : &rest;
+		hold = hold || w->kind == CONCUR__WAIT_CALL || w->kind == CONCUR__WAIT_CALLBACK;
+		w->next = *to;
+		*to = w;
+		w = next;
+	}
+	/* A callback or a composition may release the caller's last reference: hold f across
+	 * them. (Resuming fibers needs no hold: f is not touched after the last node.) */
+	if (hold)
+		concur_retain(f);
+	for (w = calls; w; w = w->next)
+		if (w->ops->record)
+			w->ops->record(w, f, res, final_state);
+	uint32_t old = atomic_exchange_explicit(&f->state, final_state, memory_order_acq_rel);
+	for (w = calls; w;) {
+		struct concur__waiter *next = w->next; /* done may free w */
+		w->ops->done(w, f);
+		w = next;
+	}
+	if (old & CONCUR__PARKED)
+		concur__wake_parked(f);
+	concur__wake_nodes(f, rest);
+	if (hold)
+		concur_release(f);
 }
 
 bool concur__future_claim(concur_future *f)
 {
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
 	for (;;) {
-		if ((s & CONCUR__STATE_MASK) != CONCUR__PENDING)
+		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return false;
 		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
 		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
@@ -304,7 +378,7 @@ int concur_promise_set(concur_future *f, int64_t res)
 	bool cancel = res == -ECANCELED;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
 	for (;;) {
-		if ((s & CONCUR__STATE_MASK) != CONCUR__PENDING)
+		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return -EALREADY;
 		/* RUNNING marks "being completed" so a concurrent set or cancel loses */
 		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
@@ -367,6 +441,10 @@ int concur_cancel(concur_future *f)
 		return -EINVAL;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
 	for (;;) {
+		if (s & CONCUR__COMPLETING) { /* another cancel won: it is about to be CANCELLED */
+			concur__future_wait_final(f);
+			return 1;
+		}
 		switch (s & CONCUR__STATE_MASK) {
 		case CONCUR__CANCELLED:
 			return 1;
@@ -375,7 +453,8 @@ int concur_cancel(concur_future *f)
 		case CONCUR__RUNNING:
 			return f->cls->cancel_running ? f->cls->cancel_running(f) : 0;
 		}
-		uint32_t want = CONCUR__CANCELLED | (s & CONCUR__PARKED);
+		/* not CANCELLED yet: done must not show before the compositions recorded it */
+		uint32_t want = CONCUR__PENDING | CONCUR__COMPLETING | (s & CONCUR__PARKED);
 		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
 		                                          memory_order_acquire))
 			break;
@@ -396,7 +475,9 @@ int concur_on_done(concur_future *f, concur_done_fn fn, void *arg)
 	w->cb.arg = arg;
 	if (!concur__waiter_push(f, w)) {
 		free(w);
+		concur_retain(f); /* fn may release the caller's last reference */
 		fn(f, arg);
+		concur_release(f);
 	}
 	return 0;
 }

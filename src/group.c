@@ -1,18 +1,25 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Task groups: each member is a task with a completion callback that takes it off the group's
- * list of live members; a waiter sleeps on the group's wake slot until that list is empty.
- * Members and the group's owner each hold a reference on the group, so a member finishing
- * after concur_group_free() is fine.
+ * Task groups: each member is a task with a waiter node of the group's (embedded in the member
+ * record) that takes it off the group's list of live members; a waiter sleeps on the group's
+ * wake slot until that list is empty. Members and the group's owner each hold a reference on
+ * the group, so a member finishing after concur_group_free() is fine.
+ *
+ * Order: a member's failure is recorded (first_err) in the node's record hook, before the
+ * member's state is final, so a failure anyone could see first is the group's first failure.
+ * It leaves the live list only once its state is final, so concur_group_wait never returns
+ * before every member is done.
  */
 #include "wait.h"
 
 #include <stdlib.h>
 
 struct member {
+	struct concur__waiter w; /* on f's waiter list */
 	struct member *prev, *next;
 	concur_future *f; /* our reference, to cancel it */
 	concur_group *g;
+	bool first_failure; /* f's failure was the group's first */
 };
 
 struct concur_group {
@@ -82,21 +89,31 @@ bool concur_group_cancelled(const concur_group *g)
 	return g && atomic_load(&g->cancelled);
 }
 
-/* Take m off g's list (done: f's outcome counts for the group) and free it. */
-static void member_remove(struct member *m, bool done)
+/* Before f's state is final: note its failure or cancellation in completion order. */
+static void member_record(struct concur__waiter *w, concur_future *f, int64_t res,
+                          uint32_t final_state)
 {
+	struct member *m = (struct member *)w;
 	concur_group *g = m->g;
-	bool failed = done && concur__failed(m->f);
+	pthread_mutex_lock(&g->lock);
+	m->first_failure = final_state == CONCUR__FINISHED && res < 0 && g->first_err == 0;
+	if (m->first_failure)
+		g->first_err = res;
+	g->any_cancelled = g->any_cancelled || final_state == CONCUR__CANCELLED;
+	pthread_mutex_unlock(&g->lock);
+}
+
+/* f is done: take m off g's list and free it. */
+static void member_done(struct concur__waiter *w, concur_future *f)
+{
+	struct member *m = (struct member *)w;
+	concur_group *g = m->g;
 	pthread_mutex_lock(&g->lock);
 	m->prev->next = m->next;
 	m->next->prev = m->prev;
-	bool first_failure = failed && g->first_err == 0;
-	if (first_failure)
-		g->first_err = concur__future_value(m->f);
-	g->any_cancelled = g->any_cancelled || (done && concur_cancelled(m->f));
 	bool idle = --g->live == 0;
 	pthread_mutex_unlock(&g->lock);
-	if (first_failure && (g->flags & CONCUR_GROUP_CANCEL_ON_FAILURE))
+	if (m->first_failure && (g->flags & CONCUR_GROUP_CANCEL_ON_FAILURE))
 		concur_group_cancel(g);
 	if (idle)
 		concur__wake_fire(&g->lock, &g->wake);
@@ -105,10 +122,7 @@ static void member_remove(struct member *m, bool done)
 	group_put(g);
 }
 
-static void member_done(concur_future *f, void *arg)
-{
-	member_remove(arg, true);
-}
+static const struct concur__waiter_ops member_ops = {.record = member_record, .done = member_done};
 
 concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 {
@@ -120,6 +134,8 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 	if (!m)
 		return concur__failed_future(g->ex, -ENOMEM);
 	concur_future *f = concur_spawn(g->ex, fn, arg);
+	m->w.kind = CONCUR__WAIT_CALL;
+	m->w.ops = &member_ops;
 	m->f = concur_retain(f);
 	m->g = g;
 	atomic_fetch_add(&g->refs, 1);
@@ -130,8 +146,10 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 	g->head.prev = m;
 	g->live++;
 	pthread_mutex_unlock(&g->lock);
-	if (concur_on_done(f, member_done, m) < 0)
-		member_remove(m, false); /* -ENOMEM: the task runs, untracked */
+	if (!concur__waiter_push(f, &m->w)) { /* done already (or failed to spawn) */
+		member_record(&m->w, f, concur__future_value(f), concur__state(f));
+		member_done(&m->w, f);
+	}
 	if (atomic_load(&g->cancelled))
 		concur_cancel(f); /* the group was cancelled while we added it */
 	return f;

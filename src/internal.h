@@ -72,7 +72,11 @@ struct concur__task;
 
 /* ---- futures (future.c) ------------------------------------------------------------------ */
 
-/* state word: the low bits are the state, PARKED says a foreign thread sleeps on the word. */
+/*
+ * state word: the low bits are the state, PARKED says a foreign thread sleeps on the word,
+ * COMPLETING (with PENDING) says a cancel won the future and is completing it: not done yet
+ * (compositions are still recording it), but nobody else may claim, set or cancel it.
+ */
 enum {
 	CONCUR__PENDING = 0,
 	CONCUR__RUNNING = 1,
@@ -80,7 +84,8 @@ enum {
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
 	CONCUR__PARKED = 4,
-	CONCUR__CANCEL_REQ = 8, /* a RUNNING task was asked to stop (concur_cancel): control.c */
+	CONCUR__COMPLETING = 8,  /* a cancel won: CANCELLED once the compositions recorded it */
+	CONCUR__CANCEL_REQ = 16, /* a RUNNING task was asked to stop (concur_cancel): control.c */
 };
 
 #define CONCUR__FUTURE_MAGIC 0x46757475u /* "Futu" */
@@ -97,13 +102,33 @@ struct concur__future_class {
 };
 
 enum concur__waiter_kind {
-	CONCUR__WAIT_CALLBACK, /* run fn(f, arg), then free the node */
-	CONCUR__WAIT_CALL,     /* run fn(f, arg); the node belongs to its owner (embedded) */
+	CONCUR__WAIT_CALLBACK, /* concur_on_done(): run cb.fn(f, cb.arg), then free the node */
+	CONCUR__WAIT_CALL,     /* a composition's own node (embedded in it): ops */
 	CONCUR__WAIT_AWAIT,    /* resume a fiber (the node lives on its stack) */
 };
 
+struct concur__waiter;
+
+/*
+ * A composition's node (as_completed, wait/gather countdowns, group members, then/after).
+ * concur__complete() runs every CALL node's record, then makes f's state final, then every
+ * CALL node's done, and only then wakes parked threads, callbacks and fibers: so anything that
+ * can see f done sees it after every composition recorded it (the order rule in concur.h).
+ */
+struct concur__waiter_ops {
+	/* Optional. Before f's state is final (nobody can see f done yet): record the outcome
+	 * where the order of completions matters. Must not block nor look at f's state. */
+	void (*record)(struct concur__waiter *w, concur_future *f, int64_t res,
+	               uint32_t final_state);
+	/* f is done. The owner may free w from here on. */
+	void (*done)(struct concur__waiter *w, concur_future *f);
+	/* Optional. f's last reference went while w was on its list: f will never complete. f
+	 * must not be touched beyond reading it. */
+	void (*drop)(struct concur__waiter *w, concur_future *f);
+};
+
 struct concur__waiter {
-	struct concur__waiter *next;
+	struct concur__waiter *next, *prev;
 	enum concur__waiter_kind kind;
 	union {
 		struct {
@@ -111,18 +136,25 @@ struct concur__waiter {
 			void *arg;
 		} cb;
 		struct concur__task *task;
+		const struct concur__waiter_ops *ops;
 	};
 };
 
-#define CONCUR__WAITERS_CLOSED ((struct concur__waiter *)1)
+/*
+ * The waiters word: the newest node's address (nodes are 8-aligned), LOCKED while a push or
+ * a removal relinks the list (a few stores), CLOSED once the completion (or the last release)
+ * took the list.
+ */
+#define CONCUR__WAITERS_CLOSED ((uintptr_t)1)
+#define CONCUR__WAITERS_LOCKED ((uintptr_t)2)
 
 struct concur_future {
 	_Atomic uint32_t state; /* CONCUR__PENDING..CANCELLED | CONCUR__PARKED; a futex word */
 	uint32_t magic;
 	_Atomic uint32_t refs;
 	uint32_t flags;
-	int64_t res; /* written before the state becomes FINISHED/CANCELLED */
-	_Atomic(struct concur__waiter *) waiters; /* LIFO push; CLOSED once completed */
+	int64_t res;               /* written before the state becomes FINISHED/CANCELLED */
+	_Atomic uintptr_t waiters; /* newest first, doubly linked; see CONCUR__WAITERS_* */
 	const struct concur__future_class *cls;
 	concur_exec *ex; /* weak: check with concur__exec_alive() */
 	uint64_t ex_id;
@@ -131,18 +163,25 @@ struct concur_future {
 void concur__future_init(concur_future *f, const struct concur__future_class *cls, concur_exec *ex,
                          uint32_t refs);
 /*
- * THE completion path. Stores res, makes f FINISHED or CANCELLED (final_state), and wakes every
- * waiter: parked threads (futex syscall), then callbacks and fibers in registration order.
- * The caller must own the right to complete f (it won the state CAS or
- * reaped the op's CQE) and hold a reference across the call.
+ * THE completion path. Stores res, closes the waiter list, runs the composition nodes' record
+ * hooks, makes f FINISHED or CANCELLED (final_state), runs their done hooks, wakes parked
+ * threads (futex), then runs callbacks and resumes fibers in registration order. The caller
+ * must own the right to complete f (it won the state CAS or reaped the op's CQE). f is held
+ * across the callbacks (a callback may drop the caller's last reference).
  */
 void concur__complete(concur_future *f, int64_t res, uint32_t final_state);
 /* Claim a PENDING future for running (PENDING -> RUNNING). False if it was cancelled. */
 bool concur__future_claim(concur_future *f);
-/* Add a waiter; false if f is already done (the waiter was not added). */
+/* Add a waiter; false if f is done (the waiter was not added; f's state is final by then). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
-/* Take a waiter off again; false if f completed first (the completion wakes it). */
+/*
+ * Take back a waiter pushed on f (the caller holds a reference on f). True: w is off the list
+ * and nothing will ever run it. False: f's completion took it (its hook runs or ran, in the
+ * completing thread); f's state is final by then.
+ */
 bool concur__waiter_remove(concur_future *f, struct concur__waiter *w);
+/* Wait (briefly: it is imminent) until the state of f, whose completion began, is final. */
+void concur__future_wait_final(const concur_future *f);
 /* A future already failed with err (never NULL: a static one if memory runs out). */
 concur_future *concur__failed_future(concur_exec *ex, int64_t err);
 /* The result of a done future. */

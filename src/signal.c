@@ -49,9 +49,10 @@ static bool concur__sigset_empty(const sigset_t *set)
 }
 
 /* The read is done (on the loop that reaped it, or in the thread that cancelled it unsent). */
-static void concur__signal_read_done(concur_future *rf, void *arg)
+static void concur__signal_read_done(struct concur__waiter *w, concur_future *rf)
 {
-	struct concur__signal *s = arg;
+	struct concur__signal *s =
+	    (struct concur__signal *)((char *)w - offsetof(struct concur__signal, on_read));
 	bool cancelled = concur__state(rf) == CONCUR__CANCELLED;
 	int64_t res = concur__future_value(rf);
 
@@ -65,6 +66,11 @@ static void concur__signal_read_done(concur_future *rf, void *arg)
 	concur__complete(&s->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	concur_release(&s->f); /* the read's reference */
 }
+
+/* The signal holds a reference on its read, so the read never dies unset: no drop hook. */
+static const struct concur__waiter_ops concur__signal_read_ops = {
+    .done = concur__signal_read_done,
+};
 
 static int concur__signal_cancel_running(concur_future *f)
 {
@@ -108,9 +114,8 @@ concur_future *concur_signal(concur_exec *ex, const sigset_t *set)
 	concur__future_claim(&s->f); /* RUNNING from the start: a cancel cancels the read */
 	s->read = concur_read(ex, s->fd, &s->info, sizeof(s->info), -1, CONCUR_NO_TIMEOUT);
 	s->on_read.kind = CONCUR__WAIT_CALL;
-	s->on_read.cb.fn = concur__signal_read_done;
-	s->on_read.cb.arg = s;
+	s->on_read.ops = &concur__signal_read_ops;
 	if (!concur__waiter_push(s->read, &s->on_read)) /* done already (failed, or a signal) */
-		concur__signal_read_done(s->read, s);
+		concur__signal_read_done(&s->on_read, s->read);
 	return &s->f;
 }

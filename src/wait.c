@@ -1,13 +1,18 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * wait, gather, as_completed, then and spawn_after: all built on completion callbacks
- * (concur_on_done) that count inputs down and set a promise, which the caller awaits with
- * concur_result(): a foreign thread blocks on it, a task suspends. Nothing polls, and nothing
- * that waits for inputs holds a thread or a fiber stack.
+ * wait, gather, as_completed, then and spawn_after: all built on waiter nodes of their own
+ * (CONCUR__WAIT_CALL, embedded in the composition's record) that count inputs down and set a
+ * promise, which the caller awaits with concur_result(): a foreign thread blocks on it, a task
+ * suspends. Nothing polls, and nothing that waits for inputs holds a thread or a fiber stack.
  *
- * Lifetimes: a callback registered on an input may fire long after the wait that registered it
- * returned (on a timeout), so what the callbacks touch is a small refcounted record: one
- * reference for the waiter, one per registered callback.
+ * Lifetimes: a node's hook may be running in the completing thread just as the wait that
+ * hung it returns (on a timeout), so what the hooks touch is a small refcounted record: one
+ * reference for the waiter, one per node on an input's list. A wait that ends takes its nodes
+ * back (concur__waiter_remove), dropping their references: a timed-out or abandoned wait
+ * leaves nothing on a future, however long that future lives (or if it dies unset).
+ *
+ * Order: as_completed records a completion in its record hook, before the input's state is
+ * final, so an input anyone could see done earlier is always yielded earlier.
  */
 #include "wait.h"
 
@@ -58,14 +63,23 @@ int concur__check_futures(concur_future *const *futures, size_t n)
 
 /* ---- countdown: wait and gather ------------------------------------------------------------- */
 
+struct countdown;
+struct cd_node {
+	struct concur__waiter w; /* on f's list while f is set */
+	struct countdown *c;
+	concur_future *f; /* NULL: not hung (f was done at once) */
+};
+
 struct countdown {
 	_Atomic uint32_t refs;
 	_Atomic size_t done;   /* inputs done (an index counts once per occurrence) */
 	_Atomic size_t target; /* wake the waiter when done reaches it */
 	_Atomic bool failed;   /* an input failed (FIRST_EXCEPTION only) */
 	bool stop_on_failure;
-	pthread_mutex_t lock; /* orders the waiter's check against the callbacks' fire */
+	pthread_mutex_t lock; /* orders the waiter's check against the nodes' fire */
 	concur_future *wake;
+	size_t n;
+	struct cd_node node[];
 };
 
 static void countdown_put(struct countdown *c)
@@ -77,28 +91,42 @@ static void countdown_put(struct countdown *c)
 	free(c);
 }
 
-static void countdown_on_done(concur_future *f, void *arg)
+/* One more input done (f is): count it, wake the waiter if that was the target. */
+static void countdown_count(struct countdown *c, concur_future *f)
 {
-	struct countdown *c = arg;
 	size_t d = atomic_fetch_add(&c->done, 1) + 1;
 	bool failed = c->stop_on_failure && concur__failed(f);
 	if (failed)
 		atomic_store(&c->failed, true);
 	if (failed || d >= atomic_load(&c->target))
 		concur__wake_fire(&c->lock, &c->wake);
+}
+
+static void cd_done(struct concur__waiter *w, concur_future *f)
+{
+	struct countdown *c = ((struct cd_node *)w)->c;
+	countdown_count(c, f);
 	countdown_put(c);
 }
 
+/* The input died unset: it will never count (the wait times out, as it would have). */
+static void cd_drop(struct concur__waiter *w, concur_future *f)
+{
+	countdown_put(((struct cd_node *)w)->c);
+}
+
+static const struct concur__waiter_ops cd_ops = {.done = cd_done, .drop = cd_drop};
+
 /*
  * Count futures[0..n) down: each done now is counted at once (and marks the record failed if it
- * failed, with stop_on_failure), a callback is registered on each of the others. Returns the record
- * (the caller holds one reference; its target is SIZE_MAX until countdown_wait) or NULL with *err
- * set.
+ * failed, with stop_on_failure), a node is hung on each of the others. Returns the record (the
+ * caller holds one reference; its target is SIZE_MAX until countdown_wait; countdown_end takes
+ * the nodes back) or NULL with *err set.
  */
 static struct countdown *countdown_start(concur_future *const *futures, size_t n,
                                          bool stop_on_failure, int *err)
 {
-	struct countdown *c = calloc(1, sizeof(*c));
+	struct countdown *c = calloc(1, sizeof(*c) + n * sizeof(c->node[0]));
 	if (!c) {
 		*err = -ENOMEM;
 		return NULL;
@@ -106,27 +134,32 @@ static struct countdown *countdown_start(concur_future *const *futures, size_t n
 	atomic_init(&c->refs, 1);
 	atomic_init(&c->target, SIZE_MAX);
 	c->stop_on_failure = stop_on_failure;
+	c->n = n;
 	pthread_mutex_init(&c->lock, NULL);
 	*err = 0;
 	for (size_t i = 0; i < n; i++) {
-		if (concur_done(futures[i])) {
-			atomic_fetch_add(&c->done, 1);
-			if (stop_on_failure && concur__failed(futures[i]))
-				atomic_store(&c->failed, true);
-			continue;
-		}
+		struct cd_node *node = &c->node[i];
+		node->w.kind = CONCUR__WAIT_CALL;
+		node->w.ops = &cd_ops;
+		node->c = c;
 		atomic_fetch_add(&c->refs, 1);
-		if (concur_on_done(futures[i], countdown_on_done, c) < 0) {
+		if (concur__waiter_push(futures[i], &node->w)) {
+			node->f = futures[i];
+		} else { /* done already */
 			atomic_fetch_sub(&c->refs, 1);
-			*err = -ENOMEM;
-			break;
+			countdown_count(c, futures[i]);
 		}
-	}
-	if (*err) {
-		countdown_put(c);
-		return NULL;
 	}
 	return c;
+}
+
+/* The wait is over: take back the nodes still hung, and drop the caller's reference. */
+static void countdown_end(struct countdown *c)
+{
+	for (size_t i = 0; i < c->n; i++)
+		if (c->node[i].f && concur__waiter_remove(c->node[i].f, &c->node[i].w))
+			countdown_put(c); /* never the last: ours is still held */
+	countdown_put(c);
 }
 
 /* Wait until target inputs are done (or one failed, with stop_on_failure): 0 or an error. */
@@ -172,7 +205,7 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 		if (!c)
 			return err;
 		int64_t r = countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
-		countdown_put(c);
+		countdown_end(c);
 		if (r < 0 && r != -ETIMEDOUT)
 			return (int)r;
 	}
@@ -219,7 +252,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	}
 	if (opts->progress)
 		opts->progress(atomic_load(&c->done), n, concur__now_ns() - t0, opts->progress_arg);
-	countdown_put(c);
+	countdown_end(c);
 	if (r < 0 && r != -ETIMEDOUT)
 		return r;
 	int64_t first_err = 0;
@@ -245,11 +278,13 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 
 struct ac_shared;
 struct ac_slot {
+	struct concur__waiter w; /* on futs[k]'s list until it completes or the iterator ends */
 	struct ac_shared *s;
-	size_t k; /* index among the distinct futures */
+	size_t k;  /* index among the distinct futures */
+	bool hung; /* w was pushed */
 };
 
-/* What the callbacks touch: the queue of done indices, in the order they became done. */
+/* What the nodes touch: the queue of done indices, in the order they became done. */
 struct ac_shared {
 	_Atomic uint32_t refs;
 	pthread_mutex_t lock;
@@ -276,16 +311,35 @@ static void ac_put(struct ac_shared *s)
 	free(s);
 }
 
-static void ac_on_done(concur_future *f, void *arg)
+static void ac_queue(struct ac_shared *s, size_t k)
 {
-	struct ac_slot *slot = arg;
-	struct ac_shared *s = slot->s;
 	pthread_mutex_lock(&s->lock);
-	s->ready[s->tail++] = slot->k;
+	s->ready[s->tail++] = k;
 	pthread_mutex_unlock(&s->lock);
+}
+
+/* Before f's state is final: take f's place in the completion order. */
+static void ac_record(struct concur__waiter *w, concur_future *f, int64_t res, uint32_t final_state)
+{
+	struct ac_slot *slot = (struct ac_slot *)w;
+	ac_queue(slot->s, slot->k);
+}
+
+static void ac_done(struct concur__waiter *w, concur_future *f)
+{
+	struct ac_shared *s = ((struct ac_slot *)w)->s;
 	concur__wake_fire(&s->lock, &s->wake);
 	ac_put(s);
 }
+
+/* Cannot happen while the iterator holds f; gives the reference back all the same. */
+static void ac_drop(struct concur__waiter *w, concur_future *f)
+{
+	ac_put(((struct ac_slot *)w)->s);
+}
+
+static const struct concur__waiter_ops ac_ops = {
+    .record = ac_record, .done = ac_done, .drop = ac_drop};
 
 /* Keep the first occurrence of each future, in input order, in out; returns how many. */
 static size_t dedupe(concur_future *const *futures, size_t n, concur_future **out, int *err)
@@ -351,12 +405,15 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 			q++;
 			continue;
 		}
-		s->slot[k] = (struct ac_slot){s, k};
+		struct ac_slot *slot = &s->slot[k];
+		*slot = (struct ac_slot){.s = s, .k = k};
+		slot->w.kind = CONCUR__WAIT_CALL;
+		slot->w.ops = &ac_ops;
 		atomic_fetch_add(&s->refs, 1);
-		if (concur_on_done(futs[k], ac_on_done, &s->slot[k]) < 0) {
+		slot->hung = concur__waiter_push(futs[k], &slot->w);
+		if (!slot->hung) { /* done meanwhile */
 			atomic_fetch_sub(&s->refs, 1);
-			concur_as_completed_free(it);
-			return -ENOMEM;
+			ac_queue(s, k);
 		}
 	}
 	*out = it;
@@ -373,6 +430,8 @@ int concur_as_completed_next(concur_as_completed *it, concur_future **f)
 		if (s->head < s->tail) {
 			size_t k = s->ready[s->head++];
 			pthread_mutex_unlock(&s->lock);
+			/* queued before its state turned final: that is imminent */
+			concur__future_wait_final(it->futs[k]);
 			*f = it->futs[k]; /* the iterator's reference goes to the caller */
 			it->futs[k] = NULL;
 			it->yielded++;
@@ -407,10 +466,16 @@ void concur_as_completed_free(concur_as_completed *it)
 {
 	if (!it)
 		return;
-	for (size_t k = 0; k < it->n; k++)
+	struct ac_shared *s = it->s;
+	for (size_t k = 0; k < it->n; k++) {
+		if (!it->futs[k])
+			continue;
+		if (s->slot[k].hung && concur__waiter_remove(it->futs[k], &s->slot[k].w))
+			ac_put(s); /* never the last: ours is still held */
 		concur_release(it->futs[k]);
+	}
 	free(it->futs);
-	ac_put(it->s);
+	ac_put(s);
 	free(it);
 }
 
@@ -420,13 +485,16 @@ void concur_as_completed_free(concur_as_completed *it)
  * A dependent task is a task record made at once but queued only when its inputs are done: no
  * stack, no thread and no work count while it waits. Its unwrapping state lives right after the
  * record, in the same allocation, and so do the waiter nodes it hangs on its inputs. The future
- * handed out is the task's own.
+ * handed out is the task's own. The record lives until every input is done or dead: an input
+ * released without ever completing counts as cancelled (it can never run fn), so the record
+ * does not wait forever, and the dependent ends CANCELLED.
  */
 struct after;
 struct after_slot {
 	struct concur__waiter w; /* on input i's waiter list */
 	struct after *a;
 	size_t i;
+	bool dropped; /* input i died unset */
 };
 
 struct after {
@@ -457,17 +525,30 @@ static int64_t after_task(void *arg)
 	return a->fn(a->arg, a->n ? a->values : NULL, a->n);
 }
 
+/* End the task unrun with err (unless its owner cancelled it first). */
+static void after_fail(struct after *a, int64_t err, uint32_t final_state)
+{
+	struct concur__task *t = a->task;
+	if (concur__future_claim(&t->f))
+		concur__complete(&t->f, err, final_state);
+	concur_release(&t->f); /* the executor's reference: it never runs */
+}
+
 /* Every input is done: queue the task, or end it with the first input's error. */
 static void after_start(struct after *a)
 {
 	struct concur__task *t = a->task;
 	for (size_t i = 0; i < a->n; i++) {
 		if (a->values[i] < 0) {
-			if (concur__future_claim(&t->f)) /* unless its owner cancelled it */
-				concur__complete(&t->f, a->values[i], CONCUR__FINISHED);
-			concur_release(&t->f); /* the executor's reference: it never runs */
+			after_fail(a, a->values[i],
+			           a->slot[i].dropped ? CONCUR__CANCELLED : CONCUR__FINISHED);
 			return;
 		}
+	}
+	/* a freed executor cannot take it: never touch it (its memory may be gone) */
+	if (!concur__exec_alive(t->f.ex, t->f.ex_id)) {
+		after_fail(a, -ESHUTDOWN, CONCUR__FINISHED);
+		return;
 	}
 	concur__task_enqueue(t); /* cancelled meanwhile: its loop drops it unrun */
 }
@@ -492,14 +573,28 @@ static void after_ready(struct after *a)
 	tl_starting = false;
 }
 
-static void after_input_done(concur_future *f, void *arg)
+static void after_input_value(struct after_slot *slot, int64_t v)
 {
-	struct after_slot *slot = arg;
 	struct after *a = slot->a;
-	a->values[slot->i] = concur__future_value(f);
+	a->values[slot->i] = v;
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
 		after_ready(a);
 }
+
+static void after_input_done(struct concur__waiter *w, concur_future *f)
+{
+	after_input_value((struct after_slot *)w, concur__future_value(f));
+}
+
+static void after_input_drop(struct concur__waiter *w, concur_future *f)
+{
+	struct after_slot *slot = (struct after_slot *)w;
+	slot->dropped = true;
+	after_input_value(slot, -ECANCELED);
+}
+
+static const struct concur__waiter_ops after_ops = {.done = after_input_done,
+                                                    .drop = after_input_drop};
 
 static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then_fn then_fn,
                                 void *arg, concur_future *const *inputs, size_t n)
@@ -527,10 +622,9 @@ static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then
 		struct after_slot *slot = &a->slot[i];
 		*slot = (struct after_slot){.a = a, .i = i};
 		slot->w.kind = CONCUR__WAIT_CALL;
-		slot->w.cb.fn = after_input_done;
-		slot->w.cb.arg = slot;
+		slot->w.ops = &after_ops;
 		if (!concur__waiter_push(inputs[i], &slot->w))
-			after_input_done(inputs[i], slot); /* already done */
+			after_input_done(&slot->w, inputs[i]); /* already done */
 	}
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
 		after_ready(a);

@@ -188,6 +188,38 @@ static void test_stall_detector(void **state)
 	assert_int_equal(atomic_load(&reports), 1);
 }
 
+/* Defect 8: a job a helper has picked up is RUNNING: cancel is too late and says so (0), and
+ * the job runs to its end with its own result. */
+static atomic_bool job_started, job_gate;
+static int64_t gated_once(void *arg)
+{
+	atomic_store(&job_started, true);
+	while (!atomic_load(&job_gate))
+		usleep(1000);
+	return 7;
+}
+
+static void test_blocking_running_job_cannot_be_cancelled(void **state)
+{
+	atomic_store(&job_started, false);
+	atomic_store(&job_gate, false);
+	concur_future *f = concur_spawn_blocking(ex, gated_once, NULL);
+	EVENTUALLY(atomic_load(&job_started));
+	bool running = concur_running(f), done = concur_done(f);
+	int cancelled = concur_cancel(f);
+	bool ended_cancelled = concur_cancelled(f);
+	atomic_store(&job_gate, true); /* before asserting: a failure must not leave it stuck */
+	assert_true(running);
+	assert_false(done);
+	assert_int_equal(cancelled, 0); /* too late: it runs */
+	assert_false(ended_cancelled);
+	assert_int_equal(concur_result(f, -1), 7);
+	assert_false(concur_cancelled(f));
+	assert_false(concur_running(f));
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -195,6 +227,7 @@ int main(void)
 	    cmocka_unit_test(test_blocking_from_foreign_thread_and_bad_input),
 	    cmocka_unit_test(test_blocking_bounded_cancel_and_idle_exit),
 	    cmocka_unit_test(test_blocking_counts_for_join),
+	    cmocka_unit_test(test_blocking_running_job_cannot_be_cancelled),
 	    cmocka_unit_test(test_stall_detector),
 	};
 	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);

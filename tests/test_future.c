@@ -363,6 +363,105 @@ static void test_bad_input(void **state)
 	assert_non_null(concur_strerror(INT64_MIN));
 }
 
+/* Defect 4: a callback that drops the last reference still has f for its whole run, both when
+ * the completion runs it and when concur_on_done() runs it at once on a done future. */
+static atomic_llong cb_seen;
+static void release_then_read_cb(concur_future *f, void *arg)
+{
+	concur_release(f); /* the caller's only reference */
+	atomic_store(&cb_seen, concur_result(f, 0));
+}
+
+static void test_callback_releases_last_reference(void **state)
+{
+	concur_future *p = concur_promise_new(NULL);
+	atomic_store(&cb_seen, 0);
+	assert_int_equal(concur_on_done(p, release_then_read_cb, NULL), 0);
+	concur_retain(p); /* ours for the set: the callback's release leaves us this one */
+	assert_int_equal(concur_promise_set(p, 8), 0);
+	assert_int_equal(atomic_load(&cb_seen), 8);
+	concur_release(p);
+
+	/* the same reference pattern, but the set's caller holds none beyond the callback's */
+	p = concur_promise_new(NULL);
+	atomic_store(&cb_seen, 0);
+	assert_int_equal(concur_on_done(p, release_then_read_cb, NULL), 0);
+	assert_int_equal(concur_promise_set(p, 9), 0); /* the callback drops the last reference */
+	assert_int_equal(atomic_load(&cb_seen), 9);
+
+	/* on a done future: the callback runs at once and drops the caller's last reference */
+	p = concur_promise_new(NULL);
+	assert_int_equal(concur_promise_set(p, 10), 0);
+	atomic_store(&cb_seen, 0);
+	assert_int_equal(concur_on_done(p, release_then_read_cb, NULL), 0);
+	assert_int_equal(atomic_load(&cb_seen), 10);
+}
+
+/* Defect 9: timeouts near INT64_MAX saturate: a thread waits asleep (no CPU, no overflow),
+ * a task's timed await works, concur_exec_join takes it. */
+struct late_set {
+	concur_future *p;
+	int64_t after_ns;
+};
+static void *set_later(void *arg)
+{
+	struct late_set *ls = arg;
+	concur_sleep(ls->after_ns);
+	concur_promise_set(ls->p, 42);
+	return NULL;
+}
+
+static int64_t thread_cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t await_huge_timeout(void *arg)
+{
+	return concur_result(arg, INT64_MAX);
+}
+
+static int64_t sleep_briefly(void *arg)
+{
+	return concur_sleep(MS(30));
+}
+
+static void test_huge_timeouts(void **state)
+{
+	int64_t timeouts[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX / 2 + 1};
+	for (size_t i = 0; i < sizeof(timeouts) / sizeof(timeouts[0]); i++) {
+		struct late_set ls = {concur_promise_new(NULL), MS(100)};
+		pthread_t th;
+		pthread_create(&th, NULL, set_later, &ls);
+		int64_t cpu0 = thread_cpu_ns();
+		assert_int_equal(concur_result(ls.p, timeouts[i]), 42);
+		/* parked, not spinning: a busy wait would burn the whole 100 ms */
+		assert_true(thread_cpu_ns() - cpu0 < MS(50));
+		pthread_join(th, NULL);
+		concur_release(ls.p);
+	}
+
+	concur_exec *ex = new_exec(1);
+	struct late_set ls = {concur_promise_new(ex), MS(20)};
+	concur_future *t = concur_spawn(ex, await_huge_timeout, ls.p);
+	pthread_t th;
+	pthread_create(&th, NULL, set_later, &ls);
+	assert_int_equal(concur_result(t, -1), 42);
+	pthread_join(th, NULL);
+	concur_release(t);
+	concur_release(ls.p);
+
+	concur_future *s = concur_spawn(ex, sleep_briefly, NULL);
+	int64_t cpu0 = thread_cpu_ns();
+	assert_int_equal(concur_exec_join(ex, INT64_MAX), 0);
+	assert_true(concur_done(s));
+	assert_true(thread_cpu_ns() - cpu0 < MS(20));
+	concur_release(s);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -375,6 +474,8 @@ int main(void)
 	    cmocka_unit_test(test_fire_and_forget),
 	    cmocka_unit_test(test_promise),
 	    cmocka_unit_test(test_bad_input),
+	    cmocka_unit_test(test_callback_releases_last_reference),
+	    cmocka_unit_test(test_huge_timeouts),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -4,6 +4,8 @@
 #include "hold_loop.h"
 
 #include <errno.h>
+#include <malloc.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -736,6 +738,179 @@ static void test_group_cancel_in_member(void **state)
 	concur_group_free(g);
 }
 
+/* ---- reliability: abandoned waits, dead executors, completion order -------------------------- */
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define SANITIZED 1 /* bulk counts shrink; LeakSanitizer checks leaks there */
+#define BULK(n)   ((n) / 10)
+#else
+#define SANITIZED 0
+#define BULK(n)   (n)
+#endif
+
+/* Live heap bytes, all arenas (glibc). */
+static long live_heap(void)
+{
+	struct mallinfo2 mi = mallinfo2();
+	return (long)mi.uordblks;
+}
+
+/* Wait on a promise in every way, time out or walk away, then drop the promise unset. */
+static void abandon_waits_once(concur_exec *on)
+{
+	concur_future *p = concur_promise_new(on);
+	bool done;
+	assert_int_equal(concur_wait(&p, 1, CONCUR_ALL_COMPLETED, 1000, &done), 0);
+	assert_int_equal(concur_gather(&p, 1, 1000, NULL, NULL), -ETIMEDOUT);
+	concur_as_completed *it;
+	assert_int_equal(concur_as_completed_new(&it, &p, 1, 1000), 0);
+	concur_future *f;
+	assert_int_equal(concur_as_completed_next(it, &f), -ETIMEDOUT);
+	concur_as_completed_free(it);
+	concur_release(concur_then(p, add_one, NULL));
+	concur_future *in[2] = {p, p};
+	concur_release(concur_spawn_after(on, sum_inputs, NULL, in, 2));
+	concur_release(p);
+}
+
+static int64_t abandon_waits_task(void *arg)
+{
+	for (long i = 0; i < (long)(intptr_t)arg; i++)
+		abandon_waits_once(concur_current_exec());
+	return 0;
+}
+
+/* Defect 3: a timed-out or abandoned wait removes what it added; a then/spawn_after whose input
+ * dies unset ends CANCELLED instead of keeping its record forever. */
+static void test_abandoned_waits_leave_nothing(void **state)
+{
+	abandon_waits_once(ex1); /* warm the caches */
+	long before = live_heap();
+	for (int i = 0; i < BULK(2000); i++)
+		abandon_waits_once(ex1);
+	concur_future *t = concur_spawn(ex1, abandon_waits_task, (void *)(intptr_t)BULK(2000));
+	assert_int_equal(concur_result(t, -1), 0);
+	concur_release(t);
+	assert_int_equal(concur_exec_join(ex1, -1), 0);
+	if (!SANITIZED) /* 70 to 240 bytes a wait before the fix: over 1 MB */
+		assert_true(live_heap() - before < 256 * 1024);
+
+	concur_future *p = concur_promise_new(ex1);
+	concur_future *c = concur_then(p, add_one, NULL);
+	concur_future *in[2] = {p, p};
+	concur_future *d = concur_spawn_after(ex1, sum_inputs, NULL, in, 2);
+	concur_release(p); /* dies unset: the dependents can never run */
+	assert_int_equal(concur_result(c, 1000 * MS), -ECANCELED);
+	assert_true(concur_cancelled(c));
+	assert_int_equal(concur_result(d, 1000 * MS), -ECANCELED);
+	assert_true(concur_cancelled(d));
+	concur_release(c);
+	concur_release(d);
+}
+
+/* Defect 5: a continuation whose executor is gone fails with -ESHUTDOWN. */
+static void test_then_after_executor_freed(void **state)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	concur_exec *gone;
+	assert_int_equal(concur_exec_new(&gone, &o), 0);
+	concur_future *p = concur_promise_new(gone);
+	concur_future *c = concur_then(p, add_one, NULL);
+	concur_future *d = concur_spawn_after(gone, sum_inputs, NULL, &p, 1);
+	concur_exec_free(gone);
+	assert_int_equal(concur_promise_set(p, 1), 0);
+	assert_int_equal(concur_result(c, 1000 * MS), -ESHUTDOWN);
+	assert_int_equal(concur_result(d, 1000 * MS), -ESHUTDOWN);
+	concur_release(c);
+	concur_release(d);
+	concur_release(p);
+}
+
+/* A callback that holds its future's completion until told to go on. */
+static atomic_bool slow_entered, slow_go;
+static void slow_cb(concur_future *f, void *arg)
+{
+	atomic_store(&slow_entered, true);
+	while (!atomic_load(&slow_go))
+		;
+}
+
+static void *complete_a_thread(void *arg)
+{
+	concur_future **fs = arg; /* {A, how}: how NULL sets A, else cancels it */
+	if (fs[1])
+		concur_cancel(fs[0]);
+	else
+		concur_promise_set(fs[0], 1);
+	return NULL;
+}
+
+/* Defect 6: A's completion is observed (a thread returned from concur_result(A)) before B is
+ * set, so as_completed yields A first, even while a slow callback on A still runs. Both for a
+ * set and for a cancel of A. */
+static void test_as_completed_observed_order(void **state)
+{
+	for (int cancel = 0; cancel < 2; cancel++) {
+		concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
+		atomic_store(&slow_entered, false);
+		atomic_store(&slow_go, false);
+		assert_int_equal(concur_on_done(a, slow_cb, NULL), 0); /* before the iterator's */
+		concur_future *fs[2] = {b, a};
+		concur_as_completed *it;
+		assert_int_equal(concur_as_completed_new(&it, fs, 2, -1), 0);
+		pthread_t th;
+		concur_future *how[2] = {a, cancel ? a : NULL};
+		pthread_create(&th, NULL, complete_a_thread, how);
+		assert_int_equal(concur_result(a, -1),
+		                 cancel ? -ECANCELED : 1); /* we know A is done */
+		while (!atomic_load(&slow_entered))
+			; /* A's completion is stuck in the slow callback */
+		concur_promise_set(b, 2);
+		atomic_store(&slow_go, true);
+		pthread_join(th, NULL);
+		concur_future *f;
+		assert_int_equal(concur_as_completed_next(it, &f), 1);
+		assert_ptr_equal(f, a);
+		concur_release(f);
+		assert_int_equal(concur_as_completed_next(it, &f), 1);
+		assert_ptr_equal(f, b);
+		concur_release(f);
+		concur_as_completed_free(it);
+		concur_release(a);
+		concur_release(b);
+	}
+}
+
+static int64_t fail_with(void *arg)
+{
+	return (int64_t)(intptr_t)arg;
+}
+
+static int64_t await_then_fail(void *arg)
+{
+	concur_result(arg, -1);
+	return -EPIPE;
+}
+
+/* Defect 6 for groups: A's failure was observed before B failed, so A's error is the group's
+ * first failure. */
+static void test_group_observed_order(void **state)
+{
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, ex, 0), 0);
+	concur_future *p = concur_promise_new(ex);
+	concur_future *b = concur_group_spawn(g, await_then_fail, p);
+	concur_future *a = concur_group_spawn(g, fail_with, (void *)(intptr_t)-EIO);
+	assert_int_equal(concur_result(a, -1), -EIO);
+	concur_promise_set(p, 0);
+	assert_int_equal(concur_result(b, -1), -EPIPE);
+	assert_int_equal(concur_group_wait(g, -1), -EIO);
+	concur_group_free(g);
+	concur_release(a);
+	concur_release(b);
+	concur_release(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -760,6 +935,10 @@ int main(void)
 	    cmocka_unit_test(test_group_cancel_on_failure),
 	    cmocka_unit_test(test_group_cancel),
 	    cmocka_unit_test(test_group_cancel_in_member),
+	    cmocka_unit_test(test_abandoned_waits_leave_nothing),
+	    cmocka_unit_test(test_then_after_executor_freed),
+	    cmocka_unit_test(test_as_completed_observed_order),
+	    cmocka_unit_test(test_group_observed_order),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
