@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_FDS   (1 << 20)
@@ -108,6 +109,13 @@ static int64_t conn_task(void *arg)
 	return conn_fn(fd);
 }
 
+/* The errors an accept stream reports and survives (see concur_stream_next). */
+static bool accept_transient(int64_t err)
+{
+	return err == -EMFILE || err == -ENFILE || err == -ENOMEM || err == -ENOBUFS ||
+	       err == -ECONNABORTED;
+}
+
 static int64_t accept_task(void *arg)
 {
 	int lfd = (int)(intptr_t)arg;
@@ -118,8 +126,17 @@ static int64_t accept_task(void *arg)
 		return err;
 	}
 	concur_exec *ex = concur_current_exec();
+	time_t last_report = 0;
 	for (;;) {
 		int64_t fd = concur_stream_next(s, NULL);
+		if (fd < 0 && accept_transient(fd)) {
+			/* out of fds or memory: the stream backs off and goes on by itself */
+			time_t now = time(NULL);
+			if (now != last_report)
+				fprintf(stderr, "accept: %s (going on)\n", concur_strerror(fd));
+			last_report = now;
+			continue;
+		}
 		if (fd < 0)
 			break; /* the listener was shut down (or failed) */
 		if (server_stopping()) {
