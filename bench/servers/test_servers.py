@@ -73,6 +73,14 @@ def test_resp():
         assert recv_until(s, 7) == b'+PONG\r\n'
         s.sendall(b'*1\r\n$x\r\n')
         assert recv_until(s, 1 << 20).startswith(b'-ERR Protocol error')
+        # -2 as a count or a bulk length is malformed (it once collided with the parser's
+        # "incomplete" sentinel: no answer, and the pipelined PING behind it never answered)
+        for bad in [b'*-2\r\n', b'*1\r\n$-2\r\n', b'*-1\r\n', b'*1\r\n$-1\r\n',
+                    b'*99999999999999999999\r\n']:
+            s = socket.create_connection(('127.0.0.1', port))
+            s.sendall(bad + b'*1\r\n$4\r\nPING\r\n')
+            d = recv_until(s, 1 << 20)
+            assert d.startswith(b'-ERR Protocol error'), (bad, d)
         s = socket.create_connection(('127.0.0.1', port))
         s.sendall(b'*2\r\n$3\r\nGET')
         s.close()
