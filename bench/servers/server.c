@@ -5,6 +5,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -165,29 +166,55 @@ static int64_t signal_task(void *arg)
 	return 0;
 }
 
+/* The address to listen on (--bind, numeric IPv4 or IPv6), its port set by make_listener. */
+static struct sockaddr_storage bind_addr;
+static socklen_t bind_len;
+
+static int parse_bind(const char *host)
+{
+	struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_PASSIVE,
+	                         .ai_socktype = SOCK_STREAM};
+	struct addrinfo *res;
+	if (getaddrinfo(host, NULL, &hints, &res))
+		return -EINVAL;
+	memcpy(&bind_addr, res->ai_addr, res->ai_addrlen);
+	bind_len = res->ai_addrlen;
+	freeaddrinfo(res);
+	return 0;
+}
+
+static uint16_t *bind_port(struct sockaddr_storage *a)
+{
+	return a->ss_family == AF_INET6 ? &((struct sockaddr_in6 *)a)->sin6_port
+	                                : &((struct sockaddr_in *)a)->sin_port;
+}
+
 static int make_listener(uint16_t *port)
 {
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_storage a = bind_addr;
+	socklen_t len = bind_len;
+	int fd = socket(a.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	int one = 1;
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(*port)};
-	socklen_t len = sizeof(a);
 	if (fd < 0)
 		return -errno;
+	*bind_port(&a) = htons(*port);
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) || listen(fd, 4096) ||
+	if (bind(fd, (struct sockaddr *)&a, len) || listen(fd, 4096) ||
 	    getsockname(fd, (struct sockaddr *)&a, &len)) {
 		int err = -errno;
 		close(fd);
 		return err;
 	}
-	*port = ntohs(a.sin_port);
+	*port = ntohs(*bind_port(&a));
 	return fd;
 }
 
 static void usage(const char *name, uint16_t port)
 {
-	fprintf(stderr, "usage: %s [--port N (default %u, 0: any)] [--loops N (default: CPUs)]\n",
+	fprintf(stderr,
+	        "usage: %s [--bind ADDR (default 127.0.0.1)] [--port N (default %u, 0: any)] "
+	        "[--loops N (default: CPUs)]\n",
 	        name, port);
 }
 
@@ -195,8 +222,13 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
                 int64_t (*conn)(int fd))
 {
 	unsigned long port = default_port, loops = 0;
+	const char *host = "127.0.0.1";
 	for (int i = 1; i < argc; i++) {
 		char *end;
+		if (!strcmp(argv[i], "--bind") && i + 1 < argc) {
+			host = argv[++i];
+			continue;
+		}
 		unsigned long *dst = !strcmp(argv[i], "--port")    ? &port
 		                     : !strcmp(argv[i], "--loops") ? &loops
 		                                                   : NULL;
@@ -210,6 +242,11 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 			usage(name, default_port);
 			return 2;
 		}
+	}
+	if (parse_bind(host)) {
+		fprintf(stderr, "%s: --bind %s: not a numeric IPv4 or IPv6 address\n", name, host);
+		usage(name, default_port);
+		return 2;
 	}
 	conn_fn = conn;
 	conn_open = calloc(MAX_FDS, 1);
@@ -240,7 +277,9 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		}
 		listeners[i] = fd;
 	}
-	printf("%s: listening on 0.0.0.0:%u with %u loops\n", name, p, nlisteners);
+	printf("%s: listening on %s%s%s:%u with %u loops\n", name,
+	       bind_addr.ss_family == AF_INET6 ? "[" : "", host,
+	       bind_addr.ss_family == AF_INET6 ? "]" : "", p, nlisteners);
 	fflush(stdout);
 	concur_future *sig = concur_spawn(ex, signal_task, (void *)(intptr_t)sfd);
 	for (unsigned i = 0; i < nlisteners; i++)

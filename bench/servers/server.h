@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * What the example servers share, on concur's public API only: options (--port, --loops), one
- * SO_REUSEPORT listener and one accepting task (a multishot accept stream) per loop, a task per
+ * What the example servers share, on concur's public API only: options (--bind, default
+ * 127.0.0.1; --port, --loops), one SO_REUSEPORT listener and one accepting task (a multishot
+ * accept stream, which goes on through transient errors such as EMFILE) per loop, a task per
  * connection, and a clean stop on SIGINT/SIGTERM: the signal is read from a signalfd through the
  * ring, the listeners are shut down and every open connection is shut down, so each task ends.
  */

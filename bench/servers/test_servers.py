@@ -6,11 +6,14 @@ import os, re, signal, socket, subprocess, sys, time
 
 bindir = sys.argv[1]
 
-def start(name):
+def start(name, *args):
     p = subprocess.Popen([os.path.join(bindir, 'concur_%s_server' % name), '--port', '0',
-                          '--loops', '2'], stdout=subprocess.PIPE, text=True)
-    m = re.search(r':(\d+) with', p.stdout.readline())
+                          '--loops', '2'] + list(args), stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    m = re.search(r':(\d+) with', line)
     assert m, name + ' did not say where it listens'
+    if not args:
+        assert 'on 127.0.0.1:' in line, line  # loopback unless told otherwise
     return p, int(m.group(1))
 
 def stop(p):
@@ -97,6 +100,24 @@ def test_echo():
     finally:
         stop(p)
 
+def test_bind():
+    bad = subprocess.run([os.path.join(bindir, 'concur_echo_server'), '--bind', 'nowhere'],
+                         capture_output=True, timeout=10)
+    assert bad.returncode == 2, bad
+    if socket.has_ipv6:
+        try:
+            socket.socket(socket.AF_INET6).bind(('::1', 0))
+        except OSError:
+            return  # no IPv6 loopback here
+        p, port = start('echo', '--bind', '::1')
+        try:
+            s = socket.create_connection(('::1', port))
+            s.sendall(b'six')
+            assert recv_until(s, 3) == b'six'
+        finally:
+            stop(p)
+
+test_bind()
 test_http()
 test_resp()
 test_echo()
