@@ -18,7 +18,7 @@
 #include <strings.h>
 
 #define IN_CAP   (64 * 1024)
-#define OUT_CAP  (64 * 1024)
+#define OUT_CAP  (16 * 1024)
 #define MAX_ARGS 64
 #define NBUCKETS (1 << 16)
 #define NLOCKS   64

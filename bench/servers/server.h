@@ -50,8 +50,11 @@ void server_out_add(struct server_conn *c, const void *p, size_t n);
 typedef size_t (*server_process_fn)(struct server_conn *c, char *in, size_t len, bool full,
                                     bool *close);
 
-/* Receive into a buffer of in_cap bytes and let process answer, until EOF, an error, close or a
- * stop; then server_conn_done(fd). Use it as (or in) server_main's conn. */
+/* Receive (through an on-demand recv stream: an idle connection holds no buffer) and let process
+ * answer, until EOF, an error, close or a stop; then server_conn_done(fd). A request may take up
+ * to in_cap bytes (pieced together from the received chunks only while it is incomplete);
+ * answers gather in an out_cap buffer lent from a per-thread pool while there is work. Use it as
+ * (or in) server_main's conn. */
 int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process);
 
 #endif

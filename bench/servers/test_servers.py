@@ -70,6 +70,12 @@ def test_resp():
                   b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n')
         want = b'+PONG\r\n+OK\r\n$2\r\nvv\r\n:1\r\n$-1\r\n+PONG\r\n'
         assert recv_until(s, len(want)) == want
+        # requests larger than a receive buffer (4 KiB) and a pipeline of many: pieced together
+        big = bytes(range(65, 91)) * 1000
+        s.sendall(b'*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n%s\r\n' % (len(big), big) +
+                  b'*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n' + b'PING\r\n' * 3000)
+        want = b'+OK\r\n$%d\r\n%s\r\n' % (len(big), big) + b'+PONG\r\n' * 3000
+        assert recv_until(s, len(want)) == want
         s.sendall(b'*1\r\n$4\r\nPI')  # half, then the rest
         time.sleep(0.05)
         s.sendall(b'NG\r\n')
