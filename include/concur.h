@@ -883,18 +883,26 @@ int64_t concur_await_timeout(int64_t ns);
 concur_future *concur_signal(concur_exec *ex, const sigset_t *set);
 
 /*
- * Multishot streams: one SQE, many completions, consumed one item at a time. A stream lives on
- * the loop of the task that opened it and is used only from tasks on that loop (which is where
- * the opening task stays); elsewhere its functions return -EPERM.
+ * Streams: one armed operation, many completions, consumed one item at a time. A stream lives on
+ * the loop of the task that opened it; next(), give() and close() are called from tasks on that
+ * loop (which is where the opening task stays), elsewhere they return -EPERM. cancel() works
+ * from any thread.
  *
  * concur_stream_next() suspends the task until the next item: for an accept stream a new fd
  * (>= 0); for a recv stream the number of bytes (> 0), with *chunk set to a buffer borrowed from
- * the loop's provided-buffer ring, to be given back with concur_stream_give() (soon: the ring is
- * shared by the loop's streams; when it runs dry, recv streams pause and re-arm when buffers come
- * back). The end of a stream is reported exactly once: 0 for a recv stream whose peer shut down,
- * otherwise the error that ended it (-ECANCELED after concur_stream_cancel(), -ECONNRESET, ...);
- * after that next() returns -ENODATA. A kernel that stops a multishot on its own (CQ overflow,
- * buffers running out) is re-armed transparently.
+ * the loop's provided-buffer ring (4 KiB buffers), to be given back with concur_stream_give()
+ * (soon: the ring is shared by the loop's streams; when it runs dry, recv streams pause and
+ * re-arm when buffers come back). The end of a stream is reported exactly once: 0 for a recv
+ * stream whose peer shut down, otherwise the error that ended it (-ECANCELED after
+ * concur_stream_cancel(), -ECONNRESET, ...); after that next() returns -ENODATA. A kernel that
+ * stops a multishot on its own (CQ overflow, buffers running out) is re-armed transparently.
+ *
+ * Transient accept errors do not end an accept stream: -EMFILE, -ENFILE, -ENOMEM, -ENOBUFS and
+ * -ECONNABORTED are returned by next() once (so the caller can log them; the connection that
+ * hit them stays in the listen backlog where the kernel left it), and the stream re-arms by
+ * itself after a back-off: a kernel timeout on the loop, 4 ms doubling up to 512 ms, back to 4
+ * ms after the next accepted connection. A server at its fd limit so resumes accepting as soon
+ * as fds are free again. Any other negative value from an accept stream is its end.
  */
 typedef struct concur_stream concur_stream;
 
@@ -908,16 +916,45 @@ struct concur_chunk {
  * Returns 0 and *out, -EPERM outside a task, -EINVAL, -ENOMEM, -EOPNOTSUPP. */
 int concur_accept_stream(concur_stream **out, int fd, int flags);
 /* In a task: open a multishot recv stream on socket fd (flags as recv). Returns as above, or
- * the error setting up the loop's buffer ring. */
+ * the error setting up the loop's buffer ring. The kernel receives ahead of the consumer: items
+ * queue in the stream, each holding a buffer of the ring. */
 int concur_recv_stream(concur_stream **out, int fd, int flags);
+/*
+ * In a task: open an on-demand recv stream on socket fd: the same items, but one single-shot
+ * recv is armed only while a consumer waits (in next() or a next-future) and nothing is queued.
+ * A connection whose task is idle in next() holds no buffer until bytes arrive, and one whose
+ * task is busy elsewhere (say blocked sending to a client that never reads) holds none at all,
+ * so no client can dry the loop's ring for the others. Servers want this one; the multishot
+ * form suits a consumer that keeps up with a bulk transfer. Returns as concur_recv_stream().
+ */
+int concur_recv_stream_on_demand(concur_stream **out, int fd, int flags);
 /* In a task on the stream's loop: the next item (see above), waiting for it. chunk may be NULL
- * for accept streams. -EBUSY if another task is already waiting on s, -EINVAL for bad
- * arguments, -EPERM from elsewhere. */
+ * for accept streams. -EBUSY if another task (or a next-future) is already waiting on s,
+ * -EINVAL for bad arguments, -EPERM from elsewhere. */
 int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
+/*
+ * In a task on the stream's loop: next() as a future, so that "the next item or something else"
+ * is one concur_wait(FIRST_COMPLETED). The future completes with what next() would return, and
+ * *chunk (which must stay valid until then; NULL allowed for accept streams) is filled just
+ * before it completes. Never NULL; it fails at once with -EBUSY if a task or another pending
+ * next-future waits on s, -EINVAL, -EPERM or -ENOMEM.
+ * An item is taken from the stream only when it is handed to the future: if the future is
+ * cancelled (concur_cancel returns 1) or released by every holder before it completes, no item
+ * is lost -- it stays in the stream for the next call, and *chunk is not written. Once the
+ * future has completed, the item (an fd, a borrowed chunk) is the caller's, even if it releases
+ * the future without looking: so after a FIRST_COMPLETED wait, either take the result of a done
+ * next-future or cancel it (cancel returns 0 when it was done: take it then). A pending
+ * next-future ends CANCELLED when the stream is closed. Release it from the stream's loop (a
+ * release from another thread racing with the item's arrival may hand the item to nobody).
+ */
+concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *chunk);
 /* Give a borrowed buffer back. Returns 0 or -EINVAL. */
 int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
 /* Ask the kernel to stop the stream early; next() then drains what came and reports the end
- * (-ECANCELED unless the stream ended on its own first). Returns 0 or -EINVAL/-EPERM. */
+ * (-ECANCELED unless the stream ended on its own first). Callable from any thread, loops of
+ * other executors included: off the stream's loop the request is posted to it and takes effect
+ * there shortly after the call returns. It must not race with (or follow) concur_stream_close().
+ * Returns 0, or -EINVAL for NULL or a closed stream (the latter seen on the stream's loop). */
 int concur_stream_cancel(concur_stream *s);
 /* Close the stream: cancels it if still armed, closes accepted fds and gives back buffers not
  * yet consumed; the memory goes once the kernel's last completion arrived. No other task may

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* I/O as futures: file and socket operations, deadlines, cancellation, multishot streams. */
+/* I/O as futures: file and socket operations, deadlines, cancellation (streams: test_stream.c). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -218,12 +218,6 @@ static void test_bad_input(void **state)
 	assert_int_equal(concur_await_nop(), -EPERM);
 	assert_int_equal(concur_await_read(0, &c, 1, 0, CONCUR_NO_TIMEOUT), -EPERM);
 	assert_int_equal(concur_await_read(0, NULL, 1, 0, CONCUR_NO_TIMEOUT), -EINVAL);
-	concur_stream *s;
-	assert_int_equal(concur_accept_stream(&s, 0, 0), -EPERM);
-	assert_int_equal(concur_recv_stream(NULL, 0, 0), -EINVAL);
-	assert_int_equal(concur_stream_next(NULL, NULL), -EINVAL);
-	assert_int_equal(concur_stream_give(NULL, NULL), -EINVAL);
-	concur_stream_close(NULL);
 }
 
 /* ---- nop and timeout ---------------------------------------------------------------------- */
@@ -575,145 +569,6 @@ static void test_many_connections(void **state)
 	assert_int_equal(wait_res(acc), 0);
 	assert_int_equal(concur_exec_join(ex, 10000 * MS), 0);
 	close(many_lfd);
-}
-
-/* ---- multishot streams ---------------------------------------------------------------------- */
-
-static int64_t accept_stream_task(void *arg)
-{
-	int lfd = *(int *)arg;
-	concur_stream *s;
-	int n = 0;
-	int err = concur_accept_stream(&s, lfd, SOCK_CLOEXEC);
-	if (err)
-		return err;
-	while (n < 5) {
-		int64_t fd = concur_stream_next(s, NULL);
-		if (fd < 0)
-			return fd;
-		if (concur_await_send((int)fd, "hi", 2, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT) != 2)
-			return -EIO;
-		close((int)fd);
-		n++;
-	}
-	if (concur_stream_cancel(s) != 0)
-		return -EINVAL;
-	int64_t end = concur_stream_next(s, NULL);
-	int64_t after = concur_stream_next(s, NULL);
-	concur_stream_close(s);
-	if (end != -ECANCELED)
-		return -1000 + end;
-	if (after != -ENODATA)
-		return -2000 + after;
-	return n;
-}
-
-static void test_accept_stream(void **state)
-{
-	uint16_t port;
-	int lfd = listener(&port);
-	concur_future *f = concur_spawn(ex, accept_stream_task, &lfd);
-	for (int i = 0; i < 5; i++) {
-		int c = socket(AF_INET, SOCK_STREAM, 0);
-		struct sockaddr_in a = loopback(port);
-		char buf[4];
-		assert_int_equal(connect(c, (struct sockaddr *)&a, sizeof(a)), 0);
-		assert_int_equal(recv(c, buf, sizeof(buf), MSG_WAITALL), 2);
-		close(c);
-	}
-	assert_int_equal(wait_res(f), 5);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
-	close(lfd);
-}
-
-#define STREAM_BYTES 3000000 /* a multiple of sender_task's 1000 */
-
-static int64_t stream_producer(void *arg)
-{
-	struct pair p = {*(int *)arg, STREAM_BYTES};
-	return sender_task(&p);
-}
-
-static int64_t recv_stream_task(void *arg)
-{
-	int fd = *(int *)arg;
-	concur_stream *s;
-	static struct concur_chunk held[200];
-	unsigned nheld = 0;
-	size_t got = 0;
-	int err = concur_recv_stream(&s, fd, 0);
-	if (err)
-		return err;
-	concur_release(concur_spawn(ex, stream_producer, arg == NULL ? NULL : (int *)arg + 1));
-	for (;;) {
-		struct concur_chunk c;
-		int64_t r = concur_stream_next(s, &c);
-		if (r <= 0) {
-			if (r < 0)
-				return r;
-			break;
-		}
-		if ((size_t)r != c.len)
-			return -EPROTO;
-		for (size_t j = 0; j < c.len; j++)
-			if (((char *)c.data)[j] != (char)((got + j) * 7))
-				return -EILSEQ;
-		got += c.len;
-		held[nheld++] = c;
-		if (nheld == 200) { /* hold many buffers for a while: the ring runs dry */
-			concur_sleep(2 * MS);
-			while (nheld)
-				if (concur_stream_give(s, &held[--nheld]))
-					return -EINVAL;
-		}
-	}
-	while (nheld)
-		concur_stream_give(s, &held[--nheld]);
-	struct concur_chunk c;
-	if (concur_stream_next(s, &c) != -ENODATA)
-		return -ENOTRECOVERABLE;
-	concur_stream_close(s);
-	return (int64_t)got;
-}
-
-static void test_recv_stream(void **state)
-{
-	int fds[2];
-	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
-	int rs[2] = {fds[1], fds[0]}; /* receive on rs[0], the producer sends on rs[1] */
-	assert_int_equal(run_task(recv_stream_task, rs), STREAM_BYTES);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
-	close(fds[0]);
-	close(fds[1]);
-}
-
-static int64_t stream_close_task(void *arg)
-{
-	int *fds = arg;
-	concur_stream *rs, *as;
-	int err = concur_recv_stream(&rs, fds[0], 0);
-	if (err)
-		return err;
-	err = concur_accept_stream(&as, fds[1], 0);
-	if (err)
-		return err;
-	concur_await_nop();
-	concur_stream_close(rs); /* armed, nothing came: cancelled and freed later */
-	concur_stream_close(as);
-	return 0;
-}
-
-static void test_stream_close(void **state)
-{
-	int fds[2];
-	uint16_t port;
-	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
-	int args[2] = {fds[0], listener(&port)};
-	assert_int_equal(run_task(stream_close_task, args), 0);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
-	close(fds[0]);
-	close(fds[1]);
-	close(args[1]);
 }
 
 /* ---- the operations not covered above ---------------------------------------------------------
@@ -1198,9 +1053,6 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_deadline_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_econnreset, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_many_connections, setup, teardown),
-	    cmocka_unit_test_setup_teardown(test_accept_stream, setup, teardown),
-	    cmocka_unit_test_setup_teardown(test_recv_stream, setup, teardown),
-	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_vectored_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_fallocate_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_mkdirat_renameat, setup, teardown),

@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: MIT */
-/* An echo server: every byte received is sent back. Receives through a multishot recv stream. */
+/* An echo server: every byte received is sent back. Receives through an on-demand recv stream:
+ * an idle connection, or one blocked sending to a client that does not read, holds no buffer. */
 #include "server.h"
 
 static int64_t echo_conn(int fd)
 {
 	concur_stream *s;
-	int64_t r = concur_recv_stream(&s, fd, 0);
+	int64_t r = concur_recv_stream_on_demand(&s, fd, 0);
 	if (r == 0) {
 		struct concur_chunk c;
 		while ((r = concur_stream_next(s, &c)) > 0) {

@@ -20,7 +20,7 @@
 #include <time.h>
 
 #define IN_CAP  8192  /* the largest header block we take */
-#define OUT_CAP 65536 /* answers gathered before a send */
+#define OUT_CAP 16384 /* answers gathered before a send */
 
 static const char body[] = "Hello, World!";
 

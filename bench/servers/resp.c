@@ -18,7 +18,7 @@
 #include <strings.h>
 
 #define IN_CAP   (64 * 1024)
-#define OUT_CAP  (64 * 1024)
+#define OUT_CAP  (16 * 1024)
 #define MAX_ARGS 64
 #define NBUCKETS (1 << 16)
 #define NLOCKS   64
@@ -169,20 +169,24 @@ static int execute(struct server_conn *o, int argc, char **argv, size_t *alen)
 	return out_simple(o, "-ERR unknown command\r\n");
 }
 
-/* A decimal after a type byte up to CRLF: the number, -2 if incomplete, -3 if malformed. */
-static long long parse_num(const char *p, const char *end, const char **next)
+/* What parse_num() found: the status is apart from the number, which may be any value. */
+enum num_status { NUM_OK, NUM_INCOMPLETE, NUM_MALFORMED };
+
+/* A decimal after a type byte up to CRLF, into *v. */
+static enum num_status parse_num(const char *p, const char *end, const char **next, long long *v)
 {
 	const char *cr = memchr(p, '\r', (size_t)(end - p));
 	if (!cr || cr + 1 >= end)
-		return -2;
+		return NUM_INCOMPLETE;
 	if (cr[1] != '\n')
-		return -3;
+		return NUM_MALFORMED;
 	char *e;
-	long long v = strtoll(p, &e, 10);
-	if (e != cr || p == cr)
-		return -3;
+	errno = 0;
+	*v = strtoll(p, &e, 10);
+	if (e != cr || p == cr || errno)
+		return NUM_MALFORMED;
 	*next = cr + 2;
-	return v;
+	return NUM_OK;
 }
 
 /*
@@ -210,20 +214,21 @@ static long parse(char *p, char *end, int *argc, char **argv, size_t *alen)
 		}
 		return lf + 1 - p;
 	}
-	long long n = parse_num(p + 1, end, &q);
-	if (n < 0)
-		return n == -2 ? 0 : -1;
-	if (n < 1 || n > MAX_ARGS)
+	long long n, l;
+	enum num_status st = parse_num(p + 1, end, &q, &n);
+	if (st != NUM_OK)
+		return st == NUM_INCOMPLETE ? 0 : -1;
+	if (n < 1 || n > MAX_ARGS) /* a negative count (even -2) is malformed, not "incomplete" */
 		return -1;
 	for (long long i = 0; i < n; i++) {
 		if (q >= end)
 			return 0;
 		if (*q != '$')
 			return -1;
-		long long l = parse_num(q + 1, end, &q);
-		if (l < 0)
-			return l == -2 ? 0 : -1;
-		if (l > IN_CAP)
+		st = parse_num(q + 1, end, &q, &l);
+		if (st != NUM_OK)
+			return st == NUM_INCOMPLETE ? 0 : -1;
+		if (l < 0 || l > IN_CAP)
 			return -1;
 		if (end - q < l + 2)
 			return 0;

@@ -5,6 +5,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -12,8 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_FDS   (1 << 20)
@@ -67,26 +70,132 @@ void server_out_add(struct server_conn *c, const void *p, size_t n)
 	c->out_len += n;
 }
 
+/*
+ * Answer buffers are lent per burst of work, from a small per-thread pool (a task stays on its
+ * loop's thread, so it gives the buffer back where it took it): an idle connection holds none.
+ * They are mapped, not malloc'ed, and the pool keeps at most OUT_POOL_MAX of them, so memory
+ * goes back to the kernel after a flood (glibc kept ~290 MB of its arenas after one).
+ */
+#define OUT_POOL_MAX 128
+
+struct out_free {
+	struct out_free *next;
+};
+
+static __thread struct out_free *out_pool;
+static __thread unsigned out_pool_len;
+
+static char *out_get(size_t cap)
+{
+	struct out_free *b = out_pool;
+	if (b) {
+		out_pool = b->next;
+		out_pool_len--;
+		return (char *)b;
+	}
+	void *p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void out_put(char *p, size_t cap)
+{
+	if (out_pool_len >= OUT_POOL_MAX) {
+		munmap(p, cap);
+		return;
+	}
+	struct out_free *b = (struct out_free *)(void *)p;
+	b->next = out_pool;
+	out_pool = b;
+	out_pool_len++;
+}
+
+/*
+ * Feed in[0..len) to process, keeping what it did not take (an incomplete request) in the
+ * connection's own pending bytes, which exist only while a request is incomplete. Most chunks
+ * hold whole requests and are processed in place, without a copy.
+ */
+struct pending {
+	char *buf;
+	size_t len, cap, max;
+};
+
+static int pending_add(struct pending *pd, const char *p, size_t k)
+{
+	if (pd->len + k > pd->cap) {
+		size_t ncap = pd->cap ? pd->cap : 256;
+		while (ncap < pd->len + k)
+			ncap *= 2;
+		if (ncap > pd->max)
+			ncap = pd->max;
+		char *nb = realloc(pd->buf, ncap);
+		if (!nb)
+			return -ENOMEM;
+		pd->buf = nb;
+		pd->cap = ncap;
+	}
+	memcpy(pd->buf + pd->len, p, k);
+	pd->len += k;
+	return 0;
+}
+
+static int feed(struct server_conn *c, struct pending *pd, char *p, size_t n,
+                server_process_fn process, bool *close_it)
+{
+	while (n && !*close_it) {
+		if (!pd->len) { /* in place */
+			size_t used = process(c, p, n, n >= pd->max, close_it);
+			p += used;
+			n -= used;
+			if (!n || *close_it || (!used && n >= pd->max))
+				break;
+			if (n >= pd->max)
+				continue;
+			return pending_add(pd, p, n); /* the start of a request: keep it */
+		}
+		size_t room = pd->max - pd->len, k = n < room ? n : room;
+		if (pending_add(pd, p, k))
+			return -ENOMEM;
+		p += k;
+		n -= k;
+		size_t used = process(c, pd->buf, pd->len, pd->len >= pd->max, close_it);
+		memmove(pd->buf, pd->buf + used, pd->len - used);
+		pd->len -= used;
+		if (!pd->len) { /* nothing pending: the connection holds no input buffer */
+			free(pd->buf);
+			*pd = (struct pending){.max = pd->max};
+		} else if (!used && pd->len >= pd->max) {
+			break; /* process answered "too large" and closes */
+		}
+	}
+	return 0;
+}
+
 int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process)
 {
-	char *in = malloc(in_cap);
-	struct server_conn c = {.fd = fd, .out = malloc(out_cap), .out_cap = out_cap};
-	size_t len = 0;
-	bool close_it = !in || !c.out;
+	struct server_conn c = {.fd = fd, .out_cap = out_cap};
+	struct pending pd = {.max = in_cap};
+	concur_stream *s = NULL;
+	bool close_it = concur_recv_stream_on_demand(&s, fd, 0) != 0;
 	while (!close_it && !server_stopping()) {
-		int64_t r = concur_await_recv(fd, in + len, in_cap - len, 0, CONCUR_NO_TIMEOUT);
+		struct concur_chunk ch;
+		int64_t r = concur_stream_next(s, &ch);
 		if (r <= 0)
 			break; /* EOF (maybe in the middle of a request) or an error: close */
-		len += (size_t)r;
-		size_t used = process(&c, in, len, len == in_cap, &close_it);
-		memmove(in, in + used, len - used);
-		len -= used;
+		if (!(c.out = out_get(out_cap))) {
+			concur_stream_give(s, &ch);
+			break;
+		}
+		if (feed(&c, &pd, ch.data, ch.len, process, &close_it))
+			close_it = true;
+		concur_stream_give(s, &ch); /* before sending: the send may wait long */
 		if (c.out_len && server_send_all(fd, c.out, c.out_len))
 			close_it = true;
 		c.out_len = 0;
+		out_put(c.out, out_cap);
+		c.out = NULL;
 	}
-	free(in);
-	free(c.out);
+	concur_stream_close(s);
+	free(pd.buf);
 	server_conn_done(fd);
 	return 0;
 }
@@ -108,6 +217,13 @@ static int64_t conn_task(void *arg)
 	return conn_fn(fd);
 }
 
+/* The errors an accept stream reports and survives (see concur_stream_next). */
+static bool accept_transient(int64_t err)
+{
+	return err == -EMFILE || err == -ENFILE || err == -ENOMEM || err == -ENOBUFS ||
+	       err == -ECONNABORTED;
+}
+
 static int64_t accept_task(void *arg)
 {
 	int lfd = (int)(intptr_t)arg;
@@ -118,8 +234,17 @@ static int64_t accept_task(void *arg)
 		return err;
 	}
 	concur_exec *ex = concur_current_exec();
+	time_t last_report = 0;
 	for (;;) {
 		int64_t fd = concur_stream_next(s, NULL);
+		if (fd < 0 && accept_transient(fd)) {
+			/* out of fds or memory: the stream backs off and goes on by itself */
+			time_t now = time(NULL);
+			if (now != last_report)
+				fprintf(stderr, "accept: %s (going on)\n", concur_strerror(fd));
+			last_report = now;
+			continue;
+		}
 		if (fd < 0)
 			break; /* the listener was shut down (or failed) */
 		if (server_stopping()) {
@@ -148,29 +273,55 @@ static int64_t signal_task(void *arg)
 	return 0;
 }
 
+/* The address to listen on (--bind, numeric IPv4 or IPv6), its port set by make_listener. */
+static struct sockaddr_storage bind_addr;
+static socklen_t bind_len;
+
+static int parse_bind(const char *host)
+{
+	struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_PASSIVE,
+	                         .ai_socktype = SOCK_STREAM};
+	struct addrinfo *res;
+	if (getaddrinfo(host, NULL, &hints, &res))
+		return -EINVAL;
+	memcpy(&bind_addr, res->ai_addr, res->ai_addrlen);
+	bind_len = res->ai_addrlen;
+	freeaddrinfo(res);
+	return 0;
+}
+
+static uint16_t *bind_port(struct sockaddr_storage *a)
+{
+	return a->ss_family == AF_INET6 ? &((struct sockaddr_in6 *)a)->sin6_port
+	                                : &((struct sockaddr_in *)a)->sin_port;
+}
+
 static int make_listener(uint16_t *port)
 {
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_storage a = bind_addr;
+	socklen_t len = bind_len;
+	int fd = socket(a.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	int one = 1;
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(*port)};
-	socklen_t len = sizeof(a);
 	if (fd < 0)
 		return -errno;
+	*bind_port(&a) = htons(*port);
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) || listen(fd, 4096) ||
+	if (bind(fd, (struct sockaddr *)&a, len) || listen(fd, 4096) ||
 	    getsockname(fd, (struct sockaddr *)&a, &len)) {
 		int err = -errno;
 		close(fd);
 		return err;
 	}
-	*port = ntohs(a.sin_port);
+	*port = ntohs(*bind_port(&a));
 	return fd;
 }
 
 static void usage(const char *name, uint16_t port)
 {
-	fprintf(stderr, "usage: %s [--port N (default %u, 0: any)] [--loops N (default: CPUs)]\n",
+	fprintf(stderr,
+	        "usage: %s [--bind ADDR (default 127.0.0.1)] [--port N (default %u, 0: any)] "
+	        "[--loops N (default: CPUs)]\n",
 	        name, port);
 }
 
@@ -178,8 +329,13 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
                 int64_t (*conn)(int fd))
 {
 	unsigned long port = default_port, loops = 0;
+	const char *host = "127.0.0.1";
 	for (int i = 1; i < argc; i++) {
 		char *end;
+		if (!strcmp(argv[i], "--bind") && i + 1 < argc) {
+			host = argv[++i];
+			continue;
+		}
 		unsigned long *dst = !strcmp(argv[i], "--port")    ? &port
 		                     : !strcmp(argv[i], "--loops") ? &loops
 		                                                   : NULL;
@@ -193,6 +349,11 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 			usage(name, default_port);
 			return 2;
 		}
+	}
+	if (parse_bind(host)) {
+		fprintf(stderr, "%s: --bind %s: not a numeric IPv4 or IPv6 address\n", name, host);
+		usage(name, default_port);
+		return 2;
 	}
 	conn_fn = conn;
 	conn_open = calloc(MAX_FDS, 1);
@@ -223,7 +384,9 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		}
 		listeners[i] = fd;
 	}
-	printf("%s: listening on 0.0.0.0:%u with %u loops\n", name, p, nlisteners);
+	printf("%s: listening on %s%s%s:%u with %u loops\n", name,
+	       bind_addr.ss_family == AF_INET6 ? "[" : "", host,
+	       bind_addr.ss_family == AF_INET6 ? "]" : "", p, nlisteners);
 	fflush(stdout);
 	concur_future *sig = concur_spawn(ex, signal_task, (void *)(intptr_t)sfd);
 	for (unsigned i = 0; i < nlisteners; i++)

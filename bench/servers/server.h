@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * What the example servers share, on concur's public API only: options (--port, --loops), one
- * SO_REUSEPORT listener and one accepting task (a multishot accept stream) per loop, a task per
+ * What the example servers share, on concur's public API only: options (--bind, default
+ * 127.0.0.1; --port, --loops), one SO_REUSEPORT listener and one accepting task (a multishot
+ * accept stream, which goes on through transient errors such as EMFILE) per loop, a task per
  * connection, and a clean stop on SIGINT/SIGTERM: the signal is read from a signalfd through the
  * ring, the listeners are shut down and every open connection is shut down, so each task ends.
  */
@@ -49,8 +50,11 @@ void server_out_add(struct server_conn *c, const void *p, size_t n);
 typedef size_t (*server_process_fn)(struct server_conn *c, char *in, size_t len, bool full,
                                     bool *close);
 
-/* Receive into a buffer of in_cap bytes and let process answer, until EOF, an error, close or a
- * stop; then server_conn_done(fd). Use it as (or in) server_main's conn. */
+/* Receive (through an on-demand recv stream: an idle connection holds no buffer) and let process
+ * answer, until EOF, an error, close or a stop; then server_conn_done(fd). A request may take up
+ * to in_cap bytes (pieced together from the received chunks only while it is incomplete);
+ * answers gather in an out_cap buffer lent from a per-thread pool while there is work. Use it as
+ * (or in) server_main's conn. */
 int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process);
 
 #endif
