@@ -389,6 +389,19 @@ static void io_stream_wake(struct concur_stream *s)
 	}
 }
 
+/* A cancel or a deadline breaks a task's wait in next(): nothing is in flight for it alone
+ * (the stream's multishot goes on, its items stay queued for a later next). */
+static bool io_stream_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
+{
+	struct concur_stream *s = arg;
+
+	if (s->waiter != t)
+		return false; /* woken already: the item is there */
+	s->waiter = NULL;
+	concur__loop_push_ready(loop, t);
+	return true;
+}
+
 /* A next-future cancelled or released while pending is forgotten here. */
 static void io_stream_drop_stale_future(struct concur_stream *s)
 {
@@ -582,9 +595,16 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
 	if (s->waiter || s->fwaiter)
 		return -EBUSY;
 	while (!io_stream_ready(s)) {
-		s->waiter = concur__tl_task;
+		struct concur__task *t = concur__tl_task;
+		err = concur__ctl_check(t);
+		if (err)
+			return err; /* cancelled or past a deadline: what comes stays queued */
+		s->waiter = t;
 		io_stream_rearm(s); /* an on-demand stream arms now */
-		concur__suspend();  /* io_stream_wake resumes us */
+		/* io_stream_wake resumes us, or a cancel/deadline does */
+		err = concur__suspend_interruptible(t, io_stream_interrupt, s);
+		if (err)
+			return err;
 	}
 	int64_t res = io_stream_take(s, chunk);
 	io_stream_rearm(s);

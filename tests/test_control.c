@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <stdatomic.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -203,6 +204,55 @@ static void test_cancel_sync_waits(void **state)
 	concur_release(t);
 	concur_mutex_free(pr.m);
 	concur_chan_free(pr.ch);
+	concur_exec_free(ex);
+}
+
+/* A stream's next() and a concur_wait() break too; what the stream receives later stays. */
+static int64_t stream_task(void *arg)
+{
+	struct probe *pr = arg;
+	concur_stream *st;
+	assert_int_equal(concur_accept_stream(&st, pr->fd, SOCK_CLOEXEC), 0);
+	assert_int_equal(concur_deadline_push(MS(20)), 0);
+	int64_t r0 = concur_stream_next(st, NULL); /* nobody connects: the deadline */
+	concur_deadline_pop();
+	atomic_store(&pr->stage, 1);
+	pr->r1 = concur_stream_next(st, NULL); /* then the cancel */
+	concur_future *fs[] = {pr->p};
+	pr->r2 = concur_wait(fs, 1, CONCUR_ALL_COMPLETED, -1, NULL); /* sticky */
+	assert_int_equal(concur_shield_push(), 0);
+	int64_t fd = concur_stream_next(st, NULL); /* shielded: the connection comes */
+	concur_shield_pop();
+	if (fd >= 0)
+		close((int)fd);
+	concur_stream_close(st);
+	return r0 == -ETIMEDOUT && fd >= 0 ? 0 : -1;
+}
+
+static void test_cancel_stream_and_wait(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	int ls = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t alen = sizeof(a);
+	assert_int_equal(bind(ls, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(ls, 8), 0);
+	assert_int_equal(getsockname(ls, (struct sockaddr *)&a, &alen), 0);
+	struct probe pr = {.fd = ls, .p = concur_promise_new(ex)};
+	concur_future *t = concur_spawn(ex, stream_task, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);
+	let_it_suspend();
+	int c = socket(AF_INET, SOCK_STREAM, 0);
+	assert_int_equal(connect(c, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(concur_result(t, -1), 0);
+	assert_int_equal(pr.r1, -ECANCELED);
+	assert_int_equal(pr.r2, -ECANCELED);
+	close(c);
+	close(ls);
+	concur_release(t);
+	concur_release(pr.p);
 	concur_exec_free(ex);
 }
 
@@ -453,6 +503,7 @@ int main(void)
 	    cmocka_unit_test(test_cancel_recv),
 	    cmocka_unit_test(test_cancel_sleep),
 	    cmocka_unit_test(test_cancel_sync_waits),
+	    cmocka_unit_test(test_cancel_stream_and_wait),
 	    cmocka_unit_test(test_shield),
 	    cmocka_unit_test(test_deadline_scopes),
 	    cmocka_unit_test(test_deadline_during_cpu_work),
