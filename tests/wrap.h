@@ -42,11 +42,12 @@ enum wrap_mode {
 	WRAP_FROM, /* the Nth call and every later one fail */
 };
 
-static atomic_long wrap_live;               /* live heap blocks */
-static atomic_long wrap_calls[WRAP_KINDS];  /* calls of each kind since the last arm */
-static atomic_long wrap_failed[WRAP_KINDS]; /* calls failed since the last arm */
-static atomic_int wrap_armed_kind = -1;     /* -1: nothing fails */
-static long wrap_at;                        /* N */
+static atomic_long wrap_live;                  /* live heap blocks */
+static atomic_long wrap_calls[WRAP_KINDS];     /* calls of each kind since the last arm */
+static atomic_long wrap_failed[WRAP_KINDS];    /* calls failed since the last arm */
+static atomic_int wrap_armed_kind = -1;        /* -1: nothing fails */
+static uintptr_t wrap_spare_lo, wrap_spare_hi; /* calls from code in [lo, hi) never fail */
+static long wrap_at;                           /* N */
 static int wrap_mode;
 
 /* Arm kind to fail at call n (counted from now) in mode; counters restart. */
@@ -67,14 +68,26 @@ static inline void wrap_disarm(void)
 	atomic_store(&wrap_armed_kind, -1);
 }
 
-static inline int wrap_fail(int kind)
+/* Called at each injected failure: a place for a debugger's breakpoint. */
+__attribute__((noinline)) void wrap_injected(int kind);
+__attribute__((noinline)) void wrap_injected(int kind)
+{
+	__asm__ volatile("" ::"r"(kind) : "memory");
+}
+
+#define wrap_fail(kind) wrap_fail_from(kind, (uintptr_t)__builtin_return_address(0))
+
+static inline int wrap_fail_from(int kind, uintptr_t caller)
 {
 	long n = atomic_fetch_add_explicit(&wrap_calls[kind], 1, memory_order_relaxed);
 	if (atomic_load_explicit(&wrap_armed_kind, memory_order_acquire) != kind)
 		return 0;
 	if (wrap_mode == WRAP_ONE ? n != wrap_at : n < wrap_at)
 		return 0;
+	if (caller - wrap_spare_lo < wrap_spare_hi - wrap_spare_lo)
+		return 0;
 	atomic_fetch_add_explicit(&wrap_failed[kind], 1, memory_order_relaxed);
+	wrap_injected(kind);
 	return 1;
 }
 
