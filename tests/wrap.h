@@ -38,9 +38,11 @@ static const char *const wrap_kind_name[WRAP_KINDS] = {"malloc", "mmap", "pthrea
                                                        "ring_setup", "submit"};
 
 enum wrap_mode {
-	WRAP_ONE,  /* only the Nth call fails */
-	WRAP_FROM, /* the Nth call and every later one fail */
+	WRAP_ONE,   /* only the Nth call fails */
+	WRAP_FROM,  /* the Nth call and every later one fail */
+	WRAP_BURST, /* calls N .. N+WRAP_BURST_LEN-1 fail (a transient shortage) */
 };
+#define WRAP_BURST_LEN 64
 
 static atomic_long wrap_live;                  /* live heap blocks */
 static atomic_long wrap_calls[WRAP_KINDS];     /* calls of each kind since the last arm */
@@ -82,7 +84,8 @@ static inline int wrap_fail_from(int kind, uintptr_t caller)
 	long n = atomic_fetch_add_explicit(&wrap_calls[kind], 1, memory_order_relaxed);
 	if (atomic_load_explicit(&wrap_armed_kind, memory_order_acquire) != kind)
 		return 0;
-	if (wrap_mode == WRAP_ONE ? n != wrap_at : n < wrap_at)
+	if (n < wrap_at || (wrap_mode == WRAP_ONE && n != wrap_at) ||
+	    (wrap_mode == WRAP_BURST && n >= wrap_at + WRAP_BURST_LEN))
 		return 0;
 	if (caller - wrap_spare_lo < wrap_spare_hi - wrap_spare_lo)
 		return 0;
