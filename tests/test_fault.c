@@ -41,6 +41,15 @@
  * the calls made inside concur__loop_ring_doorbell() never fail, and the RLIMIT_NOFILE sweep
  * starts at 32 (it hangs at 4-7 today). */
 #define FIXED_D2_LOST_WAKEUP 0
+/* A NEW defect found by this suite (not in issue 10's list): a blocking helper ends its job's
+ * work (concur__work_end -> concur__work_sub, exec.c) by decrementing ex->outstanding and then
+ * reading ex->joiners and bumping ex->join_seq; a concur_exec_join that sees the count reach 0
+ * in between returns, and concur_exec_free frees ex under the helper (TSan: a race with free;
+ * a use after free). Until it is fixed, the workloads let the helpers exit before freeing. */
+#define FIXED_N1_WORK_END_AFTER_FREE 0
+/* Known defect 12: TSan sees the SQEs of a doorbell ring mapped where an exited thread's
+ * (unmapped) one was as racing (liburing maps rings with syscalls TSan does not see). */
+#define FIXED_D12_TSAN_RING_NOISE 0
 /* CONCUR_KNOWN_DEFECTS=1 runs the avoided cases anyway (to check a fix before flipping its
  * switch above). */
 static inline bool fixed(int flag)
@@ -48,6 +57,23 @@ static inline bool fixed(int flag)
 	const char *s = getenv("CONCUR_KNOWN_DEFECTS");
 	return flag || (s && *s && *s != '0');
 }
+
+/* New defect N1 (above): wait until no blocking helper is alive (they idle out at once). */
+static void helpers_gone(void)
+{
+	if (fixed(FIXED_N1_WORK_END_AFTER_FREE))
+		return;
+	for (int w = 0; w < 5000 && concur_blocking_threads(); w++)
+		usleep(1000);
+}
+
+#if defined(__SANITIZE_THREAD__) && !FIXED_D12_TSAN_RING_NOISE
+const char *__tsan_default_suppressions(void);
+const char *__tsan_default_suppressions(void)
+{
+	return "race:concur__loop_ring_doorbell\n"; /* known defect 12 */
+}
+#endif
 
 #define CHILD_ALARM_S (SANITIZED ? 15 : 4) /* a case that takes longer hangs */
 
@@ -179,7 +205,14 @@ static int64_t wl_task(void *arg)
 	return 100 + (intptr_t)arg;
 }
 
-enum { WL_TASKS = 6, WL_ROUNDS = 16 };
+/* TSan runs a case ~50x slower than the normal build: a smaller workload and sample there */
+#if defined(__SANITIZE_THREAD__)
+enum { WL_TASKS = 6, WL_ROUNDS = 4, SWEEP_FIRST = 16, SWEEP_DIV = 20 };
+#elif defined(__SANITIZE_ADDRESS__)
+enum { WL_TASKS = 6, WL_ROUNDS = 16, SWEEP_FIRST = 64, SWEEP_DIV = 10 };
+#else
+enum { WL_TASKS = 6, WL_ROUNDS = 16, SWEEP_FIRST = 64, SWEEP_DIV = 1 };
+#endif
 
 /* One round of work from outside: tasks, a promise and what hangs off it, a blocking job, a
  * group, and the compositions over them. */
@@ -280,6 +313,7 @@ static void *workload(void *arg)
 		;
 	concur_chan_free(wl_ch);
 	concur_mutex_free(wl_mx);
+	helpers_gone();
 	concur_exec_free(ex);
 	return NULL;
 }
@@ -427,12 +461,13 @@ static bool full_sweep(void)
 	return s && *s && *s != '0';
 }
 
-/* The Ns to try for `calls` calls: all of the first 64, then about `budget` spread evenly. */
+/* The Ns to try for `calls` calls: all of the first SWEEP_FIRST, then about `budget` spread
+ * evenly. */
 static long next_n(long n, long calls, long budget)
 {
-	if (full_sweep() || n < 64)
+	if (full_sweep() || n < SWEEP_FIRST)
 		return n + 1;
-	long step = (calls - 64) / (budget > 0 ? budget : 1);
+	long step = (calls - SWEEP_FIRST) / (budget > 0 ? budget : 1);
 	return n + (step > 1 ? step : 1);
 }
 
@@ -459,12 +494,12 @@ static void sweep_kind(int kind, long budget)
 }
 
 /* Sanitized builds are slow: a sample there, the full sweep is for the normal build. */
-#define BUDGET(n) (SANITIZED ? (n) / 10 : (n))
+#define BUDGET(n) ((n) / SWEEP_DIV)
 
 static void test_fault_malloc(void **state)
 {
 	(void)state;
-	sweep_kind(WRAP_MALLOC, BUDGET(400));
+	sweep_kind(WRAP_MALLOC, BUDGET(250));
 	assert_int_equal(failures, 0);
 }
 
@@ -492,7 +527,7 @@ static void test_fault_ring_setup(void **state)
 static void test_fault_submit(void **state)
 {
 	(void)state;
-	sweep_kind(WRAP_SUBMIT, BUDGET(300));
+	sweep_kind(WRAP_SUBMIT, BUDGET(150));
 	assert_int_equal(failures, 0);
 }
 

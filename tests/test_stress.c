@@ -43,6 +43,15 @@
 /* 9: timeouts near INT64_MAX overflow in concur_result/concur_exec_join. With 0, no huge
  * timeouts are drawn. */
 #define FIXED_D9_HUGE_TIMEOUT 0
+/* A NEW defect found by this suite (not in issue 10's list): a blocking helper ends its job's
+ * work (concur__work_end -> concur__work_sub, exec.c) by decrementing ex->outstanding and then
+ * reading ex->joiners and bumping ex->join_seq; a concur_exec_join that sees the count reach 0
+ * in between returns, and concur_exec_free frees ex under the helper (TSan: a race with free;
+ * a use after free). Until it is fixed, the workloads let the helpers exit before freeing. */
+#define FIXED_N1_WORK_END_AFTER_FREE 0
+/* Known defect 12: TSan sees the SQEs of a doorbell ring mapped where an exited thread's
+ * (unmapped) one was as racing (liburing maps rings with syscalls TSan does not see). */
+#define FIXED_D12_TSAN_RING_NOISE 0
 /* CONCUR_KNOWN_DEFECTS=1 runs the avoided cases anyway (to check a fix before flipping its
  * switch above). */
 static inline bool fixed(int flag)
@@ -50,6 +59,23 @@ static inline bool fixed(int flag)
 	const char *s = getenv("CONCUR_KNOWN_DEFECTS");
 	return flag || (s && *s && *s != '0');
 }
+
+/* New defect N1 (above): wait until no blocking helper is alive (they idle out at once). */
+static void helpers_gone(void)
+{
+	if (fixed(FIXED_N1_WORK_END_AFTER_FREE))
+		return;
+	for (int w = 0; w < 5000 && concur_blocking_threads(); w++)
+		usleep(1000);
+}
+
+#if defined(__SANITIZE_THREAD__) && !FIXED_D12_TSAN_RING_NOISE
+const char *__tsan_default_suppressions(void);
+const char *__tsan_default_suppressions(void)
+{
+	return "race:concur__loop_ring_doorbell\n"; /* known defect 12 */
+}
+#endif
 
 /* A few seconds per build: TSan runs this mix ~30x slower, ASan ~2x. */
 #if defined(__SANITIZE_THREAD__)
@@ -911,6 +937,7 @@ static void *stress_seed(void *arg)
 	concur_mutex_free(g_mx);
 	struct concur_stats st;
 	concur_exec_stats(g_ex, &st);
+	helpers_gone();
 	concur_exec_free(g_ex);
 	g_ex = NULL;
 
