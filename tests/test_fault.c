@@ -50,13 +50,25 @@
 /* Known defect 12: TSan sees the SQEs of a doorbell ring mapped where an exited thread's
  * (unmapped) one was as racing (liburing maps rings with syscalls TSan does not see). */
 #define FIXED_D12_TSAN_RING_NOISE 0
-/* CONCUR_KNOWN_DEFECTS=1 runs the avoided cases anyway (to check a fix before flipping its
- * switch above). */
-static inline bool fixed(int flag)
+/* CONCUR_KNOWN_DEFECTS=all (or a list: D3,D9,N1) runs the avoided cases anyway, to check a
+ * fix before flipping its switch above. */
+static inline bool fixed_(int flag, const char *name)
 {
 	const char *s = getenv("CONCUR_KNOWN_DEFECTS");
-	return flag || (s && *s && *s != '0');
+	if (flag)
+		return true;
+	if (!s || !*s)
+		return false;
+	if (!strcmp(s, "all"))
+		return true;
+	size_t n = strcspn(name, "_");
+	for (const char *p = s; *p; p += strcspn(p, ","), p += *p == ',')
+		if (!strncmp(p, name, n) && (p[n] == ',' || !p[n]))
+			return true;
+	return false;
 }
+/* the switch FIXED_D3_TIMED_WAIT_LEAK is named D3 */
+#define fixed(sw) fixed_(sw, #sw + 6)
 
 /* New defect N1 (above): wait until no blocking helper is alive (they idle out at once). */
 static void helpers_gone(void)
@@ -356,7 +368,7 @@ static size_t symbol_size(const char *name)
 static void spare_doorbell(void)
 {
 #if !FIXED_D2_LOST_WAKEUP
-	if (fixed(0))
+	if (fixed(FIXED_D2_LOST_WAKEUP))
 		return;
 	wrap_spare_lo = (uintptr_t)concur__loop_ring_doorbell;
 	wrap_spare_hi = wrap_spare_lo + symbol_size("concur__loop_ring_doorbell");
