@@ -255,9 +255,11 @@ static void op(struct state *s, struct in *in)
 	}
 	case 4: {
 		int e = concur_cancel(f);
-		EXPECT(e == 0 || e == 1 || e == -EINPROGRESS || (!f && e == -EINVAL), "cancel %d", e);
+		EXPECT(e == 0 || e == 1 || e == -EINPROGRESS || (!f && e == -EINVAL), "cancel %d",
+		       e);
 		if (e == 1)
-			EXPECT(concur_cancelled(f) && concur_result(f, 0) == -ECANCELED, "cancelled");
+			EXPECT(concur_cancelled(f) && concur_result(f, 0) == -ECANCELED,
+			       "cancelled");
 		break;
 	}
 	case 5: {
@@ -309,8 +311,8 @@ static void op(struct state *s, struct in *in)
 		size_t n = subset(s, in, fs);
 		int mode = byte(in) % 4; /* 3 is invalid */
 		int w = concur_wait(fs, n, mode, small_timeout(in), done);
-		EXPECT(mode == 3 ? (w == -EINVAL || n == 0) : (w >= 0 && (size_t)w <= n),
-		       "wait %d", w);
+		EXPECT(mode == 3 ? (w == -EINVAL || n == 0) : (w >= 0 && (size_t)w <= n), "wait %d",
+		       w);
 		break;
 	}
 	case 12: {
@@ -414,7 +416,8 @@ static void op(struct state *s, struct in *in)
 			int e = concur_group_new(&s->g, ex, b & 1);
 			EXPECT(e == 0 || e == -ENOMEM, "group_new %d", e);
 		} else if (b % 4 == 0) {
-			put(s, sl, concur_group_spawn(s->g, menu[b / 4 % NMENU], (void *)(intptr_t)b));
+			put(s, sl,
+			    concur_group_spawn(s->g, menu[b / 4 % NMENU], (void *)(intptr_t)b));
 		} else if (b % 4 == 1) {
 			EXPECT(concur_group_cancel(s->g) >= 0, "group_cancel");
 		} else if (b % 4 == 2) {
