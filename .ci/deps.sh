@@ -3,7 +3,8 @@
 # test tools, and the benchmark peers. Used by tests/run.sh and bench/run.sh.
 set -euo pipefail
 need=(cmake make gcc g++ pkg-config liburing-dev libcmocka-dev python3 curl
-      libuv1-dev wrk nginx-light redis-server redis-tools fio)
+      libuv1-dev wrk nginx-light redis-server redis-tools fio
+      clang libclang-rt-14-dev) # clang + libFuzzer: tests/fuzz
 missing=()
 for p in "${need[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

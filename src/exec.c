@@ -9,6 +9,7 @@
 #include "internal.h"
 
 #include <limits.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -65,13 +66,20 @@ void concur__work_begin(concur_exec *ex)
 	atomic_fetch_add_explicit(&ex->outstanding, 1, memory_order_seq_cst);
 }
 
+/*
+ * The last end lets a join return, and the joiner may free ex at once: whoever ends work off
+ * the loops (a blocking-pool helper) is still inside this function then. `ending` counts them,
+ * and concur_exec_free waits for it to drop to zero before it frees ex.
+ */
 static void concur__work_sub(concur_exec *ex, int64_t n)
 {
+	atomic_fetch_add_explicit(&ex->ending, 1, memory_order_seq_cst);
 	if (atomic_fetch_sub_explicit(&ex->outstanding, n, memory_order_seq_cst) == n &&
 	    atomic_load_explicit(&ex->joiners, memory_order_seq_cst)) {
 		atomic_fetch_add_explicit(&ex->join_seq, 1, memory_order_seq_cst);
 		concur__futex_wake(&ex->join_seq, INT_MAX);
 	}
+	atomic_fetch_sub_explicit(&ex->ending, 1, memory_order_release);
 }
 
 /*
@@ -246,6 +254,8 @@ void concur_exec_free(concur_exec *ex)
 	concur_exec_join(ex, -1);
 	concur__stop_loops(ex, ex->nloops);
 	concur__registry_remove(ex);
+	while (atomic_load_explicit(&ex->ending, memory_order_acquire))
+		sched_yield(); /* a helper between its last end and its return: instructions away */
 	concur__exec_destroy(ex);
 }
 

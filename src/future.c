@@ -378,8 +378,12 @@ int concur_promise_set(concur_future *f, int64_t res)
 	bool cancel = res == -ECANCELED;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
 	for (;;) {
-		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
+		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING) {
+			/* lost to a set or a cancel that is completing it now: once we say so, the
+			 * caller must find it done */
+			concur__future_wait_final(f);
 			return -EALREADY;
+		}
 		/* RUNNING marks "being completed" so a concurrent set or cancel loses */
 		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
 		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,

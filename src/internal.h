@@ -527,6 +527,7 @@ struct concur_exec {
 	_Alignas(CONCUR__CACHELINE) _Atomic int64_t outstanding;
 	_Atomic uint32_t join_seq; /* futex word: bumped when outstanding reaches 0 */
 	_Atomic uint32_t joiners;
+	_Atomic uint32_t ending; /* threads inside concur__work_sub: free waits for them */
 };
 
 static inline bool concur__exec_valid(const concur_exec *ex)

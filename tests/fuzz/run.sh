@@ -1,21 +1,37 @@
 #!/usr/bin/env bash
-# Build and run the libFuzzer harnesses of the example servers' parsers (HTTP, RESP), each for
-# SECONDS (default 60), under ASan+UBSan. Needs clang and libFuzzer (Debian: clang,
-# libclang-rt-14-dev or the clang version's libclang-rt-N-dev). The committed corpus in
-# tests/fuzz/corpus/<name> seeds each run and is not written to; new inputs go to a temporary
-# directory, crashes to build-fuzz/. Usage: bash tests/fuzz/run.sh [SECONDS]
+# Build the libFuzzer harnesses of tests/fuzz (clang, ASan+UBSan, libconcur with coverage) and
+# run each (the API call-sequence fuzzer and the servers' HTTP and RESP parsers) for SECONDS
+# (default 60) from its committed seed corpus tests/fuzz/corpus/<name>/.
+# New inputs go to a scratch corpus in the build dir, never into the repository; a crash, leak
+# or timeout fails the run and leaves its reproducer there (replay: <fuzzer> <file>).
+# Usage: bash tests/fuzz/run.sh [SECONDS] [BUILD_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-60}
-out=build-fuzz
-mkdir -p "$out"
-for name in http resp; do
-	clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-		-Iinclude -Ibench/servers -o "$out/fuzz_$name" "tests/fuzz/fuzz_$name.c" -lpthread
-	work=$(mktemp -d)
-	echo "== fuzz_$name: ${secs}s"
-	(cd "$out" && "./fuzz_$name" -max_total_time="$secs" -max_len=70000 -timeout=10 \
-		-rss_limit_mb=2048 -print_final_stats=1 "$work" "../tests/fuzz/corpus/$name")
-	rm -rf "$work"
+build=${2:-build-fuzz}
+
+# libFuzzer comes with clang (Debian: clang, libclang-rt-14-dev; .ci/deps.sh installs them)
+if ! command -v clang >/dev/null ||
+	! echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' |
+	clang -x c -fsanitize=fuzzer -o /dev/null - 2>/dev/null; then
+	echo "== fuzz: clang with libFuzzer not found, skipped"
+	exit 0
+fi
+cmake -S . -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	-DCONCUR_WERROR=ON -DCONCUR_BENCH=OFF -DCONCUR_FUZZ=ON -DCONCUR_SANITIZE=address,undefined >/dev/null
+cmake --build "$build" -j"$(nproc)" >/dev/null
+
+for bin in "$build"/tests/fuzz/fuzz_*; do
+	[ -x "$bin" ] || continue
+	name=$(basename "$bin")
+	work="$build/fuzz-work/$name"
+	mkdir -p "$work/corpus"
+	if ! "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+		-artifact_prefix="$work/" "$work/corpus" "tests/fuzz/corpus/$name" 2>"$work/log"; then
+		tail -60 "$work/log"
+		echo "== fuzz: $name FAILED (reproducer in $work/)"
+		exit 1
+	fi
+	execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/log")
+	echo "== fuzz: $name: ${execs:-?} inputs in $secs s, no failure"
 done
-echo "== fuzz: no crash"

@@ -1,0 +1,566 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Fault injection: resource exhaustion must fail the operation that hit it, with an error, and
+ * nothing else -- never a crash, a hang or a leak.
+ *
+ * A representative workload (concur_exec_new with 2 loops; tasks doing nested spawns, awaits,
+ * sleeps, pipe and socket I/O, a recv stream on the provided-buffer ring, sync objects and a
+ * blocking job; from outside: promises, then, spawn_after, callbacks, gather, wait,
+ * as_completed, a group, join and free) runs in a forked child for each case, with one kind of
+ * call failing (tests/wrap.h: malloc/calloc/aligned_alloc, mmap, pthread_create, ring setup,
+ * submit): only the Nth call (WRAP_ONE) or every call from the Nth on (WRAP_FROM), N swept over
+ * the calls the workload makes (every N in the first 64, then sampled; CONCUR_FAULT_FULL=1 for
+ * all of them). The child checks every result is the expected value or a negative errno, every
+ * registered callback ran once, no heap block is left once the executor is freed, and an alarm
+ * turns a hang into a failure. The same workload runs under RLIMIT_NOFILE from 4 upward and
+ * under RLIMIT_MEMLOCK 0. The parent lists every failing case (kind, N, mode, how it failed).
+ */
+#define _GNU_SOURCE
+#include "helpers.h"
+#include "wrap.h"
+#include "internal.h"
+
+#include <elf.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/*
+ * Known defects of issue 10 this test steps around until their fixes are merged; set each to 1
+ * once the fix is on main (the sweep then covers the case).
+ */
+/* 2: a lost doorbell wake-up wedges a loop: a thread outside the executor whose doorbell ring
+ * cannot be made (malloc, io_uring_queue_init, fds) or whose doorbell submit fails. With 0:
+ * the calls made inside concur__loop_ring_doorbell() never fail, and the RLIMIT_NOFILE sweep
+ * starts at 32 (it hangs at 4-7 today). */
+#define FIXED_D2_LOST_WAKEUP 1
+/* A NEW defect found by this suite (not in issue 10's list): a blocking helper ends its job's
+ * work (concur__work_end -> concur__work_sub, exec.c) by decrementing ex->outstanding and then
+ * reading ex->joiners and bumping ex->join_seq; a concur_exec_join that sees the count reach 0
+ * in between returns, and concur_exec_free frees ex under the helper (TSan: a race with free;
+ * a use after free). Until it is fixed, the workloads let the helpers exit before freeing. */
+#define FIXED_N1_WORK_END_AFTER_FREE 1
+/* Known defect 12: TSan sees the SQEs of a doorbell ring mapped where an exited thread's
+ * (unmapped) one was as racing (liburing maps rings with syscalls TSan does not see). */
+#define FIXED_D12_TSAN_RING_NOISE 1
+/* CONCUR_KNOWN_DEFECTS=all (or a list: D3,D9,N1) runs the avoided cases anyway, to check a
+ * fix before flipping its switch above. */
+static inline bool fixed_(int flag, const char *name)
+{
+	const char *s = getenv("CONCUR_KNOWN_DEFECTS");
+	if (flag)
+		return true;
+	if (!s || !*s)
+		return false;
+	if (!strcmp(s, "all"))
+		return true;
+	size_t n = strcspn(name, "_");
+	for (const char *p = s; *p; p += strcspn(p, ","), p += *p == ',')
+		if (!strncmp(p, name, n) && (p[n] == ',' || !p[n]))
+			return true;
+	return false;
+}
+/* the switch FIXED_D3_TIMED_WAIT_LEAK is named D3 */
+#define fixed(sw) fixed_(sw, #sw + 6)
+
+/* New defect N1 (above): wait until no blocking helper is alive (they idle out at once). */
+static void helpers_gone(void)
+{
+	if (fixed(FIXED_N1_WORK_END_AFTER_FREE))
+		return;
+	for (int w = 0; w < 5000 && concur_blocking_threads(); w++)
+		usleep(1000);
+}
+
+#if defined(__SANITIZE_THREAD__) && !FIXED_D12_TSAN_RING_NOISE
+const char *__tsan_default_suppressions(void);
+const char *__tsan_default_suppressions(void)
+{
+	return "race:concur__loop_ring_doorbell\n"; /* known defect 12 */
+}
+#endif
+
+#define CHILD_ALARM_S (SANITIZED ? 15 : 4) /* a case that takes longer hangs */
+
+static inline int legal(int64_t res, int64_t want)
+{
+	return res == want || (res < 0 && res >= -4095);
+}
+
+/* In the child: a failed check exits with a code the parent names. */
+#define CHECK(cond)                                                                                \
+	do {                                                                                       \
+		if (!(cond)) {                                                                     \
+			fprintf(stderr, "fault: check failed at line %d: %s\n", __LINE__, #cond);  \
+			_exit(3);                                                                  \
+		}                                                                                  \
+	} while (0)
+#define LEGAL(res, want)                                                                           \
+	do {                                                                                       \
+		int64_t r_ = (res);                                                                \
+		if (!legal(r_, (want))) {                                                          \
+			fprintf(stderr, "fault: line %d: %s gave %" PRId64 "\n", __LINE__, #res,   \
+			        r_);                                                               \
+			_exit(3);                                                                  \
+		}                                                                                  \
+	} while (0)
+
+/* ---- the workload ------------------------------------------------------------------------- */
+
+static concur_mutex *wl_mx;
+static concur_chan *wl_ch;
+static atomic_long cb_added, cb_fired;
+
+static int64_t wl_leaf(void *arg)
+{
+	return (int64_t)(intptr_t)arg;
+}
+
+static int64_t wl_add1(void *arg, int64_t v)
+{
+	(void)arg;
+	return v + 1;
+}
+
+static int64_t wl_sum(void *arg, const int64_t *v, size_t n)
+{
+	(void)arg;
+	int64_t s = 0;
+	for (size_t i = 0; i < n; i++)
+		s += v[i];
+	return s;
+}
+
+static void wl_cb(concur_future *f, void *arg)
+{
+	(void)arg;
+	CHECK(concur_done(f));
+	atomic_fetch_add(&cb_fired, 1);
+}
+
+static void wl_on_done(concur_future *f)
+{
+	int e = concur_on_done(f, wl_cb, NULL);
+	LEGAL(e, 0);
+	if (e == 0)
+		atomic_fetch_add(&cb_added, 1);
+}
+
+/* In a task: pipe I/O, a socket pair with a recv stream on the provided-buffer ring. */
+static void wl_io(void)
+{
+	int p[2];
+	if (pipe2(p, O_CLOEXEC) == 0) {
+		char b[8] = "abcdefg", rb[8];
+		int64_t w = concur_await_write(p[1], b, sizeof(b), -1, -1);
+		LEGAL(w, 8);
+		if (w == 8)
+			LEGAL(concur_await_read(p[0], rb, sizeof(rb), -1, MS(2000)), 8);
+		close(p[0]);
+		close(p[1]);
+	}
+	int fd = (int)concur_await_openat(AT_FDCWD, "/dev/null", O_RDONLY | O_CLOEXEC, 0, -1);
+	LEGAL(fd, fd >= 0 ? fd : 0);
+	if (fd >= 0)
+		LEGAL(concur_await_close(fd, -1), 0);
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0) {
+		concur_stream *s;
+		int e = concur_recv_stream(&s, sv[0], 0);
+		LEGAL(e, 0);
+		if (e == 0) {
+			if (write(sv[1], "hello", 5) == 5) {
+				struct concur_chunk c;
+				int64_t n = concur_stream_next(s, &c);
+				LEGAL(n, n > 0 ? n : 0);
+				if (n > 0)
+					CHECK(concur_stream_give(s, &c) == 0);
+			}
+			concur_stream_close(s);
+		}
+		close(sv[0]);
+		close(sv[1]);
+	}
+}
+
+static int64_t wl_task(void *arg)
+{
+	concur_exec *ex = concur_current_exec();
+	concur_future *c[3];
+	for (int k = 0; k < 3; k++)
+		c[k] = concur_spawn(ex, wl_leaf, (void *)(intptr_t)(k + 1));
+	for (int k = 0; k < 3; k++) {
+		LEGAL(concur_result(c[k], -1), k + 1);
+		concur_release(c[k]);
+	}
+	LEGAL(concur_sleep(10000), 0);
+	LEGAL(concur_await_nop(), 0);
+	if ((intptr_t)arg % 3 == 0)
+		wl_io();
+	int e = concur_mutex_lock(wl_mx, -1);
+	LEGAL(e, 0);
+	if (e == 0) {
+		concur_yield();
+		CHECK(concur_mutex_unlock(wl_mx) == 0);
+	}
+	LEGAL(concur_chan_send(wl_ch, 5, 0), 0);
+	concur_future *b = concur_spawn_blocking(ex, wl_leaf, (void *)7);
+	LEGAL(concur_result(b, -1), 7);
+	concur_release(b);
+	return 100 + (intptr_t)arg;
+}
+
+/* TSan runs a case ~50x slower than the normal build: a smaller workload and sample there */
+#if defined(__SANITIZE_THREAD__)
+enum { WL_TASKS = 6, WL_ROUNDS = 4, SWEEP_FIRST = 16, SWEEP_DIV = 20 };
+#elif defined(__SANITIZE_ADDRESS__)
+enum { WL_TASKS = 6, WL_ROUNDS = 16, SWEEP_FIRST = 64, SWEEP_DIV = 10 };
+#else
+enum { WL_TASKS = 6, WL_ROUNDS = 16, SWEEP_FIRST = 64, SWEEP_DIV = 1 };
+#endif
+
+/* One round of work from outside: tasks, a promise and what hangs off it, a blocking job, a
+ * group, and the compositions over them. */
+static void workload_round(concur_exec *ex)
+{
+	concur_future *fs[WL_TASKS];
+	for (int i = 0; i < WL_TASKS; i++) {
+		fs[i] = concur_spawn(ex, wl_task, (void *)(intptr_t)i);
+		wl_on_done(fs[i]);
+	}
+	concur_future *p = concur_promise_new(ex);
+	concur_future *th = NULL, *af = NULL;
+	if (p) {
+		wl_on_done(p);
+		th = concur_then(p, wl_add1, NULL);
+		concur_future *in[2] = {fs[0], p};
+		af = concur_spawn_after(ex, wl_sum, NULL, in, 2);
+	}
+	concur_future *bl = concur_spawn_blocking(ex, wl_leaf, (void *)9);
+	concur_group *g = NULL;
+	int e = concur_group_new(&g, ex, 0);
+	LEGAL(e, 0);
+	if (!e)
+		for (int i = 0; i < 3; i++)
+			concur_release(concur_group_spawn(g, wl_leaf, (void *)(intptr_t)i));
+	concur_as_completed *it = NULL;
+	e = concur_as_completed_new(&it, fs, WL_TASKS, -1);
+	LEGAL(e, 0);
+	if (p)
+		CHECK(concur_promise_set(p, 5) == 0);
+
+	int64_t vals[WL_TASKS];
+	int64_t gr = concur_gather(fs, WL_TASKS, -1, vals, NULL);
+	LEGAL(gr, 0);
+	for (int i = 0; i < WL_TASKS; i++)
+		LEGAL(vals[i], gr == 0 ? 100 + i : vals[i]);
+	bool done[WL_TASKS];
+	int w = concur_wait(fs, WL_TASKS, CONCUR_ALL_COMPLETED, -1, done);
+	LEGAL(w, WL_TASKS);
+	if (it) {
+		concur_future *f;
+		int k, n = 0;
+		while ((k = concur_as_completed_next(it, &f)) == 1) {
+			CHECK(concur_done(f));
+			concur_release(f);
+			n++;
+		}
+		LEGAL(k, 0);
+		concur_as_completed_free(it);
+	}
+	if (g) {
+		LEGAL(concur_group_wait(g, -1), 0);
+		concur_group_free(g);
+	}
+	if (th) {
+		LEGAL(concur_result(th, -1), 6);
+		concur_release(th);
+	}
+	if (af) {
+		LEGAL(concur_result(af, -1), 105);
+		concur_release(af);
+	}
+	LEGAL(concur_result(bl, -1), 9);
+	concur_release(bl);
+	for (int i = 0; i < WL_TASKS; i++) {
+		LEGAL(concur_result(fs[i], -1), 100 + i);
+		concur_release(fs[i]);
+	}
+	concur_release(p);
+}
+
+/* Runs on a thread of its own (its doorbell ring goes when it exits). */
+static void *workload(void *arg)
+{
+	(void)arg;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 2};
+	int e = concur_exec_new(&ex, &o);
+	LEGAL(e, 0);
+	if (e)
+		return NULL;
+	e = concur_mutex_new(&wl_mx);
+	LEGAL(e, 0);
+	int e2 = concur_chan_new(&wl_ch, 16);
+	LEGAL(e2, 0);
+	if (e || e2) {
+		concur_mutex_free(wl_mx);
+		concur_chan_free(wl_ch);
+		concur_exec_free(ex);
+		return NULL;
+	}
+
+	for (int round = 0; round < WL_ROUNDS; round++)
+		workload_round(ex);
+	LEGAL(concur_exec_join(ex, -1), 0);
+	int64_t v;
+	while (concur_chan_recv(wl_ch, &v, 0) == 0)
+		;
+	concur_chan_free(wl_ch);
+	concur_mutex_free(wl_mx);
+	helpers_gone();
+	concur_exec_free(ex);
+	return NULL;
+}
+
+/* ---- one case in a child ------------------------------------------------------------------ */
+
+struct counts {
+	long calls[WRAP_KINDS];
+	long failed[WRAP_KINDS];
+};
+static struct counts *shared; /* MAP_SHARED: the child's counts, for the parent */
+
+enum { LIMIT_NONE, LIMIT_NOFILE, LIMIT_MEMLOCK };
+
+/* The child's body: returns its exit code (0: the case passed). */
+static int child(int kind, long n, int mode, int limit, long lim)
+{
+	alarm(CHILD_ALARM_S);
+	concur_blocking_config(0, MS(1)); /* idle helpers go at once, for the leak count */
+	if (limit) {
+		struct rlimit rl = {(rlim_t)lim, (rlim_t)lim};
+		if (setrlimit(limit == LIMIT_NOFILE ? RLIMIT_NOFILE : RLIMIT_MEMLOCK, &rl))
+			return 4;
+	}
+	long live0 = atomic_load(&wrap_live);
+	if (kind >= 0)
+		wrap_arm(kind, n, mode);
+	else
+		wrap_arm(0, LONG_MAX, WRAP_ONE); /* count only */
+	pthread_t t;
+	int e = __real_pthread_create(&t, NULL, workload, NULL);
+	if (e)
+		return 4;
+	pthread_join(t, NULL);
+	wrap_disarm();
+	for (int k = 0; k < WRAP_KINDS; k++) {
+		shared->calls[k] = atomic_load(&wrap_calls[k]);
+		shared->failed[k] = atomic_load(&wrap_failed[k]);
+	}
+	for (int w = 0; w < 2000 && concur_blocking_threads(); w++)
+		usleep(1000);
+	long live = atomic_load(&wrap_live) - live0;
+	for (int w = 0; w < 1000 && live; w++) { /* exiting threads free their doorbell rings */
+		usleep(1000);
+		live = atomic_load(&wrap_live) - live0;
+	}
+	if (live) {
+		fprintf(stderr, "fault: %ld heap blocks left\n", live);
+		return 5;
+	}
+	if (atomic_load(&cb_fired) != atomic_load(&cb_added)) {
+		fprintf(stderr, "fault: %ld of %ld callbacks ran\n", atomic_load(&cb_fired),
+		        atomic_load(&cb_added));
+		return 6;
+	}
+	return 0;
+}
+
+static int failures;
+
+/* Run a case in a child; returns the child's exit code, or 128 + the signal that ended it. */
+static int run_case(int kind, long n, int mode, int limit, long lim)
+{
+	fflush(stdout);
+	fflush(stderr);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0)
+		_exit(child(kind, n, mode, limit, lim));
+	int st;
+	assert_int_equal(waitpid(pid, &st, 0), pid);
+	int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	if (code) {
+		failures++;
+		const char *why = code == 128 + SIGALRM ? "HANG"
+		                  : code == 3           ? "illegal result"
+		                  : code == 5           ? "leak"
+		                  : code == 6           ? "callbacks lost"
+		                  : code > 128          ? "crash"
+		                                        : "error";
+		if (limit)
+			printf("fault FAILED: %s %ld: %s (exit %d)\n",
+			       limit == LIMIT_NOFILE ? "RLIMIT_NOFILE" : "RLIMIT_MEMLOCK", lim, why,
+			       code);
+		else
+			printf("fault FAILED: %s call %ld fails (%s): %s (exit %d)\n",
+			       wrap_kind_name[kind], n, mode == WRAP_ONE ? "that one" : "and on",
+			       why, code);
+	}
+	return code;
+}
+
+/* ---- the sweeps ----------------------------------------------------------------------------- */
+
+static bool full_sweep(void)
+{
+	const char *s = getenv("CONCUR_FAULT_FULL");
+	return s && *s && *s != '0';
+}
+
+/* The Ns to try for `calls` calls: all of the first SWEEP_FIRST, then about `budget` spread
+ * evenly. */
+static long next_n(long n, long calls, long budget)
+{
+	if (full_sweep() || n < SWEEP_FIRST)
+		return n + 1;
+	long step = (calls - SWEEP_FIRST) / (budget > 0 ? budget : 1);
+	return n + (step > 1 ? step : 1);
+}
+
+/* A submit that keeps failing forever can only stall the loop: for submits the "from N on"
+ * sweep is a burst of WRAP_BURST_LEN failures (the kernel's transient -EBUSY/-EAGAIN). */
+static void sweep_kind(int kind, long budget)
+{
+	int last = kind == WRAP_SUBMIT ? WRAP_BURST : WRAP_FROM;
+	/* how many calls of this kind the workload makes, untouched */
+	assert_int_equal(run_case(-1, 0, 0, 0, 0), 0);
+	long calls = shared->calls[kind];
+	int64_t t0 = now_ns();
+	long cases = 0;
+	for (int mode = WRAP_ONE; mode <= last; mode++) {
+		if (mode == WRAP_FROM && last == WRAP_BURST)
+			continue;
+		for (long n = 0; n <= calls; n = next_n(n, calls, budget)) {
+			run_case(kind, n, mode, 0, 0);
+			cases++;
+		}
+	}
+	printf("fault: %-14s %5ld calls in the workload, %4ld cases (both modes), %.1f s\n",
+	       wrap_kind_name[kind], calls, cases, (now_ns() - t0) / 1e9);
+}
+
+/* Sanitized builds are slow: a sample there, the full sweep is for the normal build. */
+#define BUDGET(n) ((n) / SWEEP_DIV)
+
+static void test_fault_malloc(void **state)
+{
+	(void)state;
+	sweep_kind(WRAP_MALLOC, BUDGET(250));
+	assert_int_equal(failures, 0);
+}
+
+static void test_fault_mmap(void **state)
+{
+	(void)state;
+	sweep_kind(WRAP_MMAP, BUDGET(100));
+	assert_int_equal(failures, 0);
+}
+
+static void test_fault_thread(void **state)
+{
+	(void)state;
+	sweep_kind(WRAP_THREAD, BUDGET(100));
+	assert_int_equal(failures, 0);
+}
+
+static void test_fault_ring_setup(void **state)
+{
+	(void)state;
+	sweep_kind(WRAP_RING_SETUP, BUDGET(100));
+	assert_int_equal(failures, 0);
+}
+
+static void test_fault_submit(void **state)
+{
+	(void)state;
+	sweep_kind(WRAP_SUBMIT, BUDGET(150));
+	assert_int_equal(failures, 0);
+}
+
+static void test_fault_nofile(void **state)
+{
+	(void)state;
+	/* known defect 2: below this, a thread's doorbell ring (the workload's, a blocking
+	 * helper's: ~7 threads, with ~10 fds of I/O) may not be made, and the lost wake-up wedges
+	 * the executor (seen at 4-7) */
+	long from = fixed(FIXED_D2_LOST_WAKEUP) ? 4 : 32;
+	for (long lim = from; lim <= 64; lim += (SANITIZED && lim >= 16) ? 8 : 1)
+		run_case(-1, 0, 0, LIMIT_NOFILE, lim);
+	assert_int_equal(failures, 0);
+}
+
+static void test_fault_memlock(void **state)
+{
+	(void)state;
+	run_case(-1, 0, 0, LIMIT_MEMLOCK, 0);
+	assert_int_equal(failures, 0);
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	shared = __real_mmap(NULL, sizeof(*shared), PROT_READ | PROT_WRITE,
+	                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	return shared == MAP_FAILED ? -1 : 0;
+}
+
+static int reset(void **state)
+{
+	(void)state;
+	failures = 0;
+	return 0;
+}
+
+#define T(fn) cmocka_unit_test_setup(fn, reset)
+
+/* CONCUR_FAULT_CASE=<kind>:<n>:<one|from|burst> (or nofile:<limit>:- / memlock:<limit>:-) runs one
+ * case in this process (for a debugger). */
+static int single_case(const char *spec)
+{
+	char name[32];
+	long n;
+	char mode[8];
+	if (sscanf(spec, "%31[^:]:%ld:%7s", name, &n, mode) != 3)
+		return 2;
+	if (!strcmp(name, "nofile") || !strcmp(name, "memlock"))
+		return setup(NULL)
+		           ? 2
+		           : child(-1, 0, 0, *name == 'n' ? LIMIT_NOFILE : LIMIT_MEMLOCK, n);
+	for (int k = 0; k < WRAP_KINDS; k++)
+		if (!strcmp(name, wrap_kind_name[k]))
+			return setup(NULL)
+			           ? 2
+			           : child(k, n, strcmp(mode, "one") ? WRAP_FROM : WRAP_ONE, 0, 0);
+	return 2;
+}
+
+int main(void)
+{
+	if (getenv("CONCUR_FAULT_CASE"))
+		return single_case(getenv("CONCUR_FAULT_CASE"));
+	const struct CMUnitTest tests[] = {
+	    T(test_fault_malloc),     T(test_fault_mmap),   T(test_fault_thread),
+	    T(test_fault_ring_setup), T(test_fault_submit), T(test_fault_nofile),
+	    T(test_fault_memlock),
+	};
+	return cmocka_run_group_tests(tests, setup, NULL);
+}
