@@ -152,11 +152,9 @@ static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
 			else if (vlen >= 10 && !strncasecmp(v, "keep-alive", 10))
 				keep_alive = true;
 		} else if (nlen == 14 && !strncasecmp(p, "content-length", 14)) {
-			char *e;
-			if (!vlen || !isdigit((unsigned char)*v))
-				return -1;
-			unsigned long long cl = strtoull(v, &e, 10);
-			if (e != line_end && *e != ' ' && *e != '\t')
+			long long cl;
+			long took = server_parse_dec(v, line_end, false, &cl);
+			if (took < 0 || (v + took != line_end && v[took] != ' ' && v[took] != '\t'))
 				return -1;
 			*body_len = (size_t)cl;
 		} else if (nlen == 17 && !strncasecmp(p, "transfer-encoding", 17)) {

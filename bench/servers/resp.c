@@ -180,10 +180,7 @@ static enum num_status parse_num(const char *p, const char *end, const char **ne
 		return NUM_INCOMPLETE;
 	if (cr[1] != '\n')
 		return NUM_MALFORMED;
-	char *e;
-	errno = 0;
-	*v = strtoll(p, &e, 10);
-	if (e != cr || p == cr || errno)
+	if (server_parse_dec(p, cr, true, v) != cr - p)
 		return NUM_MALFORMED;
 	*next = cr + 2;
 	return NUM_OK;

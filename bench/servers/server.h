@@ -57,4 +57,28 @@ typedef size_t (*server_process_fn)(struct server_conn *c, char *in, size_t len,
  * (or in) server_main's conn. */
 int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn process);
 
+/*
+ * The decimal at p[0..end) (an optional '-' when neg_ok, then digits up to end or the first
+ * non-digit) into *v: the bytes it took, or -1 if there is no digit or it overflows. Never reads
+ * past end: request bytes are not NUL-terminated, so strtoll() could.
+ */
+static inline long server_parse_dec(const char *p, const char *end, bool neg_ok, long long *v)
+{
+	const char *q = p;
+	bool neg = neg_ok && q < end && *q == '-';
+	unsigned long long acc = 0, lim = neg ? (unsigned long long)INT64_MAX + 1 : INT64_MAX;
+	q += neg;
+	const char *digits = q;
+	for (; q < end && *q >= '0' && *q <= '9'; q++) {
+		unsigned d = (unsigned)(*q - '0');
+		if (acc > (lim - d) / 10)
+			return -1;
+		acc = acc * 10 + d;
+	}
+	if (q == digits)
+		return -1;
+	*v = neg ? (long long)(0 - acc) : (long long)acc;
+	return (long)(q - p);
+}
+
 #endif
