@@ -195,8 +195,9 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	/*
 	 * The task's fiber stack in bytes; 0 = the executor's (concur_exec_opts.stack_size).
 	 * CONCUR_STACK_MIN .. CONCUR_STACK_MAX, rounded up to a power of two; the fiber's own
-	 * record (128 bytes: its context, and its cancellation and deadline state) is at its top. A stack never grows: size it for the deepest call chain
-	 * the task makes, signal handlers included (see below).
+	 * record (128 bytes: its context, its cancellation and deadline state) is at its top.
+	 * A stack never grows: size it for the deepest call chain the task makes, signal
+	 * handlers included (see below).
 	 *
 	 * A stack of a page (4 KiB) or more has a guard page below it: an overflow faults
 	 * (SIGSEGV) at the instruction that overflows. A stack SMALLER THAN A PAGE shares its page
