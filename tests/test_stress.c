@@ -679,6 +679,8 @@ static int64_t sync_timeout(struct rng *r)
 	int64_t t = rnd_timeout(r);
 	if (!fixed(FIXED_D3_TIMED_WAIT_LEAK) && concur_in_task() && t > 0)
 		t = rndn(r, 2) ? 0 : -1;
+	if (t > MS(10000))
+		t = -1; /* a huge timeout is forever: the callers bound what may never come */
 	return t;
 }
 
