@@ -535,9 +535,10 @@ typedef struct concur_group concur_group;
 
 /* concur_group_new() flags */
 enum {
-	/* On the first failure, cancel every member that has not started yet, and refuse later
-	 * spawns (they return a future already ended -ECANCELED). Running members finish; they
-	 * can check concur_group_cancelled(). */
+	/* On the first failure, cancel the group (concur_group_cancel: members that have not
+	 * started never run, running ones are cancelled and their waits fail with -ECANCELED),
+	 * and refuse later spawns (they return a future already ended -ECANCELED). Running
+	 * members can check concur_group_cancelled() / concur_cancel_requested(). */
 	CONCUR_GROUP_CANCEL_ON_FAILURE = 1u << 0,
 };
 
@@ -561,8 +562,10 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
  */
 int64_t concur_group_wait(concur_group *g, int64_t timeout_ns);
 
-/* Cancel every member that has not started and refuse later spawns. Returns how many were
- * cancelled, or -EINVAL. */
+/* Cancel every member and refuse later spawns: a member that has not started ends CANCELLED
+ * without running; a running one is cancelled as concur_cancel() does (its waits fail with
+ * -ECANCELED from now on; what it returns ends it). Returns how many members were cancelled or
+ * told to stop, -ENOMEM, or -EINVAL. */
 int concur_group_cancel(concur_group *g);
 
 /* True once g was cancelled (by concur_group_cancel or a failure with CANCEL_ON_FAILURE). */

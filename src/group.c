@@ -77,7 +77,9 @@ int concur_group_cancel(concur_group *g)
 		return -ENOMEM;
 	int cancelled = 0;
 	for (size_t i = 0; i < k; i++) {
-		cancelled += concur_cancel(fs[i]) == 1;
+		int r =
+		    concur_cancel(fs[i]); /* 1: it never runs; -EINPROGRESS: it is told to stop */
+		cancelled += r == 1 || r == -EINPROGRESS;
 		concur_release(fs[i]);
 	}
 	free(fs);

@@ -54,7 +54,6 @@ static void test_cancel_await_from_thread(void **state)
 	let_it_suspend();
 	assert_true(concur_running(t));
 	assert_int_equal(concur_cancel(t), -EINPROGRESS);
-	assert_int_equal(concur_cancel(t), -EINPROGRESS); /* asked already */
 	assert_int_equal(concur_result(t, -1), -ECANCELED);
 	assert_true(concur_cancelled(t));
 	assert_int_equal(pr.r1, -ECANCELED);
@@ -192,8 +191,8 @@ static void test_cancel_sync_waits(void **state)
 	assert_int_equal(concur_mutex_lock(pr.m, -1), 0); /* held here: the task queues */
 	concur_future *t = concur_spawn(ex, mutex_task, &pr);
 	wait_stage(&pr, 1);
-	let_it_suspend();
-	assert_int_equal(concur_mutex_waiters(pr.m), 1);
+	while (concur_mutex_waiters(pr.m) != 1) /* queued behind us */
+		usleep(100);
 	assert_int_equal(concur_cancel(t), -EINPROGRESS);
 	assert_int_equal(concur_result(t, -1), 0);
 	assert_int_equal(pr.r1, -ECANCELED);
@@ -256,6 +255,52 @@ static void test_cancel_stream_and_wait(void **state)
 	concur_exec_free(ex);
 }
 
+/* A group's cancel reaches its running members: the one waiting breaks out. */
+static int64_t member_waits(void *arg)
+{
+	struct probe *pr = arg;
+	atomic_fetch_add(&pr->stage, 1);
+	return concur_result(pr->p, -1); /* -ECANCELED: it ends CANCELLED */
+}
+
+static int64_t member_fails(void *arg)
+{
+	struct probe *pr = arg;
+	while (atomic_load(&pr->stage) < 1)
+		concur_yield();
+	let_it_suspend();
+	return -EIO;
+}
+
+static void test_group_cancels_running(void **state)
+{
+	concur_exec *ex = new_exec(2);
+	struct probe pr = {.p = concur_promise_new(ex)};
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, ex, CONCUR_GROUP_CANCEL_ON_FAILURE), 0);
+	concur_future *w = concur_group_spawn(g, member_waits, &pr);
+	concur_future *f = concur_group_spawn(g, member_fails, &pr);
+	assert_int_equal(concur_group_wait(g, -1), -EIO); /* the failure cancelled the waiter */
+	assert_int_equal(concur_result(w, 0), -ECANCELED);
+	assert_true(concur_cancelled(w));
+	assert_true(concur_group_cancelled(g));
+	concur_release(w);
+	concur_release(f);
+	concur_group_free(g);
+	/* by hand: a running member is told to stop, and counted */
+	assert_int_equal(concur_group_new(&g, ex, 0), 0);
+	atomic_store(&pr.stage, 0);
+	w = concur_group_spawn(g, member_waits, &pr);
+	wait_stage(&pr, 1);
+	let_it_suspend();
+	assert_int_equal(concur_group_cancel(g), 1);
+	assert_int_equal(concur_group_wait(g, -1), -ECANCELED);
+	concur_release(w);
+	concur_group_free(g);
+	concur_release(pr.p);
+	concur_exec_free(ex);
+}
+
 /* Cleanup that must not be cancelled runs under a shield; the cancel applies after it. */
 static int64_t shielded_task(void *arg)
 {
@@ -279,6 +324,7 @@ static void test_shield(void **state)
 	let_it_suspend();
 	assert_int_equal(concur_cancel(t), -EINPROGRESS);
 	assert_int_equal(concur_result(t, MS(50)), -ETIMEDOUT); /* still waiting, shielded */
+	assert_int_equal(concur_cancel(t), -EINPROGRESS);       /* asked already */
 	assert_int_equal(concur_promise_set(pr.p, 3), 0);
 	assert_int_equal(concur_result(t, -1), 9);
 	assert_int_equal(pr.r1, 3);
@@ -504,6 +550,7 @@ int main(void)
 	    cmocka_unit_test(test_cancel_sleep),
 	    cmocka_unit_test(test_cancel_sync_waits),
 	    cmocka_unit_test(test_cancel_stream_and_wait),
+	    cmocka_unit_test(test_group_cancels_running),
 	    cmocka_unit_test(test_shield),
 	    cmocka_unit_test(test_deadline_scopes),
 	    cmocka_unit_test(test_deadline_during_cpu_work),
