@@ -51,14 +51,20 @@ static void pool_init(void)
 	pthread_condattr_destroy(&attr);
 }
 
+/* The job is over (run, or never to run): it no longer counts as work. */
+static void job_free(struct job *j)
+{
+	concur_release(j->out);
+	concur__work_end(j->ex);
+	free(j);
+}
+
 static void job_run(struct job *j)
 {
 	/* A job cancelled while queued never runs (its promise is already CANCELLED). */
 	if (concur__future_claim(j->out))
 		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
-	concur_release(j->out);
-	concur__work_end(j->ex);
-	free(j);
+	job_free(j);
 }
 
 static void *helper_main(void *unused)
@@ -132,9 +138,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	pthread_mutex_unlock(&pool.lock);
 	if (err) {
 		concur_promise_set(out, err);
-		concur_release(j->out);
-		concur__work_end(ex);
-		free(j);
+		job_free(j);
 	}
 	return out;
 }

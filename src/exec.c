@@ -4,7 +4,13 @@
  *
  * Join counts work: every task (and every I/O op, see io.c) calls concur__work_begin() when
  * created and concur__work_end() after its completion -- callbacks included -- is over. Join
- * waits for the count to reach zero, on a futex word bumped when it does.
+ * waits for the count to reach zero, on a futex word bumped when it does. One begin and one end
+ * per kind of work:
+ *   task            concur__task_enqueue (here)   concur__task_drop (loop.c), or the enqueue's
+ *                                                 own refusal after a shutdown
+ *   future I/O op   io_start (io.c)               io_drop (io.c)
+ *   stream          io_stream_open (stream.c)     io_stream_maybe_free (stream.c)
+ *   blocking job    concur_spawn_blocking         job_free (blocking.c)
  */
 #include "internal.h"
 

@@ -252,8 +252,7 @@ static void concur__wake_parked(concur_future *f)
 		                 INT_MAX);
 		sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
 		concur_retain(f); /* the kernel reads the word at submit: keep f until the CQE */
-		io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
-		loop->inflight++;
+		concur__sqe_count(loop, sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
 		concur__stat_inc(&loop->st.futex_ring_wakes, 1);
 		concur__stat_inc(&loop->st.futex_wakes, 1);
 		return;

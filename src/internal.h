@@ -206,14 +206,17 @@ static inline bool concur__is_done(const concur_future *f)
  * OP: an in-kernel operation; its handler gets the CQE. The others are messages.
  */
 enum concur__tag {
-	CONCUR__TAG_OP = 0,       /* struct concur__op * */
+	CONCUR__TAG_OP = 0,       /* struct concur__op *, counted in flight until its last CQE */
 	CONCUR__TAG_NODE = 1,     /* struct concur__node *: run, resume or call it on this loop */
 	CONCUR__TAG_HANDOFF = 2,  /* chain of unstarted tasks given by a busy loop (res = count) */
-	CONCUR__TAG_DOORBELL = 3, /* nothing: wake up and drain the inbox */
+	CONCUR__TAG_DOORBELL = 3, /* NULL: wake up and drain the inbox; a loop: our doorbell to
+	                           * that loop failed (res), ring it again */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
-	CONCUR__TAG_RELEASE = 6,     /* a futex wake for this future finished: drop its reference */
-	CONCUR__TAG_WAKE_FAILED = 7, /* our doorbell to this loop failed: ring it again */
+	CONCUR__TAG_RELEASE = 6,   /* a futex wake for this future finished: drop its reference;
+	                            * counted in flight like an op */
+	CONCUR__TAG_UNCOUNTED = 7, /* struct concur__op * not counted in flight: fire-and-forget
+	                            * SQEs (CQE_SKIP_SUCCESS) and the loop's timer (timers.armed) */
 	CONCUR__TAG_MASK = 7,
 };
 
@@ -224,7 +227,7 @@ struct concur__op {
 	concur__cqe_fn cqe; /* called on the loop thread for each CQE of the operation */
 };
 
-/* An op whose CQEs mean nothing (its failures are expected and harmless). */
+/* An op whose CQEs mean nothing (an ASYNC_CANCEL's, or failures expected and harmless). */
 extern struct concur__op concur__ignore_op;
 
 /* ---- inbox items (loop.c) ----------------------------------------------------------------- */
@@ -465,10 +468,37 @@ void concur__sq_reserve(struct concur__loop *loop, unsigned n);
 /* Tests only (fault injection): when set, called before each submit of a loop's ring; a
  * nonzero return is taken as the submit's result and nothing is submitted. */
 extern int (*concur__submit_fault)(struct concur__loop *loop);
-/* Queue an op: the SQE will carry op as user_data; counts as in flight until its last CQE. */
-static inline void concur__sqe_set_op(struct io_uring_sqe *sqe, struct concur__op *op)
+/*
+ * The in-flight count (loop->inflight) is kept in two places only: concur__sqe_count() adds an
+ * SQE whose CQE is to come, and concur__dispatch() (loop.c) retires it on its last CQE (no
+ * IORING_CQE_F_MORE). The loop does not stop while the count is nonzero.
+ */
+/* The user_data of an op's SQE, for an ASYNC_CANCEL or a timeout update aimed at it. */
+static inline uint64_t concur__op_ud(struct concur__op *op)
 {
-	io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)op | CONCUR__TAG_OP);
+	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
+}
+static inline uint64_t concur__uncounted_ud(struct concur__op *op)
+{
+	return (uint64_t)(uintptr_t)op | CONCUR__TAG_UNCOUNTED;
+}
+static inline void concur__sqe_count(struct concur__loop *loop, struct io_uring_sqe *sqe,
+                                     uint64_t ud)
+{
+	io_uring_sqe_set_data64(sqe, ud);
+	loop->inflight++;
+}
+/* Queue an op (the SQE prepared): its CQEs go to op->cqe; in flight until its last CQE. */
+static inline void concur__sqe_set_op(struct concur__loop *loop, struct io_uring_sqe *sqe,
+                                      struct concur__op *op)
+{
+	concur__sqe_count(loop, sqe, concur__op_ud(op));
+}
+/* Queue an op whose CQE is not counted in flight: a CQE_SKIP_SUCCESS fire-and-forget SQE (a
+ * CQE only if it fails), or one tracked otherwise (the loop's timer: timers.armed). */
+static inline void concur__sqe_set_uncounted(struct io_uring_sqe *sqe, struct concur__op *op)
+{
+	io_uring_sqe_set_data64(sqe, concur__uncounted_ud(op));
 }
 /* Hand a node to loop from any thread: local queue, MSG_RING or inbox + doorbell. Needs no
  * memory: whatever the path, the node reaches the loop and a sleeping loop is woken. */

@@ -62,14 +62,6 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                       uint32_t flags);
 
-/* CQEs we expect but do not care about (our ASYNC_CANCELs): just the in-flight count. */
-static void io_quiet_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                         uint32_t flags)
-{
-	loop->inflight--;
-}
-static struct concur__op io_quiet_op = {io_quiet_cqe};
-
 static void io_ns_to_ts(struct __kernel_timespec *ts, int64_t ns)
 {
 	ts->tv_sec = ns / 1000000000;
@@ -99,11 +91,6 @@ static int io_check_supported(const concur_exec *ex, unsigned opcode, int64_t ti
 	return 0;
 }
 
-static uint64_t io_user_data(struct concur__op *op)
-{
-	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
-}
-
 /* Loop thread: put the request's SQE (and its linked timeout) into the ring. */
 static void io_submit(struct concur__loop *loop, struct io_req *r)
 {
@@ -114,14 +101,12 @@ static void io_submit(struct concur__loop *loop, struct io_req *r)
 		concur__sq_reserve(loop, 2);
 	sqe = concur__sqe(loop);
 	*sqe = r->sqe;
-	concur__sqe_set_op(sqe, &r->op);
-	loop->inflight++;
+	concur__sqe_set_op(loop, sqe, &r->op);
 	if (r->has_deadline) {
 		sqe->flags |= IOSQE_IO_LINK;
 		sqe = concur__sqe(loop);
 		io_uring_prep_link_timeout(sqe, &r->deadline, 0);
-		concur__sqe_set_op(sqe, &r->lt_op);
-		loop->inflight++;
+		concur__sqe_set_op(loop, sqe, &r->lt_op);
 	}
 }
 
@@ -209,7 +194,6 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 {
 	struct io_req *r = IO_CONTAINER(op, struct io_req, op);
 
-	loop->inflight--;
 	r->res = res;
 	io_req_cqe(r);
 }
@@ -218,7 +202,6 @@ static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 {
 	struct io_req *r = IO_CONTAINER(op, struct io_req, lt_op);
 
-	loop->inflight--;
 	r->lt_res = res;
 	io_req_cqe(r);
 }
@@ -242,9 +225,8 @@ static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 	if (!concur__is_done(&io->f)) {
 		struct io_uring_sqe *sqe = concur__sqe(loop);
 
-		io_uring_prep_cancel64(sqe, io_user_data(&io->r.op), 0);
-		concur__sqe_set_op(sqe, &io_quiet_op);
-		loop->inflight++;
+		io_uring_prep_cancel64(sqe, concur__op_ud(&io->r.op), 0);
+		concur__sqe_set_op(loop, sqe, &concur__ignore_op);
 	}
 	concur_release(&io->f); /* taken by io_cancel_running */
 }
@@ -356,9 +338,8 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
 	struct io_req *r = arg;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
 
-	io_uring_prep_cancel64(sqe, io_user_data(&r->op), 0);
-	concur__sqe_set_op(sqe, &io_quiet_op);
-	loop->inflight++;
+	io_uring_prep_cancel64(sqe, concur__op_ud(&r->op), 0);
+	concur__sqe_set_op(loop, sqe, &concur__ignore_op);
 	return true;
 }
 

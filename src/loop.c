@@ -299,7 +299,7 @@ static void concur__msg_ring(struct concur__loop *from, struct concur__loop *to,
 static void concur__wake(struct concur__loop *from, struct concur__loop *to)
 {
 	concur__msg_ring(from, to, CONCUR__TAG_DOORBELL, 0,
-	                 (uint64_t)(uintptr_t)to | CONCUR__TAG_WAKE_FAILED);
+	                 (uint64_t)(uintptr_t)to | CONCUR__TAG_DOORBELL);
 }
 
 /* A node has reached its loop's thread. */
@@ -410,12 +410,23 @@ static void concur__take_chain(struct concur__loop *loop, struct concur__node *n
 
 /* ---- CQEs ------------------------------------------------------------------------------------ */
 
+/* Does this CQE retire an SQE counted in flight (concur__sqe_count)? Its last CQE does. */
+static bool concur__retires(uint64_t ud, uint32_t flags)
+{
+	uint64_t tag = ud & CONCUR__TAG_MASK;
+	return (tag == CONCUR__TAG_OP || tag == CONCUR__TAG_RELEASE) &&
+	       !(flags & IORING_CQE_F_MORE);
+}
+
 static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res, uint32_t flags)
 {
 	void *p = (void *)(uintptr_t)(ud & ~(uint64_t)CONCUR__TAG_MASK);
 	CONCUR__TSAN_ACQUIRE(p);
+	if (concur__retires(ud, flags))
+		loop->inflight--; /* the one place the count goes down */
 	switch (ud & CONCUR__TAG_MASK) {
-	case CONCUR__TAG_OP: {
+	case CONCUR__TAG_OP:
+	case CONCUR__TAG_UNCOUNTED: {
 		struct concur__op *op = p;
 		op->cqe(loop, op, res, flags);
 		break;
@@ -427,7 +438,12 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 		concur__take_chain(loop, p);
 		break;
 	case CONCUR__TAG_DOORBELL:
-		break; /* the inbox is drained every turn */
+		/* NULL: a wake, and the inbox is drained every turn. A loop: our doorbell to it
+		 * failed. -EOVERFLOW: the target's CQ is full, so it is awake. No memory for the
+		 * message (a remote post): ring again, or it sleeps with nobody left to wake it. */
+		if (p && concur__transient(res))
+			concur__wake(loop, p);
+		break;
 	case CONCUR__TAG_NODE_FAILED: {
 		/* the MSG_RING could not post (target CQ overflow): go through the inbox */
 		struct concur__node *n = p;
@@ -445,14 +461,7 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 			if (loop->ex->loops[i] != loop)
 				concur__wake(loop, loop->ex->loops[i]);
 		break;
-	case CONCUR__TAG_WAKE_FAILED:
-		/* -EOVERFLOW: the target's CQ is full, so it is awake. No memory for the message
-		 * (a remote post): ring again, or it sleeps with nobody left to wake it. */
-		if (concur__transient(res))
-			concur__wake(loop, p);
-		break;
 	case CONCUR__TAG_RELEASE:
-		loop->inflight--;
 		concur_release(p);
 		break;
 	}
@@ -679,7 +688,7 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 	if (loop->inflight) {
 		struct io_uring_sqe *sqe = concur__sqe(loop);
 		io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
-		concur__sqe_set_op(sqe, &concur__ignore_op);
+		concur__sqe_set_uncounted(sqe, &concur__ignore_op);
 	}
 	concur__timers_stop(loop);
 	while (loop->inflight || loop->timers.armed) {

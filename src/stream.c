@@ -105,19 +105,6 @@ struct concur_stream {
 	struct __kernel_timespec ts; /* the back-off timer's */
 };
 
-static uint64_t io_user_data(struct concur__op *op)
-{
-	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
-}
-
-/* CQEs we expect but do not care about (our ASYNC_CANCELs): just the in-flight count. */
-static void io_quiet_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                         uint32_t flags)
-{
-	loop->inflight--;
-}
-static struct concur__op io_quiet_op = {io_quiet_cqe};
-
 /* ---- the buffer ring ---------------------------------------------------------------------- */
 
 static __thread struct io_bufs *io_tl_bufs;
@@ -205,8 +192,7 @@ static void io_stream_arm(struct concur_stream *s)
 	} else {
 		io_uring_prep_multishot_accept(sqe, s->fd, NULL, NULL, s->flags);
 	}
-	concur__sqe_set_op(sqe, &s->op);
-	s->loop->inflight++;
+	concur__sqe_set_op(s->loop, sqe, &s->op);
 	s->armed = true;
 }
 
@@ -225,9 +211,8 @@ static void io_stream_cancel_op(struct concur_stream *s, struct concur__op *op)
 {
 	struct io_uring_sqe *sqe = concur__sqe(s->loop);
 
-	io_uring_prep_cancel64(sqe, io_user_data(op), 0);
-	concur__sqe_set_op(sqe, &io_quiet_op);
-	s->loop->inflight++;
+	io_uring_prep_cancel64(sqe, concur__op_ud(op), 0);
+	concur__sqe_set_op(s->loop, sqe, &concur__ignore_op);
 }
 
 /* Stop whatever the stream has in the kernel. */
@@ -436,8 +421,7 @@ static void io_stream_backoff(struct concur_stream *s)
 	s->ts.tv_nsec = (long long)(s->backoff_ms % 1000) * 1000000;
 	sqe = concur__sqe(s->loop);
 	io_uring_prep_timeout(sqe, &s->ts, 0, 0);
-	concur__sqe_set_op(sqe, &s->timer_op);
-	s->loop->inflight++;
+	concur__sqe_set_op(s->loop, sqe, &s->timer_op);
 	s->timer_armed = true;
 }
 
@@ -446,7 +430,6 @@ static void io_stream_timer_cqe(struct concur__loop *loop, struct concur__op *op
 {
 	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, timer_op);
 
-	loop->inflight--;
 	s->timer_armed = false;
 	if (s->closed) {
 		io_stream_maybe_free(s);
@@ -475,7 +458,6 @@ static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int3
 	if (flags & IORING_CQE_F_BUFFER)
 		s->bufs->free--;
 	if (!more) {
-		loop->inflight--;
 		s->armed = false;
 		s->stop_sent = false;
 	}

@@ -118,14 +118,14 @@ static void concur__timers_arm(struct concur__loop *loop)
 	tm->op.cqe = concur__timers_cqe;
 	if (tm->armed) {
 		concur__ts_abs(&tm->upd, first);
-		io_uring_prep_timeout_update(sqe, &tm->upd, (uint64_t)(uintptr_t)&tm->op,
+		io_uring_prep_timeout_update(sqe, &tm->upd, concur__uncounted_ud(&tm->op),
 		                             IORING_TIMEOUT_ABS);
 		sqe->flags |= IOSQE_CQE_SKIP_SUCCESS; /* a failure: it fired meanwhile, fine */
-		concur__sqe_set_op(sqe, &concur__ignore_op);
+		concur__sqe_set_uncounted(sqe, &concur__ignore_op);
 	} else {
 		concur__ts_abs(&tm->ts, first);
 		io_uring_prep_timeout(sqe, &tm->ts, 0, IORING_TIMEOUT_ABS);
-		concur__sqe_set_op(sqe, &tm->op);
+		concur__sqe_set_uncounted(sqe, &tm->op);
 		tm->armed = true;
 	}
 	tm->armed_at = first;
@@ -161,9 +161,9 @@ bool concur__timers_stop(struct concur__loop *loop)
 	if (!tm->armed)
 		return false;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
-	io_uring_prep_timeout_remove(sqe, (uint64_t)(uintptr_t)&tm->op, 0);
+	io_uring_prep_timeout_remove(sqe, concur__uncounted_ud(&tm->op), 0);
 	sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-	concur__sqe_set_op(sqe, &concur__ignore_op);
+	concur__sqe_set_uncounted(sqe, &concur__ignore_op);
 	return true; /* the caller reaps until tm->armed is false */
 }
 
