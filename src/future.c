@@ -235,28 +235,14 @@ bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 }
 
 /*
- * Wake a thread parked on f's state word. When the loop has SQEs queued, it enters the kernel
- * for them at the end of its turn anyway: an IORING_OP_FUTEX_WAKE rides that submit and costs
- * no syscall of its own. Otherwise the futex syscall, at once: a ring wake would need an enter
- * just for itself and was measured slower (xwake with the waiter forced to park, 2-core VM,
- * kernel 6.18: 2.0-3.3 us a round trip through the ring, 1.7-2.1 us with the syscall), and the
- * parked thread is waiting for exactly this.
+ * Wake a thread parked on f's state word: through the loop's ring when it enters the kernel
+ * anyway (concur__loop_futex_wake), else the futex syscall at once.
  */
 static void concur__wake_parked(concur_future *f)
 {
 	struct concur__loop *loop = concur__tl_loop;
-	if (loop && loop->ex->has_futex_wake && io_uring_sq_ready(&loop->ring)) {
-		struct io_uring_sqe *sqe = concur__sqe(loop);
-		io_uring_prep_rw(CONCUR__OP_FUTEX_WAKE, sqe,
-		                 CONCUR__FUTEX2_SIZE_U32 | CONCUR__FUTEX2_PRIVATE, &f->state, 0,
-		                 INT_MAX);
-		sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
-		concur_retain(f); /* the kernel reads the word at submit: keep f until the CQE */
-		concur__sqe_count(loop, sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
-		concur__stat_inc(&loop->st.futex_ring_wakes, 1);
-		concur__stat_inc(&loop->st.futex_wakes, 1);
+	if (loop && concur__loop_futex_wake(loop, f))
 		return;
-	}
 	if (loop) /* counted first: the woken thread may read the stats at once */
 		concur__stat_inc(&loop->st.futex_wakes, 1);
 	concur__futex_wake(&f->state, INT_MAX);

@@ -3,14 +3,30 @@
  * concur internals shared by the parts in src/. Nothing here is public.
  *
  * The map:
- *   future.c   futures, waiters, and concur__complete(): the one function every completion
+ *   future.c   futures, waiters, and concur__complete(): the funnel every future's completion
  *              goes through (a task's return, an I/O CQE, a cancel, a promise, a timeout).
  *   loop.c     one loop thread and its io_uring: the run queues, the inbox, MSG_RING messages,
- *              CQE dispatch, and concur__loop_sleep(): the one place a loop sleeps.
- *   exec.c     the executor: loops, spawn, join, shutdown, stats.
+ *              the in-flight count, CQE dispatch, and concur__loop_sleep(): the one place a
+ *              loop sleeps. The only file that builds SQEs of its own on a loop's ring (the
+ *              others take them through concur__sqe / concur__sqe_set_op).
+ *   exec.c     the executor: loops, spawn, join (the work count), shutdown, stats.
  *   fiber.c    stacks, context switches (fiber_x86_64.S / fiber_aarch64.S), suspend/resume.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
  *   control.c  cancelling a running task, shields, breaking a suspended wait, exec_stop.
+ *
+ * Who calls whom in the core (a completion resumes a fiber on a loop and a loop runs fibers and
+ * completes futures, so the calls cannot all run one way; each crossing is a few named
+ * functions declared here, and nobody reaches into another file's structures):
+ *   exec.c    -> loop.c (start/stop, post, push_fresh), future.c, fiber.c (stack flags),
+ *                control.c (cancel of a running task)
+ *   loop.c    -> fiber.c (fiber_get/run/put), future.c (complete, claim), control.c
+ *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
+ *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct), future.c (waiter push/remove),
+ *                timer.c (wait deadline), control.c (ctl_check)
+ *   timer.c   -> loop.c (sqe, push_ready), fiber.c (suspend), control.c (interrupt)
+ *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all)
+ *   future.c  -> fiber.c (concur__resume, concur__await: the AWAIT waiter), loop.c
+ *                (concur__loop_futex_wake), exec.c (exec_alive)
  */
 #ifndef CONCUR_INTERNAL_H
 #define CONCUR_INTERNAL_H
@@ -23,6 +39,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #define CONCUR__LIKELY(x)   __builtin_expect(!!(x), 1)
 #define CONCUR__UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -349,6 +366,9 @@ void concur__stack_guard_force(int mode);
 long concur__stack_map_budget(long budget);
 /* Tests: the mappings stacks hold now, process-wide. */
 long concur__stack_maps_used(void);
+/* The context switch in assembly (fiber_x86_64.S, fiber_aarch64.S), for fiber.c only. */
+void concur__ctx_switch(void **save_sp, void *load_sp);
+void concur__ctx_start(void);
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
@@ -505,6 +525,19 @@ static inline void concur__sqe_set_uncounted(struct io_uring_sqe *sqe, struct co
 void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
 /* Queue a runnable task on the current loop (loop thread only). */
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
+/*
+ * Task side (concur__suspend): the next ready fiber, taken off the ready queue for a direct
+ * switch and charged to the turn's budget; NULL if the fiber should switch back to the loop
+ * instead (nothing started is ready, the budget is spent, or a stall detector times each run
+ * from the loop). May return the caller's own task (a yield with nobody else ready).
+ */
+struct concur__task *concur__loop_pop_direct(struct concur__loop *loop);
+/*
+ * Wake threads parked on f's state word with an IORING_OP_FUTEX_WAKE on the current loop's
+ * ring, if the loop enters the kernel at the end of its turn anyway (SQEs queued) and the kernel
+ * has the op: true then (f is held until the CQE). False: the caller makes the futex syscall.
+ */
+bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
 /* Queue a task that yielded: it runs after everything runnable now, and after an I/O check. */
 void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
@@ -632,6 +665,38 @@ int64_t concur__after_ns(int64_t timeout_ns);
 void concur__io_cancel_all(struct concur__loop *loop);
 /* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
 bool concur__timers_stop(struct concur__loop *loop);
+
+/* ---- the stall detector (stall.c) ---------------------------------------------------------- */
+
+/*
+ * Stall detector hook (stall.c), for the loop (loop.c; fiber.c does not switch
+ * fibers directly while a detector is set, concur__loop_pop_direct): around each time it runs a
+ *fiber,
+ *
+ *	int64_t t0 = concur__stall_begin();
+ *	concur__fiber_run(loop, t);
+ *	if (t0)
+ *		concur__stall_end(loop, t0);
+ *
+ * concur__stall_begin() is one relaxed load and returns 0 while no executor has a detector.
+ */
+extern _Atomic unsigned concur__stall_detectors;
+/* The loop thread's CPU time: what a task consumed, not counting the times the thread was
+ * preempted (wall time would blame a task for a busy machine). Never 0. */
+static inline int64_t concur__thread_cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + 1;
+}
+static inline int64_t concur__stall_begin(void)
+{
+	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ==
+	                   0))
+		return 0;
+	return concur__thread_cpu_ns();
+}
+void concur__stall_end(struct concur__loop *loop, int64_t t0);
 
 /* ---- misc ---------------------------------------------------------------------------------- */
 

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The stall detector: the loop times each run of a fiber (concur__stall_begin/end in wait.h)
+ * The stall detector: the loop times each run of a fiber (concur__stall_begin/end in internal.h)
  * while at least one executor has a detector, and a run longer than the executor's threshold
  * is counted and reported. A small fixed table keeps the per-executor settings, so the core's
  * structures need no field for it; an entry is matched by executor pointer and id, so a freed
