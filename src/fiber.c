@@ -753,7 +753,7 @@ static bool concur__await_interrupt(struct concur__loop *loop, struct concur__ta
 	struct concur__await *a = arg;
 	if (!concur__waiter_remove(a->f, &a->w))
 		return false; /* completed first: the completion resumes us */
-	concur__loop_push_ready(loop, t);
+	concur__resume(t);    /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
 

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Futures: the state word, the waiter list, and concur__complete(), the one function every
- * completion goes through.
+ * Futures: the state word, the waiter list, and concur__complete(), the function every
+ * future's completion goes through (the first of the two funnels: see internal.h).
  *
  * A future's waiters are of three kinds, all on one list:
  *   - threads outside the executor park on the state word itself (a futex) after setting

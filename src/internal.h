@@ -3,8 +3,16 @@
  * concur internals shared by the parts in src/. Nothing here is public.
  *
  * The map:
- *   future.c   futures, waiters, and concur__complete(): the funnel every future's completion
- *              goes through (a task's return, an I/O CQE, a cancel, a promise, a timeout).
+ * Two funnels. Every future ends in concur__complete() (future.c): a task's return, a future
+ * I/O op's CQE, a cancel, a promise, a timeout; its waiters (parked threads, callbacks, awaiting
+ * fibers, compositions) are all woken there. A task that waits without a future -- a direct
+ * I/O form (concur_recv, ...), concur_sleep, concur_stream_next -- is woken by concur__resume()
+ * (fiber.c), which an awaited future's completion also ends in. Those waits never reach
+ * concur__complete(): giving them a future would cost the allocation the direct forms exist
+ * to avoid.
+ *
+ * The map:
+ *   future.c   futures, waiters, and concur__complete(): the futures' funnel.
  *   loop.c     one loop thread and its io_uring: the run queues, the inbox, MSG_RING messages,
  *              the in-flight count, CQE dispatch, and concur__loop_sleep(): the one place a
  *              loop sleeps. The only file that builds SQEs of its own on a loop's ring (the
@@ -13,6 +21,17 @@
  *   fiber.c    stacks, context switches (fiber_x86_64.S / fiber_aarch64.S), suspend/resume.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
  *   control.c  cancelling a running task, shields, breaking a suspended wait, exec_stop.
+ *   fiber_x86_64.S, fiber_aarch64.S  the context switch (concur__ctx_switch/ctx_start).
+ *   io.c       one-shot I/O operations: the future form, the direct form, deadlines, cancel.
+ *   stream.c   multishot streams (accept, recv) and the per-loop provided-buffer ring.
+ *   signal.c   signals as futures (a signalfd read through io.c).
+ *   wait.c     compositions: wait, gather, as_completed, then, spawn_after.
+ *   group.c    task groups.
+ *   sync.c     fiber-aware mutex, semaphore, event, channel.
+ *   blocking.c the blocking pool (spawn_blocking).
+ *   stall.c    the stall detector.
+ *   wait.h     what the composition parts (wait.c, group.c, sync.c, blocking.c) share.
+ *   internal.h this: what every part shares.
  *
  * Who calls whom in the core (a completion resumes a fiber on a loop and a loop runs fibers and
  * completes futures, so the calls cannot all run one way; each crossing is a few named

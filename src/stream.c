@@ -383,7 +383,7 @@ static bool io_stream_interrupt(struct concur__loop *loop, struct concur__task *
 	if (s->waiter != t)
 		return false; /* woken already: the item is there */
 	s->waiter = NULL;
-	concur__loop_push_ready(loop, t);
+	concur__resume(t); /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
 

@@ -268,7 +268,7 @@ int concur_deadline_pop(void)
 /* The sleep's own deadline or a scope's fired, or a cancel came: nothing to undo but wake. */
 static bool concur__sleep_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
 {
-	concur__loop_push_ready(loop, t);
+	concur__resume(t); /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
 
