@@ -82,9 +82,7 @@ static void *helper_main(void *unused)
 				break;
 			continue;
 		}
-		pool.head = j->next;
-		if (!pool.head)
-			pool.tail = NULL;
+		CONCUR__FIFO_POP(pool.head, pool.tail);
 		pthread_mutex_unlock(&pool.lock);
 		job_run(j);
 		pthread_mutex_lock(&pool.lock);
@@ -112,11 +110,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	concur__work_begin(ex);
 
 	pthread_mutex_lock(&pool.lock);
-	if (pool.tail)
-		pool.tail->next = j;
-	else
-		pool.head = j;
-	pool.tail = j;
+	CONCUR__FIFO_PUSH(pool.head, pool.tail, j);
 	int err = 0;
 	if (pool.idle > 0) {
 		pthread_cond_signal(&pool.cond);

@@ -31,64 +31,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* ---- time and futex helpers --------------------------------------------------------------- */
-
-int64_t concur__now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* Saturates: a timeout near INT64_MAX means "practically forever", never an overflow. */
-void concur__deadline(struct timespec *abs, int64_t timeout_ns)
-{
-	int64_t now = concur__now_ns();
-	int64_t t = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
-	abs->tv_sec = t / 1000000000;
-	abs->tv_nsec = t % 1000000000;
-}
-
-/* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */
-int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono)
-{
-	long r = syscall(SYS_futex, word, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, val, abs_mono,
-	                 NULL, FUTEX_BITSET_MATCH_ANY);
-	return r < 0 ? -errno : 0;
-}
-
-void concur__futex_wake(_Atomic uint32_t *word, int n)
-{
-	syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
-}
-
-/* ---- errors -------------------------------------------------------------------------------- */
-
-static __thread char concur__errbuf[256];
-
-void concur__set_error(const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(concur__errbuf, sizeof(concur__errbuf), fmt, ap);
-	va_end(ap);
-}
-
-const char *concur_last_error(void)
-{
-	return concur__errbuf;
-}
-
-const char *concur_strerror(int64_t err)
-{
-	if (err >= 0)
-		return "Success";
-	if (err < -4095)
-		return "Unknown error";
-	const char *s = strerrordesc_np((int)-err);
-	return s ? s : "Unknown error";
-}
-
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
 void concur__future_init(concur_future *f, const struct concur__future_class *cls, concur_exec *ex,

@@ -87,6 +87,53 @@
 #define CONCUR__ASAN_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
+/* The struct holding member m at p. */
+#define concur__container_of(p, type, m) ((type *)(void *)((char *)(p)-offsetof(type, m)))
+
+/* ns (>= 0) as a struct timespec or struct __kernel_timespec. */
+#define CONCUR__NS_TO_TS(ts, ns)                                                                   \
+	({                                                                                         \
+		int64_t ns_ = (ns);                                                                \
+		(ts)->tv_sec = ns_ / 1000000000;                                                   \
+		(ts)->tv_nsec = ns_ % 1000000000;                                                  \
+	})
+/* A struct timespec or struct __kernel_timespec as ns. */
+#define CONCUR__TS_TO_NS(ts) ((int64_t)(ts)->tv_sec * 1000000000 + (ts)->tv_nsec)
+
+/*
+ * An intrusive singly linked FIFO: head and tail are lvalues of a pointer to any struct with a
+ * `next` field. PUSH appends n; POP takes the oldest (NULL if empty).
+ */
+#define CONCUR__FIFO_PUSH(head, tail, n)                                                           \
+	do {                                                                                       \
+		__typeof__(n) n_ = (n);                                                            \
+		n_->next = NULL;                                                                   \
+		if (tail)                                                                          \
+			(tail)->next = n_;                                                         \
+		else                                                                               \
+			(head) = n_;                                                               \
+		(tail) = n_;                                                                       \
+	} while (0)
+#define CONCUR__FIFO_POP(head, tail)                                                               \
+	({                                                                                         \
+		__typeof__(head) h_ = (head);                                                      \
+		if (h_ && !((head) = h_->next))                                                    \
+			(tail) = NULL;                                                             \
+		h_;                                                                                \
+	})
+/* Reverse a singly linked list (a LIFO taken whole, made oldest first); returns the new head. */
+#define CONCUR__LIST_REVERSE(list)                                                                 \
+	({                                                                                         \
+		__typeof__(list) l_ = (list), r_ = NULL;                                           \
+		while (l_) {                                                                       \
+			__typeof__(list) next_ = l_->next;                                         \
+			l_->next = r_;                                                             \
+			r_ = l_;                                                                   \
+			l_ = next_;                                                                \
+		}                                                                                  \
+		r_;                                                                                \
+	})
+
 static inline void concur__cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
@@ -366,7 +413,7 @@ _Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,
 
 static inline struct concur__task *concur__task_of_node(struct concur__node *n)
 {
-	return (struct concur__task *)((char *)n - offsetof(struct concur__task, node));
+	return concur__container_of(n, struct concur__task, node);
 }
 
 extern __thread struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
@@ -678,8 +725,6 @@ int concur__ctl_retime(struct concur__task *t);
 void concur__timers_del(struct concur__loop *loop, struct concur__task *t);
 /* Set (or, with INT64_MAX, clear) the deadline of the task's current wait. 0 or -ENOMEM. */
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
-/* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
-int64_t concur__after_ns(int64_t timeout_ns);
 /* Loop thread: cancel every future I/O op of the loop in flight (io.c). */
 void concur__io_cancel_all(struct concur__loop *loop);
 /* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
@@ -706,7 +751,7 @@ static inline int64_t concur__thread_cpu_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + 1;
+	return CONCUR__TS_TO_NS(&ts) + 1;
 }
 static inline int64_t concur__stall_begin(void)
 {
@@ -717,12 +762,18 @@ static inline int64_t concur__stall_begin(void)
 }
 void concur__stall_end(struct concur__loop *loop, int64_t t0);
 
-/* ---- misc ---------------------------------------------------------------------------------- */
+/* ---- the syscall layer (sys.c) ------------------------------------------------------------- */
 
+/* This thread's error message (concur_last_error). */
 void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */
 int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono);
 void concur__futex_wake(_Atomic uint32_t *word, int n);
+/* CLOCK_MONOTONIC in ns. */
 int64_t concur__now_ns(void);
+/* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
+int64_t concur__after_ns(int64_t timeout_ns);
+/* The same as an absolute timespec, for futex and condvar waits. */
 void concur__deadline(struct timespec *abs, int64_t timeout_ns);
 
 #endif /* CONCUR_INTERNAL_H */

@@ -26,8 +26,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define IO_CONTAINER(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
-#define IO_MAX_LEN                    0x7ffff000u /* MAX_RW_COUNT, as read(2) caps it */
+#define IO_MAX_LEN 0x7ffff000u /* MAX_RW_COUNT, as read(2) caps it */
 
 /* ---- one operation ------------------------------------------------------------------------ */
 
@@ -62,12 +61,6 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                       uint32_t flags);
 
-static void io_ns_to_ts(struct __kernel_timespec *ts, int64_t ns)
-{
-	ts->tv_sec = ns / 1000000000;
-	ts->tv_nsec = ns % 1000000000;
-}
-
 static void io_req_init(struct io_req *r, int64_t timeout_ns)
 {
 	memset(r, 0, sizeof(*r));
@@ -77,7 +70,7 @@ static void io_req_init(struct io_req *r, int64_t timeout_ns)
 	if (timeout_ns >= 0) {
 		r->has_deadline = true;
 		r->cqes_left = 2;
-		io_ns_to_ts(&r->deadline, timeout_ns);
+		CONCUR__NS_TO_TS(&r->deadline, timeout_ns);
 	}
 }
 
@@ -167,7 +160,7 @@ void concur__io_cancel_all(struct concur__loop *loop)
 {
 	for (struct concur__node *n = loop->io_live, *next; n; n = next) {
 		next = n->next;
-		concur_cancel(&IO_CONTAINER(n, struct concur__io, node)->f);
+		concur_cancel(&concur__container_of(n, struct concur__io, node)->f);
 	}
 }
 
@@ -183,7 +176,7 @@ static void io_req_cqe(struct io_req *r)
 		concur__resume(r->task);
 		return;
 	}
-	io = IO_CONTAINER(r, struct concur__io, r);
+	io = concur__container_of(r, struct concur__io, r);
 	io_live_del(r->loop, io);
 	res = io_outcome(r, &cancelled);
 	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
@@ -192,7 +185,7 @@ static void io_req_cqe(struct io_req *r)
 
 static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
 {
-	struct io_req *r = IO_CONTAINER(op, struct io_req, op);
+	struct io_req *r = concur__container_of(op, struct io_req, op);
 
 	r->res = res;
 	io_req_cqe(r);
@@ -200,7 +193,7 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
 {
-	struct io_req *r = IO_CONTAINER(op, struct io_req, lt_op);
+	struct io_req *r = concur__container_of(op, struct io_req, lt_op);
 
 	r->lt_res = res;
 	io_req_cqe(r);
@@ -216,7 +209,7 @@ static void io_destroy(concur_future *f)
 /* Loop thread: ask the kernel to cancel the op (unless it is already over). */
 static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
-	struct concur__io *io = IO_CONTAINER(node, struct concur__io, cancel_node);
+	struct concur__io *io = concur__container_of(node, struct concur__io, cancel_node);
 
 	if (loop != io->r.loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
 		concur__loop_post(io->r.loop, node);
@@ -257,7 +250,7 @@ static const struct concur__future_class io_class = {
 /* Loop thread: submit, unless the op was cancelled before it got here. */
 static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 {
-	struct concur__io *io = IO_CONTAINER(node, struct concur__io, node);
+	struct concur__io *io = concur__container_of(node, struct concur__io, node);
 
 	io->r.loop = loop; /* where it runs (a failed MSG_RING may bring it to another loop) */
 	if (!concur__future_claim(&io->f)) {
@@ -350,7 +343,7 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
  */
 static void io_await_deadline(struct concur__task *t, struct io_req *r)
 {
-	int64_t ns = (int64_t)r->deadline.tv_sec * 1000000000 + r->deadline.tv_nsec;
+	int64_t ns = CONCUR__TS_TO_NS(&r->deadline);
 
 	if (!r->has_deadline || concur__ctl_wait_deadline(t, concur__after_ns(ns)) < 0)
 		return;
@@ -454,11 +447,11 @@ int64_t concur_await_nop(void)
 
 concur_future *concur_timeout(concur_exec *ex, int64_t ns)
 	IO_FUTURE_BODY(IORING_OP_TIMEOUT, ns < 0 ? -EINVAL : 0,
-		       (io_ns_to_ts(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
+		       (CONCUR__NS_TO_TS(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
 		       CONCUR_NO_TIMEOUT)
 int64_t concur_await_timeout(int64_t ns)
 	IO_AWAIT_BODY(IORING_OP_TIMEOUT, ns < 0 ? -EINVAL : 0,
-		      (io_ns_to_ts(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
+		      (CONCUR__NS_TO_TS(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
 		      CONCUR_NO_TIMEOUT)
 
 IO_OP(read, IORING_OP_READ, (int fd, void *buf, size_t len, int64_t off),

@@ -149,20 +149,9 @@ struct io_uring_sqe *concur__sqe_slow(struct concur__loop *loop)
 
 /* ---- run queues (loop thread only) ---------------------------------------------------------- */
 
-static void concur__fifo_push(struct concur__node **head, struct concur__node **tail,
-                              struct concur__node *n)
-{
-	n->next = NULL;
-	if (*tail)
-		(*tail)->next = n;
-	else
-		*head = n;
-	*tail = n;
-}
-
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
 {
-	concur__fifo_push(&loop->ready_head, &loop->ready_tail, &t->node);
+	CONCUR__FIFO_PUSH(loop->ready_head, loop->ready_tail, &t->node);
 }
 
 /*
@@ -175,20 +164,9 @@ void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
 void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t)
 {
 	if (loop->fresh_head || loop->yielded_head)
-		concur__fifo_push(&loop->yielded_head, &loop->yielded_tail, &t->node);
+		CONCUR__FIFO_PUSH(loop->yielded_head, loop->yielded_tail, &t->node);
 	else
 		concur__loop_push_ready(loop, t);
-}
-
-static struct concur__node *concur__ready_pop(struct concur__loop *loop)
-{
-	struct concur__node *n = loop->ready_head;
-	if (n) {
-		loop->ready_head = n->next;
-		if (!n->next)
-			loop->ready_tail = NULL;
-	}
-	return n;
 }
 
 struct concur__task *concur__loop_pop_direct(struct concur__loop *loop)
@@ -199,7 +177,7 @@ struct concur__task *concur__loop_pop_direct(struct concur__loop *loop)
 	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
 		return NULL;
 	loop->budget--;
-	return concur__task_of_node(concur__ready_pop(loop));
+	return concur__task_of_node(CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail));
 }
 
 /* Unstarted tasks: a deque. Local spawns go to the front (depth first, so a task waiting on
@@ -230,7 +208,7 @@ void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, 
 
 static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
 {
-	struct concur__node *n = concur__ready_pop(loop);
+	struct concur__node *n = CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail);
 	if (n)
 		return concur__task_of_node(n);
 	n = loop->fresh_head;
@@ -403,19 +381,13 @@ static bool concur__drain_inbox(struct concur__loop *loop)
 	if (!atomic_load_explicit(&loop->inbox, memory_order_relaxed))
 		return false;
 	struct concur__node *n = atomic_exchange_explicit(&loop->inbox, NULL, memory_order_acquire);
-	struct concur__node *fifo = NULL;
+	struct concur__node *fifo = CONCUR__LIST_REVERSE(n); /* newest first: reverse */
 	uint64_t count = 0;
-	while (n) { /* newest first: reverse */
-		struct concur__node *next = n->next;
-		n->next = fifo;
-		fifo = n;
-		n = next;
-		count++;
-	}
 	while (fifo) {
 		struct concur__node *next = fifo->next;
 		concur__node_arrived(loop, fifo);
 		fifo = next;
+		count++;
 	}
 	concur__stat_inc(&loop->st.inbox_items, count);
 	return true;

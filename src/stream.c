@@ -39,8 +39,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define IO_CONTAINER(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
-
 /*
  * Each loop thread gets, on first use, a provided-buffer ring shared by its recv streams. It
  * lives as long as the thread (freed by a thread-exit destructor, after the loop has closed its
@@ -417,8 +415,7 @@ static void io_stream_backoff(struct concur_stream *s)
 	s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : IO_BACKOFF_MIN_MS;
 	if (s->backoff_ms > IO_BACKOFF_MAX_MS)
 		s->backoff_ms = IO_BACKOFF_MAX_MS;
-	s->ts.tv_sec = s->backoff_ms / 1000;
-	s->ts.tv_nsec = (long long)(s->backoff_ms % 1000) * 1000000;
+	CONCUR__NS_TO_TS(&s->ts, (int64_t)s->backoff_ms * 1000000);
 	sqe = concur__sqe(s->loop);
 	io_uring_prep_timeout(sqe, &s->ts, 0, 0);
 	concur__sqe_set_op(s->loop, sqe, &s->timer_op);
@@ -428,7 +425,7 @@ static void io_stream_backoff(struct concur_stream *s)
 static void io_stream_timer_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                                 uint32_t flags)
 {
-	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, timer_op);
+	struct concur_stream *s = concur__container_of(op, struct concur_stream, timer_op);
 
 	s->timer_armed = false;
 	if (s->closed) {
@@ -450,7 +447,7 @@ static void io_stream_transient(struct concur_stream *s, int32_t err, bool more)
 static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                           uint32_t flags)
 {
-	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, op);
+	struct concur_stream *s = concur__container_of(op, struct concur_stream, op);
 	bool more = flags & IORING_CQE_F_MORE;
 	bool item = res > 0 || (!s->recv && res == 0);
 	bool our_stop = s->stop_sent;
@@ -660,7 +657,7 @@ static void io_stream_cancel_here(struct concur_stream *s)
 
 static void io_stream_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
-	struct concur_stream *s = IO_CONTAINER(node, struct concur_stream, cancel_node);
+	struct concur_stream *s = concur__container_of(node, struct concur_stream, cancel_node);
 
 	if (loop != s->loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
 		concur__loop_post(s->loop, node);

@@ -555,21 +555,12 @@ static void after_start(struct after *a)
 
 static void after_ready(struct after *a)
 {
-	a->next = NULL;
-	if (tl_ready_tail)
-		tl_ready_tail->next = a;
-	else
-		tl_ready_head = a;
-	tl_ready_tail = a;
+	CONCUR__FIFO_PUSH(tl_ready_head, tl_ready_tail, a);
 	if (tl_starting)
 		return;
 	tl_starting = true;
-	while ((a = tl_ready_head)) {
-		tl_ready_head = a->next;
-		if (!tl_ready_head)
-			tl_ready_tail = NULL;
+	while ((a = CONCUR__FIFO_POP(tl_ready_head, tl_ready_tail)))
 		after_start(a);
-	}
 	tl_starting = false;
 }
 
