@@ -9,8 +9,8 @@
  *   task            concur__task_enqueue (here)   concur__task_drop (loop.c), or the enqueue's
  *                                                 own refusal after a shutdown
  *   future I/O op   io_start (io.c)               io_drop (io.c)
- *   stream          io_stream_open (stream.c)     io_stream_maybe_free (stream.c)
- *   blocking job    concur_spawn_blocking         job_free (blocking.c)
+ *   stream          stream_open (stream.c)        stream_maybe_free (stream.c)
+ *   blocking job    concur_spawn_blocking         blocking_job_free (blocking.c)
  */
 #include "internal.h"
 

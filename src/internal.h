@@ -2,6 +2,15 @@
 /*
  * concur internals shared by the parts in src/. Nothing here is public.
  *
+ * Names: public functions and types are concur_name (include/concur.h); what one file of src/
+ * shares with another is concur__name (declared here, or in wait.h for the composition parts);
+ * a file's own statics (functions and types) are concur__name in the core files (future, loop,
+ * exec, fiber, timer, control, signal, sys: their statics sit beside the shared functions they
+ * serve) and <file>_name in every other file: io_, stream_, wait_, sync_, group_, blocking_,
+ * stall_. So a name says where it is defined: concur_recv and concur_await_recv in io.c (grep
+ * the comment "concur_recv, concur_await_recv" above each generated operation), stream_arm in
+ * stream.c.
+ *
  * The map:
  * Two funnels. Every future ends in concur__complete() (future.c): a task's return, a future
  * I/O op's CQE, a cancel, a promise, a timeout; its waiters (parked threads, callbacks, awaiting
@@ -31,6 +40,8 @@
  *   blocking.c the blocking pool (spawn_blocking).
  *   stall.c    the stall detector.
  *   wait.h     what the composition parts (wait.c, group.c, sync.c, blocking.c) share.
+ *   sys.c      the syscall layer: the clock, the futex, the thread's error message. It calls
+ *              nothing of concur's; every other file may call it.
  *   internal.h this: what every part shares.
  *
  * Who calls whom in the core (a completion resumes a fiber on a loop and a loop runs fibers and

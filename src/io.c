@@ -454,53 +454,75 @@ int64_t concur_await_timeout(int64_t ns)
 		      (CONCUR__NS_TO_TS(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
 		      CONCUR_NO_TIMEOUT)
 
+/* concur_read, concur_await_read */
 IO_OP(read, IORING_OP_READ, (int fd, void *buf, size_t len, int64_t off),
       io_check_buf(buf, len, off), io_uring_prep_read(sqe, fd, buf, io_len(len), (uint64_t)off))
+/* concur_write, concur_await_write */
 IO_OP(write, IORING_OP_WRITE, (int fd, const void *buf, size_t len, int64_t off),
       io_check_buf(buf, len, off),
       io_uring_prep_write(sqe, fd, buf, io_len(len), (uint64_t)off))
+/* concur_readv, concur_await_readv */
 IO_OP(readv, IORING_OP_READV, (int fd, const struct iovec *iov, int iovcnt, int64_t off),
       io_check_iov(iov, iovcnt, off),
       io_uring_prep_readv(sqe, fd, iov, (unsigned)iovcnt, (uint64_t)off))
+/* concur_writev, concur_await_writev */
 IO_OP(writev, IORING_OP_WRITEV, (int fd, const struct iovec *iov, int iovcnt, int64_t off),
       io_check_iov(iov, iovcnt, off),
       io_uring_prep_writev(sqe, fd, iov, (unsigned)iovcnt, (uint64_t)off))
+/* concur_fsync, concur_await_fsync */
 IO_OP(fsync, IORING_OP_FSYNC, (int fd, bool datasync), 0,
       io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0))
+/* concur_openat, concur_await_openat */
 IO_OP(openat, IORING_OP_OPENAT, (int dfd, const char *path, int flags, mode_t mode),
       io_check_ptr(path), io_uring_prep_openat(sqe, dfd, path, flags, mode))
+/* concur_close, concur_await_close */
 IO_OP(close, IORING_OP_CLOSE, (int fd), 0, io_uring_prep_close(sqe, fd))
+/* concur_statx, concur_await_statx */
 IO_OP(statx, IORING_OP_STATX,
       (int dfd, const char *path, int flags, unsigned mask, struct statx *out),
       io_check_ptr(path) ?: io_check_ptr(out),
       io_uring_prep_statx(sqe, dfd, path, flags, mask, out))
+/* concur_fallocate, concur_await_fallocate */
 IO_OP(fallocate, IORING_OP_FALLOCATE, (int fd, int mode, int64_t off, int64_t len),
       off < 0 || len < 0 ? -EINVAL : 0, io_uring_prep_fallocate(sqe, fd, mode, off, len))
+/* concur_unlinkat, concur_await_unlinkat */
 IO_OP(unlinkat, IORING_OP_UNLINKAT, (int dfd, const char *path, int flags), io_check_ptr(path),
       io_uring_prep_unlinkat(sqe, dfd, path, flags))
+/* concur_renameat, concur_await_renameat */
 IO_OP(renameat, IORING_OP_RENAMEAT,
       (int olddfd, const char *oldpath, int newdfd, const char *newpath, unsigned flags),
       io_check_ptr(oldpath) ?: io_check_ptr(newpath),
       io_uring_prep_renameat(sqe, olddfd, oldpath, newdfd, newpath, flags))
+/* concur_mkdirat, concur_await_mkdirat */
 IO_OP(mkdirat, IORING_OP_MKDIRAT, (int dfd, const char *path, mode_t mode), io_check_ptr(path),
       io_uring_prep_mkdirat(sqe, dfd, path, mode))
+/* concur_socket, concur_await_socket */
 IO_OP(socket, IORING_OP_SOCKET, (int domain, int type, int protocol), 0,
       io_uring_prep_socket(sqe, domain, type, protocol, 0))
+/* concur_accept, concur_await_accept */
 IO_OP(accept, IORING_OP_ACCEPT, (int fd, struct sockaddr *addr, socklen_t *addrlen, int flags),
       !addr != !addrlen ? -EINVAL : 0, io_uring_prep_accept(sqe, fd, addr, addrlen, flags))
+/* concur_connect, concur_await_connect */
 IO_OP(connect, IORING_OP_CONNECT, (int fd, const struct sockaddr *addr, socklen_t addrlen),
       io_check_ptr(addr), io_uring_prep_connect(sqe, fd, addr, addrlen))
+/* concur_recv, concur_await_recv */
 IO_OP(recv, IORING_OP_RECV, (int fd, void *buf, size_t len, int flags),
       io_check_buf(buf, len, 0), io_uring_prep_recv(sqe, fd, buf, io_len(len), flags))
+/* concur_send, concur_await_send */
 IO_OP(send, IORING_OP_SEND, (int fd, const void *buf, size_t len, int flags),
       io_check_buf(buf, len, 0), io_uring_prep_send(sqe, fd, buf, io_len(len), flags))
+/* concur_recvmsg, concur_await_recvmsg */
 IO_OP(recvmsg, IORING_OP_RECVMSG, (int fd, struct msghdr *msg, int flags), io_check_ptr(msg),
       io_uring_prep_recvmsg(sqe, fd, msg, (unsigned)flags))
+/* concur_sendmsg, concur_await_sendmsg */
 IO_OP(sendmsg, IORING_OP_SENDMSG, (int fd, const struct msghdr *msg, int flags),
       io_check_ptr(msg), io_uring_prep_sendmsg(sqe, fd, msg, (unsigned)flags))
+/* concur_shutdown, concur_await_shutdown */
 IO_OP(shutdown, IORING_OP_SHUTDOWN, (int fd, int how), 0, io_uring_prep_shutdown(sqe, fd, how))
+/* concur_poll, concur_await_poll */
 IO_OP(poll, IORING_OP_POLL_ADD, (int fd, unsigned events), 0,
       io_uring_prep_poll_add(sqe, fd, events))
+/* concur_splice, concur_await_splice */
 IO_OP(splice, IORING_OP_SPLICE,
       (int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len, unsigned flags),
       off_in < -1 || off_out < -1 ? -EINVAL : 0,
