@@ -98,7 +98,7 @@ static int64_t must_not_run(void *arg)
 
 static void test_blocking_bounded_cancel_and_idle_exit(void **state)
 {
-	assert_int_equal(concur_blocking_config(2, 50 * MS), 0);
+	assert_int_equal(concur_blocking_config(2, MS(50)), 0);
 	EVENTUALLY(concur_blocking_threads() == 0); /* earlier helpers idle out */
 	atomic_store(&release_gate, false);
 	concur_future *fs[6];
@@ -118,7 +118,7 @@ static void test_blocking_bounded_cancel_and_idle_exit(void **state)
 		concur_release(fs[i]);
 	concur_release(queued);
 	EVENTUALLY(concur_blocking_threads() == 0); /* idle helpers exit */
-	assert_int_equal(concur_blocking_config(64, 10000 * MS), 0);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
 }
 
 static int64_t slow_job(void *arg)
@@ -152,14 +152,14 @@ static void on_stall(concur_exec *e, unsigned loop_idx, int64_t ran_ns, void *ar
 
 static int64_t hog(void *arg)
 {
-	spin_ns(60 * MS);
+	spin_ns(MS(60));
 	return 0;
 }
 
 static int64_t polite(void *arg)
 {
 	for (int i = 0; i < 30; i++) {
-		spin_ns(1 * MS);
+		spin_ns(MS(1));
 		concur_yield();
 	}
 	return 0;
@@ -168,7 +168,7 @@ static int64_t polite(void *arg)
 static void test_stall_detector(void **state)
 {
 	assert_int_equal(concur_stall_detector(NULL, 1, NULL, NULL), -EINVAL);
-	assert_int_equal(concur_stall_detector(ex, 20 * MS, on_stall, NULL), 0);
+	assert_int_equal(concur_stall_detector(ex, MS(20), on_stall, NULL), 0);
 	concur_future *f = concur_spawn(ex, polite, NULL); /* yields often: no stall */
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
@@ -179,7 +179,7 @@ static void test_stall_detector(void **state)
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	assert_int_equal(concur_stall_count(ex), 1);
 	assert_int_equal(atomic_load(&reports), 1);
-	assert_true(atomic_load(&reported_ns) >= 60 * MS);
+	assert_true(atomic_load(&reported_ns) >= MS(60));
 	assert_int_equal(concur_stall_detector(ex, 0, NULL, NULL), 0); /* off */
 	f = concur_spawn(ex, hog, NULL);
 	assert_int_equal(concur_result(f, -1), 0);

@@ -76,7 +76,7 @@ static void test_wait_all_completed(void **state)
 	concur_future *fs[5] = {done_with(1), done_with(-EIO), cancelled(), late, late};
 	bool done[5];
 	/* timeout: not an error, the split is the answer */
-	assert_int_equal(concur_wait(fs, 5, CONCUR_ALL_COMPLETED, 20 * MS, done), 3);
+	assert_int_equal(concur_wait(fs, 5, CONCUR_ALL_COMPLETED, MS(20), done), 3);
 	assert_true(done[0] && done[1] && done[2]);
 	assert_false(done[3] || done[4]);
 	concur_promise_set(late, 5);
@@ -88,7 +88,7 @@ static void test_wait_all_completed(void **state)
 
 static int64_t sleep_then(void *arg)
 {
-	concur_sleep(30 * MS);
+	concur_sleep(MS(30));
 	return (int64_t)(intptr_t)arg;
 }
 
@@ -111,7 +111,7 @@ static void test_wait_first_completed(void **state)
 	concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
 	concur_future *fs[3] = {a, b, a};
 	bool done[3];
-	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_COMPLETED, 10 * MS, done), 0);
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_COMPLETED, MS(10), done), 0);
 	assert_false(done[0] || done[1] || done[2]);
 	/* already one done: returns at once even with an infinite timeout */
 	concur_promise_set(b, 2);
@@ -140,7 +140,7 @@ static void test_wait_first_completed(void **state)
 
 static int64_t fail_later(void *arg)
 {
-	concur_sleep(20 * MS);
+	concur_sleep(MS(20));
 	return -EIO;
 }
 
@@ -150,7 +150,7 @@ static void test_wait_first_exception(void **state)
 	/* a cancellation is not a failure: behaves like ALL_COMPLETED */
 	concur_future *p = concur_promise_new(NULL);
 	concur_future *fs[3] = {cancelled(), p, done_with(3)};
-	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_EXCEPTION, 20 * MS, done), 2);
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_EXCEPTION, MS(20), done), 2);
 	assert_true(done[0] && done[2]);
 	assert_false(done[1]);
 	/* a failure that happened earlier counts */
@@ -262,12 +262,12 @@ static void test_gather_timeout(void **state)
 	concur_future *p = concur_promise_new(NULL);
 	concur_future *fs[3] = {done_with(1), p, done_with(-EIO)};
 	int64_t v[3];
-	assert_int_equal(concur_gather(fs, 3, 20 * MS, v, NULL), -ETIMEDOUT);
+	assert_int_equal(concur_gather(fs, 3, MS(20), v, NULL), -ETIMEDOUT);
 	assert_int_equal(v[0], 1);
 	assert_int_equal(v[1], -ETIMEDOUT);
 	assert_int_equal(v[2], -EIO);
 	concur_promise_set(p, 2);
-	assert_int_equal(concur_gather(fs, 3, 20 * MS, v, NULL), -EIO);
+	assert_int_equal(concur_gather(fs, 3, MS(20), v, NULL), -EIO);
 	assert_int_equal(v[1], 2);
 	assert_int_equal(concur_gather(fs, 2, 0, v, NULL), 0);
 	release_all(fs, 3);
@@ -324,7 +324,7 @@ static void test_as_completed_tasks_and_deadline(void **state)
 		fs[i] = concur_spawn(ex, sleep_then, (void *)(intptr_t)i);
 	fs[3] = concur_promise_new(NULL); /* never done in time */
 	concur_as_completed *it;
-	assert_int_equal(concur_as_completed_new(&it, fs, 4, 2000 * MS), 0);
+	assert_int_equal(concur_as_completed_new(&it, fs, 4, MS(2000)), 0);
 	concur_future *f;
 	int seen = 0;
 	int r;
@@ -339,7 +339,7 @@ static void test_as_completed_tasks_and_deadline(void **state)
 	concur_as_completed_free(it);
 
 	/* a short deadline: the error tells how many of how many are unfinished */
-	assert_int_equal(concur_as_completed_new(&it, fs, 4, 20 * MS), 0);
+	assert_int_equal(concur_as_completed_new(&it, fs, 4, MS(20)), 0);
 	for (int i = 0; i < 3; i++) {
 		assert_int_equal(concur_as_completed_next(it, &f), 1);
 		concur_release(f);
@@ -414,7 +414,7 @@ static void test_spawn_after_failed_input(void **state)
 	concur_future *in[3] = {a, b, c};
 	concur_future *f = concur_spawn_after(ex, sum_inputs, NULL, in, 3);
 	/* it waits without a thread: nothing ran yet */
-	assert_int_equal(concur_result(f, 20 * MS), -ETIMEDOUT);
+	assert_int_equal(concur_result(f, MS(20)), -ETIMEDOUT);
 	concur_promise_set(c, -EIO);   /* fails last in input order... */
 	concur_promise_set(b, -EPERM); /* ...this one is first in input order */
 	concur_promise_set(a, 1);
@@ -528,7 +528,7 @@ static void waits_in_callback(concur_future *f, void *arg)
 {
 	concur_future *pending = arg;
 	atomic_store(&in_callback_rc,
-	             concur_wait(&pending, 1, CONCUR_ALL_COMPLETED, 5000 * MS, NULL));
+	             concur_wait(&pending, 1, CONCUR_ALL_COMPLETED, MS(5000), NULL));
 }
 
 static void test_wait_in_callback_edeadlk(void **state)
@@ -550,14 +550,14 @@ static atomic_int group_ran;
 static int64_t member_ok(void *arg)
 {
 	atomic_fetch_add(&group_ran, 1);
-	concur_sleep(5 * MS);
+	concur_sleep(MS(5));
 	return 0;
 }
 
 /* Holds its loop (no yield) for a while, then fails. */
 static int64_t member_fail(void *arg)
 {
-	spin_ns(50 * MS);
+	spin_ns(MS(50));
 	return -EIO;
 }
 
@@ -800,9 +800,9 @@ static void test_abandoned_waits_leave_nothing(void **state)
 	concur_future *in[2] = {p, p};
 	concur_future *d = concur_spawn_after(ex1, sum_inputs, NULL, in, 2);
 	concur_release(p); /* dies unset: the dependents can never run */
-	assert_int_equal(concur_result(c, 1000 * MS), -ECANCELED);
+	assert_int_equal(concur_result(c, MS(1000)), -ECANCELED);
 	assert_true(concur_cancelled(c));
-	assert_int_equal(concur_result(d, 1000 * MS), -ECANCELED);
+	assert_int_equal(concur_result(d, MS(1000)), -ECANCELED);
 	assert_true(concur_cancelled(d));
 	concur_release(c);
 	concur_release(d);
@@ -819,8 +819,8 @@ static void test_then_after_executor_freed(void **state)
 	concur_future *d = concur_spawn_after(gone, sum_inputs, NULL, &p, 1);
 	concur_exec_free(gone);
 	assert_int_equal(concur_promise_set(p, 1), 0);
-	assert_int_equal(concur_result(c, 1000 * MS), -ESHUTDOWN);
-	assert_int_equal(concur_result(d, 1000 * MS), -ESHUTDOWN);
+	assert_int_equal(concur_result(c, MS(1000)), -ESHUTDOWN);
+	assert_int_equal(concur_result(d, MS(1000)), -ESHUTDOWN);
 	concur_release(c);
 	concur_release(d);
 	concur_release(p);
