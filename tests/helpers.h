@@ -76,6 +76,21 @@ static inline void spin_ns(int64_t ns)
 	while ((t.tv_sec - t0.tv_sec) * 1000000000ll + (t.tv_nsec - t0.tv_nsec) < ns);
 }
 
+/*
+ * A test that needs a kernel feature the kernel lacks calls SKIP_NO_KERNEL(why): the test is
+ * skipped, and main's TESTS_EXIT(failed) makes the binary exit 77 when nothing failed, which
+ * ctest reports as skipped (SKIP_RETURN_CODE in tests/CMakeLists.txt), as liburing's tests do.
+ * Skips for other reasons (a sanitizer build) stay plain cmocka skip()s.
+ */
+static int tests_kernel_skips __attribute__((unused));
+#define SKIP_NO_KERNEL(why)                                                                        \
+	do {                                                                                       \
+		tests_kernel_skips++;                                                              \
+		print_message("[  SKIP    ] the kernel lacks %s\n", why);                          \
+		skip();                                                                            \
+	} while (0)
+#define TESTS_EXIT(failed) ((failed) ? (failed) : tests_kernel_skips ? 77 : 0)
+
 static inline concur_exec *new_exec(unsigned loops)
 {
 	struct concur_exec_opts o = {.loops = loops};

@@ -178,5 +178,5 @@ int main(void)
 	    cmocka_unit_test(test_blocking_counts_for_join),
 	    cmocka_unit_test(test_blocking_running_job_cannot_be_cancelled),
 	};
-	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

@@ -264,5 +264,5 @@ int main(void)
 	    cmocka_unit_test(test_group_cancel_in_member),
 	    cmocka_unit_test(test_group_observed_order),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }

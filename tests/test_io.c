@@ -1050,5 +1050,5 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_poll_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_direct, setup, teardown),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

@@ -61,5 +61,5 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_stall_detector),
 	};
-	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

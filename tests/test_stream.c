@@ -679,5 +679,5 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

@@ -423,5 +423,5 @@ int main(void)
 	    cmocka_unit_test(test_chan_order_single_producer),
 	    cmocka_unit_test(test_timed_out_waits_leave_nothing),
 	};
-	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

@@ -63,5 +63,5 @@ int main(void)
 	    cmocka_unit_test(test_futex),
 	    cmocka_unit_test(test_errors),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

@@ -700,5 +700,5 @@ int main(void)
 	    cmocka_unit_test(test_then_after_executor_freed),
 	    cmocka_unit_test(test_as_completed_observed_order),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
