@@ -132,6 +132,18 @@
 			(tail) = NULL;                                                             \
 		h_;                                                                                \
 	})
+/* A doubly linked deque (a `prev` field too): append n at the back. */
+#define CONCUR__DQ_PUSH_BACK(head, tail, n)                                                        \
+	do {                                                                                       \
+		__typeof__(n) n_ = (n);                                                            \
+		n_->next = NULL;                                                                   \
+		n_->prev = (tail);                                                                 \
+		if (tail)                                                                          \
+			(tail)->next = n_;                                                         \
+		else                                                                               \
+			(head) = n_;                                                               \
+		(tail) = n_;                                                                       \
+	} while (0)
 /* Reverse a singly linked list (a LIFO taken whole, made oldest first); returns the new head. */
 #define CONCUR__LIST_REVERSE(list)                                                                 \
 	({                                                                                         \

@@ -195,13 +195,7 @@ void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, 
 			loop->fresh_tail = n;
 		loop->fresh_head = n;
 	} else {
-		n->next = NULL;
-		n->prev = loop->fresh_tail;
-		if (loop->fresh_tail)
-			loop->fresh_tail->next = n;
-		else
-			loop->fresh_head = n;
-		loop->fresh_tail = n;
+		CONCUR__DQ_PUSH_BACK(loop->fresh_head, loop->fresh_tail, n);
 	}
 	loop->nfresh++;
 }

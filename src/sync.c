@@ -57,13 +57,7 @@ static int sync_park(pthread_mutex_t *lock, struct sync_waitq *q, struct sync_wa
 		pthread_mutex_unlock(lock);
 		return -ENOMEM;
 	}
-	w->next = NULL;
-	w->prev = q->tail;
-	if (q->tail)
-		q->tail->next = w;
-	else
-		q->head = w;
-	q->tail = w;
+	CONCUR__DQ_PUSH_BACK(q->head, q->tail, w);
 	w->queued = true;
 	pthread_mutex_unlock(lock);
 	int64_t r = concur_result(w->wake, timeout_ns);
