@@ -11,7 +11,6 @@
  * the comment "concur_recv, concur_await_recv" above each generated operation), stream_arm in
  * stream.c.
  *
- * The map:
  * Two funnels. Every future ends in concur__complete() (future.c): a task's return, a future
  * I/O op's CQE, a cancel, a promise, a timeout; its waiters (parked threads, callbacks, awaiting
  * fibers, compositions) are all woken there. A task that waits without a future -- a direct
@@ -27,7 +26,7 @@
  *              loop sleeps. The only file that builds SQEs of its own on a loop's ring (the
  *              others take them through concur__sqe / concur__sqe_set_op).
  *   exec.c     the executor: loops, spawn, join (the work count), shutdown, stats.
- *   fiber.c    stacks, context switches (fiber_x86_64.S / fiber_aarch64.S), suspend/resume.
+ *   fiber.c    stacks, suspend/resume, the switch between fibers.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
  *   control.c  cancelling a running task, shields, breaking a suspended wait, exec_stop.
  *   fiber_x86_64.S, fiber_aarch64.S  the context switch (concur__ctx_switch/ctx_start).
@@ -46,15 +45,17 @@
  *
  * Who calls whom in the core (a completion resumes a fiber on a loop and a loop runs fibers and
  * completes futures, so the calls cannot all run one way; each crossing is a few named
- * functions declared here, and nobody reaches into another file's structures):
- *   exec.c    -> loop.c (start/stop, post, push_fresh), future.c, fiber.c (stack flags),
- *                control.c (cancel of a running task)
- *   loop.c    -> fiber.c (fiber_get/run/put), future.c (complete, claim), control.c
+ * functions declared here, and nobody reaches into another file's structures). Every file
+ * calls sys.c, which calls nobody; only loop.c touches a ring's SQ, CQ and run queues.
+ *   exec.c    -> loop.c (start/stop, post, push_fresh, the doorbell), future.c (init, claim,
+ *                complete), fiber.c (stack flags), control.c (cancel of a running task)
+ *   loop.c    -> fiber.c (fiber_get/prepare/run/put), future.c (complete, claim), control.c
  *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
  *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct), future.c (waiter push/remove),
  *                timer.c (wait deadline), control.c (ctl_check)
- *   timer.c   -> loop.c (sqe, push_ready), fiber.c (suspend), control.c (interrupt)
- *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all)
+ *   timer.c   -> loop.c (concur__sqe), fiber.c (suspend, resume), control.c (interrupt)
+ *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all), exec.c
+ *                (join, shutdown: exec_stop)
  *   future.c  -> fiber.c (concur__resume, concur__await: the AWAIT waiter), loop.c
  *                (concur__loop_futex_wake), exec.c (exec_alive)
  */
