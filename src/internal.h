@@ -23,8 +23,9 @@
  *   future.c   futures, waiters, and concur__complete(): the futures' funnel.
  *   loop.c     one loop thread and its io_uring: the run queues, the inbox, MSG_RING messages,
  *              the in-flight count, CQE dispatch, and concur__loop_sleep(): the one place a
- *              loop sleeps. The only file that builds SQEs of its own on a loop's ring (the
- *              others take them through concur__sqe / concur__sqe_set_op).
+ *              loop sleeps. The only file that works a loop's ring itself (getting SQEs,
+ *              submitting, reaping); the others fill SQEs they take with concur__sqe and
+ *              count them with concur__sqe_set_op.
  *   exec.c     the executor: loops, spawn, join (the work count), shutdown, stats.
  *   fiber.c    stacks, suspend/resume, the switch between fibers.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
