@@ -90,10 +90,16 @@ static void concur__work_sub(concur_exec *ex, int64_t n)
 void concur__work_end(concur_exec *ex)
 {
 	struct concur__loop *loop = concur__tl_loop;
-	if (loop && loop->ex == ex)
+	if (loop && loop->ex == ex) {
 		loop->work_ended++;
-	else
-		concur__work_sub(ex, 1);
+		return;
+	}
+	/* Once the count reaches 0 a join may return and the executor be freed while this thread
+	 * still looks at joiners and wakes them: concur_exec_free waits for foreign_ends to drop
+	 * to 0 first. (A loop's ends need no such care: its thread is joined before the free.) */
+	atomic_fetch_add_explicit(&ex->foreign_ends, 1, memory_order_seq_cst);
+	concur__work_sub(ex, 1);
+	atomic_fetch_sub_explicit(&ex->foreign_ends, 1, memory_order_release);
 }
 
 /*
@@ -251,6 +257,9 @@ void concur_exec_free(concur_exec *ex)
 	concur_exec_shutdown(ex, false);
 	concur_exec_join(ex, -1);
 	concur__stop_loops(ex, ex->nloops);
+	while (atomic_load_explicit(&ex->foreign_ends, memory_order_acquire))
+		concur__cpu_relax(); /* a blocking helper's last end: a few instructions, a futex
+		                        wake */
 	concur__registry_remove(ex);
 	concur__exec_destroy(ex);
 }

@@ -681,6 +681,7 @@ struct concur_exec {
 	_Alignas(CONCUR__CACHELINE) _Atomic int64_t outstanding;
 	_Atomic uint32_t join_seq; /* futex word: bumped when outstanding reaches 0 */
 	_Atomic uint32_t joiners;
+	_Atomic uint32_t foreign_ends; /* threads outside the loops inside concur__work_end */
 };
 
 static inline bool concur__exec_valid(const concur_exec *ex)
