@@ -42,7 +42,7 @@ static struct {
     .idle_ns = POOL_DEFAULT_IDLE,
 };
 
-static void pool_init(void)
+static void blocking_pool_init(void)
 {
 	pthread_condattr_t attr;
 	pthread_condattr_init(&attr);
@@ -51,17 +51,23 @@ static void pool_init(void)
 	pthread_condattr_destroy(&attr);
 }
 
-static void job_run(struct job *j)
+/* The job is over (run, or never to run): it no longer counts as work. */
+static void blocking_job_free(struct job *j)
 {
-	/* A job cancelled while queued never runs (its promise is already CANCELLED). */
-	if (concur__future_claim(j->out))
-		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
 	concur_release(j->out);
 	concur__work_end(j->ex);
 	free(j);
 }
 
-static void *helper_main(void *unused)
+static void blocking_job_run(struct job *j)
+{
+	/* A job cancelled while queued never runs (its promise is already CANCELLED). */
+	if (concur__future_claim(j->out))
+		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
+	blocking_job_free(j);
+}
+
+static void *blocking_helper_main(void *unused)
 {
 	pthread_mutex_lock(&pool.lock);
 	for (;;) {
@@ -76,11 +82,9 @@ static void *helper_main(void *unused)
 				break;
 			continue;
 		}
-		pool.head = j->next;
-		if (!pool.head)
-			pool.tail = NULL;
+		CONCUR__FIFO_POP(pool.head, pool.tail);
 		pthread_mutex_unlock(&pool.lock);
-		job_run(j);
+		blocking_job_run(j);
 		pthread_mutex_lock(&pool.lock);
 	}
 	pool.threads--;
@@ -94,7 +98,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 		return concur__failed_future(NULL, -EINVAL);
 	if (atomic_load(&ex->shutdown))
 		return concur__failed_future(ex, -ESHUTDOWN);
-	pthread_once(&pool.once, pool_init);
+	pthread_once(&pool.once, blocking_pool_init);
 	struct job *j = calloc(1, sizeof(*j));
 	concur_future *out = concur_promise_new(ex);
 	if (!j || !out) {
@@ -106,11 +110,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	concur__work_begin(ex);
 
 	pthread_mutex_lock(&pool.lock);
-	if (pool.tail)
-		pool.tail->next = j;
-	else
-		pool.head = j;
-	pool.tail = j;
+	CONCUR__FIFO_PUSH(pool.head, pool.tail, j);
 	int err = 0;
 	if (pool.idle > 0) {
 		pthread_cond_signal(&pool.cond);
@@ -119,7 +119,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 		pthread_attr_t attr;
 		pthread_attr_init(&attr);
 		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-		err = -pthread_create(&t, &attr, helper_main, NULL);
+		err = -pthread_create(&t, &attr, blocking_helper_main, NULL);
 		pthread_attr_destroy(&attr);
 		if (!err)
 			pool.threads++;
@@ -132,9 +132,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	pthread_mutex_unlock(&pool.lock);
 	if (err) {
 		concur_promise_set(out, err);
-		concur_release(j->out);
-		concur__work_end(ex);
-		free(j);
+		blocking_job_free(j);
 	}
 	return out;
 }
@@ -148,7 +146,7 @@ int concur_blocking_config(unsigned max_threads, int64_t idle_ns)
 		pool.max = max_threads;
 	if (idle_ns)
 		pool.idle_ns = idle_ns;
-	pthread_once(&pool.once, pool_init);
+	pthread_once(&pool.once, blocking_pool_init);
 	pthread_cond_broadcast(&pool.cond); /* idle helpers take the new idle time */
 	pthread_mutex_unlock(&pool.lock);
 	return 0;

@@ -24,7 +24,7 @@ static int64_t concur__coarse_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+	return CONCUR__TS_TO_NS(&ts);
 }
 
 /* ---- a task's control state ---------------------------------------------------------------- */

@@ -4,7 +4,13 @@
  *
  * Join counts work: every task (and every I/O op, see io.c) calls concur__work_begin() when
  * created and concur__work_end() after its completion -- callbacks included -- is over. Join
- * waits for the count to reach zero, on a futex word bumped when it does.
+ * waits for the count to reach zero, on a futex word bumped when it does. One begin and one end
+ * per kind of work:
+ *   task            concur__task_enqueue (here)   concur__task_drop (loop.c), or the enqueue's
+ *                                                 own refusal after a shutdown
+ *   future I/O op   io_start (io.c)               io_drop (io.c)
+ *   stream          stream_open (stream.c)        stream_maybe_free (stream.c)
+ *   blocking job    concur_spawn_blocking         blocking_job_free (blocking.c)
  */
 #include "internal.h"
 
@@ -66,20 +72,13 @@ void concur__work_begin(concur_exec *ex)
 	atomic_fetch_add_explicit(&ex->outstanding, 1, memory_order_seq_cst);
 }
 
-/*
- * The last end lets a join return, and the joiner may free ex at once: whoever ends work off
- * the loops (a blocking-pool helper) is still inside this function then. `ending` counts them,
- * and concur_exec_free waits for it to drop to zero before it frees ex.
- */
 static void concur__work_sub(concur_exec *ex, int64_t n)
 {
-	atomic_fetch_add_explicit(&ex->ending, 1, memory_order_seq_cst);
 	if (atomic_fetch_sub_explicit(&ex->outstanding, n, memory_order_seq_cst) == n &&
 	    atomic_load_explicit(&ex->joiners, memory_order_seq_cst)) {
 		atomic_fetch_add_explicit(&ex->join_seq, 1, memory_order_seq_cst);
 		concur__futex_wake(&ex->join_seq, INT_MAX);
 	}
-	atomic_fetch_sub_explicit(&ex->ending, 1, memory_order_release);
 }
 
 /*
@@ -92,10 +91,16 @@ static void concur__work_sub(concur_exec *ex, int64_t n)
 void concur__work_end(concur_exec *ex)
 {
 	struct concur__loop *loop = concur__tl_loop;
-	if (loop && loop->ex == ex)
+	if (loop && loop->ex == ex) {
 		loop->work_ended++;
-	else
-		concur__work_sub(ex, 1);
+		return;
+	}
+	/* Once the count reaches 0 a join may return and the executor be freed while this thread
+	 * still looks at joiners and wakes them: concur_exec_free waits for foreign_ends to drop
+	 * to 0 first. (A loop's ends need no such care: its thread is joined before the free.) */
+	atomic_fetch_add_explicit(&ex->foreign_ends, 1, memory_order_seq_cst);
+	concur__work_sub(ex, 1);
+	atomic_fetch_sub_explicit(&ex->foreign_ends, 1, memory_order_release);
 }
 
 /*
@@ -253,9 +258,9 @@ void concur_exec_free(concur_exec *ex)
 	concur_exec_shutdown(ex, false);
 	concur_exec_join(ex, -1);
 	concur__stop_loops(ex, ex->nloops);
+	while (atomic_load_explicit(&ex->foreign_ends, memory_order_acquire))
+		sched_yield(); /* a blocking helper's last end: a few instructions, a futex wake */
 	concur__registry_remove(ex);
-	while (atomic_load_explicit(&ex->ending, memory_order_acquire))
-		sched_yield(); /* a helper between its last end and its return: instructions away */
 	concur__exec_destroy(ex);
 }
 

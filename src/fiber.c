@@ -15,7 +15,6 @@
  * every switch so the sanitizers follow the stacks.
  */
 #include "internal.h"
-#include "wait.h" /* the stall detector's hook */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,9 +40,6 @@
 
 __thread struct concur__loop *concur__tl_loop;
 __thread struct concur__task *concur__tl_task;
-
-void concur__ctx_switch(void **save_sp, void *load_sp);
-void concur__ctx_start(void);
 
 static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn));
 
@@ -710,19 +706,12 @@ void concur__suspend(void)
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
 	 * the loop, so each run is timed on its own. */
 	concur__stat_inc(&loop->st.fibers_parked, 1);
-	struct concur__node *n = loop->ready_head;
-	/* (a pinned task not started yet waits there too: the loop starts it) */
-	if (n && concur__task_of_node(n)->fib && loop->budget > 1 &&
-	    !atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
-		loop->budget--;
-		loop->ready_head = n->next;
-		if (!n->next)
-			loop->ready_tail = NULL;
-		struct concur__task *next = concur__task_of_node(n);
+	struct concur__task *next = concur__loop_pop_direct(loop);
+	if (next) {
 		if (next == t)
-			return; /* a yield with nobody else ready: go on */
-		if (n->next)
-			concur__fiber_prefetch(concur__task_of_node(n->next));
+			return;       /* a yield with nobody else ready: go on */
+		if (loop->ready_head) /* the one after: its stack is touched next */
+			concur__fiber_prefetch(concur__task_of_node(loop->ready_head));
 		concur__tl_task = next;
 		concur__switch_direct(t->fib, next->fib);
 		return; /* concur__tl_task is t again: whoever switched here set it */
@@ -749,16 +738,7 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	/* A yield goes behind everything runnable now. With no unstarted task and nobody else
-	 * yielded this turn, that is just the ready queue's tail: concur__suspend() then switches
-	 * straight to the next fiber (or goes on, if alone), charged to the turn's budget so I/O
-	 * still gets its look. Otherwise wait for the turn's end, so yielders cannot starve the
-	 * tasks that have not started. */
-	struct concur__loop *loop = t->loop;
-	if (loop->fresh_head || loop->yielded_head)
-		concur__loop_push_yielded(loop, t);
-	else
-		concur__loop_push_ready(loop, t);
+	concur__loop_push_yielded(t->loop, t); /* behind everything runnable now */
 	concur__suspend();
 }
 
@@ -773,7 +753,7 @@ static bool concur__await_interrupt(struct concur__loop *loop, struct concur__ta
 	struct concur__await *a = arg;
 	if (!concur__waiter_remove(a->f, &a->w))
 		return false; /* completed first: the completion resumes us */
-	concur__loop_push_ready(loop, t);
+	concur__resume(t);    /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
 

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Futures: the state word, the waiter list, and concur__complete(), the one function every
- * completion goes through.
+ * Futures: the state word, the waiter list, and concur__complete(), the function every
+ * future's completion goes through (the first of the two funnels: see internal.h).
  *
  * A future's waiters are of three kinds, all on one list:
  *   - threads outside the executor park on the state word itself (a futex) after setting
@@ -30,64 +30,6 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-
-/* ---- time and futex helpers --------------------------------------------------------------- */
-
-int64_t concur__now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* Saturates: a timeout near INT64_MAX means "practically forever", never an overflow. */
-void concur__deadline(struct timespec *abs, int64_t timeout_ns)
-{
-	int64_t now = concur__now_ns();
-	int64_t t = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
-	abs->tv_sec = t / 1000000000;
-	abs->tv_nsec = t % 1000000000;
-}
-
-/* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */
-int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono)
-{
-	long r = syscall(SYS_futex, word, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, val, abs_mono,
-	                 NULL, FUTEX_BITSET_MATCH_ANY);
-	return r < 0 ? -errno : 0;
-}
-
-void concur__futex_wake(_Atomic uint32_t *word, int n)
-{
-	syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
-}
-
-/* ---- errors -------------------------------------------------------------------------------- */
-
-static __thread char concur__errbuf[256];
-
-void concur__set_error(const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(concur__errbuf, sizeof(concur__errbuf), fmt, ap);
-	va_end(ap);
-}
-
-const char *concur_last_error(void)
-{
-	return concur__errbuf;
-}
-
-const char *concur_strerror(int64_t err)
-{
-	if (err >= 0)
-		return "Success";
-	if (err < -4095)
-		return "Unknown error";
-	const char *s = strerrordesc_np((int)-err);
-	return s ? s : "Unknown error";
-}
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
@@ -235,29 +177,14 @@ bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 }
 
 /*
- * Wake a thread parked on f's state word. When the loop has SQEs queued, it enters the kernel
- * for them at the end of its turn anyway: an IORING_OP_FUTEX_WAKE rides that submit and costs
- * no syscall of its own. Otherwise the futex syscall, at once: a ring wake would need an enter
- * just for itself and was measured slower (xwake with the waiter forced to park, 2-core VM,
- * kernel 6.18: 2.0-3.3 us a round trip through the ring, 1.7-2.1 us with the syscall), and the
- * parked thread is waiting for exactly this.
+ * Wake a thread parked on f's state word: through the loop's ring when it enters the kernel
+ * anyway (concur__loop_futex_wake), else the futex syscall at once.
  */
 static void concur__wake_parked(concur_future *f)
 {
 	struct concur__loop *loop = concur__tl_loop;
-	if (loop && loop->ex->has_futex_wake && io_uring_sq_ready(&loop->ring)) {
-		struct io_uring_sqe *sqe = concur__sqe(loop);
-		io_uring_prep_rw(CONCUR__OP_FUTEX_WAKE, sqe,
-		                 CONCUR__FUTEX2_SIZE_U32 | CONCUR__FUTEX2_PRIVATE, &f->state, 0,
-		                 INT_MAX);
-		sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
-		concur_retain(f); /* the kernel reads the word at submit: keep f until the CQE */
-		io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
-		loop->inflight++;
-		concur__stat_inc(&loop->st.futex_ring_wakes, 1);
-		concur__stat_inc(&loop->st.futex_wakes, 1);
+	if (loop && concur__loop_futex_wake(loop, f))
 		return;
-	}
 	if (loop) /* counted first: the woken thread may read the stats at once */
 		concur__stat_inc(&loop->st.futex_wakes, 1);
 	concur__futex_wake(&f->state, INT_MAX);

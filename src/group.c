@@ -66,7 +66,7 @@ int concur_group_cancel(concur_group *g)
 		return -EINVAL;
 	atomic_store(&g->cancelled, true);
 	/* Take the live members under the lock, cancel them outside it: a cancel runs their
-	 * callbacks (member_done, which takes the lock) in this thread. */
+	 * callbacks (group_member_done, which takes the lock) in this thread. */
 	pthread_mutex_lock(&g->lock);
 	size_t n = g->live, k = 0;
 	concur_future **fs = malloc((n ? n : 1) * sizeof(*fs));
@@ -92,8 +92,8 @@ bool concur_group_cancelled(const concur_group *g)
 }
 
 /* Before f's state is final: note its failure or cancellation in completion order. */
-static void member_record(struct concur__waiter *w, concur_future *f, int64_t res,
-                          uint32_t final_state)
+static void group_member_record(struct concur__waiter *w, concur_future *f, int64_t res,
+                                uint32_t final_state)
 {
 	struct member *m = (struct member *)w;
 	concur_group *g = m->g;
@@ -106,7 +106,7 @@ static void member_record(struct concur__waiter *w, concur_future *f, int64_t re
 }
 
 /* f is done: take m off g's list and free it. */
-static void member_done(struct concur__waiter *w, concur_future *f)
+static void group_member_done(struct concur__waiter *w, concur_future *f)
 {
 	struct member *m = (struct member *)w;
 	concur_group *g = m->g;
@@ -124,7 +124,8 @@ static void member_done(struct concur__waiter *w, concur_future *f)
 	group_put(g);
 }
 
-static const struct concur__waiter_ops member_ops = {.record = member_record, .done = member_done};
+static const struct concur__waiter_ops member_ops = {.record = group_member_record,
+                                                     .done = group_member_done};
 
 concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 {
@@ -149,8 +150,8 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 	g->live++;
 	pthread_mutex_unlock(&g->lock);
 	if (!concur__waiter_push(f, &m->w)) { /* done already (or failed to spawn) */
-		member_record(&m->w, f, concur__future_value(f), concur__state(f));
-		member_done(&m->w, f);
+		group_member_record(&m->w, f, concur__future_value(f), concur__state(f));
+		group_member_done(&m->w, f);
 	}
 	if (atomic_load(&g->cancelled))
 		concur_cancel(f); /* the group was cancelled while we added it */

@@ -2,15 +2,63 @@
 /*
  * concur internals shared by the parts in src/. Nothing here is public.
  *
+ * Names: public functions and types are concur_name (include/concur.h); what one file of src/
+ * shares with another is concur__name (declared here, or in wait.h for the composition parts);
+ * a file's own statics (functions and types) are concur__name in the core files (future, loop,
+ * exec, fiber, timer, control, signal, sys: their statics sit beside the shared functions they
+ * serve) and <file>_name in every other file: io_, stream_, wait_, sync_, group_, blocking_,
+ * stall_. So a name says where it is defined: concur_recv and concur_await_recv in io.c (grep
+ * the comment "concur_recv, concur_await_recv" above each generated operation), stream_arm in
+ * stream.c.
+ *
+ * Two funnels. Every future ends in concur__complete() (future.c): a task's return, a future
+ * I/O op's CQE, a cancel, a promise, a timeout; its waiters (parked threads, callbacks, awaiting
+ * fibers, compositions) are all woken there. A task that waits without a future -- a direct
+ * I/O form (concur_recv, ...), concur_sleep, concur_stream_next -- is woken by concur__resume()
+ * (fiber.c), which an awaited future's completion also ends in. Those waits never reach
+ * concur__complete(): giving them a future would cost the allocation the direct forms exist
+ * to avoid.
+ *
  * The map:
- *   future.c   futures, waiters, and concur__complete(): the one function every completion
- *              goes through (a task's return, an I/O CQE, a cancel, a promise, a timeout).
+ *   future.c   futures, waiters, and concur__complete(): the futures' funnel.
  *   loop.c     one loop thread and its io_uring: the run queues, the inbox, MSG_RING messages,
- *              CQE dispatch, and concur__loop_sleep(): the one place a loop sleeps.
- *   exec.c     the executor: loops, spawn, join, shutdown, stats.
- *   fiber.c    stacks, context switches (fiber_x86_64.S / fiber_aarch64.S), suspend/resume.
+ *              the in-flight count, CQE dispatch, and concur__loop_sleep(): the one place a
+ *              loop sleeps. The only file that works a loop's ring itself (getting SQEs,
+ *              submitting, reaping); the others fill SQEs they take with concur__sqe and
+ *              count them with concur__sqe_set_op.
+ *   exec.c     the executor: loops, spawn, join (the work count), shutdown, stats.
+ *   fiber.c    stacks, suspend/resume, the switch between fibers.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
  *   control.c  cancelling a running task, shields, breaking a suspended wait, exec_stop.
+ *   fiber_x86_64.S, fiber_aarch64.S  the context switch (concur__ctx_switch/ctx_start).
+ *   io.c       one-shot I/O operations: the future form, the direct form, deadlines, cancel.
+ *   stream.c   multishot streams (accept, recv) and the per-loop provided-buffer ring.
+ *   signal.c   signals as futures (a signalfd read through io.c).
+ *   wait.c     compositions: wait, gather, as_completed, then, spawn_after.
+ *   group.c    task groups.
+ *   sync.c     fiber-aware mutex, semaphore, event, channel.
+ *   blocking.c the blocking pool (spawn_blocking).
+ *   stall.c    the stall detector.
+ *   wait.h     what the composition parts (wait.c, group.c, sync.c, blocking.c) share.
+ *   sys.c      the syscall layer: the clock, the futex, the thread's error message. It calls
+ *              nothing of concur's; every other file may call it.
+ *   internal.h this: what every part shares.
+ *
+ * Who calls whom in the core (a completion resumes a fiber on a loop and a loop runs fibers and
+ * completes futures, so the calls cannot all run one way; each crossing is a few named
+ * functions declared here, and nobody reaches into another file's structures). Every file
+ * calls sys.c, which calls nobody; only loop.c touches a ring's SQ, CQ and run queues.
+ *   exec.c    -> loop.c (start/stop, post, push_fresh, the doorbell), future.c (init, claim,
+ *                complete), fiber.c (stack flags), control.c (cancel of a running task)
+ *   loop.c    -> fiber.c (fiber_get/prepare/run/put), future.c (complete, claim), control.c
+ *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
+ *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct), future.c (waiter push/remove),
+ *                timer.c (wait deadline), control.c (ctl_check)
+ *   timer.c   -> loop.c (concur__sqe), fiber.c (suspend, resume), control.c (interrupt)
+ *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all), exec.c
+ *                (join, shutdown: exec_stop)
+ *   future.c  -> fiber.c (concur__resume, concur__await: the AWAIT waiter), loop.c
+ *                (concur__loop_futex_wake), exec.c (exec_alive)
  */
 #ifndef CONCUR_INTERNAL_H
 #define CONCUR_INTERNAL_H
@@ -23,6 +71,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #define CONCUR__LIKELY(x)   __builtin_expect(!!(x), 1)
 #define CONCUR__UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -50,6 +99,65 @@
 #define CONCUR__ASAN_POISON(p, n)   ((void)(p), (void)(n))
 #define CONCUR__ASAN_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
+
+/* The struct holding member m at p. */
+#define concur__container_of(p, type, m) ((type *)(void *)((char *)(p)-offsetof(type, m)))
+
+/* ns (>= 0) as a struct timespec or struct __kernel_timespec. */
+#define CONCUR__NS_TO_TS(ts, ns)                                                                   \
+	({                                                                                         \
+		int64_t ns_ = (ns);                                                                \
+		(ts)->tv_sec = ns_ / 1000000000;                                                   \
+		(ts)->tv_nsec = ns_ % 1000000000;                                                  \
+	})
+/* A struct timespec or struct __kernel_timespec as ns. */
+#define CONCUR__TS_TO_NS(ts) ((int64_t)(ts)->tv_sec * 1000000000 + (ts)->tv_nsec)
+
+/*
+ * An intrusive singly linked FIFO: head and tail are lvalues of a pointer to any struct with a
+ * `next` field. PUSH appends n; POP takes the oldest (NULL if empty).
+ */
+#define CONCUR__FIFO_PUSH(head, tail, n)                                                           \
+	do {                                                                                       \
+		__typeof__(n) n_ = (n);                                                            \
+		n_->next = NULL;                                                                   \
+		if (tail)                                                                          \
+			(tail)->next = n_;                                                         \
+		else                                                                               \
+			(head) = n_;                                                               \
+		(tail) = n_;                                                                       \
+	} while (0)
+#define CONCUR__FIFO_POP(head, tail)                                                               \
+	({                                                                                         \
+		__typeof__(head) h_ = (head);                                                      \
+		if (h_ && !((head) = h_->next))                                                    \
+			(tail) = NULL;                                                             \
+		h_;                                                                                \
+	})
+/* A doubly linked deque (a `prev` field too): append n at the back. */
+#define CONCUR__DQ_PUSH_BACK(head, tail, n)                                                        \
+	do {                                                                                       \
+		__typeof__(n) n_ = (n);                                                            \
+		n_->next = NULL;                                                                   \
+		n_->prev = (tail);                                                                 \
+		if (tail)                                                                          \
+			(tail)->next = n_;                                                         \
+		else                                                                               \
+			(head) = n_;                                                               \
+		(tail) = n_;                                                                       \
+	} while (0)
+/* Reverse a singly linked list (a LIFO taken whole, made oldest first); returns the new head. */
+#define CONCUR__LIST_REVERSE(list)                                                                 \
+	({                                                                                         \
+		__typeof__(list) l_ = (list), r_ = NULL;                                           \
+		while (l_) {                                                                       \
+			__typeof__(list) next_ = l_->next;                                         \
+			l_->next = r_;                                                             \
+			r_ = l_;                                                                   \
+			l_ = next_;                                                                \
+		}                                                                                  \
+		r_;                                                                                \
+	})
 
 static inline void concur__cpu_relax(void)
 {
@@ -206,14 +314,17 @@ static inline bool concur__is_done(const concur_future *f)
  * OP: an in-kernel operation; its handler gets the CQE. The others are messages.
  */
 enum concur__tag {
-	CONCUR__TAG_OP = 0,       /* struct concur__op * */
+	CONCUR__TAG_OP = 0,       /* struct concur__op *, counted in flight until its last CQE */
 	CONCUR__TAG_NODE = 1,     /* struct concur__node *: run, resume or call it on this loop */
 	CONCUR__TAG_HANDOFF = 2,  /* chain of unstarted tasks given by a busy loop (res = count) */
-	CONCUR__TAG_DOORBELL = 3, /* nothing: wake up and drain the inbox */
+	CONCUR__TAG_DOORBELL = 3, /* NULL: wake up and drain the inbox; a loop: our doorbell to
+	                           * that loop failed (res), ring it again */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
-	CONCUR__TAG_RELEASE = 6,     /* a futex wake for this future finished: drop its reference */
-	CONCUR__TAG_WAKE_FAILED = 7, /* our doorbell to this loop failed: ring it again */
+	CONCUR__TAG_RELEASE = 6,   /* a futex wake for this future finished: drop its reference;
+	                            * counted in flight like an op */
+	CONCUR__TAG_UNCOUNTED = 7, /* struct concur__op * not counted in flight: fire-and-forget
+	                            * SQEs (CQE_SKIP_SUCCESS) and the loop's timer (timers.armed) */
 	CONCUR__TAG_MASK = 7,
 };
 
@@ -224,7 +335,7 @@ struct concur__op {
 	concur__cqe_fn cqe; /* called on the loop thread for each CQE of the operation */
 };
 
-/* An op whose CQEs mean nothing (its failures are expected and harmless). */
+/* An op whose CQEs mean nothing (an ASYNC_CANCEL's, or failures expected and harmless). */
 extern struct concur__op concur__ignore_op;
 
 /* ---- inbox items (loop.c) ----------------------------------------------------------------- */
@@ -327,7 +438,7 @@ _Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,
 
 static inline struct concur__task *concur__task_of_node(struct concur__node *n)
 {
-	return (struct concur__task *)((char *)n - offsetof(struct concur__task, node));
+	return concur__container_of(n, struct concur__task, node);
 }
 
 extern __thread struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
@@ -346,6 +457,9 @@ void concur__stack_guard_force(int mode);
 long concur__stack_map_budget(long budget);
 /* Tests: the mappings stacks hold now, process-wide. */
 long concur__stack_maps_used(void);
+/* The context switch in assembly (fiber_x86_64.S, fiber_aarch64.S), for fiber.c only. */
+void concur__ctx_switch(void **save_sp, void *load_sp);
+void concur__ctx_start(void);
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
@@ -465,16 +579,56 @@ void concur__sq_reserve(struct concur__loop *loop, unsigned n);
 /* Tests only (fault injection): when set, called before each submit of a loop's ring; a
  * nonzero return is taken as the submit's result and nothing is submitted. */
 extern int (*concur__submit_fault)(struct concur__loop *loop);
-/* Queue an op: the SQE will carry op as user_data; counts as in flight until its last CQE. */
-static inline void concur__sqe_set_op(struct io_uring_sqe *sqe, struct concur__op *op)
+/*
+ * The in-flight count (loop->inflight) is kept in two places only: concur__sqe_count() adds an
+ * SQE whose CQE is to come, and concur__dispatch() (loop.c) retires it on its last CQE (no
+ * IORING_CQE_F_MORE). The loop does not stop while the count is nonzero.
+ */
+/* The user_data of an op's SQE, for an ASYNC_CANCEL or a timeout update aimed at it. */
+static inline uint64_t concur__op_ud(struct concur__op *op)
 {
-	io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)op | CONCUR__TAG_OP);
+	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
+}
+static inline uint64_t concur__uncounted_ud(struct concur__op *op)
+{
+	return (uint64_t)(uintptr_t)op | CONCUR__TAG_UNCOUNTED;
+}
+static inline void concur__sqe_count(struct concur__loop *loop, struct io_uring_sqe *sqe,
+                                     uint64_t ud)
+{
+	io_uring_sqe_set_data64(sqe, ud);
+	loop->inflight++;
+}
+/* Queue an op (the SQE prepared): its CQEs go to op->cqe; in flight until its last CQE. */
+static inline void concur__sqe_set_op(struct concur__loop *loop, struct io_uring_sqe *sqe,
+                                      struct concur__op *op)
+{
+	concur__sqe_count(loop, sqe, concur__op_ud(op));
+}
+/* Queue an op whose CQE is not counted in flight: a CQE_SKIP_SUCCESS fire-and-forget SQE (a
+ * CQE only if it fails), or one tracked otherwise (the loop's timer: timers.armed). */
+static inline void concur__sqe_set_uncounted(struct io_uring_sqe *sqe, struct concur__op *op)
+{
+	io_uring_sqe_set_data64(sqe, concur__uncounted_ud(op));
 }
 /* Hand a node to loop from any thread: local queue, MSG_RING or inbox + doorbell. Needs no
  * memory: whatever the path, the node reaches the loop and a sleeping loop is woken. */
 void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
 /* Queue a runnable task on the current loop (loop thread only). */
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
+/*
+ * Task side (concur__suspend): the next ready fiber, taken off the ready queue for a direct
+ * switch and charged to the turn's budget; NULL if the fiber should switch back to the loop
+ * instead (nothing started is ready, the budget is spent, or a stall detector times each run
+ * from the loop). May return the caller's own task (a yield with nobody else ready).
+ */
+struct concur__task *concur__loop_pop_direct(struct concur__loop *loop);
+/*
+ * Wake threads parked on f's state word with an IORING_OP_FUTEX_WAKE on the current loop's
+ * ring, if the loop enters the kernel at the end of its turn anyway (SQEs queued) and the kernel
+ * has the op: true then (f is held until the CQE). False: the caller makes the futex syscall.
+ */
+bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
 /* Queue a task that yielded: it runs after everything runnable now, and after an I/O check. */
 void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
@@ -527,7 +681,7 @@ struct concur_exec {
 	_Alignas(CONCUR__CACHELINE) _Atomic int64_t outstanding;
 	_Atomic uint32_t join_seq; /* futex word: bumped when outstanding reaches 0 */
 	_Atomic uint32_t joiners;
-	_Atomic uint32_t ending; /* threads inside concur__work_sub: free waits for them */
+	_Atomic uint32_t foreign_ends; /* threads outside the loops inside concur__work_end */
 };
 
 static inline bool concur__exec_valid(const concur_exec *ex)
@@ -597,19 +751,55 @@ int concur__ctl_retime(struct concur__task *t);
 void concur__timers_del(struct concur__loop *loop, struct concur__task *t);
 /* Set (or, with INT64_MAX, clear) the deadline of the task's current wait. 0 or -ENOMEM. */
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
-/* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
-int64_t concur__after_ns(int64_t timeout_ns);
 /* Loop thread: cancel every future I/O op of the loop in flight (io.c). */
 void concur__io_cancel_all(struct concur__loop *loop);
 /* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
 bool concur__timers_stop(struct concur__loop *loop);
 
-/* ---- misc ---------------------------------------------------------------------------------- */
+/* ---- the stall detector (stall.c) ---------------------------------------------------------- */
 
+/*
+ * Stall detector hook (stall.c), for the loop (loop.c; fiber.c does not switch
+ * fibers directly while a detector is set, concur__loop_pop_direct): around each time it runs a
+ *fiber,
+ *
+ *	int64_t t0 = concur__stall_begin();
+ *	concur__fiber_run(loop, t);
+ *	if (t0)
+ *		concur__stall_end(loop, t0);
+ *
+ * concur__stall_begin() is one relaxed load and returns 0 while no executor has a detector.
+ */
+extern _Atomic unsigned concur__stall_detectors;
+/* The loop thread's CPU time: what a task consumed, not counting the times the thread was
+ * preempted (wall time would blame a task for a busy machine). Never 0. */
+static inline int64_t concur__thread_cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return CONCUR__TS_TO_NS(&ts) + 1;
+}
+static inline int64_t concur__stall_begin(void)
+{
+	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ==
+	                   0))
+		return 0;
+	return concur__thread_cpu_ns();
+}
+void concur__stall_end(struct concur__loop *loop, int64_t t0);
+
+/* ---- the syscall layer (sys.c) ------------------------------------------------------------- */
+
+/* This thread's error message (concur_last_error). */
 void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */
 int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono);
 void concur__futex_wake(_Atomic uint32_t *word, int n);
+/* CLOCK_MONOTONIC in ns. */
 int64_t concur__now_ns(void);
+/* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
+int64_t concur__after_ns(int64_t timeout_ns);
+/* The same as an absolute timespec, for futex and condvar waits. */
 void concur__deadline(struct timespec *abs, int64_t timeout_ns);
 
 #endif /* CONCUR_INTERNAL_H */

@@ -26,8 +26,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define IO_CONTAINER(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
-#define IO_MAX_LEN                    0x7ffff000u /* MAX_RW_COUNT, as read(2) caps it */
+#define IO_MAX_LEN 0x7ffff000u /* MAX_RW_COUNT, as read(2) caps it */
 
 /* ---- one operation ------------------------------------------------------------------------ */
 
@@ -62,20 +61,6 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                       uint32_t flags);
 
-/* CQEs we expect but do not care about (our ASYNC_CANCELs): just the in-flight count. */
-static void io_quiet_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                         uint32_t flags)
-{
-	loop->inflight--;
-}
-static struct concur__op io_quiet_op = {io_quiet_cqe};
-
-static void io_ns_to_ts(struct __kernel_timespec *ts, int64_t ns)
-{
-	ts->tv_sec = ns / 1000000000;
-	ts->tv_nsec = ns % 1000000000;
-}
-
 static void io_req_init(struct io_req *r, int64_t timeout_ns)
 {
 	memset(r, 0, sizeof(*r));
@@ -85,7 +70,7 @@ static void io_req_init(struct io_req *r, int64_t timeout_ns)
 	if (timeout_ns >= 0) {
 		r->has_deadline = true;
 		r->cqes_left = 2;
-		io_ns_to_ts(&r->deadline, timeout_ns);
+		CONCUR__NS_TO_TS(&r->deadline, timeout_ns);
 	}
 }
 
@@ -99,11 +84,6 @@ static int io_check_supported(const concur_exec *ex, unsigned opcode, int64_t ti
 	return 0;
 }
 
-static uint64_t io_user_data(struct concur__op *op)
-{
-	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
-}
-
 /* Loop thread: put the request's SQE (and its linked timeout) into the ring. */
 static void io_submit(struct concur__loop *loop, struct io_req *r)
 {
@@ -114,14 +94,12 @@ static void io_submit(struct concur__loop *loop, struct io_req *r)
 		concur__sq_reserve(loop, 2);
 	sqe = concur__sqe(loop);
 	*sqe = r->sqe;
-	concur__sqe_set_op(sqe, &r->op);
-	loop->inflight++;
+	concur__sqe_set_op(loop, sqe, &r->op);
 	if (r->has_deadline) {
 		sqe->flags |= IOSQE_IO_LINK;
 		sqe = concur__sqe(loop);
 		io_uring_prep_link_timeout(sqe, &r->deadline, 0);
-		concur__sqe_set_op(sqe, &r->lt_op);
-		loop->inflight++;
+		concur__sqe_set_op(loop, sqe, &r->lt_op);
 	}
 }
 
@@ -182,7 +160,7 @@ void concur__io_cancel_all(struct concur__loop *loop)
 {
 	for (struct concur__node *n = loop->io_live, *next; n; n = next) {
 		next = n->next;
-		concur_cancel(&IO_CONTAINER(n, struct concur__io, node)->f);
+		concur_cancel(&concur__container_of(n, struct concur__io, node)->f);
 	}
 }
 
@@ -198,7 +176,7 @@ static void io_req_cqe(struct io_req *r)
 		concur__resume(r->task);
 		return;
 	}
-	io = IO_CONTAINER(r, struct concur__io, r);
+	io = concur__container_of(r, struct concur__io, r);
 	io_live_del(r->loop, io);
 	res = io_outcome(r, &cancelled);
 	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
@@ -207,18 +185,16 @@ static void io_req_cqe(struct io_req *r)
 
 static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
 {
-	struct io_req *r = IO_CONTAINER(op, struct io_req, op);
+	struct io_req *r = concur__container_of(op, struct io_req, op);
 
-	loop->inflight--;
 	r->res = res;
 	io_req_cqe(r);
 }
 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
 {
-	struct io_req *r = IO_CONTAINER(op, struct io_req, lt_op);
+	struct io_req *r = concur__container_of(op, struct io_req, lt_op);
 
-	loop->inflight--;
 	r->lt_res = res;
 	io_req_cqe(r);
 }
@@ -233,7 +209,7 @@ static void io_destroy(concur_future *f)
 /* Loop thread: ask the kernel to cancel the op (unless it is already over). */
 static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
-	struct concur__io *io = IO_CONTAINER(node, struct concur__io, cancel_node);
+	struct concur__io *io = concur__container_of(node, struct concur__io, cancel_node);
 
 	if (loop != io->r.loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
 		concur__loop_post(io->r.loop, node);
@@ -242,9 +218,8 @@ static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 	if (!concur__is_done(&io->f)) {
 		struct io_uring_sqe *sqe = concur__sqe(loop);
 
-		io_uring_prep_cancel64(sqe, io_user_data(&io->r.op), 0);
-		concur__sqe_set_op(sqe, &io_quiet_op);
-		loop->inflight++;
+		io_uring_prep_cancel64(sqe, concur__op_ud(&io->r.op), 0);
+		concur__sqe_set_op(loop, sqe, &concur__ignore_op);
 	}
 	concur_release(&io->f); /* taken by io_cancel_running */
 }
@@ -275,7 +250,7 @@ static const struct concur__future_class io_class = {
 /* Loop thread: submit, unless the op was cancelled before it got here. */
 static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 {
-	struct concur__io *io = IO_CONTAINER(node, struct concur__io, node);
+	struct concur__io *io = concur__container_of(node, struct concur__io, node);
 
 	io->r.loop = loop; /* where it runs (a failed MSG_RING may bring it to another loop) */
 	if (!concur__future_claim(&io->f)) {
@@ -356,9 +331,8 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
 	struct io_req *r = arg;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
 
-	io_uring_prep_cancel64(sqe, io_user_data(&r->op), 0);
-	concur__sqe_set_op(sqe, &io_quiet_op);
-	loop->inflight++;
+	io_uring_prep_cancel64(sqe, concur__op_ud(&r->op), 0);
+	concur__sqe_set_op(loop, sqe, &concur__ignore_op);
 	return true;
 }
 
@@ -369,7 +343,7 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
  */
 static void io_await_deadline(struct concur__task *t, struct io_req *r)
 {
-	int64_t ns = (int64_t)r->deadline.tv_sec * 1000000000 + r->deadline.tv_nsec;
+	int64_t ns = CONCUR__TS_TO_NS(&r->deadline);
 
 	if (!r->has_deadline || concur__ctl_wait_deadline(t, concur__after_ns(ns)) < 0)
 		return;
@@ -473,60 +447,82 @@ int64_t concur_await_nop(void)
 
 concur_future *concur_timeout(concur_exec *ex, int64_t ns)
 	IO_FUTURE_BODY(IORING_OP_TIMEOUT, ns < 0 ? -EINVAL : 0,
-		       (io_ns_to_ts(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
+		       (CONCUR__NS_TO_TS(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
 		       CONCUR_NO_TIMEOUT)
 int64_t concur_await_timeout(int64_t ns)
 	IO_AWAIT_BODY(IORING_OP_TIMEOUT, ns < 0 ? -EINVAL : 0,
-		      (io_ns_to_ts(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
+		      (CONCUR__NS_TO_TS(&r_->ts, ns), io_uring_prep_timeout(sqe, &r_->ts, 0, 0)),
 		      CONCUR_NO_TIMEOUT)
 
+/* concur_read, concur_await_read */
 IO_OP(read, IORING_OP_READ, (int fd, void *buf, size_t len, int64_t off),
       io_check_buf(buf, len, off), io_uring_prep_read(sqe, fd, buf, io_len(len), (uint64_t)off))
+/* concur_write, concur_await_write */
 IO_OP(write, IORING_OP_WRITE, (int fd, const void *buf, size_t len, int64_t off),
       io_check_buf(buf, len, off),
       io_uring_prep_write(sqe, fd, buf, io_len(len), (uint64_t)off))
+/* concur_readv, concur_await_readv */
 IO_OP(readv, IORING_OP_READV, (int fd, const struct iovec *iov, int iovcnt, int64_t off),
       io_check_iov(iov, iovcnt, off),
       io_uring_prep_readv(sqe, fd, iov, (unsigned)iovcnt, (uint64_t)off))
+/* concur_writev, concur_await_writev */
 IO_OP(writev, IORING_OP_WRITEV, (int fd, const struct iovec *iov, int iovcnt, int64_t off),
       io_check_iov(iov, iovcnt, off),
       io_uring_prep_writev(sqe, fd, iov, (unsigned)iovcnt, (uint64_t)off))
+/* concur_fsync, concur_await_fsync */
 IO_OP(fsync, IORING_OP_FSYNC, (int fd, bool datasync), 0,
       io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0))
+/* concur_openat, concur_await_openat */
 IO_OP(openat, IORING_OP_OPENAT, (int dfd, const char *path, int flags, mode_t mode),
       io_check_ptr(path), io_uring_prep_openat(sqe, dfd, path, flags, mode))
+/* concur_close, concur_await_close */
 IO_OP(close, IORING_OP_CLOSE, (int fd), 0, io_uring_prep_close(sqe, fd))
+/* concur_statx, concur_await_statx */
 IO_OP(statx, IORING_OP_STATX,
       (int dfd, const char *path, int flags, unsigned mask, struct statx *out),
       io_check_ptr(path) ?: io_check_ptr(out),
       io_uring_prep_statx(sqe, dfd, path, flags, mask, out))
+/* concur_fallocate, concur_await_fallocate */
 IO_OP(fallocate, IORING_OP_FALLOCATE, (int fd, int mode, int64_t off, int64_t len),
       off < 0 || len < 0 ? -EINVAL : 0, io_uring_prep_fallocate(sqe, fd, mode, off, len))
+/* concur_unlinkat, concur_await_unlinkat */
 IO_OP(unlinkat, IORING_OP_UNLINKAT, (int dfd, const char *path, int flags), io_check_ptr(path),
       io_uring_prep_unlinkat(sqe, dfd, path, flags))
+/* concur_renameat, concur_await_renameat */
 IO_OP(renameat, IORING_OP_RENAMEAT,
       (int olddfd, const char *oldpath, int newdfd, const char *newpath, unsigned flags),
       io_check_ptr(oldpath) ?: io_check_ptr(newpath),
       io_uring_prep_renameat(sqe, olddfd, oldpath, newdfd, newpath, flags))
+/* concur_mkdirat, concur_await_mkdirat */
 IO_OP(mkdirat, IORING_OP_MKDIRAT, (int dfd, const char *path, mode_t mode), io_check_ptr(path),
       io_uring_prep_mkdirat(sqe, dfd, path, mode))
+/* concur_socket, concur_await_socket */
 IO_OP(socket, IORING_OP_SOCKET, (int domain, int type, int protocol), 0,
       io_uring_prep_socket(sqe, domain, type, protocol, 0))
+/* concur_accept, concur_await_accept */
 IO_OP(accept, IORING_OP_ACCEPT, (int fd, struct sockaddr *addr, socklen_t *addrlen, int flags),
       !addr != !addrlen ? -EINVAL : 0, io_uring_prep_accept(sqe, fd, addr, addrlen, flags))
+/* concur_connect, concur_await_connect */
 IO_OP(connect, IORING_OP_CONNECT, (int fd, const struct sockaddr *addr, socklen_t addrlen),
       io_check_ptr(addr), io_uring_prep_connect(sqe, fd, addr, addrlen))
+/* concur_recv, concur_await_recv */
 IO_OP(recv, IORING_OP_RECV, (int fd, void *buf, size_t len, int flags),
       io_check_buf(buf, len, 0), io_uring_prep_recv(sqe, fd, buf, io_len(len), flags))
+/* concur_send, concur_await_send */
 IO_OP(send, IORING_OP_SEND, (int fd, const void *buf, size_t len, int flags),
       io_check_buf(buf, len, 0), io_uring_prep_send(sqe, fd, buf, io_len(len), flags))
+/* concur_recvmsg, concur_await_recvmsg */
 IO_OP(recvmsg, IORING_OP_RECVMSG, (int fd, struct msghdr *msg, int flags), io_check_ptr(msg),
       io_uring_prep_recvmsg(sqe, fd, msg, (unsigned)flags))
+/* concur_sendmsg, concur_await_sendmsg */
 IO_OP(sendmsg, IORING_OP_SENDMSG, (int fd, const struct msghdr *msg, int flags),
       io_check_ptr(msg), io_uring_prep_sendmsg(sqe, fd, msg, (unsigned)flags))
+/* concur_shutdown, concur_await_shutdown */
 IO_OP(shutdown, IORING_OP_SHUTDOWN, (int fd, int how), 0, io_uring_prep_shutdown(sqe, fd, how))
+/* concur_poll, concur_await_poll */
 IO_OP(poll, IORING_OP_POLL_ADD, (int fd, unsigned events), 0,
       io_uring_prep_poll_add(sqe, fd, events))
+/* concur_splice, concur_await_splice */
 IO_OP(splice, IORING_OP_SPLICE,
       (int fd_in, int64_t off_in, int fd_out, int64_t off_out, size_t len, unsigned flags),
       off_in < -1 || off_out < -1 ? -EINVAL : 0,

@@ -25,9 +25,9 @@
  * dispatches first, or waits for one in io_uring_enter: it neither spins nor loses an SQE.
  */
 #include "internal.h"
-#include "wait.h" /* the stall detector's hook */
 
 #include <limits.h>
+#include <linux/futex.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,25 +149,35 @@ struct io_uring_sqe *concur__sqe_slow(struct concur__loop *loop)
 
 /* ---- run queues (loop thread only) ---------------------------------------------------------- */
 
-static void concur__fifo_push(struct concur__node **head, struct concur__node **tail,
-                              struct concur__node *n)
-{
-	n->next = NULL;
-	if (*tail)
-		(*tail)->next = n;
-	else
-		*head = n;
-	*tail = n;
-}
-
 void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
 {
-	concur__fifo_push(&loop->ready_head, &loop->ready_tail, &t->node);
+	CONCUR__FIFO_PUSH(loop->ready_head, loop->ready_tail, &t->node);
 }
 
+/*
+ * A yield goes behind everything runnable now. With no unstarted task and nobody else yielded
+ * this turn, that is just the ready queue's tail: concur__suspend() then switches straight to
+ * the next fiber (or goes on, if alone), charged to the turn's budget so I/O still gets its
+ * look. Otherwise wait for the turn's end, so yielders cannot starve the tasks that have not
+ * started.
+ */
 void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t)
 {
-	concur__fifo_push(&loop->yielded_head, &loop->yielded_tail, &t->node);
+	if (loop->fresh_head || loop->yielded_head)
+		CONCUR__FIFO_PUSH(loop->yielded_head, loop->yielded_tail, &t->node);
+	else
+		concur__loop_push_ready(loop, t);
+}
+
+struct concur__task *concur__loop_pop_direct(struct concur__loop *loop)
+{
+	struct concur__node *n = loop->ready_head;
+	/* (a pinned task not started yet waits there too: the loop starts it) */
+	if (!n || !concur__task_of_node(n)->fib || loop->budget <= 1 ||
+	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
+		return NULL;
+	loop->budget--;
+	return concur__task_of_node(CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail));
 }
 
 /* Unstarted tasks: a deque. Local spawns go to the front (depth first, so a task waiting on
@@ -185,26 +195,16 @@ void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, 
 			loop->fresh_tail = n;
 		loop->fresh_head = n;
 	} else {
-		n->next = NULL;
-		n->prev = loop->fresh_tail;
-		if (loop->fresh_tail)
-			loop->fresh_tail->next = n;
-		else
-			loop->fresh_head = n;
-		loop->fresh_tail = n;
+		CONCUR__DQ_PUSH_BACK(loop->fresh_head, loop->fresh_tail, n);
 	}
 	loop->nfresh++;
 }
 
 static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
 {
-	struct concur__node *n = loop->ready_head;
-	if (n) {
-		loop->ready_head = n->next;
-		if (!n->next)
-			loop->ready_tail = NULL;
+	struct concur__node *n = CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail);
+	if (n)
 		return concur__task_of_node(n);
-	}
 	n = loop->fresh_head;
 	if (!n)
 		return NULL;
@@ -295,11 +295,34 @@ static void concur__msg_ring(struct concur__loop *from, struct concur__loop *to,
 	concur__stat_inc(&from->st.msg_ring, 1);
 }
 
+/*
+ * When the loop has SQEs queued, it enters the kernel for them at the end of its turn anyway:
+ * an IORING_OP_FUTEX_WAKE rides that submit and costs no syscall of its own. Otherwise the
+ * caller makes the futex syscall, at once: a ring wake would need an enter just for itself and
+ * was measured slower (xwake with the waiter forced to park, 2-core VM, kernel 6.18: 2.0-3.3 us
+ * a round trip through the ring, 1.7-2.1 us with the syscall), and the parked thread is waiting
+ * for exactly this.
+ */
+bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f)
+{
+	if (!loop->ex->has_futex_wake || !io_uring_sq_ready(&loop->ring))
+		return false;
+	struct io_uring_sqe *sqe = concur__sqe(loop);
+	io_uring_prep_rw(CONCUR__OP_FUTEX_WAKE, sqe,
+	                 CONCUR__FUTEX2_SIZE_U32 | CONCUR__FUTEX2_PRIVATE, &f->state, 0, INT_MAX);
+	sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
+	concur_retain(f); /* the kernel reads the word at submit: keep f until the CQE */
+	concur__sqe_count(loop, sqe, (uint64_t)(uintptr_t)f | CONCUR__TAG_RELEASE);
+	concur__stat_inc(&loop->st.futex_ring_wakes, 1);
+	concur__stat_inc(&loop->st.futex_wakes, 1);
+	return true;
+}
+
 /* Wake loop `to` from loop `from`. If the message fails, the CQE says so and it goes again. */
 static void concur__wake(struct concur__loop *from, struct concur__loop *to)
 {
 	concur__msg_ring(from, to, CONCUR__TAG_DOORBELL, 0,
-	                 (uint64_t)(uintptr_t)to | CONCUR__TAG_WAKE_FAILED);
+	                 (uint64_t)(uintptr_t)to | CONCUR__TAG_DOORBELL);
 }
 
 /* A node has reached its loop's thread. */
@@ -352,19 +375,13 @@ static bool concur__drain_inbox(struct concur__loop *loop)
 	if (!atomic_load_explicit(&loop->inbox, memory_order_relaxed))
 		return false;
 	struct concur__node *n = atomic_exchange_explicit(&loop->inbox, NULL, memory_order_acquire);
-	struct concur__node *fifo = NULL;
+	struct concur__node *fifo = CONCUR__LIST_REVERSE(n); /* newest first: reverse */
 	uint64_t count = 0;
-	while (n) { /* newest first: reverse */
-		struct concur__node *next = n->next;
-		n->next = fifo;
-		fifo = n;
-		n = next;
-		count++;
-	}
 	while (fifo) {
 		struct concur__node *next = fifo->next;
 		concur__node_arrived(loop, fifo);
 		fifo = next;
+		count++;
 	}
 	concur__stat_inc(&loop->st.inbox_items, count);
 	return true;
@@ -410,12 +427,23 @@ static void concur__take_chain(struct concur__loop *loop, struct concur__node *n
 
 /* ---- CQEs ------------------------------------------------------------------------------------ */
 
+/* Does this CQE retire an SQE counted in flight (concur__sqe_count)? Its last CQE does. */
+static bool concur__retires(uint64_t ud, uint32_t flags)
+{
+	uint64_t tag = ud & CONCUR__TAG_MASK;
+	return (tag == CONCUR__TAG_OP || tag == CONCUR__TAG_RELEASE) &&
+	       !(flags & IORING_CQE_F_MORE);
+}
+
 static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res, uint32_t flags)
 {
 	void *p = (void *)(uintptr_t)(ud & ~(uint64_t)CONCUR__TAG_MASK);
 	CONCUR__TSAN_ACQUIRE(p);
+	if (concur__retires(ud, flags))
+		loop->inflight--; /* the one place the count goes down */
 	switch (ud & CONCUR__TAG_MASK) {
-	case CONCUR__TAG_OP: {
+	case CONCUR__TAG_OP:
+	case CONCUR__TAG_UNCOUNTED: {
 		struct concur__op *op = p;
 		op->cqe(loop, op, res, flags);
 		break;
@@ -427,7 +455,12 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 		concur__take_chain(loop, p);
 		break;
 	case CONCUR__TAG_DOORBELL:
-		break; /* the inbox is drained every turn */
+		/* NULL: a wake, and the inbox is drained every turn. A loop: our doorbell to it
+		 * failed. -EOVERFLOW: the target's CQ is full, so it is awake. No memory for the
+		 * message (a remote post): ring again, or it sleeps with nobody left to wake it. */
+		if (p && concur__transient(res))
+			concur__wake(loop, p);
+		break;
 	case CONCUR__TAG_NODE_FAILED: {
 		/* the MSG_RING could not post (target CQ overflow): go through the inbox */
 		struct concur__node *n = p;
@@ -445,14 +478,7 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 			if (loop->ex->loops[i] != loop)
 				concur__wake(loop, loop->ex->loops[i]);
 		break;
-	case CONCUR__TAG_WAKE_FAILED:
-		/* -EOVERFLOW: the target's CQ is full, so it is awake. No memory for the message
-		 * (a remote post): ring again, or it sleeps with nobody left to wake it. */
-		if (concur__transient(res))
-			concur__wake(loop, p);
-		break;
 	case CONCUR__TAG_RELEASE:
-		loop->inflight--;
 		concur_release(p);
 		break;
 	}
@@ -679,7 +705,7 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 	if (loop->inflight) {
 		struct io_uring_sqe *sqe = concur__sqe(loop);
 		io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
-		concur__sqe_set_op(sqe, &concur__ignore_op);
+		concur__sqe_set_uncounted(sqe, &concur__ignore_op);
 	}
 	concur__timers_stop(loop);
 	while (loop->inflight || loop->timers.armed) {

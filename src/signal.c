@@ -51,8 +51,7 @@ static bool concur__sigset_empty(const sigset_t *set)
 /* The read is done (on the loop that reaped it, or in the thread that cancelled it unsent). */
 static void concur__signal_read_done(struct concur__waiter *w, concur_future *rf)
 {
-	struct concur__signal *s =
-	    (struct concur__signal *)((char *)w - offsetof(struct concur__signal, on_read));
+	struct concur__signal *s = concur__container_of(w, struct concur__signal, on_read);
 	bool cancelled = concur__state(rf) == CONCUR__CANCELLED;
 	int64_t res = concur__future_value(rf);
 

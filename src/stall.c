@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The stall detector: the loop times each run of a fiber (concur__stall_begin/end in wait.h)
+ * The stall detector: the loop times each run of a fiber (concur__stall_begin/end in internal.h)
  * while at least one executor has a detector, and a run longer than the executor's threshold
  * is counted and reported. A small fixed table keeps the per-executor settings, so the core's
  * structures need no field for it; an entry is matched by executor pointer and id, so a freed
@@ -22,7 +22,7 @@ static struct stall_slot {
 } slots[STALL_SLOTS];
 static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static struct stall_slot *slot_of(const concur_exec *ex)
+static struct stall_slot *stall_slot_of(const concur_exec *ex)
 {
 	for (unsigned i = 0; i < STALL_SLOTS; i++)
 		if (atomic_load(&slots[i].ex) == ex && atomic_load(&slots[i].ex_id) == ex->id)
@@ -36,7 +36,7 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 		return -EINVAL;
 	int err = 0;
 	pthread_mutex_lock(&slots_lock);
-	struct stall_slot *s = slot_of(ex);
+	struct stall_slot *s = stall_slot_of(ex);
 	if (threshold_ns <= 0) {
 		if (s) {
 			atomic_store(&s->ex, NULL);
@@ -75,13 +75,13 @@ uint64_t concur_stall_count(const concur_exec *ex)
 {
 	if (!concur__exec_valid(ex))
 		return 0;
-	struct stall_slot *s = slot_of(ex);
+	struct stall_slot *s = stall_slot_of(ex);
 	return s ? atomic_load(&s->count) : 0;
 }
 
 void concur__stall_end(struct concur__loop *loop, int64_t t0)
 {
-	struct stall_slot *s = slot_of(loop->ex);
+	struct stall_slot *s = stall_slot_of(loop->ex);
 	if (!s)
 		return;
 	int64_t ran = concur__thread_cpu_ns() - t0;

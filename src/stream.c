@@ -13,8 +13,8 @@
  * The stream re-arms itself whenever the kernel stops it on its own and the reason passes:
  *  - an accept that hit a transient error (EMFILE, ENFILE, ENOMEM, ENOBUFS, ECONNABORTED)
  *    reports it once to the consumer and re-arms after a back-off (a kernel timeout on the
- *    loop, doubling from IO_BACKOFF_MIN_MS to IO_BACKOFF_MAX_MS, reset by the next success), as
- *    nginx and libuv do: a server at its fd limit must not stop accepting for good;
+ *    loop, doubling from STREAM_BACKOFF_MIN_MS to STREAM_BACKOFF_MAX_MS, reset by the next
+ * success), as nginx and libuv do: a server at its fd limit must not stop accepting for good;
  *  - a recv whose buffer ring ran dry (ENOBUFS) waits on the ring's starved list and re-arms when
  *    a buffer is given back;
  *  - a CQ overflow (a multishot CQE without F_MORE) re-arms at once.
@@ -39,22 +39,20 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define IO_CONTAINER(p, type, member) ((type *)(void *)((char *)(p)-offsetof(type, member)))
-
 /*
  * Each loop thread gets, on first use, a provided-buffer ring shared by its recv streams. It
  * lives as long as the thread (freed by a thread-exit destructor, after the loop has closed its
  * ring). Buffers are handed out by the kernel (a CQE with F_BUFFER), lent to the consumer, and
  * put back into the ring by concur_stream_give() on the same thread.
  */
-#define IO_BGID     0x4355 /* our buffer group id */
-#define IO_NBUFS    256u
-#define IO_BUF_SIZE 4096u
+#define STREAM_BGID     0x4355 /* our buffer group id */
+#define STREAM_NBUFS    256u
+#define STREAM_BUF_SIZE 4096u
 
-#define IO_BACKOFF_MIN_MS 4u
-#define IO_BACKOFF_MAX_MS 512u
+#define STREAM_BACKOFF_MIN_MS 4u
+#define STREAM_BACKOFF_MAX_MS 512u
 
-struct io_bufs {
+struct stream_bufs {
 	struct io_uring_buf_ring *br;
 	char *mem;
 	size_t ring_bytes;
@@ -62,29 +60,29 @@ struct io_bufs {
 	struct concur_stream *starved; /* recv streams stopped by ENOBUFS */
 };
 
-struct io_item {
+struct stream_item {
 	int32_t res;
 	uint32_t flags;
 };
 
 /* concur_stream_next_future's future: filled and completed when an item is handed over. */
-struct io_next {
+struct stream_next {
 	struct concur_future f; /* first */
 	struct concur_chunk *chunk;
 };
 
-enum { IO_CANCEL_NONE, IO_CANCEL_POSTED, IO_CANCEL_RAN };
+enum { STREAM_CANCEL_NONE, STREAM_CANCEL_POSTED, STREAM_CANCEL_RAN };
 
 struct concur_stream {
 	struct concur__op op;       /* the armed operation's CQEs */
 	struct concur__op timer_op; /* the back-off timer's */
 	struct concur__node cancel_node;
-	_Atomic int cancel_post; /* IO_CANCEL_*: a cancel posted from another thread */
+	_Atomic int cancel_post; /* STREAM_CANCEL_*: a cancel posted from another thread */
 	struct concur__loop *loop;
 	concur_exec *ex;
-	struct io_bufs *bufs; /* recv streams */
+	struct stream_bufs *bufs; /* recv streams */
 	struct concur__task *waiter;
-	struct io_next *fwaiter; /* a pending next-future (the stream holds a reference) */
+	struct stream_next *fwaiter; /* a pending next-future (the stream holds a reference) */
 	struct concur_stream *next_starved;
 	int fd, flags;
 	bool recv;
@@ -98,57 +96,44 @@ struct concur_stream {
 	bool end_reported; /* a consumer was told */
 	bool closed;       /* concur_stream_close: free when the kernel is done */
 	int32_t end_res;
-	int32_t pending_err; /* a transient accept error not reported yet */
-	uint32_t backoff_ms; /* the last back-off; 0 after a success */
-	struct io_item *q;   /* items not consumed yet, a ring of qcap */
+	int32_t pending_err;   /* a transient accept error not reported yet */
+	uint32_t backoff_ms;   /* the last back-off; 0 after a success */
+	struct stream_item *q; /* items not consumed yet, a ring of qcap */
 	unsigned qhead, qlen, qcap;
 	struct __kernel_timespec ts; /* the back-off timer's */
 };
 
-static uint64_t io_user_data(struct concur__op *op)
-{
-	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
-}
-
-/* CQEs we expect but do not care about (our ASYNC_CANCELs): just the in-flight count. */
-static void io_quiet_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                         uint32_t flags)
-{
-	loop->inflight--;
-}
-static struct concur__op io_quiet_op = {io_quiet_cqe};
-
 /* ---- the buffer ring ---------------------------------------------------------------------- */
 
-static __thread struct io_bufs *io_tl_bufs;
-static pthread_key_t io_bufs_key;
-static pthread_once_t io_bufs_once = PTHREAD_ONCE_INIT;
+static __thread struct stream_bufs *stream_tl_bufs;
+static pthread_key_t stream_bufs_key;
+static pthread_once_t stream_bufs_once = PTHREAD_ONCE_INIT;
 
-static void io_bufs_free(void *p)
+static void stream_bufs_free(void *p)
 {
-	struct io_bufs *b = p;
+	struct stream_bufs *b = p;
 	munmap(b->br, b->ring_bytes);
 	free(b->mem);
 	free(b);
 }
 
-static void io_bufs_key_init(void)
+static void stream_bufs_key_init(void)
 {
-	pthread_key_create(&io_bufs_key, io_bufs_free);
+	pthread_key_create(&stream_bufs_key, stream_bufs_free);
 }
 
-static void io_bufs_put(struct io_bufs *b, unsigned bid)
+static void stream_bufs_put(struct stream_bufs *b, unsigned bid)
 {
-	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * IO_BUF_SIZE, IO_BUF_SIZE,
-	                      (unsigned short)bid, io_uring_buf_ring_mask(IO_NBUFS), 0);
+	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * STREAM_BUF_SIZE, STREAM_BUF_SIZE,
+	                      (unsigned short)bid, io_uring_buf_ring_mask(STREAM_NBUFS), 0);
 	io_uring_buf_ring_advance(b->br, 1);
 	b->free++;
 }
 
 /* This loop thread's buffer ring, registered on first use. */
-static int io_bufs_get(struct concur__loop *loop, struct io_bufs **out)
+static int stream_bufs_get(struct concur__loop *loop, struct stream_bufs **out)
 {
-	struct io_bufs *b = io_tl_bufs;
+	struct stream_bufs *b = stream_tl_bufs;
 	struct io_uring_buf_reg reg;
 	int err;
 
@@ -159,10 +144,10 @@ static int io_bufs_get(struct concur__loop *loop, struct io_bufs **out)
 	b = calloc(1, sizeof(*b));
 	if (!b)
 		return -ENOMEM;
-	b->ring_bytes = IO_NBUFS * sizeof(struct io_uring_buf);
+	b->ring_bytes = STREAM_NBUFS * sizeof(struct io_uring_buf);
 	b->br =
 	    mmap(NULL, b->ring_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	b->mem = aligned_alloc(4096, (size_t)IO_NBUFS * IO_BUF_SIZE);
+	b->mem = aligned_alloc(4096, (size_t)STREAM_NBUFS * STREAM_BUF_SIZE);
 	if (b->br == MAP_FAILED || !b->mem) {
 		if (b->br != MAP_FAILED)
 			munmap(b->br, b->ring_bytes);
@@ -172,26 +157,26 @@ static int io_bufs_get(struct concur__loop *loop, struct io_bufs **out)
 	}
 	memset(&reg, 0, sizeof(reg));
 	reg.ring_addr = (uint64_t)(uintptr_t)b->br;
-	reg.ring_entries = IO_NBUFS;
-	reg.bgid = IO_BGID;
+	reg.ring_entries = STREAM_NBUFS;
+	reg.bgid = STREAM_BGID;
 	err = io_uring_register_buf_ring(&loop->ring, &reg, 0);
 	if (err < 0) {
-		io_bufs_free(b);
+		stream_bufs_free(b);
 		return err;
 	}
 	io_uring_buf_ring_init(b->br);
-	for (unsigned i = 0; i < IO_NBUFS; i++)
-		io_bufs_put(b, i);
-	pthread_once(&io_bufs_once, io_bufs_key_init);
-	pthread_setspecific(io_bufs_key, b);
-	io_tl_bufs = b;
+	for (unsigned i = 0; i < STREAM_NBUFS; i++)
+		stream_bufs_put(b, i);
+	pthread_once(&stream_bufs_once, stream_bufs_key_init);
+	pthread_setspecific(stream_bufs_key, b);
+	stream_tl_bufs = b;
 	*out = b;
 	return 0;
 }
 
 /* ---- arming, the queue, the end ------------------------------------------------------------- */
 
-static void io_stream_arm(struct concur_stream *s)
+static void stream_arm(struct concur_stream *s)
 {
 	struct io_uring_sqe *sqe = concur__sqe(s->loop);
 
@@ -201,47 +186,45 @@ static void io_stream_arm(struct concur_stream *s)
 		else
 			io_uring_prep_recv_multishot(sqe, s->fd, NULL, 0, s->flags);
 		sqe->flags |= IOSQE_BUFFER_SELECT;
-		sqe->buf_group = IO_BGID;
+		sqe->buf_group = STREAM_BGID;
 	} else {
 		io_uring_prep_multishot_accept(sqe, s->fd, NULL, NULL, s->flags);
 	}
-	concur__sqe_set_op(sqe, &s->op);
-	s->loop->inflight++;
+	concur__sqe_set_op(s->loop, sqe, &s->op);
 	s->armed = true;
 }
 
 /* Arm the stream if nothing keeps it from it (the one place that decides). */
-static void io_stream_rearm(struct concur_stream *s)
+static void stream_rearm(struct concur_stream *s)
 {
 	if (s->armed || s->timer_armed || s->starved || s->ended || s->closed || s->cancel_req)
 		return;
 	if (s->on_demand && (s->qlen || (!s->waiter && !s->fwaiter)))
 		return;
-	io_stream_arm(s);
+	stream_arm(s);
 }
 
 /* Ask the kernel to cancel the op behind user_data (its own last CQE comes later). */
-static void io_stream_cancel_op(struct concur_stream *s, struct concur__op *op)
+static void stream_cancel_op(struct concur_stream *s, struct concur__op *op)
 {
 	struct io_uring_sqe *sqe = concur__sqe(s->loop);
 
-	io_uring_prep_cancel64(sqe, io_user_data(op), 0);
-	concur__sqe_set_op(sqe, &io_quiet_op);
-	s->loop->inflight++;
+	io_uring_prep_cancel64(sqe, concur__op_ud(op), 0);
+	concur__sqe_set_op(s->loop, sqe, &concur__ignore_op);
 }
 
 /* Stop whatever the stream has in the kernel. */
-static void io_stream_stop(struct concur_stream *s)
+static void stream_stop(struct concur_stream *s)
 {
 	if (s->armed && !s->stop_sent) {
 		s->stop_sent = true;
-		io_stream_cancel_op(s, &s->op);
+		stream_cancel_op(s, &s->op);
 	}
 	if (s->timer_armed)
-		io_stream_cancel_op(s, &s->timer_op);
+		stream_cancel_op(s, &s->timer_op);
 }
 
-static void io_stream_unstarve(struct concur_stream *s)
+static void stream_unstarve(struct concur_stream *s)
 {
 	struct concur_stream **pp = &s->bufs->starved;
 
@@ -252,12 +235,12 @@ static void io_stream_unstarve(struct concur_stream *s)
 	s->starved = false;
 }
 
-static void io_stream_maybe_free(struct concur_stream *s)
+static void stream_maybe_free(struct concur_stream *s)
 {
 	concur_exec *ex = s->ex;
 
 	if (!s->closed || s->armed || s->timer_armed ||
-	    atomic_load_explicit(&s->cancel_post, memory_order_acquire) == IO_CANCEL_POSTED)
+	    atomic_load_explicit(&s->cancel_post, memory_order_acquire) == STREAM_CANCEL_POSTED)
 		return;
 	free(s->q);
 	free(s);
@@ -265,28 +248,28 @@ static void io_stream_maybe_free(struct concur_stream *s)
 }
 
 /* An item nobody will consume: close the fd or give the buffer back. */
-static void io_stream_discard(struct concur_stream *s, struct io_item it)
+static void stream_discard(struct concur_stream *s, struct stream_item it)
 {
 	if (it.flags & IORING_CQE_F_BUFFER)
-		io_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
+		stream_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
 	else if (!s->recv && it.res >= 0)
 		close(it.res);
 }
 
-static void io_stream_end(struct concur_stream *s, int32_t res)
+static void stream_end(struct concur_stream *s, int32_t res)
 {
 	if (!s->ended) {
 		s->ended = true;
 		s->end_res = res;
 	}
-	io_stream_stop(s);
+	stream_stop(s);
 }
 
-static bool io_stream_push(struct concur_stream *s, int32_t res, uint32_t flags)
+static bool stream_push(struct concur_stream *s, int32_t res, uint32_t flags)
 {
 	if (s->qlen == s->qcap) {
 		unsigned ncap = s->qcap ? s->qcap * 2 : 4;
-		struct io_item *nq = malloc(ncap * sizeof(*nq));
+		struct stream_item *nq = malloc(ncap * sizeof(*nq));
 		if (!nq)
 			return false;
 		for (unsigned i = 0; i < s->qlen; i++)
@@ -296,24 +279,24 @@ static bool io_stream_push(struct concur_stream *s, int32_t res, uint32_t flags)
 		s->qcap = ncap;
 		s->qhead = 0;
 	}
-	s->q[(s->qhead + s->qlen++) % s->qcap] = (struct io_item){res, flags};
+	s->q[(s->qhead + s->qlen++) % s->qcap] = (struct stream_item){res, flags};
 	return true;
 }
 
 /* True if a consumer would get something now: an item, an error to report, or the end. */
-static bool io_stream_ready(const struct concur_stream *s)
+static bool stream_ready(const struct concur_stream *s)
 {
 	return s->qlen || s->pending_err || s->ended;
 }
 
 /*
- * Hand the next thing to a consumer (io_stream_ready() is true): queued items first (they came
+ * Hand the next thing to a consumer (stream_ready() is true): queued items first (they came
  * before a transient error that stopped the stream), then the error, then the end, once; after
  * that -ENODATA.
  */
-static int64_t io_stream_take(struct concur_stream *s, struct concur_chunk *chunk)
+static int64_t stream_take(struct concur_stream *s, struct concur_chunk *chunk)
 {
-	struct io_item it;
+	struct stream_item it;
 
 	if (chunk) {
 		chunk->data = NULL;
@@ -336,7 +319,7 @@ static int64_t io_stream_take(struct concur_stream *s, struct concur_chunk *chun
 	s->qlen--;
 	if (s->recv) {
 		chunk->bid = it.flags >> IORING_CQE_BUFFER_SHIFT;
-		chunk->data = s->bufs->mem + (size_t)chunk->bid * IO_BUF_SIZE;
+		chunk->data = s->bufs->mem + (size_t)chunk->bid * STREAM_BUF_SIZE;
 		chunk->len = (size_t)it.res;
 	}
 	return it.res;
@@ -344,24 +327,24 @@ static int64_t io_stream_take(struct concur_stream *s, struct concur_chunk *chun
 
 /* ---- next as a future --------------------------------------------------------------------- */
 
-static void io_next_destroy(concur_future *f)
+static void stream_next_destroy(concur_future *f)
 {
 	free(f);
 }
 
-static const struct concur__future_class io_next_class = {
+static const struct concur__future_class stream_next_class = {
     .name = "stream_next",
     .cancel_running = NULL, /* claimed and completed in one go on the loop: never seen RUNNING */
-    .destroy = io_next_destroy,
+    .destroy = stream_next_destroy,
 };
 
 /*
  * Hand an item to the pending future, unless its consumer is gone: cancelled, or released by
  * everyone but the stream. Then the item stays queued for the next consumer.
  */
-static void io_stream_feed_future(struct concur_stream *s)
+static void stream_feed_future(struct concur_stream *s)
 {
-	struct io_next *n = s->fwaiter;
+	struct stream_next *n = s->fwaiter;
 
 	if (!n)
 		return;
@@ -371,41 +354,41 @@ static void io_stream_feed_future(struct concur_stream *s)
 		concur_release(&n->f);
 		return;
 	}
-	concur__complete(&n->f, io_stream_take(s, n->chunk), CONCUR__FINISHED);
+	concur__complete(&n->f, stream_take(s, n->chunk), CONCUR__FINISHED);
 	concur_release(&n->f);
 }
 
 /* Something arrived: wake the consumer. */
-static void io_stream_wake(struct concur_stream *s)
+static void stream_wake(struct concur_stream *s)
 {
 	struct concur__task *t = s->waiter;
 
 	if (t) {
 		s->waiter = NULL;
 		concur__resume(t);
-	} else if (s->fwaiter && io_stream_ready(s)) {
-		io_stream_feed_future(s);
-		io_stream_rearm(s);
+	} else if (s->fwaiter && stream_ready(s)) {
+		stream_feed_future(s);
+		stream_rearm(s);
 	}
 }
 
 /* A cancel or a deadline breaks a task's wait in next(): nothing is in flight for it alone
  * (the stream's multishot goes on, its items stay queued for a later next). */
-static bool io_stream_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
+static bool stream_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
 {
 	struct concur_stream *s = arg;
 
 	if (s->waiter != t)
 		return false; /* woken already: the item is there */
 	s->waiter = NULL;
-	concur__loop_push_ready(loop, t);
+	concur__resume(t); /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
 
 /* A next-future cancelled or released while pending is forgotten here. */
-static void io_stream_drop_stale_future(struct concur_stream *s)
+static void stream_drop_stale_future(struct concur_stream *s)
 {
-	struct io_next *n = s->fwaiter;
+	struct stream_next *n = s->fwaiter;
 
 	if (n && (concur__is_done(&n->f) ||
 	          atomic_load_explicit(&n->f.refs, memory_order_acquire) == 1)) {
@@ -416,58 +399,55 @@ static void io_stream_drop_stale_future(struct concur_stream *s)
 
 /* ---- completions -------------------------------------------------------------------------- */
 
-static bool io_accept_transient(int32_t res)
+static bool stream_accept_transient(int32_t res)
 {
 	return res == -EMFILE || res == -ENFILE || res == -ENOMEM || res == -ENOBUFS ||
 	       res == -ECONNABORTED;
 }
 
 /* Re-arm the accept after a back-off (a kernel timeout on the loop). */
-static void io_stream_backoff(struct concur_stream *s)
+static void stream_backoff(struct concur_stream *s)
 {
 	struct io_uring_sqe *sqe;
 
 	if (s->timer_armed || s->ended || s->cancel_req)
 		return;
-	s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : IO_BACKOFF_MIN_MS;
-	if (s->backoff_ms > IO_BACKOFF_MAX_MS)
-		s->backoff_ms = IO_BACKOFF_MAX_MS;
-	s->ts.tv_sec = s->backoff_ms / 1000;
-	s->ts.tv_nsec = (long long)(s->backoff_ms % 1000) * 1000000;
+	s->backoff_ms = s->backoff_ms ? s->backoff_ms * 2 : STREAM_BACKOFF_MIN_MS;
+	if (s->backoff_ms > STREAM_BACKOFF_MAX_MS)
+		s->backoff_ms = STREAM_BACKOFF_MAX_MS;
+	CONCUR__NS_TO_TS(&s->ts, (int64_t)s->backoff_ms * 1000000);
 	sqe = concur__sqe(s->loop);
 	io_uring_prep_timeout(sqe, &s->ts, 0, 0);
-	concur__sqe_set_op(sqe, &s->timer_op);
-	s->loop->inflight++;
+	concur__sqe_set_op(s->loop, sqe, &s->timer_op);
 	s->timer_armed = true;
 }
 
-static void io_stream_timer_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                                uint32_t flags)
+static void stream_timer_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                             uint32_t flags)
 {
-	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, timer_op);
+	struct concur_stream *s = concur__container_of(op, struct concur_stream, timer_op);
 
-	loop->inflight--;
 	s->timer_armed = false;
 	if (s->closed) {
-		io_stream_maybe_free(s);
+		stream_maybe_free(s);
 		return;
 	}
-	io_stream_rearm(s);
+	stream_rearm(s);
 }
 
 /* An accept's transient error: report it, and go on after a back-off. */
-static void io_stream_transient(struct concur_stream *s, int32_t err, bool more)
+static void stream_transient(struct concur_stream *s, int32_t err, bool more)
 {
 	s->pending_err = err;
 	if (more) /* still armed (not seen from the kernel, but harmless): stop it first */
-		io_stream_stop(s);
-	io_stream_backoff(s);
+		stream_stop(s);
+	stream_backoff(s);
 }
 
-static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                          uint32_t flags)
+static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                       uint32_t flags)
 {
-	struct concur_stream *s = IO_CONTAINER(op, struct concur_stream, op);
+	struct concur_stream *s = concur__container_of(op, struct concur_stream, op);
 	bool more = flags & IORING_CQE_F_MORE;
 	bool item = res > 0 || (!s->recv && res == 0);
 	bool our_stop = s->stop_sent;
@@ -475,13 +455,12 @@ static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int3
 	if (flags & IORING_CQE_F_BUFFER)
 		s->bufs->free--;
 	if (!more) {
-		loop->inflight--;
 		s->armed = false;
 		s->stop_sent = false;
 	}
 	if (s->closed || (s->ended && item)) { /* nobody will consume it */
-		io_stream_discard(s, (struct io_item){res, flags});
-		io_stream_maybe_free(s);
+		stream_discard(s, (struct stream_item){res, flags});
+		stream_maybe_free(s);
 		return;
 	}
 	if (s->recv && res == -ENOBUFS && !s->cancel_req && !s->ended) {
@@ -491,35 +470,35 @@ static void io_stream_cqe(struct concur__loop *loop, struct concur__op *op, int3
 			s->next_starved = s->bufs->starved;
 			s->bufs->starved = s;
 		}
-		io_stream_rearm(s);
+		stream_rearm(s);
 		return;
 	}
 	if (!item) {
-		if (!s->recv && io_accept_transient(res) && !s->cancel_req)
-			io_stream_transient(s, res, more);
+		if (!s->recv && stream_accept_transient(res) && !s->cancel_req)
+			stream_transient(s, res, more);
 		else if (!s->ended && (res != -ECANCELED || !our_stop || s->cancel_req))
-			io_stream_end(s, res); /* EOF (0), an error, -ECANCELED after a cancel */
+			stream_end(s, res); /* EOF (0), an error, -ECANCELED after a cancel */
 		/* else: the back-off's own stop of a multishot that was still armed */
-	} else if (!io_stream_push(s, res, flags)) {
-		io_stream_discard(s, (struct io_item){res, flags});
+	} else if (!stream_push(s, res, flags)) {
+		stream_discard(s, (struct stream_item){res, flags});
 		if (s->recv) /* a hole in the byte stream: it cannot go on */
-			io_stream_end(s, -ENOMEM);
+			stream_end(s, -ENOMEM);
 		else /* a connection lost: transient, as the kernel's own ENOMEM */
-			io_stream_transient(s, -ENOMEM, more);
+			stream_transient(s, -ENOMEM, more);
 	} else {
 		if (!s->recv)
 			s->backoff_ms = 0;
 		if (!more && s->cancel_req)
-			io_stream_end(s, -ECANCELED);
+			stream_end(s, -ECANCELED);
 	}
 	if (!more)
-		io_stream_rearm(s); /* the kernel stopped on its own (CQ overflow, ...): go on */
-	io_stream_wake(s);
+		stream_rearm(s); /* the kernel stopped on its own (CQ overflow, ...): go on */
+	stream_wake(s);
 }
 
 /* ---- the public calls --------------------------------------------------------------------- */
 
-static int io_stream_open(concur_stream **out, int fd, int flags, bool recv, bool on_demand)
+static int stream_open(concur_stream **out, int fd, int flags, bool recv, bool on_demand)
 {
 	struct concur__loop *loop = concur__tl_loop;
 	struct concur_stream *s;
@@ -536,43 +515,43 @@ static int io_stream_open(concur_stream **out, int fd, int flags, bool recv, boo
 	if (!s)
 		return -ENOMEM;
 	if (recv) {
-		err = io_bufs_get(loop, &s->bufs);
+		err = stream_bufs_get(loop, &s->bufs);
 		if (err) {
 			free(s);
 			return err;
 		}
 	}
-	s->op.cqe = io_stream_cqe;
-	s->timer_op.cqe = io_stream_timer_cqe;
+	s->op.cqe = stream_cqe;
+	s->timer_op.cqe = stream_timer_cqe;
 	s->loop = loop;
 	s->ex = loop->ex;
 	s->fd = fd;
 	s->flags = flags;
 	s->recv = recv;
 	s->on_demand = on_demand;
-	atomic_init(&s->cancel_post, IO_CANCEL_NONE);
+	atomic_init(&s->cancel_post, STREAM_CANCEL_NONE);
 	concur__work_begin(s->ex);
-	io_stream_rearm(s);
+	stream_rearm(s);
 	*out = s;
 	return 0;
 }
 
 int concur_accept_stream(concur_stream **out, int fd, int flags)
 {
-	return io_stream_open(out, fd, flags, false, false);
+	return stream_open(out, fd, flags, false, false);
 }
 
 int concur_recv_stream(concur_stream **out, int fd, int flags)
 {
-	return io_stream_open(out, fd, flags, true, false);
+	return stream_open(out, fd, flags, true, false);
 }
 
 int concur_recv_stream_on_demand(concur_stream **out, int fd, int flags)
 {
-	return io_stream_open(out, fd, flags, true, true);
+	return stream_open(out, fd, flags, true, true);
 }
 
-static int io_stream_check(const concur_stream *s)
+static int stream_check(const concur_stream *s)
 {
 	if (!s)
 		return -EINVAL;
@@ -585,128 +564,128 @@ static int io_stream_check(const concur_stream *s)
 
 int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
 {
-	int err = io_stream_check(s);
+	int err = stream_check(s);
 
 	if (err)
 		return err;
 	if (s->recv && !chunk)
 		return -EINVAL;
-	io_stream_drop_stale_future(s);
+	stream_drop_stale_future(s);
 	if (s->waiter || s->fwaiter)
 		return -EBUSY;
-	while (!io_stream_ready(s)) {
+	while (!stream_ready(s)) {
 		struct concur__task *t = concur__tl_task;
 		err = concur__ctl_check(t);
 		if (err)
 			return err; /* cancelled or past a deadline: what comes stays queued */
 		s->waiter = t;
-		io_stream_rearm(s); /* an on-demand stream arms now */
-		/* io_stream_wake resumes us, or a cancel/deadline does */
-		err = concur__suspend_interruptible(t, io_stream_interrupt, s);
+		stream_rearm(s); /* an on-demand stream arms now */
+		/* stream_wake resumes us, or a cancel/deadline does */
+		err = concur__suspend_interruptible(t, stream_interrupt, s);
 		if (err)
 			return err;
 	}
-	int64_t res = io_stream_take(s, chunk);
-	io_stream_rearm(s);
+	int64_t res = stream_take(s, chunk);
+	stream_rearm(s);
 	return res;
 }
 
 concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *chunk)
 {
-	int err = io_stream_check(s);
-	struct io_next *n;
+	int err = stream_check(s);
+	struct stream_next *n;
 
 	if (!err && s->recv && !chunk)
 		err = -EINVAL;
 	if (err)
 		return concur__failed_future(concur__tl_loop ? concur__tl_loop->ex : NULL, err);
-	io_stream_drop_stale_future(s);
+	stream_drop_stale_future(s);
 	if (s->waiter || s->fwaiter)
 		return concur__failed_future(s->ex, -EBUSY);
 	n = malloc(sizeof(*n));
 	if (!n)
 		return concur__failed_future(s->ex, -ENOMEM);
-	concur__future_init(&n->f, &io_next_class, s->ex, 2); /* the caller's, the stream's */
+	concur__future_init(&n->f, &stream_next_class, s->ex, 2); /* the caller's, the stream's */
 	n->chunk = chunk;
-	if (io_stream_ready(s)) {
+	if (stream_ready(s)) {
 		concur__future_claim(&n->f);
-		concur__complete(&n->f, io_stream_take(s, chunk), CONCUR__FINISHED);
+		concur__complete(&n->f, stream_take(s, chunk), CONCUR__FINISHED);
 		concur_release(&n->f);
 	} else {
 		s->fwaiter = n;
 	}
-	io_stream_rearm(s);
+	stream_rearm(s);
 	return &n->f;
 }
 
 int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 {
-	int err = io_stream_check(s);
-	struct io_bufs *b;
+	int err = stream_check(s);
+	struct stream_bufs *b;
 
 	if (err)
 		return err;
-	if (!s->recv || !chunk || chunk->bid >= IO_NBUFS)
+	if (!s->recv || !chunk || chunk->bid >= STREAM_NBUFS)
 		return -EINVAL;
 	b = s->bufs;
-	io_bufs_put(b, chunk->bid);
+	stream_bufs_put(b, chunk->bid);
 	while (b->starved) { /* buffers are back: re-arm the streams that ran dry */
 		struct concur_stream *t = b->starved;
 		b->starved = t->next_starved;
 		t->starved = false;
-		io_stream_rearm(t);
+		stream_rearm(t);
 	}
 	return 0;
 }
 
 /* On the stream's loop. */
-static void io_stream_cancel_here(struct concur_stream *s)
+static void stream_cancel_here(struct concur_stream *s)
 {
 	if (s->ended || s->cancel_req)
 		return;
 	s->cancel_req = true;
 	if (s->armed) { /* the armed op's last CQE ends it */
-		io_stream_stop(s);
+		stream_stop(s);
 		return;
 	}
 	/* paused (for buffers, a back-off or a consumer): nothing armed, end it here */
 	if (s->starved)
-		io_stream_unstarve(s);
-	io_stream_end(s, -ECANCELED);
-	io_stream_wake(s);
+		stream_unstarve(s);
+	stream_end(s, -ECANCELED);
+	stream_wake(s);
 }
 
-static void io_stream_cancel_call(struct concur__loop *loop, struct concur__node *node)
+static void stream_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
-	struct concur_stream *s = IO_CONTAINER(node, struct concur_stream, cancel_node);
+	struct concur_stream *s = concur__container_of(node, struct concur_stream, cancel_node);
 
 	if (loop != s->loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
 		concur__loop_post(s->loop, node);
 		return;
 	}
-	atomic_store_explicit(&s->cancel_post, IO_CANCEL_RAN, memory_order_release);
+	atomic_store_explicit(&s->cancel_post, STREAM_CANCEL_RAN, memory_order_release);
 	if (s->closed)
-		io_stream_maybe_free(s);
+		stream_maybe_free(s);
 	else
-		io_stream_cancel_here(s);
+		stream_cancel_here(s);
 }
 
 int concur_stream_cancel(concur_stream *s)
 {
-	int expected = IO_CANCEL_NONE;
+	int expected = STREAM_CANCEL_NONE;
 
 	if (!s)
 		return -EINVAL;
 	if (concur__tl_loop == s->loop) {
 		if (s->closed)
 			return -EINVAL;
-		io_stream_cancel_here(s);
+		stream_cancel_here(s);
 		return 0;
 	}
 	/* another thread: the loop does it; one post is enough, cancel is idempotent */
-	if (atomic_compare_exchange_strong(&s->cancel_post, &expected, IO_CANCEL_POSTED)) {
+	if (atomic_compare_exchange_strong(&s->cancel_post, &expected, STREAM_CANCEL_POSTED)) {
 		s->cancel_node.kind = CONCUR__NODE_CALL;
-		s->cancel_node.call = io_stream_cancel_call;
+		s->cancel_node.call = stream_cancel_call;
 		concur__loop_post(s->loop, &s->cancel_node);
 	}
 	return 0;
@@ -716,21 +695,21 @@ void concur_stream_close(concur_stream *s)
 {
 	if (!s || s->closed || concur__tl_loop != s->loop)
 		return;
-	io_stream_stop(s);
+	stream_stop(s);
 	s->closed = true;
 	while (s->qlen) {
-		io_stream_discard(s, s->q[s->qhead]);
+		stream_discard(s, s->q[s->qhead]);
 		s->qhead = (s->qhead + 1) % s->qcap;
 		s->qlen--;
 	}
 	if (s->starved)
-		io_stream_unstarve(s);
+		stream_unstarve(s);
 	if (s->fwaiter) { /* a pending next-future ends cancelled */
-		struct io_next *n = s->fwaiter;
+		struct stream_next *n = s->fwaiter;
 		s->fwaiter = NULL;
 		if (concur__future_claim(&n->f))
 			concur__complete(&n->f, -ECANCELED, CONCUR__CANCELLED);
 		concur_release(&n->f);
 	}
-	io_stream_maybe_free(s);
+	stream_maybe_free(s);
 }

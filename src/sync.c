@@ -15,19 +15,19 @@
 
 #include <stdlib.h>
 
-struct waiter {
-	struct waiter *prev, *next;
+struct sync_waiter {
+	struct sync_waiter *prev, *next;
 	concur_future *wake; /* the waiter's promise */
 	bool queued;
 	int status;    /* written by the granter, under the lock */
 	int64_t value; /* a channel item, either way */
 };
 
-struct waitq {
-	struct waiter *head, *tail;
+struct sync_waitq {
+	struct sync_waiter *head, *tail;
 };
 
-static void wq_remove(struct waitq *q, struct waiter *w)
+static void sync_wq_remove(struct sync_waitq *q, struct sync_waiter *w)
 {
 	if (w->prev)
 		w->prev->next = w->next;
@@ -45,7 +45,8 @@ static void wq_remove(struct waitq *q, struct waiter *w)
  * lock, and sleep until granted or timeout_ns passes. Returns the status the granter wrote,
  * or -ETIMEDOUT / -EDEADLK / -ENOMEM if the waiter gave up while still queued.
  */
-static int park(pthread_mutex_t *lock, struct waitq *q, struct waiter *w, int64_t timeout_ns)
+static int sync_park(pthread_mutex_t *lock, struct sync_waitq *q, struct sync_waiter *w,
+                     int64_t timeout_ns)
 {
 	if (timeout_ns == 0) {
 		pthread_mutex_unlock(lock);
@@ -56,13 +57,7 @@ static int park(pthread_mutex_t *lock, struct waitq *q, struct waiter *w, int64_
 		pthread_mutex_unlock(lock);
 		return -ENOMEM;
 	}
-	w->next = NULL;
-	w->prev = q->tail;
-	if (q->tail)
-		q->tail->next = w;
-	else
-		q->head = w;
-	q->tail = w;
+	CONCUR__DQ_PUSH_BACK(q->head, q->tail, w);
 	w->queued = true;
 	pthread_mutex_unlock(lock);
 	int64_t r = concur_result(w->wake, timeout_ns);
@@ -70,7 +65,7 @@ static int park(pthread_mutex_t *lock, struct waitq *q, struct waiter *w, int64_
 		pthread_mutex_lock(lock);
 		bool gave_up = w->queued;
 		if (gave_up)
-			wq_remove(q, w);
+			sync_wq_remove(q, w);
 		pthread_mutex_unlock(lock);
 		if (gave_up) {
 			concur_release(w->wake);
@@ -83,20 +78,20 @@ static int park(pthread_mutex_t *lock, struct waitq *q, struct waiter *w, int64_
 
 /*
  * With the lock held: take the first waiter of q off the queue and give it status. Returns its
- * promise (retained) for wake(), or NULL if nobody waits. The waiter may be gone as soon as the
- * lock is dropped: only the promise may be touched after that.
+ * promise (retained) for sync_wake(), or NULL if nobody waits. The waiter may be gone as soon as
+ * the lock is dropped: only the promise may be touched after that.
  */
-static concur_future *grant(struct waitq *q, int status)
+static concur_future *sync_grant(struct sync_waitq *q, int status)
 {
-	struct waiter *w = q->head;
+	struct sync_waiter *w = q->head;
 	if (!w)
 		return NULL;
-	wq_remove(q, w);
+	sync_wq_remove(q, w);
 	w->status = status;
 	return concur_retain(w->wake);
 }
 
-static void wake(concur_future *p)
+static void sync_wake(concur_future *p)
 {
 	if (p) {
 		concur_promise_set(p, 0);
@@ -106,11 +101,11 @@ static void wake(concur_future *p)
 
 /* With the lock held: grant status to every waiter of q (setting a promise never calls back
  * into these objects: only its one waiter awaits it). */
-static void grant_all(struct waitq *q, int status)
+static void sync_grant_all(struct sync_waitq *q, int status)
 {
 	concur_future *p;
-	while ((p = grant(q, status)))
-		wake(p);
+	while ((p = sync_grant(q, status)))
+		sync_wake(p);
 }
 
 /* Every object starts with its lock: made and freed the same way. */
@@ -135,7 +130,7 @@ static void sync_free(void *obj)
 struct concur_mutex {
 	pthread_mutex_t lock;
 	bool locked; /* stays true across a handoff */
-	struct waitq q;
+	struct sync_waitq q;
 };
 
 int concur_mutex_new(concur_mutex **out)
@@ -161,8 +156,8 @@ int concur_mutex_lock(concur_mutex *m, int64_t timeout_ns)
 		pthread_mutex_unlock(&m->lock);
 		return 0;
 	}
-	struct waiter w;
-	return park(&m->lock, &m->q, &w, timeout_ns);
+	struct sync_waiter w;
+	return sync_park(&m->lock, &m->q, &w, timeout_ns);
 }
 
 int concur_mutex_trylock(concur_mutex *m)
@@ -185,10 +180,10 @@ int concur_mutex_unlock(concur_mutex *m)
 		pthread_mutex_unlock(&m->lock);
 		return -EPERM;
 	}
-	concur_future *p = grant(&m->q, 0); /* FIFO handoff: the mutex stays locked */
+	concur_future *p = sync_grant(&m->q, 0); /* FIFO handoff: the mutex stays locked */
 	m->locked = p != NULL;
 	pthread_mutex_unlock(&m->lock);
-	wake(p);
+	sync_wake(p);
 	return 0;
 }
 
@@ -198,7 +193,7 @@ size_t concur_mutex_waiters(const concur_mutex *m)
 		return 0;
 	pthread_mutex_lock((pthread_mutex_t *)&m->lock);
 	size_t n = 0;
-	for (struct waiter *w = m->q.head; w; w = w->next)
+	for (struct sync_waiter *w = m->q.head; w; w = w->next)
 		n++;
 	pthread_mutex_unlock((pthread_mutex_t *)&m->lock);
 	return n;
@@ -209,7 +204,7 @@ size_t concur_mutex_waiters(const concur_mutex *m)
 struct concur_sem {
 	pthread_mutex_t lock;
 	int64_t value; /* > 0 only while nobody waits */
-	struct waitq q;
+	struct sync_waitq q;
 };
 
 int concur_sem_new(concur_sem **out, int64_t value)
@@ -239,8 +234,8 @@ int concur_sem_acquire(concur_sem *s, int64_t timeout_ns)
 		pthread_mutex_unlock(&s->lock);
 		return 0;
 	}
-	struct waiter w;
-	return park(&s->lock, &s->q, &w, timeout_ns);
+	struct sync_waiter w;
+	return sync_park(&s->lock, &s->q, &w, timeout_ns);
 }
 
 int concur_sem_release(concur_sem *s, int64_t n)
@@ -249,7 +244,7 @@ int concur_sem_release(concur_sem *s, int64_t n)
 		return -EINVAL;
 	pthread_mutex_lock(&s->lock);
 	while (n > 0 && s->q.head) {
-		wake(grant(&s->q, 0));
+		sync_wake(sync_grant(&s->q, 0));
 		n--;
 	}
 	int err = 0;
@@ -276,7 +271,7 @@ int64_t concur_sem_value(const concur_sem *s)
 struct concur_event {
 	pthread_mutex_t lock;
 	_Atomic bool set;
-	struct waitq q;
+	struct sync_waitq q;
 };
 
 int concur_event_new(concur_event **out)
@@ -298,7 +293,7 @@ int concur_event_set(concur_event *e)
 		return -EINVAL;
 	pthread_mutex_lock(&e->lock);
 	atomic_store(&e->set, true);
-	grant_all(&e->q, 0);
+	sync_grant_all(&e->q, 0);
 	pthread_mutex_unlock(&e->lock);
 	return 0;
 }
@@ -327,8 +322,8 @@ int concur_event_wait(concur_event *e, int64_t timeout_ns)
 		pthread_mutex_unlock(&e->lock);
 		return 0;
 	}
-	struct waiter w;
-	return park(&e->lock, &e->q, &w, timeout_ns);
+	struct sync_waiter w;
+	return sync_park(&e->lock, &e->q, &w, timeout_ns);
 }
 
 /* ---- channel -------------------------------------------------------------------------------- */
@@ -338,9 +333,9 @@ int concur_event_wait(concur_event *e, int64_t timeout_ns)
 struct concur_chan {
 	pthread_mutex_t lock;
 	bool closed;
-	size_t cap, head, len;  /* items[head .. head+len) mod cap */
-	struct waitq senders;   /* only while the buffer is full */
-	struct waitq receivers; /* only while the buffer is empty */
+	size_t cap, head, len;       /* items[head .. head+len) mod cap */
+	struct sync_waitq senders;   /* only while the buffer is full */
+	struct sync_waitq receivers; /* only while the buffer is empty */
 	int64_t items[];
 };
 
@@ -372,9 +367,9 @@ int concur_chan_send(concur_chan *c, int64_t v, int64_t timeout_ns)
 	}
 	if (c->receivers.head) { /* the buffer is empty: hand the item over */
 		c->receivers.head->value = v;
-		concur_future *p = grant(&c->receivers, 0);
+		concur_future *p = sync_grant(&c->receivers, 0);
 		pthread_mutex_unlock(&c->lock);
-		wake(p);
+		sync_wake(p);
 		return 0;
 	}
 	if (c->len < c->cap) {
@@ -382,8 +377,8 @@ int concur_chan_send(concur_chan *c, int64_t v, int64_t timeout_ns)
 		pthread_mutex_unlock(&c->lock);
 		return 0;
 	}
-	struct waiter w = {.value = v};
-	return park(&c->lock, &c->senders, &w, timeout_ns);
+	struct sync_waiter w = {.value = v};
+	return sync_park(&c->lock, &c->senders, &w, timeout_ns);
 }
 
 int concur_chan_recv(concur_chan *c, int64_t *v, int64_t timeout_ns)
@@ -398,18 +393,18 @@ int concur_chan_recv(concur_chan *c, int64_t *v, int64_t timeout_ns)
 		concur_future *p = NULL;
 		if (c->senders.head) { /* the buffer was full: take the first sender's item */
 			c->items[(c->head + c->len++) % c->cap] = c->senders.head->value;
-			p = grant(&c->senders, 0);
+			p = sync_grant(&c->senders, 0);
 		}
 		pthread_mutex_unlock(&c->lock);
-		wake(p);
+		sync_wake(p);
 		return 0;
 	}
 	if (c->closed) {
 		pthread_mutex_unlock(&c->lock);
 		return -EPIPE;
 	}
-	struct waiter w;
-	int r = park(&c->lock, &c->receivers, &w, timeout_ns);
+	struct sync_waiter w;
+	int r = sync_park(&c->lock, &c->receivers, &w, timeout_ns);
 	if (r == 0)
 		*v = w.value;
 	return r;
@@ -422,8 +417,8 @@ int concur_chan_close(concur_chan *c)
 	pthread_mutex_lock(&c->lock);
 	int err = c->closed ? -EALREADY : 0;
 	c->closed = true;
-	grant_all(&c->senders, -EPIPE);
-	grant_all(&c->receivers, -EPIPE);
+	sync_grant_all(&c->senders, -EPIPE);
+	sync_grant_all(&c->receivers, -EPIPE);
 	pthread_mutex_unlock(&c->lock);
 	return err;
 }

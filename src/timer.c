@@ -21,18 +21,6 @@
 
 /* ---- clocks -------------------------------------------------------------------------------- */
 
-int64_t concur__after_ns(int64_t timeout_ns)
-{
-	int64_t now = concur__now_ns();
-	return timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
-}
-
-static void concur__ts_abs(struct __kernel_timespec *ts, int64_t at)
-{
-	ts->tv_sec = at / 1000000000;
-	ts->tv_nsec = at % 1000000000;
-}
-
 /* ---- the heap ------------------------------------------------------------------------------ */
 
 static int64_t concur__due(const struct concur__task *t)
@@ -117,15 +105,15 @@ static void concur__timers_arm(struct concur__loop *loop)
 	struct io_uring_sqe *sqe = concur__sqe(loop);
 	tm->op.cqe = concur__timers_cqe;
 	if (tm->armed) {
-		concur__ts_abs(&tm->upd, first);
-		io_uring_prep_timeout_update(sqe, &tm->upd, (uint64_t)(uintptr_t)&tm->op,
+		CONCUR__NS_TO_TS(&tm->upd, first);
+		io_uring_prep_timeout_update(sqe, &tm->upd, concur__uncounted_ud(&tm->op),
 		                             IORING_TIMEOUT_ABS);
 		sqe->flags |= IOSQE_CQE_SKIP_SUCCESS; /* a failure: it fired meanwhile, fine */
-		concur__sqe_set_op(sqe, &concur__ignore_op);
+		concur__sqe_set_uncounted(sqe, &concur__ignore_op);
 	} else {
-		concur__ts_abs(&tm->ts, first);
+		CONCUR__NS_TO_TS(&tm->ts, first);
 		io_uring_prep_timeout(sqe, &tm->ts, 0, IORING_TIMEOUT_ABS);
-		concur__sqe_set_op(sqe, &tm->op);
+		concur__sqe_set_uncounted(sqe, &tm->op);
 		tm->armed = true;
 	}
 	tm->armed_at = first;
@@ -161,9 +149,9 @@ bool concur__timers_stop(struct concur__loop *loop)
 	if (!tm->armed)
 		return false;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
-	io_uring_prep_timeout_remove(sqe, (uint64_t)(uintptr_t)&tm->op, 0);
+	io_uring_prep_timeout_remove(sqe, concur__uncounted_ud(&tm->op), 0);
 	sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-	concur__sqe_set_op(sqe, &concur__ignore_op);
+	concur__sqe_set_uncounted(sqe, &concur__ignore_op);
 	return true; /* the caller reaps until tm->armed is false */
 }
 
@@ -268,7 +256,7 @@ int concur_deadline_pop(void)
 /* The sleep's own deadline or a scope's fired, or a cancel came: nothing to undo but wake. */
 static bool concur__sleep_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
 {
-	concur__loop_push_ready(loop, t);
+	concur__resume(t); /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
 
@@ -278,7 +266,8 @@ int concur_sleep(int64_t ns)
 		return -EINVAL;
 	struct concur__task *t = concur__tl_task;
 	if (!t) {
-		struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
+		struct timespec ts;
+		CONCUR__NS_TO_TS(&ts, ns);
 		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
 			;
 		return 0;

@@ -82,7 +82,7 @@ struct countdown {
 	struct cd_node node[];
 };
 
-static void countdown_put(struct countdown *c)
+static void wait_countdown_put(struct countdown *c)
 {
 	if (atomic_fetch_sub(&c->refs, 1) != 1)
 		return;
@@ -92,7 +92,7 @@ static void countdown_put(struct countdown *c)
 }
 
 /* One more input done (f is): count it, wake the waiter if that was the target. */
-static void countdown_count(struct countdown *c, concur_future *f)
+static void wait_countdown_count(struct countdown *c, concur_future *f)
 {
 	size_t d = atomic_fetch_add(&c->done, 1) + 1;
 	bool failed = c->stop_on_failure && concur__failed(f);
@@ -102,29 +102,29 @@ static void countdown_count(struct countdown *c, concur_future *f)
 		concur__wake_fire(&c->lock, &c->wake);
 }
 
-static void cd_done(struct concur__waiter *w, concur_future *f)
+static void wait_cd_done(struct concur__waiter *w, concur_future *f)
 {
 	struct countdown *c = ((struct cd_node *)w)->c;
-	countdown_count(c, f);
-	countdown_put(c);
+	wait_countdown_count(c, f);
+	wait_countdown_put(c);
 }
 
 /* The input died unset: it will never count (the wait times out, as it would have). */
-static void cd_drop(struct concur__waiter *w, concur_future *f)
+static void wait_cd_drop(struct concur__waiter *w, concur_future *f)
 {
-	countdown_put(((struct cd_node *)w)->c);
+	wait_countdown_put(((struct cd_node *)w)->c);
 }
 
-static const struct concur__waiter_ops cd_ops = {.done = cd_done, .drop = cd_drop};
+static const struct concur__waiter_ops cd_ops = {.done = wait_cd_done, .drop = wait_cd_drop};
 
 /*
  * Count futures[0..n) down: each done now is counted at once (and marks the record failed if it
  * failed, with stop_on_failure), a node is hung on each of the others. Returns the record (the
- * caller holds one reference; its target is SIZE_MAX until countdown_wait; countdown_end takes
- * the nodes back) or NULL with *err set.
+ * caller holds one reference; its target is SIZE_MAX until wait_countdown_wait; wait_countdown_end
+ * takes the nodes back) or NULL with *err set.
  */
-static struct countdown *countdown_start(concur_future *const *futures, size_t n,
-                                         bool stop_on_failure, int *err)
+static struct countdown *wait_countdown_start(concur_future *const *futures, size_t n,
+                                              bool stop_on_failure, int *err)
 {
 	struct countdown *c = calloc(1, sizeof(*c) + n * sizeof(c->node[0]));
 	if (!c) {
@@ -147,23 +147,23 @@ static struct countdown *countdown_start(concur_future *const *futures, size_t n
 			node->f = futures[i];
 		} else { /* done already */
 			atomic_fetch_sub(&c->refs, 1);
-			countdown_count(c, futures[i]);
+			wait_countdown_count(c, futures[i]);
 		}
 	}
 	return c;
 }
 
 /* The wait is over: take back the nodes still hung, and drop the caller's reference. */
-static void countdown_end(struct countdown *c)
+static void wait_countdown_end(struct countdown *c)
 {
 	for (size_t i = 0; i < c->n; i++)
 		if (c->node[i].f && concur__waiter_remove(c->node[i].f, &c->node[i].w))
-			countdown_put(c); /* never the last: ours is still held */
-	countdown_put(c);
+			wait_countdown_put(c); /* never the last: ours is still held */
+	wait_countdown_put(c);
 }
 
 /* Wait until target inputs are done (or one failed, with stop_on_failure): 0 or an error. */
-static int64_t countdown_wait(struct countdown *c, size_t target, int64_t deadline)
+static int64_t wait_countdown_wait(struct countdown *c, size_t target, int64_t deadline)
 {
 	pthread_mutex_lock(&c->lock);
 	atomic_store(&c->target, target);
@@ -201,11 +201,12 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 	}
 	if (!wait_satisfied(mode, ndone, n, failed) && timeout_ns != 0) {
 		struct countdown *c =
-		    countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);
+		    wait_countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);
 		if (!c)
 			return err;
-		int64_t r = countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
-		countdown_end(c);
+		int64_t r =
+		    wait_countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
+		wait_countdown_end(c);
 		if (r < 0 && r != -ETIMEDOUT)
 			return (int)r;
 	}
@@ -233,7 +234,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	int64_t t0 = concur__now_ns();
 	int64_t deadline = concur__deadline_after(timeout_ns);
 	int64_t r = 0;
-	struct countdown *c = countdown_start(futures, n, false, &err);
+	struct countdown *c = wait_countdown_start(futures, n, false, &err);
 	if (!c)
 		return err;
 	/* With a progress callback, wake up each time another 1% is done (at most ~100 times). */
@@ -241,7 +242,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	size_t done, reported = 0; /* the last step reported: a wake-up may come early */
 	while ((done = atomic_load(&c->done)) < n) {
 		size_t target = (done / step + 1) * step;
-		r = countdown_wait(c, target < n ? target : n, deadline);
+		r = wait_countdown_wait(c, target < n ? target : n, deadline);
 		if (r < 0)
 			break;
 		done = atomic_load(&c->done);
@@ -252,7 +253,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	}
 	if (opts->progress)
 		opts->progress(atomic_load(&c->done), n, concur__now_ns() - t0, opts->progress_arg);
-	countdown_end(c);
+	wait_countdown_end(c);
 	if (r < 0 && r != -ETIMEDOUT)
 		return r;
 	int64_t first_err = 0;
@@ -301,7 +302,7 @@ struct concur_as_completed {
 	int64_t deadline;
 };
 
-static void ac_put(struct ac_shared *s)
+static void wait_ac_put(struct ac_shared *s)
 {
 	if (atomic_fetch_sub(&s->refs, 1) != 1)
 		return;
@@ -311,7 +312,7 @@ static void ac_put(struct ac_shared *s)
 	free(s);
 }
 
-static void ac_queue(struct ac_shared *s, size_t k)
+static void wait_ac_queue(struct ac_shared *s, size_t k)
 {
 	pthread_mutex_lock(&s->lock);
 	s->ready[s->tail++] = k;
@@ -319,30 +320,31 @@ static void ac_queue(struct ac_shared *s, size_t k)
 }
 
 /* Before f's state is final: take f's place in the completion order. */
-static void ac_record(struct concur__waiter *w, concur_future *f, int64_t res, uint32_t final_state)
+static void wait_ac_record(struct concur__waiter *w, concur_future *f, int64_t res,
+                           uint32_t final_state)
 {
 	struct ac_slot *slot = (struct ac_slot *)w;
-	ac_queue(slot->s, slot->k);
+	wait_ac_queue(slot->s, slot->k);
 }
 
-static void ac_done(struct concur__waiter *w, concur_future *f)
+static void wait_ac_done(struct concur__waiter *w, concur_future *f)
 {
 	struct ac_shared *s = ((struct ac_slot *)w)->s;
 	concur__wake_fire(&s->lock, &s->wake);
-	ac_put(s);
+	wait_ac_put(s);
 }
 
 /* Cannot happen while the iterator holds f; gives the reference back all the same. */
-static void ac_drop(struct concur__waiter *w, concur_future *f)
+static void wait_ac_drop(struct concur__waiter *w, concur_future *f)
 {
-	ac_put(((struct ac_slot *)w)->s);
+	wait_ac_put(((struct ac_slot *)w)->s);
 }
 
 static const struct concur__waiter_ops ac_ops = {
-    .record = ac_record, .done = ac_done, .drop = ac_drop};
+    .record = wait_ac_record, .done = wait_ac_done, .drop = wait_ac_drop};
 
 /* Keep the first occurrence of each future, in input order, in out; returns how many. */
-static size_t dedupe(concur_future *const *futures, size_t n, concur_future **out, int *err)
+static size_t wait_dedupe(concur_future *const *futures, size_t n, concur_future **out, int *err)
 {
 	size_t cap = 16;
 	while (cap < 2 * n)
@@ -377,7 +379,7 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 	size_t *ready = calloc(n ? n : 1, sizeof(*ready));
 	size_t m = 0;
 	if (it && s && futs && ready)
-		m = dedupe(futures, n, futs, &err);
+		m = wait_dedupe(futures, n, futs, &err);
 	if (!it || !s || !futs || !ready || err) {
 		free(it);
 		free(s);
@@ -413,7 +415,7 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 		slot->hung = concur__waiter_push(futs[k], &slot->w);
 		if (!slot->hung) { /* done meanwhile */
 			atomic_fetch_sub(&s->refs, 1);
-			ac_queue(s, k);
+			wait_ac_queue(s, k);
 		}
 	}
 	*out = it;
@@ -471,11 +473,11 @@ void concur_as_completed_free(concur_as_completed *it)
 		if (!it->futs[k])
 			continue;
 		if (s->slot[k].hung && concur__waiter_remove(it->futs[k], &s->slot[k].w))
-			ac_put(s); /* never the last: ours is still held */
+			wait_ac_put(s); /* never the last: ours is still held */
 		concur_release(it->futs[k]);
 	}
 	free(it->futs);
-	ac_put(s);
+	wait_ac_put(s);
 	free(it);
 }
 
@@ -517,7 +519,7 @@ struct after {
 static __thread struct after *tl_ready_head, *tl_ready_tail;
 static __thread bool tl_starting;
 
-static int64_t after_task(void *arg)
+static int64_t wait_after_task(void *arg)
 {
 	struct after *a = arg;
 	if (a->then_fn)
@@ -526,7 +528,7 @@ static int64_t after_task(void *arg)
 }
 
 /* End the task unrun with err (unless its owner cancelled it first). */
-static void after_fail(struct after *a, int64_t err, uint32_t final_state)
+static void wait_after_fail(struct after *a, int64_t err, uint32_t final_state)
 {
 	struct concur__task *t = a->task;
 	if (concur__future_claim(&t->f))
@@ -535,69 +537,60 @@ static void after_fail(struct after *a, int64_t err, uint32_t final_state)
 }
 
 /* Every input is done: queue the task, or end it with the first input's error. */
-static void after_start(struct after *a)
+static void wait_after_start(struct after *a)
 {
 	struct concur__task *t = a->task;
 	for (size_t i = 0; i < a->n; i++) {
 		if (a->values[i] < 0) {
-			after_fail(a, a->values[i],
-			           a->slot[i].dropped ? CONCUR__CANCELLED : CONCUR__FINISHED);
+			wait_after_fail(a, a->values[i],
+			                a->slot[i].dropped ? CONCUR__CANCELLED : CONCUR__FINISHED);
 			return;
 		}
 	}
 	/* a freed executor cannot take it: never touch it (its memory may be gone) */
 	if (!concur__exec_alive(t->f.ex, t->f.ex_id)) {
-		after_fail(a, -ESHUTDOWN, CONCUR__FINISHED);
+		wait_after_fail(a, -ESHUTDOWN, CONCUR__FINISHED);
 		return;
 	}
 	concur__task_enqueue(t); /* cancelled meanwhile: its loop drops it unrun */
 }
 
-static void after_ready(struct after *a)
+static void wait_after_ready(struct after *a)
 {
-	a->next = NULL;
-	if (tl_ready_tail)
-		tl_ready_tail->next = a;
-	else
-		tl_ready_head = a;
-	tl_ready_tail = a;
+	CONCUR__FIFO_PUSH(tl_ready_head, tl_ready_tail, a);
 	if (tl_starting)
 		return;
 	tl_starting = true;
-	while ((a = tl_ready_head)) {
-		tl_ready_head = a->next;
-		if (!tl_ready_head)
-			tl_ready_tail = NULL;
-		after_start(a);
-	}
+	while ((a = CONCUR__FIFO_POP(tl_ready_head, tl_ready_tail)))
+		wait_after_start(a);
 	tl_starting = false;
 }
 
-static void after_input_value(struct after_slot *slot, int64_t v)
+static void wait_after_input_value(struct after_slot *slot, int64_t v)
 {
 	struct after *a = slot->a;
 	a->values[slot->i] = v;
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
-		after_ready(a);
+		wait_after_ready(a);
 }
 
-static void after_input_done(struct concur__waiter *w, concur_future *f)
+static void wait_after_input_done(struct concur__waiter *w, concur_future *f)
 {
-	after_input_value((struct after_slot *)w, concur__future_value(f));
+	wait_after_input_value((struct after_slot *)w, concur__future_value(f));
 }
 
-static void after_input_drop(struct concur__waiter *w, concur_future *f)
+static void wait_after_input_drop(struct concur__waiter *w, concur_future *f)
 {
 	struct after_slot *slot = (struct after_slot *)w;
 	slot->dropped = true;
-	after_input_value(slot, -ECANCELED);
+	wait_after_input_value(slot, -ECANCELED);
 }
 
-static const struct concur__waiter_ops after_ops = {.done = after_input_done,
-                                                    .drop = after_input_drop};
+static const struct concur__waiter_ops after_ops = {.done = wait_after_input_done,
+                                                    .drop = wait_after_input_drop};
 
-static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then_fn then_fn,
-                                void *arg, concur_future *const *inputs, size_t n)
+static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur_then_fn then_fn,
+                                     void *arg, concur_future *const *inputs, size_t n)
 {
 	if (!concur__exec_valid(ex))
 		return concur__failed_future(NULL, -EINVAL);
@@ -605,7 +598,7 @@ static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then
 	if (err)
 		return concur__failed_future(ex, err);
 	struct concur__task *t = concur__task_new_deferred(
-	    ex, after_task,
+	    ex, wait_after_task,
 	    sizeof(struct after) + n * (sizeof(struct after_slot) + sizeof(int64_t)));
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
@@ -624,10 +617,10 @@ static concur_future *after_new(concur_exec *ex, concur_after_fn fn, concur_then
 		slot->w.kind = CONCUR__WAIT_CALL;
 		slot->w.ops = &after_ops;
 		if (!concur__waiter_push(inputs[i], &slot->w))
-			after_input_done(&slot->w, inputs[i]); /* already done */
+			wait_after_input_done(&slot->w, inputs[i]); /* already done */
 	}
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
-		after_ready(a);
+		wait_after_ready(a);
 	return &t->f;
 }
 
@@ -636,7 +629,7 @@ concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg
 {
 	if (!fn)
 		return concur__failed_future(NULL, -EINVAL);
-	return after_new(ex, fn, NULL, arg, inputs, n);
+	return wait_after_new(ex, fn, NULL, arg, inputs, n);
 }
 
 concur_future *concur_then(concur_future *f, concur_then_fn fn, void *arg)
@@ -646,5 +639,5 @@ concur_future *concur_then(concur_future *f, concur_then_fn fn, void *arg)
 	concur_exec *ex = concur_future_exec(f);
 	if (!ex)
 		ex = concur_current_exec();
-	return after_new(ex, NULL, fn, arg, &f, 1);
+	return wait_after_new(ex, NULL, fn, arg, &f, 1);
 }

@@ -56,32 +56,4 @@ static inline bool concur__failed(const concur_future *f)
 /* Check an array argument: -EINVAL for NULL with n > 0, too many, or a NULL/invalid future. */
 int concur__check_futures(concur_future *const *futures, size_t n);
 
-/*
- * Stall detector hook (stall.c), for the loop: around each time it runs a fiber,
- *
- *	int64_t t0 = concur__stall_begin();
- *	concur__fiber_run(loop, t);
- *	if (t0)
- *		concur__stall_end(loop, t0);
- *
- * concur__stall_begin() is one relaxed load and returns 0 while no executor has a detector.
- */
-extern _Atomic unsigned concur__stall_detectors;
-/* The loop thread's CPU time: what a task consumed, not counting the times the thread was
- * preempted (wall time would blame a task for a busy machine). Never 0. */
-static inline int64_t concur__thread_cpu_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + 1;
-}
-static inline int64_t concur__stall_begin(void)
-{
-	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ==
-	                   0))
-		return 0;
-	return concur__thread_cpu_ns();
-}
-void concur__stall_end(struct concur__loop *loop, int64_t t0);
-
 #endif /* CONCUR_WAIT_H */

@@ -15,6 +15,7 @@
 
 #include "concur.h"
 
+/* x milliseconds in ns: the one time unit of the tests. */
 #define MS(x) ((int64_t)(x)*1000000)
 
 /* Sanitized builds run 10x to 50x slower: bulk counts shrink there (the assertions do not). */
@@ -54,6 +55,41 @@ static inline long proc_status_kb(const char *field)
 		fclose(f);
 	return v;
 }
+
+/* Poll a condition from the test thread (only the test polls, never the library). */
+#define EVENTUALLY(cond)                                                                           \
+	do {                                                                                       \
+		int tries_ = 0;                                                                    \
+		while (!(cond) && tries_++ < 5000)                                                 \
+			concur_sleep(MS(1));                                                       \
+		assert_true(cond);                                                                 \
+	} while (0)
+
+/* Burn ns of this thread's CPU time without yielding (holds a loop when called in a task;
+ * what the stall detector counts). */
+static inline void spin_ns(int64_t ns)
+{
+	struct timespec t0, t;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+	do
+		clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+	while ((t.tv_sec - t0.tv_sec) * 1000000000ll + (t.tv_nsec - t0.tv_nsec) < ns);
+}
+
+/*
+ * A test that needs a kernel feature the kernel lacks calls SKIP_NO_KERNEL(why): the test is
+ * skipped, and main's TESTS_EXIT(failed) makes the binary exit 77 when nothing failed, which
+ * ctest reports as skipped (SKIP_RETURN_CODE in tests/CMakeLists.txt), as liburing's tests do.
+ * Skips for other reasons (a sanitizer build) stay plain cmocka skip()s.
+ */
+static int tests_kernel_skips __attribute__((unused));
+#define SKIP_NO_KERNEL(why)                                                                        \
+	do {                                                                                       \
+		tests_kernel_skips++;                                                              \
+		print_message("[  SKIP    ] the kernel lacks %s\n", why);                          \
+		skip();                                                                            \
+	} while (0)
+#define TESTS_EXIT(failed) ((failed) ? (failed) : tests_kernel_skips ? 77 : 0)
 
 static inline concur_exec *new_exec(unsigned loops)
 {

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* The blocking pool and the stall detector. */
+/* The blocking pool (the stall detector: test_stall.c). */
 #include "internal.h" /* before comp_test.h: its executor is a global named ex */
 #include "wait.h"
 
@@ -98,7 +98,7 @@ static int64_t must_not_run(void *arg)
 
 static void test_blocking_bounded_cancel_and_idle_exit(void **state)
 {
-	assert_int_equal(concur_blocking_config(2, 50 * MS), 0);
+	assert_int_equal(concur_blocking_config(2, MS(50)), 0);
 	EVENTUALLY(concur_blocking_threads() == 0); /* earlier helpers idle out */
 	atomic_store(&release_gate, false);
 	concur_future *fs[6];
@@ -118,7 +118,7 @@ static void test_blocking_bounded_cancel_and_idle_exit(void **state)
 		concur_release(fs[i]);
 	concur_release(queued);
 	EVENTUALLY(concur_blocking_threads() == 0); /* idle helpers exit */
-	assert_int_equal(concur_blocking_config(64, 10000 * MS), 0);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
 }
 
 static int64_t slow_job(void *arg)
@@ -135,57 +135,6 @@ static void test_blocking_counts_for_join(void **state)
 	concur_release(f); /* fire and forget */
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	assert_true(atomic_load(&finished));
-}
-
-/* ---- stall detector ------------------------------------------------------------------------- */
-
-static atomic_int reports;
-static _Atomic int64_t reported_ns;
-
-static void on_stall(concur_exec *e, unsigned loop_idx, int64_t ran_ns, void *arg)
-{
-	assert_ptr_equal(e, ex);
-	assert_true(loop_idx < 2);
-	atomic_store(&reported_ns, ran_ns);
-	atomic_fetch_add(&reports, 1);
-}
-
-static int64_t hog(void *arg)
-{
-	spin_ns(60 * MS);
-	return 0;
-}
-
-static int64_t polite(void *arg)
-{
-	for (int i = 0; i < 30; i++) {
-		spin_ns(1 * MS);
-		concur_yield();
-	}
-	return 0;
-}
-
-static void test_stall_detector(void **state)
-{
-	assert_int_equal(concur_stall_detector(NULL, 1, NULL, NULL), -EINVAL);
-	assert_int_equal(concur_stall_detector(ex, 20 * MS, on_stall, NULL), 0);
-	concur_future *f = concur_spawn(ex, polite, NULL); /* yields often: no stall */
-	assert_int_equal(concur_result(f, -1), 0);
-	concur_release(f);
-	assert_int_equal(concur_stall_count(ex), 0);
-	f = concur_spawn(ex, hog, NULL);
-	assert_int_equal(concur_result(f, -1), 0);
-	concur_release(f);
-	assert_int_equal(concur_exec_join(ex, -1), 0);
-	assert_int_equal(concur_stall_count(ex), 1);
-	assert_int_equal(atomic_load(&reports), 1);
-	assert_true(atomic_load(&reported_ns) >= 60 * MS);
-	assert_int_equal(concur_stall_detector(ex, 0, NULL, NULL), 0); /* off */
-	f = concur_spawn(ex, hog, NULL);
-	assert_int_equal(concur_result(f, -1), 0);
-	concur_release(f);
-	assert_int_equal(concur_stall_count(ex), 0);
-	assert_int_equal(atomic_load(&reports), 1);
 }
 
 /* Defect 8: a job a helper has picked up is RUNNING: cancel is too late and says so (0), and
@@ -228,7 +177,6 @@ int main(void)
 	    cmocka_unit_test(test_blocking_bounded_cancel_and_idle_exit),
 	    cmocka_unit_test(test_blocking_counts_for_join),
 	    cmocka_unit_test(test_blocking_running_job_cannot_be_cancelled),
-	    cmocka_unit_test(test_stall_detector),
 	};
-	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

@@ -560,5 +560,5 @@ int main(void)
 	    cmocka_unit_test(test_exec_stop_cancels_io),
 	    cmocka_unit_test(test_exec_stop_drains),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

@@ -541,5 +541,5 @@ int main(void)
 	    cmocka_unit_test(test_spawn_on_bad),
 	    cmocka_unit_test(test_io_uring_register_blocked),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

@@ -177,7 +177,7 @@ static int guard_probed(void)
 static void test_guard_page(void **state)
 {
 	if (guard_probed() != CONCUR_STACK_GUARD_MADVISE)
-		skip(); /* Linux < 6.13: no MADV_GUARD_INSTALL; the mprotect test covers it */
+		SKIP_NO_KERNEL("MADV_GUARD_INSTALL (Linux 6.13)"); /* the mprotect test runs */
 	pid_t pid = fork();
 	if (pid == 0)
 		guard_child(CONCUR_STACK_GUARD_MADVISE, 64 * 1024, 0);
@@ -550,5 +550,5 @@ int main(void)
 	    cmocka_unit_test(test_rlimit_as),
 	    cmocka_unit_test(test_context_queries),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

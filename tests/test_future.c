@@ -477,5 +477,5 @@ int main(void)
 	    cmocka_unit_test(test_callback_releases_last_reference),
 	    cmocka_unit_test(test_huge_timeouts),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

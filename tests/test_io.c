@@ -8,24 +8,12 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <cmocka.h>
-
-#include "concur.h"
-
-#define MS (1000 * 1000LL)
+#include "helpers.h"
 
 static concur_exec *ex;
 
@@ -45,7 +33,7 @@ static int teardown(void **state)
 /* Wait for f from this (foreign) thread, release it, return its result. */
 static int64_t wait_res(concur_future *f)
 {
-	int64_t r = concur_result(f, 10000 * MS);
+	int64_t r = concur_result(f, MS(10000));
 	concur_release(f);
 	return r;
 }
@@ -177,7 +165,7 @@ static void test_ebadf(void **state)
 	close(fds[0]);
 	close(fds[1]);
 	assert_int_equal(wait_res(concur_read(ex, fds[0], &c, 1, -1, CONCUR_NO_TIMEOUT)), -EBADF);
-	assert_int_equal(wait_res(concur_write(ex, fds[1], "x", 1, -1, 100 * MS)), -EBADF);
+	assert_int_equal(wait_res(concur_write(ex, fds[1], "x", 1, -1, MS(100))), -EBADF);
 	assert_int_equal(wait_res(concur_close(ex, fds[0], CONCUR_NO_TIMEOUT)), -EBADF);
 }
 
@@ -227,18 +215,18 @@ static int64_t nop_task(void *arg)
 	for (int i = 0; i < 1000; i++)
 		if (concur_await_nop() != 0)
 			return -1;
-	return concur_await_timeout(1 * MS);
+	return concur_await_timeout(MS(1));
 }
 
 static void test_nop_timeout(void **state)
 {
 	assert_int_equal(wait_res(concur_nop(ex)), 0);
 	assert_int_equal(run_task(nop_task, NULL), 0);
-	assert_int_equal(wait_res(concur_timeout(ex, 2 * MS)), 0);
-	concur_future *f = concur_timeout(ex, 10000 * MS);
+	assert_int_equal(wait_res(concur_timeout(ex, MS(2))), 0);
+	concur_future *f = concur_timeout(ex, MS(10000));
 	int c = concur_cancel(f);
 	assert_true(c == 1 || c == -EINPROGRESS);
-	assert_int_equal(concur_result(f, 5000 * MS), -ECANCELED);
+	assert_int_equal(concur_result(f, MS(5000)), -ECANCELED);
 	assert_true(concur_cancelled(f));
 	concur_release(f);
 }
@@ -309,7 +297,7 @@ static int64_t tcp_client_task(void *arg)
 	    (int)concur_await_socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0, CONCUR_NO_TIMEOUT);
 	if (fd < 0)
 		return fd;
-	int64_t r = concur_await_connect(fd, (struct sockaddr *)&a, sizeof(a), 1000 * MS);
+	int64_t r = concur_await_connect(fd, (struct sockaddr *)&a, sizeof(a), MS(1000));
 	if (r == 0) {
 		struct pair p = {fd, 100000};
 		r = sender_task(&p);
@@ -324,7 +312,7 @@ static int64_t tcp_server_task(void *arg)
 	struct sockaddr_in peer;
 	socklen_t plen = sizeof(peer);
 	int fd =
-	    (int)concur_await_accept(lfd, (struct sockaddr *)&peer, &plen, SOCK_CLOEXEC, 2000 * MS);
+	    (int)concur_await_accept(lfd, (struct sockaddr *)&peer, &plen, SOCK_CLOEXEC, MS(2000));
 	if (fd < 0)
 		return fd;
 	if (peer.sin_family != AF_INET)
@@ -369,7 +357,7 @@ static void test_sendmsg_poll_splice(void **state)
 	assert_int_equal(wait_res(concur_recvmsg(ex, sp[1], &rm, 0, CONCUR_NO_TIMEOUT)), 2);
 	assert_memory_equal(out, "de", 2);
 	/* poll with a deadline that expires */
-	assert_int_equal(wait_res(concur_poll(ex, sp[1], POLLIN, 20 * MS)), -ETIMEDOUT);
+	assert_int_equal(wait_res(concur_poll(ex, sp[1], POLLIN, MS(20))), -ETIMEDOUT);
 	close(sp[0]);
 	close(sp[1]);
 	close(pp[0]);
@@ -389,7 +377,7 @@ static void test_cancel_recv(void **state)
 			usleep(1000); /* sometimes in flight for sure, sometimes maybe not yet */
 		int c = concur_cancel(f);
 		assert_true(c == 1 || c == -EINPROGRESS);
-		assert_int_equal(concur_result(f, 5000 * MS), -ECANCELED);
+		assert_int_equal(concur_result(f, MS(5000)), -ECANCELED);
 		assert_true(concur_cancelled(f));
 		assert_int_equal(concur_cancel(f), 1);
 		concur_release(f);
@@ -418,18 +406,18 @@ static void test_deadline_recv(void **state)
 	int64_t t0 = 0;
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	t0 = ts.tv_sec * 1000 * MS + ts.tv_nsec;
-	concur_future *f = concur_recv(ex, fds[1], buf, 64, 0, 30 * MS);
-	assert_int_equal(concur_result(f, 5000 * MS), -ETIMEDOUT);
+	t0 = ts.tv_sec * MS(1000) + ts.tv_nsec;
+	concur_future *f = concur_recv(ex, fds[1], buf, 64, 0, MS(30));
+	assert_int_equal(concur_result(f, MS(5000)), -ETIMEDOUT);
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	assert_true(ts.tv_sec * 1000 * MS + ts.tv_nsec - t0 >= 29 * MS);
+	assert_true(ts.tv_sec * MS(1000) + ts.tv_nsec - t0 >= MS(29));
 	assert_false(concur_cancelled(f));
 	concur_release(f);
 	free(buf);
 	/* a deadline that does not expire leaves the result alone */
 	char got[8];
 	assert_int_equal(write(fds[0], "x", 1), 1);
-	assert_int_equal(wait_res(concur_recv(ex, fds[1], got, sizeof(got), 0, 5000 * MS)), 1);
+	assert_int_equal(wait_res(concur_recv(ex, fds[1], got, sizeof(got), 0, MS(5000))), 1);
 	close(fds[0]);
 	close(fds[1]);
 }
@@ -437,7 +425,7 @@ static void test_deadline_recv(void **state)
 static int64_t deadline_task(void *arg)
 {
 	char buf[16];
-	return concur_await_recv(*(int *)arg, buf, sizeof(buf), 0, 20 * MS);
+	return concur_await_recv(*(int *)arg, buf, sizeof(buf), 0, MS(20));
 }
 
 static void test_deadline_direct(void **state)
@@ -453,7 +441,7 @@ static int64_t reset_task(void *arg)
 {
 	int fd = *(int *)arg;
 	char buf[16];
-	return concur_await_recv(fd, buf, sizeof(buf), 0, 5000 * MS);
+	return concur_await_recv(fd, buf, sizeof(buf), 0, MS(5000));
 }
 
 static void test_econnreset(void **state)
@@ -463,7 +451,7 @@ static void test_econnreset(void **state)
 	int cfd = socket(AF_INET, SOCK_STREAM, 0);
 	struct sockaddr_in a = loopback(port);
 	assert_int_equal(connect(cfd, (struct sockaddr *)&a, sizeof(a)), 0);
-	int sfd = (int)wait_res(concur_accept(ex, lfd, NULL, NULL, 0, 1000 * MS));
+	int sfd = (int)wait_res(concur_accept(ex, lfd, NULL, NULL, 0, MS(1000)));
 	assert_true(sfd >= 0);
 	concur_future *f = concur_spawn(ex, reset_task, &sfd);
 	usleep(10000);
@@ -506,7 +494,7 @@ out:
 static int64_t many_acceptor(void *arg)
 {
 	for (int i = 0; i < NCONN; i++) {
-		int fd = (int)concur_await_accept(many_lfd, NULL, NULL, SOCK_CLOEXEC, 20000 * MS);
+		int fd = (int)concur_await_accept(many_lfd, NULL, NULL, SOCK_CLOEXEC, MS(20000));
 		if (fd < 0)
 			return fd;
 		concur_release(concur_spawn(ex, echo_conn_task, (void *)(intptr_t)fd));
@@ -567,7 +555,7 @@ static void test_many_connections(void **state)
 	}
 	assert_int_equal(bad, 0);
 	assert_int_equal(wait_res(acc), 0);
-	assert_int_equal(concur_exec_join(ex, 10000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(10000)), 0);
 	close(many_lfd);
 }
 
@@ -666,7 +654,7 @@ static int64_t fallocate_task(void *arg)
 	if (concur_await_fallocate(fds[0], 0, 0, 8192, CONCUR_NO_TIMEOUT) != 0)
 		return -100;
 	/* beyond the end: the file grows to off + len */
-	if (concur_await_fallocate(fds[0], 0, 16384, 4096, 1000 * MS) != 0)
+	if (concur_await_fallocate(fds[0], 0, 16384, 4096, MS(1000)) != 0)
 		return -101;
 	/* KEEP_SIZE reserves blocks without changing the size */
 	if (concur_await_fallocate(fds[0], FALLOC_FL_KEEP_SIZE, 0, 65536, CONCUR_NO_TIMEOUT) != 0)
@@ -711,7 +699,7 @@ static void test_mkdirat_renameat(void **state)
 	assert_true(S_ISDIR(st.st_mode));
 	assert_int_equal(st.st_mode & 0700, 0700); /* the umask may only clear group/other bits */
 	assert_int_equal(st.st_mode & 0027, 0);
-	assert_int_equal(wait_res(concur_mkdirat(ex, AT_FDCWD, dir, 0700, 1000 * MS)), -EEXIST);
+	assert_int_equal(wait_res(concur_mkdirat(ex, AT_FDCWD, dir, 0700, MS(1000))), -EEXIST);
 	/* relative to a directory descriptor */
 	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	assert_true(dfd >= 0);
@@ -732,7 +720,7 @@ static void test_mkdirat_renameat(void **state)
 	assert_int_equal(wait_res(concur_renameat(ex, dfd, "a", dfd, "d", 0, CONCUR_NO_TIMEOUT)),
 	                 -ENOENT);
 	/* across directory descriptors: dfd's "c" becomes AT_FDCWD's dir2 */
-	assert_int_equal(wait_res(concur_renameat(ex, dfd, "c", AT_FDCWD, dir2, 0, 1000 * MS)), 0);
+	assert_int_equal(wait_res(concur_renameat(ex, dfd, "c", AT_FDCWD, dir2, 0, MS(1000))), 0);
 	assert_int_equal(stat(dir2, &st), 0);
 	assert_true(S_ISDIR(st.st_mode));
 	assert_int_equal(fstatat(dfd, "c", &st, 0), -1);
@@ -776,11 +764,11 @@ static void test_socket_future(void **state)
 	int lfd = listener(&port);
 	struct sockaddr_in a = loopback(port);
 	assert_int_equal(
-	    wait_res(concur_connect(ex, fd, (struct sockaddr *)&a, sizeof(a), 1000 * MS)), 0);
+	    wait_res(concur_connect(ex, fd, (struct sockaddr *)&a, sizeof(a), MS(1000))), 0);
 	close(fd);
 	close(lfd);
 	/* a datagram socket, with a deadline that does not expire */
-	fd = (int)wait_res(concur_socket(ex, AF_UNIX, SOCK_DGRAM, 0, 1000 * MS));
+	fd = (int)wait_res(concur_socket(ex, AF_UNIX, SOCK_DGRAM, 0, MS(1000)));
 	assert_true(fd >= 0);
 	len = sizeof(type);
 	assert_int_equal(getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len), 0);
@@ -804,7 +792,7 @@ static void test_send_shutdown_futures(void **state)
 	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
 	assert_int_equal(
 	    wait_res(concur_send(ex, sp[0], "ping", 4, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT)), 4);
-	assert_int_equal(wait_res(concur_send(ex, sp[0], "pong", 4, MSG_NOSIGNAL, 1000 * MS)), 4);
+	assert_int_equal(wait_res(concur_send(ex, sp[0], "pong", 4, MSG_NOSIGNAL, MS(1000))), 4);
 	assert_int_equal(recv(sp[1], buf, sizeof(buf), MSG_WAITALL | MSG_DONTWAIT), 8);
 	assert_memory_equal(buf, "pingpong", 8);
 	/* a zero-length send is fine */
@@ -812,7 +800,7 @@ static void test_send_shutdown_futures(void **state)
 	                 0);
 	/* the peer is waiting for data when the write side shuts down: it reads EOF */
 	concur_future *r = concur_recv(ex, sp[1], buf, sizeof(buf), 0, CONCUR_NO_TIMEOUT);
-	assert_int_equal(concur_result(r, 20 * MS), -ETIMEDOUT); /* nothing to read yet */
+	assert_int_equal(concur_result(r, MS(20)), -ETIMEDOUT); /* nothing to read yet */
 	assert_int_equal(wait_res(concur_shutdown(ex, sp[0], SHUT_WR, CONCUR_NO_TIMEOUT)), 0);
 	assert_int_equal(wait_res(r), 0);
 	assert_int_equal(recv(sp[1], buf, sizeof(buf), MSG_DONTWAIT), 0); /* and stays at EOF */
@@ -875,7 +863,7 @@ static int64_t msg_task(void *arg)
 	                    .msg_iovlen = 2,
 	                    .msg_control = rctl.buf,
 	                    .msg_controllen = sizeof(rctl.buf)};
-	if (concur_await_recvmsg(a->sp[1], &rm, MSG_CMSG_CLOEXEC, 1000 * MS) != 13)
+	if (concur_await_recvmsg(a->sp[1], &rm, MSG_CMSG_CLOEXEC, MS(1000)) != 13)
 		return -101;
 	if (memcmp(x, "one,tw", 6) || memcmp(y, "o,three", 7))
 		return -102;
@@ -892,7 +880,7 @@ static int64_t msg_task(void *arg)
 	if (concur_await_sendmsg(a->sp[0], NULL, 0, CONCUR_NO_TIMEOUT) != -EINVAL)
 		return -106;
 	/* with a deadline that expires: nothing comes */
-	if (concur_await_recvmsg(a->sp[1], &rm, 0, 20 * MS) != -ETIMEDOUT)
+	if (concur_await_recvmsg(a->sp[1], &rm, 0, MS(20)) != -ETIMEDOUT)
 		return -107;
 	return 0;
 }
@@ -937,7 +925,7 @@ static int64_t poll_checks_task(void *arg)
 	if (r < 0 || !(r & POLLOUT) || (r & POLLIN))
 		return -100;
 	/* nothing to read: the deadline ends the poll */
-	if (concur_await_poll(sp[0], POLLIN, 20 * MS) != -ETIMEDOUT)
+	if (concur_await_poll(sp[0], POLLIN, MS(20)) != -ETIMEDOUT)
 		return -101;
 	/* a closed descriptor */
 	if (concur_await_poll(sp[2], POLLIN, CONCUR_NO_TIMEOUT) != -EBADF)
@@ -954,7 +942,7 @@ static void test_poll_direct(void **state)
 	assert_int_equal(run_task(poll_checks_task, sp), 0);
 	/* a task polls an empty socket: it waits until the peer writes */
 	concur_future *f = concur_spawn(ex, poll_task, &sp[1]);
-	assert_int_equal(concur_result(f, 20 * MS), -ETIMEDOUT); /* not readable yet */
+	assert_int_equal(concur_result(f, MS(20)), -ETIMEDOUT); /* not readable yet */
 	assert_int_equal(write(sp[0], "abc", 3), 3);
 	int64_t r = wait_res(f);
 	assert_true(r > 0);
@@ -987,7 +975,7 @@ static int64_t splice_task(void *arg)
 	/* file (at offset 6) -> pipe -> file (at offset 3) */
 	if (concur_await_splice(a->in, 6, pp[1], -1, 5, 0, CONCUR_NO_TIMEOUT) != 5)
 		r = -100;
-	else if (concur_await_splice(pp[0], -1, a->out, 3, 100, 0, 1000 * MS) != 5)
+	else if (concur_await_splice(pp[0], -1, a->out, 3, 100, 0, MS(1000)) != 5)
 		r = -101;
 	/* -1 on the file: its current position (0), which moves */
 	else if (concur_await_splice(a->in, -1, pp[1], -1, 4, 0, CONCUR_NO_TIMEOUT) != 4)
@@ -1062,5 +1050,5 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_poll_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_direct, setup, teardown),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

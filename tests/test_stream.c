@@ -10,25 +10,14 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
-#include <setjmp.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdatomic.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cmocka.h>
-
-#include "concur.h"
-
-#define MS (1000 * 1000LL)
+#include "helpers.h"
 
 static concur_exec *ex;
 
@@ -53,7 +42,7 @@ static int teardown(void **state)
 
 static int64_t wait_res(concur_future *f)
 {
-	int64_t r = concur_result(f, 10000 * MS);
+	int64_t r = concur_result(f, MS(10000));
 	concur_release(f);
 	return r;
 }
@@ -159,7 +148,7 @@ static void test_accept_stream(void **state)
 		close(c);
 	}
 	assert_int_equal(wait_res(f), 5);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	close(lfd);
 }
 
@@ -345,7 +334,7 @@ static int64_t recv_stream_task(void *arg)
 		got += c.len;
 		held[nheld++] = c;
 		if (nheld == 200) { /* hold many buffers for a while: the ring runs dry */
-			concur_sleep(2 * MS);
+			concur_sleep(MS(2));
 			while (nheld)
 				if (concur_stream_give(s, &held[--nheld]))
 					return -EINVAL;
@@ -366,7 +355,7 @@ static void recv_stream(bool on_demand)
 	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
 	struct recv_args a = {.fd = fds[1], .peer = fds[0], .on_demand = on_demand};
 	assert_int_equal(run_task(recv_stream_task, &a), STREAM_BYTES);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	close(fds[0]);
 	close(fds[1]);
 }
@@ -423,7 +412,7 @@ static void test_on_demand_holds_no_buffer(void **state)
 	for (int i = 0; i <= IDLE_STREAMS; i++)
 		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds[i]), 0);
 	assert_int_equal(run_task(idle_streams_task, fds), 0);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	for (int i = 0; i <= IDLE_STREAMS; i++) {
 		close(fds[i][0]);
 		close(fds[i][1]);
@@ -457,7 +446,7 @@ static void test_stream_close(void **state)
 	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
 	int args[2] = {fds[0], listener(&port)};
 	assert_int_equal(run_task(stream_close_task, args), 0);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	close(fds[0]);
 	close(fds[1]);
 	close(args[1]);
@@ -517,10 +506,10 @@ static int64_t next_future_task(void *arg)
 	if ((r = concur_accept_stream(&s, lfds[0], SOCK_CLOEXEC)))
 		return r;
 	concur_future *nf = concur_stream_next_future(s, NULL);
-	concur_future *stop = concur_timeout(concur_current_exec(), 1 * MS);
+	concur_future *stop = concur_timeout(concur_current_exec(), MS(1));
 	concur_future *both[2] = {nf, stop};
 	bool done[2];
-	if (concur_wait(both, 2, CONCUR_FIRST_COMPLETED, 5000 * MS, done) != 1 || done[0] ||
+	if (concur_wait(both, 2, CONCUR_FIRST_COMPLETED, MS(5000), done) != 1 || done[0] ||
 	    !done[1])
 		return -3000;
 	if (concur_stream_next(s, NULL) != -EBUSY) /* the future still waits */
@@ -542,7 +531,7 @@ static int64_t next_future_task(void *arg)
 	c = client(ports[0]);
 	both[0] = nf;
 	both[1] = stop;
-	if (concur_wait(both, 2, CONCUR_FIRST_COMPLETED, 5000 * MS, done) != 1 || !done[0] ||
+	if (concur_wait(both, 2, CONCUR_FIRST_COMPLETED, MS(5000), done) != 1 || !done[0] ||
 	    done[1])
 		return -5000;
 	r = concur_result(nf, 0);
@@ -606,7 +595,7 @@ static void test_next_future(void **state)
 	assert_true(lfds[0] >= 0 && lfds[1] >= 0);
 	assert_int_equal(run_task(next_future_task, lfds), 0);
 	assert_int_equal(run_task(next_future_ready_task, NULL), 0);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	/* outside a task */
 	assert_int_equal(wait_res(concur_stream_next_future((concur_stream *)&port, NULL)), -EPERM);
 	close(lfds[0]);
@@ -652,14 +641,14 @@ static void xcancel(bool spin)
 	struct xcancel x = {
 	    .lfd = listener(&port), .opened = concur_promise_new(NULL), .spin = spin};
 	concur_future *f = concur_spawn(ex, xcancel_task, &x);
-	assert_int_equal(concur_result(x.opened, 5000 * MS), 0);
+	assert_int_equal(concur_result(x.opened, MS(5000)), 0);
 	/* before: -EPERM off the stream's loop, and the task waited for ever */
 	assert_int_equal(concur_stream_cancel(shared_stream), 0);
 	if (spin) /* idempotent (only while the task holds the stream open: not after close) */
 		assert_int_equal(concur_stream_cancel(shared_stream), 0);
 	atomic_store(&x.gate, 1);
 	assert_int_equal(wait_res(f), 0);
-	assert_int_equal(concur_exec_join(ex, 5000 * MS), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	concur_release(x.opened);
 	close(x.lfd);
 }
@@ -690,5 +679,5 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

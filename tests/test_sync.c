@@ -19,7 +19,7 @@ static void test_mutex_basic(void **state)
 	assert_int_equal(concur_mutex_trylock(m), 0);
 	assert_int_equal(concur_mutex_trylock(m), -EBUSY);
 	assert_int_equal(concur_mutex_lock(m, 0), -ETIMEDOUT);
-	assert_int_equal(concur_mutex_lock(m, 10 * MS), -ETIMEDOUT);
+	assert_int_equal(concur_mutex_lock(m, MS(10)), -ETIMEDOUT);
 	assert_int_equal(concur_mutex_waiters(m), 0); /* the timed-out waiter left the queue */
 	assert_int_equal(concur_mutex_unlock(m), 0);
 	assert_int_equal(concur_mutex_lock(m, -1), 0);
@@ -45,7 +45,7 @@ static int64_t fair_task(void *arg)
 	if (concur_mutex_lock(a->f->m, -1))
 		return -1;
 	a->f->order[atomic_fetch_add(&a->f->n, 1)] = a->id;
-	concur_sleep(1 * MS); /* hold it across a suspension */
+	concur_sleep(MS(1)); /* hold it across a suspension */
 	return concur_mutex_unlock(a->f->m);
 }
 
@@ -138,7 +138,7 @@ static int64_t sem_task(void *arg)
 	int max = atomic_load(&t->max_inside);
 	while (now > max && !atomic_compare_exchange_weak(&t->max_inside, &max, now))
 		;
-	concur_sleep(2 * MS);
+	concur_sleep(MS(2));
 	atomic_fetch_sub(&t->inside, 1);
 	return concur_sem_release(t->s, 1);
 }
@@ -159,7 +159,7 @@ static void test_semaphore(void **state)
 	assert_int_equal(concur_sem_value(t.s), 3);
 	for (int i = 0; i < 3; i++)
 		assert_int_equal(concur_sem_acquire(t.s, 0), 0);
-	assert_int_equal(concur_sem_acquire(t.s, 10 * MS), -ETIMEDOUT);
+	assert_int_equal(concur_sem_acquire(t.s, MS(10)), -ETIMEDOUT);
 	assert_int_equal(concur_sem_release(t.s, 0), -EINVAL);
 	assert_int_equal(concur_sem_release(t.s, INT64_MAX), 0);
 	assert_int_equal(concur_sem_release(t.s, 1), -EOVERFLOW);
@@ -178,11 +178,11 @@ static void test_event(void **state)
 	concur_event *e;
 	assert_int_equal(concur_event_new(&e), 0);
 	assert_false(concur_event_is_set(e));
-	assert_int_equal(concur_event_wait(e, 10 * MS), -ETIMEDOUT);
+	assert_int_equal(concur_event_wait(e, MS(10)), -ETIMEDOUT);
 	concur_future *fs[10];
 	for (int i = 0; i < 10; i++)
 		fs[i] = concur_spawn(ex, event_task, e);
-	assert_int_equal(concur_wait(fs, 10, CONCUR_FIRST_COMPLETED, 20 * MS, NULL), 0);
+	assert_int_equal(concur_wait(fs, 10, CONCUR_FIRST_COMPLETED, MS(20), NULL), 0);
 	assert_int_equal(concur_event_set(e), 0);
 	assert_true(concur_event_is_set(e));
 	for (int i = 0; i < 10; i++) {
@@ -206,7 +206,7 @@ static void test_chan_basic(void **state)
 	assert_int_equal(concur_chan_recv(c, &v, 0), -ETIMEDOUT);
 	assert_int_equal(concur_chan_send(c, 1, 0), 0);
 	assert_int_equal(concur_chan_send(c, 2, 0), 0);
-	assert_int_equal(concur_chan_send(c, 3, 10 * MS), -ETIMEDOUT); /* full */
+	assert_int_equal(concur_chan_send(c, 3, MS(10)), -ETIMEDOUT); /* full */
 	assert_int_equal(concur_chan_len(c), 2);
 	assert_int_equal(concur_chan_close(c), 0);
 	assert_int_equal(concur_chan_close(c), -EALREADY);
@@ -243,7 +243,7 @@ static void test_chan_close_wakes_all_receivers(void **state)
 	pthread_t th[2];
 	for (int i = 0; i < 2; i++)
 		pthread_create(&th[i], NULL, recv_thread, c);
-	assert_int_equal(concur_wait(fs, 10, CONCUR_FIRST_COMPLETED, 30 * MS, NULL), 0);
+	assert_int_equal(concur_wait(fs, 10, CONCUR_FIRST_COMPLETED, MS(30), NULL), 0);
 	assert_int_equal(concur_chan_close(c), 0);
 	for (int i = 0; i < 10; i++) {
 		assert_int_equal(concur_result(fs[i], -1), -EPIPE);
@@ -423,5 +423,5 @@ int main(void)
 	    cmocka_unit_test(test_chan_order_single_producer),
 	    cmocka_unit_test(test_timed_out_waits_leave_nothing),
 	};
-	return cmocka_run_group_tests(tests, setup_ex2, teardown_ex);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

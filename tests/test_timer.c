@@ -200,5 +200,5 @@ int main(void)
 	    cmocka_unit_test(test_timed_out_await_leaves_nothing),
 	    cmocka_unit_test(test_huge_kernel_timeout),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

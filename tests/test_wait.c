@@ -1,7 +1,6 @@
 /* SPDX-License-Identifier: MIT */
-/* wait, gather, as_completed, then, spawn_after and task groups. */
+/* wait, gather, as_completed, then and spawn_after (task groups: test_group.c). */
 #include "comp_test.h"
-#include "hold_loop.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -76,7 +75,7 @@ static void test_wait_all_completed(void **state)
 	concur_future *fs[5] = {done_with(1), done_with(-EIO), cancelled(), late, late};
 	bool done[5];
 	/* timeout: not an error, the split is the answer */
-	assert_int_equal(concur_wait(fs, 5, CONCUR_ALL_COMPLETED, 20 * MS, done), 3);
+	assert_int_equal(concur_wait(fs, 5, CONCUR_ALL_COMPLETED, MS(20), done), 3);
 	assert_true(done[0] && done[1] && done[2]);
 	assert_false(done[3] || done[4]);
 	concur_promise_set(late, 5);
@@ -88,7 +87,7 @@ static void test_wait_all_completed(void **state)
 
 static int64_t sleep_then(void *arg)
 {
-	concur_sleep(30 * MS);
+	concur_sleep(MS(30));
 	return (int64_t)(intptr_t)arg;
 }
 
@@ -111,7 +110,7 @@ static void test_wait_first_completed(void **state)
 	concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
 	concur_future *fs[3] = {a, b, a};
 	bool done[3];
-	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_COMPLETED, 10 * MS, done), 0);
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_COMPLETED, MS(10), done), 0);
 	assert_false(done[0] || done[1] || done[2]);
 	/* already one done: returns at once even with an infinite timeout */
 	concur_promise_set(b, 2);
@@ -140,7 +139,7 @@ static void test_wait_first_completed(void **state)
 
 static int64_t fail_later(void *arg)
 {
-	concur_sleep(20 * MS);
+	concur_sleep(MS(20));
 	return -EIO;
 }
 
@@ -150,7 +149,7 @@ static void test_wait_first_exception(void **state)
 	/* a cancellation is not a failure: behaves like ALL_COMPLETED */
 	concur_future *p = concur_promise_new(NULL);
 	concur_future *fs[3] = {cancelled(), p, done_with(3)};
-	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_EXCEPTION, 20 * MS, done), 2);
+	assert_int_equal(concur_wait(fs, 3, CONCUR_FIRST_EXCEPTION, MS(20), done), 2);
 	assert_true(done[0] && done[2]);
 	assert_false(done[1]);
 	/* a failure that happened earlier counts */
@@ -262,12 +261,12 @@ static void test_gather_timeout(void **state)
 	concur_future *p = concur_promise_new(NULL);
 	concur_future *fs[3] = {done_with(1), p, done_with(-EIO)};
 	int64_t v[3];
-	assert_int_equal(concur_gather(fs, 3, 20 * MS, v, NULL), -ETIMEDOUT);
+	assert_int_equal(concur_gather(fs, 3, MS(20), v, NULL), -ETIMEDOUT);
 	assert_int_equal(v[0], 1);
 	assert_int_equal(v[1], -ETIMEDOUT);
 	assert_int_equal(v[2], -EIO);
 	concur_promise_set(p, 2);
-	assert_int_equal(concur_gather(fs, 3, 20 * MS, v, NULL), -EIO);
+	assert_int_equal(concur_gather(fs, 3, MS(20), v, NULL), -EIO);
 	assert_int_equal(v[1], 2);
 	assert_int_equal(concur_gather(fs, 2, 0, v, NULL), 0);
 	release_all(fs, 3);
@@ -324,7 +323,7 @@ static void test_as_completed_tasks_and_deadline(void **state)
 		fs[i] = concur_spawn(ex, sleep_then, (void *)(intptr_t)i);
 	fs[3] = concur_promise_new(NULL); /* never done in time */
 	concur_as_completed *it;
-	assert_int_equal(concur_as_completed_new(&it, fs, 4, 2000 * MS), 0);
+	assert_int_equal(concur_as_completed_new(&it, fs, 4, MS(2000)), 0);
 	concur_future *f;
 	int seen = 0;
 	int r;
@@ -339,7 +338,7 @@ static void test_as_completed_tasks_and_deadline(void **state)
 	concur_as_completed_free(it);
 
 	/* a short deadline: the error tells how many of how many are unfinished */
-	assert_int_equal(concur_as_completed_new(&it, fs, 4, 20 * MS), 0);
+	assert_int_equal(concur_as_completed_new(&it, fs, 4, MS(20)), 0);
 	for (int i = 0; i < 3; i++) {
 		assert_int_equal(concur_as_completed_next(it, &f), 1);
 		concur_release(f);
@@ -414,7 +413,7 @@ static void test_spawn_after_failed_input(void **state)
 	concur_future *in[3] = {a, b, c};
 	concur_future *f = concur_spawn_after(ex, sum_inputs, NULL, in, 3);
 	/* it waits without a thread: nothing ran yet */
-	assert_int_equal(concur_result(f, 20 * MS), -ETIMEDOUT);
+	assert_int_equal(concur_result(f, MS(20)), -ETIMEDOUT);
 	concur_promise_set(c, -EIO);   /* fails last in input order... */
 	concur_promise_set(b, -EPERM); /* ...this one is first in input order */
 	concur_promise_set(a, 1);
@@ -528,7 +527,7 @@ static void waits_in_callback(concur_future *f, void *arg)
 {
 	concur_future *pending = arg;
 	atomic_store(&in_callback_rc,
-	             concur_wait(&pending, 1, CONCUR_ALL_COMPLETED, 5000 * MS, NULL));
+	             concur_wait(&pending, 1, CONCUR_ALL_COMPLETED, MS(5000), NULL));
 }
 
 static void test_wait_in_callback_edeadlk(void **state)
@@ -543,210 +542,7 @@ static void test_wait_in_callback_edeadlk(void **state)
 	concur_release(t);
 }
 
-/* ---- groups --------------------------------------------------------------------------------- */
-
-static atomic_int group_ran;
-
-static int64_t member_ok(void *arg)
-{
-	atomic_fetch_add(&group_ran, 1);
-	concur_sleep(5 * MS);
-	return 0;
-}
-
-/* Holds its loop (no yield) for a while, then fails. */
-static int64_t member_fail(void *arg)
-{
-	spin_ns(50 * MS);
-	return -EIO;
-}
-
-static int64_t member_spawner(void *arg)
-{
-	concur_group *g = arg;
-	for (int i = 0; i < 5; i++)
-		concur_release(concur_group_spawn(g, member_ok, NULL));
-	return 0;
-}
-
-static void test_group_wait(void **state)
-{
-	concur_group *g;
-	assert_int_equal(concur_group_new(&g, ex, 0), 0);
-	atomic_store(&group_ran, 0);
-	for (int i = 0; i < 3; i++)
-		concur_release(concur_group_spawn(g, member_spawner, g));
-	assert_int_equal(concur_group_wait(g, -1), 0);
-	assert_int_equal(atomic_load(&group_ran), 15);
-	assert_false(concur_group_cancelled(g));
-	concur_group_free(g);
-	assert_int_equal(concur_group_new(&g, NULL, 0), -EINVAL);
-}
-
-static int64_t group_waiter_task(void *arg)
-{
-	concur_group *g;
-	if (concur_group_new(&g, ex1, 0))
-		return -1;
-	for (int i = 0; i < 4; i++)
-		concur_release(concur_group_spawn(g, member_ok, NULL));
-	int64_t r = concur_group_wait(g, -1); /* suspends: the members run on this same loop */
-	concur_group_free(g);
-	return r;
-}
-
-static void test_group_wait_in_task(void **state)
-{
-	atomic_store(&group_ran, 0);
-	concur_future *f = concur_spawn(ex1, group_waiter_task, NULL);
-	assert_int_equal(concur_result(f, -1), 0);
-	assert_int_equal(atomic_load(&group_ran), 4);
-	concur_release(f);
-}
-
-static void test_group_cancel_on_failure(void **state)
-{
-	/* 1 loop: the failing member holds it, so the others are still queued when it fails */
-	concur_group *g;
-	assert_int_equal(concur_group_new(&g, ex1, CONCUR_GROUP_CANCEL_ON_FAILURE), 0);
-	atomic_store(&group_ran, 0);
-	concur_future *first = concur_group_spawn(g, member_fail, NULL);
-	concur_future *fs[20];
-	for (int i = 0; i < 20; i++)
-		fs[i] = concur_group_spawn(g, member_ok, NULL);
-	assert_int_equal(concur_group_wait(g, -1), -EIO);
-	assert_true(concur_group_cancelled(g));
-	int cancelled_n = 0;
-	for (int i = 0; i < 20; i++)
-		cancelled_n += concur_cancelled(fs[i]);
-	assert_int_equal(cancelled_n + atomic_load(&group_ran), 20);
-	assert_true(cancelled_n > 0);
-	/* later spawns are refused */
-	concur_future *late = concur_group_spawn(g, member_ok, NULL);
-	assert_int_equal(concur_result(late, -1), -ECANCELED);
-	concur_release(late);
-	concur_release(first);
-	release_all(fs, 20);
-	concur_group_free(g);
-}
-
-/* Occupy the only loop of ex1 (by spawning into g, or outside any group when g is NULL) so the
- * members spawned next stay PENDING. */
-static concur_future *hold_loop_in(concur_group *g)
-{
-	hold_loop_arm();
-	return hold_loop_running(g ? concur_group_spawn(g, hold_loop_task, NULL)
-	                           : concur_spawn(ex1, hold_loop_task, NULL));
-}
-
-static atomic_int cancel_cb_count;
-
-static void count_cancelled(concur_future *f, void *arg)
-{
-	if (concur_cancelled(f))
-		atomic_fetch_add(&cancel_cb_count, 1);
-}
-
-static void test_group_cancel(void **state)
-{
-	concur_group *g;
-	assert_int_equal(concur_group_cancel(NULL), -EINVAL);
-	assert_false(concur_group_cancelled(NULL));
-	/* cancelling a group with no member: nothing to cancel, but later spawns are refused */
-	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
-	assert_int_equal(concur_group_cancel(g), 0);
-	assert_true(concur_group_cancelled(g));
-	concur_future *late = concur_group_spawn(g, member_ok, NULL);
-	assert_int_equal(concur_result(late, 0), -ECANCELED);
-	concur_release(late);
-	assert_int_equal(concur_group_wait(g, 0), 0); /* no member ever: nothing failed */
-	concur_group_free(g);
-
-	/* members queued behind a spinner (outside the group) on the only loop never start */
-	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
-	atomic_store(&group_ran, 0);
-	atomic_store(&cancel_cb_count, 0);
-	concur_future *s = hold_loop_in(NULL);
-	concur_future *fs[10];
-	for (int i = 0; i < 10; i++) {
-		fs[i] = concur_group_spawn(g, member_ok, NULL);
-		assert_int_equal(concur_on_done(fs[i], count_cancelled, NULL), 0);
-		assert_false(concur_done(fs[i]));
-	}
-	assert_false(concur_group_cancelled(g));
-	assert_int_equal(concur_group_wait(g, 0), -ETIMEDOUT); /* members pending */
-	assert_int_equal(concur_group_cancel(g), 10);
-	assert_true(concur_group_cancelled(g));
-	/* done at once: the callbacks ran in this thread, the wait needs no loop */
-	assert_int_equal(atomic_load(&cancel_cb_count), 10);
-	for (int i = 0; i < 10; i++) {
-		assert_true(concur_cancelled(fs[i]));
-		assert_int_equal(concur_result(fs[i], 0), -ECANCELED);
-	}
-	assert_int_equal(concur_group_wait(g, 0), -ECANCELED);
-	assert_int_equal(concur_group_cancel(g), 0); /* again: nobody left */
-	late = concur_group_spawn(g, member_ok, NULL);
-	assert_true(concur_done(late));
-	assert_int_equal(concur_result(late, 0), -ECANCELED);
-	concur_release(late);
-	release_loop(s);
-	assert_int_equal(concur_exec_join(ex1, -1), 0);
-	assert_int_equal(atomic_load(&group_ran), 0); /* none of them ever ran */
-	release_all(fs, 10);
-	concur_group_free(g);
-
-	/* a running member is not cancelled: it finishes, and the group waits for it */
-	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
-	s = hold_loop_in(g);
-	for (int i = 0; i < 5; i++)
-		fs[i] = concur_group_spawn(g, member_ok, NULL);
-	assert_int_equal(concur_group_cancel(g), 5);
-	assert_true(concur_running(s));
-	assert_false(concur_cancelled(s));
-	assert_int_equal(concur_group_wait(g, 0), -ETIMEDOUT); /* the spinner is still a member */
-	atomic_store(&hold_gate, 1);
-	assert_int_equal(concur_group_wait(g, -1), -ECANCELED);
-	assert_int_equal(concur_result(s, 0), 1); /* it ran to the end */
-	concur_release(s);
-	for (int i = 0; i < 5; i++)
-		assert_true(concur_cancelled(fs[i]));
-	release_all(fs, 5);
-	concur_group_free(g);
-}
-
-static int64_t cancel_from_member(void *arg)
-{
-	concur_group *g = arg;
-	/* on the only loop, which this task holds: the members it spawns cannot start yet */
-	for (int i = 0; i < 3; i++)
-		concur_release(concur_group_spawn(g, member_ok, NULL));
-	int n = concur_group_cancel(g);
-	return n == 3 && concur_group_cancelled(g) ? 0 : -1000 - n;
-}
-
-static void test_group_cancel_in_member(void **state)
-{
-	/* a member cancels its own group: its siblings (queued) are cancelled, it is not */
-	concur_group *g;
-	assert_int_equal(concur_group_new(&g, ex1, 0), 0);
-	atomic_store(&group_ran, 0);
-	concur_future *f = concur_group_spawn(g, cancel_from_member, g);
-	assert_int_equal(concur_group_wait(g, -1), -ECANCELED);
-	assert_int_equal(concur_result(f, -1), 0);
-	assert_int_equal(atomic_load(&group_ran), 0);
-	concur_release(f);
-	concur_group_free(g);
-}
-
 /* ---- reliability: abandoned waits, dead executors, completion order -------------------------- */
-
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-#define SANITIZED 1 /* bulk counts shrink; LeakSanitizer checks leaks there */
-#define BULK(n)   ((n) / 10)
-#else
-#define SANITIZED 0
-#define BULK(n)   (n)
-#endif
 
 /* Live heap bytes, all arenas (glibc). */
 static long live_heap(void)
@@ -800,9 +596,9 @@ static void test_abandoned_waits_leave_nothing(void **state)
 	concur_future *in[2] = {p, p};
 	concur_future *d = concur_spawn_after(ex1, sum_inputs, NULL, in, 2);
 	concur_release(p); /* dies unset: the dependents can never run */
-	assert_int_equal(concur_result(c, 1000 * MS), -ECANCELED);
+	assert_int_equal(concur_result(c, MS(1000)), -ECANCELED);
 	assert_true(concur_cancelled(c));
-	assert_int_equal(concur_result(d, 1000 * MS), -ECANCELED);
+	assert_int_equal(concur_result(d, MS(1000)), -ECANCELED);
 	assert_true(concur_cancelled(d));
 	concur_release(c);
 	concur_release(d);
@@ -819,8 +615,8 @@ static void test_then_after_executor_freed(void **state)
 	concur_future *d = concur_spawn_after(gone, sum_inputs, NULL, &p, 1);
 	concur_exec_free(gone);
 	assert_int_equal(concur_promise_set(p, 1), 0);
-	assert_int_equal(concur_result(c, 1000 * MS), -ESHUTDOWN);
-	assert_int_equal(concur_result(d, 1000 * MS), -ESHUTDOWN);
+	assert_int_equal(concur_result(c, MS(1000)), -ESHUTDOWN);
+	assert_int_equal(concur_result(d, MS(1000)), -ESHUTDOWN);
 	concur_release(c);
 	concur_release(d);
 	concur_release(p);
@@ -881,36 +677,6 @@ static void test_as_completed_observed_order(void **state)
 	}
 }
 
-static int64_t fail_with(void *arg)
-{
-	return (int64_t)(intptr_t)arg;
-}
-
-static int64_t await_then_fail(void *arg)
-{
-	concur_result(arg, -1);
-	return -EPIPE;
-}
-
-/* Defect 6 for groups: A's failure was observed before B failed, so A's error is the group's
- * first failure. */
-static void test_group_observed_order(void **state)
-{
-	concur_group *g;
-	assert_int_equal(concur_group_new(&g, ex, 0), 0);
-	concur_future *p = concur_promise_new(ex);
-	concur_future *b = concur_group_spawn(g, await_then_fail, p);
-	concur_future *a = concur_group_spawn(g, fail_with, (void *)(intptr_t)-EIO);
-	assert_int_equal(concur_result(a, -1), -EIO);
-	concur_promise_set(p, 0);
-	assert_int_equal(concur_result(b, -1), -EPIPE);
-	assert_int_equal(concur_group_wait(g, -1), -EIO);
-	concur_group_free(g);
-	concur_release(a);
-	concur_release(b);
-	concur_release(p);
-}
-
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -930,15 +696,9 @@ int main(void)
 	    cmocka_unit_test(test_pipeline),
 	    cmocka_unit_test(test_then_fire_and_forget_join),
 	    cmocka_unit_test(test_wait_in_callback_edeadlk),
-	    cmocka_unit_test(test_group_wait),
-	    cmocka_unit_test(test_group_wait_in_task),
-	    cmocka_unit_test(test_group_cancel_on_failure),
-	    cmocka_unit_test(test_group_cancel),
-	    cmocka_unit_test(test_group_cancel_in_member),
 	    cmocka_unit_test(test_abandoned_waits_leave_nothing),
 	    cmocka_unit_test(test_then_after_executor_freed),
 	    cmocka_unit_test(test_as_completed_observed_order),
-	    cmocka_unit_test(test_group_observed_order),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
