@@ -41,6 +41,7 @@ struct io_req {
 	int32_t res;                       /* the operation's CQE res */
 	int32_t lt_res;                    /* the linked timeout's: -ETIME when it fired */
 	uint8_t cqes_left;
+	uint8_t opcode;
 	bool has_deadline;
 	bool timer_deadline;     /* direct form: the deadline rides the loop's timer instead */
 	_Atomic bool cancel_req; /* concur_cancel asked the kernel to cancel it */
@@ -61,9 +62,10 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                       uint32_t flags);
 
-static void io_req_init(struct io_req *r, int64_t timeout_ns)
+static void io_req_init(struct io_req *r, unsigned opcode, int64_t timeout_ns)
 {
 	memset(r, 0, sizeof(*r));
+	r->opcode = (uint8_t)opcode;
 	r->op.cqe = io_op_cqe;
 	r->lt_op.cqe = io_lt_cqe;
 	r->cqes_left = 1;
@@ -113,7 +115,7 @@ static int64_t io_outcome(struct io_req *r, bool *cancelled)
 	int64_t res = r->res;
 
 	*cancelled = false;
-	if (r->sqe.opcode == IORING_OP_TIMEOUT && res == -ETIME)
+	if (r->opcode == IORING_OP_TIMEOUT && res == -ETIME)
 		return 0;
 	if (res == -ECANCELED || res == -EINTR) {
 		if (r->has_deadline && r->lt_res == -ETIME)
@@ -277,7 +279,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 		return -ENOMEM;
 	memset(&io->node, 0, sizeof(io->node));
 	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
-	io_req_init(&io->r, timeout_ns);
+	io_req_init(&io->r, opcode, timeout_ns);
 	concur__future_init(&io->f, &io_class, ex, 2);
 	*out = io;
 	return 0;
@@ -311,19 +313,6 @@ static concur_future *io_start(struct concur__io *io)
 
 /* ---- the direct form ---------------------------------------------------------------------- */
 
-static int io_await_init(struct io_req *r, unsigned opcode, int64_t timeout_ns)
-{
-	int err;
-
-	if (!concur__tl_task)
-		return -EPERM;
-	err = io_check_supported(concur__tl_loop->ex, opcode, timeout_ns);
-	if (err)
-		return err;
-	io_req_init(r, timeout_ns);
-	return 0;
-}
-
 /* A cancel or a deadline broke the wait: ask the kernel to cancel the op; its CQE (with its
  * own result if it won the race) resumes the task as usual. */
 static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
@@ -337,38 +326,74 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
 }
 
 /*
- * In a task, a deadline on the operation is a deadline on this wait, on the loop's one timer
- * (timer.c), rather than a linked timeout: no SQE and no CQE unless it fires (then the op is
- * cancelled like on any interrupt). Without memory for the timer's heap, the linked timeout.
+ * The direct form, in a task: the request lives on the fiber's stack and its SQE is prepared
+ * straight into the ring (no copy, no memset: this is the hot path of every awaited op). Only
+ * the fields the completion reads are set.
+ *
+ * A deadline on the operation is a deadline on this wait, on the loop's one timer (timer.c),
+ * rather than a linked timeout: no SQE and no CQE unless it fires (then the op is cancelled like
+ * on any interrupt). Without memory for the timer's heap, the linked timeout.
+ *
+ * Returns 0 and the SQE to prepare, or the error that ends the call at once (nothing taken).
  */
-static void io_await_deadline(struct concur__task *t, struct io_req *r)
-{
-	int64_t ns = CONCUR__TS_TO_NS(&r->deadline);
-
-	if (!r->has_deadline || concur__ctl_wait_deadline(t, concur__after_ns(ns)) < 0)
-		return;
-	r->has_deadline = false;
-	r->cqes_left = 1;
-	r->timer_deadline = true;
-}
-
-static int64_t io_await(struct io_req *r)
+static int io_await_begin(struct io_req *r, unsigned opcode, int64_t timeout_ns,
+                          struct io_uring_sqe **sqe)
 {
 	struct concur__task *t = concur__tl_task;
+	struct concur__loop *loop;
+	int err;
+
+	if (!t)
+		return -EPERM;
+	loop = concur__tl_loop;
+	err = io_check_supported(loop->ex, opcode, timeout_ns);
+	if (!err)
+		err = concur__ctl_check(t); /* cancelled or past a deadline: not even started */
+	if (err)
+		return err;
+	r->op.cqe = io_op_cqe;
+	r->loop = loop;
+	r->task = t;
+	r->opcode = (uint8_t)opcode;
+	r->cqes_left = 1;
+	r->has_deadline = false;
+	r->timer_deadline = false;
+	atomic_init(&r->cancel_req, false);
+	if (timeout_ns >= 0) {
+		if (concur__ctl_wait_deadline(t, concur__after_ns(timeout_ns)) == 0) {
+			r->timer_deadline = true;
+		} else {
+			r->has_deadline = true;
+			r->cqes_left = 2;
+			r->lt_op.cqe = io_lt_cqe;
+			r->lt_res = 0;
+			CONCUR__NS_TO_TS(&r->deadline, timeout_ns);
+			concur__sq_reserve(loop, 2); /* the link must not be split */
+		}
+	}
+	*sqe = concur__sqe(loop);
+	return 0;
+}
+
+/* The SQE is prepared: mark it ours, suspend until every CQE is in, map the outcome. */
+static int64_t io_await_end(struct io_req *r, struct io_uring_sqe *sqe)
+{
+	struct concur__loop *loop = r->loop;
 	bool cancelled;
 	int64_t res;
-	int intr = concur__ctl_check(t);
+	int intr;
 
-	if (intr)
-		return intr; /* cancelled or past a deadline: the op is not even started */
-	r->task = t;
-	r->loop = concur__tl_loop;
-	io_await_deadline(t, r);
-	io_submit(r->loop, r);
+	concur__sqe_set_op(loop, sqe, &r->op);
+	if (r->has_deadline) {
+		sqe->flags |= IOSQE_IO_LINK;
+		sqe = concur__sqe(loop);
+		io_uring_prep_link_timeout(sqe, &r->deadline, 0);
+		concur__sqe_set_op(loop, sqe, &r->lt_op);
+	}
 	/* resumed by io_req_cqe once every CQE is in */
-	intr = concur__suspend_interruptible(t, io_await_interrupt, r);
+	intr = concur__suspend_interruptible(r->task, io_await_interrupt, r);
 	if (r->timer_deadline)
-		concur__ctl_wait_deadline(t, INT64_MAX);
+		concur__ctl_wait_deadline(r->task, INT64_MAX);
 	res = io_outcome(r, &cancelled);
 	if (intr && (r->res == -ECANCELED || r->res == -EINTR))
 		return intr; /* ended by the interrupt (a cancel, its deadline, a scope's) */
@@ -401,14 +426,14 @@ static int64_t io_await(struct io_req *r)
 #define IO_AWAIT_BODY(opcode, check, prep, timeout)                                                \
 	{                                                                                          \
 		struct io_req req_, *r_ = &req_;                                                   \
-		struct io_uring_sqe *sqe = &r_->sqe;                                               \
+		struct io_uring_sqe *sqe;                                                          \
 		int err_ = (check);                                                                \
 		if (!err_)                                                                         \
-			err_ = io_await_init(r_, opcode, timeout);                                 \
+			err_ = io_await_begin(r_, opcode, timeout, &sqe);                          \
 		if (err_)                                                                          \
 			return err_;                                                               \
 		prep;                                                                              \
-		return io_await(r_);                                                               \
+		return io_await_end(r_, sqe);                                                      \
 	}
 
 /* clang-format off */
