@@ -4,7 +4,8 @@
  * Keep-alive (HTTP/1.1 by default, HTTP/1.0 with "Connection: keep-alive") and pipelining: every
  * complete request in what was received is answered, the answers leave in one send. A malformed
  * request gets 400, a header block larger than the buffer 431, and the connection closes; so
- * does it on EOF (a half request and a hang-up just ends the connection).
+ * does it on EOF (a half request and a hang-up just ends the connection). While the server stops,
+ * a request under way is answered with "Connection: close" and the connection closes.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -161,6 +162,8 @@ static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
 			return -1; /* no chunked bodies here */
 		}
 	}
+	if (keep_alive && server_stopping())
+		keep_alive = false; /* draining: answer this one, then close */
 	bool get = mlen == 3 && !memcmp(m, "GET", 3), head_req = mlen == 4 && !memcmp(m, "HEAD", 4);
 	if (!get && !head_req)
 		respond(o, "405 Method Not Allowed", "text/plain", "405 Method Not Allowed", 22,
