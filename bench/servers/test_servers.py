@@ -48,6 +48,14 @@ def test_http():
             d += recv_until(s, 1)
         s.sendall(b'GET /plaintext HTTP/1.1\r\n\r\n')  # still open: keep-alive
         assert b'200 OK' in recv_until(s, 1, b'Hello, World!')
+        # a head cut anywhere (after a CR, inside the blank line) waits for the rest
+        req = b'GET /plaintext HTTP/1.1\r\nHost: x\r\n\r\n'
+        for cut in [1, req.index(b'\r') + 1, req.index(b'x') + 2, len(req) - 2, len(req) - 1]:
+            s.sendall(req[:cut])
+            time.sleep(0.02)
+            s.sendall(req[cut:])
+            d = recv_until(s, 1, b'Hello, World!')
+            assert d.startswith(b'HTTP/1.1 200 OK') and d.endswith(b'Hello, World!'), (cut, d)
         for bad in [b'BAD\r\n\r\n', b'GET  /plaintext HTTP/1.1\r\n\r\n', b'GET / HTTP/2.0\r\n\r\n',
                     b'GET / HTTP/1.1\r\nno colon\r\n\r\n']:
             s = socket.create_connection(('127.0.0.1', port))
