@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* An echo server: every byte received is sent back. Receives through an on-demand recv stream:
- * an idle connection, or one blocked sending to a client that does not read, holds no buffer. */
+ * an idle connection, or one blocked sending to a client that does not read, holds no buffer.
+ * A stop closes the connection at its next wait for bytes. */
 #include "server.h"
 
 static int64_t echo_conn(int fd)
@@ -9,7 +10,8 @@ static int64_t echo_conn(int fd)
 	int64_t r = concur_recv_stream_on_demand(&s, fd, 0);
 	if (r == 0) {
 		struct concur_chunk c;
-		while ((r = concur_stream_next(s, &c)) > 0) {
+		while ((r = server_next(s, &c, true)) >
+		       0) { /* idle between chunks: a stop ends it */
 			int err = server_send_all(fd, c.data, c.len);
 			concur_stream_give(s, &c);
 			if (err) {

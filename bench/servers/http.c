@@ -4,7 +4,8 @@
  * Keep-alive (HTTP/1.1 by default, HTTP/1.0 with "Connection: keep-alive") and pipelining: every
  * complete request in what was received is answered, the answers leave in one send. A malformed
  * request gets 400, a header block larger than the buffer 431, and the connection closes; so
- * does it on EOF (a half request and a hang-up just ends the connection).
+ * does it on EOF (a half request and a hang-up just ends the connection). While the server stops,
+ * a request under way is answered with "Connection: close" and the connection closes.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -25,6 +26,7 @@
 static const char body[] = "Hello, World!";
 
 static __thread unsigned date_gen; /* bumped whenever the Date header changes */
+static __thread time_t date_now;   /* read once per batch of requests (http_process) */
 
 /* "Date: ...\r\n", refreshed once a second per thread. */
 static const char *date_header(size_t *len)
@@ -32,7 +34,7 @@ static const char *date_header(size_t *len)
 	static __thread char buf[64];
 	static __thread time_t last;
 	static __thread size_t n;
-	time_t now = time(NULL);
+	time_t now = date_now;
 	if (now != last) {
 		struct tm tm;
 		gmtime_r(&now, &tm);
@@ -101,19 +103,39 @@ static inline bool is_tchar(char c)
 	return tchar[(unsigned char)c];
 }
 
-/*
- * Parse one complete request (head is n bytes, ending with the blank line). Returns the answer
- * status: 0 keep going, 1 close after answering, -1 malformed (400). *body_len: bytes of body
- * that follow the head.
- */
-static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
+enum { INCOMPLETE = 2 };
+
+/* The CR ending the line that starts at p: NULL with *st INCOMPLETE when the line is not all
+ * in yet, or -1 (malformed) when its CR is not followed by LF. */
+static inline char *line_end_at(char *p, char *end, int *st)
 {
-	char *end = head + n, *p = head, *line_end;
+	char *cr = memchr(p, '\r', (size_t)(end - p));
+	if (!cr || cr + 1 == end) {
+		*st = INCOMPLETE;
+		return NULL;
+	}
+	if (cr[1] != '\n') {
+		*st = -1;
+		return NULL;
+	}
+	return cr;
+}
+
+/*
+ * Parse the request at the start of in[0..len) and answer it, in one pass over its lines (the
+ * blank line that ends the head is found by the same walk, not by a search of its own first).
+ * Returns INCOMPLETE when the head is not all in yet (nothing answered), else the answer status:
+ * 0 keep going, 1 close after answering, -1 malformed (400). *head_len: the head's bytes up to
+ * and with the blank line; *body_len: bytes of body that follow it.
+ */
+static int handle(struct server_conn *o, char *in, size_t len, size_t *head_len, size_t *body_len)
+{
+	char *end = in + len, *p = in, *line_end;
+	int st = 0;
 	*body_len = 0;
 	/* request line: METHOD SP TARGET SP HTTP/1.x CRLF */
-	line_end = memchr(p, '\r', (size_t)(end - p));
-	if (!line_end || line_end[1] != '\n')
-		return -1;
+	if (!(line_end = line_end_at(p, end, &st)))
+		return st;
 	char *m = p;
 	while (p < line_end && is_tchar(*p))
 		p++;
@@ -132,10 +154,17 @@ static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
 	bool http10 = p[7] == '0';
 	bool keep_alive = !http10;
 	/* headers: NAME ":" value CRLF, up to the blank line */
-	for (p = line_end + 2; p < end - 2; p = line_end + 2) {
-		line_end = memchr(p, '\r', (size_t)(end - p));
-		if (!line_end || line_end[1] != '\n')
-			return -1;
+	for (p = line_end + 2;; p = line_end + 2) {
+		if (end - p < 2)
+			return INCOMPLETE;
+		if (p[0] == '\r') { /* the blank line (or a stray CR: malformed) */
+			if (p[1] != '\n')
+				return -1;
+			*head_len = (size_t)(p + 2 - in);
+			break;
+		}
+		if (!(line_end = line_end_at(p, end, &st)))
+			return st;
 		char *colon = p;
 		while (colon < line_end && is_tchar(*colon))
 			colon++;
@@ -161,6 +190,8 @@ static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
 			return -1; /* no chunked bodies here */
 		}
 	}
+	if (keep_alive && server_stopping())
+		keep_alive = false; /* draining: answer this one, then close */
 	bool get = mlen == 3 && !memcmp(m, "GET", 3), head_req = mlen == 4 && !memcmp(m, "HEAD", 4);
 	if (!get && !head_req)
 		respond(o, "405 Method Not Allowed", "text/plain", "405 Method Not Allowed", 22,
@@ -181,27 +212,26 @@ static int handle(struct server_conn *o, char *head, size_t n, size_t *body_len)
 static size_t http_process(struct server_conn *c, char *in, size_t len, bool full, bool *close)
 {
 	size_t pos = 0;
+	date_now = time(NULL); /* one clock read for the answers made from these bytes */
 	for (;;) {
 		size_t k = c->state < len - pos ? (size_t)c->state : len - pos;
 		pos += k;
 		c->state -= k;
-		if (c->state)
+		if (c->state || pos == len)
 			return pos;
-		char *start = in + pos;
-		char *eoh = memmem(start, len - pos, "\r\n\r\n", 4);
-		if (!eoh) {
+		if (server_out_reserve(c, 512)) { /* the largest answer is well under that */
+			*close = true;
+			return pos;
+		}
+		size_t n = 0, blen;
+		int st = handle(c, in + pos, len - pos, &n, &blen);
+		if (st == INCOMPLETE) {
 			if (pos == 0 && full) { /* no room for the rest of the header block */
 				respond_error(c, "431 Request Header Fields Too Large");
 				*close = true;
 			}
 			return pos;
 		}
-		size_t n = (size_t)(eoh + 4 - start), blen;
-		if (server_out_reserve(c, 512)) { /* the largest answer is well under that */
-			*close = true;
-			return pos;
-		}
-		int st = handle(c, start, n, &blen);
 		pos += n;
 		c->state = blen;
 		if (st < 0)

@@ -14,19 +14,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_FDS   (1 << 20)
-#define MAX_LOOPS 1024
+#define MAX_LOOPS        1024
+#define DEFAULT_DRAIN_MS 5000
 
 static _Atomic bool stopping;
-static _Atomic unsigned char *conn_open; /* conn_open[fd]: a connection task owns fd */
 static int64_t (*conn_fn)(int fd);
-static int listeners[MAX_LOOPS];
-static unsigned nlisteners;
 
 bool server_stopping(void)
 {
@@ -35,9 +31,61 @@ bool server_stopping(void)
 
 void server_conn_done(int fd)
 {
-	if (fd >= 0 && fd < MAX_FDS)
-		atomic_store(&conn_open[fd], 0);
+	concur_shield_push(); /* a task cancelled at the end of the drain still closes its fd */
 	concur_await_close(fd, CONCUR_NO_TIMEOUT);
+	concur_shield_pop();
+}
+
+/*
+ * The connections of this loop waiting idle in server_next, so that the stop's sweep (a task on
+ * the same loop: no lock, no race with the waiter, which is suspended in next while it is listed)
+ * can cancel their streams. A waiter is listed only for the length of its wait, from its stack.
+ */
+struct idle_wait {
+	struct idle_wait *next, **pprev; /* pprev NULL: not listed */
+	concur_stream *s;
+};
+
+static __thread struct idle_wait *idle_list;
+
+static void idle_unlink(struct idle_wait *w)
+{
+	if (!w->pprev)
+		return;
+	*w->pprev = w->next;
+	if (w->next)
+		w->next->pprev = w->pprev;
+	w->pprev = NULL;
+}
+
+int64_t server_next(concur_stream *s, struct concur_chunk *ch, bool idle)
+{
+	if (!idle)
+		return concur_stream_next(s, ch);
+	/* the stop is set before the sweep is spawned: a waiter either sees it here or is listed
+	 * when its loop runs the sweep */
+	if (server_stopping())
+		return 0;
+	struct idle_wait w = {.next = idle_list, .pprev = &idle_list, .s = s};
+	if (idle_list)
+		idle_list->pprev = &w.next;
+	idle_list = &w;
+	int64_t r = concur_stream_next(s, ch);
+	idle_unlink(&w);
+	return r == -ECANCELED && server_stopping() ? 0 : r;
+}
+
+/* The stop, on each loop: wake every idle waiter of this loop (its next() ends -ECANCELED, after
+ * what had already arrived). */
+static int64_t sweep_task(void *arg)
+{
+	(void)arg;
+	while (idle_list) {
+		struct idle_wait *w = idle_list;
+		idle_unlink(w);
+		concur_stream_cancel(w->s);
+	}
+	return 0;
 }
 
 int server_send_all(int fd, const void *buf, size_t len)
@@ -176,11 +224,13 @@ int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn pr
 	struct pending pd = {.max = in_cap};
 	concur_stream *s = NULL;
 	bool close_it = concur_recv_stream_on_demand(&s, fd, 0) != 0;
-	while (!close_it && !server_stopping()) {
+	while (!close_it) {
 		struct concur_chunk ch;
-		int64_t r = concur_stream_next(s, &ch);
+		/* idle unless a request is incomplete: a stop ends an idle wait, not a request */
+		int64_t r = server_next(s, &ch, !pd.len && !c.state);
 		if (r <= 0)
-			break; /* EOF (maybe in the middle of a request) or an error: close */
+			break; /* EOF (maybe in the middle of a request), an error or a stop: close
+			        */
 		if (!(c.out = out_get(out_cap))) {
 			concur_stream_give(s, &ch);
 			break;
@@ -203,12 +253,7 @@ int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn pr
 static int64_t conn_task(void *arg)
 {
 	int fd = (int)(intptr_t)arg;
-	if (fd >= MAX_FDS) {
-		concur_await_close(fd, CONCUR_NO_TIMEOUT);
-		return -EMFILE;
-	}
-	atomic_store(&conn_open[fd], 1);
-	if (server_stopping()) { /* raced with the stop's sweep */
+	if (server_stopping()) { /* accepted before the stop, started after it */
 		server_conn_done(fd);
 		return 0;
 	}
@@ -254,22 +299,6 @@ static int64_t accept_task(void *arg)
 		concur_release(concur_spawn(ex, conn_task, (void *)(intptr_t)fd));
 	}
 	concur_stream_close(s);
-	return 0;
-}
-
-/* Wait for SIGINT/SIGTERM through the ring, then make every task end. */
-static int64_t signal_task(void *arg)
-{
-	int sfd = (int)(intptr_t)arg;
-	struct signalfd_siginfo si;
-	int64_t r = concur_await_read(sfd, &si, sizeof(si), -1, CONCUR_NO_TIMEOUT);
-	atomic_store(&stopping, true);
-	fprintf(stderr, "signal %d: stopping\n", r == (int64_t)sizeof(si) ? (int)si.ssi_signo : -1);
-	for (unsigned i = 0; i < nlisteners; i++)
-		shutdown(listeners[i], SHUT_RDWR);
-	for (int fd = 0; fd < MAX_FDS; fd++)
-		if (atomic_load_explicit(&conn_open[fd], memory_order_relaxed))
-			shutdown(fd, SHUT_RDWR);
 	return 0;
 }
 
@@ -320,15 +349,16 @@ static int make_listener(uint16_t *port)
 static void usage(const char *name, uint16_t port)
 {
 	fprintf(stderr,
-	        "usage: %s [--bind ADDR (default 127.0.0.1)] [--port N (default %u, 0: any)] "
-	        "[--loops N (default: CPUs)]\n",
-	        name, port);
+	        "usage: %s [--bind ADDR (default 127.0.0.1)] [--port N (default %u, 0: any)]\n"
+	        "       [--loops N (default: CPUs)] [--drain-ms N (default %u: how long a stop "
+	        "waits for open requests)]\n",
+	        name, port, DEFAULT_DRAIN_MS);
 }
 
 int server_main(int argc, char **argv, const char *name, uint16_t default_port,
                 int64_t (*conn)(int fd))
 {
-	unsigned long port = default_port, loops = 0;
+	unsigned long port = default_port, loops = 0, drain_ms = DEFAULT_DRAIN_MS;
 	const char *host = "127.0.0.1";
 	for (int i = 1; i < argc; i++) {
 		char *end;
@@ -336,16 +366,19 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 			host = argv[++i];
 			continue;
 		}
-		unsigned long *dst = !strcmp(argv[i], "--port")    ? &port
-		                     : !strcmp(argv[i], "--loops") ? &loops
-		                                                   : NULL;
+		unsigned long *dst = !strcmp(argv[i], "--port")       ? &port
+		                     : !strcmp(argv[i], "--loops")    ? &loops
+		                     : !strcmp(argv[i], "--drain-ms") ? &drain_ms
+		                                                      : NULL;
 		if (!dst || i + 1 >= argc) {
 			usage(name, default_port);
 			return 2;
 		}
+		errno = 0;
 		*dst = strtoul(argv[++i], &end, 10);
-		if (*end || (dst == &port && port > 65535) ||
-		    (dst == &loops && loops > MAX_LOOPS)) {
+		if (*end || errno || !*argv[i] || (dst == &port && port > 65535) ||
+		    (dst == &loops && loops > MAX_LOOPS) ||
+		    (dst == &drain_ms && drain_ms > 86400000)) {
 			usage(name, default_port);
 			return 2;
 		}
@@ -356,48 +389,61 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		return 2;
 	}
 	conn_fn = conn;
-	conn_open = calloc(MAX_FDS, 1);
-	/* block the signals in every thread (the loops inherit the mask): they come by signalfd */
+	/* the signals come through the ring (concur_signal): block them in every thread, that is
+	 * here, before the loops exist (they inherit the mask) */
 	sigset_t set;
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	signal(SIGPIPE, SIG_IGN);
-	int sfd = signalfd(-1, &set, SFD_CLOEXEC);
 	concur_exec *ex;
 	struct concur_exec_opts o = {.loops = (unsigned)loops};
 	int err = concur_exec_new(&ex, &o);
-	if (!conn_open || sfd < 0 || err) {
+	if (err) {
 		fprintf(stderr, "%s: cannot start: %s %s\n", name, concur_strerror(err),
 		        concur_last_error());
 		return 1;
 	}
-	nlisteners = (unsigned)concur_exec_loops(ex);
+	concur_future *sig = concur_signal(ex, &set);
+	unsigned n = (unsigned)concur_exec_loops(ex);
+	int lfd[MAX_LOOPS];
 	uint16_t p = (uint16_t)port;
-	for (unsigned i = 0; i < nlisteners; i++) {
-		int fd = make_listener(&p); /* the first may pick the port; the rest share it */
-		if (fd < 0) {
+	for (unsigned i = 0; i < n; i++) {
+		lfd[i] = make_listener(&p); /* the first may pick the port; the rest share it */
+		if (lfd[i] < 0) {
 			fprintf(stderr, "%s: listen on port %u: %s\n", name, p,
-			        concur_strerror(fd));
+			        concur_strerror(lfd[i]));
 			return 1;
 		}
-		listeners[i] = fd;
 	}
 	printf("%s: listening on %s%s%s:%u with %u loops\n", name,
 	       bind_addr.ss_family == AF_INET6 ? "[" : "", host,
-	       bind_addr.ss_family == AF_INET6 ? "]" : "", p, nlisteners);
+	       bind_addr.ss_family == AF_INET6 ? "]" : "", p, n);
 	fflush(stdout);
-	concur_future *sig = concur_spawn(ex, signal_task, (void *)(intptr_t)sfd);
-	for (unsigned i = 0; i < nlisteners; i++)
-		concur_release(concur_spawn(ex, accept_task, (void *)(intptr_t)listeners[i]));
-	concur_result(sig, -1);
+	for (unsigned i = 0; i < n; i++)
+		concur_release(concur_spawn_on(ex, i, accept_task, (void *)(intptr_t)lfd[i]));
+
+	int64_t signo = concur_result(sig, -1);
 	concur_release(sig);
-	concur_exec_free(ex); /* joins: every connection task has ended */
-	for (unsigned i = 0; i < nlisteners; i++)
-		close(listeners[i]);
-	close(sfd);
-	free(conn_open);
-	printf("%s: stopped\n", name);
-	return 0;
+	if (signo < 0)
+		fprintf(stderr, "%s: cannot take signals: %s\n", name, concur_strerror((int)signo));
+	else
+		fprintf(stderr, "%s: signal %lld: stopping\n", name, (long long)signo);
+	atomic_store(&stopping, true);
+	for (unsigned i = 0; i < n; i++)
+		shutdown(lfd[i], SHUT_RDWR); /* the accept streams end: no new connection */
+	concur_future *sweep[MAX_LOOPS];
+	for (unsigned i = 0; i < n; i++)
+		sweep[i] = concur_spawn_on(ex, i, sweep_task, NULL);
+	concur_wait(sweep, n, CONCUR_ALL_COMPLETED, CONCUR_NO_TIMEOUT, NULL);
+	for (unsigned i = 0; i < n; i++)
+		concur_release(sweep[i]);
+	/* the requests under way end (a task still running at the bound is cancelled) */
+	err = concur_exec_stop(ex, (int64_t)drain_ms * 1000000);
+	concur_exec_free(ex);
+	for (unsigned i = 0; i < n; i++)
+		close(lfd[i]);
+	printf("%s: stopped (%s)\n", name, err ? "open requests cancelled" : "drained");
+	return signo < 0;
 }

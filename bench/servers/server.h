@@ -1,10 +1,17 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * What the example servers share, on concur's public API only: options (--bind, default
- * 127.0.0.1; --port, --loops), one SO_REUSEPORT listener and one accepting task (a multishot
- * accept stream, which goes on through transient errors such as EMFILE) per loop, a task per
- * connection, and a clean stop on SIGINT/SIGTERM: the signal is read from a signalfd through the
- * ring, the listeners are shut down and every open connection is shut down, so each task ends.
+ * 127.0.0.1; --port, --loops, --drain-ms), one SO_REUSEPORT listener and one accepting task (a
+ * multishot accept stream, which goes on through transient errors such as EMFILE) per loop, a
+ * task per connection, and a graceful stop on SIGINT/SIGTERM.
+ *
+ * Stop. The signals come as a concur_signal future (blocked in every thread first). Then: no new
+ * connection (the listeners are shut down, so the accept streams end); every connection waiting
+ * idle for its next request (in server_next with idle set) is woken by a sweep task on its loop
+ * (concur_stream_cancel of its recv stream) and closes; a connection in the middle of a request
+ * finishes it, answers and closes (server_stopping() says not to wait for another). That drain
+ * is bounded by concur_exec_stop(ex, --drain-ms, default 5000): the tasks still running then are
+ * cancelled (their waits fail with -ECANCELED, so they close). The process exits 0.
  */
 #ifndef CONCUR_BENCH_SERVER_H
 #define CONCUR_BENCH_SERVER_H
@@ -22,8 +29,16 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 /* True once a stop was requested: a connection task should wind down. */
 bool server_stopping(void);
 
-/* Close a connection's fd and forget it. */
+/* Close a connection's fd (even in a cancelled task). */
 void server_conn_done(int fd);
+
+/*
+ * The next chunk of a connection's recv stream (concur_stream_next). idle: the connection holds
+ * no part of a request, so a stop may end the wait: then it returns 0 as at EOF (at once if the
+ * stop came first; a chunk that arrived before the stop's cancel is still returned). A wait that
+ * is not idle goes on through a stop until its request completes or the drain ends.
+ */
+int64_t server_next(concur_stream *s, struct concur_chunk *ch, bool idle);
 
 /* Send all of buf (the direct form: call it from the connection's task). 0 or -errno. */
 int server_send_all(int fd, const void *buf, size_t len);
