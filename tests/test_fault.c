@@ -32,61 +32,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/*
- * Known defects of issue 10 this test steps around until their fixes are merged; set each to 1
- * once the fix is on main (the sweep then covers the case).
- */
-/* 2: a lost doorbell wake-up wedges a loop: a thread outside the executor whose doorbell ring
- * cannot be made (malloc, io_uring_queue_init, fds) or whose doorbell submit fails. With 0:
- * the calls made inside concur__loop_ring_doorbell() never fail, and the RLIMIT_NOFILE sweep
- * starts at 32 (it hangs at 4-7 today). */
-#define FIXED_D2_LOST_WAKEUP 1
-/* A NEW defect found by this suite (not in issue 10's list): a blocking helper ends its job's
- * work (concur__work_end -> concur__work_sub, exec.c) by decrementing ex->outstanding and then
- * reading ex->joiners and bumping ex->join_seq; a concur_exec_join that sees the count reach 0
- * in between returns, and concur_exec_free frees ex under the helper (TSan: a race with free;
- * a use after free). Until it is fixed, the workloads let the helpers exit before freeing. */
-#define FIXED_N1_WORK_END_AFTER_FREE 1
-/* Known defect 12: TSan sees the SQEs of a doorbell ring mapped where an exited thread's
- * (unmapped) one was as racing (liburing maps rings with syscalls TSan does not see). */
-#define FIXED_D12_TSAN_RING_NOISE 1
-/* CONCUR_KNOWN_DEFECTS=all (or a list: D3,D9,N1) runs the avoided cases anyway, to check a
- * fix before flipping its switch above. */
-static inline bool fixed_(int flag, const char *name)
-{
-	const char *s = getenv("CONCUR_KNOWN_DEFECTS");
-	if (flag)
-		return true;
-	if (!s || !*s)
-		return false;
-	if (!strcmp(s, "all"))
-		return true;
-	size_t n = strcspn(name, "_");
-	for (const char *p = s; *p; p += strcspn(p, ","), p += *p == ',')
-		if (!strncmp(p, name, n) && (p[n] == ',' || !p[n]))
-			return true;
-	return false;
-}
-/* the switch FIXED_D3_TIMED_WAIT_LEAK is named D3 */
-#define fixed(sw) fixed_(sw, #sw + 6)
-
-/* New defect N1 (above): wait until no blocking helper is alive (they idle out at once). */
-static void helpers_gone(void)
-{
-	if (fixed(FIXED_N1_WORK_END_AFTER_FREE))
-		return;
-	for (int w = 0; w < 5000 && concur_blocking_threads(); w++)
-		usleep(1000);
-}
-
-#if defined(__SANITIZE_THREAD__) && !FIXED_D12_TSAN_RING_NOISE
-const char *__tsan_default_suppressions(void);
-const char *__tsan_default_suppressions(void)
-{
-	return "race:concur__loop_ring_doorbell\n"; /* known defect 12 */
-}
-#endif
-
 #define CHILD_ALARM_S (SANITIZED ? 15 : 4) /* a case that takes longer hangs */
 
 static inline int legal(int64_t res, int64_t want)
@@ -325,7 +270,6 @@ static void *workload(void *arg)
 		;
 	concur_chan_free(wl_ch);
 	concur_mutex_free(wl_mx);
-	helpers_gone();
 	concur_exec_free(ex);
 	return NULL;
 }
@@ -499,11 +443,8 @@ static void test_fault_submit(void **state)
 static void test_fault_nofile(void **state)
 {
 	(void)state;
-	/* known defect 2: below this, a thread's doorbell ring (the workload's, a blocking
-	 * helper's: ~7 threads, with ~10 fds of I/O) may not be made, and the lost wake-up wedges
-	 * the executor (seen at 4-7) */
-	long from = fixed(FIXED_D2_LOST_WAKEUP) ? 4 : 32;
-	for (long lim = from; lim <= 64; lim += (SANITIZED && lim >= 16) ? 8 : 1)
+	/* from 4 fds on: no thread outside the executor needs an fd to wake a loop (defect 2) */
+	for (long lim = 4; lim <= 64; lim += (SANITIZED && lim >= 16) ? 8 : 1)
 		run_case(-1, 0, 0, LIMIT_NOFILE, lim);
 	assert_int_equal(failures, 0);
 }

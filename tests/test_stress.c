@@ -30,65 +30,6 @@
 #include <sanitizer/lsan_interface.h>
 #endif
 
-/*
- * Known defects of issue 10 this suite steps around until their fixes are merged. Each names
- * what it avoids; set it to 1 once the fix is on main (the suite then exercises that case).
- */
-/* 3: a timed wait in a task that times out leaks its timed-wait node; the sync primitives
- * drop their promise on every timeout. With 0, tasks give sync waits timeout 0 or -1 only. */
-#define FIXED_D3_TIMED_WAIT_LEAK 1
-/* 8: cancelling a running blocking job returns 1 and the job still runs. With 0, blocking jobs
- * are not cancelled. */
-#define FIXED_D8_BLOCKING_CANCEL 1
-/* 9: timeouts near INT64_MAX overflow in concur_result/concur_exec_join. With 0, no huge
- * timeouts are drawn. */
-#define FIXED_D9_HUGE_TIMEOUT 1
-/* A NEW defect found by this suite (not in issue 10's list): a blocking helper ends its job's
- * work (concur__work_end -> concur__work_sub, exec.c) by decrementing ex->outstanding and then
- * reading ex->joiners and bumping ex->join_seq; a concur_exec_join that sees the count reach 0
- * in between returns, and concur_exec_free frees ex under the helper (TSan: a race with free;
- * a use after free). Until it is fixed, the workloads let the helpers exit before freeing. */
-#define FIXED_N1_WORK_END_AFTER_FREE 1
-/* Known defect 12: TSan sees the SQEs of a doorbell ring mapped where an exited thread's
- * (unmapped) one was as racing (liburing maps rings with syscalls TSan does not see). */
-#define FIXED_D12_TSAN_RING_NOISE 1
-/* CONCUR_KNOWN_DEFECTS=all (or a list: D3,D9,N1) runs the avoided cases anyway, to check a
- * fix before flipping its switch above. */
-static inline bool fixed_(int flag, const char *name)
-{
-	const char *s = getenv("CONCUR_KNOWN_DEFECTS");
-	if (flag)
-		return true;
-	if (!s || !*s)
-		return false;
-	if (!strcmp(s, "all"))
-		return true;
-	size_t n = strcspn(name, "_");
-	for (const char *p = s; *p; p += strcspn(p, ","), p += *p == ',')
-		if (!strncmp(p, name, n) && (p[n] == ',' || !p[n]))
-			return true;
-	return false;
-}
-/* the switch FIXED_D3_TIMED_WAIT_LEAK is named D3 */
-#define fixed(sw) fixed_(sw, #sw + 6)
-
-/* New defect N1 (above): wait until no blocking helper is alive (they idle out at once). */
-static void helpers_gone(void)
-{
-	if (fixed(FIXED_N1_WORK_END_AFTER_FREE))
-		return;
-	for (int w = 0; w < 5000 && concur_blocking_threads(); w++)
-		usleep(1000);
-}
-
-#if defined(__SANITIZE_THREAD__) && !FIXED_D12_TSAN_RING_NOISE
-const char *__tsan_default_suppressions(void);
-const char *__tsan_default_suppressions(void)
-{
-	return "race:concur__loop_ring_doorbell\n"; /* known defect 12 */
-}
-#endif
-
 /* A few seconds per build: TSan runs this mix ~30x slower, ASan ~2x. */
 #if defined(__SANITIZE_THREAD__)
 #define STRESS_DEFAULT_OPS 4000
@@ -177,7 +118,7 @@ static int64_t rnd_timeout(struct rng *r)
 	case 3:
 		return 100000 + rndn(r, 2000000);
 	case 4:
-		return fixed(FIXED_D9_HUGE_TIMEOUT) ? INT64_MAX - rndn(r, 1000) : -1;
+		return INT64_MAX - rndn(r, 1000);
 	default:
 		return -1;
 	}
@@ -673,12 +614,10 @@ static concur_event *g_ev;
 static concur_chan *g_ch;
 static atomic_long ch_sent, ch_recvd, ch_sent_sum, ch_recvd_sum;
 
-/* A timeout for a sync wait: in a task, 0 or -1 until defect 3 is fixed. */
+/* A timeout for a sync wait (a huge one is a wait forever). */
 static int64_t sync_timeout(struct rng *r)
 {
 	int64_t t = rnd_timeout(r);
-	if (!fixed(FIXED_D3_TIMED_WAIT_LEAK) && concur_in_task() && t > 0)
-		t = rndn(r, 2) ? 0 : -1;
 	if (t > MS(10000))
 		t = -1; /* a huge timeout is forever: the callers bound what may never come */
 	return t;
@@ -768,7 +707,7 @@ static void op_blocking(struct rng *r)
 	concur_future *f = concur_spawn_blocking(g_ex, blocking_job, l);
 	add_callbacks(r, f, l->value, true);
 	int cr = 0;
-	if (fixed(FIXED_D8_BLOCKING_CANCEL) && rndn(r, 3) == 0) {
+	if (rndn(r, 3) == 0) {
 		rnd_pause(r);
 		cr = concur_cancel(f);
 		CHECK(cr == 0 || cr == 1 || cr == -EINPROGRESS, "blocking cancel %d", cr);
@@ -959,7 +898,6 @@ static void *stress_seed(void *arg)
 	concur_mutex_free(g_mx);
 	struct concur_stats st;
 	concur_exec_stats(g_ex, &st);
-	helpers_gone();
 	concur_exec_free(g_ex);
 	g_ex = NULL;
 

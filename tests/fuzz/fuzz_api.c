@@ -27,11 +27,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* Known defect 3 of issue 10 (a wait on a future released without completing leaks): until
- * its fix is merged, every promise stays referenced until the end of the input, where it is
- * set. Set to 1 once the fix is on main (then promises may die unset). */
-#define FIXED_D3_TIMED_WAIT_LEAK 1
-
 #define NSLOTS 8
 #define NKEEP  64
 
