@@ -697,12 +697,13 @@ uint64_t concur_stall_count(const concur_exec *ex);
  * iovec, msghdr or address passed in must stay valid until the future is done (or the direct
  * form returns), and may be freed or reused as soon as it is.
  *
- * Deadlines: operations taking timeout_ns carry a deadline when timeout_ns >= 0 (a linked
- * IORING_OP_LINK_TIMEOUT): if the operation has not completed timeout_ns nanoseconds after it was
- * submitted, the kernel cancels it and the result is -ETIMEDOUT (the kernel's -ECANCELED, or
- * -EINTR for an interrupted worker, mapped; the link timeout's own -ETIME never shows). An
- * operation that completed anyway keeps its own result. timeout_ns < 0: no deadline
- * (CONCUR_NO_TIMEOUT).
+ * Deadlines: operations taking timeout_ns carry a deadline when timeout_ns >= 0: if the
+ * operation has not completed timeout_ns nanoseconds after it was submitted, the kernel cancels
+ * it and the result is -ETIMEDOUT (the kernel's -ECANCELED, or -EINTR for an interrupted
+ * worker, mapped). An operation that completed anyway keeps its own result. timeout_ns < 0: no
+ * deadline (CONCUR_NO_TIMEOUT). The future form links an IORING_OP_LINK_TIMEOUT to the
+ * operation; the direct form puts the deadline on the loop's one timer (see the deadline scopes
+ * above), which costs no SQE and no CQE unless it fires -- the same rules either way.
  *
  * Cancellation: concur_cancel() on an I/O future returns 1 if the operation was not submitted
  * yet (it never will be), or -EINPROGRESS once the kernel was asked to cancel it
