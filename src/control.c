@@ -17,15 +17,6 @@
 #include "internal.h"
 
 #include <stdlib.h>
-#include <time.h>
-
-/* The last tick's time: never ahead of CLOCK_MONOTONIC, so "passed" by it is really passed. */
-static int64_t concur__coarse_now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-	return CONCUR__TS_TO_NS(&ts);
-}
 
 /* ---- a task's control state ---------------------------------------------------------------- */
 
@@ -66,7 +57,7 @@ int concur__ctl_check_slow(struct concur__task *t)
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
 	if ((s & CONCUR__CANCEL_REQ) && !c->shield)
 		return -ECANCELED;
-	if (c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now()))
+	if (c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now_ns()))
 		return -ETIMEDOUT;
 	return 0;
 }

@@ -797,6 +797,7 @@ int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timesp
 void concur__futex_wake(_Atomic uint32_t *word, int n);
 /* CLOCK_MONOTONIC in ns. */
 int64_t concur__now_ns(void);
+int64_t concur__coarse_now_ns(void); /* CLOCK_MONOTONIC_COARSE: never ahead of now_ns */
 /* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
 int64_t concur__after_ns(int64_t timeout_ns);
 /* The same as an absolute timespec, for futex and condvar waits. */
