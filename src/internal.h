@@ -614,23 +614,52 @@ static inline void concur__sqe_set_uncounted(struct io_uring_sqe *sqe, struct co
 /* Hand a node to loop from any thread: local queue, MSG_RING or inbox + doorbell. Needs no
  * memory: whatever the path, the node reaches the loop and a sleeping loop is woken. */
 void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
-/* Queue a runnable task on the current loop (loop thread only). */
-void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t);
+/*
+ * The run queues, inline: they are the switch's hot path (a yield is push + pop + switch, a few
+ * ns), and a call into loop.c for each measured as much again. Loop thread only.
+ */
+extern _Atomic unsigned concur__stall_detectors; /* stall.c: nonzero while a detector is set */
+/* Queue a runnable task on the current loop. */
+static inline void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
+{
+	CONCUR__FIFO_PUSH(loop->ready_head, loop->ready_tail, &t->node);
+}
 /*
  * Task side (concur__suspend): the next ready fiber, taken off the ready queue for a direct
  * switch and charged to the turn's budget; NULL if the fiber should switch back to the loop
  * instead (nothing started is ready, the budget is spent, or a stall detector times each run
  * from the loop). May return the caller's own task (a yield with nobody else ready).
  */
-struct concur__task *concur__loop_pop_direct(struct concur__loop *loop);
+static inline struct concur__task *concur__loop_pop_direct(struct concur__loop *loop)
+{
+	struct concur__node *n = loop->ready_head;
+	/* (a pinned task not started yet waits there too: the loop starts it) */
+	if (!n || !concur__task_of_node(n)->fib || loop->budget <= 1 ||
+	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
+		return NULL;
+	loop->budget--;
+	return concur__task_of_node(CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail));
+}
+/*
+ * Queue a task that yielded. A yield goes behind everything runnable now. With no unstarted
+ * task and nobody else yielded this turn, that is just the ready queue's tail: concur__suspend()
+ * then switches straight to the next fiber (or goes on, if alone), charged to the turn's budget
+ * so I/O still gets its look. Otherwise it waits for the turn's end, so yielders cannot starve
+ * the tasks that have not started.
+ */
+static inline void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t)
+{
+	if (loop->fresh_head || loop->yielded_head)
+		CONCUR__FIFO_PUSH(loop->yielded_head, loop->yielded_tail, &t->node);
+	else
+		concur__loop_push_ready(loop, t);
+}
 /*
  * Wake threads parked on f's state word with an IORING_OP_FUTEX_WAKE on the current loop's
  * ring, if the loop enters the kernel at the end of its turn anyway (SQEs queued) and the kernel
  * has the op: true then (f is held until the CQE). False: the caller makes the futex syscall.
  */
 bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
-/* Queue a task that yielded: it runs after everything runnable now, and after an I/O check. */
-void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);

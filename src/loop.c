@@ -149,37 +149,6 @@ struct io_uring_sqe *concur__sqe_slow(struct concur__loop *loop)
 
 /* ---- run queues (loop thread only) ---------------------------------------------------------- */
 
-void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
-{
-	CONCUR__FIFO_PUSH(loop->ready_head, loop->ready_tail, &t->node);
-}
-
-/*
- * A yield goes behind everything runnable now. With no unstarted task and nobody else yielded
- * this turn, that is just the ready queue's tail: concur__suspend() then switches straight to
- * the next fiber (or goes on, if alone), charged to the turn's budget so I/O still gets its
- * look. Otherwise wait for the turn's end, so yielders cannot starve the tasks that have not
- * started.
- */
-void concur__loop_push_yielded(struct concur__loop *loop, struct concur__task *t)
-{
-	if (loop->fresh_head || loop->yielded_head)
-		CONCUR__FIFO_PUSH(loop->yielded_head, loop->yielded_tail, &t->node);
-	else
-		concur__loop_push_ready(loop, t);
-}
-
-struct concur__task *concur__loop_pop_direct(struct concur__loop *loop)
-{
-	struct concur__node *n = loop->ready_head;
-	/* (a pinned task not started yet waits there too: the loop starts it) */
-	if (!n || !concur__task_of_node(n)->fib || loop->budget <= 1 ||
-	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
-		return NULL;
-	loop->budget--;
-	return concur__task_of_node(CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail));
-}
-
 /* Unstarted tasks: a deque. Local spawns go to the front (depth first, so a task waiting on
  * its children finds them next and few fibers are suspended at once); tasks from elsewhere go
  * to the back; idle loops are handed the oldest, from the back. */
