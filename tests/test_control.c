@@ -463,7 +463,7 @@ static void test_timed_waits(void **state)
 }
 
 /* concur_exec_stop: drain, then cancel; a shielded cleanup runs to its end. */
-static int64_t stubborn(void *arg)
+static int64_t ignores_cancel_once(void *arg)
 {
 	struct probe *pr = arg;
 	atomic_fetch_add(&pr->stage, 1);
@@ -494,7 +494,7 @@ static void test_exec_stop(void **state)
 	struct probe pr = {.p = concur_promise_new(ex)};
 	concur_future *t[4];
 	for (int i = 0; i < 4; i++)
-		t[i] = concur_spawn(ex, stubborn, &pr);
+		t[i] = concur_spawn(ex, ignores_cancel_once, &pr);
 	wait_stage(&pr, 4);
 	let_it_suspend();
 	assert_int_equal(concur_exec_stop(ex, MS(30)), -ETIMEDOUT);
