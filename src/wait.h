@@ -16,10 +16,7 @@
 /* An absolute deadline on concur__now_ns()'s clock for timeout_ns (< 0: none, returned as -1). */
 static inline int64_t concur__deadline_after(int64_t timeout_ns)
 {
-	if (timeout_ns < 0)
-		return -1;
-	int64_t now = concur__now_ns();
-	return timeout_ns > INT64_MAX - now ? -1 : now + timeout_ns;
+	return timeout_ns < 0 ? -1 : concur__after_ns(timeout_ns); /* saturates: INT64_MAX */
 }
 
 /* The timeout left until deadline, for concur_result(): -1 forever, 0 once passed. */

@@ -358,16 +358,20 @@ static void test_bad_options(void **state)
 	concur_release(f);
 }
 
-/* io_uring unavailable (a seccomp filter, as container runtimes install): concur_exec_new
- * returns the kernel's error and says what to check. Runs in a child: filters are forever. */
-static void test_io_uring_unavailable(void **state)
+/*
+ * In a forked child (filters are forever): block syscall nr with EPERM by a seccomp filter, as
+ * container runtimes do, and check that concur_exec_new fails with -EPERM and a message that
+ * names `names` and `also` (NULL: no second check) and not `not_named` (NULL: no check).
+ */
+static void exec_new_with_syscall_blocked(long nr, const char *names, const char *also,
+                                          const char *not_named)
 {
 	pid_t pid = fork();
 	assert_true(pid >= 0);
 	if (pid == 0) {
 		struct sock_filter filter[] = {
 		    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-		    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+		    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)nr, 0, 1),
 		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
 		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
 		};
@@ -379,8 +383,9 @@ static void test_io_uring_unavailable(void **state)
 		int r = concur_exec_new(&e, NULL);
 		if (r != -EPERM || e)
 			_exit(11);
-		if (!strstr(concur_last_error(), "io_uring") ||
-		    !strstr(concur_last_error(), "kernel.io_uring_disabled"))
+		const char *msg = concur_last_error();
+		if (!strstr(msg, names) || (also && !strstr(msg, also)) ||
+		    (not_named && strstr(msg, not_named)))
 			_exit(12);
 		_exit(0);
 	}
@@ -388,6 +393,13 @@ static void test_io_uring_unavailable(void **state)
 	assert_int_equal(waitpid(pid, &status, 0), pid);
 	assert_true(WIFEXITED(status));
 	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+/* io_uring unavailable: concur_exec_new returns the kernel's error and says what to check. */
+static void test_io_uring_unavailable(void **state)
+{
+	exec_new_with_syscall_blocked(__NR_io_uring_setup, "io_uring", "kernel.io_uring_disabled",
+	                              NULL);
 }
 
 /* concur_spawn_on: a pinned task runs on its loop's thread only, never handed to an idle loop */
@@ -493,36 +505,12 @@ static void test_spawn_on_bad(void **state)
 	concur_exec_free(ex);
 }
 
-/* Only io_uring_register blocked (a seccomp filter can do that): concur_exec_new fails with
- * the kernel's error and names the call, not "the kernel lacks IORING_OP_MSG_RING". */
+/* Only io_uring_register blocked: the error names the call, not "the kernel lacks
+ * IORING_OP_MSG_RING". */
 static void test_io_uring_register_blocked(void **state)
 {
-	pid_t pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0) {
-		struct sock_filter filter[] = {
-		    BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-		    BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_register, 0, 1),
-		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-		    BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-		};
-		struct sock_fprog prog = {.len = 4, .filter = filter};
-		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
-		    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
-			_exit(10);
-		concur_exec *e = NULL;
-		int r = concur_exec_new(&e, NULL);
-		if (r != -EPERM || e)
-			_exit(11);
-		if (!strstr(concur_last_error(), "io_uring_register") ||
-		    strstr(concur_last_error(), "MSG_RING"))
-			_exit(12);
-		_exit(0);
-	}
-	int status = 0;
-	assert_int_equal(waitpid(pid, &status, 0), pid);
-	assert_true(WIFEXITED(status));
-	assert_int_equal(WEXITSTATUS(status), 0);
+	exec_new_with_syscall_blocked(__NR_io_uring_register, "io_uring_register", NULL,
+	                              "MSG_RING");
 }
 
 int main(void)
