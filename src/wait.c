@@ -511,6 +511,10 @@ struct after {
 	struct after_slot slot[];
 };
 
+_Static_assert(sizeof(struct after) + sizeof(struct after_slot) + sizeof(int64_t) <=
+                   CONCUR__DEFERRED_CACHED_EXTRA,
+               "a then's record is of the cached size");
+
 /*
  * Records whose inputs are all done, started by the outermost caller on this thread. Starting
  * one can complete a future that makes another ready (a failed input propagating down a
