@@ -495,7 +495,7 @@ void concur__task_enqueue(struct concur__task *t);
  * wait.c). Larger deferred records are malloc'd and freed.
  */
 enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_SIZES };
-#define CONCUR__DEFERRED_CACHED_EXTRA 136
+#define CONCUR__DEFERRED_CACHED_EXTRA 80
 /* A thread's freed records of one size: a LIFO list for its next allocations, and (a loop's
  * only) a chain being filled for its executor's recycle slots once the list is full. */
 struct concur__rec_cache {
