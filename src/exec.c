@@ -353,8 +353,7 @@ static const size_t concur__rec_bytes[CONCUR__REC_SIZES] = {
 
 /* A thread outside the executors: its caches, freed by a key's destructor when it exits. */
 static __thread struct concur__rec_cache concur__tl_recs[CONCUR__REC_SIZES];
-static __thread unsigned concur__tl_recycle_skip; /* see CONCUR__RECYCLE_SKIP */
-static __thread int concur__tl_recs_state;        /* 0: unused, 1: key set, 2: thread exiting */
+static __thread int concur__tl_recs_state; /* 0: unused, 1: key set, 2: thread exiting */
 static pthread_key_t concur__recs_key;
 static pthread_once_t concur__recs_once = PTHREAD_ONCE_INIT;
 
@@ -420,8 +419,8 @@ static void concur__rec_push(struct concur__rec_cache *c, void *p, size_t bytes)
 /* A thread outside the executor: a chain a loop parked, into the empty cache c. */
 static bool concur__recycle_take(concur_exec *ex, int k, struct concur__rec_cache *c)
 {
-	if (concur__tl_recycle_skip) {
-		concur__tl_recycle_skip--;
+	if (c->skip) {
+		c->skip--;
 		return false;
 	}
 	for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++) {
@@ -435,7 +434,7 @@ static bool concur__recycle_take(concur_exec *ex, int k, struct concur__rec_cach
 			return true;
 		}
 	}
-	concur__tl_recycle_skip = CONCUR__RECYCLE_SKIP;
+	c->skip = CONCUR__RECYCLE_SKIP; /* per size: a then's may run dry while a task's are full */
 	return false;
 }
 

@@ -496,13 +496,15 @@ void concur__task_enqueue(struct concur__task *t);
  */
 enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_SIZES };
 #define CONCUR__DEFERRED_CACHED_EXTRA 80
-/* A thread's freed records of one size: a LIFO list for its next allocations, and (a loop's
- * only) a chain being filled for its executor's recycle slots once the list is full. */
+/* A thread's freed records of one size: a LIFO list for its next allocations; a loop's, a chain
+ * being filled for its executor's recycle slots once the list is full; a thread outside the
+ * executor's, how many mallocs to make before it looks at the slots again. */
 struct concur__rec_cache {
 	void *head;
 	unsigned len;
 	unsigned out_len;
 	void *out;
+	unsigned skip;
 };
 /* A loop keeps this many freed records of each size for its own next tasks. */
 #define CONCUR__TASK_CACHE_MAX 1024
@@ -510,8 +512,8 @@ struct concur__rec_cache {
  * CONCUR__RECYCLE_CHAIN records a loop gave back, for threads outside the executor to take. */
 #define CONCUR__RECYCLE_SLOTS 16
 #define CONCUR__RECYCLE_CHAIN 128
-/* A thread outside the executor that found every slot empty mallocs this many before it looks
- * again. */
+/* A thread outside the executor that found every slot of a size empty mallocs this many of it
+ * before it looks again. */
 #define CONCUR__RECYCLE_SKIP 32
 
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
