@@ -320,8 +320,8 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
  *
  * Records made by a thread outside the executor mostly end on a loop. Freed there with free(),
  * they would all go back to that thread's malloc arena, under its lock, against its own mallocs:
- * the spawning thread and the loops then take turns sleeping on the arena's lock (a pipeline of
- * then()s from main measured half its time there). So a loop whose cache is full fills a chain
+ * the spawning thread and the loops then take turns sleeping on the arena's lock (a quarter of
+ * the samples of a pipeline of then()s from main). So a loop whose cache is full fills a chain
  * of CONCUR__RECYCLE_CHAIN records and parks it in an empty slot of its executor; a thread
  * outside the executor takes a whole chain from a slot when its own cache (thread-local, freed
  * when the thread exits) runs dry. A slot is a pointer exchanged whole, so there is no ABA; the
@@ -391,8 +391,8 @@ static struct concur__rec_cache *concur__tl_cache(int k)
 	if (concur__tl_recs_state == 2)
 		return NULL;
 	pthread_once(&concur__recs_once, concur__recs_key_init);
-	if (pthread_setspecific(concur__recs_key, concur__tl_recs)) /* non-NULL: the destructor
-	                                                             * runs */
+	/* a non-NULL value, so the destructor runs when the thread exits */
+	if (pthread_setspecific(concur__recs_key, concur__tl_recs))
 		return NULL;
 	concur__tl_recs_state = 1;
 	return &concur__tl_recs[k];
@@ -424,7 +424,7 @@ static bool concur__recycle_take(concur_exec *ex, int k, struct concur__rec_cach
 		return false;
 	}
 	for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++) {
-		_Atomic(void *) *slot = &ex->recycle[k][i];
+		_Atomic(void *) *slot = &ex->recycle[k].slot[i];
 		if (!atomic_load_explicit(slot, memory_order_relaxed))
 			continue;
 		void *chain = atomic_exchange_explicit(slot, NULL, memory_order_acquire);
@@ -446,8 +446,8 @@ static void concur__recycle_park(concur_exec *ex, int k, struct concur__rec_cach
 	c->out_len = 0;
 	for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++) {
 		void *empty = NULL;
-		if (!atomic_load_explicit(&ex->recycle[k][i], memory_order_relaxed) &&
-		    atomic_compare_exchange_strong_explicit(&ex->recycle[k][i], &empty, chain,
+		if (!atomic_load_explicit(&ex->recycle[k].slot[i], memory_order_relaxed) &&
+		    atomic_compare_exchange_strong_explicit(&ex->recycle[k].slot[i], &empty, chain,
 		                                            memory_order_release,
 		                                            memory_order_relaxed))
 			return;
@@ -516,7 +516,7 @@ static void concur__recycle_free(concur_exec *ex)
 {
 	for (int k = 0; k < CONCUR__REC_SIZES; k++)
 		for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++)
-			concur__rec_list_free(atomic_exchange(&ex->recycle[k][i], NULL),
+			concur__rec_list_free(atomic_exchange(&ex->recycle[k].slot[i], NULL),
 			                      concur__rec_bytes[k]);
 }
 

@@ -512,6 +512,9 @@ struct concur__rec_cache {
  * CONCUR__RECYCLE_CHAIN records a loop gave back, for threads outside the executor to take. */
 #define CONCUR__RECYCLE_SLOTS 16
 #define CONCUR__RECYCLE_CHAIN 128
+struct concur__recycle {
+	_Atomic(void *) slot[CONCUR__RECYCLE_SLOTS]; /* a chain's first record, or NULL */
+};
 /* A thread outside the executor that found every slot of a size empty mallocs this many of it
  * before it looks again. */
 #define CONCUR__RECYCLE_SKIP 32
@@ -560,7 +563,7 @@ struct concur__loop {
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
 	unsigned inflight; /* our SQEs whose CQE is still to come */
-	struct concur__stacks stacks; /* fiber.c's stack pools */
+	struct concur__stacks stacks;                     /* fiber.c's stack pools */
 	struct concur__rec_cache recs[CONCUR__REC_SIZES]; /* freed task records (exec.c) */
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	struct concur__cqe *stash; /* CQEs moved out of a full CQ, dispatched first by the reap */
@@ -732,8 +735,7 @@ struct concur_exec {
 
 	/* Freed records travelling from the loops to threads outside the executor, whose own
 	 * frees of them would otherwise all land in one malloc arena, contended (exec.c). */
-	_Alignas(CONCUR__CACHELINE) _Atomic(void *) recycle[CONCUR__REC_SIZES]
-	                                                   [CONCUR__RECYCLE_SLOTS];
+	_Alignas(CONCUR__CACHELINE) struct concur__recycle recycle[CONCUR__REC_SIZES];
 
 	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;
 	/* join accounting: work begun and not yet ended (tasks, ops) */

@@ -332,7 +332,7 @@ static void count_parked(unsigned *out)
 	for (int k = 0; k < CONCUR__REC_SIZES; k++) {
 		out[k] = 0;
 		for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++)
-			out[k] += atomic_load(&ex->recycle[k][i]) != NULL;
+			out[k] += atomic_load(&ex->recycle[k].slot[i]) != NULL;
 	}
 }
 
@@ -396,7 +396,8 @@ static void test_foreign_recycle(void **state)
 		assert_int_equal(r.parked[0][k], CONCUR__RECYCLE_SLOTS); /* the 17th chain: freed */
 		assert_true(r.parked[1][k] <= CONCUR__RECYCLE_SLOTS - 2);
 	}
-	if (r.reused_tasks < 2 * CONCUR__RECYCLE_CHAIN || r.reused_thens < 2 * CONCUR__RECYCLE_CHAIN)
+	if (r.reused_tasks < 2 * CONCUR__RECYCLE_CHAIN ||
+	    r.reused_thens < 2 * CONCUR__RECYCLE_CHAIN)
 		fail_msg("%zu task and %zu then records of %d reused", r.reused_tasks,
 		         r.reused_thens, CONCUR__RECYCLE_SKIP + 2 * CONCUR__RECYCLE_CHAIN);
 }
