@@ -4,6 +4,9 @@
  *   concur_one:  inside a task (1 loop), spawn a trivial task, concur_result() it, repeat n times.
  *   concur_bulk: one task spawns n trivial tasks (fire and forget), then concur_exec_join()
  *                from main; loops = -l (0 = CPUs).
+ *   concur_foreign: main, a thread outside the executor, spawns n trivial tasks in a burst,
+ *                keeping each future, then takes each result (concur_result) and releases it:
+ *                pool_bulk's work, through concur; loops = -l (0 = CPUs).
  *   bare_one / bare_bulk: the floor: a malloc'ed record, a stack from a pool of mmap()ed stacks,
  *                bare_switch into it, run to completion, switch back (one thread, no scheduler).
  *   pool_one / pool_bulk: the concurrent.futures design: submit() allocates a future with its own
@@ -18,7 +21,7 @@
 #include <stdbool.h>
 #include <sys/resource.h>
 
-#define VARIANTS "concur_one|concur_bulk|bare_one|bare_bulk|pool_one|pool_bulk"
+#define VARIANTS "concur_one|concur_bulk|concur_foreign|bare_one|bare_bulk|pool_one|pool_bulk"
 
 static long iters;
 
@@ -94,6 +97,31 @@ static void run_concur(bool bulk, long loops)
 		r = bench_now_ns() - t0;
 	}
 	emit((double)r, bulk ? concur_exec_loops(ex) : 1, ex, &before);
+	concur_exec_free(ex);
+}
+
+static void run_concur_foreign(long loops)
+{
+	ex = bench_exec(loops, 0);
+	concur_future **fs = malloc((size_t)iters * sizeof(*fs));
+	if (!fs)
+		bench_die("out of memory");
+	struct concur_stats before;
+	concur_exec_stats(ex, &before);
+	int64_t sum = 0, t0 = bench_now_ns();
+	for (long i = 0; i < iters; i++)
+		fs[i] = concur_spawn(ex, trivial, (void *)(intptr_t)i);
+	for (long i = 0; i < iters; i++) {
+		int64_t r = concur_result(fs[i], -1);
+		concur_release(fs[i]);
+		if (r < 0)
+			bench_die("spawn: %s", concur_strerror(r));
+		sum += r;
+	}
+	int64_t t1 = bench_now_ns();
+	bench_sink(sum);
+	free(fs);
+	emit((double)(t1 - t0), concur_exec_loops(ex), ex, &before);
 	concur_exec_free(ex);
 }
 
@@ -278,9 +306,11 @@ int main(int argc, char **argv)
 	struct bench_args a = bench_parse(argc, argv, VARIANTS);
 	long loops = a.loops ? a.loops : bench_cpus();
 	const char *v = a.variant;
-	bool bulk = strstr(v, "_bulk") != NULL;
+	bool bulk = strstr(v, "_bulk") != NULL || !strcmp(v, "concur_foreign");
 	iters = a.n ? a.n : (bulk ? 1000000 : 200000);
-	if (!strncmp(v, "concur_", 7))
+	if (!strcmp(v, "concur_foreign"))
+		run_concur_foreign(loops);
+	else if (!strncmp(v, "concur_", 7))
 		run_concur(bulk, loops);
 	else if (!strncmp(v, "bare_", 5))
 		run_bare(bulk);

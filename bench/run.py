@@ -107,6 +107,16 @@ WORKLOADS = [
                    (500_000, 20_000), (50_000, 2_000)),
     spawn_workload("bulk", "one task spawns 10^6 trivial tasks (fire and forget), then "
                    "concur_exec_join", *[(1_000_000, 100_000)] * 5),
+    {
+        "name": "spawn/foreign",
+        "what": "a thread outside the executor spawns 10^6 trivial tasks in a burst, then takes "
+                "each result",
+        "variants": [
+            V("concur", "bench_spawn", "concur_foreign", 1_000_000, 100_000),
+            V("mutex+condvar pool", "bench_spawn", "pool_bulk", 1_000_000, 100_000,
+              target=("<=", 0.5)),
+        ],
+    },
 ] + [
     {
         "name": f"await_nop/{b}",
@@ -260,7 +270,8 @@ WORKLOADS = [
         "what": "3-stage pipeline of 10^5 items: unwrapped tasks (then/spawn_after) vs a condvar pool",
         "variants": [
             V("concur unwrapped tasks", "bench_pipeline", "unwrapped", 100000, 10000),
-            V("mutex+condvar pool", "bench_pipeline", "condvar_pool", 100000, 10000),
+            V("mutex+condvar pool", "bench_pipeline", "condvar_pool", 100000, 10000,
+              target=("<=", 1.0)),
         ],
     },
     {

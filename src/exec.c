@@ -127,10 +127,13 @@ void concur__work_publish(struct concur__loop *loop)
 
 /* ---- executor lifecycle -------------------------------------------------------------------- */
 
+static void concur__recycle_free(concur_exec *ex);
+
 /* After the loops stopped (or never started). The doorbell goes last: stopping wakes with it. */
 static void concur__exec_destroy(concur_exec *ex)
 {
 	concur__bell_exit(ex);
+	concur__recycle_free(ex);
 	for (unsigned i = 0; i < ex->nloops; i++)
 		free(ex->loops[i]);
 	free(ex->loops);
@@ -312,52 +315,209 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
 /* ---- spawning ------------------------------------------------------------------------------- */
 
 /*
- * Task records: each loop thread keeps a few freed ones for its next spawns, so a task's life
- * on a loop costs no malloc/free. A record may be freed on any thread; off a loop it goes back
- * to malloc. Any loop may cache any record (they are all alike), until the loop stops.
+ * Task records. Each loop keeps freed ones for its next spawns, so a task's life on a loop costs
+ * no malloc/free; any loop may cache any record of a size (they are all alike), until it stops.
+ *
+ * Records made by a thread outside the executor mostly end on a loop. Freed there with free(),
+ * they would all go back to that thread's malloc arena, under its lock, against its own mallocs:
+ * the spawning thread and the loops then take turns sleeping on the arena's lock (a quarter of
+ * the samples of a pipeline of then()s from main). So a loop whose cache is full fills a chain
+ * of CONCUR__RECYCLE_CHAIN records and parks it in an empty slot of its executor; a thread
+ * outside the executor takes a whole chain from a slot when its own cache (thread-local, freed
+ * when the thread exits) runs dry. A slot is a pointer exchanged whole, so there is no ABA; the
+ * slots bound what an executor holds (and it frees them); with every slot full, a loop frees.
  */
-#define CONCUR__TASK_CACHE_MAX 1024
+#define CONCUR__FOREIGN_CACHE_MAX (2 * CONCUR__RECYCLE_CHAIN) /* a thread outside keeps */
 
+/*
+ * A freed record, linked through its second word. ASan: the rest is poisoned, so a use after
+ * release still trips (concur__valid reads the magic in the first word); the link is not, as
+ * LeakSanitizer ignores pointers in poisoned memory and would call every record past a list's
+ * head leaked while a thread's cache holds them at exit.
+ */
 struct concur__free_task {
+	uint64_t future_head; /* the future's state and magic: left as they were */
 	struct concur__free_task *next;
 };
 
-static struct concur__task *concur__task_alloc(struct concur__loop *loop)
+static void concur__rec_poison(struct concur__free_task *ft, size_t bytes)
 {
-	struct concur__free_task *ft = loop ? loop->task_cache : NULL;
-	if (!ft)
-		return malloc(sizeof(struct concur__task));
-	CONCUR__ASAN_UNPOISON(ft, sizeof(struct concur__task));
-	loop->task_cache = ft->next;
-	loop->task_cache_len--;
-	return (struct concur__task *)ft;
+	CONCUR__ASAN_POISON(ft, bytes);
+	CONCUR__ASAN_UNPOISON(&ft->next, sizeof(ft->next));
 }
 
-static void concur__task_destroy(concur_future *f)
-{
-	struct concur__loop *loop = concur__tl_loop;
-	if (!loop || loop->task_cache_len >= CONCUR__TASK_CACHE_MAX) {
-		free(f);
-		return;
-	}
-	struct concur__free_task *ft = (struct concur__free_task *)f;
-	ft->next = loop->task_cache;
-	loop->task_cache = ft;
-	loop->task_cache_len++;
-	CONCUR__ASAN_POISON(ft, sizeof(struct concur__task)); /* a use after release still trips */
-}
+static const size_t concur__rec_bytes[CONCUR__REC_SIZES] = {
+    [CONCUR__REC_TASK] = sizeof(struct concur__task),
+    [CONCUR__REC_THEN] = sizeof(struct concur__task) + CONCUR__DEFERRED_CACHED_EXTRA,
+};
 
-void concur__task_cache_free(struct concur__loop *loop)
+/* A thread outside the executors: its caches, freed by a key's destructor when it exits. */
+static __thread struct concur__rec_cache concur__tl_recs[CONCUR__REC_SIZES];
+static __thread int concur__tl_recs_state; /* 0: unused, 1: key set, 2: thread exiting */
+static pthread_key_t concur__recs_key;
+static pthread_once_t concur__recs_once = PTHREAD_ONCE_INIT;
+
+static void concur__rec_list_free(struct concur__free_task *ft, size_t bytes)
 {
-	struct concur__free_task *ft = loop->task_cache;
 	while (ft) {
-		CONCUR__ASAN_UNPOISON(ft, sizeof(struct concur__task));
+		CONCUR__ASAN_UNPOISON(ft, bytes);
 		struct concur__free_task *next = ft->next;
 		free(ft);
 		ft = next;
 	}
-	loop->task_cache = NULL;
-	loop->task_cache_len = 0;
+}
+
+static void concur__tl_recs_free(void *unused)
+{
+	(void)unused;
+	for (int k = 0; k < CONCUR__REC_SIZES; k++) {
+		concur__rec_list_free(concur__tl_recs[k].head, concur__rec_bytes[k]);
+		concur__tl_recs[k].head = NULL;
+		concur__tl_recs[k].len = 0;
+	}
+	concur__tl_recs_state = 2; /* a later destructor's release frees at once */
+}
+
+static void concur__recs_key_init(void)
+{
+	pthread_key_create(&concur__recs_key, concur__tl_recs_free);
+}
+
+/* The thread's caches outside a loop, NULL once it is exiting (or without a key). */
+static struct concur__rec_cache *concur__tl_cache(int k)
+{
+	if (CONCUR__LIKELY(concur__tl_recs_state == 1))
+		return &concur__tl_recs[k];
+	if (concur__tl_recs_state == 2)
+		return NULL;
+	pthread_once(&concur__recs_once, concur__recs_key_init);
+	/* a non-NULL value, so the destructor runs when the thread exits */
+	if (pthread_setspecific(concur__recs_key, concur__tl_recs))
+		return NULL;
+	concur__tl_recs_state = 1;
+	return &concur__tl_recs[k];
+}
+
+static void *concur__rec_pop(struct concur__rec_cache *c, size_t bytes)
+{
+	struct concur__free_task *ft = c->head;
+	CONCUR__ASAN_UNPOISON(ft, bytes);
+	c->head = ft->next;
+	c->len--;
+	return ft;
+}
+
+static void concur__rec_push(struct concur__rec_cache *c, void *p, size_t bytes)
+{
+	struct concur__free_task *ft = p;
+	ft->next = c->head;
+	c->head = ft;
+	c->len++;
+	concur__rec_poison(ft, bytes);
+}
+
+/* A thread outside the executor: a chain a loop parked, into the empty cache c. */
+static bool concur__recycle_take(concur_exec *ex, int k, struct concur__rec_cache *c)
+{
+	if (c->skip) {
+		c->skip--;
+		return false;
+	}
+	for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++) {
+		_Atomic(void *) *slot = &ex->recycle[k].slot[i];
+		if (!atomic_load_explicit(slot, memory_order_relaxed))
+			continue;
+		void *chain = atomic_exchange_explicit(slot, NULL, memory_order_acquire);
+		if (chain) {
+			c->head = chain;
+			c->len = CONCUR__RECYCLE_CHAIN;
+			return true;
+		}
+	}
+	c->skip = CONCUR__RECYCLE_SKIP; /* per size: a then's may run dry while a task's are full */
+	return false;
+}
+
+/* A loop: park the full outgoing chain in an empty slot of its executor, or free it. */
+static void concur__recycle_park(concur_exec *ex, int k, struct concur__rec_cache *c)
+{
+	void *chain = c->out;
+	c->out = NULL;
+	c->out_len = 0;
+	for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++) {
+		void *empty = NULL;
+		if (!atomic_load_explicit(&ex->recycle[k].slot[i], memory_order_relaxed) &&
+		    atomic_compare_exchange_strong_explicit(&ex->recycle[k].slot[i], &empty, chain,
+		                                            memory_order_release,
+		                                            memory_order_relaxed))
+			return;
+	}
+	concur__rec_list_free(chain, concur__rec_bytes[k]); /* nobody outside takes them */
+}
+
+/* A record of size k for a new task, on this thread (loop is this thread's loop, or NULL). */
+static void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
+{
+	size_t bytes = concur__rec_bytes[k];
+	struct concur__rec_cache *c = loop ? &loop->recs[k] : concur__tl_cache(k);
+	if (CONCUR__LIKELY(c && c->head))
+		return concur__rec_pop(c, bytes);
+	if (loop && c->out) { /* the chain meant for the executor: ours again */
+		c->head = c->out;
+		c->len = c->out_len;
+		c->out = NULL;
+		c->out_len = 0;
+		return concur__rec_pop(c, bytes);
+	}
+	if (c && !loop && concur__recycle_take(ex, k, c))
+		return concur__rec_pop(c, bytes);
+	return malloc(bytes);
+}
+
+/* The last reference to a record of size k went, on this thread. */
+static void concur__rec_free(void *p, int k)
+{
+	size_t bytes = concur__rec_bytes[k];
+	struct concur__loop *loop = concur__tl_loop;
+	struct concur__rec_cache *c = loop ? &loop->recs[k] : concur__tl_cache(k);
+	if (!c) {
+		free(p);
+	} else if (loop && c->len >= CONCUR__TASK_CACHE_MAX) {
+		struct concur__free_task *ft = p;
+		ft->next = c->out;
+		c->out = ft;
+		concur__rec_poison(ft, bytes);
+		if (++c->out_len == CONCUR__RECYCLE_CHAIN)
+			concur__recycle_park(loop->ex, k, c);
+	} else if (!loop && c->len >= CONCUR__FOREIGN_CACHE_MAX) {
+		free(p);
+	} else {
+		concur__rec_push(c, p, bytes);
+	}
+}
+
+static void concur__task_destroy(concur_future *f)
+{
+	concur__rec_free(f, CONCUR__REC_TASK);
+}
+
+void concur__task_cache_free(struct concur__loop *loop)
+{
+	for (int k = 0; k < CONCUR__REC_SIZES; k++) {
+		struct concur__rec_cache *c = &loop->recs[k];
+		concur__rec_list_free(c->head, concur__rec_bytes[k]);
+		concur__rec_list_free(c->out, concur__rec_bytes[k]);
+		*c = (struct concur__rec_cache){0};
+	}
+}
+
+/* The executor's parked chains, once its loops stopped. */
+static void concur__recycle_free(concur_exec *ex)
+{
+	for (int k = 0; k < CONCUR__REC_SIZES; k++)
+		for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++)
+			concur__rec_list_free(atomic_exchange(&ex->recycle[k].slot[i], NULL),
+			                      concur__rec_bytes[k]);
 }
 
 static const struct concur__future_class concur__task_class = {
@@ -372,11 +532,22 @@ struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
 	return ex->loops[i % ex->nloops];
 }
 
-/* Deferred tasks carry their creator's data after the record: never cached, always freed. */
+/* Deferred tasks carry their creator's data after the record: cached if small, else freed. */
+static void concur__then_task_destroy(concur_future *f)
+{
+	concur__rec_free(f, CONCUR__REC_THEN);
+}
+
 static void concur__deferred_task_destroy(concur_future *f)
 {
 	free(f);
 }
+
+static const struct concur__future_class concur__then_task_class = {
+    .name = "task",
+    .cancel_running = concur__task_cancel_running,
+    .destroy = concur__then_task_destroy,
+};
 
 static const struct concur__future_class concur__deferred_task_class = {
     .name = "task",
@@ -397,9 +568,16 @@ static void concur__task_init(struct concur__task *t, const struct concur__futur
 
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)
 {
-	struct concur__task *t = malloc(sizeof(*t) + extra);
-	if (t)
-		concur__task_init(t, &concur__deferred_task_class, ex, fn, t + 1);
+	struct concur__task *t;
+	if (extra <= CONCUR__DEFERRED_CACHED_EXTRA) {
+		t = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_THEN);
+		if (t)
+			concur__task_init(t, &concur__then_task_class, ex, fn, t + 1);
+	} else {
+		t = malloc(sizeof(*t) + extra);
+		if (t)
+			concur__task_init(t, &concur__deferred_task_class, ex, fn, t + 1);
+	}
 	return t;
 }
 
@@ -450,7 +628,7 @@ concur_future *concur_spawn_ex(concur_exec *ex, concur_task_fn fn, void *arg,
 	int stack = opts ? concur__stack_flags(opts->stack_size) : 0;
 	if (!fn || stack < 0 || (opts && opts->flags))
 		return concur__failed_future(ex, -EINVAL);
-	struct concur__task *t = concur__task_alloc(concur__tl_loop);
+	struct concur__task *t = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_TASK);
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
 	concur__task_init(t, &concur__task_class, ex, fn, arg);
@@ -470,7 +648,7 @@ concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_f
 		return concur__failed_future(NULL, -EINVAL);
 	if (!fn || loop_idx >= ex->nloops)
 		return concur__failed_future(ex, -EINVAL);
-	struct concur__task *t = concur__task_alloc(concur__tl_loop);
+	struct concur__task *t = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_TASK);
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
 	concur__task_init(t, &concur__task_class, ex, fn, arg);

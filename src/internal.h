@@ -489,6 +489,35 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns);
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra);
 /* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
 void concur__task_enqueue(struct concur__task *t);
+/*
+ * Task records come in two sizes that are cached (exec.c): a spawned task's, and a deferred
+ * task's with up to CONCUR__DEFERRED_CACHED_EXTRA bytes after it (a then: one input's state,
+ * wait.c). Larger deferred records are malloc'd and freed.
+ */
+enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_SIZES };
+#define CONCUR__DEFERRED_CACHED_EXTRA 80
+/* A thread's freed records of one size: a LIFO list for its next allocations; a loop's, a chain
+ * being filled for its executor's recycle slots once the list is full; a thread outside the
+ * executor's, how many mallocs to make before it looks at the slots again. */
+struct concur__rec_cache {
+	void *head;
+	unsigned len;
+	unsigned out_len;
+	void *out;
+	unsigned skip;
+};
+/* A loop keeps this many freed records of each size for its own next tasks. */
+#define CONCUR__TASK_CACHE_MAX 1024
+/* Each size has this many slots in its executor, each empty or holding a chain of exactly
+ * CONCUR__RECYCLE_CHAIN records a loop gave back, for threads outside the executor to take. */
+#define CONCUR__RECYCLE_SLOTS 16
+#define CONCUR__RECYCLE_CHAIN 128
+struct concur__recycle {
+	_Atomic(void *) slot[CONCUR__RECYCLE_SLOTS]; /* a chain's first record, or NULL */
+};
+/* A thread outside the executor that found every slot of a size empty mallocs this many of it
+ * before it looks again. */
+#define CONCUR__RECYCLE_SKIP 32
 
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
 
@@ -534,9 +563,8 @@ struct concur__loop {
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
 	unsigned inflight; /* our SQEs whose CQE is still to come */
-	struct concur__stacks stacks; /* fiber.c's stack pools */
-	void *task_cache;             /* freed task records, for the next spawns on this thread */
-	unsigned task_cache_len;
+	struct concur__stacks stacks;                     /* fiber.c's stack pools */
+	struct concur__rec_cache recs[CONCUR__REC_SIZES]; /* freed task records (exec.c) */
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	struct concur__cqe *stash; /* CQEs moved out of a full CQ, dispatched first by the reap */
 	unsigned stash_len, stash_cap;
@@ -704,6 +732,10 @@ struct concur_exec {
 	struct io_uring bell;
 	int bell_pid; /* a forked child must not ring through its parent's ring */
 	bool bell_ready;
+
+	/* Freed records travelling from the loops to threads outside the executor, whose own
+	 * frees of them would otherwise all land in one malloc arena, contended (exec.c). */
+	_Alignas(CONCUR__CACHELINE) struct concur__recycle recycle[CONCUR__REC_SIZES];
 
 	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;
 	/* join accounting: work begun and not yet ended (tasks, ops) */

@@ -491,65 +491,92 @@ void concur_as_completed_free(concur_as_completed *it)
  * released without ever completing counts as cancelled (it can never run fn), so the record
  * does not wait forever, and the dependent ends CANCELLED.
  */
-struct after;
 struct after_slot {
 	struct concur__waiter w; /* on input i's waiter list */
-	struct after *a;
-	size_t i;
-	bool dropped; /* input i died unset */
-};
-
-struct after {
-	struct concur__task *task;
-	concur_after_fn fn;
-	concur_then_fn then_fn;
-	void *arg;
-	_Atomic size_t remaining;
-	size_t n;
-	struct after *next; /* in this thread's list of records to start */
-	int64_t *values;
-	struct after_slot slot[];
+	uint32_t i;              /* < CONCUR_MAX_FUTURES */
+	bool dropped;            /* input i died unset */
 };
 
 /*
- * Records whose inputs are all done, started by the outermost caller on this thread. Starting
- * one can complete a future that makes another ready (a failed input propagating down a
- * 10 000-long then chain): queueing instead of recursing keeps the stack flat.
+ * Kept small: a then's record (the task, this, one slot, one value) is what a pipeline allocates
+ * for each stage, and every line of it travels from the thread that made it to the loop that
+ * runs it. So what can be found is not stored: the task is just before (t->arg == t + 1), the
+ * values follow the slots, the kind of call is the task's fn (wait_then_task or
+ * wait_after_task), and the ready list links the task's node (free until it is queued).
  */
-static __thread struct after *tl_ready_head, *tl_ready_tail;
+struct after {
+	union {
+		concur_after_fn fn;
+		concur_then_fn then_fn;
+	};
+	void *arg;
+	_Atomic uint32_t remaining;
+	uint32_t n;
+	struct after_slot slot[];
+};
+
+_Static_assert(sizeof(struct after) + sizeof(struct after_slot) + sizeof(int64_t) <=
+                   CONCUR__DEFERRED_CACHED_EXTRA,
+               "a then's record is of the cached size");
+
+static inline struct concur__task *wait_after_task_of(struct after *a)
+{
+	return (struct concur__task *)(void *)a - 1;
+}
+
+static inline int64_t *wait_after_values(struct after *a)
+{
+	return (int64_t *)(void *)&a->slot[a->n];
+}
+
+static inline struct after *wait_after_of_slot(struct after_slot *slot)
+{
+	return concur__container_of(slot - slot->i, struct after, slot);
+}
+
+/*
+ * Records whose inputs are all done (their tasks' nodes), started by the outermost caller on
+ * this thread. Starting one can complete a future that makes another ready (a failed input
+ * propagating down a 10 000-long then chain): queueing instead of recursing keeps the stack flat.
+ */
+static __thread struct concur__node *tl_ready_head, *tl_ready_tail;
 static __thread bool tl_starting;
 
 static int64_t wait_after_task(void *arg)
 {
 	struct after *a = arg;
-	if (a->then_fn)
-		return a->then_fn(a->arg, a->values[0]);
-	return a->fn(a->arg, a->n ? a->values : NULL, a->n);
+	return a->fn(a->arg, a->n ? wait_after_values(a) : NULL, a->n);
+}
+
+static int64_t wait_then_task(void *arg)
+{
+	struct after *a = arg;
+	return a->then_fn(a->arg, wait_after_values(a)[0]);
 }
 
 /* End the task unrun with err (unless its owner cancelled it first). */
-static void wait_after_fail(struct after *a, int64_t err, uint32_t final_state)
+static void wait_after_fail(struct concur__task *t, int64_t err, uint32_t final_state)
 {
-	struct concur__task *t = a->task;
 	if (concur__future_claim(&t->f))
 		concur__complete(&t->f, err, final_state);
 	concur_release(&t->f); /* the executor's reference: it never runs */
 }
 
 /* Every input is done: queue the task, or end it with the first input's error. */
-static void wait_after_start(struct after *a)
+static void wait_after_start(struct concur__task *t)
 {
-	struct concur__task *t = a->task;
+	struct after *a = t->arg;
+	int64_t *values = wait_after_values(a);
 	for (size_t i = 0; i < a->n; i++) {
-		if (a->values[i] < 0) {
-			wait_after_fail(a, a->values[i],
+		if (values[i] < 0) {
+			wait_after_fail(t, values[i],
 			                a->slot[i].dropped ? CONCUR__CANCELLED : CONCUR__FINISHED);
 			return;
 		}
 	}
 	/* a freed executor cannot take it: never touch it (its memory may be gone) */
 	if (!concur__exec_alive(t->f.ex, t->f.ex_id)) {
-		wait_after_fail(a, -ESHUTDOWN, CONCUR__FINISHED);
+		wait_after_fail(t, -ESHUTDOWN, CONCUR__FINISHED);
 		return;
 	}
 	concur__task_enqueue(t); /* cancelled meanwhile: its loop drops it unrun */
@@ -557,19 +584,20 @@ static void wait_after_start(struct after *a)
 
 static void wait_after_ready(struct after *a)
 {
-	CONCUR__FIFO_PUSH(tl_ready_head, tl_ready_tail, a);
+	CONCUR__FIFO_PUSH(tl_ready_head, tl_ready_tail, &wait_after_task_of(a)->node);
 	if (tl_starting)
 		return;
 	tl_starting = true;
-	while ((a = CONCUR__FIFO_POP(tl_ready_head, tl_ready_tail)))
-		wait_after_start(a);
+	struct concur__node *n;
+	while ((n = CONCUR__FIFO_POP(tl_ready_head, tl_ready_tail)))
+		wait_after_start(concur__task_of_node(n));
 	tl_starting = false;
 }
 
 static void wait_after_input_value(struct after_slot *slot, int64_t v)
 {
-	struct after *a = slot->a;
-	a->values[slot->i] = v;
+	struct after *a = wait_after_of_slot(slot);
+	wait_after_values(a)[slot->i] = v;
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
 		wait_after_ready(a);
 }
@@ -598,28 +626,30 @@ static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur
 	if (err)
 		return concur__failed_future(ex, err);
 	struct concur__task *t = concur__task_new_deferred(
-	    ex, wait_after_task,
+	    ex, then_fn ? wait_then_task : wait_after_task,
 	    sizeof(struct after) + n * (sizeof(struct after_slot) + sizeof(int64_t)));
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
 	struct after *a = t->arg;
-	a->task = t;
-	a->fn = fn;
-	a->then_fn = then_fn;
+	if (then_fn)
+		a->then_fn = then_fn;
+	else
+		a->fn = fn;
 	a->arg = arg;
-	a->n = n;
-	a->values = (int64_t *)&a->slot[n];
-	/* One extra count, dropped below, so the task cannot start while waiters are added. */
-	atomic_init(&a->remaining, n + 1);
+	a->n = (uint32_t)n;
+	/* With several inputs, one extra count, dropped below, so the task cannot start while
+	 * waiters are still added; one input's own count does that (a then). */
+	bool guard = n != 1;
+	atomic_init(&a->remaining, (uint32_t)n + guard);
 	for (size_t i = 0; i < n; i++) {
 		struct after_slot *slot = &a->slot[i];
-		*slot = (struct after_slot){.a = a, .i = i};
+		*slot = (struct after_slot){.i = (uint32_t)i};
 		slot->w.kind = CONCUR__WAIT_CALL;
 		slot->w.ops = &after_ops;
 		if (!concur__waiter_push(inputs[i], &slot->w))
 			wait_after_input_done(&slot->w, inputs[i]); /* already done */
 	}
-	if (atomic_fetch_sub(&a->remaining, 1) == 1)
+	if (guard && atomic_fetch_sub(&a->remaining, 1) == 1)
 		wait_after_ready(a);
 	return &t->f;
 }

@@ -3,6 +3,7 @@
  * The workloads run over a matrix of loop counts. */
 #include "helpers.h"
 #include "hold_loop.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <linux/filter.h>
@@ -295,6 +296,112 @@ static void test_foreign_burst(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * Records of tasks a thread outside the executor made, freed on a loop, go back to that thread
+ * (exec.c's recycle slots) instead of to free(): both sizes, a spawned task's and a then's.
+ */
+static int64_t plus_one(void *arg, int64_t v)
+{
+	return v + 1;
+}
+
+static int addr_cmp(const void *a, const void *b)
+{
+	uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* How many of f[0..n) sit at an address of old[0..nold) (sorted). */
+static size_t count_reused(const uintptr_t *old, size_t nold, concur_future *const *f, size_t n)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		uintptr_t a = (uintptr_t)f[i];
+		k += bsearch(&a, old, nold, sizeof(*old), addr_cmp) != NULL;
+	}
+	return k;
+}
+
+struct recycle_result {
+	size_t reused_tasks, reused_thens, wrong;
+	unsigned parked[2][CONCUR__REC_SIZES]; /* full slots after the first round, the second */
+};
+
+static void count_parked(unsigned *out)
+{
+	for (int k = 0; k < CONCUR__REC_SIZES; k++) {
+		out[k] = 0;
+		for (unsigned i = 0; i < CONCUR__RECYCLE_SLOTS; i++)
+			out[k] += atomic_load(&ex->recycle[k].slot[i]) != NULL;
+	}
+}
+
+/* Runs on a thread of its own, so asserts nothing itself: the test thread checks the result. */
+static void *recycle_thread(void *arg)
+{
+	struct recycle_result *out = arg;
+	/* enough for the loop's own cache, every slot, and one chain more (freed: slots full) */
+	enum { N = CONCUR__TASK_CACHE_MAX + (CONCUR__RECYCLE_SLOTS + 1) * CONCUR__RECYCLE_CHAIN };
+	enum { M = CONCUR__RECYCLE_SKIP + 2 * CONCUR__RECYCLE_CHAIN };
+	static uintptr_t old_tasks[N], old_thens[N];
+	static concur_future *tasks[M], *thens[M];
+	ex = new_exec(1);
+	/* queued behind a spinner, released by us first: the loop drops the last reference */
+	hold_loop_arm();
+	concur_future *hold = hold_loop_running(concur_spawn(ex, hold_loop_task, NULL));
+	for (size_t i = 0; i < N; i++) {
+		concur_future *t = concur_spawn(ex, mark_ran, NULL);
+		concur_future *c = concur_then(t, plus_one, NULL);
+		old_tasks[i] = (uintptr_t)t;
+		old_thens[i] = (uintptr_t)c;
+		concur_release(t);
+		concur_release(c);
+	}
+	atomic_store(&hold_gate, 1);
+	concur_release(hold);
+	out->wrong += concur_exec_join(ex, -1) != 0;
+	count_parked(out->parked[0]);
+	qsort(old_tasks, N, sizeof(old_tasks[0]), addr_cmp);
+	qsort(old_thens, N, sizeof(old_thens[0]), addr_cmp);
+	/* once this thread looks at the slots again, every record comes from them (the loop is
+	 * held meanwhile, so it frees none and parks none) */
+	hold_loop_arm();
+	hold = hold_loop_running(concur_spawn(ex, hold_loop_task, NULL));
+	for (size_t i = 0; i < M; i++) {
+		tasks[i] = concur_spawn(ex, mark_ran, NULL);
+		thens[i] = concur_then(tasks[i], plus_one, NULL);
+	}
+	count_parked(out->parked[1]);
+	atomic_store(&hold_gate, 1);
+	concur_release(hold);
+	out->reused_tasks = count_reused(old_tasks, N, tasks, M);
+	out->reused_thens = count_reused(old_thens, N, thens, M);
+	for (size_t i = 0; i < M; i++) {
+		out->wrong += concur_result(thens[i], -1) != 1; /* mark_ran returns 0 */
+		concur_release(tasks[i]);
+		concur_release(thens[i]);
+	}
+	concur_exec_free(ex); /* frees what is left in the slots (LeakSanitizer checks) */
+	return NULL;          /* this thread's cache is freed as it exits */
+}
+
+static void test_foreign_recycle(void **state)
+{
+	struct recycle_result r = {0};
+	pthread_t th; /* a fresh thread: nothing in its cache yet */
+	assert_int_equal(pthread_create(&th, NULL, recycle_thread, &r), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(r.wrong, 0);
+	for (int k = 0; k < CONCUR__REC_SIZES; k++) {
+		assert_int_equal(r.parked[0][k], CONCUR__RECYCLE_SLOTS); /* the 17th chain: freed */
+		assert_true(r.parked[1][k] <= CONCUR__RECYCLE_SLOTS - 2);
+	}
+	if (r.reused_tasks < 2 * CONCUR__RECYCLE_CHAIN ||
+	    r.reused_thens < 2 * CONCUR__RECYCLE_CHAIN)
+		fail_msg("%zu task and %zu then records of %d reused", r.reused_tasks,
+		         r.reused_thens, CONCUR__RECYCLE_SKIP + 2 * CONCUR__RECYCLE_CHAIN);
+}
+
 /* concur_result on a loop thread outside a task (a callback) must not hang the loop */
 static atomic_llong cb_result = 1;
 static concur_future *never;
@@ -522,6 +629,7 @@ int main(void)
 	    cmocka_unit_test(test_shutdown),
 	    cmocka_unit_test(test_placement_and_stealing),
 	    cmocka_unit_test(test_foreign_burst),
+	    cmocka_unit_test(test_foreign_recycle),
 	    cmocka_unit_test(test_result_in_callback),
 	    cmocka_unit_test(test_bad_options),
 	    cmocka_unit_test(test_io_uring_unavailable),
