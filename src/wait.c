@@ -156,9 +156,13 @@ static struct countdown *wait_countdown_start(concur_future *const *futures, siz
 /* The wait is over: take back the nodes still hung, and drop the caller's reference. */
 static void wait_countdown_end(struct countdown *c)
 {
+	size_t taken = 0;
 	for (size_t i = 0; i < c->n; i++)
 		if (c->node[i].f && concur__waiter_remove(c->node[i].f, &c->node[i].w))
-			wait_countdown_put(c); /* never the last: ours is still held */
+			taken++;
+	/* never the last while ours is still held: one subtraction for the nodes taken back */
+	if (taken)
+		atomic_fetch_sub(&c->refs, taken);
 	wait_countdown_put(c);
 }
 
