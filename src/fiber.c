@@ -763,11 +763,11 @@ static inline void concur__fiber_prefetch(struct concur__task *t)
 		__builtin_prefetch(sp + i * CONCUR__CACHELINE, 1);
 }
 
-void concur__suspend(void)
+/* t, running on the current thread's loop, gives the thread up. */
+static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
 {
-	struct concur__task *t = concur__tl_task;
-	struct concur__loop *loop = t->loop;
-	concur__stack_check(t->fib);
+	struct concur__fiber *fib = t->fib;
+	concur__stack_check(fib);
 	/* Another fiber is ready: switch straight to it instead of through the loop's context.
 	 * Each direct switch is charged to the loop's turn budget, so the loop still gets back to
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
@@ -776,14 +776,20 @@ void concur__suspend(void)
 	struct concur__task *next = concur__loop_pop_direct(loop, concur__task_stack_big(t), false);
 	if (next) {
 		if (next == t)
-			return;       /* a yield with nobody else ready: go on */
-		if (loop->ready_head) /* the one after: its stack is touched next */
-			concur__fiber_prefetch(concur__task_of_node(loop->ready_head));
+			return; /* a yield with nobody else ready: go on */
+		struct concur__node *after = loop->ready_head;
+		if (after && after != &t->node) /* the one after: its stack is touched next */
+			concur__fiber_prefetch(concur__task_of_node(after));
 		concur__tl_task = next;
-		concur__switch_direct(t->fib, next->fib);
+		concur__switch_direct(fib, next->fib);
 		return; /* concur__tl_task is t again: whoever switched here set it */
 	}
-	concur__switch_out(loop, t->fib, false);
+	concur__switch_out(loop, fib, false);
+}
+
+void concur__suspend(void)
+{
+	concur__suspend_on(concur__tl_loop, concur__tl_task);
 }
 
 void concur__resume(struct concur__task *t)
@@ -805,8 +811,9 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	concur__loop_push_yielded(t->loop, t); /* behind everything runnable now */
-	concur__suspend();
+	struct concur__loop *loop = concur__tl_loop; /* t's: not a load that waits for t */
+	concur__loop_push_yielded(loop, t);          /* behind everything runnable now */
+	concur__suspend_on(loop, t);
 }
 
 /* An await in progress: its node on the future, and the future, for an interrupt to undo. */
