@@ -672,8 +672,8 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 }
 
 /* Off a finished fiber, straight to the next one; the dying fiber's fake stack can go. */
-static void __attribute__((noreturn)) concur__switch_final(struct concur__fiber *from,
-                                                          struct concur__fiber *to)
+static void __attribute__((noreturn))
+concur__switch_final(struct concur__fiber *from, struct concur__fiber *to)
 {
 #ifdef CONCUR__ASAN
 	__sanitizer_start_switch_fiber(NULL, to->stack_lo, to->stack_size);
@@ -740,7 +740,7 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
 	concur__tl_task = t;
 	concur__switch_in(loop, t->fib);
 	concur__fiber_reap(loop); /* a fiber that finished and passed the thread on */
-	t = concur__tl_task; /* not the one we switched to if it passed the thread on */
+	t = concur__tl_task;      /* not the one we switched to if it passed the thread on */
 	concur__tl_task = NULL;
 	return t;
 }

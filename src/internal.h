@@ -52,7 +52,8 @@
  *                complete), fiber.c (stack flags), control.c (cancel of a running task)
  *   loop.c    -> fiber.c (fiber_get/prepare/run/put), future.c (complete, claim), control.c
  *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
- *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct), future.c (waiter push/remove),
+ *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct/start_direct, task_end: a task
+ *                finished on its own stack), future.c (waiter push/remove),
  *                timer.c (wait deadline), control.c (ctl_check)
  *   timer.c   -> loop.c (concur__sqe), fiber.c (suspend, resume), control.c (interrupt)
  *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all), exec.c
@@ -424,7 +425,9 @@ struct concur__task {
 	struct concur__loop *loop; /* the loop it runs on, once started */
 };
 
-#define CONCUR__TASK_RETURNED 1u /* in f.flags: fn returned, the loop completes the task */
+/* in f.flags: fn returned on a stack that does not finish the task itself (tiny, or a stall
+ * detector is set): the loop's context completes it */
+#define CONCUR__TASK_RETURNED 1u
 /* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
  * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
 #define CONCUR__TASK_PINNED (1u << 7)
@@ -544,11 +547,11 @@ struct concur__loop {
 	size_t nfresh;
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
-	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
+	unsigned budget; /* runnables the turn may still run, direct fiber switches included */
 	/* a finished fiber that passed the thread on: its stack goes back to the pool as soon as
 	 * we are off it, by whoever it switched to (concur__fiber_reap) */
 	struct concur__fiber *dead_fib;
-	unsigned inflight; /* our SQEs whose CQE is still to come */
+	unsigned inflight;            /* our SQEs whose CQE is still to come */
 	struct concur__stacks stacks; /* fiber.c's stack pools */
 	void *task_cache;             /* freed task records, for the next spawns on this thread */
 	unsigned task_cache_len;
@@ -653,7 +656,8 @@ struct concur__task *concur__loop_start_direct(struct concur__loop *loop);
 static inline struct concur__task *concur__loop_pop_direct(struct concur__loop *loop, bool big,
                                                            bool only_big)
 {
-	if (loop->budget <= 1 || atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
+	if (loop->budget <= 1 ||
+	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
 		return NULL;
 	struct concur__node *n = loop->ready_head;
 	if (!n)

@@ -571,6 +571,7 @@ static void test_spawn_await_chain(void **state)
 
 /* 10,000 children spawned and awaited in turn: each result arrives, and the stack a finished
  * child leaves behind is the next one's, so only a couple are ever carved. */
+#define AWAIT_MANY BULK(10000)
 static int64_t child_value(void *arg)
 {
 	return (int64_t)(intptr_t)arg * 3;
@@ -579,7 +580,7 @@ static int64_t child_value(void *arg)
 static int64_t spawn_await_many(void *arg)
 {
 	int64_t sum = 0;
-	for (intptr_t i = 0; i < 10000; i++) {
+	for (intptr_t i = 0; i < AWAIT_MANY; i++) {
 		concur_future *f = concur_spawn(ex, child_value, (void *)i);
 		int64_t r = concur_result(f, -1);
 		concur_release(f);
@@ -594,11 +595,11 @@ static void test_spawn_await_reuses_stack(void **state)
 {
 	ex = new_exec(1);
 	concur_future *f = concur_spawn(ex, spawn_await_many, NULL);
-	assert_int_equal(concur_result(f, -1), (int64_t)3 * 9999 * 10000 / 2);
+	assert_int_equal(concur_result(f, -1), (int64_t)3 * (AWAIT_MANY - 1) * AWAIT_MANY / 2);
 	concur_release(f);
 	struct concur_stats st;
 	concur_exec_stats(ex, &st);
-	assert_int_equal(st.tasks_run, 10001);
+	assert_int_equal(st.tasks_run, AWAIT_MANY + 1);
 	assert_true(st.stacks_mapped <= 4);
 	concur_exec_free(ex);
 }
@@ -709,7 +710,8 @@ static void test_done_callback_tiny_stack(void **state)
 	ex = new_exec(1);
 	for (size_t k = 0; k < 2; k++) {
 		atomic_store(&callback_sum, 0);
-		concur_future *f = concur_spawn(ex, spawn_with_callback, (void *)(intptr_t)sizes[k]);
+		concur_future *f =
+		    concur_spawn(ex, spawn_with_callback, (void *)(intptr_t)sizes[k]);
 		assert_int_equal(concur_result(f, -1), 3);
 		concur_release(f);
 		assert_int_equal(atomic_load(&callback_sum), per_call + 3);
