@@ -287,7 +287,11 @@ int concur_cancel(concur_future *f);
 
 /*
  * Call fn(f, arg) once when f is done, in registration order, on the thread that completes f
- * (a loop thread, outside any task's fiber; or the thread that cancels). If f is already done,
+ * (a loop thread, outside any task: concur_in_task() is false in fn; or the thread that
+ * cancels). A task that returns completes itself: fn may then run on that task's own stack,
+ * once its function has returned, a stack of at least 16 KiB (a task spawned with a smaller
+ * stack is completed on the loop's), so a callback should stay small and hand heavy work to a
+ * task. If f is already done,
  * fn runs before concur_on_done returns, in the caller's thread. No lock is held while fn runs:
  * it may release f, spawn, or add callbacks. f stays valid during fn even if fn releases the
  * last reference (either way it is run). Callbacks run after blocked threads are woken: a

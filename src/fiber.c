@@ -5,10 +5,13 @@
  * A task has no stack while queued. When its loop first runs it, the task takes a stack from
  * the loop's pool of its size class (carved from a large reservation, with a guard page below
  * it so an overflow faults instead of corrupting a neighbour; pages are touched lazily; see
- * "stacks" below), and gives it back when it returns. A fiber
- * is started and finished by its loop's own context; in between, a fiber that suspends while
- * another is ready switches straight to it (one switch instead of two through the loop). A
- * suspended task is just a saved stack pointer until something calls concur__resume().
+ * "stacks" below), and gives it back when it returns. A fiber that suspends while another is
+ * ready switches straight to it (one switch instead of two through the loop); with nothing
+ * resumed it starts the next unstarted task itself. A task that returns on a full stack
+ * completes itself there and passes the thread straight on the same way; the fiber it switched
+ * to gives its stack back (loop->dead_fib). Tiny stacks leave starting and finishing to the
+ * loop's own context, as does a stall detector. A suspended task is just a saved stack pointer
+ * until something calls concur__resume().
  *
  * The switch is assembly (fiber_x86_64.S, fiber_aarch64.S); ucontext is a slow fallback for
  * other CPUs (swapcontext makes a sigprocmask syscall per switch). ASan and TSan builds annotate
@@ -429,10 +432,33 @@ static unsigned concur__slot_pop(struct concur__stack_class *c, struct concur__s
 	return i;
 }
 
+/*
+ * A fiber that finished and passed the thread straight on (concur__fiber_main) cannot give its
+ * stack back while still on it: it leaves it in loop->dead_fib. The next stack taken, the next
+ * fiber to finish that way, or the loop's context once back, takes it from there -- never a
+ * context on a tiny stack (those neither start nor finish tasks themselves).
+ */
+static void concur__fiber_reap(struct concur__loop *loop)
+{
+	struct concur__fiber *dead = loop->dead_fib;
+	if (dead) {
+		loop->dead_fib = NULL;
+		concur__fiber_put(loop, dead);
+	}
+}
+
 struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t)
 {
 	unsigned idx = (t->f.flags & CONCUR__TASK_STACK_MASK) >> CONCUR__TASK_STACK_SHIFT;
 	struct concur__stack_class *c = loop->stacks.cls[idx];
+	struct concur__fiber *dead = loop->dead_fib;
+	if (dead) { /* still accounted as in use: of the same class, it is simply handed over */
+		if (CONCUR__LIKELY(c && dead->res->cls == c)) {
+			loop->dead_fib = NULL;
+			return dead; /* concur__fiber_prepare and concur__ctl_start reset it */
+		}
+		concur__fiber_reap(loop);
+	}
 	if (CONCUR__UNLIKELY(!c) && !(c = concur__class_new(loop, idx)))
 		return NULL;
 	struct concur__stack_res *r = c->avail;
@@ -645,16 +671,56 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 #endif
 }
 
+/* Off a finished fiber, straight to the next one; the dying fiber's fake stack can go. */
+static void __attribute__((noreturn))
+concur__switch_final(struct concur__fiber *from, struct concur__fiber *to)
+{
+#ifdef CONCUR__ASAN
+	__sanitizer_start_switch_fiber(NULL, to->stack_lo, to->stack_size);
+#endif
+#ifdef CONCUR__TSAN
+	__tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+#if CONCUR__USE_UCONTEXT
+	swapcontext(from->uctx, to->uctx);
+#else
+	concur__ctx_switch(&from->sp, to->sp);
+#endif
+	__builtin_unreachable();
+}
+
 static void concur__fiber_main(struct concur__task *t)
 {
 	struct concur__loop *loop = t->loop;
 #ifdef CONCUR__ASAN
-	__sanitizer_finish_switch_fiber(NULL, &loop->asan_stack_lo, &loop->asan_stack_size);
+	/* the loop's stack bounds, recorded on the first fiber entry of the loop: that one always
+	 * comes from the loop's context (later ones may come from another fiber) */
+	__sanitizer_finish_switch_fiber(NULL, loop->asan_stack_size ? NULL : &loop->asan_stack_lo,
+	                                loop->asan_stack_size ? NULL : &loop->asan_stack_size);
 #endif
 	t->f.res = t->fn(t->arg);
-	concur__stack_check(t->fib);
-	t->f.flags |= CONCUR__TASK_RETURNED;
-	concur__switch_out(loop, t->fib, true);
+	struct concur__fiber *fib = t->fib;
+	concur__stack_check(fib);
+	if (!concur__task_stack_big(t) ||
+	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
+		/* the loop's context finishes it: a tiny stack has no room for the callbacks, and a
+		 * stall detector times each run on its own */
+		t->f.flags |= CONCUR__TASK_RETURNED;
+		concur__switch_out(loop, fib, true);
+	}
+	/* A full stack finishes the task here (its callbacks see the loop: no task runs) and
+	 * hands the thread straight to the next fiber: one switch per finished task instead of
+	 * two through the loop. The stack waits in loop->dead_fib until we are off it. */
+	concur__tl_task = NULL;
+	concur__loop_task_end(loop, t, false);
+	struct concur__task *next = concur__loop_pop_direct(loop, true, true);
+	concur__fiber_reap(loop); /* an earlier dead one the start of next did not reuse */
+	loop->dead_fib = fib;
+	if (next) {
+		concur__tl_task = next;
+		concur__switch_final(fib, next->fib);
+	}
+	concur__switch_out(loop, fib, true);
 	__builtin_unreachable();
 }
 
@@ -673,7 +739,8 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
 #endif
 	concur__tl_task = t;
 	concur__switch_in(loop, t->fib);
-	t = concur__tl_task; /* not the one we switched to if it passed the thread on */
+	concur__fiber_reap(loop); /* a fiber that finished and passed the thread on */
+	t = concur__tl_task;      /* not the one we switched to if it passed the thread on */
 	concur__tl_task = NULL;
 	return t;
 }
@@ -696,27 +763,33 @@ static inline void concur__fiber_prefetch(struct concur__task *t)
 		__builtin_prefetch(sp + i * CONCUR__CACHELINE, 1);
 }
 
-void concur__suspend(void)
+/* t, running on the current thread's loop, gives the thread up. */
+static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
 {
-	struct concur__task *t = concur__tl_task;
-	struct concur__loop *loop = t->loop;
-	concur__stack_check(t->fib);
+	struct concur__fiber *fib = t->fib;
+	concur__stack_check(fib);
 	/* Another fiber is ready: switch straight to it instead of through the loop's context.
 	 * Each direct switch is charged to the loop's turn budget, so the loop still gets back to
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
 	 * the loop, so each run is timed on its own. */
 	concur__stat_inc(&loop->st.fibers_parked, 1);
-	struct concur__task *next = concur__loop_pop_direct(loop);
+	struct concur__task *next = concur__loop_pop_direct(loop, concur__task_stack_big(t), false);
 	if (next) {
 		if (next == t)
-			return;       /* a yield with nobody else ready: go on */
-		if (loop->ready_head) /* the one after: its stack is touched next */
-			concur__fiber_prefetch(concur__task_of_node(loop->ready_head));
+			return; /* a yield with nobody else ready: go on */
+		struct concur__node *after = loop->ready_head;
+		if (after && after != &t->node) /* the one after: its stack is touched next */
+			concur__fiber_prefetch(concur__task_of_node(after));
 		concur__tl_task = next;
-		concur__switch_direct(t->fib, next->fib);
+		concur__switch_direct(fib, next->fib);
 		return; /* concur__tl_task is t again: whoever switched here set it */
 	}
-	concur__switch_out(loop, t->fib, false);
+	concur__switch_out(loop, fib, false);
+}
+
+void concur__suspend(void)
+{
+	concur__suspend_on(concur__tl_loop, concur__tl_task);
 }
 
 void concur__resume(struct concur__task *t)
@@ -738,8 +811,9 @@ void concur_yield(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return;
-	concur__loop_push_yielded(t->loop, t); /* behind everything runnable now */
-	concur__suspend();
+	struct concur__loop *loop = concur__tl_loop; /* t's: not a load that waits for t */
+	concur__loop_push_yielded(loop, t);          /* behind everything runnable now */
+	concur__suspend_on(loop, t);
 }
 
 /* An await in progress: its node on the future, and the future, for an interrupt to undo. */

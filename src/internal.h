@@ -52,7 +52,8 @@
  *                complete), fiber.c (stack flags), control.c (cancel of a running task)
  *   loop.c    -> fiber.c (fiber_get/prepare/run/put), future.c (complete, claim), control.c
  *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
- *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct), future.c (waiter push/remove),
+ *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct/start_direct, task_end: a task
+ *                finished on its own stack), future.c (waiter push/remove),
  *                timer.c (wait deadline), control.c (ctl_check)
  *   timer.c   -> loop.c (concur__sqe), fiber.c (suspend, resume), control.c (interrupt)
  *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all), exec.c
@@ -424,13 +425,21 @@ struct concur__task {
 	struct concur__loop *loop; /* the loop it runs on, once started */
 };
 
-#define CONCUR__TASK_RETURNED 1u /* in f.flags: fn returned, the loop completes the task */
+/* in f.flags: fn returned on a stack that does not finish the task itself (tiny, or a stall
+ * detector is set): the loop's context completes it */
+#define CONCUR__TASK_RETURNED 1u
 /* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
  * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
 #define CONCUR__TASK_PINNED (1u << 7)
 /* in f.flags: the task's stack size class (0: the executor's default), from concur_spawn_ex */
 #define CONCUR__TASK_STACK_SHIFT 8
 #define CONCUR__TASK_STACK_MASK  (31u << CONCUR__TASK_STACK_SHIFT)
+/*
+ * A task whose stack is at least 16 KiB (the executor's smallest default; spawn_ex may ask for
+ * as little as 1 KiB) may run the loop's own work on it: start the next task, complete itself
+ * (its waiters' callbacks), give back a stack. Smaller ones leave that to the loop's context.
+ */
+#define CONCUR__TASK_STACK_BIG_LG 14
 
 _Static_assert(offsetof(struct concur__task, f) == 0, "a task starts with its future");
 _Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,
@@ -439,6 +448,12 @@ _Static_assert(sizeof(void *) != 8 || sizeof(struct concur__task) <= 120,
 static inline struct concur__task *concur__task_of_node(struct concur__node *n)
 {
 	return concur__container_of(n, struct concur__task, node);
+}
+
+static inline bool concur__task_stack_big(const struct concur__task *t)
+{
+	unsigned lg = (t->f.flags & CONCUR__TASK_STACK_MASK) >> CONCUR__TASK_STACK_SHIFT;
+	return lg == 0 || lg >= CONCUR__TASK_STACK_BIG_LG;
 }
 
 extern __thread struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
@@ -561,8 +576,11 @@ struct concur__loop {
 	size_t nfresh;
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
-	unsigned budget;   /* runnables the turn may still run, direct fiber switches included */
-	unsigned inflight; /* our SQEs whose CQE is still to come */
+	unsigned budget; /* runnables the turn may still run, direct fiber switches included */
+	/* a finished fiber that passed the thread on: its stack goes back to the pool as soon as
+	 * we are off it, by whoever it switched to (concur__fiber_reap) */
+	struct concur__fiber *dead_fib;
+	unsigned inflight;                                /* our SQEs whose CQE is still to come */
 	struct concur__stacks stacks;                     /* fiber.c's stack pools */
 	struct concur__rec_cache recs[CONCUR__REC_SIZES]; /* freed task records (exec.c) */
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
@@ -652,21 +670,33 @@ static inline void concur__loop_push_ready(struct concur__loop *loop, struct con
 {
 	CONCUR__FIFO_PUSH(loop->ready_head, loop->ready_tail, &t->node);
 }
+/* Task side: start the next unstarted task (a full stack) from a fiber; NULL if none. loop.c */
+struct concur__task *concur__loop_start_direct(struct concur__loop *loop);
 /*
- * Task side (concur__suspend): the next ready fiber, taken off the ready queue for a direct
- * switch and charged to the turn's budget; NULL if the fiber should switch back to the loop
- * instead (nothing started is ready, the budget is spent, or a stall detector times each run
- * from the loop). May return the caller's own task (a yield with nobody else ready).
+ * Task side (concur__suspend, a finished fiber): the next fiber to switch straight to, taken off
+ * the ready queue and charged to the turn's budget; NULL if the fiber should switch back to the
+ * loop instead (the budget is spent, or a stall detector times each run from the loop). May
+ * return the caller's own task (a yield with nobody else ready). With nothing resumed, a caller
+ * on a full stack (big) starts the next unstarted task itself, on its new fiber, instead of
+ * going through the loop to start it. only_big: only a fiber with a full stack will do (the
+ * caller is finished and the next one gives its stack back, concur__fiber_reap).
  */
-static inline struct concur__task *concur__loop_pop_direct(struct concur__loop *loop)
+static inline struct concur__task *concur__loop_pop_direct(struct concur__loop *loop, bool big,
+                                                           bool only_big)
 {
-	struct concur__node *n = loop->ready_head;
-	/* (a pinned task not started yet waits there too: the loop starts it) */
-	if (!n || !concur__task_of_node(n)->fib || loop->budget <= 1 ||
+	if (loop->budget <= 1 ||
 	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
 		return NULL;
+	struct concur__node *n = loop->ready_head;
+	if (!n)
+		return big && loop->fresh_head ? concur__loop_start_direct(loop) : NULL;
+	struct concur__task *t = concur__task_of_node(n);
+	/* (a pinned task not started yet waits there too: the loop starts it) */
+	if (!t->fib || (only_big && !concur__task_stack_big(t)))
+		return NULL;
 	loop->budget--;
-	return concur__task_of_node(CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail));
+	CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail);
+	return t;
 }
 /*
  * Queue a task that yielded. A yield goes behind everything runnable now. With no unstarted
@@ -689,6 +719,9 @@ static inline void concur__loop_push_yielded(struct concur__loop *loop, struct c
  */
 bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
+/* A task's fn returned: its control state goes, its stack too if put (else the caller gives it
+ * back), its future completes and the executor's reference to it is dropped (t may be freed). */
+void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put);
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);
 /*

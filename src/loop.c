@@ -169,12 +169,9 @@ void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, 
 	loop->nfresh++;
 }
 
-static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
+static struct concur__task *concur__pop_fresh(struct concur__loop *loop)
 {
-	struct concur__node *n = CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail);
-	if (n)
-		return concur__task_of_node(n);
-	n = loop->fresh_head;
+	struct concur__node *n = loop->fresh_head;
 	if (!n)
 		return NULL;
 	loop->fresh_head = n->next;
@@ -184,6 +181,14 @@ static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
 		loop->fresh_tail = NULL;
 	loop->nfresh--;
 	return concur__task_of_node(n);
+}
+
+static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
+{
+	struct concur__node *n = CONCUR__FIFO_POP(loop->ready_head, loop->ready_tail);
+	if (n)
+		return concur__task_of_node(n);
+	return concur__pop_fresh(loop);
 }
 
 /* The executor's reference to a task is done with: it no longer counts as work. */
@@ -216,6 +221,31 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 	return true;
 }
 
+void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put)
+{
+	concur__ctl_end(loop, t);
+	if (put) /* first: callbacks run on the loop's stack, and a task they spawn can reuse it */
+		concur__fiber_put(loop, t->fib);
+	t->fib = NULL;
+	concur__complete(&t->f, t->f.res,
+	                 t->f.res == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);
+	concur__task_drop(t);
+}
+
+struct concur__task *concur__loop_start_direct(struct concur__loop *loop)
+{
+	concur__tl_task = NULL; /* a failed start completes the task: its callbacks see the loop */
+	struct concur__task *t;
+	while (loop->budget > 1 && loop->fresh_head &&
+	       concur__task_stack_big(t = concur__task_of_node(loop->fresh_head))) {
+		concur__pop_fresh(loop);
+		loop->budget--;
+		if (concur__task_start(loop, t))
+			return t;
+	}
+	return NULL;
+}
+
 static void concur__run_queues(struct concur__loop *loop)
 {
 	for (loop->budget = CONCUR__RUN_BUDGET; loop->budget; loop->budget--) {
@@ -225,20 +255,12 @@ static void concur__run_queues(struct concur__loop *loop)
 		if (!t->fib && !concur__task_start(loop, t))
 			continue;
 		int64_t t0 = concur__stall_begin(); /* 0 unless a stall detector is set */
-		t = concur__fiber_run(loop, t);     /* the fiber back here, after direct switches */
+		/* the fiber back here, after direct switches; NULL if it finished on its own */
+		t = concur__fiber_run(loop, t);
 		if (t0)
 			concur__stall_end(loop, t0);
-		if (t->f.flags & CONCUR__TASK_RETURNED) {
-			/* the stack goes back first: callbacks run on the loop's stack, and any
-			 * task they spawn can reuse it */
-			concur__ctl_end(loop, t);
-			concur__fiber_put(loop, t->fib);
-			t->fib = NULL;
-			concur__complete(&t->f, t->f.res,
-			                 t->f.res == -ECANCELED ? CONCUR__CANCELLED
-			                                        : CONCUR__FINISHED);
-			concur__task_drop(t);
-		}
+		if (t && (t->f.flags & CONCUR__TASK_RETURNED))
+			concur__loop_task_end(loop, t, true);
 	}
 	if (loop->yielded_head) { /* the tasks that yielded this turn are ready for the next */
 		if (loop->ready_tail)

@@ -2,7 +2,8 @@
 /*
  * Fibers: stacks only while running, the guard page (each mechanism), yield order, deep
  * recursion, per-spawn stack sizes, 100,000 suspended tasks, memory back after a burst, and
- * running out of mappings or address space.
+ * running out of mappings or address space; starting a child and finishing a task straight
+ * from a fiber (chains, handoffs, callbacks after a tiny-stack task).
  */
 #include "helpers.h"
 
@@ -533,6 +534,191 @@ static void test_context_queries(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A task that waits on a child it just spawned switches straight into it (started on its new
+ * fiber), and a task that returns on a full stack completes itself and passes the thread on.
+ * Stack sizes are mixed, so each way is taken and each refused: the default and 16 KiB (full
+ * stacks), 4 KiB (guarded, not full), 1 KiB (tiny; not under the sanitizers, whose frames need
+ * more). A chain 2,000 deep, each link adding its depth to its child's result.
+ */
+static const size_t mixed_sizes[] = {0, 16384, 4096, SANITIZED ? 16384 : 1024};
+
+static int64_t chain_link(void *arg)
+{
+	intptr_t depth = (intptr_t)arg;
+	if (depth == 0)
+		return 0;
+	struct concur_spawn_opts o = {.stack_size = mixed_sizes[depth % 4]};
+	concur_future *f = concur_spawn_ex(ex, chain_link, (void *)(depth - 1), &o);
+	int64_t r = concur_result(f, -1);
+	concur_release(f);
+	return r < 0 ? r : r + depth;
+}
+
+static void test_spawn_await_chain(void **state)
+{
+	const intptr_t depth = 2000;
+	ex = new_exec(1);
+	concur_future *f = concur_spawn(ex, chain_link, (void *)depth);
+	assert_int_equal(concur_result(f, -1), (int64_t)depth * (depth + 1) / 2);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	assert_int_equal(st.tasks_run, (uint64_t)depth + 1);
+	concur_exec_free(ex);
+}
+
+/* 10,000 children spawned and awaited in turn: each result arrives, and the stack a finished
+ * child leaves behind is the next one's, so only a couple are ever carved. */
+#define AWAIT_MANY BULK(10000)
+static int64_t child_value(void *arg)
+{
+	return (int64_t)(intptr_t)arg * 3;
+}
+
+static int64_t spawn_await_many(void *arg)
+{
+	int64_t sum = 0;
+	for (intptr_t i = 0; i < AWAIT_MANY; i++) {
+		concur_future *f = concur_spawn(ex, child_value, (void *)i);
+		int64_t r = concur_result(f, -1);
+		concur_release(f);
+		if (r != i * 3)
+			return -EPROTO;
+		sum += r;
+	}
+	return sum;
+}
+
+static void test_spawn_await_reuses_stack(void **state)
+{
+	ex = new_exec(1);
+	concur_future *f = concur_spawn(ex, spawn_await_many, NULL);
+	assert_int_equal(concur_result(f, -1), (int64_t)3 * (AWAIT_MANY - 1) * AWAIT_MANY / 2);
+	concur_release(f);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	assert_int_equal(st.tasks_run, AWAIT_MANY + 1);
+	assert_true(st.stacks_mapped <= 4);
+	concur_exec_free(ex);
+}
+
+/*
+ * A task returns while another is ready (it set the promise the other waits on): the waiter
+ * resumes after the finished task is complete -- done, its callback run -- whether the thread
+ * passed straight to it (full stacks) or through the loop (a tiny stack on either side).
+ */
+struct handoff {
+	concur_future *promise, *setter;
+	atomic_int callback_ran;
+};
+
+static int64_t handoff_wait(void *arg)
+{
+	struct handoff *h = arg;
+	int64_t v = concur_result(h->promise, -1);
+	if (v < 0)
+		return v;
+	if (!concur_done(h->setter) || !atomic_load(&h->callback_ran))
+		return -EPROTO; /* resumed before the setter was complete */
+	return v + concur_result(h->setter, 0);
+}
+
+static int64_t handoff_set(void *arg)
+{
+	struct handoff *h = arg;
+	return concur_promise_set(h->promise, 40) == 0 ? 2 : -EPROTO;
+}
+
+static void handoff_done(concur_future *f, void *arg)
+{
+	struct handoff *h = arg;
+	atomic_store(&h->callback_ran, !concur_in_task() ? 1 : -1);
+}
+
+/* one task: the waiter, then the setter, spawned so the waiter suspends first */
+static int64_t handoff_pair(void *arg)
+{
+	struct handoff *h = arg;
+	struct concur_spawn_opts ow = {.stack_size = mixed_sizes[(intptr_t)h->setter & 3]};
+	struct concur_spawn_opts os = {.stack_size = mixed_sizes[((intptr_t)h->setter >> 2) & 3]};
+	h->setter = NULL;
+	concur_future *w = concur_spawn_ex(ex, handoff_wait, h, &ow);
+	concur_yield(); /* w runs and suspends on the promise */
+	if (concur_done(w))
+		return -EPROTO;
+	h->setter = concur_spawn_ex(ex, handoff_set, h, &os);
+	if (concur_on_done(h->setter, handoff_done, h))
+		return -EPROTO;
+	int64_t r = concur_result(w, -1);
+	concur_release(w);
+	concur_release(h->setter);
+	return r;
+}
+
+static void test_finish_while_ready(void **state)
+{
+	ex = new_exec(1);
+	for (intptr_t sizes = 0; sizes < 16; sizes++) { /* waiter's size, setter's size */
+		struct handoff h = {.setter = (concur_future *)sizes};
+		h.promise = concur_promise_new(ex);
+		assert_non_null(h.promise);
+		concur_future *f = concur_spawn(ex, handoff_pair, &h);
+		assert_int_equal(concur_result(f, -1), 42);
+		assert_int_equal(atomic_load(&h.callback_ran), 1);
+		concur_release(f);
+		concur_release(h.promise);
+	}
+	concur_exec_free(ex);
+}
+
+/*
+ * A tiny-stack task's completion callbacks run on the loop's stack, not on the task's: a
+ * callback using 16 KiB of stack is fine after a 1 KiB task (and after a full-stack one).
+ */
+static atomic_long callback_sum;
+
+static void deep_callback(concur_future *f, void *arg)
+{
+	volatile char buf[16 * 1024];
+	for (size_t i = 0; i < sizeof(buf); i += 64)
+		buf[i] = (char)(i / 64);
+	long sum = 0;
+	for (size_t i = 0; i < sizeof(buf); i += 64)
+		sum += buf[i];
+	atomic_fetch_add(&callback_sum, sum + concur_result(f, 0) + (concur_in_task() ? 1000 : 0));
+}
+
+static int64_t spawn_with_callback(void *arg)
+{
+	struct concur_spawn_opts o = {.stack_size = (size_t)(intptr_t)arg};
+	concur_future *f = concur_spawn_ex(ex, child_value, (void *)1, &o);
+	if (concur_on_done(f, deep_callback, NULL))
+		return -EPROTO;
+	int64_t r = concur_result(f, -1);
+	concur_release(f);
+	return r;
+}
+
+static void test_done_callback_tiny_stack(void **state)
+{
+	const size_t sizes[] = {SANITIZED ? 4096 : 1024, 0};
+	long per_call = 0;
+	for (size_t i = 0; i < 16 * 1024; i += 64)
+		per_call += (char)(i / 64);
+	ex = new_exec(1);
+	for (size_t k = 0; k < 2; k++) {
+		atomic_store(&callback_sum, 0);
+		concur_future *f =
+		    concur_spawn(ex, spawn_with_callback, (void *)(intptr_t)sizes[k]);
+		assert_int_equal(concur_result(f, -1), 3);
+		concur_release(f);
+		assert_int_equal(atomic_load(&callback_sum), per_call + 3);
+	}
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -549,6 +735,10 @@ int main(void)
 	    cmocka_unit_test(test_map_budget),
 	    cmocka_unit_test(test_rlimit_as),
 	    cmocka_unit_test(test_context_queries),
+	    cmocka_unit_test(test_spawn_await_chain),
+	    cmocka_unit_test(test_spawn_await_reuses_stack),
+	    cmocka_unit_test(test_finish_while_ready),
+	    cmocka_unit_test(test_done_callback_tiny_stack),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
