@@ -372,16 +372,18 @@ struct concur__scopes {
 
 /* Kept small: it sits at the top of every stack, 1 KiB stacks included. */
 struct concur__ctl {
+	/* what every wait touches (concur__ctl_check, concur__suspend_interruptible) first: the
+	 * fiber record's first cache line */
 	concur__interrupt_fn interrupt; /* the wait the task is suspended in, or NULL */
 	void *interrupt_arg;
-	int64_t wait_due; /* the current timed wait's deadline, INT64_MAX: none */
-	int64_t due;      /* the earliest deadline in force (CLOCK_MONOTONIC ns), INT64_MAX: none */
-	int64_t seen_now; /* a time the loop's timer saw pass for this task */
-	struct concur__task *live_prev, *live_next; /* the loop's started tasks */
-	struct concur__scopes *scopes;              /* NULL until the first push */
-	uint32_t heap_idx;                          /* in loop->timers.heap, or UINT32_MAX */
+	int64_t due; /* the earliest deadline in force (CLOCK_MONOTONIC ns), INT64_MAX: none */
 	int16_t interrupted; /* the error an interrupt ended the wait with, or 0 */
 	uint16_t shield;     /* concur_shield_push depth */
+	uint32_t heap_idx;   /* in loop->timers.heap, or UINT32_MAX */
+	int64_t wait_due;    /* the current timed wait's deadline, INT64_MAX: none */
+	int64_t seen_now;    /* a time the loop's timer saw pass for this task */
+	struct concur__task *live_prev, *live_next; /* the loop's started tasks */
+	struct concur__scopes *scopes;              /* NULL until the first push */
 };
 
 /*
