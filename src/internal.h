@@ -539,6 +539,8 @@ struct concur__loop {
 	struct concur__stacks stacks; /* fiber.c's stack pools */
 	void *task_cache;             /* freed task records, for the next spawns on this thread */
 	unsigned task_cache_len;
+	void *io_cache; /* freed future I/O op records, for the next ops made on this thread */
+	unsigned io_cache_len;
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	struct concur__cqe *stash; /* CQEs moved out of a full CQ, dispatched first by the reap */
 	unsigned stash_len, stash_cap;
@@ -784,6 +786,8 @@ void concur__timers_del(struct concur__loop *loop, struct concur__task *t);
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
 /* Loop thread: cancel every future I/O op of the loop in flight (io.c). */
 void concur__io_cancel_all(struct concur__loop *loop);
+/* Loop teardown: free the loop's cache of op records (io.c). */
+void concur__io_cache_free(struct concur__loop *loop);
 /* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
 bool concur__timers_stop(struct concur__loop *loop);
 

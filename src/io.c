@@ -208,9 +208,58 @@ static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 
 /* ---- the future form ---------------------------------------------------------------------- */
 
+/*
+ * Op records: as task records (exec.c), each loop thread keeps a few freed ones for the next
+ * future ops made on it, so an op made and released on a loop costs no malloc/free. A record
+ * released off a loop goes back to malloc; a loop frees its cache when it stops.
+ */
+#define IO_CACHE_MAX 1024
+
+struct io_free {
+	struct io_free *next;
+};
+
+static struct concur__io *io_alloc(struct concur__loop *loop)
+{
+	struct io_free *fr = loop ? loop->io_cache : NULL;
+
+	if (!fr)
+		return malloc(sizeof(struct concur__io));
+	CONCUR__ASAN_UNPOISON(fr, sizeof(struct concur__io));
+	loop->io_cache = fr->next;
+	loop->io_cache_len--;
+	return (struct concur__io *)fr;
+}
+
 static void io_destroy(concur_future *f)
 {
-	free(f);
+	struct concur__loop *loop = concur__tl_loop;
+	struct io_free *fr = (struct io_free *)f;
+
+	if (!loop || loop->io_cache_len >= IO_CACHE_MAX) {
+		free(f);
+		return;
+	}
+	fr->next = loop->io_cache;
+	loop->io_cache = fr;
+	loop->io_cache_len++;
+	CONCUR__ASAN_POISON(fr, sizeof(struct concur__io)); /* a use after release still trips */
+}
+
+void concur__io_cache_free(struct concur__loop *loop)
+{
+	struct io_free *fr = loop->io_cache;
+
+	while (fr) {
+		struct io_free *next;
+
+		CONCUR__ASAN_UNPOISON(fr, sizeof(struct concur__io));
+		next = fr->next;
+		free(fr);
+		fr = next;
+	}
+	loop->io_cache = NULL;
+	loop->io_cache_len = 0;
 }
 
 /* Loop thread: ask the kernel to cancel the op (unless it is already over). */
@@ -279,7 +328,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 	err = io_check_supported(ex, opcode, timeout_ns);
 	if (err)
 		return err;
-	io = malloc(sizeof(*io));
+	io = io_alloc(concur__tl_loop);
 	if (!io)
 		return -ENOMEM;
 	memset(&io->node, 0, sizeof(io->node));
@@ -301,13 +350,16 @@ static concur_future *io_start(struct concur__io *io)
 	concur_exec *ex = io->f.ex;
 	struct concur__loop *cur = concur__tl_loop;
 
-	concur__work_begin(ex);
 	if (cur && cur->ex == ex) {
+		/* counted on the loop, as a local spawn is: the op ends on this loop's ring */
+		concur__work_begin_local(cur);
 		io->r.loop = cur;
-		concur__future_claim(&io->f); /* nobody else has seen it yet */
+		/* claimed: nobody else has seen it yet, so no exchange is needed */
+		atomic_store_explicit(&io->f.state, CONCUR__RUNNING, memory_order_relaxed);
 		io_submit(cur, io);
 		io_live_add(cur, io);
 	} else {
+		concur__work_begin(ex);
 		io->r.loop = concur__exec_pick_loop(ex);
 		io->node.kind = CONCUR__NODE_CALL;
 		io->node.call = io_submit_call;

@@ -683,6 +683,7 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 	}
 	concur__fiber_pool_free(loop);
 	concur__task_cache_free(loop);
+	concur__io_cache_free(loop);
 	concur__ring_exit(&loop->ring);
 	free(loop->stash);
 	loop->stash = NULL;
