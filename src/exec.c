@@ -349,6 +349,7 @@ static void concur__rec_poison(struct concur__free_task *ft, size_t bytes)
 static const size_t concur__rec_bytes[CONCUR__REC_SIZES] = {
     [CONCUR__REC_TASK] = sizeof(struct concur__task),
     [CONCUR__REC_THEN] = sizeof(struct concur__task) + CONCUR__DEFERRED_CACHED_EXTRA,
+    [CONCUR__REC_IO] = CONCUR__REC_IO_BYTES,
 };
 
 /* A thread outside the executors: its caches, freed by a key's destructor when it exits. */
@@ -456,7 +457,7 @@ static void concur__recycle_park(concur_exec *ex, int k, struct concur__rec_cach
 }
 
 /* A record of size k for a new task, on this thread (loop is this thread's loop, or NULL). */
-static void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
+void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
 {
 	size_t bytes = concur__rec_bytes[k];
 	struct concur__rec_cache *c = loop ? &loop->recs[k] : concur__tl_cache(k);
@@ -475,7 +476,7 @@ static void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k
 }
 
 /* The last reference to a record of size k went, on this thread. */
-static void concur__rec_free(void *p, int k)
+void concur__rec_free(void *p, int k)
 {
 	size_t bytes = concur__rec_bytes[k];
 	struct concur__loop *loop = concur__tl_loop;

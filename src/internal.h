@@ -373,16 +373,18 @@ struct concur__scopes {
 
 /* Kept small: it sits at the top of every stack, 1 KiB stacks included. */
 struct concur__ctl {
+	/* what every wait touches (concur__ctl_check, concur__suspend_interruptible) first: the
+	 * fiber record's first cache line */
 	concur__interrupt_fn interrupt; /* the wait the task is suspended in, or NULL */
 	void *interrupt_arg;
-	int64_t wait_due; /* the current timed wait's deadline, INT64_MAX: none */
-	int64_t due;      /* the earliest deadline in force (CLOCK_MONOTONIC ns), INT64_MAX: none */
-	int64_t seen_now; /* a time the loop's timer saw pass for this task */
-	struct concur__task *live_prev, *live_next; /* the loop's started tasks */
-	struct concur__scopes *scopes;              /* NULL until the first push */
-	uint32_t heap_idx;                          /* in loop->timers.heap, or UINT32_MAX */
+	int64_t due; /* the earliest deadline in force (CLOCK_MONOTONIC ns), INT64_MAX: none */
 	int16_t interrupted; /* the error an interrupt ended the wait with, or 0 */
 	uint16_t shield;     /* concur_shield_push depth */
+	uint32_t heap_idx;   /* in loop->timers.heap, or UINT32_MAX */
+	int64_t wait_due;    /* the current timed wait's deadline, INT64_MAX: none */
+	int64_t seen_now;    /* a time the loop's timer saw pass for this task */
+	struct concur__task *live_prev, *live_next; /* the loop's started tasks */
+	struct concur__scopes *scopes;              /* NULL until the first push */
 };
 
 /*
@@ -505,12 +507,20 @@ struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn f
 /* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
 void concur__task_enqueue(struct concur__task *t);
 /*
- * Task records come in two sizes that are cached (exec.c): a spawned task's, and a deferred
+ * Future records come in three sizes that are cached (exec.c): a spawned task's, a deferred
  * task's with up to CONCUR__DEFERRED_CACHED_EXTRA bytes after it (a then: one input's state,
- * wait.c). Larger deferred records are malloc'd and freed.
+ * wait.c), and a future I/O op's (io.c). Larger deferred records are malloc'd and freed.
  */
-enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_SIZES };
+enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_IO, CONCUR__REC_SIZES };
 #define CONCUR__DEFERRED_CACHED_EXTRA 80
+#define CONCUR__REC_IO_BYTES          264 /* io.c's future op record (asserted there) */
+/*
+ * A record of size class k (CONCUR__REC_*) for a new future, from this thread's cache (loop: the
+ * thread's loop, or NULL outside the executor), a chain a loop gave back, or malloc; NULL on
+ * -ENOMEM. concur__rec_free gives it back when its last reference goes, on any thread.
+ */
+void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k);
+void concur__rec_free(void *p, int k);
 /* A thread's freed records of one size: a LIFO list for its next allocations; a loop's, a chain
  * being filled for its executor's recycle slots once the list is full; a thread outside the
  * executor's, how many mallocs to make before it looks at the slots again. */

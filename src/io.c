@@ -5,12 +5,12 @@
  * cancellation (IORING_OP_ASYNC_CANCEL). Multishot streams and the provided-buffer ring are
  * apart, in stream.c.
  *
- * An operation is described by a struct io_req: the SQE is prepared at the call, into the
- * request itself, and copied into the ring on the loop thread that owns the ring. The request is
- * done when every CQE it expects has arrived (the operation's, and its linked timeout's when it
- * has a deadline): only then is the future completed or the task resumed, so the caller's
- * buffers (and, for the direct form, the request on the fiber's stack) are never touched by the
- * kernel after that.
+ * An operation is described by a struct io_req. A future op's SQE is prepared at the call, into
+ * its record, and copied into the ring on the loop thread that owns the ring; the direct form
+ * prepares it straight into the ring. The request is done when every CQE it expects has arrived
+ * (the operation's, and its linked timeout's when it has a deadline): only then is the future
+ * completed or the task resumed, so the caller's buffers (and, for the direct form, the request
+ * on the fiber's stack) are never touched by the kernel after that.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -31,20 +31,22 @@
 /* ---- one operation ------------------------------------------------------------------------ */
 
 struct io_req {
-	struct concur__op op;              /* the operation's CQE */
-	struct concur__op lt_op;           /* its linked timeout's CQE (with a deadline) */
-	struct concur__loop *loop;         /* the loop whose ring carries it */
-	struct concur__task *task;         /* direct form: the task to resume; NULL for a future */
-	struct io_uring_sqe sqe;           /* prepared at the call, copied into the ring */
-	struct __kernel_timespec ts;       /* IORING_OP_TIMEOUT's own time */
-	struct __kernel_timespec deadline; /* the linked timeout's */
-	int32_t res;                       /* the operation's CQE res */
-	int32_t lt_res;                    /* the linked timeout's: -ETIME when it fired */
+	/* what the CQE handler and the awaiting task touch: the first cache line (the direct
+	 * form's request is on a fiber's stack, cold by the time its CQE is dispatched) */
+	struct concur__op op;      /* the operation's CQE */
+	struct concur__loop *loop; /* the loop whose ring carries it */
+	struct concur__task *task; /* direct form: the task to resume; NULL for a future */
+	int32_t res;               /* the operation's CQE res */
+	int32_t lt_res;            /* the linked timeout's: -ETIME when it fired */
 	uint8_t cqes_left;
 	uint8_t opcode;
 	bool has_deadline;
 	bool timer_deadline;     /* direct form: the deadline rides the loop's timer instead */
 	_Atomic bool cancel_req; /* concur_cancel asked the kernel to cancel it */
+	/* with a deadline or a time only */
+	struct concur__op lt_op;           /* its linked timeout's CQE (with a deadline) */
+	struct __kernel_timespec deadline; /* the linked timeout's */
+	struct __kernel_timespec ts;       /* IORING_OP_TIMEOUT's own time */
 };
 
 /* The future form: the request plus what it takes to reach the loop from another thread. */
@@ -53,6 +55,7 @@ struct concur__io {
 	struct concur__node node;        /* submit on the loop */
 	struct concur__node cancel_node; /* cancel on the loop */
 	struct io_req r;
+	struct io_uring_sqe sqe; /* prepared at the call, copied into the ring on the loop */
 };
 
 _Static_assert(offsetof(struct concur__io, f) == 0, "an I/O op starts with its future");
@@ -86,16 +89,17 @@ static int io_check_supported(const concur_exec *ex, unsigned opcode, int64_t ti
 	return 0;
 }
 
-/* Loop thread: put the request's SQE (and its linked timeout) into the ring. */
-static void io_submit(struct concur__loop *loop, struct io_req *r)
+/* Loop thread: put the op's SQE (and its linked timeout) into the ring. */
+static void io_submit(struct concur__loop *loop, struct concur__io *io)
 {
+	struct io_req *r = &io->r;
 	struct io_uring_sqe *sqe;
 
 	/* a link must not be split across two submits: make room for both at once */
 	if (r->has_deadline)
 		concur__sq_reserve(loop, 2);
 	sqe = concur__sqe(loop);
-	*sqe = r->sqe;
+	*sqe = io->sqe;
 	concur__sqe_set_op(loop, sqe, &r->op);
 	if (r->has_deadline) {
 		sqe->flags |= IOSQE_IO_LINK;
@@ -166,7 +170,7 @@ void concur__io_cancel_all(struct concur__loop *loop)
 	}
 }
 
-static void io_req_cqe(struct io_req *r)
+static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 {
 	struct concur__io *io;
 	bool cancelled;
@@ -175,11 +179,12 @@ static void io_req_cqe(struct io_req *r)
 	if (--r->cqes_left)
 		return;
 	if (r->task) {
-		concur__resume(r->task);
+		/* the direct form: its task waits on the loop whose ring carried the op */
+		concur__loop_push_ready(loop, r->task);
 		return;
 	}
 	io = concur__container_of(r, struct concur__io, r);
-	io_live_del(r->loop, io);
+	io_live_del(loop, io);
 	res = io_outcome(r, &cancelled);
 	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	io_drop(io);
@@ -190,7 +195,7 @@ static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 	struct io_req *r = concur__container_of(op, struct io_req, op);
 
 	r->res = res;
-	io_req_cqe(r);
+	io_req_cqe(loop, r);
 }
 
 static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
@@ -198,14 +203,18 @@ static void io_lt_cqe(struct concur__loop *loop, struct concur__op *op, int32_t 
 	struct io_req *r = concur__container_of(op, struct io_req, lt_op);
 
 	r->lt_res = res;
-	io_req_cqe(r);
+	io_req_cqe(loop, r);
 }
 
 /* ---- the future form ---------------------------------------------------------------------- */
 
+/* Op records are cached like task records (exec.c): an op made and released on a loop costs no
+ * malloc/free, and one a loop frees goes back to the thread outside the executor that made it. */
+_Static_assert(sizeof(struct concur__io) <= CONCUR__REC_IO_BYTES, "CONCUR__REC_IO_BYTES");
+
 static void io_destroy(concur_future *f)
 {
-	free(f);
+	concur__rec_free(f, CONCUR__REC_IO);
 }
 
 /* Loop thread: ask the kernel to cancel the op (unless it is already over). */
@@ -259,7 +268,7 @@ static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 		io_drop(io); /* CANCELLED while queued: never submitted */
 		return;
 	}
-	io_submit(loop, &io->r);
+	io_submit(loop, io);
 	io_live_add(loop, io);
 }
 
@@ -274,7 +283,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 	err = io_check_supported(ex, opcode, timeout_ns);
 	if (err)
 		return err;
-	io = malloc(sizeof(*io));
+	io = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_IO);
 	if (!io)
 		return -ENOMEM;
 	memset(&io->node, 0, sizeof(io->node));
@@ -296,13 +305,16 @@ static concur_future *io_start(struct concur__io *io)
 	concur_exec *ex = io->f.ex;
 	struct concur__loop *cur = concur__tl_loop;
 
-	concur__work_begin(ex);
 	if (cur && cur->ex == ex) {
+		/* counted on the loop, as a local spawn is: the op ends on this loop's ring */
+		concur__work_begin_local(cur);
 		io->r.loop = cur;
-		concur__future_claim(&io->f); /* nobody else has seen it yet */
-		io_submit(cur, &io->r);
+		/* claimed: nobody else has seen it yet, so no exchange is needed */
+		atomic_store_explicit(&io->f.state, CONCUR__RUNNING, memory_order_relaxed);
+		io_submit(cur, io);
 		io_live_add(cur, io);
 	} else {
+		concur__work_begin(ex);
 		io->r.loop = concur__exec_pick_loop(ex);
 		io->node.kind = CONCUR__NODE_CALL;
 		io->node.call = io_submit_call;
@@ -417,7 +429,7 @@ static int64_t io_await_end(struct io_req *r, struct io_uring_sqe *sqe)
 		if (err_)                                                                          \
 			return io_fail(ex, err_);                                                  \
 		struct io_req *r_ = &io_->r;                                                       \
-		struct io_uring_sqe *sqe = &r_->sqe;                                               \
+		struct io_uring_sqe *sqe = &io_->sqe;                                              \
 		(void)r_;                                                                          \
 		prep;                                                                              \
 		return io_start(io_);                                                              \
