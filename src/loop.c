@@ -199,11 +199,10 @@ static void concur__task_drop(struct concur__task *t)
 	concur__work_end(ex);
 }
 
-/* Give an unstarted task its fiber. False if it is not to run (cancelled, no memory). */
-static bool concur__task_start(struct concur__loop *loop, struct concur__task *t)
+/* Give an unstarted task its fiber, shutdown(ex, true) not seen. False if it is not to run
+ * (cancelled, no memory). */
+static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t)
 {
-	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
-		concur_cancel(&t->f); /* shutdown(ex, true): end it CANCELLED without running */
 	t->loop = loop; /* before the claim: a concurrent concur_cancel reads it once RUNNING */
 	if (!concur__future_claim(&t->f)) {
 		concur__task_drop(t); /* cancelled while queued: its waiters know already */
@@ -221,6 +220,14 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 	return true;
 }
 
+/* Give an unstarted task its fiber. False if it is not to run (cancelled, no memory). */
+static bool concur__task_start(struct concur__loop *loop, struct concur__task *t)
+{
+	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
+		concur_cancel(&t->f); /* shutdown(ex, true): end it CANCELLED without running */
+	return concur__task_begin(loop, t);
+}
+
 void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put)
 {
 	concur__ctl_end(loop, t);
@@ -235,12 +242,16 @@ void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bo
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop)
 {
 	concur__tl_task = NULL; /* a failed start completes the task: its callbacks see the loop */
+	/* After shutdown(ex, true) a start cancels the task, whose callbacks would then run here,
+	 * on a fiber that may be suspending mid-function: the loop's context starts them. */
+	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
+		return NULL;
 	struct concur__task *t;
 	while (loop->budget > 1 && loop->fresh_head &&
 	       concur__task_stack_big(t = concur__task_of_node(loop->fresh_head))) {
 		concur__pop_fresh(loop);
 		loop->budget--;
-		if (concur__task_start(loop, t))
+		if (concur__task_begin(loop, t))
 			return t;
 	}
 	return NULL;
