@@ -680,7 +680,9 @@ static inline void concur__loop_push_ready(struct concur__loop *loop, struct con
 {
 	CONCUR__FIFO_PUSH(loop->ready_head, loop->ready_tail, &t->node);
 }
-/* Task side: start the next unstarted task (a full stack) from a fiber; NULL if none. loop.c */
+/* Task side: start the next unstarted task (a full stack) from a fiber; NULL if none, or if
+ * the start would end it unrun (shutdown(ex, true), no stack): the loop's context ends those,
+ * their callbacks run there. loop.c */
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop);
 /*
  * Task side (concur__suspend, a finished fiber): the next fiber to switch straight to, taken off

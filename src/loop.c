@@ -199,26 +199,36 @@ static void concur__task_drop(struct concur__task *t)
 	concur__work_end(ex);
 }
 
+/* Give an unstarted task the fiber fib (NULL: no stack could be had), shutdown(ex, true) not
+ * seen. False if it is not to run (cancelled, no memory). */
+static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t,
+                               struct concur__fiber *fib)
+{
+	t->loop = loop; /* before the claim: a concurrent concur_cancel reads it once RUNNING */
+	if (!concur__future_claim(&t->f)) {
+		if (fib)
+			concur__fiber_put(loop, fib);
+		concur__task_drop(t); /* cancelled while queued: its waiters know already */
+		return false;
+	}
+	if (!fib) {
+		concur__complete(&t->f, -ENOMEM, CONCUR__FINISHED);
+		concur__task_drop(t);
+		return false;
+	}
+	t->fib = fib;
+	concur__fiber_prepare(fib, t);
+	concur__ctl_start(loop, t);
+	concur__stat_inc(&loop->st.tasks_run, 1);
+	return true;
+}
+
 /* Give an unstarted task its fiber. False if it is not to run (cancelled, no memory). */
 static bool concur__task_start(struct concur__loop *loop, struct concur__task *t)
 {
 	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
 		concur_cancel(&t->f); /* shutdown(ex, true): end it CANCELLED without running */
-	t->loop = loop; /* before the claim: a concurrent concur_cancel reads it once RUNNING */
-	if (!concur__future_claim(&t->f)) {
-		concur__task_drop(t); /* cancelled while queued: its waiters know already */
-		return false;
-	}
-	t->fib = concur__fiber_get(loop, t);
-	if (!t->fib) {
-		concur__complete(&t->f, -ENOMEM, CONCUR__FINISHED);
-		concur__task_drop(t);
-		return false;
-	}
-	concur__fiber_prepare(t->fib, t);
-	concur__ctl_start(loop, t);
-	concur__stat_inc(&loop->st.tasks_run, 1);
-	return true;
+	return concur__task_begin(loop, t, concur__fiber_get(loop, t));
 }
 
 void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put)
@@ -235,12 +245,22 @@ void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bo
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop)
 {
 	concur__tl_task = NULL; /* a failed start completes the task: its callbacks see the loop */
+	/* A start that ends the task unrun -- cancelled by shutdown(ex, true), or no stack to be
+	 * had -- runs its callbacks, which would run here, on a fiber that may be suspending
+	 * mid-function: such starts are left to the loop's context. */
+	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
+		return NULL;
 	struct concur__task *t;
 	while (loop->budget > 1 && loop->fresh_head &&
 	       concur__task_stack_big(t = concur__task_of_node(loop->fresh_head))) {
 		concur__pop_fresh(loop);
+		struct concur__fiber *fib = concur__fiber_get(loop, t);
+		if (CONCUR__UNLIKELY(!fib)) {
+			concur__loop_push_fresh(loop, t, true); /* back where it was */
+			return NULL;
+		}
 		loop->budget--;
-		if (concur__task_start(loop, t))
+		if (concur__task_begin(loop, t, fib))
 			return t;
 	}
 	return NULL;

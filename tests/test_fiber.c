@@ -3,11 +3,12 @@
  * Fibers: stacks only while running, the guard page (each mechanism), yield order, deep
  * recursion, per-spawn stack sizes, 100,000 suspended tasks, memory back after a burst, and
  * running out of mappings or address space; starting a child and finishing a task straight
- * from a fiber (chains, handoffs, callbacks after a tiny-stack task).
+ * from a fiber (chains, handoffs, callbacks after a tiny-stack task, a start that fails).
  */
 #include "helpers.h"
 
 #include <errno.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
@@ -719,6 +720,99 @@ static void test_done_callback_tiny_stack(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A task awaits its unstarted child after concur_exec_shutdown(ex, true): the child ends
+ * CANCELLED unrun, and its callback runs on the loop's stack -- never on the awaiting task's,
+ * whose function is still in progress (a callback may need more stack than a task left free).
+ * The order is forced: the parent holds the loop thread (a POSIX semaphore) until the
+ * shutdown is in.
+ */
+struct cancel_start {
+	sem_t held, go;
+	uintptr_t parent_stack; /* a local of the parent, near its stack's top */
+	atomic_uintptr_t callback_frame;
+	atomic_int callback_in_task;
+};
+
+static void cancel_start_done(concur_future *f, void *arg)
+{
+	struct cancel_start *c = arg;
+	atomic_store(&c->callback_frame, (uintptr_t)__builtin_frame_address(0));
+	atomic_store(&c->callback_in_task, concur_in_task());
+}
+
+static int64_t cancel_start_parent(void *arg)
+{
+	struct cancel_start *c = arg;
+	char here;
+	c->parent_stack = (uintptr_t)&here;
+	concur_future *child = concur_spawn(ex, child_value, (void *)1); /* queued, unstarted */
+	if (concur_on_done(child, cancel_start_done, c))
+		return -EPROTO;
+	sem_post(&c->held);
+	sem_wait(&c->go);                     /* the loop thread is ours until the shutdown is in */
+	int64_t r = concur_result(child, -1); /* suspends: the child is started from here */
+	concur_release(child);
+	return r;
+}
+
+/* The child's callback ran outside any task, and not on the parent's stack (the executor's
+ * default, 256 KiB, below the parent's local). */
+static void assert_callback_off_parent(struct cancel_start *c)
+{
+	uintptr_t frame = atomic_load(&c->callback_frame);
+	assert_true(frame != 0);
+	assert_false(atomic_load(&c->callback_in_task));
+	assert_false(frame < c->parent_stack + 4096 && frame > c->parent_stack - 256 * 1024);
+}
+
+static void test_cancelled_start_callback_on_loop(void **state)
+{
+	struct cancel_start c = {0};
+	sem_init(&c.held, 0, 0);
+	sem_init(&c.go, 0, 0);
+	ex = new_exec(1);
+	concur_future *parent = concur_spawn(ex, cancel_start_parent, &c);
+	sem_wait(&c.held);
+	concur_exec_shutdown(ex, true);
+	sem_post(&c.go);
+	assert_int_equal(concur_result(parent, -1), -ECANCELED);
+	concur_release(parent);
+	assert_callback_off_parent(&c);
+	concur_exec_free(ex);
+	sem_destroy(&c.held);
+	sem_destroy(&c.go);
+}
+
+/* The same when the child ends -ENOMEM unrun: no stack can be had for it (the budget of
+ * mappings used up, its size class a new mapping). */
+static int64_t nomem_start_parent(void *arg)
+{
+	struct cancel_start *c = arg;
+	char here;
+	c->parent_stack = (uintptr_t)&here;
+	struct concur_spawn_opts o = {.stack_size = 1 << 20}; /* a size class of its own */
+	concur_future *child = concur_spawn_ex(ex, child_value, (void *)1, &o);
+	if (concur_on_done(child, cancel_start_done, c))
+		return -EPROTO;
+	long old = concur__stack_map_budget(concur__stack_maps_used());
+	int64_t r = concur_result(child, -1); /* suspends: the child is started from here */
+	concur__stack_map_budget(old);
+	concur_release(child);
+	return r;
+}
+
+static void test_nomem_start_callback_on_loop(void **state)
+{
+	struct cancel_start c = {0};
+	ex = new_exec(1);
+	concur_future *parent = concur_spawn(ex, nomem_start_parent, &c);
+	assert_int_equal(concur_result(parent, -1), -ENOMEM);
+	concur_release(parent);
+	assert_callback_off_parent(&c);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -739,6 +833,8 @@ int main(void)
 	    cmocka_unit_test(test_spawn_await_reuses_stack),
 	    cmocka_unit_test(test_finish_while_ready),
 	    cmocka_unit_test(test_done_callback_tiny_stack),
+	    cmocka_unit_test(test_cancelled_start_callback_on_loop),
+	    cmocka_unit_test(test_nomem_start_callback_on_loop),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
