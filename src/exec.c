@@ -456,7 +456,7 @@ static void concur__recycle_park(concur_exec *ex, int k, struct concur__rec_cach
 	concur__rec_list_free(chain, concur__rec_bytes[k]); /* nobody outside takes them */
 }
 
-/* A record of size k for a new task, on this thread (loop is this thread's loop, or NULL). */
+/* A record of size k for a new future, on this thread (loop is this thread's loop, or NULL). */
 void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
 {
 	size_t bytes = concur__rec_bytes[k];

@@ -48,12 +48,14 @@ static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn))
 
 /* ---- the switch, with the sanitizers' annotations ----------------------------------------- */
 
-/* Into fiber to, saving the current context (the loop's, or a suspending fiber's) in save_*. */
-static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__fiber *to)
+/* Into fiber to, saving the current context (the loop's, or a suspending fiber's) in save_*.
+ * final: the current fiber will never run again (its fake stack can go). */
+static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__fiber *to,
+                                     bool final)
 {
 #ifdef CONCUR__ASAN
 	void *fake = NULL;
-	__sanitizer_start_switch_fiber(&fake, to->stack_lo, to->stack_size);
+	__sanitizer_start_switch_fiber(final ? NULL : &fake, to->stack_lo, to->stack_size);
 #endif
 #ifdef CONCUR__TSAN
 	__tsan_switch_to_fiber(to->tsan_fiber, 0);
@@ -68,11 +70,12 @@ static inline void concur__switch_to(void **save_sp, void *save_uctx, struct con
 #ifdef CONCUR__ASAN
 	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #endif
+	(void) final;
 }
 
 static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
 {
-	concur__switch_to(&loop->sched_sp, loop->sched_uctx, fib);
+	concur__switch_to(&loop->sched_sp, loop->sched_uctx, fib, false);
 }
 
 /* final: the fiber will never run again (its fake stack can go). */
@@ -103,7 +106,7 @@ static inline void concur__switch_out(struct concur__loop *loop, struct concur__
 /* Fiber to fiber, from a suspending one to a ready one on the same loop. */
 static inline void concur__switch_direct(struct concur__fiber *from, struct concur__fiber *to)
 {
-	concur__switch_to(&from->sp, from->uctx, to);
+	concur__switch_to(&from->sp, from->uctx, to, false);
 }
 
 /* ---- stacks --------------------------------------------------------------------------------- */
@@ -675,17 +678,7 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 static void __attribute__((noreturn))
 concur__switch_final(struct concur__fiber *from, struct concur__fiber *to)
 {
-#ifdef CONCUR__ASAN
-	__sanitizer_start_switch_fiber(NULL, to->stack_lo, to->stack_size);
-#endif
-#ifdef CONCUR__TSAN
-	__tsan_switch_to_fiber(to->tsan_fiber, 0);
-#endif
-#if CONCUR__USE_UCONTEXT
-	swapcontext(from->uctx, to->uctx);
-#else
-	concur__ctx_switch(&from->sp, to->sp);
-#endif
+	concur__switch_to(&from->sp, from->uctx, to, true);
 	__builtin_unreachable();
 }
 

@@ -592,7 +592,7 @@ struct concur__loop {
 	struct concur__fiber *dead_fib;
 	unsigned inflight;                                /* our SQEs whose CQE is still to come */
 	struct concur__stacks stacks;                     /* fiber.c's stack pools */
-	struct concur__rec_cache recs[CONCUR__REC_SIZES]; /* freed task records (exec.c) */
+	struct concur__rec_cache recs[CONCUR__REC_SIZES]; /* freed future records (exec.c) */
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	struct concur__cqe *stash; /* CQEs moved out of a full CQ, dispatched first by the reap */
 	unsigned stash_len, stash_cap;

@@ -392,7 +392,7 @@ static void test_foreign_recycle(void **state)
 	assert_int_equal(pthread_create(&th, NULL, recycle_thread, &r), 0);
 	assert_int_equal(pthread_join(th, NULL), 0);
 	assert_int_equal(r.wrong, 0);
-	for (int k = CONCUR__REC_TASK; k <= CONCUR__REC_THEN; k++) { /* (no I/O op made here) */
+	for (int k = CONCUR__REC_TASK; k <= CONCUR__REC_THEN; k++) {     /* (no I/O op made here) */
 		assert_int_equal(r.parked[0][k], CONCUR__RECYCLE_SLOTS); /* the 17th chain: freed */
 		assert_true(r.parked[1][k] <= CONCUR__RECYCLE_SLOTS - 2);
 	}
