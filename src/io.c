@@ -179,8 +179,7 @@ static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 	if (--r->cqes_left)
 		return;
 	if (r->task) {
-		/* the direct form: its task waits on the loop whose ring carried the op */
-		concur__loop_push_ready(loop, r->task);
+		concur__resume(r->task); /* the direct form: the fibers' funnel */
 		return;
 	}
 	io = concur__container_of(r, struct concur__io, r);
