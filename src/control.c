@@ -109,7 +109,6 @@ int concur__task_cancel_running(concur_future *f)
 	struct concur__cancel_msg *m = malloc(sizeof(*m));
 	if (!m)
 		return -EINPROGRESS;
-	m->node.kind = CONCUR__NODE_CALL;
 	m->node.call = concur__cancel_arrived;
 	m->task = t;
 	concur_retain(f);
@@ -180,7 +179,6 @@ int concur_exec_stop(concur_exec *ex, int64_t drain_ns)
 		struct concur__loop *loop = ex->loops[i];
 		if (atomic_exchange(&loop->stop_posted, true))
 			continue; /* a stop is on its way there already */
-		loop->stop_node.kind = CONCUR__NODE_CALL;
 		loop->stop_node.call = concur__stop_arrived;
 		concur__loop_post(loop, &loop->stop_node);
 	}

@@ -560,11 +560,12 @@ static void concur__task_init(struct concur__task *t, const struct concur__futur
                               concur_exec *ex, concur_task_fn fn, void *arg)
 {
 	concur__future_init(&t->f, cls, ex, 2); /* the caller's reference and the executor's */
-	t->node.kind = CONCUR__NODE_RUN;
+	t->node.call = NULL;                    /* a task's node */
 	t->fn = fn;
 	t->arg = arg;
 	t->fib = NULL;
 	t->loop = NULL;
+	t->sp = NULL;
 }
 
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)

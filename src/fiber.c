@@ -48,20 +48,21 @@ static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn))
 
 /* ---- the switch, with the sanitizers' annotations ----------------------------------------- */
 
-/* Into fiber to, saving the current context (the loop's, or a suspending fiber's) in save_*.
- * final: the current fiber will never run again (its fake stack can go). */
-static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__fiber *to,
+/* Into task to's fiber, saving the current context (the loop's, or a suspending fiber's) in
+ * save_*. final: the current fiber will never run again (its fake stack can go). */
+static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__task *to,
                                      bool final)
 {
 #ifdef CONCUR__ASAN
 	void *fake = NULL;
-	__sanitizer_start_switch_fiber(final ? NULL : &fake, to->stack_lo, to->stack_size);
+	__sanitizer_start_switch_fiber(final ? NULL : &fake, to->fib->stack_lo,
+	                               to->fib->stack_size);
 #endif
 #ifdef CONCUR__TSAN
-	__tsan_switch_to_fiber(to->tsan_fiber, 0);
+	__tsan_switch_to_fiber(to->fib->tsan_fiber, 0);
 #endif
 #if CONCUR__USE_UCONTEXT
-	swapcontext(save_uctx, to->uctx);
+	swapcontext(save_uctx, to->fib->uctx);
 	(void)save_sp;
 #else
 	concur__ctx_switch(save_sp, to->sp);
@@ -73,13 +74,13 @@ static inline void concur__switch_to(void **save_sp, void *save_uctx, struct con
 	(void) final;
 }
 
-static inline void concur__switch_in(struct concur__loop *loop, struct concur__fiber *fib)
+static inline void concur__switch_in(struct concur__loop *loop, struct concur__task *t)
 {
-	concur__switch_to(&loop->sched_sp, loop->sched_uctx, fib, false);
+	concur__switch_to(&loop->sched_sp, loop->sched_uctx, t, false);
 }
 
 /* final: the fiber will never run again (its fake stack can go). */
-static inline void concur__switch_out(struct concur__loop *loop, struct concur__fiber *fib,
+static inline void concur__switch_out(struct concur__loop *loop, void **save_sp, void *save_uctx,
                                       bool final)
 {
 #ifdef CONCUR__ASAN
@@ -91,9 +92,11 @@ static inline void concur__switch_out(struct concur__loop *loop, struct concur__
 	__tsan_switch_to_fiber(loop->tsan_fiber, 0);
 #endif
 #if CONCUR__USE_UCONTEXT
-	swapcontext(fib->uctx, loop->sched_uctx);
+	swapcontext(save_uctx, loop->sched_uctx);
+	(void)save_sp;
 #else
-	concur__ctx_switch(&fib->sp, loop->sched_sp);
+	concur__ctx_switch(save_sp, loop->sched_sp);
+	(void)save_uctx;
 #endif
 #ifdef CONCUR__ASAN
 	/* whoever resumed us may be another fiber: the loop's stack bounds are recorded once, on
@@ -104,9 +107,9 @@ static inline void concur__switch_out(struct concur__loop *loop, struct concur__
 }
 
 /* Fiber to fiber, from a suspending one to a ready one on the same loop. */
-static inline void concur__switch_direct(struct concur__fiber *from, struct concur__fiber *to)
+static inline void concur__switch_direct(struct concur__task *from, struct concur__task *to)
 {
-	concur__switch_to(&from->sp, from->uctx, to, false);
+	concur__switch_to(&from->sp, from->fib->uctx, to, false);
 }
 
 /* ---- stacks --------------------------------------------------------------------------------- */
@@ -670,15 +673,16 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 #else
 #error "no assembly context switch for this CPU: build with CONCUR_UCONTEXT"
 #endif
-	fib->sp = sp;
+	t->sp = sp;
 #endif
 }
 
 /* Off a finished fiber, straight to the next one; the dying fiber's fake stack can go. */
 static void __attribute__((noreturn))
-concur__switch_final(struct concur__fiber *from, struct concur__fiber *to)
+concur__switch_final(struct concur__fiber *from, struct concur__task *to)
 {
-	concur__switch_to(&from->sp, from->uctx, to, true);
+	void *gone; /* the saved stack pointer of a fiber that never runs again */
+	concur__switch_to(&gone, from->uctx, to, true);
 	__builtin_unreachable();
 }
 
@@ -699,7 +703,7 @@ static void concur__fiber_main(struct concur__task *t)
 		/* the loop's context finishes it: a tiny stack has no room for the callbacks, and a
 		 * stall detector times each run on its own */
 		t->f.flags |= CONCUR__TASK_RETURNED;
-		concur__switch_out(loop, fib, true);
+		concur__switch_out(loop, &t->sp, fib->uctx, true);
 	}
 	/* A full stack finishes the task here (its callbacks see the loop: no task runs) and
 	 * hands the thread straight to the next fiber: one switch per finished task instead of
@@ -711,9 +715,10 @@ static void concur__fiber_main(struct concur__task *t)
 	loop->dead_fib = fib;
 	if (next) {
 		concur__tl_task = next;
-		concur__switch_final(fib, next->fib);
+		concur__switch_final(fib, next);
 	}
-	concur__switch_out(loop, fib, true);
+	void *gone;
+	concur__switch_out(loop, &gone, fib->uctx, true);
 	__builtin_unreachable();
 }
 
@@ -731,7 +736,7 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
 		loop->tsan_fiber = __tsan_get_current_fiber();
 #endif
 	concur__tl_task = t;
-	concur__switch_in(loop, t->fib);
+	concur__switch_in(loop, t);
 	concur__fiber_reap(loop); /* a fiber that finished and passed the thread on */
 	t = concur__tl_task;      /* not the one we switched to if it passed the thread on */
 	concur__tl_task = NULL;
@@ -746,12 +751,9 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
  */
 static inline void concur__fiber_prefetch(struct concur__task *t)
 {
-	struct concur__fiber *fib = t->fib;
-	if (!fib)
-		return; /* not started: nothing saved on a stack yet */
-	const char *sp = fib->sp;
+	const char *sp = t->sp;
 	if (!sp)
-		return; /* the ucontext fallback keeps no stack pointer */
+		return; /* not started, or the ucontext fallback (which keeps no stack pointer) */
 	for (int i = 0; i < 4; i++)
 		__builtin_prefetch(sp + i * CONCUR__CACHELINE, 1);
 }
@@ -774,10 +776,10 @@ static inline void concur__suspend_on(struct concur__loop *loop, struct concur__
 		if (after && after != &t->node) /* the one after: its stack is touched next */
 			concur__fiber_prefetch(concur__task_of_node(after));
 		concur__tl_task = next;
-		concur__switch_direct(fib, next->fib);
+		concur__switch_direct(t, next);
 		return; /* concur__tl_task is t again: whoever switched here set it */
 	}
-	concur__switch_out(loop, fib, false);
+	concur__switch_out(loop, &t->sp, fib->uctx, false);
 }
 
 void concur__suspend(void)

@@ -341,15 +341,11 @@ extern struct concur__op concur__ignore_op;
 
 /* ---- inbox items (loop.c) ----------------------------------------------------------------- */
 
-enum concur__node_kind {
-	CONCUR__NODE_RUN,  /* the node is a task's: run or resume it */
-	CONCUR__NODE_CALL, /* call node->call(loop, node) on the loop thread */
-};
-
+/* A task's node (call NULL: run or resume the task), or a message: call(loop, node) on the
+ * loop thread. */
 struct concur__node {
 	struct concur__node *next;
 	struct concur__node *prev; /* used by the loop's fresh-task deque only */
-	enum concur__node_kind kind;
 	void (*call)(struct concur__loop *loop, struct concur__node *node);
 };
 
@@ -394,7 +390,6 @@ struct concur__ctl {
 struct concur__stack_res;
 struct concur__fiber {
 	struct concur__ctl ctl; /* first: the hot fields share the fiber's first line */
-	void *sp;               /* saved stack pointer while switched out (assembly switch) */
 	void *uctx;             /* ucontext_t while switched out (fallback switch only) */
 	void *stack_lo;         /* lowest usable byte, just above the guard page */
 	size_t stack_size;
@@ -425,6 +420,9 @@ struct concur__task {
 	void *arg;
 	struct concur__fiber *fib; /* NULL until the task first runs */
 	struct concur__loop *loop; /* the loop it runs on, once started */
+	/* its saved stack pointer while switched out (assembly switch; NULL before it starts):
+	 * here, not in fib, so switching to a ready task is one dependent load fewer */
+	void *sp;
 };
 
 /* in f.flags: fn returned on a stack that does not finish the task itself (tiny, or a stall

@@ -244,7 +244,6 @@ static int io_cancel_running(concur_future *f)
 	if (concur__tl_loop == io->r.loop) {
 		io_cancel_call(io->r.loop, &io->cancel_node);
 	} else {
-		io->cancel_node.kind = CONCUR__NODE_CALL;
 		io->cancel_node.call = io_cancel_call;
 		concur__loop_post(io->r.loop, &io->cancel_node);
 	}
@@ -315,7 +314,6 @@ static concur_future *io_start(struct concur__io *io)
 	} else {
 		concur__work_begin(ex);
 		io->r.loop = concur__exec_pick_loop(ex);
-		io->node.kind = CONCUR__NODE_CALL;
 		io->node.call = io_submit_call;
 		concur__loop_post(io->r.loop, &io->node);
 	}

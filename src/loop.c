@@ -339,7 +339,7 @@ static void concur__wake(struct concur__loop *from, struct concur__loop *to)
 /* A node has reached its loop's thread. */
 static void concur__node_arrived(struct concur__loop *loop, struct concur__node *n)
 {
-	if (n->kind == CONCUR__NODE_CALL) {
+	if (n->call) {
 		n->call(loop, n);
 		return;
 	}
@@ -475,7 +475,7 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	case CONCUR__TAG_NODE_FAILED: {
 		/* the MSG_RING could not post (target CQ overflow): go through the inbox */
 		struct concur__node *n = p;
-		if (n->kind == CONCUR__NODE_RUN && concur__task_of_node(n)->loop)
+		if (!n->call && concur__task_of_node(n)->loop)
 			concur__inbox_push(concur__task_of_node(n)->loop, n);
 		else
 			concur__node_arrived(loop, n); /* any loop of the executor may run it */

@@ -684,7 +684,6 @@ int concur_stream_cancel(concur_stream *s)
 	}
 	/* another thread: the loop does it; one post is enough, cancel is idempotent */
 	if (atomic_compare_exchange_strong(&s->cancel_post, &expected, STREAM_CANCEL_POSTED)) {
-		s->cancel_node.kind = CONCUR__NODE_CALL;
 		s->cancel_node.call = stream_cancel_call;
 		concur__loop_post(s->loop, &s->cancel_node);
 	}
