@@ -42,7 +42,8 @@ void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
 	struct concur__ctl *c = &t->fib->ctl;
 	if (c->heap_idx != UINT32_MAX)
 		concur__timers_del(loop, t);
-	free(c->scopes);
+	if (c->scopes)
+		free(c->scopes);
 	if (c->live_prev)
 		c->live_prev->fib->ctl.live_next = c->live_next;
 	else

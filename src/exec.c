@@ -92,7 +92,7 @@ void concur__work_end(concur_exec *ex)
 {
 	struct concur__loop *loop = concur__tl_loop;
 	if (loop && loop->ex == ex) {
-		loop->work_ended++;
+		concur__work_end_local(loop);
 		return;
 	}
 	/* Once the count reaches 0 a join may return and the executor be freed while this thread

@@ -5,7 +5,8 @@
  *
  * A future's waiters are of three kinds, all on one list:
  *   - threads outside the executor park on the state word itself (a futex) after setting
- *     CONCUR__PARKED, so a blocked thread costs no node and no allocation;
+ *     CONCUR__WAITERS_PARKED in the waiters word, so a blocked thread costs no node and no
+ *     allocation;
  *   - callbacks and awaiting fibers are nodes pushed on a doubly linked list whose head word
  *     carries a lock bit: a push is one CAS and one store, a removal (a timed-out or abandoned
  *     wait taking its node back) relinks in O(1) under the bit. Completing swaps the list for
@@ -64,8 +65,15 @@ static void concur__backoff(unsigned *spins)
 		sched_yield(); /* the holder was preempted: let it run */
 }
 
-/* Take the list for good: the head as it was (NULL if empty). Waits out a push or removal. */
-static struct concur__waiter *concur__waiters_close(concur_future *f)
+/* The first node of a waiters word (NULL: none, or closed). */
+static inline struct concur__waiter *concur__waiters_head(uintptr_t word)
+{
+	return (struct concur__waiter *)(word & ~CONCUR__WAITERS_FLAGS);
+}
+
+/* Take the list for good: the word as it was (CONCUR__WAITERS_CLOSED if it was closed already).
+ * Waits out a push or removal. */
+static uintptr_t concur__waiters_close(concur_future *f)
 {
 	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 	unsigned spins = 0;
@@ -78,14 +86,14 @@ static struct concur__waiter *concur__waiters_close(concur_future *f)
 		if (atomic_compare_exchange_weak_explicit(&f->waiters, &old, CONCUR__WAITERS_CLOSED,
 		                                          memory_order_acq_rel,
 		                                          memory_order_relaxed))
-			return old == CONCUR__WAITERS_CLOSED ? NULL : (struct concur__waiter *)old;
+			return old;
 	}
 }
 
 /* A future dies unset with nodes on its list: free callbacks, tell compositions. */
 static void concur__drop_waiters(concur_future *f)
 {
-	struct concur__waiter *w = concur__waiters_close(f);
+	struct concur__waiter *w = concur__waiters_head(concur__waiters_close(f));
 	while (w) {
 		struct concur__waiter *next = w->next;
 		if (w->kind == CONCUR__WAIT_CALLBACK)
@@ -121,7 +129,7 @@ void concur__future_wait_final(const concur_future *f)
 		concur__backoff(&spins);
 }
 
-/* Lock the list: its head (LOCKED clear), or CONCUR__WAITERS_CLOSED (then not locked). */
+/* Lock the list: its word (LOCKED clear), or CONCUR__WAITERS_CLOSED (then not locked). */
 static uintptr_t concur__waiters_lock(concur_future *f)
 {
 	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
@@ -141,38 +149,68 @@ static uintptr_t concur__waiters_lock(concur_future *f)
 	}
 }
 
+/*
+ * A thread outside the executor is about to sleep on f's state word: say so in the waiters word,
+ * which the completion closes before it makes the state final. False if the list was closed:
+ * then the state is final on return, and there is nothing to sleep for.
+ */
+static bool concur__waiters_park(concur_future *f)
+{
+	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+	unsigned spins = 0;
+	for (;;) {
+		if (old == CONCUR__WAITERS_CLOSED) {
+			concur__future_wait_final(f);
+			return false;
+		}
+		if (old & CONCUR__WAITERS_PARKED)
+			return true;
+		if (old & CONCUR__WAITERS_LOCKED) {
+			concur__backoff(&spins);
+			old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+			continue;
+		}
+		if (atomic_compare_exchange_weak_explicit(&f->waiters, &old,
+		                                          old | CONCUR__WAITERS_PARKED,
+		                                          memory_order_acq_rel,
+		                                          memory_order_relaxed))
+			return true;
+	}
+}
+
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 {
-	uintptr_t head = concur__waiters_lock(f);
-	if (head == CONCUR__WAITERS_CLOSED) {
+	uintptr_t word = concur__waiters_lock(f);
+	if (word == CONCUR__WAITERS_CLOSED) {
 		/* closed before the state flips (record hooks run in between): wait for it, so
 		 * that whoever is told "done" finds f done */
 		concur__future_wait_final(f);
 		return false;
 	}
-	struct concur__waiter *old = (struct concur__waiter *)head;
+	struct concur__waiter *old = concur__waiters_head(word);
 	w->prev = NULL;
 	w->next = old;
 	if (old)
 		old->prev = w;
-	atomic_store_explicit(&f->waiters, (uintptr_t)w, memory_order_release); /* unlocks */
+	atomic_store_explicit(&f->waiters, (uintptr_t)w | (word & CONCUR__WAITERS_PARKED),
+	                      memory_order_release); /* unlocks */
 	return true;
 }
 
 bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 {
-	uintptr_t head = concur__waiters_lock(f);
-	if (head == CONCUR__WAITERS_CLOSED) {
+	uintptr_t word = concur__waiters_lock(f);
+	if (word == CONCUR__WAITERS_CLOSED) {
 		concur__future_wait_final(f);
 		return false;
 	}
 	if (w->prev)
 		w->prev->next = w->next;
 	else
-		head = (uintptr_t)w->next;
+		word = (uintptr_t)w->next | (word & CONCUR__WAITERS_PARKED);
 	if (w->next)
 		w->next->prev = w->prev;
-	atomic_store_explicit(&f->waiters, head, memory_order_release); /* unlocks */
+	atomic_store_explicit(&f->waiters, word, memory_order_release); /* unlocks */
 	return true;
 }
 
@@ -214,15 +252,28 @@ static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
 	}
 }
 
+/*
+ * The state is made final with a store, not an exchange: the close before it is the completion's
+ * one read-modify-write. Nobody else writes the state of a future being completed but a
+ * concur_cancel() of a RUNNING task (CONCUR__CANCEL_REQ, a compare-exchange that fails once the
+ * state is final, and is overwritten if it lands first: the task finished anyway), and a thread
+ * parking on it said so in the waiters word before it read the state it sleeps on: the close
+ * saw CONCUR__WAITERS_PARKED, or the thread finds the list closed and does not sleep.
+ */
 void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 {
 	f->res = res;
-	struct concur__waiter *w = concur__waiters_close(f);
-	if (CONCUR__LIKELY(!w)) { /* nobody but maybe parked threads: no reference needed */
-		uint32_t old =
-		    atomic_exchange_explicit(&f->state, final_state, memory_order_acq_rel);
-		if (old & CONCUR__PARKED)
+	uintptr_t word = concur__waiters_close(f);
+	struct concur__waiter *w = concur__waiters_head(word);
+	bool parked = word & CONCUR__WAITERS_PARKED;
+	if (CONCUR__LIKELY(!w || (!w->next && w->kind == CONCUR__WAIT_AWAIT))) {
+		/* nobody, one awaiting fiber, maybe parked threads: no reference needed, no order
+		 * to keep between nodes */
+		atomic_store_explicit(&f->state, final_state, memory_order_release);
+		if (parked)
 			concur__wake_parked(f);
+		if (w)
+			concur__resume(w->task);
 		return;
 	}
 	/* the list is newest first: split it into compositions and the rest, both oldest first */
@@ -243,13 +294,13 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 	for (w = calls; w; w = w->next)
 		if (w->ops->record)
 			w->ops->record(w, f, res, final_state);
-	uint32_t old = atomic_exchange_explicit(&f->state, final_state, memory_order_acq_rel);
+	atomic_store_explicit(&f->state, final_state, memory_order_release);
 	for (w = calls; w;) {
 		struct concur__waiter *next = w->next; /* done may free w */
 		w->ops->done(w, f);
 		w = next;
 	}
-	if (old & CONCUR__PARKED)
+	if (parked)
 		concur__wake_parked(f);
 	concur__wake_nodes(f, rest);
 	if (hold)
@@ -262,16 +313,11 @@ bool concur__future_claim(concur_future *f)
 	for (;;) {
 		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return false;
-		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
-		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, CONCUR__RUNNING,
+		                                          memory_order_acq_rel,
 		                                          memory_order_relaxed))
 			return true;
 	}
-}
-
-int64_t concur__future_value(const concur_future *f)
-{
-	return concur__state(f) == CONCUR__CANCELLED ? -ECANCELED : f->res;
 }
 
 /* ---- promises and failed futures ----------------------------------------------------------- */
@@ -312,8 +358,8 @@ int concur_promise_set(concur_future *f, int64_t res)
 			return -EALREADY;
 		}
 		/* RUNNING marks "being completed" so a concurrent set or cancel loses */
-		uint32_t want = CONCUR__RUNNING | (s & CONCUR__PARKED);
-		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, CONCUR__RUNNING,
+		                                          memory_order_acq_rel,
 		                                          memory_order_relaxed))
 			break;
 	}
@@ -385,8 +431,9 @@ int concur_cancel(concur_future *f)
 			return f->cls->cancel_running ? f->cls->cancel_running(f) : 0;
 		}
 		/* not CANCELLED yet: done must not show before the compositions recorded it */
-		uint32_t want = CONCUR__PENDING | CONCUR__COMPLETING | (s & CONCUR__PARKED);
-		if (atomic_compare_exchange_weak_explicit(&f->state, &s, want, memory_order_acq_rel,
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s,
+		                                          CONCUR__PENDING | CONCUR__COMPLETING,
+		                                          memory_order_acq_rel,
 		                                          memory_order_acquire))
 			break;
 	}
@@ -424,16 +471,15 @@ static int64_t concur__block(concur_future *f, int64_t timeout_ns)
 	struct timespec abs;
 	if (timeout_ns > 0)
 		concur__deadline(&abs, timeout_ns);
+	/* parked first, the state read after: a completion that closed the list before we parked
+	 * has its state final by then, one that closes it after wakes us once it is final */
+	if (!concur__waiters_park(f))
+		return concur__future_value(f);
 	for (;;) {
 		uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
 		if ((s & CONCUR__STATE_MASK) >= CONCUR__FINISHED)
 			return concur__future_value(f);
-		if (!(s & CONCUR__PARKED) && !atomic_compare_exchange_strong_explicit(
-		                                 &f->state, &s, s | CONCUR__PARKED,
-		                                 memory_order_acq_rel, memory_order_acquire))
-			continue;
-		int r =
-		    concur__futex_wait(&f->state, s | CONCUR__PARKED, timeout_ns > 0 ? &abs : NULL);
+		int r = concur__futex_wait(&f->state, s, timeout_ns > 0 ? &abs : NULL);
 		if (r == -ETIMEDOUT)
 			return concur__is_done(f) ? concur__future_value(f) : -ETIMEDOUT;
 	}

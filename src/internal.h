@@ -182,8 +182,8 @@ struct concur__task;
 /* ---- futures (future.c) ------------------------------------------------------------------ */
 
 /*
- * state word: the low bits are the state, PARKED says a foreign thread sleeps on the word,
- * COMPLETING (with PENDING) says a cancel won the future and is completing it: not done yet
+ * state word: the low bits are the state (a futex word: foreign threads sleep on it, and say
+ * so in the waiters word, CONCUR__WAITERS_PARKED), COMPLETING (with PENDING) says a cancel won the future and is completing it: not done yet
  * (compositions are still recording it), but nobody else may claim, set or cancel it.
  */
 enum {
@@ -192,7 +192,6 @@ enum {
 	CONCUR__FINISHED = 2,
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
-	CONCUR__PARKED = 4,
 	CONCUR__COMPLETING = 8,  /* a cancel won: CANCELLED once the compositions recorded it */
 	CONCUR__CANCEL_REQ = 16, /* a RUNNING task was asked to stop (concur_cancel): control.c */
 };
@@ -251,14 +250,19 @@ struct concur__waiter {
 
 /*
  * The waiters word: the newest node's address (nodes are 8-aligned), LOCKED while a push or
- * a removal relinks the list (a few stores), CLOSED once the completion (or the last release)
- * took the list.
+ * a removal relinks the list (a few stores), PARKED once a thread outside the executor sleeps
+ * (or is about to) on the state word, CLOSED (alone) once the completion (or the last release)
+ * took the list. PARKED lives here, not in the state word, so that the one atomic
+ * read-modify-write of a completion is the close: whoever parks after it finds the list closed
+ * and only waits for the state to be final, so the state itself is made final with a store.
  */
 #define CONCUR__WAITERS_CLOSED ((uintptr_t)1)
 #define CONCUR__WAITERS_LOCKED ((uintptr_t)2)
+#define CONCUR__WAITERS_PARKED ((uintptr_t)4)
+#define CONCUR__WAITERS_FLAGS  ((uintptr_t)7)
 
 struct concur_future {
-	_Atomic uint32_t state; /* CONCUR__PENDING..CANCELLED | CONCUR__PARKED; a futex word */
+	_Atomic uint32_t state; /* CONCUR__PENDING..CANCELLED and flags; a futex word */
 	uint32_t magic;
 	_Atomic uint32_t refs;
 	uint32_t flags;
@@ -293,8 +297,6 @@ bool concur__waiter_remove(concur_future *f, struct concur__waiter *w);
 void concur__future_wait_final(const concur_future *f);
 /* A future already failed with err (never NULL: a static one if memory runs out). */
 concur_future *concur__failed_future(concur_exec *ex, int64_t err);
-/* The result of a done future. */
-int64_t concur__future_value(const concur_future *f);
 static inline bool concur__valid(const concur_future *f)
 {
 	return f && !((uintptr_t)f & 7) && f->magic == CONCUR__FUTURE_MAGIC;
@@ -302,6 +304,11 @@ static inline bool concur__valid(const concur_future *f)
 static inline uint32_t concur__state(const concur_future *f)
 {
 	return atomic_load_explicit(&f->state, memory_order_acquire) & CONCUR__STATE_MASK;
+}
+/* The result of a done future. */
+static inline int64_t concur__future_value(const concur_future *f)
+{
+	return concur__state(f) == CONCUR__CANCELLED ? -ECANCELED : f->res;
 }
 static inline bool concur__is_done(const concur_future *f)
 {
@@ -797,6 +804,11 @@ void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);
 /* The begin of a task spawned on its own loop (loop thread): published with the loop's ends. */
 void concur__work_begin_local(struct concur__loop *loop);
+/* The end of work on a loop of its executor (loop thread): counted with the loop's ends. */
+static inline void concur__work_end_local(struct concur__loop *loop)
+{
+	loop->work_ended++;
+}
 /* Take the loop's batched work_end()s off the executor's count. Loop thread, every turn. */
 void concur__work_publish(struct concur__loop *loop);
 void concur__task_cache_free(struct concur__loop *loop);

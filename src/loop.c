@@ -191,12 +191,13 @@ static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
 	return concur__pop_fresh(loop);
 }
 
-/* The executor's reference to a task is done with: it no longer counts as work. */
-static void concur__task_drop(struct concur__task *t)
+/* The executor's reference to a task is done with: it no longer counts as work. On the task's
+ * loop, which belongs to its executor: the end is counted there (concur__work_end's own case,
+ * without the call). */
+static void concur__task_drop(struct concur__loop *loop, struct concur__task *t)
 {
-	concur_exec *ex = t->f.ex;
 	concur_release(&t->f);
-	concur__work_end(ex);
+	concur__work_end_local(loop);
 }
 
 /* Give an unstarted task the fiber fib (NULL: no stack could be had), shutdown(ex, true) not
@@ -208,12 +209,12 @@ static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t
 	if (!concur__future_claim(&t->f)) {
 		if (fib)
 			concur__fiber_put(loop, fib);
-		concur__task_drop(t); /* cancelled while queued: its waiters know already */
+		concur__task_drop(loop, t); /* cancelled while queued: its waiters know already */
 		return false;
 	}
 	if (!fib) {
 		concur__complete(&t->f, -ENOMEM, CONCUR__FINISHED);
-		concur__task_drop(t);
+		concur__task_drop(loop, t);
 		return false;
 	}
 	t->fib = fib;
@@ -239,7 +240,7 @@ void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bo
 	t->fib = NULL;
 	concur__complete(&t->f, t->f.res,
 	                 t->f.res == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);
-	concur__task_drop(t);
+	concur__task_drop(loop, t);
 }
 
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop)
