@@ -40,7 +40,11 @@ concur__ctx_switch:
 
 /*
  * First entry of a fiber: concur__fiber_prepare() leaves the task in %r12 and the entry
- * function in %r13; the entry never returns.
+ * function in %r13; the entry never returns. Jumped to, not called, behind a null return
+ * address (the ABI's alignment at entry; unwinders stop there): a call would push a return
+ * address on the return stack buffer that no ret ever takes, and the fiber's final switch
+ * back to the one that started it would leave that entry on top, so every return up the
+ * resumed fiber's call chain would miss (spawn/one: the parent's returns from concur_result).
  */
 	.globl	concur__ctx_start
 	.hidden	concur__ctx_start
@@ -51,8 +55,8 @@ concur__ctx_start:
 	.cfi_undefined rip
 	endbr64
 	movq	%r12, %rdi
-	callq	*%r13
-	ud2
+	pushq	$0
+	jmpq	*%r13
 	.cfi_endproc
 	.size	concur__ctx_start, .-concur__ctx_start
 
