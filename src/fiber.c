@@ -48,6 +48,37 @@ static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn))
 
 /* ---- the switch, with the sanitizers' annotations ----------------------------------------- */
 
+/*
+ * x86-64: a fiber not entered yet has its stack's top as its saved stack pointer, tagged with
+ * CONCUR__SP_FRESH (concur__fiber_prepare). It is entered with a jump (concur__ctx_enter), and a
+ * finished fiber leaves with one (concur__ctx_jump), so the return stack buffer stays paired with
+ * the switches: a child that starts and ends between its parent's suspend and resume leaves the
+ * parent's own return address on top, and the parent's returns are predicted.
+ */
+#if !CONCUR__USE_UCONTEXT && defined(__x86_64__)
+#define CONCUR__CTX_JUMPS 1
+#define CONCUR__SP_FRESH  ((uintptr_t)1)
+#endif
+
+/* The assembly switch to the context saved in sp (task to's, or the loop's: to NULL). final:
+ * the current context never runs again, nothing is saved. */
+static inline void concur__ctx_to(void **save_sp, void *sp, struct concur__task *to, bool final)
+{
+#if CONCUR__CTX_JUMPS
+	if (to && ((uintptr_t)sp & CONCUR__SP_FRESH)) {
+		concur__ctx_enter(save_sp, (char *)sp - CONCUR__SP_FRESH, to, concur__fiber_main);
+		return;
+	}
+	if (final) {
+		__asm__ volatile("jmp concur__ctx_jump" : : "D"(sp) : "memory");
+		__builtin_unreachable();
+	}
+#endif
+	concur__ctx_switch(save_sp, sp);
+	(void)to;
+	(void)final;
+}
+
 /* Into task to's fiber, saving the current context (the loop's, or a suspending fiber's) in
  * save_*. final: the current fiber will never run again (its fake stack can go). */
 static inline void concur__switch_to(void **save_sp, void *save_uctx, struct concur__task *to,
@@ -65,7 +96,7 @@ static inline void concur__switch_to(void **save_sp, void *save_uctx, struct con
 	swapcontext(save_uctx, to->fib->uctx);
 	(void)save_sp;
 #else
-	concur__ctx_switch(save_sp, to->sp);
+	concur__ctx_to(save_sp, to->sp, to, final);
 	(void)save_uctx;
 #endif
 #ifdef CONCUR__ASAN
@@ -95,7 +126,7 @@ static inline void concur__switch_out(struct concur__loop *loop, void **save_sp,
 	swapcontext(save_uctx, loop->sched_uctx);
 	(void)save_sp;
 #else
-	concur__ctx_switch(save_sp, loop->sched_sp);
+	concur__ctx_to(save_sp, loop->sched_sp, NULL, final);
 	(void)save_uctx;
 #endif
 #ifdef CONCUR__ASAN
@@ -656,13 +687,8 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 	makecontext(uc, (void (*)(void))concur__uctx_entry, 2, (unsigned)(p >> 32), (unsigned)p);
 #else
 	uintptr_t top = ((uintptr_t)fib->stack_lo + fib->stack_size) & ~(uintptr_t)15;
-#if defined(__x86_64__)
-	/* popped by concur__ctx_switch: r15 r14 r13 r12 rbx rbp, then the jump target */
-	uintptr_t *sp = (uintptr_t *)(top - 72);
-	memset(sp, 0, 72);
-	sp[2] = (uintptr_t)concur__fiber_main; /* r13 */
-	sp[3] = (uintptr_t)t;                  /* r12 */
-	sp[6] = (uintptr_t)concur__ctx_start;
+#if CONCUR__CTX_JUMPS
+	void *sp = (void *)(top | CONCUR__SP_FRESH); /* entered by concur__ctx_enter */
 #elif defined(__aarch64__)
 	/* x19..x30 at 0..95, d8..d15 at 96..159 */
 	uintptr_t *sp = (uintptr_t *)(top - 176);

@@ -39,25 +39,61 @@ concur__ctx_switch:
 	.size	concur__ctx_switch, .-concur__ctx_switch
 
 /*
- * First entry of a fiber: concur__fiber_prepare() leaves the task in %r12 and the entry
- * function in %r13; the entry never returns. Jumped to, not called, behind a null return
- * address (the ABI's alignment at entry; unwinders stop there): a call would push a return
- * address on the return stack buffer that no ret ever takes, and the fiber's final switch
- * back to the one that started it would leave that entry on top, so every return up the
- * resumed fiber's call chain would miss (spawn/one: the parent's returns from concur_result).
+ * void concur__ctx_enter(void **save_sp, void *top, struct concur__task *t,
+ *                        void (*entry)(struct concur__task *t))
+ *
+ * Saves the current context as concur__ctx_switch does, then starts entry(t) on a new stack
+ * whose (16-aligned) top is top, behind a null return address (the ABI's alignment at entry;
+ * unwinders stop there). entry never returns. A jump, not a return into a frame made for it
+ * nor a call: the return stack buffer keeps this call's return address, which is where the
+ * new fiber's final switch back (concur__ctx_jump) goes when it ends and its starter is next,
+ * so that return and every return up the starter's chain are predicted. (Returning into a
+ * made frame missed once, and a call pushed an entry no ret takes, so that every return up the
+ * starter's chain missed after it: spawn/one, the parent's returns from concur_result.)
  */
-	.globl	concur__ctx_start
-	.hidden	concur__ctx_start
-	.type	concur__ctx_start, @function
+	.globl	concur__ctx_enter
+	.hidden	concur__ctx_enter
+	.type	concur__ctx_enter, @function
 	.p2align 4
-concur__ctx_start:
+concur__ctx_enter:
+	.cfi_startproc
+	endbr64
+	pushq	%rbp
+	pushq	%rbx
+	pushq	%r12
+	pushq	%r13
+	pushq	%r14
+	pushq	%r15
+	movq	%rsp, (%rdi)
+	movq	%rsi, %rsp
+	movq	%rdx, %rdi
+	pushq	$0
+	jmpq	*%rcx
+	.cfi_endproc
+	.size	concur__ctx_enter, .-concur__ctx_enter
+
+/*
+ * concur__ctx_jump: load_sp in %rdi. The second half of concur__ctx_switch, for a context that
+ * never runs again (a finished fiber): jumped to (concur__switch_final), not called, so its ret
+ * takes the return address the resumed context's own switch pushed on the return stack buffer.
+ */
+	.globl	concur__ctx_jump
+	.hidden	concur__ctx_jump
+	.type	concur__ctx_jump, @function
+	.p2align 4
+concur__ctx_jump:
 	.cfi_startproc
 	.cfi_undefined rip
 	endbr64
-	movq	%r12, %rdi
-	pushq	$0
-	jmpq	*%r13
+	movq	%rdi, %rsp
+	popq	%r15
+	popq	%r14
+	popq	%r13
+	popq	%r12
+	popq	%rbx
+	popq	%rbp
+	ret
 	.cfi_endproc
-	.size	concur__ctx_start, .-concur__ctx_start
+	.size	concur__ctx_jump, .-concur__ctx_jump
 
 	.section .note.GNU-stack, "", @progbits

@@ -30,7 +30,8 @@
  *   fiber.c    stacks, suspend/resume, the switch between fibers.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
  *   control.c  cancelling a running task, shields, breaking a suspended wait, exec_stop.
- *   fiber_x86_64.S, fiber_aarch64.S  the context switch (concur__ctx_switch/ctx_start).
+ *   fiber_x86_64.S, fiber_aarch64.S  the context switch (concur__ctx_switch, and a fiber's
+ *              first entry and last switch: ctx_enter/ctx_jump on x86-64, ctx_start on aarch64).
  *   io.c       one-shot I/O operations: the future form, the direct form, deadlines, cancel.
  *   stream.c   multishot streams (accept, recv) and the per-loop provided-buffer ring.
  *   signal.c   signals as futures (a signalfd read through io.c).
@@ -481,7 +482,9 @@ long concur__stack_map_budget(long budget);
 long concur__stack_maps_used(void);
 /* The context switch in assembly (fiber_x86_64.S, fiber_aarch64.S), for fiber.c only. */
 void concur__ctx_switch(void **save_sp, void *load_sp);
-void concur__ctx_start(void);
+void concur__ctx_start(void); /* aarch64 */
+void concur__ctx_enter(void **save_sp, void *top, struct concur__task *t,
+                       void (*entry)(struct concur__task *t)); /* x86-64 */
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
