@@ -44,7 +44,8 @@ concur__ctx_switch:
  *
  * Saves the current context as concur__ctx_switch does, then starts entry(t) on a new stack
  * whose (16-aligned) top is top, behind a null return address (the ABI's alignment at entry;
- * unwinders stop there). entry never returns. A jump, not a return into a frame made for it
+ * unwinders stop there) with a null frame pointer (the frame chain ends there). entry never
+ * returns. A jump, not a return into a frame made for it
  * nor a call: the return stack buffer keeps this call's return address, which is where the
  * new fiber's final switch back (concur__ctx_jump) goes when it ends and its starter is next,
  * so that return and every return up the starter's chain are predicted. (Returning into a
@@ -67,6 +68,7 @@ concur__ctx_enter:
 	movq	%rsp, (%rdi)
 	movq	%rsi, %rsp
 	movq	%rdx, %rdi
+	xorl	%ebp, %ebp
 	pushq	$0
 	jmpq	*%rcx
 	.cfi_endproc

@@ -8,7 +8,9 @@
  * Three contexts: the main one and two fibers A and B, each round main -> A -> B -> main (A to B
  * is a direct fiber-to-fiber switch, as in concur__suspend()). Checked:
  *  - each fiber's entry gets its task pointer, with a 16-byte aligned stack, a terminated frame
- *    chain and concur__ctx_start as its return address;
+ *    chain and concur__ctx_start as its return address (aarch64), or a null one (x86-64, where
+ *    concur__ctx_enter starts a fiber: each is entered once, and comes back, before the rounds);
+ *  - a finished fiber's last switch: concur__ctx_jump on x86-64;
  *  - every callee-saved register (x19-x30 and d8-d15 on aarch64; rbx rbp r12-r15 on x86-64) is
  *    set to a per-context pattern right before a switch and read back right after it, in asm;
  *  - many integers and doubles the compiler keeps live across an opaque switch call;
@@ -23,7 +25,12 @@
 #include <unistd.h>
 
 void concur__ctx_switch(void **save_sp, void *load_sp);
+#if defined(__x86_64__)
+struct task;
+void concur__ctx_enter(void **save_sp, void *top, struct task *t, void (*entry)(struct task *));
+#else
 void concur__ctx_start(void);
+#endif
 
 #define ROUNDS     20000
 #define STACK_SIZE (256 * 1024)
@@ -87,12 +94,10 @@ static void fiber_prepare(struct fiber *fib, struct task *t, void (*entry)(struc
 {
 	uintptr_t top = ((uintptr_t)fib->stack_lo + fib->stack_size) & ~(uintptr_t)15;
 #if defined(__x86_64__)
-	/* popped by concur__ctx_switch: r15 r14 r13 r12 rbx rbp, then the jump target */
-	uintptr_t *sp = (uintptr_t *)(top - 72);
-	memset(sp, 0, 72);
-	sp[2] = (uintptr_t)entry; /* r13 */
-	sp[3] = (uintptr_t)t;     /* r12 */
-	sp[6] = (uintptr_t)concur__ctx_start;
+	/* the top, entered by concur__ctx_enter (main, before the rounds) */
+	void *sp = (void *)top;
+	(void)t;
+	(void)entry;
 #elif defined(__aarch64__)
 	/* x19..x30 at 0..95, d8..d15 at 96..159 */
 	uintptr_t *sp = (uintptr_t *)(top - 176);
@@ -313,7 +318,11 @@ static void run_rounds(struct task *t)
 	}
 	/* the last round: nobody resumes this fiber again */
 	trace[trace_len++] = t->id;
+#if defined(__x86_64__)
+	__asm__ volatile("jmp concur__ctx_jump" : : "D"(t->id == 1 ? fib_b.sp : main_sp) : "memory");
+#else
 	concur__ctx_switch(&self->sp, t->id == 1 ? fib_b.sp : main_sp);
+#endif
 	fprintf(stderr, "FAIL: finished fiber %d resumed\n", t->id);
 	abort();
 }
@@ -322,7 +331,6 @@ __attribute__((noinline)) static void fiber_entry(struct task *t)
 {
 	void **frame = __builtin_frame_address(0);
 	uintptr_t ret = (uintptr_t)__builtin_return_address(0);
-	uintptr_t start = (uintptr_t)concur__ctx_start;
 	CHECK(t == &task_a || t == &task_b, "entry got task %p, want %p or %p", (void *)t,
 	      (void *)&task_a, (void *)&task_b);
 	if (t != &task_a && t != &task_b)
@@ -332,13 +340,21 @@ __attribute__((noinline)) static void fiber_entry(struct task *t)
 	t->entered = 1;
 	CHECK(((uintptr_t)frame & 15) == 0, "entry: frame address %p", (void *)frame);
 	CHECK(frame[0] == NULL, "entry: frame chain not terminated: %p", frame[0]);
+#if defined(__x86_64__)
+	CHECK(ret == 0, "entry: return address %#lx, want none", (unsigned long)ret);
+#else
+	uintptr_t start = (uintptr_t)concur__ctx_start;
 	CHECK(ret > start && ret <= start + 16, "entry: return address %#lx, ctx_start at %#lx",
 	      (unsigned long)ret, (unsigned long)start);
+#endif
 	uintptr_t lo = (uintptr_t)t->fib->stack_lo;
 	CHECK((uintptr_t)frame > lo && (uintptr_t)frame < lo + t->fib->stack_size,
 	      "entry: not on the fiber's stack");
 	check_alignment("entry");
 	CHECK(recurse(200) == 200 * 201 / 2, "deep recursion on the fiber stack");
+#if defined(__x86_64__)
+	concur__ctx_switch(&t->fib->sp, main_sp); /* back to main, which enters the other one */
+#endif
 	run_rounds(t);
 }
 
@@ -351,6 +367,10 @@ int main(void)
 	fiber_prepare(&fib_a, &task_a, fiber_entry);
 	fiber_prepare(&fib_b, &task_b, fiber_entry);
 	check_alignment("main");
+#if defined(__x86_64__)
+	concur__ctx_enter(&main_sp, fib_a.sp, &task_a, fiber_entry);
+	concur__ctx_enter(&main_sp, fib_b.sp, &task_b, fiber_entry);
+#endif
 
 	for (int r = 0; r <= ROUNDS; r++) {
 		trace_len = 0;

@@ -2,6 +2,7 @@
 /* Futures: states, results, cancel, callbacks, waking every kind of waiter, promises. */
 #include "helpers.h"
 #include "hold_loop.h"
+#include "internal.h" /* the waiters word: test_parked_flag */
 
 #include <errno.h>
 #include <pthread.h>
@@ -462,6 +463,41 @@ static void test_huge_timeouts(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A thread outside the executor that parks says so in the waiters word, not the state word
+ * (whose completion is then a plain store): the flag stays after a timed-out wait, survives a
+ * fiber's node pushed after it, and the completion wakes both the parked thread and that one
+ * awaiting fiber (its own fast path: one node, nothing else on the list).
+ */
+static int64_t await_arg(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+static void test_parked_flag(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *p = concur_promise_new(ex);
+	assert_int_equal(concur_result(p, MS(1)), -ETIMEDOUT); /* spins, parks, times out */
+	assert_int_equal(atomic_load(&p->waiters), CONCUR__WAITERS_PARKED);
+	assert_int_equal(atomic_load(&p->state), CONCUR__PENDING);
+
+	concur_future *t = concur_spawn(ex, await_arg, p);
+	struct blocked_arg a = {.f = p, .timeout = -1};
+	pthread_t th;
+	pthread_create(&th, NULL, blocked_thread, &a);
+	concur_sleep(MS(20)); /* both get to their wait (correct either way) */
+	assert_int_equal(concur_promise_set(p, 77), 0);
+	pthread_join(th, NULL);
+	assert_int_equal(a.got, 77);
+	assert_int_equal(concur_result(t, -1), 77);
+	assert_int_equal(atomic_load(&p->waiters), CONCUR__WAITERS_CLOSED);
+	assert_int_equal(atomic_load(&p->state), CONCUR__FINISHED);
+	concur_release(t);
+	concur_release(p);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -476,6 +512,7 @@ int main(void)
 	    cmocka_unit_test(test_bad_input),
 	    cmocka_unit_test(test_callback_releases_last_reference),
 	    cmocka_unit_test(test_huge_timeouts),
+	    cmocka_unit_test(test_parked_flag),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
