@@ -815,18 +815,25 @@ void concur__ctl_start(struct concur__loop *loop, struct concur__task *t);
 void concur__ctl_end(struct concur__loop *loop, struct concur__task *t);
 /* The class hook of concur_cancel() on a RUNNING task. */
 int concur__task_cancel_running(concur_future *f);
-int concur__ctl_check_slow(struct concur__task *t);
+int concur__ctl_check_slow(struct concur__task *t); /* cancel requested: shielded? */
 /*
  * In a task, before a wait: 0, or the error the wait ends with at once (-ECANCELED: the task was
  * cancelled and is not shielded; -ETIMEDOUT: a deadline in force has passed). Two loads when
- * neither applies.
+ * neither applies; a deadline in force adds the coarse clock's read, inline (every wait of a
+ * task under a deadline scope pays it).
  */
+static inline int64_t concur__coarse_now_ns(void); /* the syscall layer, below */
+/* A deadline in force has passed (as far as the coarse clock tells). */
+static inline bool concur__ctl_past_due(const struct concur__ctl *c)
+{
+	return c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now_ns());
+}
 static inline int concur__ctl_check(struct concur__task *t)
 {
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
-	if (CONCUR__LIKELY(!(s & CONCUR__CANCEL_REQ) && t->fib->ctl.due == INT64_MAX))
-		return 0;
-	return concur__ctl_check_slow(t);
+	if (CONCUR__UNLIKELY(s & CONCUR__CANCEL_REQ))
+		return concur__ctl_check_slow(t);
+	return CONCUR__UNLIKELY(concur__ctl_past_due(&t->fib->ctl)) ? -ETIMEDOUT : 0;
 }
 /*
  * In a task: suspend in a wait that a cancel or a deadline may break. If one does (on the loop
@@ -901,7 +908,14 @@ int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timesp
 void concur__futex_wake(_Atomic uint32_t *word, int n);
 /* CLOCK_MONOTONIC in ns. */
 int64_t concur__now_ns(void);
-int64_t concur__coarse_now_ns(void); /* CLOCK_MONOTONIC_COARSE: never ahead of now_ns */
+/* The last tick's time (a few ns, no syscall): never ahead of concur__now_ns(), so a time
+ * "passed" by it has really passed. Inline: every wait under a deadline reads it. */
+static inline int64_t concur__coarse_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return CONCUR__TS_TO_NS(&ts);
+}
 /* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
 int64_t concur__after_ns(int64_t timeout_ns);
 /* The same as an absolute timespec, for futex and condvar waits. */
