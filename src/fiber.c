@@ -713,7 +713,7 @@ static void concur__fiber_main(struct concur__task *t)
 	 * two through the loop. The stack waits in loop->dead_fib until we are off it. */
 	concur__tl_task = NULL;
 	concur__loop_task_end(loop, t, false);
-	struct concur__task *next = concur__loop_pop_direct(loop, true, true);
+	struct concur__task *next = concur__loop_pop_direct(loop, fib, true);
 	concur__fiber_reap(loop); /* an earlier dead one the start of next did not reuse */
 	loop->dead_fib = fib;
 	if (next) {
@@ -771,7 +771,8 @@ static inline void concur__suspend_on(struct concur__loop *loop, struct concur__
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
 	 * the loop, so each run is timed on its own. */
 	concur__stat_inc(&loop->st.fibers_parked, 1);
-	struct concur__task *next = concur__loop_pop_direct(loop, concur__task_stack_big(t), false);
+	struct concur__task *next =
+	    concur__loop_pop_direct(loop, concur__task_stack_big(t) ? t->fib : NULL, false);
 	if (next) {
 		if (next == t)
 			return; /* a yield with nobody else ready: go on */
