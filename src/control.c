@@ -58,7 +58,7 @@ int concur__ctl_check_slow(struct concur__task *t)
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
 	if ((s & CONCUR__CANCEL_REQ) && !c->shield)
 		return -ECANCELED;
-	if (c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now_ns()))
+	if (concur__ctl_past_due(c))
 		return -ETIMEDOUT;
 	return 0;
 }

@@ -648,9 +648,12 @@ static void __attribute__((noreturn, cold)) concur__stack_overflow(void)
 	abort();
 }
 
-static inline void concur__stack_check(struct concur__fiber *fib)
+/* Only a stack smaller than 16 KiB can have a canary: a full one is not even looked at (its
+ * fiber record is a cache line the suspend would not touch otherwise). */
+static inline void concur__stack_check(struct concur__task *t)
 {
-	if (CONCUR__UNLIKELY(fib->canary) && *(uint64_t *)fib->stack_lo != CONCUR__CANARY)
+	if (CONCUR__UNLIKELY(!concur__task_stack_big(t)) && t->fib->canary &&
+	    *(uint64_t *)t->fib->stack_lo != CONCUR__CANARY)
 		concur__stack_overflow();
 }
 
@@ -723,7 +726,7 @@ static void concur__fiber_main(struct concur__task *t)
 #endif
 	t->f.res = t->fn(t->arg);
 	struct concur__fiber *fib = t->fib;
-	concur__stack_check(fib);
+	concur__stack_check(t);
 	if (!concur__task_stack_big(t) ||
 	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
 		/* the loop's context finishes it: a tiny stack has no room for the callbacks, and a
@@ -736,7 +739,7 @@ static void concur__fiber_main(struct concur__task *t)
 	 * two through the loop. The stack waits in loop->dead_fib until we are off it. */
 	concur__tl_task = NULL;
 	concur__loop_task_end(loop, t, false);
-	struct concur__task *next = concur__loop_pop_direct(loop, true, true);
+	struct concur__task *next = concur__loop_pop_direct(loop, fib, true);
 	concur__fiber_reap(loop); /* an earlier dead one the start of next did not reuse */
 	loop->dead_fib = fib;
 	if (next) {
@@ -788,13 +791,14 @@ static inline void concur__fiber_prefetch(struct concur__task *t)
 static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
 {
 	struct concur__fiber *fib = t->fib;
-	concur__stack_check(fib);
+	concur__stack_check(t);
 	/* Another fiber is ready: switch straight to it instead of through the loop's context.
 	 * Each direct switch is charged to the loop's turn budget, so the loop still gets back to
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
 	 * the loop, so each run is timed on its own. */
 	concur__stat_inc(&loop->st.fibers_parked, 1);
-	struct concur__task *next = concur__loop_pop_direct(loop, concur__task_stack_big(t), false);
+	struct concur__task *next =
+	    concur__loop_pop_direct(loop, concur__task_stack_big(t) ? t->fib : NULL, false);
 	if (next) {
 		if (next == t)
 			return; /* a yield with nobody else ready: go on */

@@ -693,23 +693,49 @@ static inline void concur__loop_push_ready(struct concur__loop *loop, struct con
  * their callbacks run there. loop.c */
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop);
 /*
+ * Stack a fiber must have left below the current frame to start the next task itself: getting
+ * it a stack may map a reservation and install its guard pages, ~2 KiB of frames (more under
+ * the sanitizers). A task deeper in its stack than that suspends to the loop, which starts the
+ * next task on its own stack.
+ */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CONCUR__DIRECT_START_ROOM 16384
+#else
+#define CONCUR__DIRECT_START_ROOM 4096
+#endif
+static inline bool concur__fiber_room_to_start(const struct concur__fiber *fib)
+{
+	uintptr_t sp; /* read directly: __builtin_frame_address would make callers keep a frame */
+#if defined(__x86_64__)
+	__asm__ volatile("movq %%rsp, %0" : "=r"(sp));
+#elif defined(__aarch64__)
+	__asm__ volatile("mov %0, sp" : "=r"(sp));
+#else
+	sp = (uintptr_t)__builtin_frame_address(0);
+#endif
+	return sp - (uintptr_t)fib->stack_lo > CONCUR__DIRECT_START_ROOM;
+}
+/*
  * Task side (concur__suspend, a finished fiber): the next fiber to switch straight to, taken off
  * the ready queue and charged to the turn's budget; NULL if the fiber should switch back to the
  * loop instead (the budget is spent, or a stall detector times each run from the loop). May
  * return the caller's own task (a yield with nobody else ready). With nothing resumed, a caller
- * on a full stack (big) starts the next unstarted task itself, on its new fiber, instead of
- * going through the loop to start it. only_big: only a fiber with a full stack will do (the
- * caller is finished and the next one gives its stack back, concur__fiber_reap).
+ * on a full stack (host: its fiber, NULL if its stack is small) starts the next unstarted task
+ * itself, on its new fiber, instead of going through the loop to start it -- if host has room
+ * left for that (concur__fiber_room_to_start). only_big: only a fiber with a full stack will do
+ * (the caller is finished and the next one gives its stack back, concur__fiber_reap).
  */
-static inline struct concur__task *concur__loop_pop_direct(struct concur__loop *loop, bool big,
-                                                           bool only_big)
+static inline struct concur__task *
+concur__loop_pop_direct(struct concur__loop *loop, const struct concur__fiber *host, bool only_big)
 {
 	if (loop->budget <= 1 ||
 	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
 		return NULL;
 	struct concur__node *n = loop->ready_head;
 	if (!n)
-		return big && loop->fresh_head ? concur__loop_start_direct(loop) : NULL;
+		return host && loop->fresh_head && concur__fiber_room_to_start(host)
+		           ? concur__loop_start_direct(loop)
+		           : NULL;
 	struct concur__task *t = concur__task_of_node(n);
 	/* (a pinned task not started yet waits there too: the loop starts it) */
 	if (!t->fib || (only_big && !concur__task_stack_big(t)))
@@ -830,18 +856,25 @@ void concur__ctl_start(struct concur__loop *loop, struct concur__task *t);
 void concur__ctl_end(struct concur__loop *loop, struct concur__task *t);
 /* The class hook of concur_cancel() on a RUNNING task. */
 int concur__task_cancel_running(concur_future *f);
-int concur__ctl_check_slow(struct concur__task *t);
+int concur__ctl_check_slow(struct concur__task *t); /* cancel requested: shielded? */
 /*
  * In a task, before a wait: 0, or the error the wait ends with at once (-ECANCELED: the task was
  * cancelled and is not shielded; -ETIMEDOUT: a deadline in force has passed). Two loads when
- * neither applies.
+ * neither applies; a deadline in force adds the coarse clock's read, inline (every wait of a
+ * task under a deadline scope pays it).
  */
+static inline int64_t concur__coarse_now_ns(void); /* the syscall layer, below */
+/* A deadline in force has passed (as far as the coarse clock tells). */
+static inline bool concur__ctl_past_due(const struct concur__ctl *c)
+{
+	return c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now_ns());
+}
 static inline int concur__ctl_check(struct concur__task *t)
 {
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
-	if (CONCUR__LIKELY(!(s & CONCUR__CANCEL_REQ) && t->fib->ctl.due == INT64_MAX))
-		return 0;
-	return concur__ctl_check_slow(t);
+	if (CONCUR__UNLIKELY(s & CONCUR__CANCEL_REQ))
+		return concur__ctl_check_slow(t);
+	return CONCUR__UNLIKELY(concur__ctl_past_due(&t->fib->ctl)) ? -ETIMEDOUT : 0;
 }
 /*
  * In a task: suspend in a wait that a cancel or a deadline may break. If one does (on the loop
@@ -916,7 +949,14 @@ int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timesp
 void concur__futex_wake(_Atomic uint32_t *word, int n);
 /* CLOCK_MONOTONIC in ns. */
 int64_t concur__now_ns(void);
-int64_t concur__coarse_now_ns(void); /* CLOCK_MONOTONIC_COARSE: never ahead of now_ns */
+/* The last tick's time (a few ns, no syscall): never ahead of concur__now_ns(), so a time
+ * "passed" by it has really passed. Inline: every wait under a deadline reads it. */
+static inline int64_t concur__coarse_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return CONCUR__TS_TO_NS(&ts);
+}
 /* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
 int64_t concur__after_ns(int64_t timeout_ns);
 /* The same as an absolute timespec, for futex and condvar waits. */

@@ -26,15 +26,6 @@ int64_t concur__now_ns(void)
 	return CONCUR__TS_TO_NS(&ts);
 }
 
-/* The last tick's time (a few ns, no syscall): never ahead of concur__now_ns(), so a time
- * "passed" by it has really passed. */
-int64_t concur__coarse_now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-	return CONCUR__TS_TO_NS(&ts);
-}
-
 /* Saturates: a timeout near INT64_MAX means "practically forever", never an overflow. */
 int64_t concur__after_ns(int64_t timeout_ns)
 {

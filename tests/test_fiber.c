@@ -3,8 +3,10 @@
  * Fibers: stacks only while running, the guard page (each mechanism), yield order, deep
  * recursion, per-spawn stack sizes, 100,000 suspended tasks, memory back after a burst, and
  * running out of mappings or address space; starting a child and finishing a task straight
- * from a fiber (chains, handoffs, callbacks after a tiny-stack task, a start that fails).
+ * from a fiber (chains, handoffs, callbacks after a tiny-stack task, a start that fails, a
+ * fiber with too little stack left to start one).
  */
+#include "internal.h" /* a task's stack bounds (concur__tl_task->fib), for the room test */
 #include "helpers.h"
 
 #include <errno.h>
@@ -879,6 +881,62 @@ static void test_entry_paths(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A task deep in its stack that suspends while an unstarted task waits must not start that task
+ * on what is left of its own stack: the start may map a reservation for the child's stack class
+ * (~2 KiB of frames), where the suspend alone needs a few hundred bytes. Before the room check
+ * this child died of SIGSEGV on the parent's guard page.
+ */
+#define ROOM_LEFT (SANITIZED ? 4096 : 1024)
+
+static int64_t room_setter(void *arg)
+{
+	return concur_promise_set(arg, 7);
+}
+
+static __attribute__((noinline)) int64_t room_await(concur_future *p)
+{
+	struct concur_spawn_opts so = {.stack_size = 1 << 20}; /* a class not mapped yet */
+	concur_future *c = concur_spawn_ex(concur_future_exec(p), room_setter, p, &so);
+	int64_t r = concur_result(p, -1); /* suspends with c unstarted */
+	int64_t rc = concur_result(c, -1);
+	concur_release(c);
+	return rc == 0 ? r : -EPROTO;
+}
+
+static int64_t room_parent(void *arg)
+{
+	uintptr_t here = (uintptr_t)__builtin_frame_address(0);
+	uintptr_t lo = (uintptr_t)concur__tl_task->fib->stack_lo;
+	volatile char *pad = __builtin_alloca(here - lo - ROOM_LEFT);
+	pad[0] = 1;
+	return room_await(arg);
+}
+
+static void test_direct_start_needs_room(void **state)
+{
+	pid_t pid = fork();
+	if (pid == 0) {
+		signal(SIGSEGV, SIG_DFL);
+		alarm(60);
+		concur_exec *cex;
+		struct concur_exec_opts o = {.loops = 1};
+		if (concur_exec_new(&cex, &o))
+			_exit(3);
+		concur_future *p = concur_promise_new(cex);
+		struct concur_spawn_opts so = {.stack_size = 16384};
+		concur_future *f = concur_spawn_ex(cex, room_parent, p, &so);
+		int64_t r = concur_result(f, -1);
+		_exit(r == 7 ? 0 : 4);
+	}
+	assert_true(pid > 0);
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	if (WIFSIGNALED(status))
+		fail_msg("the child died of signal %d", WTERMSIG(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -902,6 +960,7 @@ int main(void)
 	    cmocka_unit_test(test_cancelled_start_callback_on_loop),
 	    cmocka_unit_test(test_nomem_start_callback_on_loop),
 	    cmocka_unit_test(test_entry_paths),
+	    cmocka_unit_test(test_direct_start_needs_room),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
