@@ -170,10 +170,9 @@ static bool concur__waiters_park(concur_future *f)
 			old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 			continue;
 		}
-		if (atomic_compare_exchange_weak_explicit(&f->waiters, &old,
-		                                          old | CONCUR__WAITERS_PARKED,
-		                                          memory_order_acq_rel,
-		                                          memory_order_relaxed))
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->waiters, &old, old | CONCUR__WAITERS_PARKED, memory_order_acq_rel,
+		        memory_order_relaxed))
 			return true;
 	}
 }
@@ -276,6 +275,16 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 			concur__resume(w->task);
 		return;
 	}
+	if (!w->next && w->kind == CONCUR__WAIT_CALL && !parked) {
+		/* one composition (a then, a gather's count) and nothing else: its done hook is the
+		 * last thing to touch f, so f needs no hold (two read-modify-writes of its count,
+		 * on a line the thread that made the composition may be releasing f on) */
+		if (w->ops->record)
+			w->ops->record(w, f, res, final_state);
+		atomic_store_explicit(&f->state, final_state, memory_order_release);
+		w->ops->done(w, f);
+		return;
+	}
 	/* the list is newest first: split it into compositions and the rest, both oldest first */
 	struct concur__waiter *calls = NULL, *rest = NULL;
 	bool hold = false;
@@ -313,9 +322,8 @@ bool concur__future_claim(concur_future *f)
 	for (;;) {
 		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return false;
-		if (atomic_compare_exchange_weak_explicit(&f->state, &s, CONCUR__RUNNING,
-		                                          memory_order_acq_rel,
-		                                          memory_order_relaxed))
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->state, &s, CONCUR__RUNNING, memory_order_acq_rel, memory_order_relaxed))
 			return true;
 	}
 }
@@ -358,9 +366,8 @@ int concur_promise_set(concur_future *f, int64_t res)
 			return -EALREADY;
 		}
 		/* RUNNING marks "being completed" so a concurrent set or cancel loses */
-		if (atomic_compare_exchange_weak_explicit(&f->state, &s, CONCUR__RUNNING,
-		                                          memory_order_acq_rel,
-		                                          memory_order_relaxed))
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->state, &s, CONCUR__RUNNING, memory_order_acq_rel, memory_order_relaxed))
 			break;
 	}
 	concur__complete(f, res, cancel ? CONCUR__CANCELLED : CONCUR__FINISHED);
@@ -431,10 +438,9 @@ int concur_cancel(concur_future *f)
 			return f->cls->cancel_running ? f->cls->cancel_running(f) : 0;
 		}
 		/* not CANCELLED yet: done must not show before the compositions recorded it */
-		if (atomic_compare_exchange_weak_explicit(&f->state, &s,
-		                                          CONCUR__PENDING | CONCUR__COMPLETING,
-		                                          memory_order_acq_rel,
-		                                          memory_order_acquire))
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->state, &s, CONCUR__PENDING | CONCUR__COMPLETING, memory_order_acq_rel,
+		        memory_order_acquire))
 			break;
 	}
 	concur__complete(f, -ECANCELED, CONCUR__CANCELLED);

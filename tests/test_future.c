@@ -498,6 +498,38 @@ static void test_parked_flag(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A completion whose only waiter is one composition (a then) runs it without holding the
+ * future; with a parked thread too, the general path runs it. Both give the then its input.
+ */
+static int64_t plus_one(void *arg, int64_t v)
+{
+	return v + 1;
+}
+
+static void then_on_promise(concur_exec *ex, bool park_first)
+{
+	concur_future *p = concur_promise_new(ex);
+	if (park_first) /* a timed-out blocking wait leaves the parked flag set */
+		assert_int_equal(concur_result(p, MS(1)), -ETIMEDOUT);
+	concur_future *c = concur_then(p, plus_one, NULL);
+	assert_int_equal(atomic_load(&p->waiters) & CONCUR__WAITERS_PARKED,
+	                 park_first ? CONCUR__WAITERS_PARKED : 0);
+	assert_int_equal(concur_promise_set(p, 41), 0);
+	assert_int_equal(atomic_load(&p->waiters), CONCUR__WAITERS_CLOSED);
+	concur_release(p);
+	assert_int_equal(concur_result(c, -1), 42);
+	concur_release(c);
+}
+
+static void test_one_composition(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	then_on_promise(ex, false);
+	then_on_promise(ex, true);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -513,6 +545,7 @@ int main(void)
 	    cmocka_unit_test(test_callback_releases_last_reference),
 	    cmocka_unit_test(test_huge_timeouts),
 	    cmocka_unit_test(test_parked_flag),
+	    cmocka_unit_test(test_one_composition),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
