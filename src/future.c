@@ -255,7 +255,9 @@ static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
  * The state is made final with a store, not an exchange: the close before it is the completion's
  * one read-modify-write. Nobody else writes the state of a future being completed but a
  * concur_cancel() of a RUNNING task (CONCUR__CANCEL_REQ, a compare-exchange that fails once the
- * state is final, and is overwritten if it lands first: the task finished anyway), and a thread
+ * state is final, and is overwritten if it lands first: the task finished anyway) and an
+ * executor's stop (the same bit, on the task's own loop thread, which is the one completing
+ * it: never at the same time; every reader masks the state anyway), and a thread
  * parking on it said so in the waiters word before it read the state it sleeps on: the close
  * saw CONCUR__WAITERS_PARKED, or the thread finds the list closed and does not sleep.
  */

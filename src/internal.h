@@ -184,8 +184,9 @@ struct concur__task;
 
 /*
  * state word: the low bits are the state (a futex word: foreign threads sleep on it, and say
- * so in the waiters word, CONCUR__WAITERS_PARKED), COMPLETING (with PENDING) says a cancel won the future and is completing it: not done yet
- * (compositions are still recording it), but nobody else may claim, set or cancel it.
+ * so in the waiters word, CONCUR__WAITERS_PARKED), COMPLETING (with PENDING) says a cancel won
+ * the future and is completing it: not done yet (compositions are still recording it), but
+ * nobody else may claim, set or cancel it.
  */
 enum {
 	CONCUR__PENDING = 0,
@@ -237,7 +238,9 @@ struct concur__waiter_ops {
 };
 
 struct concur__waiter {
-	struct concur__waiter *next, *prev;
+	/* 8-aligned even where pointers are 4 bytes: the waiters word keeps 3 flag bits */
+	_Alignas(8) struct concur__waiter *next;
+	struct concur__waiter *prev;
 	enum concur__waiter_kind kind;
 	union {
 		struct {
