@@ -333,8 +333,6 @@ enum concur__tag {
 	                           * that loop failed (res), ring it again */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
-	CONCUR__TAG_RELEASE = 6,   /* a futex wake for this future finished: drop its reference;
-	                            * counted in flight like an op */
 	CONCUR__TAG_UNCOUNTED = 7, /* struct concur__op * not counted in flight: fire-and-forget
 	                            * SQEs (CQE_SKIP_SUCCESS) and the loop's timer (timers.armed) */
 	CONCUR__TAG_MASK = 7,

@@ -176,6 +176,47 @@ static void test_parked_thread_woken_through_ring(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A ring wake owns nothing: the future's references right after the completion that queued it are
+ * its owners' alone. (With a reference held until the wake's CQE, a join could return while the
+ * ring was the only owner of a future its caller had released: the fuzzer's exit-time leak.) The
+ * waiter parks and times out first, so the completion still sees it in the waiters word and wakes
+ * through the ring; the sleeper runs first (local spawns go depth first) so the loop has an SQE
+ * queued when the setter completes the promise.
+ */
+static _Atomic uint32_t refs_after_set;
+static int64_t set_promise(void *arg)
+{
+	concur_future *p = arg;
+	assert_int_equal(concur_promise_set(p, 5), 0);
+	atomic_store(&refs_after_set, atomic_load(&p->refs));
+	return 0;
+}
+static int64_t sleep_then_set(void *arg)
+{
+	concur_release(concur_spawn(ex, set_promise, arg));
+	concur_release(concur_spawn(ex, short_sleep, NULL));
+	return 0;
+}
+
+static void test_ring_wake_holds_no_reference(void **state)
+{
+	ex = new_exec(1);
+	concur_future *p = concur_promise_new(ex);
+	assert_int_equal(concur_result(p, MS(1)), -ETIMEDOUT); /* parked once: the flag stays */
+	struct concur_stats before, after;
+	concur_exec_stats(ex, &before);
+	concur_release(concur_spawn(ex, sleep_then_set, p));
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	concur_exec_stats(ex, &after);
+	assert_int_equal(after.futex_ring_wakes - before.futex_ring_wakes,
+	                 kernel_has_futex_wake() ? 1 : 0);
+	assert_int_equal(atomic_load(&refs_after_set), 1); /* ours */
+	assert_int_equal(concur_result(p, 0), 5);
+	concur_release(p);
+	concur_exec_free(ex);
+}
+
 /* A timed blocking wait from a foreign thread times out and leaves the future alone. */
 static void test_blocking_timeout(void **state)
 {
@@ -671,6 +712,7 @@ int main(void)
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
 	    cmocka_unit_test(test_parked_thread_woken_through_ring),
+	    cmocka_unit_test(test_ring_wake_holds_no_reference),
 	    cmocka_unit_test(test_blocking_timeout),
 	    cmocka_unit_test(test_small_ring_many_ops),
 	    cmocka_unit_test(test_one_entry_ring),
