@@ -31,14 +31,9 @@
 #include <ucontext.h>
 #endif
 
-#if defined(__SANITIZE_ADDRESS__)
-#define CONCUR__ASAN 1
+#ifdef CONCUR__ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#endif
-#if defined(__SANITIZE_THREAD__)
-#define CONCUR__TSAN 1
-#include <sanitizer/tsan_interface.h>
 #endif
 
 __thread struct concur__loop *concur__tl_loop;
@@ -76,7 +71,7 @@ static inline void concur__ctx_to(void **save_sp, void *sp, struct concur__task 
 #endif
 	concur__ctx_switch(save_sp, sp);
 	(void)to;
-	(void)final;
+	(void) final;
 }
 
 /* Into task to's fiber, saving the current context (the loop's, or a suspending fiber's) in

@@ -80,10 +80,30 @@
 #define CONCUR__CACHELINE   64
 
 /*
+ * The sanitizers a build runs under, whichever compiler: gcc says so with __SANITIZE_ADDRESS__ /
+ * __SANITIZE_THREAD__, clang (the fuzz build) only through __has_feature. Without this, a clang
+ * ASan build neither poisoned the record caches nor told ASan about fiber switches.
+ */
+#if defined(__SANITIZE_ADDRESS__)
+#define CONCUR__ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define CONCUR__TSAN 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) && !defined(CONCUR__ASAN)
+#define CONCUR__ASAN 1
+#endif
+#if __has_feature(thread_sanitizer) && !defined(CONCUR__TSAN)
+#define CONCUR__TSAN 1
+#endif
+#endif
+
+/*
  * ThreadSanitizer cannot see the ordering the kernel gives a MSG_RING message (the sender's
  * writes happen before the receiver reads the CQE), so the two ends say it explicitly.
  */
-#if defined(__SANITIZE_THREAD__)
+#ifdef CONCUR__TSAN
 #include <sanitizer/tsan_interface.h>
 #define CONCUR__TSAN_RELEASE(p) __tsan_release((void *)(p))
 #define CONCUR__TSAN_ACQUIRE(p) __tsan_acquire((void *)(p))
@@ -93,7 +113,7 @@
 #endif
 
 /* ASan: memory kept for reuse (a cache of freed records) is poisoned while it sits there. */
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef CONCUR__ASAN
 #include <sanitizer/asan_interface.h>
 #define CONCUR__ASAN_POISON(p, n)   ASAN_POISON_MEMORY_REGION(p, n)
 #define CONCUR__ASAN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
@@ -699,7 +719,7 @@ struct concur__task *concur__loop_start_direct(struct concur__loop *loop);
  * the sanitizers). A task deeper in its stack than that suspends to the loop, which starts the
  * next task on its own stack.
  */
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(CONCUR__ASAN) || defined(CONCUR__TSAN)
 #define CONCUR__DIRECT_START_ROOM 16384
 #else
 #define CONCUR__DIRECT_START_ROOM 4096

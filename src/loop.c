@@ -599,7 +599,7 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 
 /* ---- rings: setup, probe, teardown ----------------------------------------------------------- */
 
-#if defined(__SANITIZE_THREAD__)
+#ifdef CONCUR__TSAN
 /*
  * ThreadSanitizer does not see liburing's mmap and munmap (raw syscalls). A ring mapped where an
  * earlier ring was (rings of executors created and freed on different threads) inherited the
