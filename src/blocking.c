@@ -51,12 +51,14 @@ static void blocking_pool_init(void)
 	pthread_condattr_destroy(&attr);
 }
 
-/* The job is over (run, or never to run): it no longer counts as work. */
+/* The job is over (run, or never to run): it no longer counts as work. The work ends last: a
+ * join may return the moment it does, and nothing of the job may outlive that. */
 static void blocking_job_free(struct job *j)
 {
+	concur_exec *ex = j->ex;
 	concur_release(j->out);
-	concur__work_end(j->ex);
 	free(j);
+	concur__work_end(ex);
 }
 
 static void blocking_job_run(struct job *j)

@@ -132,11 +132,13 @@ static int64_t io_outcome(struct io_req *r, bool *cancelled)
 	return res;
 }
 
-/* The executor's side of a future op is over: account it and drop its reference. */
+/* The executor's side of a future op is over: drop its reference, then account it (last: a join
+ * may return once it is counted). */
 static void io_drop(struct concur__io *io)
 {
-	concur__work_end(io->f.ex);
+	concur_exec *ex = io->f.ex;
 	concur_release(&io->f);
+	concur__work_end(ex);
 }
 
 /*

@@ -50,6 +50,9 @@ static atomic_long wrap_failed[WRAP_KINDS];    /* calls failed since the last ar
 static atomic_int wrap_armed_kind = -1;        /* -1: nothing fails */
 static uintptr_t wrap_spare_lo, wrap_spare_hi; /* calls from code in [lo, hi) never fail */
 static long wrap_at;                           /* N */
+/* Called with each block concur frees, before it is freed: a test holds a thread there to force
+ * an order (test_blocking). */
+static void (*_Atomic wrap_free_hook)(void *p);
 static int wrap_mode;
 
 /* Arm kind to fail at call n (counted from now) in mode; counters restart. */
@@ -177,6 +180,9 @@ void *__wrap_realloc(void *p, size_t n)
 
 void __wrap_free(void *p)
 {
+	void (*hook)(void *) = atomic_load(&wrap_free_hook);
+	if (hook && p)
+		hook(p);
 	if (p)
 		atomic_fetch_sub_explicit(&wrap_live, 1, memory_order_relaxed);
 	__real_free(p);
