@@ -71,7 +71,7 @@ static inline void concur__ctx_to(void **save_sp, void *sp, struct concur__task 
 #endif
 	concur__ctx_switch(save_sp, sp);
 	(void)to;
-	(void)final;
+	(void) final;
 }
 
 /* Into task to's fiber, saving the current context (the loop's, or a suspending fiber's) in
@@ -97,7 +97,7 @@ static inline void concur__switch_to(void **save_sp, void *save_uctx, struct con
 #ifdef CONCUR__ASAN
 	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #endif
-	(void)final;
+	(void) final;
 }
 
 static inline void concur__switch_in(struct concur__loop *loop, struct concur__task *t)
@@ -129,7 +129,7 @@ static inline void concur__switch_out(struct concur__loop *loop, void **save_sp,
 	 * a fiber's first entry (concur__fiber_main), which always comes from the loop */
 	__sanitizer_finish_switch_fiber(fake, NULL, NULL);
 #endif
-	(void)final;
+	(void) final;
 }
 
 /* Fiber to fiber, from a suspending one to a ready one on the same loop. */
