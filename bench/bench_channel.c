@@ -40,6 +40,7 @@ static void run_chan(unsigned loops, const char *variant)
 	concur_exec *ex = comp_exec(loops);
 	if (concur_chan_new(&ping, 1) || concur_chan_new(&pong, 1))
 		comp_die("concur_chan_new", -ENOMEM);
+	struct concur_stats before = comp_stats(ex);
 	int64_t t0 = comp_now_ns();
 	/* spawned from outside: round-robin, so with 2 loops each task gets its own loop */
 	concur_future *b = concur_spawn(ex, ponger, NULL);
@@ -48,7 +49,7 @@ static void run_chan(unsigned loops, const char *variant)
 	int64_t ns = comp_now_ns() - t0;
 	if (ra < 0 || rb < 0)
 		comp_die("ping-pong", ra < 0 ? ra : rb);
-	comp_emit(ns, iters, variant, (int)loops);
+	comp_emit(ns, iters, variant, (int)loops, ex, &before);
 	concur_release(a);
 	concur_release(b);
 	concur_chan_free(ping);
@@ -112,7 +113,7 @@ static void run_condvar(void)
 			comp_die("condvar ping-pong", -EPROTO);
 	}
 	pthread_join(t, NULL);
-	comp_emit(comp_now_ns() - t0, iters, "condvar", 2);
+	comp_emit(comp_now_ns() - t0, iters, "condvar", 2, NULL, NULL);
 }
 
 int main(int argc, char **argv)

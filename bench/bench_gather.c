@@ -24,6 +24,7 @@ int main(int argc, char **argv)
 	int64_t *vals = calloc((size_t)n, sizeof(*vals));
 	if (!fs || !vals)
 		comp_die("calloc", -ENOMEM);
+	struct concur_stats before = comp_stats(ex);
 	int64_t sum = 0, t0 = comp_now_ns();
 	for (long i = 0; i < n; i++)
 		fs[i] = concur_spawn(ex, trivial, (void *)(intptr_t)i);
@@ -56,7 +57,7 @@ int main(int argc, char **argv)
 		expect += i & 0xff;
 	if (sum != expect)
 		comp_die("gather: wrong sum", -EPROTO);
-	comp_emit(ns, n, a.variant, concur_exec_loops(ex));
+	comp_emit(ns, n, a.variant, concur_exec_loops(ex), ex, &before);
 	for (long i = 0; i < n; i++)
 		concur_release(fs[i]);
 	free(fs);

@@ -34,14 +34,14 @@ static int64_t stage_c(void *arg, int64_t v)
 	return stage(2, v);
 }
 
-static int64_t run_unwrapped(long n, int *loops)
+static void run_unwrapped(long n)
 {
 	concur_exec *ex = comp_exec(0);
-	*loops = concur_exec_loops(ex);
 	concur_future **cs = calloc((size_t)n, sizeof(*cs));
 	int64_t *vals = calloc((size_t)n, sizeof(*vals));
 	if (!cs || !vals)
 		comp_die("calloc", -ENOMEM);
+	struct concur_stats before = comp_stats(ex);
 	int64_t t0 = comp_now_ns();
 	for (long i = 0; i < n; i++) {
 		concur_future *a = concur_spawn(ex, stage_a, (void *)(intptr_t)i);
@@ -59,10 +59,10 @@ static int64_t run_unwrapped(long n, int *loops)
 			comp_die("pipeline: wrong value", -EPROTO);
 		concur_release(cs[i]);
 	}
+	comp_emit(ns, n, "unwrapped", concur_exec_loops(ex), ex, &before);
 	free(cs);
 	free(vals);
 	concur_exec_free(ex);
-	return ns;
 }
 
 /* The peer: a thread pool whose jobs are (stage, value, item). */
@@ -126,11 +126,10 @@ static void *pool_worker(void *arg)
 	}
 }
 
-static int64_t run_condvar_pool(long n, int *loops)
+static void run_condvar_pool(long n)
 {
 	long nt = sysconf(_SC_NPROCESSORS_ONLN);
 	nt = nt > 0 ? nt : 1;
-	*loops = (int)nt;
 	pthread_t *th = calloc((size_t)nt, sizeof(*th));
 	pool.out = calloc((size_t)n, sizeof(*pool.out));
 	if (!th || !pool.out)
@@ -160,16 +159,16 @@ static int64_t run_condvar_pool(long n, int *loops)
 			comp_die("pipeline: wrong value", -EPROTO);
 	free(th);
 	free(pool.out);
-	return ns;
+	comp_emit(ns, n, "condvar_pool", (int)nt, NULL, NULL);
 }
 
 int main(int argc, char **argv)
 {
 	struct comp_args a = comp_parse(argc, argv, VARIANTS);
 	long n = a.n ? a.n : a.quick ? 10000 : 100000;
-	int loops = 0;
-	int64_t ns = !strcmp(a.variant, "unwrapped") ? run_unwrapped(n, &loops)
-	                                             : run_condvar_pool(n, &loops);
-	comp_emit(ns, n, a.variant, loops);
+	if (!strcmp(a.variant, "unwrapped"))
+		run_unwrapped(n);
+	else
+		run_condvar_pool(n);
 	return 0;
 }

@@ -2,7 +2,8 @@
 /*
  * Shared by the composition benchmarks (bench_channel, bench_gather, bench_pipeline):
  * the command line `--variant NAME [--quick] [-n N]` and the one JSON line they print:
- *   {"value": <float>, "unit": "ns/op", "better": "lower", "params": {...}}
+ *   {"value": <float>, "unit": "ns/op", "better": "lower", "params": {...}, "stats": {...}}
+ * with the executor's counters over the timed part for a concur variant (common.h).
  */
 #ifndef COMP_BENCH_H
 #define COMP_BENCH_H
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common.h"
 #include "concur.h"
 
 struct comp_args {
@@ -65,13 +67,25 @@ static inline concur_exec *comp_exec(unsigned loops)
 	return ex;
 }
 
-/* The one line: ns per op over n ops. */
-static inline void comp_emit(int64_t ns, long n, const char *variant, int loops)
+/* The executor's counters now, to pass to comp_emit() as the start of the timed part. */
+static inline struct concur_stats comp_stats(const concur_exec *ex)
 {
-	printf("{\"value\": %.6g, \"unit\": \"ns/op\", \"better\": \"lower\", "
-	       "\"params\": {\"variant\": \"%s\", \"n\": %ld, \"loops\": %d}}\n",
-	       (double)ns / (double)n, variant, n, loops);
-	fflush(stdout);
+	struct concur_stats s = {0};
+	concur_exec_stats(ex, &s);
+	return s;
+}
+
+/* The one line: ns per op over n ops; with ex (still alive), its counters since `before`. */
+static inline void comp_emit(int64_t ns, long n, const char *variant, int loops,
+                             const concur_exec *ex, const struct concur_stats *before)
+{
+	char params[160];
+	snprintf(params, sizeof(params), "\"variant\": \"%s\", \"n\": %ld, \"loops\": %d", variant,
+	         n, loops);
+	bench_begin((double)ns / (double)n, "ns/op", "lower", params);
+	if (ex)
+		bench_stats_concur(ex, before);
+	bench_end();
 }
 
 #endif /* COMP_BENCH_H */
