@@ -353,8 +353,8 @@ static const size_t concur__rec_bytes[CONCUR__REC_SIZES] = {
 };
 
 /* A thread outside the executors: its caches, freed by a key's destructor when it exits. */
-static __thread struct concur__rec_cache concur__tl_recs[CONCUR__REC_SIZES];
-static __thread int concur__tl_recs_state; /* 0: unused, 1: key set, 2: thread exiting */
+static CONCUR__TLS_HOT struct concur__rec_cache concur__tl_recs[CONCUR__REC_SIZES];
+static CONCUR__TLS_HOT int concur__tl_recs_state; /* 0: unused, 1: key set, 2: thread exiting */
 static pthread_key_t concur__recs_key;
 static pthread_once_t concur__recs_once = PTHREAD_ONCE_INIT;
 

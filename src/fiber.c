@@ -36,8 +36,8 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
-__thread struct concur__loop *concur__tl_loop;
-__thread struct concur__task *concur__tl_task;
+CONCUR__TLS_HOT struct concur__loop *concur__tl_loop;
+CONCUR__TLS_HOT struct concur__task *concur__tl_task;
 
 static void concur__fiber_main(struct concur__task *t) __attribute__((noreturn));
 
@@ -782,8 +782,9 @@ static inline void concur__fiber_prefetch(struct concur__task *t)
 		__builtin_prefetch(sp + i * CONCUR__CACHELINE, 1);
 }
 
-/* t, running on the current thread's loop, gives the thread up. */
-static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
+/* t, running on the current thread's loop, gives the thread up: the general case. */
+static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *loop,
+                                                           struct concur__task *t)
 {
 	struct concur__fiber *fib = t->fib;
 	concur__stack_check(t);
@@ -805,6 +806,39 @@ static inline void concur__suspend_on(struct concur__loop *loop, struct concur__
 		return; /* concur__tl_task is t again: whoever switched here set it */
 	}
 	concur__switch_out(loop, &t->sp, fib->uctx, false);
+}
+
+/*
+ * The common case inline, kept to what needs no callee-saved register (every call is a tail
+ * call): t has a full stack (no canary to check) and a started fiber is ready, within the
+ * turn's budget. So a yield or an await costs the switch's own saves and little more.
+ */
+static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
+{
+	struct concur__node *n = loop->ready_head;
+	if (CONCUR__UNLIKELY(
+	        !n || !concur__task_stack_big(t) || loop->budget <= 1 ||
+	        atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))) {
+		concur__suspend_slow(loop, t);
+		return;
+	}
+	struct concur__task *next = concur__task_of_node(n);
+	if (CONCUR__UNLIKELY(!next->fib)) { /* a pinned task not started yet: the loop starts it */
+		concur__suspend_slow(loop, t);
+		return;
+	}
+	struct concur__node *after = n->next;
+	loop->ready_head = after;
+	if (!after)
+		loop->ready_tail = NULL;
+	loop->budget--;
+	concur__stat_inc(&loop->st.fibers_parked, 1);
+	if (next == t)
+		return;                 /* a yield with nobody else ready: go on */
+	if (after && after != &t->node) /* the one after: its stack is touched next */
+		concur__fiber_prefetch(concur__task_of_node(after));
+	concur__tl_task = next;
+	concur__switch_direct(t, next);
 }
 
 void concur__suspend(void)

@@ -485,8 +485,18 @@ static inline bool concur__task_stack_big(const struct concur__task *t)
 	return lg == 0 || lg >= CONCUR__TASK_STACK_BIG_LG;
 }
 
-extern __thread struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
-extern __thread struct concur__task *concur__tl_task; /* the task running, or NULL */
+/*
+ * The thread-locals on the hot paths use the initial-exec model: one %fs-relative load. The
+ * library is built position-independent, whose default (global-dynamic) makes every access a
+ * call of __tls_get_addr as far as the compiler knows -- the linker relaxes it away in an
+ * executable, but only after the compiler kept values in callee-saved registers around the
+ * "call", so a yield pushed and popped four registers for nothing. The cost is a few dozen
+ * bytes of static TLS in the shared library (as glibc's own libraries and jemalloc take); a
+ * dlopen() gets them from glibc's surplus.
+ */
+#define CONCUR__TLS_HOT __thread __attribute__((tls_model("initial-exec")))
+extern CONCUR__TLS_HOT struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
+extern CONCUR__TLS_HOT struct concur__task *concur__tl_task; /* the task running, or NULL */
 
 /* A stack for task t (of its size class), or NULL (-ENOMEM: memory, map budget, RLIMIT_AS). */
 struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t);
