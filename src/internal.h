@@ -490,9 +490,10 @@ static inline bool concur__task_stack_big(const struct concur__task *t)
  * library is built position-independent, whose default (global-dynamic) makes every access a
  * call of __tls_get_addr as far as the compiler knows -- the linker relaxes it away in an
  * executable, but only after the compiler kept values in callee-saved registers around the
- * "call", so a yield pushed and popped four registers for nothing. The cost is a few dozen
- * bytes of static TLS in the shared library (as glibc's own libraries and jemalloc take); a
- * dlopen() gets them from glibc's surplus.
+ * "call", so a yield pushed and popped four registers for nothing. Every thread-local of the
+ * library but the error text (sys.c) is one of these. The cost: the shared library's TLS block
+ * (~400 bytes) is static TLS, as glibc's own libraries and jemalloc have it; a dlopen() takes
+ * it from glibc's surplus (512 bytes by default, rtld.optional_static_tls).
  */
 #define CONCUR__TLS_HOT __thread __attribute__((tls_model("initial-exec")))
 extern CONCUR__TLS_HOT struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */

@@ -105,7 +105,7 @@ struct concur_stream {
 
 /* ---- the buffer ring ---------------------------------------------------------------------- */
 
-static __thread struct stream_bufs *stream_tl_bufs;
+static CONCUR__TLS_HOT struct stream_bufs *stream_tl_bufs;
 static pthread_key_t stream_bufs_key;
 static pthread_once_t stream_bufs_once = PTHREAD_ONCE_INIT;
 

@@ -543,8 +543,8 @@ static inline struct after *wait_after_of_slot(struct after_slot *slot)
  * this thread. Starting one can complete a future that makes another ready (a failed input
  * propagating down a 10 000-long then chain): queueing instead of recursing keeps the stack flat.
  */
-static __thread struct concur__node *tl_ready_head, *tl_ready_tail;
-static __thread bool tl_starting;
+static CONCUR__TLS_HOT struct concur__node *tl_ready_head, *tl_ready_tail;
+static CONCUR__TLS_HOT bool tl_starting;
 
 static int64_t wait_after_task(void *arg)
 {
