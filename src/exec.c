@@ -456,12 +456,13 @@ static void concur__recycle_park(concur_exec *ex, int k, struct concur__rec_cach
 	concur__rec_list_free(chain, concur__rec_bytes[k]); /* nobody outside takes them */
 }
 
-/* A record of size k for a new future, on this thread (loop is this thread's loop, or NULL). */
-void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
+/* concur__rec_alloc past its common case (its cache empty, or a thread's first use). */
+static __attribute__((noinline)) void *concur__rec_alloc_slow(concur_exec *ex,
+                                                              struct concur__loop *loop, int k)
 {
 	size_t bytes = concur__rec_bytes[k];
 	struct concur__rec_cache *c = loop ? &loop->recs[k] : concur__tl_cache(k);
-	if (CONCUR__LIKELY(c && c->head))
+	if (c && c->head)
 		return concur__rec_pop(c, bytes);
 	if (loop && c->out) { /* the chain meant for the executor: ours again */
 		c->head = c->out;
@@ -475,8 +476,29 @@ void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
 	return malloc(bytes);
 }
 
-/* The last reference to a record of size k went, on this thread. */
-void concur__rec_free(void *p, int k)
+/* This thread's cache of size k if it is set up (always on a loop), else NULL. */
+static inline struct concur__rec_cache *concur__rec_cache_ready(struct concur__loop *loop, int k)
+{
+	if (loop)
+		return &loop->recs[k];
+	return concur__tl_recs_state == 1 ? &concur__tl_recs[k] : NULL;
+}
+
+/*
+ * A record of size k for a new future, on this thread (loop is this thread's loop, or NULL).
+ * The common case -- a record from this thread's cache -- needs no callee-saved register: all
+ * else is a tail call. So is concur__rec_free's.
+ */
+void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
+{
+	struct concur__rec_cache *c = concur__rec_cache_ready(loop, k);
+	if (CONCUR__LIKELY(c && c->head))
+		return concur__rec_pop(c, concur__rec_bytes[k]);
+	return concur__rec_alloc_slow(ex, loop, k);
+}
+
+/* concur__rec_free past its common case (its cache full, or a thread's first use). */
+static __attribute__((noinline)) void concur__rec_free_slow(void *p, int k)
 {
 	size_t bytes = concur__rec_bytes[k];
 	struct concur__loop *loop = concur__tl_loop;
@@ -495,6 +517,19 @@ void concur__rec_free(void *p, int k)
 	} else {
 		concur__rec_push(c, p, bytes);
 	}
+}
+
+/* The last reference to a record of size k went, on this thread. */
+void concur__rec_free(void *p, int k)
+{
+	struct concur__loop *loop = concur__tl_loop;
+	struct concur__rec_cache *c = concur__rec_cache_ready(loop, k);
+	if (CONCUR__LIKELY(c &&
+	                   c->len < (loop ? CONCUR__TASK_CACHE_MAX : CONCUR__FOREIGN_CACHE_MAX))) {
+		concur__rec_push(c, p, concur__rec_bytes[k]);
+		return;
+	}
+	concur__rec_free_slow(p, k);
 }
 
 static void concur__task_destroy(concur_future *f)

@@ -73,7 +73,7 @@ static inline struct concur__waiter *concur__waiters_head(uintptr_t word)
 
 /* Take the list for good: the word as it was (CONCUR__WAITERS_CLOSED if it was closed already).
  * Waits out a push or removal. */
-static uintptr_t concur__waiters_close(concur_future *f)
+static __attribute__((noinline)) uintptr_t concur__waiters_close(concur_future *f)
 {
 	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 	unsigned spins = 0;
@@ -106,6 +106,16 @@ static void concur__drop_waiters(concur_future *f)
 	}
 }
 
+/* The last reference went and waiters are left (a future released unset or unfinished). */
+static __attribute__((noinline)) void concur__release_pending(concur_future *f)
+{
+	concur__drop_waiters(f);
+	f->magic = CONCUR__FUTURE_DEAD;
+	f->cls->destroy(f);
+}
+
+/* Every call out of the common cases is a tail call, so they save no register (the hot paths
+ * of concur_release and concur__waiter_push are a handful of instructions). */
 void concur_release(concur_future *f)
 {
 	if (!concur__valid(f))
@@ -114,8 +124,11 @@ void concur_release(concur_future *f)
 	if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1 &&
 	    atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	if (atomic_load_explicit(&f->waiters, memory_order_relaxed) != CONCUR__WAITERS_CLOSED)
-		concur__drop_waiters(f);
+	if (CONCUR__UNLIKELY(atomic_load_explicit(&f->waiters, memory_order_relaxed) !=
+	                     CONCUR__WAITERS_CLOSED)) {
+		concur__release_pending(f);
+		return;
+	}
 	f->magic = CONCUR__FUTURE_DEAD;
 	f->cls->destroy(f);
 }
@@ -177,7 +190,21 @@ static bool concur__waiters_park(concur_future *f)
 	}
 }
 
-bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
+/* Put w first on f's list, locked by us as word, and unlock. */
+static inline void concur__waiters_link(concur_future *f, struct concur__waiter *w, uintptr_t word)
+{
+	struct concur__waiter *old = concur__waiters_head(word);
+	w->prev = NULL;
+	w->next = old;
+	if (old)
+		old->prev = w;
+	atomic_store_explicit(&f->waiters, (uintptr_t)w | (word & CONCUR__WAITERS_PARKED),
+	                      memory_order_release); /* unlocks */
+}
+
+/* concur__waiter_push when the list was not free to lock at the first try. */
+static __attribute__((noinline)) bool concur__waiter_push_slow(concur_future *f,
+                                                               struct concur__waiter *w)
 {
 	uintptr_t word = concur__waiters_lock(f);
 	if (word == CONCUR__WAITERS_CLOSED) {
@@ -186,13 +213,19 @@ bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 		concur__future_wait_final(f);
 		return false;
 	}
-	struct concur__waiter *old = concur__waiters_head(word);
-	w->prev = NULL;
-	w->next = old;
-	if (old)
-		old->prev = w;
-	atomic_store_explicit(&f->waiters, (uintptr_t)w | (word & CONCUR__WAITERS_PARKED),
-	                      memory_order_release); /* unlocks */
+	concur__waiters_link(f, w, word);
+	return true;
+}
+
+bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
+{
+	uintptr_t word = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+	if (CONCUR__UNLIKELY(word == CONCUR__WAITERS_CLOSED || (word & CONCUR__WAITERS_LOCKED) ||
+	                     !atomic_compare_exchange_strong_explicit(
+	                         &f->waiters, &word, word | CONCUR__WAITERS_LOCKED,
+	                         memory_order_acquire, memory_order_relaxed)))
+		return concur__waiter_push_slow(f, w);
+	concur__waiters_link(f, w, word);
 	return true;
 }
 
@@ -260,11 +293,13 @@ static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
  * it: never at the same time; every reader masks the state anyway), and a thread
  * parking on it said so in the waiters word before it read the state it sleeps on: the close
  * saw CONCUR__WAITERS_PARKED, or the thread finds the list closed and does not sleep.
+ *
+ * concur__complete_closed: the completion once the list is closed (word: what it held), for
+ * all but the common cases concur__complete (below) handles itself.
  */
-void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+static __attribute__((noinline)) void concur__complete_closed(concur_future *f, uintptr_t word,
+                                                              int64_t res, uint32_t final_state)
 {
-	f->res = res;
-	uintptr_t word = concur__waiters_close(f);
 	struct concur__waiter *w = concur__waiters_head(word);
 	bool parked = word & CONCUR__WAITERS_PARKED;
 	if (CONCUR__LIKELY(!w || (!w->next && w->kind == CONCUR__WAIT_AWAIT))) {
@@ -316,6 +351,37 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 	concur__wake_nodes(f, rest);
 	if (hold)
 		concur_release(f);
+}
+
+/* The list was locked (a push or a removal under way) or changed under the first close. */
+static __attribute__((noinline)) void concur__complete_locked(concur_future *f, int64_t res,
+                                                              uint32_t final_state)
+{
+	concur__complete_closed(f, concur__waiters_close(f), res, final_state);
+}
+
+/* The common cases (nobody waits, or one awaiting fiber) inline, with no register saved: the
+ * close at the first try, the state made final, the fiber resumed as a tail call. */
+void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+{
+	f->res = res;
+	uintptr_t word = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+	if (CONCUR__UNLIKELY((word & CONCUR__WAITERS_LOCKED) ||
+	                     !atomic_compare_exchange_strong_explicit(
+	                         &f->waiters, &word, CONCUR__WAITERS_CLOSED, memory_order_acq_rel,
+	                         memory_order_relaxed))) {
+		concur__complete_locked(f, res, final_state);
+		return;
+	}
+	struct concur__waiter *w = concur__waiters_head(word);
+	if (CONCUR__UNLIKELY((word & CONCUR__WAITERS_PARKED) ||
+	                     (w && (w->next || w->kind != CONCUR__WAIT_AWAIT)))) {
+		concur__complete_closed(f, word, res, final_state);
+		return;
+	}
+	atomic_store_explicit(&f->state, final_state, memory_order_release);
+	if (w)
+		concur__resume(w->task);
 }
 
 bool concur__future_claim(concur_future *f)
@@ -469,7 +535,8 @@ int concur_on_done(concur_future *f, concur_done_fn fn, void *arg)
 }
 
 /* A thread outside the executor: spin briefly (a wake-up costs tens of µs here), then park. */
-static int64_t concur__block(concur_future *f, int64_t timeout_ns)
+/* Out of line, so that concur_result's other cases save no register. */
+static __attribute__((noinline)) int64_t concur__block(concur_future *f, int64_t timeout_ns)
 {
 	for (int i = 0; i < 2000; i++) {
 		if (concur__is_done(f))
