@@ -10,8 +10,10 @@
 #include "internal.h"
 
 #include <linux/futex.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -53,19 +55,50 @@ void concur__futex_wake(_Atomic uint32_t *word, int n)
 
 /* ---- errors -------------------------------------------------------------------------------- */
 
-static __thread char concur__errbuf[256];
+/*
+ * This thread's message lives on the heap from its first error on: the library's thread-locals
+ * are static TLS (initial-exec, internal.h), which a dlopen() takes from glibc's small surplus,
+ * so a 256-byte buffer there would be most of what the library asks for. A key's destructor
+ * frees it when the thread exits. Without memory for it the message is dropped, nothing else.
+ */
+#define CONCUR__ERRBUF_SIZE 256
+static CONCUR__TLS_HOT char *concur__errbuf;
+static pthread_key_t concur__errbuf_key;
+static pthread_once_t concur__errbuf_once = PTHREAD_ONCE_INIT;
+
+static void concur__errbuf_free(void *buf)
+{
+	concur__errbuf = NULL; /* a later destructor's error gets a new one (freed by a re-run) */
+	free(buf);
+}
+
+static void concur__errbuf_key_init(void)
+{
+	pthread_key_create(&concur__errbuf_key, concur__errbuf_free);
+}
 
 void concur__set_error(const char *fmt, ...)
 {
+	if (!concur__errbuf) {
+		pthread_once(&concur__errbuf_once, concur__errbuf_key_init);
+		char *buf = malloc(CONCUR__ERRBUF_SIZE);
+		if (!buf)
+			return;
+		if (pthread_setspecific(concur__errbuf_key, buf)) {
+			free(buf);
+			return;
+		}
+		concur__errbuf = buf;
+	}
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(concur__errbuf, sizeof(concur__errbuf), fmt, ap);
+	vsnprintf(concur__errbuf, CONCUR__ERRBUF_SIZE, fmt, ap);
 	va_end(ap);
 }
 
 const char *concur_last_error(void)
 {
-	return concur__errbuf;
+	return concur__errbuf ? concur__errbuf : "";
 }
 
 const char *concur_strerror(int64_t err)
