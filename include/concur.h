@@ -214,7 +214,10 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	 * library, which the dynamic linker resolves on the caller's stack, saving the vector
 	 * registers there (1-3 KiB): link with -Wl,-z,now or make that first call elsewhere.
 	 * What they buy: a suspended task costs its stack plus its 128-byte record, 1.2 KiB with
-	 * 1 KiB stacks where a stack of a page or more costs at least 4 KiB.
+	 * 1 KiB stacks where a stack of a page or more costs at least 4 KiB. A build without
+	 * concur's assembly switch (CPUs other than x86-64 and aarch64, or -DCONCUR_UCONTEXT=ON)
+	 * has no stacks below a page: the ucontext record alone is most of a kilobyte, so a
+	 * smaller size is rounded up to a page, with its guard page.
 	 */
 	size_t stack_size;
 	unsigned flags; /* none yet: must be 0 */
