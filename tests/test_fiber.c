@@ -237,10 +237,18 @@ static void test_tiny_stack_canary(void **state)
 		for (int i = 0; i < 4; i++)
 			concur_release(concur_spawn_ex(cex, park_on, p, &so));
 		concur_future *f = concur_spawn_ex(cex, tiny_overflow, NULL, &so);
-		concur_result(f, -1);
-		_exit(0);
+		_exit(concur_result(f, -1) == 0 ? 0 : 6);
 	}
+#if CONCUR_TEST_UCONTEXT
+	/* a ucontext build has no stacks below a page (concur.h): the 1 KiB asked for is a page
+	 * with its guard page, and the 1.5 KiB of frames fit in it -- the task returns its 0 */
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+#else
 	expect_signal(pid, SIGABRT);
+#endif
 }
 
 /* Bad options fail the spawn with -EINVAL; good ones round up and run. */
