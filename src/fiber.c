@@ -611,6 +611,22 @@ void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
 		concur__class_trim(loop, c);
 }
 
+int concur__fiber_pool_init(struct concur__loop *loop)
+{
+#if CONCUR__USE_UCONTEXT
+	/* the loop's own context, which every fiber switches back to: made before any task runs,
+	 * so that no start can be left without it */
+	loop->sched_uctx = malloc(sizeof(ucontext_t));
+	if (!loop->sched_uctx) {
+		concur__set_error("no memory for the loop's context");
+		return -ENOMEM;
+	}
+#else
+	(void)loop;
+#endif
+	return 0;
+}
+
 void concur__fiber_pool_free(struct concur__loop *loop)
 {
 	for (unsigned idx = 0; idx < CONCUR__STACK_CLASSES; idx++) {
@@ -748,13 +764,6 @@ static void concur__fiber_main(struct concur__task *t)
 
 struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur__task *t)
 {
-#if CONCUR__USE_UCONTEXT
-	if (!loop->sched_uctx) {
-		loop->sched_uctx = malloc(sizeof(ucontext_t));
-		if (!loop->sched_uctx)
-			abort(); /* cannot happen after the first task: allocated once per loop */
-	}
-#endif
 #ifdef CONCUR__TSAN
 	if (!loop->tsan_fiber)
 		loop->tsan_fiber = __tsan_get_current_fiber();

@@ -520,6 +520,9 @@ void concur__ctx_start(void); /* aarch64 */
 void concur__ctx_enter(void **save_sp, void *top, struct concur__task *t,
                        void (*entry)(struct concur__task *t)); /* x86-64 */
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
+/* A loop's fiber state before its first task (the ucontext build's loop context): 0 or
+ * -ENOMEM. concur__fiber_pool_free undoes it with the stacks, at the loop's end. */
+int concur__fiber_pool_init(struct concur__loop *loop);
 void concur__fiber_pool_free(struct concur__loop *loop);
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
 /*

@@ -747,6 +747,8 @@ static void *concur__loop_main(void *arg)
 		pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 	}
 	loop->setup_err = concur__ring_setup(loop);
+	if (!loop->setup_err && (loop->setup_err = concur__fiber_pool_init(loop)))
+		concur__ring_exit(&loop->ring);
 	if (loop->setup_err) /* the message is this thread's: hand it to concur_exec_new's caller */
 		snprintf(loop->setup_msg, sizeof(loop->setup_msg), "%s", concur_last_error());
 	atomic_store_explicit(&loop->started, 1, memory_order_release);
