@@ -31,6 +31,8 @@ long=0
 
 start=$(date +%s)
 run normal
+# the fallback switch of CPUs without concur's assembly one (anything but x86-64 and aarch64)
+run ucontext -DCONCUR_UCONTEXT=ON
 run asan-ubsan -DCONCUR_SANITIZE=address,undefined
 run tsan -DCONCUR_SANITIZE=thread
 echo "== fuzz: bash tests/fuzz/run.sh"
@@ -43,4 +45,4 @@ if [ $long = 1 ]; then
 fi
 echo "== bench smoke: python3 bench/run.py --quick"
 python3 bench/run.py --quick --build-dir build-test/normal --out build-test/bench-quick
-echo "== all tests passed in normal, asan-ubsan and tsan builds ($(($(date +%s) - start)) s)"
+echo "== all tests passed in normal, ucontext, asan-ubsan and tsan builds ($(($(date +%s) - start)) s)"
