@@ -605,6 +605,9 @@ struct concur__loop_stats {
 	_Atomic uint64_t tasks_spawned, tasks_run, fibers_parked, cqes, enters, sleeps, msg_ring,
 	    inbox_items, steals, futex_wakes, futex_ring_wakes, stacks_mapped, stack_maps,
 	    stacks_released;
+	/* not in concur_stats: tasks a fiber started itself (concur__loop_start_direct), which
+	 * tests read to tell the start paths apart */
+	_Atomic uint64_t direct_starts;
 };
 
 /* A CQE copied out of the ring (see concur__sqe: the kernel pushing back on a full CQ). */

@@ -261,8 +261,10 @@ struct concur__task *concur__loop_start_direct(struct concur__loop *loop)
 			return NULL;
 		}
 		loop->budget--;
-		if (concur__task_begin(loop, t, fib))
+		if (concur__task_begin(loop, t, fib)) {
+			concur__stat_inc(&loop->st.direct_starts, 1);
 			return t;
+		}
 	}
 	return NULL;
 }

@@ -886,6 +886,9 @@ static void test_entry_paths(void **state)
 	struct concur_stats st;
 	concur_exec_stats(ex, &st);
 	assert_int_equal(st.tasks_run, 100 * 4);
+	/* the paths taken: per round, the parent is started by the loop, and three by a fiber --
+	 * c and y by the parent's suspends, x by y's end (nothing resumed, x unstarted) */
+	assert_int_equal(atomic_load(&ex->loops[0]->st.direct_starts), 100 * 3);
 	concur_exec_free(ex);
 }
 
