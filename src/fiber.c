@@ -791,6 +791,20 @@ static inline void concur__fiber_prefetch(struct concur__task *t)
 		__builtin_prefetch(sp + i * CONCUR__CACHELINE, 1);
 }
 
+/* t gives the thread to next, just taken off the ready queue (t itself: a yield with nobody
+ * else ready, which goes on). Back here when t is resumed (whoever switched set tl_task). */
+static inline void concur__suspend_to(struct concur__loop *loop, struct concur__task *t,
+                                      struct concur__task *next)
+{
+	if (next == t)
+		return;
+	struct concur__node *after = loop->ready_head;
+	if (after && after != &t->node) /* the one after: its stack is touched next */
+		concur__fiber_prefetch(concur__task_of_node(after));
+	concur__tl_task = next;
+	concur__switch_direct(t, next);
+}
+
 /* t, running on the current thread's loop, gives the thread up: the general case. */
 static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *loop,
                                                            struct concur__task *t)
@@ -805,14 +819,8 @@ static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *
 	struct concur__task *next =
 	    concur__loop_pop_direct(loop, concur__task_stack_big(t) ? t->fib : NULL, false);
 	if (next) {
-		if (next == t)
-			return; /* a yield with nobody else ready: go on */
-		struct concur__node *after = loop->ready_head;
-		if (after && after != &t->node) /* the one after: its stack is touched next */
-			concur__fiber_prefetch(concur__task_of_node(after));
-		concur__tl_task = next;
-		concur__switch_direct(t, next);
-		return; /* concur__tl_task is t again: whoever switched here set it */
+		concur__suspend_to(loop, t, next);
+		return;
 	}
 	concur__switch_out(loop, &t->sp, fib->uctx, false);
 }
@@ -820,34 +828,20 @@ static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *
 /*
  * The common case inline, kept to what needs no callee-saved register (every call is a tail
  * call): t has a full stack (no canary to check) and a started fiber is ready, within the
- * turn's budget. So a yield or an await costs the switch's own saves and little more.
+ * turn's budget (concur__loop_pop_direct with no host never starts a task). So a yield or an
+ * await costs the switch's own saves and little more.
  */
 static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
 {
-	struct concur__node *n = loop->ready_head;
-	if (CONCUR__UNLIKELY(
-	        !n || !concur__task_stack_big(t) || loop->budget <= 1 ||
-	        atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))) {
+	struct concur__task *next = NULL;
+	if (CONCUR__LIKELY(loop->ready_head && concur__task_stack_big(t)))
+		next = concur__loop_pop_direct(loop, NULL, false);
+	if (CONCUR__UNLIKELY(!next)) {
 		concur__suspend_slow(loop, t);
 		return;
 	}
-	struct concur__task *next = concur__task_of_node(n);
-	if (CONCUR__UNLIKELY(!next->fib)) { /* a pinned task not started yet: the loop starts it */
-		concur__suspend_slow(loop, t);
-		return;
-	}
-	struct concur__node *after = n->next;
-	loop->ready_head = after;
-	if (!after)
-		loop->ready_tail = NULL;
-	loop->budget--;
 	concur__stat_inc(&loop->st.fibers_parked, 1);
-	if (next == t)
-		return;                 /* a yield with nobody else ready: go on */
-	if (after && after != &t->node) /* the one after: its stack is touched next */
-		concur__fiber_prefetch(concur__task_of_node(after));
-	concur__tl_task = next;
-	concur__switch_direct(t, next);
+	concur__suspend_to(loop, t, next);
 }
 
 void concur__suspend(void)
