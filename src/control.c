@@ -30,6 +30,13 @@ void concur__ctl_start(struct concur__loop *loop, struct concur__task *t)
 	c->due = INT64_MAX;
 	c->seen_now = 0;
 	c->heap_idx = UINT32_MAX;
+	(void)loop; /* the live list waits for the first suspend (concur__ctl_live) */
+}
+
+void concur__ctl_live(struct concur__loop *loop, struct concur__task *t)
+{
+	struct concur__ctl *c = &t->fib->ctl;
+	t->f.flags |= CONCUR__TASK_LIVE;
 	c->live_prev = NULL;
 	c->live_next = loop->live;
 	if (loop->live)
@@ -44,6 +51,9 @@ void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
 		concur__timers_del(loop, t);
 	if (c->scopes)
 		free(c->scopes);
+	if (!(t->f.flags & CONCUR__TASK_LIVE))
+		return;
+	t->f.flags &= ~CONCUR__TASK_LIVE;
 	if (c->live_prev)
 		c->live_prev->fib->ctl.live_next = c->live_next;
 	else

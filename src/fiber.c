@@ -811,6 +811,8 @@ static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *
 {
 	struct concur__fiber *fib = t->fib;
 	concur__stack_check(t);
+	if (!(t->f.flags & CONCUR__TASK_LIVE))
+		concur__ctl_live(loop, t);
 	/* Another fiber is ready: switch straight to it instead of through the loop's context.
 	 * Each direct switch is charged to the loop's turn budget, so the loop still gets back to
 	 * its inbox and I/O as often as before. With a stall detector set, every fiber runs from
@@ -827,14 +829,16 @@ static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *
 
 /*
  * The common case inline, kept to what needs no callee-saved register (every call is a tail
- * call): t has a full stack (no canary to check) and a started fiber is ready, within the
- * turn's budget (concur__loop_pop_direct with no host never starts a task). So a yield or an
+ * call): t has a full stack (no canary to check), has suspended before (is on the live list)
+ * and a started fiber is ready, within the turn's budget (concur__loop_pop_direct with no host
+ * never starts a task). So a yield or an
  * await costs the switch's own saves and little more.
  */
 static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
 {
 	struct concur__task *next = NULL;
-	if (CONCUR__LIKELY(loop->ready_head && concur__task_stack_big(t)))
+	if (CONCUR__LIKELY(loop->ready_head && (t->f.flags & CONCUR__TASK_LIVE) &&
+	                   concur__task_stack_big(t)))
 		next = concur__loop_pop_direct(loop, NULL, false);
 	if (CONCUR__UNLIKELY(!next)) {
 		concur__suspend_slow(loop, t);

@@ -408,8 +408,9 @@ struct concur__ctl {
 	uint32_t heap_idx;   /* in loop->timers.heap, or UINT32_MAX */
 	int64_t wait_due;    /* the current timed wait's deadline, INT64_MAX: none */
 	int64_t seen_now;    /* a time the loop's timer saw pass for this task */
-	struct concur__task *live_prev, *live_next; /* the loop's started tasks */
-	struct concur__scopes *scopes;              /* NULL until the first push */
+	/* the loop's tasks that have suspended (CONCUR__TASK_LIVE): what a stop cancels */
+	struct concur__task *live_prev, *live_next;
+	struct concur__scopes *scopes; /* NULL until the first push */
 };
 
 /*
@@ -457,6 +458,9 @@ struct concur__task {
 /* in f.flags: fn returned on a stack that does not finish the task itself (tiny, or a stall
  * detector is set): the loop's context completes it */
 #define CONCUR__TASK_RETURNED 1u
+/* in f.flags: the started task is on its loop's live list (concur__ctl_live), which it joins
+ * when it first suspends: one that runs to its end without suspending never needs finding */
+#define CONCUR__TASK_LIVE 2u
 /* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
  * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
 #define CONCUR__TASK_PINNED (1u << 7)
@@ -894,6 +898,12 @@ static inline bool concur__op_supported(const concur_exec *ex, unsigned opcode)
 /* A task starts or ends on its loop: set up and tear down its control state. */
 void concur__ctl_start(struct concur__loop *loop, struct concur__task *t);
 void concur__ctl_end(struct concur__loop *loop, struct concur__task *t);
+/*
+ * t suspends for the first time: onto the loop's live list, which a stop walks to cancel the
+ * started tasks. A stop runs on the loop's context, when every started task there has
+ * suspended, so the ones that never do (most short tasks) are spared the list.
+ */
+void concur__ctl_live(struct concur__loop *loop, struct concur__task *t);
 /* The class hook of concur_cancel() on a RUNNING task. */
 int concur__task_cancel_running(concur_future *f);
 int concur__ctl_check_slow(struct concur__task *t); /* cancel requested: shielded? */
@@ -951,9 +961,8 @@ bool concur__timers_stop(struct concur__loop *loop);
 /* ---- the stall detector (stall.c) ---------------------------------------------------------- */
 
 /*
- * Stall detector hook (stall.c), for the loop (loop.c; fiber.c does not switch
- * fibers directly while a detector is set, concur__loop_pop_direct): around each time it runs a
- *fiber,
+ * Stall detector hook (stall.c), for the loop (loop.c; fiber.c does not switch fibers directly
+ * while a detector is set, concur__loop_pop_direct): around each time it runs a fiber,
  *
  *	int64_t t0 = concur__stall_begin();
  *	concur__fiber_run(loop, t);

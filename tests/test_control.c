@@ -512,6 +512,53 @@ static void test_exec_stop(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A stop cancels every task suspended at the time, whatever ran and ended around them without
+ * ever suspending (such tasks never join the list a stop walks), and after a suspended one in
+ * the middle of that list ended.
+ */
+static int64_t return_arg(void *arg)
+{
+	return (intptr_t)arg;
+}
+
+static int64_t await_after_stage(void *arg)
+{
+	struct probe *pr = arg;
+	atomic_fetch_add(&pr->stage, 1);
+	return concur_result(pr->p, -1);
+}
+
+static void test_exec_stop_mixed(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct probe pr = {.p = concur_promise_new(ex)}, mid = {.p = concur_promise_new(ex)};
+	concur_future *w[3], *q[300];
+	for (int i = 0; i < 3; i++) {
+		w[i] = concur_spawn(ex, await_after_stage, i == 1 ? &mid : &pr);
+		for (int j = 0; j < 100; j++)
+			q[i * 100 + j] = concur_spawn(ex, return_arg, (void *)(intptr_t)j);
+	}
+	for (int i = 0; i < 300; i++) {
+		assert_int_equal(concur_result(q[i], -1), i % 100);
+		concur_release(q[i]);
+	}
+	wait_stage(&pr, 2);
+	wait_stage(&mid, 1);
+	assert_int_equal(concur_promise_set(mid.p, 5), 0); /* the middle one ends first */
+	assert_int_equal(concur_result(w[1], -1), 5);
+	assert_int_equal(concur_exec_stop(ex, 0), -ETIMEDOUT);
+	for (int i = 0; i < 3; i += 2) {
+		assert_true(concur_done(w[i]));
+		assert_int_equal(concur_result(w[i], 0), -ECANCELED);
+	}
+	for (int i = 0; i < 3; i++)
+		concur_release(w[i]);
+	concur_release(pr.p);
+	concur_release(mid.p);
+	concur_exec_free(ex);
+}
+
 /* Future I/O in flight (no task waits for it) is cancelled by a stop too. */
 static void test_exec_stop_cancels_io(void **state)
 {
@@ -557,6 +604,7 @@ int main(void)
 	    cmocka_unit_test(test_deadline_costs_no_cqe),
 	    cmocka_unit_test(test_timed_waits),
 	    cmocka_unit_test(test_exec_stop),
+	    cmocka_unit_test(test_exec_stop_mixed),
 	    cmocka_unit_test(test_exec_stop_cancels_io),
 	    cmocka_unit_test(test_exec_stop_drains),
 	};
