@@ -519,9 +519,11 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * The pipeline "A computes, B processes A's result, C stores B's", with no glue code (every
  * stage is a task; nothing waits in between; the first failure skips the later stages):
  *
- *	concur_future *a = concur_spawn(ex, compute, input);       // int64_t compute(void *)
- *	concur_future *b = concur_then(a, process, NULL);          // int64_t process(void *,
- *int64_t) concur_future *c = concur_spawn_after(ex, store, db, &b, 1); // store(void *, values, n)
+ *	// int64_t compute(void *arg), process(void *arg, int64_t value),
+ *	//         store(void *arg, const int64_t *values, size_t n)
+ *	concur_future *a = concur_spawn(ex, compute, input);
+ *	concur_future *b = concur_then(a, process, NULL);
+ *	concur_future *c = concur_spawn_after(ex, store, db, &b, 1);
  *	concur_release(a);
  *	concur_release(b);
  *	... concur_result(c, -1) or concur_gather() over many c's ...
