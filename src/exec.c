@@ -408,6 +408,21 @@ static void *concur__rec_pop(struct concur__rec_cache *c, size_t bytes)
 	return ft;
 }
 
+/*
+ * A thread outside the executor allocates mostly records a loop freed: cold here, each line a
+ * miss taken on the first write, which the spawn's next locked instruction then waits for. So
+ * the next record's lines are fetched, for writing, as one is handed out: they arrive while the
+ * caller uses this one. (A loop's own records are warm: it freed them.)
+ */
+static inline void concur__rec_prefetch(const char *p, size_t bytes)
+{
+	if (!p)
+		return;
+	for (size_t off = 0; off < bytes; off += CONCUR__CACHELINE)
+		__builtin_prefetch(p + off, 1, 3);
+	__builtin_prefetch(p + bytes - 1, 1, 3); /* a record need not start on a line */
+}
+
 static void concur__rec_push(struct concur__rec_cache *c, void *p, size_t bytes)
 {
 	struct concur__free_task *ft = p;
@@ -492,8 +507,12 @@ static inline struct concur__rec_cache *concur__rec_cache_ready(struct concur__l
 void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k)
 {
 	struct concur__rec_cache *c = concur__rec_cache_ready(loop, k);
-	if (CONCUR__LIKELY(c && c->head))
-		return concur__rec_pop(c, concur__rec_bytes[k]);
+	if (CONCUR__LIKELY(c && c->head)) {
+		void *p = concur__rec_pop(c, concur__rec_bytes[k]);
+		if (!loop)
+			concur__rec_prefetch(c->head, concur__rec_bytes[k]);
+		return p;
+	}
 	return concur__rec_alloc_slow(ex, loop, k);
 }
 
