@@ -38,7 +38,17 @@
 
 #define CONCUR__RUN_BUDGET 64 /* runnables per turn before looking at I/O again */
 #define CONCUR__REAP_BATCH 64
-#define CONCUR__INBOX_SPIN 256 /* pause iterations (~10 µs) a fed loop polls before sleeping */
+/*
+ * A fed loop watches its inbox before sleeping: CONCUR__INBOX_SPIN pauses (~1 µs), enough for a
+ * thread that waits for each answer before it posts again, then CONCUR__INBOX_YIELDS
+ * sched_yield()s (~10 µs on a CPU nobody else wants). A pause keeps the CPU from whoever else
+ * is runnable there -- with one loop per CPU, that is the very thread feeding the loops, which
+ * then ran about half the time (a pipeline of then()s from main took 1.5x as long as with the
+ * yields, 10^6 spawns from main 2x) -- while a yield hands it over, and is a cheap syscall when
+ * nobody wants it.
+ */
+#define CONCUR__INBOX_SPIN   32
+#define CONCUR__INBOX_YIELDS 16
 
 static void concur__ignore_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                                uint32_t cqe_flags)
@@ -571,18 +581,21 @@ static void concur__submit_wait(struct concur__loop *loop)
 static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 {
 	concur_exec *ex = loop->ex;
-	/* A loop fed by a thread outside the executor watches its inbox a few µs before sleeping:
+	/* A loop fed by a thread outside the executor watches its inbox ~10 µs before sleeping
+	 * (CONCUR__INBOX_SPIN, then _YIELDS: the thread stays runnable, it never blocks there):
 	 * otherwise a producer slightly slower than the loop rings a doorbell (a syscall) for
 	 * almost every post. Bounded, and only right after inbox traffic: idle stays idle. */
 	if (fed) {
-		/* what is queued (MSG_RINGs waking tasks of other loops) goes out before the watch
-		 */
+		/* queued MSG_RINGs (waking tasks of other loops) go out before the watch */
 		if (io_uring_sq_ready(&loop->ring))
 			(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the sleep submits */
-		for (int i = 0; i < CONCUR__INBOX_SPIN; i++) {
+		for (int i = 0; i < CONCUR__INBOX_SPIN + CONCUR__INBOX_YIELDS; i++) {
 			if (atomic_load_explicit(&loop->inbox, memory_order_relaxed))
 				return;
-			concur__cpu_relax();
+			if (i < CONCUR__INBOX_SPIN)
+				concur__cpu_relax();
+			else
+				sched_yield();
 		}
 	}
 	atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
