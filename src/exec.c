@@ -316,18 +316,101 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
 
 /*
  * Task records. Each loop keeps freed ones for its next spawns, so a task's life on a loop costs
- * no malloc/free; any loop may cache any record of a size (they are all alike), until it stops.
+ * no allocation; any loop may cache any record of a size (they are all alike), until it stops.
  *
- * Records made by a thread outside the executor mostly end on a loop. Freed there with free(),
- * they would all go back to that thread's malloc arena, under its lock, against its own mallocs:
- * the spawning thread and the loops then take turns sleeping on the arena's lock (a quarter of
- * the samples of a pipeline of then()s from main). So a loop whose cache is full fills a chain
+ * Records made by a thread outside the executor mostly end on a loop. Given back there one by
+ * one, each would cost a count on its slab's line, shared with the thread carving the slab
+ * (when records were malloc'd, a free into that thread's arena, under its lock: a quarter of
+ * the samples of a pipeline of then()s from main), and the thread would carve new ones, cold,
+ * without end. So a loop whose cache is full fills a chain
  * of CONCUR__RECYCLE_CHAIN records and parks it in an empty slot of its executor; a thread
  * outside the executor takes a whole chain from a slot when its own cache (thread-local, freed
  * when the thread exits) runs dry. A slot is a pointer exchanged whole, so there is no ABA; the
  * slots bound what an executor holds (and it frees them); with every slot full, a loop frees.
  */
 #define CONCUR__FOREIGN_CACHE_MAX (2 * CONCUR__RECYCLE_CHAIN) /* a thread outside keeps */
+
+/*
+ * Record memory: slabs of CONCUR__SLAB_BYTES, aligned to their size, each carved in order by
+ * the thread whose cache ran dry. Malloc'd one by one, records made glibc grow the malloc arena
+ * of a thread (every thread but main has its own) a page at a time, one mprotect() per page: a
+ * loop spawning 10^6 tasks made 31k of them, about a third of spawn/bulk. A slab counts its
+ * records out (handed out and not given back to it) plus one while it is carved; the last to
+ * go frees it, on whichever thread. So memory goes back in whole slabs, and a record kept long
+ * keeps its slab. 32 KiB, as glibc serves an aligned_alloc of that from the arena (64 KiB took
+ * an mmap() each, and every slab given back a munmap(), whose TLB shootdowns and mmap lock cost
+ * the other loop more than the mprotect()s had). ASan builds malloc each record, so that
+ * LeakSanitizer still names a leaked future and ASan a use after free.
+ */
+#define CONCUR__SLAB_BYTES ((size_t)32 * 1024)
+#define CONCUR__SLAB_HEAD  CONCUR__CACHELINE /* the count, on a line of its own */
+
+struct concur__slab {
+	_Atomic uint32_t out;
+};
+
+/* Records are laid out 16 bytes apart at least, as malloc would: a task's 120 bytes take two
+ * whole cache lines. */
+static inline size_t concur__rec_stride(size_t bytes)
+{
+	return (bytes + 15) & ~(size_t)15;
+}
+
+static void concur__slab_put(struct concur__slab *s, uint32_t n)
+{
+	if (atomic_fetch_sub_explicit(&s->out, n, memory_order_acq_rel) == n)
+		free(s);
+}
+
+/* The cache's carving slab is done with: its last records were carved, or the cache goes. */
+static void concur__slab_retire(struct concur__rec_cache *c)
+{
+	if (c->slab)
+		concur__slab_put(c->slab, c->carve_left + 1);
+	c->slab = NULL;
+	c->carve = NULL;
+	c->carve_left = 0;
+}
+
+/* New memory for a record of `bytes` (c: the thread's cache; NULL: a slab of one). */
+static void *concur__rec_mem_new(struct concur__rec_cache *c, size_t bytes)
+{
+#ifdef CONCUR__ASAN
+	(void)c;
+	return malloc(bytes);
+#else
+	size_t stride = concur__rec_stride(bytes);
+	if (!c || !c->carve_left) {
+		struct concur__slab *s = aligned_alloc(CONCUR__SLAB_BYTES, CONCUR__SLAB_BYTES);
+		if (!s)
+			return NULL;
+		char *first = (char *)s + CONCUR__SLAB_HEAD;
+		if (!c) {
+			atomic_init(&s->out, 1);
+			return first;
+		}
+		concur__slab_retire(c);
+		c->carve_left = (unsigned)((CONCUR__SLAB_BYTES - CONCUR__SLAB_HEAD) / stride);
+		atomic_init(&s->out, c->carve_left + 1);
+		c->slab = s;
+		c->carve = first;
+	}
+	void *p = c->carve;
+	c->carve += stride;
+	c->carve_left--;
+	return p;
+#endif
+}
+
+/* A record's memory goes back to its slab (it is in no cache). */
+static void concur__rec_mem_free(void *p)
+{
+#ifdef CONCUR__ASAN
+	free(p);
+#else
+	concur__slab_put((void *)((uintptr_t)p & ~(uintptr_t)(CONCUR__SLAB_BYTES - 1)), 1);
+#endif
+}
 
 /*
  * A freed record, linked through its second word. ASan: the rest is poisoned, so a use after
@@ -363,7 +446,7 @@ static void concur__rec_list_free(struct concur__free_task *ft, size_t bytes)
 	while (ft) {
 		CONCUR__ASAN_UNPOISON(ft, bytes);
 		struct concur__free_task *next = ft->next;
-		free(ft);
+		concur__rec_mem_free(ft);
 		ft = next;
 	}
 }
@@ -375,6 +458,7 @@ static void concur__tl_recs_free(void *unused)
 		concur__rec_list_free(concur__tl_recs[k].head, concur__rec_bytes[k]);
 		concur__tl_recs[k].head = NULL;
 		concur__tl_recs[k].len = 0;
+		concur__slab_retire(&concur__tl_recs[k]);
 	}
 	concur__tl_recs_state = 2; /* a later destructor's release frees at once */
 }
@@ -488,7 +572,7 @@ static __attribute__((noinline)) void *concur__rec_alloc_slow(concur_exec *ex,
 	}
 	if (c && !loop && concur__recycle_take(ex, k, c))
 		return concur__rec_pop(c, bytes);
-	return malloc(bytes);
+	return concur__rec_mem_new(c, bytes);
 }
 
 /* This thread's cache of size k if it is set up (always on a loop), else NULL. */
@@ -523,7 +607,7 @@ static __attribute__((noinline)) void concur__rec_free_slow(void *p, int k)
 	struct concur__loop *loop = concur__tl_loop;
 	struct concur__rec_cache *c = loop ? &loop->recs[k] : concur__tl_cache(k);
 	if (!c) {
-		free(p);
+		concur__rec_mem_free(p);
 	} else if (loop && c->len >= CONCUR__TASK_CACHE_MAX) {
 		struct concur__free_task *ft = p;
 		ft->next = c->out;
@@ -532,7 +616,7 @@ static __attribute__((noinline)) void concur__rec_free_slow(void *p, int k)
 		if (++c->out_len == CONCUR__RECYCLE_CHAIN)
 			concur__recycle_park(loop->ex, k, c);
 	} else if (!loop && c->len >= CONCUR__FOREIGN_CACHE_MAX) {
-		free(p);
+		concur__rec_mem_free(p);
 	} else {
 		concur__rec_push(c, p, bytes);
 	}
@@ -562,6 +646,7 @@ void concur__task_cache_free(struct concur__loop *loop)
 		struct concur__rec_cache *c = &loop->recs[k];
 		concur__rec_list_free(c->head, concur__rec_bytes[k]);
 		concur__rec_list_free(c->out, concur__rec_bytes[k]);
+		concur__slab_retire(c);
 		*c = (struct concur__rec_cache){0};
 	}
 }

@@ -565,20 +565,24 @@ enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_IO, CONCUR__REC_SIZES };
 #define CONCUR__REC_IO_BYTES          264 /* io.c's future op record (asserted there) */
 /*
  * A record of size class k (CONCUR__REC_*) for a new future, from this thread's cache (loop: the
- * thread's loop, or NULL outside the executor), a chain a loop gave back, or malloc; NULL on
+ * thread's loop, or NULL outside the executor), a chain a loop gave back, or a slab; NULL on
  * -ENOMEM. concur__rec_free gives it back when its last reference goes, on any thread.
  */
 void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k);
 void concur__rec_free(void *p, int k);
 /* A thread's freed records of one size: a LIFO list for its next allocations; a loop's, a chain
  * being filled for its executor's recycle slots once the list is full; a thread outside the
- * executor's, how many mallocs to make before it looks at the slots again. */
+ * executor's, how many records to make before it looks at the slots again; the slab new
+ * records are carved from (exec.c). */
 struct concur__rec_cache {
 	void *head;
 	unsigned len;
 	unsigned out_len;
 	void *out;
 	unsigned skip;
+	unsigned carve_left; /* records still to carve from slab, from carve on */
+	char *carve;
+	struct concur__slab *slab;
 };
 /* A loop keeps this many freed records of each size for its own next tasks. */
 #define CONCUR__TASK_CACHE_MAX 1024
