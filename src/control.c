@@ -36,7 +36,8 @@ void concur__ctl_start(struct concur__loop *loop, struct concur__task *t)
 void concur__ctl_live(struct concur__loop *loop, struct concur__task *t)
 {
 	struct concur__ctl *c = &t->fib->ctl;
-	t->f.flags |= CONCUR__TASK_LIVE;
+	t->f.flags |=
+	    CONCUR__TASK_LIVE | (concur__task_stack_big(t) ? CONCUR__TASK_QUICK_SUSPEND : 0);
 	c->live_prev = NULL;
 	c->live_next = loop->live;
 	if (loop->live)
@@ -53,7 +54,7 @@ void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
 		free(c->scopes);
 	if (!(t->f.flags & CONCUR__TASK_LIVE))
 		return;
-	t->f.flags &= ~CONCUR__TASK_LIVE;
+	t->f.flags &= ~(CONCUR__TASK_LIVE | CONCUR__TASK_QUICK_SUSPEND);
 	if (c->live_prev)
 		c->live_prev->fib->ctl.live_next = c->live_next;
 	else

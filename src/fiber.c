@@ -829,16 +829,15 @@ static __attribute__((noinline)) void concur__suspend_slow(struct concur__loop *
 
 /*
  * The common case inline, kept to what needs no callee-saved register (every call is a tail
- * call): t has a full stack (no canary to check), has suspended before (is on the live list)
- * and a started fiber is ready, within the turn's budget (concur__loop_pop_direct with no host
- * never starts a task). So a yield or an
- * await costs the switch's own saves and little more.
+ * call): t is CONCUR__TASK_QUICK_SUSPEND (it suspended before, so it is on the live list, and
+ * has a full stack: no canary to check) and a started fiber is ready, within the turn's budget
+ * (concur__loop_pop_direct with no host never starts a task). So a yield or an await costs the
+ * switch's own saves and little more.
  */
 static inline void concur__suspend_on(struct concur__loop *loop, struct concur__task *t)
 {
 	struct concur__task *next = NULL;
-	if (CONCUR__LIKELY(loop->ready_head && (t->f.flags & CONCUR__TASK_LIVE) &&
-	                   concur__task_stack_big(t)))
+	if (CONCUR__LIKELY(loop->ready_head && (t->f.flags & CONCUR__TASK_QUICK_SUSPEND)))
 		next = concur__loop_pop_direct(loop, NULL, false);
 	if (CONCUR__UNLIKELY(!next)) {
 		concur__suspend_slow(loop, t);

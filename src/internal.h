@@ -461,6 +461,9 @@ struct concur__task {
 /* in f.flags: the started task is on its loop's live list (concur__ctl_live), which it joins
  * when it first suspends: one that runs to its end without suspending never needs finding */
 #define CONCUR__TASK_LIVE 2u
+/* in f.flags: live, and with a full stack (concur__task_stack_big): its suspends may take the
+ * inline path, which tests just this bit */
+#define CONCUR__TASK_QUICK_SUSPEND 4u
 /* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
  * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
 #define CONCUR__TASK_PINNED (1u << 7)
