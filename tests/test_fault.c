@@ -356,8 +356,8 @@ static int run_case(int kind, long n, int mode, int limit, long lim)
 			       code);
 		else
 			printf("fault FAILED: %s call %ld fails (%s): %s (exit %d)\n",
-			       wrap_kind_name[kind], n, mode == WRAP_ONE ? "that one" : "and on",
-			       why, code);
+			       kind >= 0 ? wrap_kind_name[kind] : "nothing", n,
+			       mode == WRAP_ONE ? "that one" : "and on", why, code);
 	}
 	return code;
 }
