@@ -89,17 +89,10 @@ static int io_check_supported(const concur_exec *ex, unsigned opcode, int64_t ti
 	return 0;
 }
 
-/* Loop thread: put the op's SQE (and its linked timeout) into the ring. */
-static void io_submit(struct concur__loop *loop, struct concur__io *io)
+/* The request's SQE, prepared in the ring, is marked ours; with a deadline, its linked timeout
+ * follows (the room for both was made before the first was taken). */
+static void io_link(struct concur__loop *loop, struct io_req *r, struct io_uring_sqe *sqe)
 {
-	struct io_req *r = &io->r;
-	struct io_uring_sqe *sqe;
-
-	/* a link must not be split across two submits: make room for both at once */
-	if (r->has_deadline)
-		concur__sq_reserve(loop, 2);
-	sqe = concur__sqe(loop);
-	*sqe = io->sqe;
 	concur__sqe_set_op(loop, sqe, &r->op);
 	if (r->has_deadline) {
 		sqe->flags |= IOSQE_IO_LINK;
@@ -107,6 +100,24 @@ static void io_submit(struct concur__loop *loop, struct concur__io *io)
 		io_uring_prep_link_timeout(sqe, &r->deadline, 0);
 		concur__sqe_set_op(loop, sqe, &r->lt_op);
 	}
+}
+
+/* A ring's SQE for r (and room for its linked timeout: a link must not be split across two
+ * submits). */
+static struct io_uring_sqe *io_ring_sqe(struct concur__loop *loop, struct io_req *r)
+{
+	if (r->has_deadline)
+		concur__sq_reserve(loop, 2);
+	return concur__sqe(loop);
+}
+
+/* Loop thread: put the SQE prepared in the op's record (and its linked timeout) into the ring. */
+static void io_submit(struct concur__loop *loop, struct concur__io *io)
+{
+	struct io_uring_sqe *sqe = io_ring_sqe(loop, &io->r);
+
+	*sqe = io->sqe;
+	io_link(loop, &io->r, sqe);
 }
 
 /*
@@ -299,19 +310,31 @@ static concur_future *io_fail(concur_exec *ex, int err)
 	return concur__failed_future(concur__exec_valid(ex) ? ex : NULL, err);
 }
 
-/* Submit on the caller's loop when it is one of ex's, else post it to one. */
-static concur_future *io_start(struct concur__io *io)
+/*
+ * Where a new op's SQE is prepared: straight into the ring when the caller is a loop of the op's
+ * executor (it is submitted from there: no copy), else into the record, which the loop it is
+ * posted to copies into its ring.
+ */
+static struct io_uring_sqe *io_sqe(struct concur__io *io)
+{
+	struct concur__loop *cur = concur__tl_loop;
+
+	return cur && cur->ex == io->f.ex ? io_ring_sqe(cur, &io->r) : &io->sqe;
+}
+
+/* Submit on the caller's loop when it is one of ex's (sqe is its ring's), else post it to one. */
+static concur_future *io_start(struct concur__io *io, struct io_uring_sqe *sqe)
 {
 	concur_exec *ex = io->f.ex;
 	struct concur__loop *cur = concur__tl_loop;
 
-	if (cur && cur->ex == ex) {
+	if (sqe != &io->sqe) {
 		/* counted on the loop, as a local spawn is: the op ends on this loop's ring */
 		concur__work_begin_local(cur);
 		io->r.loop = cur;
 		/* claimed: nobody else has seen it yet, so no exchange is needed */
 		atomic_store_explicit(&io->f.state, CONCUR__RUNNING, memory_order_relaxed);
-		io_submit(cur, io);
+		io_link(cur, &io->r, sqe);
 		io_live_add(cur, io);
 	} else {
 		concur__work_begin(ex);
@@ -379,10 +402,9 @@ static int io_await_begin(struct io_req *r, unsigned opcode, int64_t timeout_ns,
 			r->lt_op.cqe = io_lt_cqe;
 			r->lt_res = 0;
 			CONCUR__NS_TO_TS(&r->deadline, timeout_ns);
-			concur__sq_reserve(loop, 2); /* the link must not be split */
 		}
 	}
-	*sqe = concur__sqe(loop);
+	*sqe = io_ring_sqe(loop, r);
 	return 0;
 }
 
@@ -394,13 +416,7 @@ static int64_t io_await_end(struct io_req *r, struct io_uring_sqe *sqe)
 	int64_t res;
 	int intr;
 
-	concur__sqe_set_op(loop, sqe, &r->op);
-	if (r->has_deadline) {
-		sqe->flags |= IOSQE_IO_LINK;
-		sqe = concur__sqe(loop);
-		io_uring_prep_link_timeout(sqe, &r->deadline, 0);
-		concur__sqe_set_op(loop, sqe, &r->lt_op);
-	}
+	io_link(loop, r, sqe);
 	/* resumed by io_req_cqe once every CQE is in */
 	intr = concur__suspend_interruptible(r->task, io_await_interrupt, r);
 	if (r->timer_deadline)
@@ -428,10 +444,10 @@ static int64_t io_await_end(struct io_req *r, struct io_uring_sqe *sqe)
 		if (err_)                                                                          \
 			return io_fail(ex, err_);                                                  \
 		struct io_req *r_ = &io_->r;                                                       \
-		struct io_uring_sqe *sqe = &io_->sqe;                                              \
+		struct io_uring_sqe *sqe = io_sqe(io_);                                            \
 		(void)r_;                                                                          \
 		prep;                                                                              \
-		return io_start(io_);                                                              \
+		return io_start(io_, sqe);                                                         \
 	}
 
 #define IO_AWAIT_BODY(opcode, check, prep, timeout)                                                \
