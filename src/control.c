@@ -20,9 +20,9 @@
 
 /* ---- a task's control state ---------------------------------------------------------------- */
 
-void concur__ctl_start(struct concur__loop *loop, struct concur__task *t)
+void concur__ctl_start(struct concur__fiber *fib)
 {
-	struct concur__ctl *c = &t->fib->ctl;
+	struct concur__ctl *c = &fib->ctl;
 	c->interrupt = NULL;
 	c->shield = 0;
 	c->scopes = NULL;
@@ -30,7 +30,7 @@ void concur__ctl_start(struct concur__loop *loop, struct concur__task *t)
 	c->due = INT64_MAX;
 	c->seen_now = 0;
 	c->heap_idx = UINT32_MAX;
-	(void)loop; /* the live list waits for the first suspend (concur__ctl_live) */
+	/* the live list waits for the task's first suspend (concur__ctl_live) */
 }
 
 void concur__ctl_live(struct concur__loop *loop, struct concur__task *t)

@@ -902,8 +902,8 @@ static inline bool concur__op_supported(const concur_exec *ex, unsigned opcode)
 
 /* ---- control of running tasks (control.c) -------------------------------------------------- */
 
-/* A task starts or ends on its loop: set up and tear down its control state. */
-void concur__ctl_start(struct concur__loop *loop, struct concur__task *t);
+/* A task starts on the fiber, or ends on its loop: set up and tear down its control state. */
+void concur__ctl_start(struct concur__fiber *fib);
 void concur__ctl_end(struct concur__loop *loop, struct concur__task *t);
 /*
  * t suspends for the first time: onto the loop's live list, which a stop walks to cancel the

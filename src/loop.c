@@ -229,7 +229,7 @@ static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t
 	}
 	t->fib = fib;
 	concur__fiber_prepare(fib, t);
-	concur__ctl_start(loop, t);
+	concur__ctl_start(fib);
 	concur__stat_inc(&loop->st.tasks_run, 1);
 	return true;
 }
