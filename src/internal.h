@@ -41,7 +41,7 @@
  *   blocking.c the blocking pool (spawn_blocking).
  *   stall.c    the stall detector.
  *   wait.h     what the composition parts (wait.c, group.c, sync.c, blocking.c) share.
- *   sys.c      the syscall layer: the clock, the futex, the thread's error message. It calls
+ *   sys.c      the syscall layer: the clock, the futex, prefaulting, the error message. It calls
  *              nothing of concur's; every other file may call it.
  *   internal.h this: what every part shares.
  *
@@ -1017,5 +1017,8 @@ static inline int64_t concur__coarse_now_ns(void)
 int64_t concur__after_ns(int64_t timeout_ns);
 /* The same as an absolute timespec, for futex and condvar waits. */
 void concur__deadline(struct timespec *abs, int64_t timeout_ns);
+/* Fault in the pages of [p, p + len) (page-aligned) for writing, in one call rather than one
+ * fault each; without the kernel's support (Linux 5.14+) nothing, and it is not asked again. */
+void concur__prefault(void *p, size_t len);
 
 #endif /* CONCUR_INTERNAL_H */

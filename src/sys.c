@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The syscall layer: the clock, the futex, and the thread's error message. Everything above
- * (futures, loops, compositions) sleeps, wakes and tells time through these few functions, and
- * they call nothing of concur's.
+ * The syscall layer: the clock, the futex, prefaulting memory, and the thread's error message.
+ * Everything above (futures, loops, compositions) sleeps, wakes and tells time through these few
+ * functions, and they call nothing of concur's.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,6 +52,22 @@ int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timesp
 void concur__futex_wake(_Atomic uint32_t *word, int n)
 {
 	syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
+}
+
+/* ---- memory -------------------------------------------------------------------------------- */
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; liburing's and older libc headers lack it */
+#endif
+
+void concur__prefault(void *p, size_t len)
+{
+	static _Atomic bool unsupported;
+	if (atomic_load_explicit(&unsupported, memory_order_relaxed))
+		return;
+	/* EINVAL: a kernel without it. ENOMEM and the like: the faults will say so, one by one */
+	if (madvise(p, len, MADV_POPULATE_WRITE) && errno == EINVAL)
+		atomic_store_explicit(&unsupported, true, memory_order_relaxed);
 }
 
 /* ---- errors -------------------------------------------------------------------------------- */

@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: MIT */
-/* The syscall layer (sys.c): the clock, deadlines, the futex, error messages. */
+/* The syscall layer (sys.c): the clock, deadlines, the futex, prefaulting, error messages. */
 #include "helpers.h"
 #include "internal.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 static void test_clock_and_deadlines(void **state)
 {
@@ -21,6 +23,29 @@ static void test_clock_and_deadlines(void **state)
 	assert_true(at >= due && ts.tv_nsec >= 0 && ts.tv_nsec < 1000000000);
 	concur__deadline(&ts, INT64_MAX);
 	assert_int_equal(CONCUR__TS_TO_NS(&ts), INT64_MAX);
+}
+
+/* Prefaulted pages are resident before anything touches them (this kernel has
+ * MADV_POPULATE_WRITE: Linux 5.14+), and only those. */
+static void test_prefault(void **state)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE), len = 16 * page;
+	char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	assert_true(p != MAP_FAILED);
+	unsigned char in[16];
+	assert_int_equal(mincore(p, len, in), 0);
+	for (int i = 0; i < 16; i++)
+		assert_int_equal(in[i] & 1, 0); /* untouched: not there yet */
+	concur__prefault(p, len / 2);
+	assert_int_equal(mincore(p, len, in), 0);
+	for (int i = 0; i < 16; i++)
+		assert_int_equal(in[i] & 1, i < 8);
+	assert_int_equal(p[0], 0); /* zero-filled, as a fault would have made them */
+	concur__prefault(p + len / 2, len / 2);
+	assert_int_equal(mincore(p, len, in), 0);
+	for (int i = 0; i < 16; i++)
+		assert_int_equal(in[i] & 1, 1);
+	munmap(p, len);
 }
 
 static void test_futex(void **state)
@@ -65,6 +90,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_clock_and_deadlines),
 	    cmocka_unit_test(test_futex),
+	    cmocka_unit_test(test_prefault),
 	    cmocka_unit_test(test_errors),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
