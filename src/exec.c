@@ -337,12 +337,12 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
  * loop spawning 10^6 tasks made 31k of them, about a third of spawn/bulk. A slab counts its
  * records out (handed out and not given back to it) plus one while it is carved; the last to
  * go frees it, on whichever thread. So memory goes back in whole slabs, and a record kept long
- * keeps its slab. Its pages are faulted in at once, as its records will all be written soon (one
- * madvise() instead of 8 page faults: spawn/bulk 0.89x). 32 KiB, as glibc serves an
- * aligned_alloc of that from the arena (64 KiB took
- * an mmap() each, and every slab given back a munmap(), whose TLB shootdowns and mmap lock cost
- * the other loop more than the mprotect()s had). ASan builds malloc each record, so that
- * LeakSanitizer still names a leaked future and ASan a use after free.
+ * keeps its slab. Its pages are faulted in at once, as its records will all be written soon
+ * (one madvise() instead of 8 page faults: spawn/bulk 0.89x). 32 KiB, as glibc serves an
+ * aligned_alloc of that from the arena (64 KiB took an mmap() each, and every slab given back a
+ * munmap(), whose TLB shootdowns and mmap lock cost the other loop more than the mprotect()s
+ * had). ASan builds malloc each record, so that LeakSanitizer still names a leaked future and
+ * ASan a use after free.
  */
 #define CONCUR__SLAB_BYTES ((size_t)32 * 1024)
 #define CONCUR__SLAB_HEAD  CONCUR__CACHELINE /* the count, on a line of its own */
