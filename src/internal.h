@@ -498,7 +498,7 @@ static inline bool concur__task_stack_big(const struct concur__task *t)
  * call of __tls_get_addr as far as the compiler knows -- the linker relaxes it away in an
  * executable, but only after the compiler kept values in callee-saved registers around the
  * "call", so a yield pushed and popped four registers for nothing. Every thread-local of the
- * library is one of these. The cost: the shared library's TLS block (~160 bytes; the error
+ * library is one of these. The cost: the shared library's TLS block (~220 bytes; the error
  * text is on the heap, sys.c) is static TLS, as glibc's own libraries and jemalloc have it: a
  * dlopen() takes it from glibc's surplus (2.32 on: rtld.optional_static_tls, 512 bytes by
  * default, shared with every other library loaded so). musl's loader refuses to dlopen a
