@@ -351,13 +351,6 @@ struct concur__slab {
 	_Atomic uint32_t out;
 };
 
-/* Records are laid out 16 bytes apart at least, as malloc would: a task's 120 bytes take two
- * whole cache lines. */
-static inline size_t concur__rec_stride(size_t bytes)
-{
-	return (bytes + 15) & ~(size_t)15;
-}
-
 static void concur__slab_put(struct concur__slab *s, uint32_t n)
 {
 	if (atomic_fetch_sub_explicit(&s->out, n, memory_order_acq_rel) == n)
@@ -381,7 +374,8 @@ static void *concur__rec_mem_new(struct concur__rec_cache *c, size_t bytes)
 	(void)c;
 	return malloc(bytes);
 #else
-	size_t stride = concur__rec_stride(bytes);
+	/* 16 bytes apart at least, as malloc would: a task's 120 bytes take two whole lines */
+	size_t stride = (bytes + 15) & ~(size_t)15;
 	if (!c || !c->carve_left) {
 		struct concur__slab *s = aligned_alloc(CONCUR__SLAB_BYTES, CONCUR__SLAB_BYTES);
 		if (!s)
