@@ -40,15 +40,17 @@
 #define CONCUR__REAP_BATCH 64
 /*
  * A fed loop watches its inbox before sleeping: CONCUR__INBOX_SPIN pauses (~1 µs), enough for a
- * thread that waits for each answer before it posts again, then CONCUR__INBOX_YIELDS
- * sched_yield()s (~10 µs on a CPU nobody else wants). A pause keeps the CPU from whoever else
- * is runnable there -- with one loop per CPU, that is the very thread feeding the loops, which
- * then ran about half the time (a pipeline of then()s from main took 1.5x as long as with the
- * yields, 10^6 spawns from main 2x) -- while a yield hands it over, and is a cheap syscall when
- * nobody wants it.
+ * thread that waits for each answer before it posts again, then sched_yield()s until
+ * CONCUR__INBOX_WATCH_NS have passed (~20 yields on a CPU nobody else wants). A pause keeps the
+ * CPU from whoever else is runnable there -- with one loop per CPU, that is the very thread
+ * feeding the loops, which then ran about half the time (a pipeline of then()s from main took
+ * 1.5x as long as with the yields, 10^6 spawns from main 2x) -- while a yield hands it over,
+ * and is a cheap syscall when nobody wants it. The watch is bounded in time, not in yields: a
+ * yield may give the CPU away for a whole time slice, and a loop that yielded is not woken by
+ * its completions as a sleeping one is; it also ends as soon as completions are waiting.
  */
-#define CONCUR__INBOX_SPIN   32
-#define CONCUR__INBOX_YIELDS 16
+#define CONCUR__INBOX_SPIN     32
+#define CONCUR__INBOX_WATCH_NS 10000
 
 static void concur__ignore_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                                uint32_t cqe_flags)
@@ -582,20 +584,31 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed)
 {
 	concur_exec *ex = loop->ex;
 	/* A loop fed by a thread outside the executor watches its inbox ~10 µs before sleeping
-	 * (CONCUR__INBOX_SPIN, then _YIELDS: the thread stays runnable, it never blocks there):
-	 * otherwise a producer slightly slower than the loop rings a doorbell (a syscall) for
-	 * almost every post. Bounded, and only right after inbox traffic: idle stays idle. */
+	 * (CONCUR__INBOX_SPIN, then yields until CONCUR__INBOX_WATCH_NS: the thread stays
+	 * runnable, it never blocks there): otherwise a producer slightly slower than the loop
+	 * rings a doorbell (a syscall) for almost every post. Bounded, and only right after inbox
+	 * traffic: idle stays idle. Completions waiting (IORING_SQ_TASKRUN) end the watch: the
+	 * sleep's enter collects them and returns at once. */
 	if (fed) {
 		/* queued MSG_RINGs (waking tasks of other loops) go out before the watch */
 		if (io_uring_sq_ready(&loop->ring))
 			(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the sleep submits */
-		for (int i = 0; i < CONCUR__INBOX_SPIN + CONCUR__INBOX_YIELDS; i++) {
+		int64_t until = 0;
+		for (int i = 0;; i++) {
 			if (atomic_load_explicit(&loop->inbox, memory_order_relaxed))
 				return;
-			if (i < CONCUR__INBOX_SPIN)
+			if (IO_URING_READ_ONCE(*loop->ring.sq.kflags) & IORING_SQ_TASKRUN)
+				break;
+			if (i < CONCUR__INBOX_SPIN) {
 				concur__cpu_relax();
-			else
-				sched_yield();
+				continue;
+			}
+			int64_t now = concur__now_ns();
+			if (!until)
+				until = now + CONCUR__INBOX_WATCH_NS;
+			else if (now >= until)
+				break;
+			sched_yield();
 		}
 	}
 	atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
