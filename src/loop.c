@@ -438,8 +438,11 @@ static void concur__handoff(struct concur__loop *loop)
 			first->prev->next = NULL;
 		else
 			loop->fresh_head = NULL;
+		struct concur__node *last = loop->fresh_tail;
 		loop->fresh_tail = first->prev;
 		loop->nfresh -= k;
+		/* the chain's last node, for the receiver to splice it in whole */
+		first->prev = last;
 		concur__msg_ring(loop, idle, (uint64_t)(uintptr_t)first | CONCUR__TAG_HANDOFF,
 		                 (uint32_t)k,
 		                 (uint64_t)(uintptr_t)first | CONCUR__TAG_HANDOFF_FAILED);
@@ -448,13 +451,25 @@ static void concur__handoff(struct concur__loop *loop)
 	}
 }
 
-static void concur__take_chain(struct concur__loop *loop, struct concur__node *n)
+/*
+ * A chain of k unstarted tasks handed off (concur__handoff), or given back to the sender by a
+ * failed MSG_RING (k unknown: 0, counted here), goes behind our fresh tasks in one splice: the
+ * sender left the chain's last node in first->prev, so no task record is touched but the first
+ * (records handed off in bulk are cold: walking them cost a miss each).
+ */
+static void concur__take_chain(struct concur__loop *loop, struct concur__node *first, size_t k)
 {
-	while (n) {
-		struct concur__node *next = n->next;
-		concur__loop_push_fresh(loop, concur__task_of_node(n), false);
-		n = next;
-	}
+	struct concur__node *last = first->prev;
+	if (!k)
+		for (struct concur__node *n = first; n; n = n->next)
+			k++;
+	first->prev = loop->fresh_tail;
+	if (loop->fresh_tail)
+		loop->fresh_tail->next = first;
+	else
+		loop->fresh_head = first;
+	loop->fresh_tail = last;
+	loop->nfresh += k;
 }
 
 /* ---- CQEs ------------------------------------------------------------------------------------ */
@@ -483,7 +498,7 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 		concur__node_arrived(loop, p);
 		break;
 	case CONCUR__TAG_HANDOFF:
-		concur__take_chain(loop, p);
+		concur__take_chain(loop, p, (size_t)(uint32_t)res); /* MSG_RING's len: k */
 		break;
 	case CONCUR__TAG_DOORBELL:
 		/* NULL: a wake, and the inbox is drained every turn. A loop: our doorbell to it
@@ -502,7 +517,7 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 		break;
 	}
 	case CONCUR__TAG_HANDOFF_FAILED:
-		concur__take_chain(loop, p); /* keep them */
+		concur__take_chain(loop, p, 0); /* keep them */
 		/* the idle loop's `sleeping` was cleared for this message: wake it (we do not know
 		 * which one it was, and a spare wake is harmless) */
 		for (unsigned i = 0; i < loop->ex->nloops; i++)
