@@ -573,6 +573,8 @@ enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_IO, CONCUR__REC_SIZES };
  */
 void *concur__rec_alloc(concur_exec *ex, struct concur__loop *loop, int k);
 void concur__rec_free(void *p, int k);
+/* The chunks of slabs mapped now, by every thread (exec.c; tests check that they all go back). */
+long concur__chunks_live(void);
 /* A thread's freed records of one size: a LIFO list for its next allocations; a loop's, a chain
  * being filled for its executor's recycle slots once the list is full; a thread outside the
  * executor's, how many records to make before it looks at the slots again; the slab new
@@ -586,6 +588,9 @@ struct concur__rec_cache {
 	unsigned carve_left; /* records still to carve from slab, from carve on */
 	char *carve;
 	struct concur__slab *slab;
+	struct concur__slab *chunk; /* the chunk slabs are cut from, once arena_slabs is reached */
+	unsigned chunk_left;        /* its slabs still to cut */
+	unsigned arena_slabs;       /* slabs taken from the malloc arena (up to a bound) */
 };
 /* A loop keeps this many freed records of each size for its own next tasks. */
 #define CONCUR__TASK_CACHE_MAX 1024
@@ -1020,5 +1025,8 @@ void concur__deadline(struct timespec *abs, int64_t timeout_ns);
 /* Fault in the pages of [p, p + len) (page-aligned) for writing, in one call rather than one
  * fault each; without the kernel's support (Linux 5.14+) nothing, and it is not asked again. */
 void concur__prefault(void *p, size_t len);
+/* len bytes of fresh anonymous memory aligned to align (a power of two, a multiple of the page),
+ * faulted in for writing as concur__prefault does; NULL if the kernel refuses a mapping. */
+void *concur__map_aligned(size_t len, size_t align);
 
 #endif /* CONCUR_INTERNAL_H */

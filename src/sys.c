@@ -70,6 +70,32 @@ void concur__prefault(void *p, size_t len)
 		atomic_store_explicit(&unsupported, true, memory_order_relaxed);
 }
 
+void *concur__map_aligned(size_t len, size_t align)
+{
+	/* Mappings tend to be placed right below the last one: after an aligned one of a length
+	 * that is a multiple of align, the next is aligned too, and joins it in one VMA. */
+	char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return NULL;
+	if ((uintptr_t)p & (align - 1)) {
+		munmap(p, len);
+		/* room to align the start, and the ends past the aligned part back (a failed
+		 * munmap only leaves them mapped) */
+		size_t span = len + align;
+		p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED)
+			return NULL;
+		char *start = (char *)(((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1));
+		if (start > p)
+			munmap(p, (size_t)(start - p));
+		if (p + span > start + len)
+			munmap(start + len, (size_t)(p + span - (start + len)));
+		p = start;
+	}
+	concur__prefault(p, len);
+	return p;
+}
+
 /* ---- errors -------------------------------------------------------------------------------- */
 
 /*

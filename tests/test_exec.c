@@ -612,6 +612,77 @@ static void test_spawn_on_bad(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A burst of records past a cache's first slabs is cut from chunks (exec.c), on a loop and on a
+ * thread outside the executor alike, and every chunk is unmapped once its records are all given
+ * back and the caches that cut them are gone (the loops stopped, the thread exited). Runs first:
+ * no earlier test's thread cache holds a chunk. ASan builds malloc each record: no chunk at all.
+ */
+#define BURST 20000
+static atomic_long burst_ran;
+
+static int64_t burst_leaf(void *arg)
+{
+	(void)arg;
+	atomic_fetch_add(&burst_ran, 1);
+	return 0;
+}
+
+/* BURST fire-and-forget spawns; the chunks mapped then, or the error of a failed spawn. */
+static int64_t burst_spawn(void)
+{
+	for (int i = 0; i < BURST; i++) {
+		concur_future *f = concur_spawn(ex, burst_leaf, NULL);
+		int64_t r = concur_done(f) ? concur_result(f, 0) : 0; /* a failed spawn is done */
+		concur_release(f);
+		if (r < 0)
+			return r;
+	}
+	return concur__chunks_live();
+}
+
+static int64_t burst_task(void *arg)
+{
+	(void)arg;
+	return burst_spawn(); /* never yields: all BURST records are out at once */
+}
+
+static void *burst_thread(void *arg)
+{
+	*(int64_t *)arg = burst_spawn();
+	return NULL;
+}
+
+static void test_record_chunks(void **state)
+{
+	long before = concur__chunks_live();
+	ex = new_exec(2);
+	atomic_store(&burst_ran, 0);
+	concur_future *f = concur_spawn(ex, burst_task, NULL);
+	int64_t on_loop = concur_result(f, -1);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&burst_ran), BURST);
+
+	long between = concur__chunks_live(); /* what the loops' caches still pin */
+	int64_t outside = -1;
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, burst_thread, &outside), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&burst_ran), 2 * BURST);
+#ifdef CONCUR__ASAN
+	(void)between;
+	assert_int_equal(on_loop, before);
+	assert_int_equal(outside, before);
+#else
+	assert_true(on_loop > before);
+	assert_true(outside > between); /* the thread's own chunk, not cut to its end */
+#endif
+	concur_exec_free(ex);
+	assert_int_equal(concur__chunks_live(), before);
+}
+
 /* Only io_uring_register blocked: the error names the call, not "the kernel lacks
  * IORING_OP_MSG_RING". */
 static void test_io_uring_register_blocked(void **state)
@@ -623,6 +694,7 @@ static void test_io_uring_register_blocked(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_record_chunks),
 	    cmocka_unit_test(test_nested_waits),
 	    cmocka_unit_test(test_tree_search),
 	    cmocka_unit_test(test_join),

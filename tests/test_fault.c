@@ -456,6 +456,73 @@ static void test_fault_memlock(void **state)
 	assert_int_equal(failures, 0);
 }
 
+/*
+ * Without a mapping for a chunk (the map count reached, say), a burst's records past the first
+ * slabs come from the malloc arena: no spawn fails, and nothing is left behind. In this
+ * process: only the spawning task runs while mmap fails. ASan builds malloc each record.
+ */
+#define CHUNK_BURST 20000
+static atomic_long chunk_burst_ran;
+
+static int64_t chunk_burst_leaf(void *arg)
+{
+	(void)arg;
+	atomic_fetch_add(&chunk_burst_ran, 1);
+	return 0;
+}
+
+static int64_t chunk_burst_task(void *arg)
+{
+	concur_exec *ex = arg;
+	int64_t r = 0;
+	wrap_arm(WRAP_MMAP, 0, WRAP_FROM);
+	for (int i = 0; i < CHUNK_BURST && r == 0; i++) {
+		concur_future *f = concur_spawn(ex, chunk_burst_leaf, NULL);
+		r = concur_done(f) ? concur_result(f, 0) : 0; /* a failed spawn is done */
+		concur_release(f);
+	}
+	long refused = atomic_load(&wrap_failed[WRAP_MMAP]);
+	wrap_disarm();
+	return r < 0 ? r : refused;
+}
+
+/* On a thread of its own, whose record cache goes when it exits (for the leak count). */
+static void *chunk_burst_run(void *arg)
+{
+	int64_t *refused = arg;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	if (concur_exec_new(&ex, &o))
+		return NULL;
+	concur_future *f = concur_spawn(ex, chunk_burst_task, ex);
+	*refused = concur_result(f, -1);
+	concur_release(f);
+	if (concur__chunks_live() != 0 || concur_exec_join(ex, -1))
+		*refused = -EPROTO;
+	concur_exec_free(ex);
+	return NULL;
+}
+
+static void test_fault_chunk_mmap(void **state)
+{
+	(void)state;
+	long live0 = atomic_load(&wrap_live);
+	assert_int_equal(concur__chunks_live(), 0); /* no test before made one */
+	int64_t refused = -1;
+	pthread_t th;
+	atomic_store(&chunk_burst_ran, 0);
+	assert_int_equal(pthread_create(&th, NULL, chunk_burst_run, &refused), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+#ifdef CONCUR__ASAN
+	assert_int_equal(refused, 0);
+#else
+	assert_true(refused > 0); /* a chunk was asked for, and refused */
+#endif
+	assert_int_equal(atomic_load(&chunk_burst_ran), CHUNK_BURST);
+	assert_int_equal(atomic_load(&wrap_live), live0);
+	assert_int_equal(concur__chunks_live(), 0);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -499,9 +566,9 @@ int main(void)
 	if (getenv("CONCUR_FAULT_CASE"))
 		return single_case(getenv("CONCUR_FAULT_CASE"));
 	const struct CMUnitTest tests[] = {
-	    T(test_fault_malloc),     T(test_fault_mmap),   T(test_fault_thread),
-	    T(test_fault_ring_setup), T(test_fault_submit), T(test_fault_nofile),
-	    T(test_fault_memlock),
+	    T(test_fault_malloc),     T(test_fault_mmap),       T(test_fault_thread),
+	    T(test_fault_ring_setup), T(test_fault_submit),     T(test_fault_nofile),
+	    T(test_fault_memlock),    T(test_fault_chunk_mmap),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -18,6 +18,7 @@
  */
 #include "helpers.h"
 #include "wrap.h"
+#include "internal.h" /* concur__chunks_live */
 
 #include <errno.h>
 #include <inttypes.h>
@@ -962,6 +963,9 @@ static void test_stress(void **state)
 		if (live)
 			show_leaks();
 		CHECK(live == 0, "%ld heap blocks left after concur_exec_free", live);
+		/* nor a chunk of record slabs (mapped, not malloc'd: exec.c) */
+		CHECK(concur__chunks_live() == 0, "%ld chunks left after concur_exec_free",
+		      concur__chunks_live());
 	}
 	alarm(0);
 }
