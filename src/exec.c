@@ -353,8 +353,8 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
  * whole, where a slab from the arena cost an mprotect() (the arena growing) and a madvise() of
  * its own, most of spawn/bulk's system time (spawn/bulk 0.80x, spawn/foreign 0.68x). A chunk's
  * slabs are not reused once given back: it is unmapped when its last one is (a record kept long
- * keeps its chunk, 1 MiB), one munmap() for 32 slabs where 64 KiB slabs took one each. Without
- * a mapping (the map count, memory), slabs come from the arena again.
+ * keeps its chunk, 1 MiB), one munmap() for 32 slabs where 64 KiB slabs took one each. Refused
+ * a mapping (the map count, memory), a cache takes its next 8 slabs from the arena again.
  */
 #define CONCUR__ARENA_SLABS 8
 #define CONCUR__CHUNK_SLABS 32
@@ -377,10 +377,14 @@ long concur__chunks_live(void)
 
 static void concur__chunk_put(struct concur__slab *chunk, uint32_t n)
 {
-	if (atomic_fetch_sub_explicit(&chunk->chunk_out, n, memory_order_acq_rel) == n) {
-		munmap(chunk, CONCUR__CHUNK_BYTES);
+	if (atomic_fetch_sub_explicit(&chunk->chunk_out, n, memory_order_acq_rel) != n)
+		return;
+	/* Unmapping it from between two others splits their mapping, which the map count may
+	 * refuse: its pages go back all the same, and it stays mapped (and counted). */
+	if (munmap(chunk, CONCUR__CHUNK_BYTES))
+		madvise(chunk, CONCUR__CHUNK_BYTES, MADV_DONTNEED);
+	else
 		atomic_fetch_sub_explicit(&concur__chunks, 1, memory_order_relaxed);
-	}
 }
 
 static void concur__slab_put(struct concur__slab *s, uint32_t n)
@@ -426,6 +430,8 @@ static struct concur__slab *concur__slab_new(struct concur__rec_cache *c)
 			c->chunk = s;
 			c->chunk_left = CONCUR__CHUNK_SLABS;
 		}
+		if (!c->chunk_left)
+			c->arena_slabs = 0; /* refused: the arena's next 8 before asking again */
 		if (c->chunk_left) {
 			s = (void *)((char *)c->chunk +
 			             (CONCUR__CHUNK_SLABS - c->chunk_left) * CONCUR__SLAB_BYTES);

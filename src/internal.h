@@ -41,8 +41,8 @@
  *   blocking.c the blocking pool (spawn_blocking).
  *   stall.c    the stall detector.
  *   wait.h     what the composition parts (wait.c, group.c, sync.c, blocking.c) share.
- *   sys.c      the syscall layer: the clock, the futex, prefaulting, the error message. It calls
- *              nothing of concur's; every other file may call it.
+ *   sys.c      the syscall layer: the clock, the futex, prefaulting and aligned mappings, the
+ *              error message. It calls nothing of concur's; every other file may call it.
  *   internal.h this: what every part shares.
  *
  * Who calls whom in the core (a completion resumes a fiber on a loop and a loop runs fibers and
@@ -590,7 +590,7 @@ struct concur__rec_cache {
 	struct concur__slab *slab;
 	struct concur__slab *chunk; /* the chunk slabs are cut from, once arena_slabs is reached */
 	unsigned chunk_left;        /* its slabs still to cut */
-	unsigned arena_slabs;       /* slabs taken from the malloc arena (up to a bound) */
+	unsigned arena_slabs;       /* slabs taken from the malloc arena, up to a bound (exec.c) */
 };
 /* A loop keeps this many freed records of each size for its own next tasks. */
 #define CONCUR__TASK_CACHE_MAX 1024

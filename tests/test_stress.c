@@ -956,7 +956,7 @@ static void test_stress(void **state)
 		/* a helper frees its doorbell ring in a thread-exit destructor, after it left the
 		 * count above: give exiting threads a moment */
 		long live = atomic_load(&wrap_live) - live0;
-		for (int w = 0; w < 1000 && live; w++) {
+		for (int w = 0; w < 1000 && (live || concur__chunks_live()); w++) {
 			usleep(1000);
 			live = atomic_load(&wrap_live) - live0;
 		}

@@ -31,11 +31,12 @@ enum wrap_kind {
 	WRAP_THREAD,     /* pthread_create */
 	WRAP_RING_SETUP, /* io_uring_queue_init(_params), io_uring_register_buf_ring */
 	WRAP_SUBMIT,     /* io_uring_submit, io_uring_submit_and_wait, _and_get_events */
+	WRAP_MUNMAP,     /* (a split mapping at the map count's limit) */
 	WRAP_KINDS,
 };
 
-static const char *const wrap_kind_name[WRAP_KINDS] = {"malloc", "mmap", "pthread_create",
-                                                       "ring_setup", "submit"};
+static const char *const wrap_kind_name[WRAP_KINDS] = {"malloc",     "mmap",   "pthread_create",
+                                                       "ring_setup", "submit", "munmap"};
 
 enum wrap_mode {
 	WRAP_ONE,   /* only the Nth call fails */
@@ -103,6 +104,7 @@ void *__real_aligned_alloc(size_t align, size_t n);
 void *__real_realloc(void *p, size_t n);
 void __real_free(void *p);
 void *__real_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off);
+int __real_munmap(void *addr, size_t len);
 int __real_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __real_io_uring_queue_init_params(unsigned entries, struct io_uring *ring,
                                       struct io_uring_params *p);
@@ -119,6 +121,7 @@ void *__wrap_aligned_alloc(size_t align, size_t n);
 void *__wrap_realloc(void *p, size_t n);
 void __wrap_free(void *p);
 void *__wrap_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off);
+int __wrap_munmap(void *addr, size_t len);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __wrap_io_uring_queue_init_params(unsigned entries, struct io_uring *ring,
                                       struct io_uring_params *p);
@@ -195,6 +198,15 @@ void *__wrap_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 		return MAP_FAILED;
 	}
 	return __real_mmap(addr, len, prot, flags, fd, off);
+}
+
+int __wrap_munmap(void *addr, size_t len)
+{
+	if (wrap_fail(WRAP_MUNMAP)) {
+		errno = ENOMEM;
+		return -1;
+	}
+	return __real_munmap(addr, len);
 }
 
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg)
