@@ -17,7 +17,6 @@
 #include <limits.h>
 #include <sched.h>
 #include <stdlib.h>
-#include <sys/mman.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -379,11 +378,9 @@ static void concur__chunk_put(struct concur__slab *chunk, uint32_t n)
 {
 	if (atomic_fetch_sub_explicit(&chunk->chunk_out, n, memory_order_acq_rel) != n)
 		return;
-	/* Unmapping it from between two others splits their mapping, which the map count may
-	 * refuse: its pages go back all the same, and it stays mapped (and counted). */
-	if (munmap(chunk, CONCUR__CHUNK_BYTES))
-		madvise(chunk, CONCUR__CHUNK_BYTES, MADV_DONTNEED);
-	else
+	/* unmapping it from between two others splits their mapping, which the map count may
+	 * refuse: then it stays mapped (its pages given back), and counted */
+	if (concur__unmap(chunk, CONCUR__CHUNK_BYTES))
 		atomic_fetch_sub_explicit(&concur__chunks, 1, memory_order_relaxed);
 }
 

@@ -1028,5 +1028,8 @@ void concur__prefault(void *p, size_t len);
 /* len bytes of fresh anonymous memory aligned to align (a power of two, a multiple of the page),
  * faulted in for writing as concur__prefault does; NULL if the kernel refuses a mapping. */
 void *concur__map_aligned(size_t len, size_t align);
+/* Unmap [p, p + len); true if done. Refused (splitting a mapping at the map count's limit), the
+ * range stays mapped and its pages are given back (MADV_DONTNEED): false. */
+bool concur__unmap(void *p, size_t len);
 
 #endif /* CONCUR_INTERNAL_H */

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The syscall layer: the clock, the futex, prefaulting memory, and the thread's error message.
- * Everything above (futures, loops, compositions) sleeps, wakes and tells time through these few
- * functions, and they call nothing of concur's.
+ * The syscall layer: the clock, the futex, memory (prefaulting, aligned mappings), and the
+ * thread's error message. Everything above (futures, loops, compositions) sleeps, wakes and tells
+ * time through these few functions, and they call nothing of concur's.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -94,6 +94,14 @@ void *concur__map_aligned(size_t len, size_t align)
 	}
 	concur__prefault(p, len);
 	return p;
+}
+
+bool concur__unmap(void *p, size_t len)
+{
+	if (munmap(p, len) == 0)
+		return true;
+	madvise(p, len, MADV_DONTNEED); /* still mapped: its pages go back all the same */
+	return false;
 }
 
 /* ---- errors -------------------------------------------------------------------------------- */
