@@ -891,6 +891,16 @@ static bool concur__await_interrupt(struct concur__loop *loop, struct concur__ta
 	return true;
 }
 
+static bool concur__await_here_interrupt(struct concur__loop *loop, struct concur__task *t,
+                                         void *arg)
+{
+	concur_future *f = arg;
+	if (!f->cls->await_undo(f, t))
+		return false; /* completed first: the completion resumes us */
+	concur__resume(t);
+	return true;
+}
+
 int64_t concur__await(concur_future *f, int64_t timeout_ns)
 {
 	struct concur__task *t = concur__tl_task;
@@ -902,7 +912,9 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns)
 		return err;
 	/* on the fiber's stack: complete() is done with the node once it has resumed us */
 	struct concur__await a = {.w = {.kind = CONCUR__WAIT_AWAIT, .task = t}, .f = f};
-	if (concur__waiter_push(f, &a.w))
+	if (f->cls->await_here && f->cls->await_here(f, t))
+		err = concur__suspend_interruptible(t, concur__await_here_interrupt, f);
+	else if (concur__waiter_push(f, &a.w))
 		err = concur__suspend_interruptible(t, concur__await_interrupt, &a);
 	if (timeout_ns >= 0)
 		concur__ctl_wait_deadline(t, INT64_MAX);

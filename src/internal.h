@@ -229,6 +229,13 @@ struct concur__future_class {
 	int (*cancel_running)(concur_future *f);
 	/* Frees the memory once the last reference is gone. */
 	void (*destroy)(concur_future *f);
+	/* Optional, for a class whose future, once started, only its loop's thread completes:
+	 * await_here takes task t (running on the current loop) as f's one awaiter kept in f's
+	 * record, read by the completion on this same thread: no node on the waiter list, so no
+	 * atomic write. False: not so here (not started, another loop's, the slot taken); use the
+	 * list. await_undo takes t back (an interrupt): false if the completion took it first. */
+	bool (*await_here)(concur_future *f, struct concur__task *t);
+	bool (*await_undo)(concur_future *f, struct concur__task *t);
 };
 
 enum concur__waiter_kind {

@@ -55,7 +55,8 @@ struct concur__io {
 	struct concur__node node;        /* submit on the loop */
 	struct concur__node cancel_node; /* cancel on the loop */
 	struct io_req r;
-	struct io_uring_sqe sqe; /* prepared at the call, copied into the ring on the loop */
+	struct concur__task *awaiter; /* a task of r.loop awaiting the started op (io_await_here) */
+	struct io_uring_sqe sqe;      /* prepared at the call, copied into the ring on the loop */
 };
 
 _Static_assert(offsetof(struct concur__io, f) == 0, "an I/O op starts with its future");
@@ -198,6 +199,10 @@ static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 	io = concur__container_of(r, struct concur__io, r);
 	io_live_del(loop, io);
 	res = io_outcome(r, &cancelled);
+	if (io->awaiter) { /* queued first: it registered before anything on the list could */
+		concur__resume(io->awaiter);
+		io->awaiter = NULL;
+	}
 	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	io_drop(io);
 }
@@ -263,10 +268,40 @@ static int io_cancel_running(concur_future *f)
 	return -EINPROGRESS;
 }
 
+/*
+ * A started op's CQE is reaped on its loop, r.loop, and nothing else completes it (a cancel asks
+ * the kernel, and the CQE still ends it): a task of that loop awaiting it needs no node on the
+ * list, just this slot, which only that thread reads and writes. Read r.loop only once the
+ * state says started: it is set before (io_start, or io_submit_call before its claim).
+ */
+static bool io_await_here(concur_future *f, struct concur__task *t)
+{
+	struct concur__io *io = (struct concur__io *)f;
+
+	if ((atomic_load_explicit(&f->state, memory_order_acquire) & CONCUR__STATE_MASK) !=
+	        CONCUR__RUNNING ||
+	    io->r.loop != concur__tl_loop || io->awaiter)
+		return false;
+	io->awaiter = t;
+	return true;
+}
+
+static bool io_await_undo(concur_future *f, struct concur__task *t)
+{
+	struct concur__io *io = (struct concur__io *)f;
+
+	if (io->awaiter != t)
+		return false;
+	io->awaiter = NULL;
+	return true;
+}
+
 static const struct concur__future_class io_class = {
     .name = "io",
     .cancel_running = io_cancel_running,
     .destroy = io_destroy,
+    .await_here = io_await_here,
+    .await_undo = io_await_undo,
 };
 
 /* Loop thread: submit, unless the op was cancelled before it got here. */
@@ -299,6 +334,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 		return -ENOMEM;
 	memset(&io->node, 0, sizeof(io->node));
 	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
+	io->awaiter = NULL;
 	io_req_init(&io->r, opcode, timeout_ns);
 	concur__future_init(&io->f, &io_class, ex, 2);
 	*out = io;

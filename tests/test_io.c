@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -289,6 +290,68 @@ static void test_future_op_outlives_task(void **state)
 	assert_true(concur_done(op));
 	assert_int_equal(concur_result(op, 0), 0);
 	concur_release(op); /* off the loops: the record goes back to malloc */
+}
+
+/*
+ * Tasks of the loop an op was started on await it from a slot in its record, not the waiter
+ * list: a timed-out await gives the slot back, a second awaiter of the same op takes the list,
+ * and both are woken, in the order they began to wait. A slot left behind by the timed-out
+ * await would resume a task that no longer waits for the op.
+ */
+struct here {
+	int fd;
+	concur_future *op;
+	_Atomic int a_waiting,
+	    b_waiting; /* set just before the wait: no CQE is reaped until then */
+	int order[2], n;
+	int64_t res[2];
+};
+
+static int64_t here_b_task(void *arg)
+{
+	struct here *h = arg;
+	atomic_store(&h->b_waiting, 1);
+	h->res[1] = concur_result(h->op, -1); /* the slot, given back by A's timed-out await */
+	h->order[h->n++] = 'B';
+	return 0;
+}
+
+static int64_t here_a_task(void *arg)
+{
+	struct here *h = arg;
+	char c = 0;
+	h->op = concur_recv(ex, h->fd, &c, 1, 0, CONCUR_NO_TIMEOUT);
+	if (concur_result(h->op, MS(20)) != -ETIMEDOUT)
+		return -EPROTO;
+	concur_future *b = concur_spawn_on(ex, (unsigned)concur_current_loop(), here_b_task, h);
+	while (!atomic_load(&h->b_waiting))
+		concur_yield(); /* B runs on this loop: once it has said so, it waits */
+	atomic_store(&h->a_waiting, 1);
+	h->res[0] = concur_result(h->op, -1); /* the list: B holds the slot */
+	h->order[h->n++] = 'A';
+	int64_t rb = concur_result(b, -1);
+	concur_release(b);
+	concur_release(h->op);
+	return rb < 0 ? rb : c;
+}
+
+static void test_await_op_on_its_loop(void **state)
+{
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	struct here h = {.fd = sv[0]};
+	concur_future *a = concur_spawn(ex, here_a_task, &h);
+	EVENTUALLY(atomic_load(&h.a_waiting));
+	assert_false(concur_done(h.op));
+	assert_int_equal(write(sv[1], "x", 1), 1);
+	assert_int_equal(wait_res(a), 'x');
+	assert_int_equal(h.res[0], 1);
+	assert_int_equal(h.res[1], 1);
+	assert_int_equal(h.n, 2);
+	assert_int_equal(h.order[0], 'B');
+	assert_int_equal(h.order[1], 'A');
+	close(sv[0]);
+	close(sv[1]);
 }
 
 /* ---- sockets ------------------------------------------------------------------------------ */
@@ -1095,6 +1158,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_nop_timeout, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_future_records_reused, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_future_op_outlives_task, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_await_op_on_its_loop, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_socketpair_tasks, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_tcp_loopback, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_sendmsg_poll_splice, setup, teardown),
