@@ -737,10 +737,46 @@ static void concur__recycle_free(concur_exec *ex)
 			                      concur__rec_bytes[k]);
 }
 
+/*
+ * A task of this loop waits for t: a started task here is completed only here (its end, on this
+ * thread, resumes the one awaiter kept in its fiber record); an unstarted one at the head of
+ * this loop's fresh deque is started first (the start the waiter's suspend would make). t->loop
+ * and t->fib are read only once the state says started: they are set before the claim.
+ */
+static bool concur__task_await_here(concur_future *f, struct concur__task *w)
+{
+	struct concur__task *t = (struct concur__task *)f;
+	struct concur__loop *loop = concur__tl_loop;
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
+
+	if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) == CONCUR__PENDING) {
+		if (!concur__loop_start_awaited(loop, w, t))
+			return false;
+	} else if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING || t->loop != loop) {
+		return false;
+	}
+	if (!t->fib || t->fib->awaiter)
+		return false;
+	t->fib->awaiter = w;
+	return true;
+}
+
+static bool concur__task_await_undo(concur_future *f, struct concur__task *w)
+{
+	struct concur__task *t = (struct concur__task *)f;
+
+	if (!t->fib || t->fib->awaiter != w)
+		return false; /* ended: its end resumed w */
+	t->fib->awaiter = NULL;
+	return true;
+}
+
 static const struct concur__future_class concur__task_class = {
     .name = "task",
     .cancel_running = concur__task_cancel_running,
     .destroy = concur__task_destroy,
+    .await_here = concur__task_await_here,
+    .await_undo = concur__task_await_undo,
 };
 
 struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
@@ -764,12 +800,16 @@ static const struct concur__future_class concur__then_task_class = {
     .name = "task",
     .cancel_running = concur__task_cancel_running,
     .destroy = concur__then_task_destroy,
+    .await_here = concur__task_await_here,
+    .await_undo = concur__task_await_undo,
 };
 
 static const struct concur__future_class concur__deferred_task_class = {
     .name = "task",
     .cancel_running = concur__task_cancel_running,
     .destroy = concur__deferred_task_destroy,
+    .await_here = concur__task_await_here,
+    .await_undo = concur__task_await_undo,
 };
 
 static void concur__task_init(struct concur__task *t, const struct concur__future_class *cls,

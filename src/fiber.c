@@ -679,6 +679,7 @@ static void concur__uctx_entry(unsigned hi, unsigned lo)
 
 void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t)
 {
+	fib->awaiter = NULL;
 #ifdef CONCUR__ASAN
 	__asan_unpoison_memory_region(fib->stack_lo, fib->stack_size); /* frames of the last task */
 #endif

@@ -232,8 +232,9 @@ struct concur__future_class {
 	/* Optional, for a class whose future, once started, only its loop's thread completes:
 	 * await_here takes task t (running on the current loop) as f's one awaiter kept in f's
 	 * record, read by the completion on this same thread: no node on the waiter list, so no
-	 * atomic write. False: not so here (not started, another loop's, the slot taken); use the
-	 * list. await_undo takes t back (an interrupt): false if the completion took it first. */
+	 * atomic write (a task's may start f first, when f is next to start here). False: not so
+	 * here (not started, another loop's, the slot taken); use the list. await_undo takes t
+	 * back (an interrupt): false if the completion took it first. */
 	bool (*await_here)(concur_future *f, struct concur__task *t);
 	bool (*await_undo)(concur_future *f, struct concur__task *t);
 };
@@ -434,6 +435,9 @@ struct concur__fiber {
 	uint32_t slot;                 /* its index there */
 	uint32_t canary;  /* nonzero: no guard page below, a canary at stack_lo instead */
 	void *tsan_fiber; /* ThreadSanitizer's fiber handle (TSan builds only) */
+	/* a task of the same loop awaiting this fiber's task (concur__task_await_here): only this
+	 * loop's thread reads or writes it, and the task's end resumes it */
+	struct concur__task *awaiter;
 };
 
 /* A loop's stacks: size class 0 is the executor's default, class k (10..30) is 2^k bytes. */
@@ -755,6 +759,15 @@ static inline void concur__loop_push_ready(struct concur__loop *loop, struct con
  * the start would end it unrun (shutdown(ex, true), no stack): the loop's context ends those,
  * their callbacks run there. loop.c */
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop);
+/*
+ * Task w, on this loop, is about to wait for t, the next unstarted task here (the head of the
+ * fresh deque, nothing resumed ahead of it): start t now, the start w's suspend would make, and
+ * queue it to be switched to first. Then t is RUNNING on this loop, which alone completes it.
+ * False if t is not so placed, the turn's budget is spent, w's stack cannot start a task, or t
+ * did not start (cancelled while queued: it is done then).
+ */
+bool concur__loop_start_awaited(struct concur__loop *loop, struct concur__task *w,
+                                struct concur__task *t);
 /*
  * Stack a fiber must have left below the current frame to start the next task itself: getting
  * it a stack may map a reservation and install its guard pages, ~2 KiB of frames (more under

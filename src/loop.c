@@ -246,10 +246,13 @@ static bool concur__task_start(struct concur__loop *loop, struct concur__task *t
 
 void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put)
 {
+	struct concur__task *awaiter = t->fib->awaiter;
 	concur__ctl_end(loop, t);
 	if (put) /* first: callbacks run on the loop's stack, and a task they spawn can reuse it */
 		concur__fiber_put(loop, t->fib);
 	t->fib = NULL;
+	if (awaiter) /* queued first: it began to wait before anything on the list could */
+		concur__loop_push_ready(loop, awaiter);
 	concur__complete(&t->f, t->f.res,
 	                 t->f.res == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	concur__task_drop(loop, t);
@@ -279,6 +282,30 @@ struct concur__task *concur__loop_start_direct(struct concur__loop *loop)
 		}
 	}
 	return NULL;
+}
+
+bool concur__loop_start_awaited(struct concur__loop *loop, struct concur__task *w,
+                                struct concur__task *t)
+{
+	/* the conditions of the start concur__loop_pop_direct would make at w's suspend; the
+	 * switch to t is charged there */
+	if (loop->fresh_head != &t->node || loop->ready_head || loop->budget <= 1 ||
+	    !concur__task_stack_big(t) || !concur__task_stack_big(w) ||
+	    !concur__fiber_room_to_start(w->fib) ||
+	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ||
+	    atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed))
+		return false;
+	concur__pop_fresh(loop);
+	struct concur__fiber *fib = concur__fiber_get(loop, t);
+	if (CONCUR__UNLIKELY(!fib)) {
+		concur__loop_push_fresh(loop, t, true); /* back where it was */
+		return false;
+	}
+	if (!concur__task_begin(loop, t, fib))
+		return false; /* cancelled while queued, and dropped */
+	concur__stat_inc(&loop->st.direct_starts, 1);
+	concur__loop_push_ready(loop, t);
+	return true;
 }
 
 static void concur__run_queues(struct concur__loop *loop)

@@ -64,6 +64,71 @@ static void test_nested_waits(void **state)
 	}
 }
 
+/*
+ * A task awaiting a task of its own loop: the child, unstarted at the head of the loop's queue,
+ * is started for the wait; a timed-out wait gives its slot in the child's fiber back; a second
+ * awaiter of the running child takes the slot, the first the waiter list; both are woken, in the
+ * order they began to wait. A slot left behind would resume a task no longer waiting for it.
+ */
+struct own_loop {
+	concur_future *gate, *child;
+	atomic_int a_waiting, b_waiting;
+	int order[2], n;
+	int64_t res[2];
+};
+
+static int64_t own_child(void *arg)
+{
+	struct own_loop *o = arg;
+	return concur_result(o->gate, -1) + 1;
+}
+
+static int64_t own_b(void *arg)
+{
+	struct own_loop *o = arg;
+	atomic_store(&o->b_waiting, 1);
+	o->res[1] = concur_result(o->child, -1);
+	o->order[o->n++] = 'B';
+	return 0;
+}
+
+static int64_t own_a(void *arg)
+{
+	struct own_loop *o = arg;
+	o->child = concur_spawn(ex, own_child, o);
+	if (concur_result(o->child, MS(20)) != -ETIMEDOUT || !concur_running(o->child))
+		return -EPROTO;
+	concur_future *b = concur_spawn_on(ex, (unsigned)concur_current_loop(), own_b, o);
+	while (!atomic_load(&o->b_waiting))
+		concur_yield();         /* b runs on this loop: once it has said so, it waits */
+	atomic_store(&o->a_waiting, 1); /* nothing completes until this task suspends */
+	o->res[0] = concur_result(o->child, -1);
+	o->order[o->n++] = 'A';
+	int64_t rb = concur_result(b, -1);
+	concur_release(b);
+	return rb;
+}
+
+static void test_await_task_on_its_loop(void **state)
+{
+	ex = new_exec(1);
+	struct own_loop o = {.gate = concur_promise_new(ex)};
+	concur_future *a = concur_spawn(ex, own_a, &o);
+	EVENTUALLY(atomic_load(&o.a_waiting));
+	assert_false(concur_done(o.child));
+	assert_int_equal(concur_promise_set(o.gate, 41), 0);
+	assert_int_equal(concur_result(a, -1), 0);
+	assert_int_equal(o.res[0], 42);
+	assert_int_equal(o.res[1], 42);
+	assert_int_equal(o.n, 2);
+	assert_int_equal(o.order[0], 'B');
+	assert_int_equal(o.order[1], 'A');
+	concur_release(a);
+	concur_release(o.child);
+	concur_release(o.gate);
+	concur_exec_free(ex);
+}
+
 /* 9. the seed's tree search: fire and forget, join when the unfolding is over */
 static atomic_int found, visited;
 static intptr_t target;
@@ -706,6 +771,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_record_chunks),
 	    cmocka_unit_test(test_nested_waits),
+	    cmocka_unit_test(test_await_task_on_its_loop),
 	    cmocka_unit_test(test_tree_search),
 	    cmocka_unit_test(test_join),
 	    cmocka_unit_test(test_shutdown),
