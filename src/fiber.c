@@ -521,14 +521,18 @@ struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur
 	char *lo = r->slots + (size_t)i * c->stride + c->guard;
 	char *top = r->slots + (size_t)(i + 1) * c->stride - concur__fiber_head();
 	struct concur__fiber *fib = (struct concur__fiber *)top;
-	memset(fib, 0, sizeof(*fib));
+	/* the rest is set before the task runs (concur__fiber_prepare, concur__ctl_start), as for a
+	 * stack handed over from loop->dead_fib */
 	fib->res = r;
 	fib->slot = i;
 	fib->stack_lo = lo;
 	fib->stack_size = (size_t)(top - lo);
 	fib->canary = !c->guard;
+	fib->tsan_fiber = NULL;
 #if CONCUR__USE_UCONTEXT
 	fib->uctx = top + sizeof(struct concur__fiber);
+#else
+	fib->uctx = NULL;
 #endif
 	return fib;
 }
