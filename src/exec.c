@@ -755,8 +755,8 @@ static bool concur__task_await_here(concur_future *f, struct concur__task *w)
 	} else if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING || t->loop != loop) {
 		return false;
 	}
-	if (!t->fib || t->fib->awaiter)
-		return false;
+	if (!t->fib || t->fib->awaiter || !concur__waiters_none(f))
+		return false; /* the slot's task is woken first: nobody may wait before it */
 	t->fib->awaiter = w;
 	return true;
 }

@@ -232,9 +232,11 @@ struct concur__future_class {
 	/* Optional, for a class whose future, once started, only its loop's thread completes:
 	 * await_here takes task t (running on the current loop) as f's one awaiter kept in f's
 	 * record, read by the completion on this same thread: no node on the waiter list, so no
-	 * atomic write (a task's may start f first, when f is next to start here). False: not so
-	 * here (not started, another loop's, the slot taken); use the list. await_undo takes t
-	 * back (an interrupt): false if the completion took it first. */
+	 * atomic write (a task's may start f first, when f is next to start here). The slot's
+	 * task is woken before the list's, so it is taken only while the list is empty
+	 * (concur__waiters_none). False: not so here (not started, another loop's, the slot
+	 * taken, a waiter on the list); use the list. await_undo takes t back (an interrupt):
+	 * false if the completion took it first. */
 	bool (*await_here)(concur_future *f, struct concur__task *t);
 	bool (*await_undo)(concur_future *f, struct concur__task *t);
 };
@@ -345,6 +347,12 @@ static inline int64_t concur__future_value(const concur_future *f)
 static inline bool concur__is_done(const concur_future *f)
 {
 	return concur__state(f) >= CONCUR__FINISHED;
+}
+/* Nobody on f's waiter list, no thread parked on it, no push or removal under way (a hint:
+ * another thread may push the next moment). */
+static inline bool concur__waiters_none(const concur_future *f)
+{
+	return atomic_load_explicit(&f->waiters, memory_order_relaxed) == 0;
 }
 
 /* ---- kernel operations and CQE dispatch (loop.c) ------------------------------------------ */

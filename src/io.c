@@ -199,7 +199,7 @@ static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 	io = concur__container_of(r, struct concur__io, r);
 	io_live_del(loop, io);
 	res = io_outcome(r, &cancelled);
-	if (io->awaiter) { /* queued first: it registered before anything on the list could */
+	if (io->awaiter) { /* queued first: the list was empty when it began to wait */
 		concur__resume(io->awaiter);
 		io->awaiter = NULL;
 	}
@@ -272,7 +272,8 @@ static int io_cancel_running(concur_future *f)
  * A started op's CQE is reaped on its loop, r.loop, and nothing else completes it (a cancel asks
  * the kernel, and the CQE still ends it): a task of that loop awaiting it needs no node on the
  * list, just this slot, which only that thread reads and writes. Read r.loop only once the
- * state says started: it is set before (io_start, or io_submit_call before its claim).
+ * state says started: it is set before (io_start, or io_submit_call before its claim). Only
+ * while the list is empty: the slot's task is woken first, so nobody may be waiting before it.
  */
 static bool io_await_here(concur_future *f, struct concur__task *t)
 {
@@ -280,7 +281,7 @@ static bool io_await_here(concur_future *f, struct concur__task *t)
 
 	if ((atomic_load_explicit(&f->state, memory_order_acquire) & CONCUR__STATE_MASK) !=
 	        CONCUR__RUNNING ||
-	    io->r.loop != concur__tl_loop || io->awaiter)
+	    io->r.loop != concur__tl_loop || io->awaiter || !concur__waiters_none(f))
 		return false;
 	io->awaiter = t;
 	return true;

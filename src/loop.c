@@ -251,7 +251,7 @@ void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bo
 	if (put) /* first: callbacks run on the loop's stack, and a task they spawn can reuse it */
 		concur__fiber_put(loop, t->fib);
 	t->fib = NULL;
-	if (awaiter) /* queued first: it began to wait before anything on the list could */
+	if (awaiter) /* queued first: the list was empty when it began to wait */
 		concur__loop_push_ready(loop, awaiter);
 	concur__complete(&t->f, t->f.res,
 	                 t->f.res == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);

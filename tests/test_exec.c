@@ -65,47 +65,53 @@ static void test_nested_waits(void **state)
 }
 
 /*
- * A task awaiting a task of its own loop: the child, unstarted at the head of the loop's queue,
- * is started for the wait; a timed-out wait gives its slot in the child's fiber back; a second
- * awaiter of the running child takes the slot, the first the waiter list; both are woken, in the
- * order they began to wait. A slot left behind would resume a task no longer waiting for it.
+ * A task awaiting a task of its own loop waits in a slot of the child's fiber record, and only
+ * while the child's waiter list is empty: the slot's task is woken first. Order forced: A waits
+ * for its child, unstarted at the head of the loop's queue, which the wait starts (the slot is
+ * A's); B, spawned by the child, finds the list empty and goes on it; a cancel breaks A's wait,
+ * which gives the slot back; A (shielded) waits again, behind B on the list -- taking the slot
+ * again would wake it before B. Both are woken, B first. A slot left behind would resume A
+ * twice.
  */
 struct own_loop {
-	concur_future *gate, *child;
-	atomic_int a_waiting, b_waiting;
+	concur_future *gate, *child, *b;
+	atomic_int a_waiting, b_waiting; /* set just before a wait */
+	int slot_used, list_used;        /* A in the slot (B's view); B on the list (A's) */
 	int order[2], n;
-	int64_t res[2];
+	int64_t res[3];
 };
-
-static int64_t own_child(void *arg)
-{
-	struct own_loop *o = arg;
-	return concur_result(o->gate, -1) + 1;
-}
 
 static int64_t own_b(void *arg)
 {
 	struct own_loop *o = arg;
+	o->slot_used = concur_running(o->child) && concur__waiters_none(o->child);
 	atomic_store(&o->b_waiting, 1);
 	o->res[1] = concur_result(o->child, -1);
 	o->order[o->n++] = 'B';
 	return 0;
 }
 
+static int64_t own_child(void *arg)
+{
+	struct own_loop *o = arg;
+	/* B waits in the ready queue: it runs once this task waits for the gate */
+	o->b = concur_spawn_on(ex, (unsigned)concur_current_loop(), own_b, o);
+	return concur_result(o->gate, -1) + 1;
+}
+
 static int64_t own_a(void *arg)
 {
 	struct own_loop *o = arg;
 	o->child = concur_spawn(ex, own_child, o);
-	if (concur_result(o->child, MS(20)) != -ETIMEDOUT || !concur_running(o->child))
-		return -EPROTO;
-	concur_future *b = concur_spawn_on(ex, (unsigned)concur_current_loop(), own_b, o);
-	while (!atomic_load(&o->b_waiting))
-		concur_yield();         /* b runs on this loop: once it has said so, it waits */
+	o->res[2] = concur_result(o->child, -1); /* broken by the test's cancel */
+	concur_shield_push();
+	o->list_used = !concur__waiters_none(o->child);
 	atomic_store(&o->a_waiting, 1); /* nothing completes until this task suspends */
 	o->res[0] = concur_result(o->child, -1);
 	o->order[o->n++] = 'A';
-	int64_t rb = concur_result(b, -1);
-	concur_release(b);
+	int64_t rb = concur_result(o->b, -1);
+	concur_shield_pop();
+	concur_release(o->b);
 	return rb;
 }
 
@@ -114,10 +120,14 @@ static void test_await_task_on_its_loop(void **state)
 	ex = new_exec(1);
 	struct own_loop o = {.gate = concur_promise_new(ex)};
 	concur_future *a = concur_spawn(ex, own_a, &o);
+	EVENTUALLY(atomic_load(&o.b_waiting));
+	assert_int_equal(concur_cancel(a), -EINPROGRESS);
 	EVENTUALLY(atomic_load(&o.a_waiting));
-	assert_false(concur_done(o.child));
 	assert_int_equal(concur_promise_set(o.gate, 41), 0);
-	assert_int_equal(concur_result(a, -1), 0);
+	assert_int_equal(concur_result(a, MS(10000)), 0);
+	assert_int_equal(o.res[2], -ECANCELED);
+	assert_true(o.slot_used);
+	assert_true(o.list_used);
 	assert_int_equal(o.res[0], 42);
 	assert_int_equal(o.res[1], 42);
 	assert_int_equal(o.n, 2);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "helpers.h"
+#include "internal.h" /* the waiters word: an awaiter in the slot leaves it empty */
 
 static concur_exec *ex;
 
@@ -293,25 +294,28 @@ static void test_future_op_outlives_task(void **state)
 }
 
 /*
- * Tasks of the loop an op was started on await it from a slot in its record, not the waiter
- * list: a timed-out await gives the slot back, a second awaiter of the same op takes the list,
- * and both are woken, in the order they began to wait. A slot left behind by the timed-out
- * await would resume a task that no longer waits for the op.
+ * A task of the loop an op was started on awaits it in a slot of the op's record, not on the
+ * waiter list, and only while the list is empty: the slot's task is woken first. Order forced:
+ * A waits in the slot; B, started while A waits, finds the list empty and goes on it (the slot
+ * is A's); a cancel breaks A's wait, which gives the slot back; A (shielded) waits again,
+ * behind B on the list -- taking the slot again would wake it before B. Both are woken, B
+ * first. A slot left behind by the broken wait would resume A twice.
  */
 struct here {
 	int fd;
 	concur_future *op;
-	_Atomic int a_waiting,
-	    b_waiting; /* set just before the wait: no CQE is reaped until then */
+	atomic_int a_waiting, b_waiting; /* set just before a wait: no CQE is reaped until then */
+	int slot_used, list_used;        /* A in the slot (B's view); B on the list (A's) */
 	int order[2], n;
-	int64_t res[2];
+	int64_t res[3];
 };
 
 static int64_t here_b_task(void *arg)
 {
 	struct here *h = arg;
+	h->slot_used = concur__waiters_none(h->op);
 	atomic_store(&h->b_waiting, 1);
-	h->res[1] = concur_result(h->op, -1); /* the slot, given back by A's timed-out await */
+	h->res[1] = concur_result(h->op, -1);
 	h->order[h->n++] = 'B';
 	return 0;
 }
@@ -321,15 +325,16 @@ static int64_t here_a_task(void *arg)
 	struct here *h = arg;
 	char c = 0;
 	h->op = concur_recv(ex, h->fd, &c, 1, 0, CONCUR_NO_TIMEOUT);
-	if (concur_result(h->op, MS(20)) != -ETIMEDOUT)
-		return -EPROTO;
+	/* B waits in the ready queue: it runs once A waits */
 	concur_future *b = concur_spawn_on(ex, (unsigned)concur_current_loop(), here_b_task, h);
-	while (!atomic_load(&h->b_waiting))
-		concur_yield(); /* B runs on this loop: once it has said so, it waits */
+	h->res[2] = concur_result(h->op, -1); /* broken by the test's cancel */
+	concur_shield_push();
+	h->list_used = !concur__waiters_none(h->op);
 	atomic_store(&h->a_waiting, 1);
-	h->res[0] = concur_result(h->op, -1); /* the list: B holds the slot */
+	h->res[0] = concur_result(h->op, -1);
 	h->order[h->n++] = 'A';
 	int64_t rb = concur_result(b, -1);
+	concur_shield_pop();
 	concur_release(b);
 	concur_release(h->op);
 	return rb < 0 ? rb : c;
@@ -341,9 +346,14 @@ static void test_await_op_on_its_loop(void **state)
 	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
 	struct here h = {.fd = sv[0]};
 	concur_future *a = concur_spawn(ex, here_a_task, &h);
+	EVENTUALLY(atomic_load(&h.b_waiting));
+	assert_int_equal(concur_cancel(a), -EINPROGRESS);
 	EVENTUALLY(atomic_load(&h.a_waiting)); /* (h.op is A's: A releases it) */
 	assert_int_equal(write(sv[1], "x", 1), 1);
 	assert_int_equal(wait_res(a), 'x');
+	assert_int_equal(h.res[2], -ECANCELED);
+	assert_true(h.slot_used);
+	assert_true(h.list_used);
 	assert_int_equal(h.res[0], 1);
 	assert_int_equal(h.res[1], 1);
 	assert_int_equal(h.n, 2);
