@@ -369,6 +369,8 @@ enum concur__tag {
 	                           * that loop failed (res), ring it again */
 	CONCUR__TAG_NODE_FAILED = 4, /* our MSG_RING carrying a node failed: deliver it by inbox */
 	CONCUR__TAG_HANDOFF_FAILED = 5,
+	CONCUR__TAG_TASK = 6,      /* struct concur__task * awaiting its op's one CQE (io.c's direct
+	                            * form), counted in flight: res goes to t->f.res, t is resumed */
 	CONCUR__TAG_UNCOUNTED = 7, /* struct concur__op * not counted in flight: fire-and-forget
 	                            * SQEs (CQE_SKIP_SUCCESS) and the loop's timer (timers.armed) */
 	CONCUR__TAG_MASK = 7,
@@ -727,6 +729,11 @@ extern int (*concur__submit_fault)(struct concur__loop *loop);
 static inline uint64_t concur__op_ud(struct concur__op *op)
 {
 	return (uint64_t)(uintptr_t)op | CONCUR__TAG_OP;
+}
+/* The user_data of a task's own op (CONCUR__TAG_TASK). */
+static inline uint64_t concur__task_ud(struct concur__task *t)
+{
+	return (uint64_t)(uintptr_t)t | CONCUR__TAG_TASK;
 }
 static inline uint64_t concur__uncounted_ud(struct concur__op *op)
 {

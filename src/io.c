@@ -391,7 +391,8 @@ static bool io_await_interrupt(struct concur__loop *loop, struct concur__task *t
 	struct io_req *r = arg;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
 
-	io_uring_prep_cancel64(sqe, concur__op_ud(&r->op), 0);
+	io_uring_prep_cancel64(sqe, r->has_deadline ? concur__op_ud(&r->op) : concur__task_ud(t),
+	                       0);
 	concur__sqe_set_op(loop, sqe, &concur__ignore_op);
 	return true;
 }
@@ -453,9 +454,13 @@ static int64_t io_await_end(struct io_req *r, struct io_uring_sqe *sqe)
 	int64_t res;
 	int intr;
 
-	io_link(loop, r, sqe);
-	/* resumed by io_req_cqe once every CQE is in */
+	if (r->has_deadline) /* resumed by io_req_cqe once both CQEs are in */
+		io_link(loop, r, sqe);
+	else /* one CQE: it resumes the task itself (CONCUR__TAG_TASK), its result in t->f.res */
+		concur__sqe_count(loop, sqe, concur__task_ud(r->task));
 	intr = concur__suspend_interruptible(r->task, io_await_interrupt, r);
+	if (!r->has_deadline)
+		r->res = (int32_t)r->task->f.res;
 	if (r->timer_deadline)
 		concur__ctl_wait_deadline(r->task, INT64_MAX);
 	res = io_outcome(r, &cancelled);

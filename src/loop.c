@@ -6,8 +6,9 @@
  *   2. take what other threads left in its inbox, and hand spare unstarted tasks to idle loops;
  *   3. submit and reap in one io_uring_enter -- sleeping in it when there is nothing to run
  *      (concur__loop_sleep, the only place a loop ever sleeps);
- *   4. hand each CQE to its owner (an op's handler, which calls concur__complete(), or a
- *      message: a task to run, a chain of tasks, a future to release).
+ *   4. hand each CQE to its owner (an op's handler, which calls concur__complete(); a task
+ *      awaiting its own op, resumed with concur__resume(); or a message: a task to run, a
+ *      chain of tasks, a future to release).
  *
  * Crossing threads: a loop reaches another loop with IORING_OP_MSG_RING: the message is a CQE
  * in the target's ring and the SQE rides the sender's next submit. A thread outside the executor
@@ -505,7 +506,7 @@ static void concur__take_chain(struct concur__loop *loop, struct concur__node *f
 static bool concur__retires(uint64_t ud, uint32_t flags)
 {
 	uint64_t tag = ud & CONCUR__TAG_MASK;
-	return tag == CONCUR__TAG_OP && !(flags & IORING_CQE_F_MORE);
+	return (tag == CONCUR__TAG_OP || tag == CONCUR__TAG_TASK) && !(flags & IORING_CQE_F_MORE);
 }
 
 static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res, uint32_t flags)
@@ -519,6 +520,14 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	case CONCUR__TAG_UNCOUNTED: {
 		struct concur__op *op = p;
 		op->cqe(loop, op, res, flags);
+		break;
+	}
+	case CONCUR__TAG_TASK: {
+		/* a task's own op: the result waits in the task's f.res (its own result only once
+		 * it returns), so the CQE touches the task's record and not its cold stack */
+		struct concur__task *t = p;
+		t->f.res = res;
+		concur__resume(t);
 		break;
 	}
 	case CONCUR__TAG_NODE:
