@@ -193,7 +193,14 @@ int concur__ctl_retime(struct concur__task *t)
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due)
 {
 	t->fib->ctl.wait_due = due;
-	return concur__ctl_retime(t);
+	int err = concur__ctl_retime(t);
+	if (err) {
+		/* no room in the heap: the wait fails, or goes without this deadline (an op's takes
+		 * a linked timeout instead); a later wait must not inherit it */
+		t->fib->ctl.wait_due = INT64_MAX;
+		concur__ctl_retime(t);
+	}
+	return err;
 }
 
 /* Room for one more scope: 0 or -ENOMEM. */

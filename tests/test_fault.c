@@ -558,6 +558,47 @@ static void test_fault_chunk_mmap(void **state)
 }
 
 /*
+ * A timed wait whose deadline finds no room in the loop's timer heap fails with -ENOMEM (an op's
+ * falls back to a linked timeout): the deadline must not outlive that wait. It used to stay in
+ * the task's books, so that once it had passed, every later wait of the task failed at once
+ * with -ETIMEDOUT.
+ */
+struct deadline_refused {
+	concur_future *gate;
+	int64_t timed, after;
+	long refused;
+};
+
+static int64_t deadline_refused_task(void *arg)
+{
+	struct deadline_refused *d = arg;
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE); /* the heap's first growth: a new loop's is empty */
+	d->timed = concur_result(d->gate, MS(1));
+	d->refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	wrap_disarm();
+	spin_ns(MS(20)); /* well past the refused deadline, on the coarse clock too */
+	d->after = concur_await_nop();
+	return 0;
+}
+
+static void test_fault_wait_deadline_refused(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	struct deadline_refused d = {.gate = concur_promise_new(ex)};
+	concur_future *f = concur_spawn(ex, deadline_refused_task, &d);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(d.refused, 1);
+	assert_int_equal(d.timed, -ENOMEM);
+	assert_int_equal(d.after, 0);
+	concur_release(d.gate);
+	concur_exec_free(ex);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -624,9 +665,16 @@ int main(void)
 	if (getenv("CONCUR_FAULT_CASE"))
 		return single_case(getenv("CONCUR_FAULT_CASE"));
 	const struct CMUnitTest tests[] = {
-	    T(test_fault_malloc),     T(test_fault_mmap),       T(test_fault_thread),
-	    T(test_fault_ring_setup), T(test_fault_submit),     T(test_fault_nofile),
-	    T(test_fault_memlock),    T(test_fault_chunk_mmap), T(test_fault_chunk_munmap),
+	    T(test_fault_malloc),
+	    T(test_fault_mmap),
+	    T(test_fault_thread),
+	    T(test_fault_ring_setup),
+	    T(test_fault_submit),
+	    T(test_fault_nofile),
+	    T(test_fault_memlock),
+	    T(test_fault_chunk_mmap),
+	    T(test_fault_wait_deadline_refused),
+	    T(test_fault_chunk_munmap),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
 }
