@@ -25,7 +25,8 @@
  *              the in-flight count, CQE dispatch, and concur__loop_sleep(): the one place a
  *              loop sleeps. The only file that works a loop's ring itself (getting SQEs,
  *              submitting, reaping); the others fill SQEs they take with concur__sqe and
- *              count them with concur__sqe_set_op.
+ *              count them with concur__sqe_set_op (or concur__sqe_count, for a task's own
+ *              op: CONCUR__TAG_TASK).
  *   exec.c     the executor: loops, spawn, join (the work count), shutdown, stats.
  *   fiber.c    stacks, suspend/resume, the switch between fibers.
  *   timer.c    the loop's one kernel timer: deadline scopes, timed awaits, concur_sleep.
@@ -465,7 +466,9 @@ struct concur__stacks {
  * nobody reads before the state says FINISHED.
  */
 struct concur__task {
-	struct concur_future f; /* first: a task is its future; f.flags: CONCUR__TASK_RETURNED */
+	/* first: a task is its future. f.flags: CONCUR__TASK_*; f.res: until the task returns,
+	 * the result of its own op's CQE (CONCUR__TAG_TASK) */
+	struct concur_future f;
 	struct concur__node node;
 	concur_task_fn fn;
 	void *arg;

@@ -32,7 +32,8 @@
 
 struct io_req {
 	/* what the CQE handler and the awaiting task touch: the first cache line (the direct
-	 * form's request is on a fiber's stack, cold by the time its CQE is dispatched) */
+	 * form's request is on a fiber's stack, cold by the time its CQE is dispatched: it is
+	 * read then only with a linked timeout; one CQE goes to the task itself) */
 	struct concur__op op;      /* the operation's CQE */
 	struct concur__loop *loop; /* the loop whose ring carries it */
 	struct concur__task *task; /* direct form: the task to resume; NULL for a future */
