@@ -6,9 +6,10 @@
  * created and concur__work_end() after its completion -- callbacks included -- is over. Join
  * waits for the count to reach zero, on a futex word bumped when it does. One begin and one end
  * per kind of work:
- *   task            concur__task_enqueue (here)   concur__task_drop (loop.c), or the enqueue's
- *                                                 own refusal after a shutdown
- *   future I/O op   io_start (io.c)               io_drop (io.c)
+ *   task            concur__task_enqueue (here)   concur__loop_task_end or concur__task_drop
+ *                                                 (loop.c), or the enqueue's own refusal after
+ *                                                 a shutdown
+ *   future I/O op   io_start (io.c)               io_req_cqe or io_drop (io.c)
  *   stream          stream_open (stream.c)        stream_maybe_free (stream.c)
  *   blocking job    concur_spawn_blocking         blocking_job_free (blocking.c)
  */
@@ -777,6 +778,7 @@ static const struct concur__future_class concur__task_class = {
     .destroy = concur__task_destroy,
     .await_here = concur__task_await_here,
     .await_undo = concur__task_await_undo,
+    .held = true, /* by its executor, until it ends */
 };
 
 struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
@@ -802,6 +804,7 @@ static const struct concur__future_class concur__then_task_class = {
     .destroy = concur__then_task_destroy,
     .await_here = concur__task_await_here,
     .await_undo = concur__task_await_undo,
+    .held = true, /* by its executor, until it ends */
 };
 
 static const struct concur__future_class concur__deferred_task_class = {
@@ -810,13 +813,15 @@ static const struct concur__future_class concur__deferred_task_class = {
     .destroy = concur__deferred_task_destroy,
     .await_here = concur__task_await_here,
     .await_undo = concur__task_await_undo,
+    .held = true, /* by its executor, until it ends */
 };
 
 static void concur__task_init(struct concur__task *t, const struct concur__future_class *cls,
                               concur_exec *ex, concur_task_fn fn, void *arg)
 {
-	concur__future_init(&t->f, cls, ex, 2); /* the caller's reference and the executor's */
-	t->node.call = NULL;                    /* a task's node */
+	concur__future_init(&t->f, cls, ex,
+	                    1); /* the caller's reference (and the executor's hold) */
+	t->node.call = NULL;    /* a task's node */
 	t->fn = fn;
 	t->arg = arg;
 	t->fib = NULL;
@@ -853,9 +858,11 @@ void concur__task_enqueue(struct concur__task *t)
 		concur__work_begin(ex);
 	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
 		concur__work_end(ex);
+		/* it will never run: the executor lets go of it */
 		if (concur__future_claim(&t->f))
-			concur__complete(&t->f, -ESHUTDOWN, CONCUR__FINISHED);
-		concur_release(&t->f); /* the executor's reference: it will never run */
+			concur__complete_unhold(&t->f, -ESHUTDOWN, CONCUR__FINISHED);
+		else
+			concur__unhold(&t->f);
 		return;
 	}
 	if (pin) { /* concur_spawn_on: to its loop's ready queue, however it gets there */

@@ -18,6 +18,20 @@
  *     makes "observed first, recorded first" hold (see concur.h). When a future dies unset (its
  *     last reference released), the nodes still on its list are told (drop), so nothing that
  *     waited on it leaks.
+ *
+ * Who frees a future: the last of its holders. Its users hold counted references (refs). A task
+ * or an I/O op (class held) is also held by its executor until it has done with it, and that hold
+ * is not counted: the executor lets go in the close of its completion (concur__complete_unhold),
+ * so completing an op or a task that nobody waits on is one atomic write, the close, where a
+ * counted reference cost a second one. The last two holders meet on the waiters word:
+ *   - the last user to release a future its executor has let go of (the list closed, not HELD)
+ *     frees it, once the state is final (the close precedes the state's store): a release after
+ *     the result, the common case, writes nothing but the free;
+ *   - a last user that finds the executor still holding it marks the word ORPHAN and leaves it:
+ *     the executor's letting go (its close, or concur__unhold) sees the mark, and frees it.
+ * The executor drops any counted reference it takes of its own (a cancel's) before it lets go;
+ * callbacks, which may take references after every user released f, are the one case where the
+ * executor's hold turns into a counted reference (concur__complete_unhold_slow).
  */
 #include "internal.h"
 
@@ -71,9 +85,9 @@ static inline struct concur__waiter *concur__waiters_head(uintptr_t word)
 	return (struct concur__waiter *)(word & ~CONCUR__WAITERS_FLAGS);
 }
 
-/* Take the list for good: the word as it was (CONCUR__WAITERS_CLOSED if it was closed already).
- * Waits out a push or removal. */
-static __attribute__((noinline)) uintptr_t concur__waiters_close(concur_future *f)
+/* Take the open list for good, leaving it closed (CONCUR__WAITERS_CLOSED, maybe HELD; an ORPHAN
+ * mark stays): the word as it was. Waits out a push or removal. */
+static __attribute__((noinline)) uintptr_t concur__waiters_close(concur_future *f, uintptr_t closed)
 {
 	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 	unsigned spins = 0;
@@ -83,9 +97,9 @@ static __attribute__((noinline)) uintptr_t concur__waiters_close(concur_future *
 			old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 			continue;
 		}
-		if (atomic_compare_exchange_weak_explicit(&f->waiters, &old, CONCUR__WAITERS_CLOSED,
-		                                          memory_order_acq_rel,
-		                                          memory_order_relaxed))
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->waiters, &old, closed | (old & CONCUR__WAITERS_ORPHAN),
+		        memory_order_acq_rel, memory_order_relaxed))
 			return old;
 	}
 }
@@ -93,7 +107,8 @@ static __attribute__((noinline)) uintptr_t concur__waiters_close(concur_future *
 /* A future dies unset with nodes on its list: free callbacks, tell compositions. */
 static void concur__drop_waiters(concur_future *f)
 {
-	struct concur__waiter *w = concur__waiters_head(concur__waiters_close(f));
+	struct concur__waiter *w =
+	    concur__waiters_head(concur__waiters_close(f, CONCUR__WAITERS_CLOSED));
 	while (w) {
 		struct concur__waiter *next = w->next;
 		if (w->kind == CONCUR__WAIT_CALLBACK)
@@ -106,12 +121,60 @@ static void concur__drop_waiters(concur_future *f)
 	}
 }
 
-/* The last reference went and waiters are left (a future released unset or unfinished). */
-static __attribute__((noinline)) void concur__release_pending(concur_future *f)
+/* Nobody holds f any more: free it, once whoever completed it is done with its state. */
+static void concur__free(concur_future *f)
 {
-	concur__drop_waiters(f);
+	concur__future_wait_final(f);
 	f->magic = CONCUR__FUTURE_DEAD;
 	f->cls->destroy(f);
+}
+
+/*
+ * The last user reference went, and the list was not simply closed: unset and unheld (free it
+ * and tell whoever is on its list), or held by its executor (mark it ORPHAN for the executor to
+ * free, unless it let go meanwhile). wrote: the count was written down to 0; else it read 1.
+ *
+ * A count read as 1 is trusted while the list is open: a reference the executor takes of its
+ * own meanwhile (a cancel's) is dropped before it lets go, so two releases may both think they
+ * are the last and mark it, which is harmless. Not once the list is closed and HELD: the
+ * completion may be running callbacks that take references of their own (f is theirs for the
+ * call), so the count must be exact: the release writes it down first.
+ */
+static __attribute__((noinline)) void concur__release_last(concur_future *f, uintptr_t word,
+                                                           bool wrote)
+{
+	if (!(word & CONCUR__WAITERS_CLOSED) && !f->cls->held) {
+		concur__drop_waiters(f);
+		f->magic = CONCUR__FUTURE_DEAD;
+		f->cls->destroy(f);
+		return;
+	}
+	unsigned spins = 0;
+	for (;;) {
+		if (word & CONCUR__WAITERS_CLOSED) {
+			if (!(word & CONCUR__WAITERS_HELD)) {
+				concur__free(f); /* the executor let go before */
+				return;
+			}
+			if (!wrote) {
+				wrote = true;
+				/* a callback's reference left: its release is the last */
+				if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) !=
+				    1)
+					return;
+				word = atomic_load_explicit(&f->waiters, memory_order_acquire);
+				continue;
+			}
+		} else if (word & CONCUR__WAITERS_LOCKED) {
+			concur__backoff(&spins); /* a push or a removal, a few stores away */
+			word = atomic_load_explicit(&f->waiters, memory_order_acquire);
+			continue;
+		}
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->waiters, &word, word | CONCUR__WAITERS_ORPHAN, memory_order_acq_rel,
+		        memory_order_acquire))
+			return; /* the executor frees it when it lets go */
+	}
 }
 
 /* Every call out of the common cases is a tail call, so they save no register (the hot paths
@@ -120,17 +183,20 @@ void concur_release(concur_future *f)
 {
 	if (!concur__valid(f))
 		return;
-	/* The last reference needs no atomic write: holding it, nobody else can take one. */
-	if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1 &&
-	    atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
-		return;
-	if (CONCUR__UNLIKELY(atomic_load_explicit(&f->waiters, memory_order_relaxed) !=
-	                     CONCUR__WAITERS_CLOSED)) {
-		concur__release_pending(f);
+	/* The last reference needs no atomic write when nobody else holds f: holding it, no user
+	 * can take one, and the executor let go (the list closed, not HELD). */
+	bool wrote = false;
+	if (atomic_load_explicit(&f->refs, memory_order_acquire) != 1) {
+		if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
+			return;
+		wrote = true;
+	}
+	uintptr_t word = atomic_load_explicit(&f->waiters, memory_order_acquire);
+	if (CONCUR__UNLIKELY(word != CONCUR__WAITERS_CLOSED)) {
+		concur__release_last(f, word, wrote);
 		return;
 	}
-	f->magic = CONCUR__FUTURE_DEAD;
-	f->cls->destroy(f);
+	concur__free(f);
 }
 
 /* ---- waiters ------------------------------------------------------------------------------- */
@@ -142,13 +208,13 @@ void concur__future_wait_final(const concur_future *f)
 		concur__backoff(&spins);
 }
 
-/* Lock the list: its word (LOCKED clear), or CONCUR__WAITERS_CLOSED (then not locked). */
+/* Lock the list: its word (LOCKED clear), or a closed word (then not locked). */
 static uintptr_t concur__waiters_lock(concur_future *f)
 {
 	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 	unsigned spins = 0;
 	for (;;) {
-		if (old == CONCUR__WAITERS_CLOSED)
+		if (old & CONCUR__WAITERS_CLOSED)
 			return old;
 		if (old & CONCUR__WAITERS_LOCKED) {
 			concur__backoff(&spins);
@@ -172,7 +238,7 @@ static bool concur__waiters_park(concur_future *f)
 	uintptr_t old = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 	unsigned spins = 0;
 	for (;;) {
-		if (old == CONCUR__WAITERS_CLOSED) {
+		if (old & CONCUR__WAITERS_CLOSED) {
 			concur__future_wait_final(f);
 			return false;
 		}
@@ -207,7 +273,7 @@ static __attribute__((noinline)) bool concur__waiter_push_slow(concur_future *f,
                                                                struct concur__waiter *w)
 {
 	uintptr_t word = concur__waiters_lock(f);
-	if (word == CONCUR__WAITERS_CLOSED) {
+	if (word & CONCUR__WAITERS_CLOSED) {
 		/* closed before the state flips (record hooks run in between): wait for it, so
 		 * that whoever is told "done" finds f done */
 		concur__future_wait_final(f);
@@ -220,7 +286,7 @@ static __attribute__((noinline)) bool concur__waiter_push_slow(concur_future *f,
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 {
 	uintptr_t word = atomic_load_explicit(&f->waiters, memory_order_relaxed);
-	if (CONCUR__UNLIKELY(word == CONCUR__WAITERS_CLOSED || (word & CONCUR__WAITERS_LOCKED) ||
+	if (CONCUR__UNLIKELY((word & (CONCUR__WAITERS_CLOSED | CONCUR__WAITERS_LOCKED)) ||
 	                     !atomic_compare_exchange_strong_explicit(
 	                         &f->waiters, &word, word | CONCUR__WAITERS_LOCKED,
 	                         memory_order_acquire, memory_order_relaxed)))
@@ -232,7 +298,7 @@ bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 {
 	uintptr_t word = concur__waiters_lock(f);
-	if (word == CONCUR__WAITERS_CLOSED) {
+	if (word & CONCUR__WAITERS_CLOSED) {
 		concur__future_wait_final(f);
 		return false;
 	}
@@ -295,10 +361,12 @@ static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
  * saw CONCUR__WAITERS_PARKED, or the thread finds the list closed and does not sleep.
  *
  * concur__complete_closed: the completion once the list is closed (word: what it held), for
- * all but the common cases concur__complete (below) handles itself.
+ * all but the common cases concur__complete (below) handles itself. held: the caller keeps f
+ * alive across it (its executor, see concur__complete_unhold_slow), so it needs no reference.
  */
 static __attribute__((noinline)) void concur__complete_closed(concur_future *f, uintptr_t word,
-                                                              int64_t res, uint32_t final_state)
+                                                              int64_t res, uint32_t final_state,
+                                                              bool held)
 {
 	struct concur__waiter *w = concur__waiters_head(word);
 	bool parked = word & CONCUR__WAITERS_PARKED;
@@ -335,6 +403,7 @@ static __attribute__((noinline)) void concur__complete_closed(concur_future *f, 
 	}
 	/* A callback or a composition may release the caller's last reference: hold f across
 	 * them. (Resuming fibers needs no hold: f is not touched after the last node.) */
+	hold = hold && !held;
 	if (hold)
 		concur_retain(f);
 	for (w = calls; w; w = w->next)
@@ -354,29 +423,31 @@ static __attribute__((noinline)) void concur__complete_closed(concur_future *f, 
 }
 
 /* The list was locked (a push or a removal under way) or changed under the first close. */
-static __attribute__((noinline)) void concur__complete_locked(concur_future *f, int64_t res,
-                                                              uint32_t final_state)
+static __attribute__((noinline)) void
+concur__complete_locked(concur_future *f, int64_t res, uint32_t final_state, uintptr_t closed)
 {
-	concur__complete_closed(f, concur__waiters_close(f), res, final_state);
+	concur__complete_closed(f, concur__waiters_close(f, closed), res, final_state, false);
 }
 
 /* The common cases (nobody waits, or one awaiting fiber) inline, with no register saved: the
- * close at the first try, the state made final, the fiber resumed as a tail call. */
-void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+ * close at the first try, the state made final, the fiber resumed as a tail call. closed: the
+ * word the list is left with (HELD: a cancel completes a future its executor holds). */
+static inline void concur__complete_to(concur_future *f, int64_t res, uint32_t final_state,
+                                       uintptr_t closed)
 {
 	f->res = res;
 	uintptr_t word = atomic_load_explicit(&f->waiters, memory_order_relaxed);
 	if (CONCUR__UNLIKELY((word & CONCUR__WAITERS_LOCKED) ||
 	                     !atomic_compare_exchange_strong_explicit(
-	                         &f->waiters, &word, CONCUR__WAITERS_CLOSED, memory_order_acq_rel,
-	                         memory_order_relaxed))) {
-		concur__complete_locked(f, res, final_state);
+	                         &f->waiters, &word, closed | (word & CONCUR__WAITERS_ORPHAN),
+	                         memory_order_acq_rel, memory_order_relaxed))) {
+		concur__complete_locked(f, res, final_state, closed);
 		return;
 	}
 	struct concur__waiter *w = concur__waiters_head(word);
 	if (CONCUR__UNLIKELY((word & CONCUR__WAITERS_PARKED) ||
 	                     (w && (w->next || w->kind != CONCUR__WAIT_AWAIT)))) {
-		concur__complete_closed(f, word, res, final_state);
+		concur__complete_closed(f, word, res, final_state, false);
 		return;
 	}
 	atomic_store_explicit(&f->state, final_state, memory_order_release);
@@ -384,16 +455,125 @@ void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
 		concur__resume(w->task);
 }
 
-bool concur__future_claim(concur_future *f)
+void concur__complete(concur_future *f, int64_t res, uint32_t final_state)
+{
+	concur__complete_to(f, res, final_state, CONCUR__WAITERS_CLOSED);
+}
+
+void concur__unhold(concur_future *f)
+{
+	/* a cancel that won the state may not have closed the list yet: it is a few stores away */
+	unsigned spins = 0;
+	while (!(atomic_load_explicit(&f->waiters, memory_order_relaxed) & CONCUR__WAITERS_CLOSED))
+		concur__backoff(&spins);
+	if (atomic_fetch_and_explicit(&f->waiters, ~CONCUR__WAITERS_HELD, memory_order_acq_rel) &
+	    CONCUR__WAITERS_ORPHAN)
+		concur__free(f); /* every user released it */
+}
+
+/* Does the (closed) list run a callback, user code that may take a reference of its own? */
+static bool concur__waiters_call_back(uintptr_t word)
+{
+	for (struct concur__waiter *w = concur__waiters_head(word); w; w = w->next)
+		if (w->kind == CONCUR__WAIT_CALLBACK)
+			return true;
+	return false;
+}
+
+/*
+ * concur__complete_unhold with someone on the list (or the list locked): the executor keeps
+ * holding f across the wake-ups (the list closed HELD: a user's last release marks it ORPHAN,
+ * with the count written down to 0) and lets go after.
+ *
+ * Callbacks are user code, and may take references of their own (f is theirs for the call), even
+ * after every user released it: with one on the list, the hold becomes a counted reference before
+ * they run, and from then on the count alone decides (the word closed, not HELD). While users
+ * hold f, the count goes up with a compare-exchange that fails if the last one took it to 0, as
+ * that one's ORPHAN mark would come after the conversion.
+ */
+static __attribute__((noinline)) void concur__complete_unhold_slow(concur_future *f, int64_t res,
+                                                                   uint32_t final_state)
+{
+	uintptr_t word = concur__waiters_close(f, CONCUR__WAITERS_CLOSED | CONCUR__WAITERS_HELD);
+	if (!concur__waiters_call_back(word)) {
+		concur__complete_closed(f, word, res, final_state, true);
+		/* no user since the close (and no callback to take a reference): ours to free */
+		if (word & CONCUR__WAITERS_ORPHAN) {
+			f->magic = CONCUR__FUTURE_DEAD;
+			f->cls->destroy(f);
+			return;
+		}
+		concur__unhold(f);
+		return;
+	}
+	uint32_t users = atomic_load_explicit(&f->refs, memory_order_relaxed);
+	while (!(word & CONCUR__WAITERS_ORPHAN)) {
+		if (users == 0) { /* the last user let go since the close: await its mark */
+			unsigned spins = 0;
+			while (!((word = atomic_load_explicit(&f->waiters, memory_order_acquire)) &
+			         CONCUR__WAITERS_ORPHAN))
+				concur__backoff(&spins);
+			break;
+		}
+		if (atomic_compare_exchange_weak_explicit(
+		        &f->refs, &users, users + 1, memory_order_acq_rel, memory_order_relaxed)) {
+			/* no user can write the word now: none can take the count to 0 */
+			atomic_store_explicit(&f->waiters, CONCUR__WAITERS_CLOSED,
+			                      memory_order_release);
+			goto counted;
+		}
+	}
+	/* no user: nobody else writes either word (a count left at 1 by a release that read it
+	 * so, before the close, is stale) */
+	atomic_store_explicit(&f->refs, 1, memory_order_relaxed);
+	atomic_store_explicit(&f->waiters, CONCUR__WAITERS_CLOSED, memory_order_release);
+counted:
+	concur__complete_closed(f, word, res, final_state, true);
+	concur_release(f);
+}
+
+void concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state)
+{
+	f->res = res;
+	uintptr_t word = atomic_load_explicit(&f->waiters, memory_order_relaxed);
+	if (CONCUR__UNLIKELY((word & ~CONCUR__WAITERS_ORPHAN) ||
+	                     !atomic_compare_exchange_strong_explicit(
+	                         &f->waiters, &word, CONCUR__WAITERS_CLOSED, memory_order_acq_rel,
+	                         memory_order_relaxed))) {
+		concur__complete_unhold_slow(f, res, final_state);
+		return;
+	}
+	/* nobody waits, and the executor let go in the close: f's users may free it from the
+	 * moment its state is final -- or they all released it before, and nobody else will */
+	atomic_store_explicit(&f->state, final_state, memory_order_release);
+	if (CONCUR__UNLIKELY(word & CONCUR__WAITERS_ORPHAN)) {
+		f->magic = CONCUR__FUTURE_DEAD;
+		f->cls->destroy(f);
+	}
+}
+
+/* A PENDING future no cancel has won becomes to (a claim's, or a cancel's own) */
+static inline bool concur__future_claim_as(concur_future *f, uint32_t to)
 {
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
 	for (;;) {
 		if ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) != CONCUR__PENDING)
 			return false;
-		if (atomic_compare_exchange_weak_explicit(
-		        &f->state, &s, CONCUR__RUNNING, memory_order_acq_rel, memory_order_relaxed))
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, to, memory_order_acq_rel,
+		                                          memory_order_relaxed))
 			return true;
 	}
+}
+
+bool concur__future_claim(concur_future *f)
+{
+	return concur__future_claim_as(f, CONCUR__RUNNING);
+}
+
+bool concur__future_claim_cancel(concur_future *f)
+{
+	/* not CANCELLED yet: done must not show before the compositions recorded it */
+	return concur__future_claim_as(f, CONCUR__PENDING | CONCUR__COMPLETING);
 }
 
 /* ---- promises and failed futures ----------------------------------------------------------- */
@@ -511,7 +691,9 @@ int concur_cancel(concur_future *f)
 		        memory_order_acquire))
 			break;
 	}
-	concur__complete(f, -ECANCELED, CONCUR__CANCELLED);
+	/* a queued task or op: its executor still holds it, and lets go when it dequeues it */
+	concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED,
+	                    CONCUR__WAITERS_CLOSED | (f->cls->held ? CONCUR__WAITERS_HELD : 0));
 	return 1;
 }
 

@@ -240,6 +240,10 @@ struct concur__future_class {
 	 * false if the completion took it first. */
 	bool (*await_here)(concur_future *f, struct concur__task *t);
 	bool (*await_undo)(concur_future *f, struct concur__task *t);
+	/* Its executor holds a new future until it has done with it (a task until it ends, an op
+	 * until its last CQE): a hold, not a counted reference. refs counts its users alone, and
+	 * the holder lets go with concur__complete_unhold or concur__unhold (see future.c). */
+	bool held;
 };
 
 enum concur__waiter_kind {
@@ -269,10 +273,11 @@ struct concur__waiter_ops {
 };
 
 struct concur__waiter {
-	/* 8-aligned even where pointers are 4 bytes: the waiters word keeps 3 flag bits */
-	_Alignas(8) struct concur__waiter *next;
+	/* 16-aligned: the waiters word keeps 4 flag bits */
+	_Alignas(16) struct concur__waiter *next;
 	struct concur__waiter *prev;
 	enum concur__waiter_kind kind;
+	uint32_t tag; /* its owner's to use (a then keeps its input's index here) */
 	union {
 		struct {
 			concur_done_fn fn;
@@ -284,17 +289,24 @@ struct concur__waiter {
 };
 
 /*
- * The waiters word: the newest node's address (nodes are 8-aligned), LOCKED while a push or
+ * The waiters word: the newest node's address (nodes are 16-aligned), LOCKED while a push or
  * a removal relinks the list (a few stores), PARKED once a thread outside the executor sleeps
- * (or is about to) on the state word, CLOSED (alone) once the completion (or the last release)
- * took the list. PARKED lives here, not in the state word, so that the one atomic
- * read-modify-write of a completion is the close: whoever parks after it finds the list closed
- * and only waits for the state to be final, so the state itself is made final with a store.
+ * (or is about to) on the state word, CLOSED once the completion (or the last release) took the
+ * list. PARKED lives here, not in the state word, so that the one atomic read-modify-write of a
+ * completion is the close: whoever parks after it finds the list closed and only waits for the
+ * state to be final, so the state itself is made final with a store.
+ *
+ * ORPHAN: every user released the future while its executor still held it (class held, see
+ * future.c): the executor frees it when it lets go. It stays when the list is closed. A closed
+ * word has no node and is never locked nor parked on: its LOCKED bit says HELD instead, a cancel
+ * closed the list while the executor still held the future (queued).
  */
 #define CONCUR__WAITERS_CLOSED ((uintptr_t)1)
 #define CONCUR__WAITERS_LOCKED ((uintptr_t)2)
 #define CONCUR__WAITERS_PARKED ((uintptr_t)4)
-#define CONCUR__WAITERS_FLAGS  ((uintptr_t)7)
+#define CONCUR__WAITERS_ORPHAN ((uintptr_t)8)
+#define CONCUR__WAITERS_FLAGS  ((uintptr_t)15)
+#define CONCUR__WAITERS_HELD   CONCUR__WAITERS_LOCKED /* with CLOSED */
 
 struct concur_future {
 	_Atomic uint32_t state; /* CONCUR__PENDING..CANCELLED and flags; a futex word */
@@ -318,8 +330,21 @@ void concur__future_init(concur_future *f, const struct concur__future_class *cl
  * across the callbacks (a callback may drop the caller's last reference).
  */
 void concur__complete(concur_future *f, int64_t res, uint32_t final_state);
+/*
+ * The same, by the executor that holds f (class held), which lets go of it at once: f may be
+ * freed before this returns (its users may all have released it), so the caller must not touch
+ * it afterwards. In the common case (nobody on the list) the close is the one atomic write: no
+ * reference count is written.
+ */
+void concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state);
+/* The executor lets go of a held future a cancel completed (it was queued): frees it if its
+ * users all released it. Not to be touched afterwards. */
+void concur__unhold(concur_future *f);
 /* Claim a PENDING future for running (PENDING -> RUNNING). False if it was cancelled. */
 bool concur__future_claim(concur_future *f);
+/* Claim a PENDING future for cancelling it, as concur_cancel() does, for its executor to
+ * complete it with concur__complete_unhold(). False if it was cancelled already. */
+bool concur__future_claim_cancel(concur_future *f);
 /* Add a waiter; false if f is done (the waiter was not added; f's state is final by then). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
 /*
@@ -575,9 +600,10 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns);
 /*
  * A task made now and queued later (by concur__task_enqueue, from any thread): a dependent task
  * waiting for its inputs holds no stack and is not counted as work yet. extra bytes follow the
- * record for the caller, and are the task's arg. Its future has two references: the caller's,
- * and the executor's, dropped when the task completes -- or by the caller with concur_release()
- * if it completes the future itself instead of queueing it. NULL on -ENOMEM.
+ * record for the caller, and are the task's arg (t + 1; records are 16-aligned). Its future has the
+ * caller's reference and the executor's hold, let go when the task completes -- or by the caller
+ * with concur__complete_unhold() (concur__unhold() if a cancel won) if it ends the task itself
+ * instead of queueing it. NULL on -ENOMEM.
  */
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra);
 /* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
@@ -860,7 +886,7 @@ static inline void concur__loop_push_yielded(struct concur__loop *loop, struct c
 bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
 /* A task's fn returned: its control state goes, its stack too if put (else the caller gives it
- * back), its future completes and the executor's reference to it is dropped (t may be freed). */
+ * back), its future completes and the executor lets go of it (t may be freed). */
 void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put);
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);

@@ -145,12 +145,12 @@ static int64_t io_outcome(struct io_req *r, bool *cancelled)
 	return res;
 }
 
-/* The executor's side of a future op is over: drop its reference, then account it (last: a join
- * may return once it is counted). */
+/* A future op cancelled before it was submitted: the executor lets go of it, then accounts it
+ * (last: a join may return once it is counted). */
 static void io_drop(struct concur__io *io)
 {
 	concur_exec *ex = io->f.ex;
-	concur_release(&io->f);
+	concur__unhold(&io->f);
 	concur__work_end(ex);
 }
 
@@ -188,6 +188,7 @@ void concur__io_cancel_all(struct concur__loop *loop)
 static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 {
 	struct concur__io *io;
+	concur_exec *ex;
 	bool cancelled;
 	int64_t res;
 
@@ -204,8 +205,10 @@ static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 		concur__resume(io->awaiter);
 		io->awaiter = NULL;
 	}
-	concur__complete(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
-	io_drop(io);
+	ex = io->f.ex;
+	/* the executor lets go of the op: it is not to be touched after */
+	concur__complete_unhold(&io->f, res, cancelled ? CONCUR__CANCELLED : CONCUR__FINISHED);
+	concur__work_end(ex);
 }
 
 static void io_op_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res, uint32_t flags)
@@ -304,6 +307,7 @@ static const struct concur__future_class io_class = {
     .destroy = io_destroy,
     .await_here = io_await_here,
     .await_undo = io_await_undo,
+    .held = true, /* by its loop, until its last CQE */
 };
 
 /* Loop thread: submit, unless the op was cancelled before it got here. */
@@ -320,7 +324,7 @@ static void io_submit_call(struct concur__loop *loop, struct concur__node *node)
 	io_live_add(loop, io);
 }
 
-/* A new future op (two references: the caller's and the executor's), or an error. */
+/* A new future op (the caller's reference, and the executor's hold), or an error. */
 static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct concur__io **out)
 {
 	struct concur__io *io;
@@ -338,7 +342,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
 	io->awaiter = NULL;
 	io_req_init(&io->r, opcode, timeout_ns);
-	concur__future_init(&io->f, &io_class, ex, 2);
+	concur__future_init(&io->f, &io_class, ex, 1);
 	*out = io;
 	return 0;
 }

@@ -204,12 +204,12 @@ static struct concur__task *concur__pop_runnable(struct concur__loop *loop)
 	return concur__pop_fresh(loop);
 }
 
-/* The executor's reference to a task is done with: it no longer counts as work. On the task's
- * loop, which belongs to its executor: the end is counted there (concur__work_end's own case,
- * without the call). */
+/* A task that will not run (a cancel completed it while queued): the executor lets go of it,
+ * and it no longer counts as work. On the task's loop, which belongs to its executor: the end
+ * is counted there (concur__work_end's own case, without the call). */
 static void concur__task_drop(struct concur__loop *loop, struct concur__task *t)
 {
-	concur_release(&t->f);
+	concur__unhold(&t->f);
 	concur__work_end_local(loop);
 }
 
@@ -226,8 +226,8 @@ static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t
 		return false;
 	}
 	if (!fib) {
-		concur__complete(&t->f, -ENOMEM, CONCUR__FINISHED);
-		concur__task_drop(loop, t);
+		concur__complete_unhold(&t->f, -ENOMEM, CONCUR__FINISHED);
+		concur__work_end_local(loop);
 		return false;
 	}
 	t->fib = fib;
@@ -240,8 +240,14 @@ static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t
 /* Give an unstarted task its fiber. False if it is not to run (cancelled, no memory). */
 static bool concur__task_start(struct concur__loop *loop, struct concur__task *t)
 {
-	if (CONCUR__UNLIKELY(atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)))
-		concur_cancel(&t->f); /* shutdown(ex, true): end it CANCELLED without running */
+	if (CONCUR__UNLIKELY(
+	        atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)) &&
+	    concur__future_claim_cancel(&t->f)) {
+		/* shutdown(ex, true): end it CANCELLED without running */
+		concur__complete_unhold(&t->f, -ECANCELED, CONCUR__CANCELLED);
+		concur__work_end_local(loop);
+		return false;
+	}
 	return concur__task_begin(loop, t, concur__fiber_get(loop, t));
 }
 
@@ -254,9 +260,9 @@ void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bo
 	t->fib = NULL;
 	if (awaiter) /* queued first: the list was empty when it began to wait */
 		concur__loop_push_ready(loop, awaiter);
-	concur__complete(&t->f, t->f.res,
-	                 t->f.res == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);
-	concur__task_drop(loop, t);
+	concur__complete_unhold(&t->f, t->f.res,
+	                        t->f.res == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);
+	concur__work_end_local(loop);
 }
 
 struct concur__task *concur__loop_start_direct(struct concur__loop *loop)

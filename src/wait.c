@@ -495,18 +495,20 @@ void concur_as_completed_free(concur_as_completed *it)
  * released without ever completing counts as cancelled (it can never run fn), so the record
  * does not wait forever, and the dependent ends CANCELLED.
  */
+/* Its tag: the input's index, and AFTER_DROPPED once the input died unset. */
 struct after_slot {
 	struct concur__waiter w; /* on input i's waiter list */
-	uint32_t i;              /* < CONCUR_MAX_FUTURES */
-	bool dropped;            /* input i died unset */
 };
+#define AFTER_DROPPED (1u << 31) /* above every index (< CONCUR_MAX_FUTURES) */
 
 /*
  * Kept small: a then's record (the task, this, one slot, one value) is what a pipeline allocates
  * for each stage, and every line of it travels from the thread that made it to the loop that
  * runs it. So what can be found is not stored: the task is just before (t->arg == t + 1), the
- * values follow the slots, the kind of call is the task's fn (wait_then_task or
- * wait_after_task), and the ready list links the task's node (free until it is queued).
+ * slots start at the next 16-byte boundary (waiter nodes are 16-aligned, and so is the task's
+ * record: no gap after the task's 120 bytes and these 24), the values follow the slots, the kind
+ * of call is the task's fn (wait_then_task or wait_after_task), and the ready list links the
+ * task's node (free until it is queued).
  */
 struct after {
 	union {
@@ -516,10 +518,14 @@ struct after {
 	void *arg;
 	_Atomic uint32_t remaining;
 	uint32_t n;
-	struct after_slot slot[];
 };
 
-_Static_assert(sizeof(struct after) + sizeof(struct after_slot) + sizeof(int64_t) <=
+/* Where the slots start, from the struct after (just after its task's record). */
+#define AFTER_SLOTS_AT                                                                             \
+	(((sizeof(struct concur__task) + sizeof(struct after) + 15) & ~(size_t)15) -               \
+	 sizeof(struct concur__task))
+
+_Static_assert(AFTER_SLOTS_AT + sizeof(struct after_slot) + sizeof(int64_t) <=
                    CONCUR__DEFERRED_CACHED_EXTRA,
                "a then's record is of the cached size");
 
@@ -528,14 +534,25 @@ static inline struct concur__task *wait_after_task_of(struct after *a)
 	return (struct concur__task *)(void *)a - 1;
 }
 
+static inline struct after_slot *wait_after_slots(struct after *a)
+{
+	return (struct after_slot *)(void *)((char *)a + AFTER_SLOTS_AT);
+}
+
 static inline int64_t *wait_after_values(struct after *a)
 {
-	return (int64_t *)(void *)&a->slot[a->n];
+	return (int64_t *)(void *)&wait_after_slots(a)[a->n];
+}
+
+static inline uint32_t wait_after_slot_index(const struct after_slot *slot)
+{
+	return slot->w.tag & ~AFTER_DROPPED;
 }
 
 static inline struct after *wait_after_of_slot(struct after_slot *slot)
 {
-	return concur__container_of(slot - slot->i, struct after, slot);
+	return (struct after *)(void *)((char *)(slot - wait_after_slot_index(slot)) -
+	                                AFTER_SLOTS_AT);
 }
 
 /*
@@ -561,9 +578,11 @@ static int64_t wait_then_task(void *arg)
 /* End the task unrun with err (unless its owner cancelled it first). */
 static void wait_after_fail(struct concur__task *t, int64_t err, uint32_t final_state)
 {
+	/* it never runs: the executor lets go of it */
 	if (concur__future_claim(&t->f))
-		concur__complete(&t->f, err, final_state);
-	concur_release(&t->f); /* the executor's reference: it never runs */
+		concur__complete_unhold(&t->f, err, final_state);
+	else
+		concur__unhold(&t->f);
 }
 
 /* Every input is done: queue the task, or end it with the first input's error. */
@@ -574,7 +593,9 @@ static void wait_after_start(struct concur__task *t)
 	for (size_t i = 0; i < a->n; i++) {
 		if (values[i] < 0) {
 			wait_after_fail(t, values[i],
-			                a->slot[i].dropped ? CONCUR__CANCELLED : CONCUR__FINISHED);
+			                (wait_after_slots(a)[i].w.tag & AFTER_DROPPED)
+			                    ? CONCUR__CANCELLED
+			                    : CONCUR__FINISHED);
 			return;
 		}
 	}
@@ -601,7 +622,7 @@ static void wait_after_ready(struct after *a)
 static void wait_after_input_value(struct after_slot *slot, int64_t v)
 {
 	struct after *a = wait_after_of_slot(slot);
-	wait_after_values(a)[slot->i] = v;
+	wait_after_values(a)[wait_after_slot_index(slot)] = v;
 	if (atomic_fetch_sub(&a->remaining, 1) == 1)
 		wait_after_ready(a);
 }
@@ -614,7 +635,7 @@ static void wait_after_input_done(struct concur__waiter *w, concur_future *f)
 static void wait_after_input_drop(struct concur__waiter *w, concur_future *f)
 {
 	struct after_slot *slot = (struct after_slot *)w;
-	slot->dropped = true;
+	slot->w.tag |= AFTER_DROPPED;
 	wait_after_input_value(slot, -ECANCELED);
 }
 
@@ -631,7 +652,7 @@ static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur
 		return concur__failed_future(ex, err);
 	struct concur__task *t = concur__task_new_deferred(
 	    ex, then_fn ? wait_then_task : wait_after_task,
-	    sizeof(struct after) + n * (sizeof(struct after_slot) + sizeof(int64_t)));
+	    AFTER_SLOTS_AT + n * (sizeof(struct after_slot) + sizeof(int64_t)));
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
 	struct after *a = t->arg;
@@ -646,10 +667,9 @@ static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur
 	bool guard = n != 1;
 	atomic_init(&a->remaining, (uint32_t)n + guard);
 	for (size_t i = 0; i < n; i++) {
-		struct after_slot *slot = &a->slot[i];
-		*slot = (struct after_slot){.i = (uint32_t)i};
-		slot->w.kind = CONCUR__WAIT_CALL;
-		slot->w.ops = &after_ops;
+		struct after_slot *slot = &wait_after_slots(a)[i];
+		*slot = (struct after_slot){
+		    .w = {.kind = CONCUR__WAIT_CALL, .tag = (uint32_t)i, .ops = &after_ops}};
 		if (!concur__waiter_push(inputs[i], &slot->w))
 			wait_after_input_done(&slot->w, inputs[i]); /* already done */
 	}

@@ -530,6 +530,179 @@ static void test_one_composition(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * Who frees a held future (a task's, an op's: see future.c), on a class of the test's own whose
+ * destroy counts: every order of the executor letting go and the users releasing, forced by
+ * calling the executor's side by hand, frees it exactly once, and never while someone may still
+ * use it (ASan would see the use after free).
+ */
+static int held_destroyed;
+static void held_destroy(concur_future *f)
+{
+	held_destroyed++;
+	free(f);
+}
+static const struct concur__future_class held_class = {
+    .name = "held", .destroy = held_destroy, .held = true};
+
+static concur_future *held_new(void)
+{
+	concur_future *f = malloc(sizeof(*f));
+	assert_non_null(f);
+	concur__future_init(f, &held_class, NULL, 1);
+	atomic_store(&f->state, CONCUR__RUNNING); /* started, as the executor's claim leaves it */
+	held_destroyed = 0;
+	return f;
+}
+
+static void test_held_release_after_completion(void **state)
+{
+	concur_future *f = held_new();
+	concur__complete_unhold(f, 7, CONCUR__FINISHED);
+	assert_int_equal(held_destroyed, 0); /* ours still */
+	assert_int_equal(atomic_load(&f->waiters), CONCUR__WAITERS_CLOSED);
+	assert_int_equal(atomic_load(&f->refs), 1); /* the close wrote no count */
+	assert_int_equal(concur_result(f, 0), 7);
+	concur_release(f);
+	assert_int_equal(held_destroyed, 1);
+}
+
+static void test_held_release_before_completion(void **state)
+{
+	concur_future *f = held_new();
+	concur_future *extra = concur_retain(f);
+	concur_release(extra); /* not the last */
+	concur_release(f);     /* the last: marked, left to the executor */
+	assert_int_equal(held_destroyed, 0);
+	assert_int_equal(atomic_load(&f->waiters), CONCUR__WAITERS_ORPHAN);
+	concur__complete_unhold(f, 7, CONCUR__FINISHED);
+	assert_int_equal(held_destroyed, 1);
+}
+
+/* Cancelled while queued: the cancel completes it, the executor lets go when it dequeues it. */
+static void test_held_cancelled_queued(void **state)
+{
+	for (int release_first = 0; release_first < 2; release_first++) {
+		concur_future *f = held_new();
+		atomic_store(&f->state, CONCUR__PENDING);
+		assert_int_equal(concur_cancel(f), 1);
+		assert_true(concur_cancelled(f));
+		assert_int_equal(atomic_load(&f->waiters),
+		                 CONCUR__WAITERS_CLOSED | CONCUR__WAITERS_HELD);
+		if (release_first) {
+			concur_release(f);
+			assert_int_equal(held_destroyed, 0);
+			concur__unhold(f);
+		} else {
+			concur__unhold(f);
+			assert_int_equal(held_destroyed, 0);
+			concur_release(f);
+		}
+		assert_int_equal(held_destroyed, 1);
+	}
+}
+
+/* The executor cancels one it has not started (shutdown): completed and let go at once. */
+static void test_held_claim_cancel(void **state)
+{
+	concur_future *f = held_new();
+	atomic_store(&f->state, CONCUR__PENDING);
+	assert_true(concur__future_claim_cancel(f));
+	assert_false(concur__future_claim_cancel(f)); /* once */
+	concur__complete_unhold(f, -ECANCELED, CONCUR__CANCELLED);
+	assert_int_equal(held_destroyed, 0);
+	assert_true(concur_cancelled(f));
+	concur_release(f);
+	assert_int_equal(held_destroyed, 1);
+}
+
+/* A composition's node whose done hook releases the last user reference: f stays whole until the
+ * executor lets go, after the hook. */
+struct release_node {
+	struct concur__waiter w;
+	concur_future *release; /* the reference the hook drops */
+	int done;
+};
+static void release_node_done(struct concur__waiter *w, concur_future *f)
+{
+	struct release_node *n = (struct release_node *)w;
+	n->done++;
+	concur_release(n->release);
+	assert_int_equal(held_destroyed, 0); /* the executor still holds it */
+	assert_true(concur__is_done(f));
+}
+static const struct concur__waiter_ops release_node_ops = {.done = release_node_done};
+
+static void test_held_hook_releases_last(void **state)
+{
+	concur_future *f = held_new();
+	struct release_node n = {.w = {.kind = CONCUR__WAIT_CALL, .ops = &release_node_ops},
+	                         .release = f};
+	assert_true(concur__waiter_push(f, &n.w));
+	concur__complete_unhold(f, 3, CONCUR__FINISHED);
+	assert_int_equal(n.done, 1);
+	assert_int_equal(held_destroyed, 1);
+}
+
+/* Every user released it before it completed, and a callback keeps it (f is the callback's for
+ * the call: it may take a reference): the callback's reference is the one that frees it. */
+static concur_future *kept;
+static void keep_future(concur_future *f, void *arg)
+{
+	kept = concur_retain(f);
+}
+static void release_future(concur_future *f, void *arg)
+{
+	concur_release(f); /* the user's reference, handed to the callback */
+}
+
+static void test_held_callback_takes_reference(void **state)
+{
+	for (int user_first = 0; user_first < 2; user_first++) {
+		concur_future *f = held_new();
+		kept = NULL;
+		assert_int_equal(concur_on_done(f, keep_future, NULL), 0);
+		if (user_first)
+			concur_release(f); /* gone before the completion: marked ORPHAN */
+		concur__complete_unhold(f, 4, CONCUR__FINISHED);
+		assert_ptr_equal(kept, f);
+		assert_int_equal(held_destroyed, 0);
+		assert_int_equal(concur_result(kept, 0), 4);
+		if (!user_first)
+			concur_release(f);
+		assert_int_equal(held_destroyed, 0);
+		concur_release(kept);
+		assert_int_equal(held_destroyed, 1);
+	}
+	/* and a callback that drops the last user reference frees it once, after the callbacks */
+	concur_future *f = held_new();
+	assert_int_equal(concur_on_done(f, release_future, NULL), 0);
+	concur__complete_unhold(f, 4, CONCUR__FINISHED);
+	assert_int_equal(held_destroyed, 1);
+}
+
+/* A reference the executor takes while it holds f (a cancel's), around a user's last release:
+ * both may see themselves last, neither frees it, the executor's letting go does. */
+static void test_held_executor_reference(void **state)
+{
+	for (int k = 0; k < 2; k++) {
+		concur_future *f = held_new();
+		if (k == 0) {
+			concur_retain(f);  /* the executor's */
+			concur_release(f); /* the user's: not the last */
+			concur_release(f); /* the executor's: the last user's count */
+		} else {
+			concur_release(f); /* the user's: marked */
+			concur_retain(f);  /* the executor's, from a stale 1 */
+			concur_release(f);
+		}
+		assert_int_equal(held_destroyed, 0);
+		assert_true(atomic_load(&f->waiters) & CONCUR__WAITERS_ORPHAN);
+		concur__complete_unhold(f, 0, CONCUR__FINISHED);
+		assert_int_equal(held_destroyed, 1);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -546,6 +719,13 @@ int main(void)
 	    cmocka_unit_test(test_huge_timeouts),
 	    cmocka_unit_test(test_parked_flag),
 	    cmocka_unit_test(test_one_composition),
+	    cmocka_unit_test(test_held_release_after_completion),
+	    cmocka_unit_test(test_held_release_before_completion),
+	    cmocka_unit_test(test_held_cancelled_queued),
+	    cmocka_unit_test(test_held_claim_cancel),
+	    cmocka_unit_test(test_held_hook_releases_last),
+	    cmocka_unit_test(test_held_callback_takes_reference),
+	    cmocka_unit_test(test_held_executor_reference),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
