@@ -915,12 +915,14 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns)
 	/* a timed await is a deadline on this wait, on the loop's one timer */
 	if (timeout_ns >= 0 && (err = concur__ctl_wait_deadline(t, concur__after_ns(timeout_ns))))
 		return err;
-	/* on the fiber's stack: complete() is done with the node once it has resumed us */
-	struct concur__await a = {.w = {.kind = CONCUR__WAIT_AWAIT, .task = t}, .f = f};
-	if (f->cls->await_here && f->cls->await_here(f, t))
+	if (f->cls->await_here && f->cls->await_here(f, t)) {
 		err = concur__suspend_interruptible(t, concur__await_here_interrupt, f);
-	else if (concur__waiter_push(f, &a.w))
-		err = concur__suspend_interruptible(t, concur__await_interrupt, &a);
+	} else {
+		/* on the fiber's stack: complete() is done with the node once it has resumed us */
+		struct concur__await a = {.w = {.kind = CONCUR__WAIT_AWAIT, .task = t}, .f = f};
+		if (concur__waiter_push(f, &a.w))
+			err = concur__suspend_interruptible(t, concur__await_interrupt, &a);
+	}
 	if (timeout_ns >= 0)
 		concur__ctl_wait_deadline(t, INT64_MAX);
 	return err ? err : concur__future_value(f);
