@@ -6,9 +6,10 @@
  * created and concur__work_end() after its completion -- callbacks included -- is over. Join
  * waits for the count to reach zero, on a futex word bumped when it does. One begin and one end
  * per kind of work:
- *   task            concur__task_enqueue (here)   concur__loop_task_end or concur__task_drop
- *                                                 (loop.c), or the enqueue's own refusal after
- *                                                 a shutdown
+ *   task            concur__task_enqueue (here)   concur__loop_task_end, concur__task_drop,
+ *                                                 or a start that ends it unrun (no stack, or
+ *                                                 shutdown(ex, true)) (loop.c); or the
+ *                                                 enqueue's own refusal after a shutdown
  *   future I/O op   io_start (io.c)               io_req_cqe or io_drop (io.c)
  *   stream          stream_open (stream.c)        stream_maybe_free (stream.c)
  *   blocking job    concur_spawn_blocking         blocking_job_free (blocking.c)

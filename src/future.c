@@ -10,8 +10,8 @@
  *   - callbacks and awaiting fibers are nodes pushed on a doubly linked list whose head word
  *     carries a lock bit: a push is one CAS and one store, a removal (a timed-out or abandoned
  *     wait taking its node back) relinks in O(1) under the bit. Completing swaps the list for
- *     CONCUR__WAITERS_CLOSED (later pushes fail and run at once), and wakes each node in
- *     registration order. No lock is held while a callback runs.
+ *     a closed word (CONCUR__WAITERS_CLOSED: later pushes fail and run at once), and wakes
+ *     each node in registration order. No lock is held while a callback runs.
  *   - compositions (as_completed, wait/gather, groups, then/after) hang their own nodes
  *     (CONCUR__WAIT_CALL) on the same list. Their record hooks run before the state flips, so
  *     nobody can see a future done before every composition has it in its books: that is what
@@ -153,7 +153,13 @@ static __attribute__((noinline)) void concur__release_last(concur_future *f, uin
 	for (;;) {
 		if (word & CONCUR__WAITERS_CLOSED) {
 			if (!(word & CONCUR__WAITERS_HELD)) {
-				concur__free(f); /* the executor let go before */
+				/* the executor let go before; or its hold became a counted
+				 * reference (COUNTED), and the count decides */
+				if ((word & CONCUR__WAITERS_COUNTED) && !wrote &&
+				    atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) !=
+				        1)
+					return;
+				concur__free(f);
 				return;
 			}
 			if (!wrote) {
@@ -264,8 +270,9 @@ static inline void concur__waiters_link(concur_future *f, struct concur__waiter 
 	w->next = old;
 	if (old)
 		old->prev = w;
-	atomic_store_explicit(&f->waiters, (uintptr_t)w | (word & CONCUR__WAITERS_PARKED),
-	                      memory_order_release); /* unlocks */
+	atomic_store_explicit(
+	    &f->waiters, (uintptr_t)w | (word & (CONCUR__WAITERS_PARKED | CONCUR__WAITERS_ORPHAN)),
+	    memory_order_release); /* unlocks */
 }
 
 /* concur__waiter_push when the list was not free to lock at the first try. */
@@ -305,7 +312,8 @@ bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 	if (w->prev)
 		w->prev->next = w->next;
 	else
-		word = (uintptr_t)w->next | (word & CONCUR__WAITERS_PARKED);
+		word =
+		    (uintptr_t)w->next | (word & (CONCUR__WAITERS_PARKED | CONCUR__WAITERS_ORPHAN));
 	if (w->next)
 		w->next->prev = w->prev;
 	atomic_store_explicit(&f->waiters, word, memory_order_release); /* unlocks */
@@ -506,11 +514,14 @@ static __attribute__((noinline)) void concur__complete_unhold_slow(concur_future
 		concur__unhold(f);
 		return;
 	}
+	/* COUNTED, not a bare CLOSED: a user that read the count as 1 before it went up must not
+	 * take the word for the executor's letting go (it writes the count down instead) */
+	const uintptr_t counted = CONCUR__WAITERS_CLOSED | CONCUR__WAITERS_COUNTED;
 	uint32_t users = atomic_load_explicit(&f->refs, memory_order_relaxed);
 	while (!(word & CONCUR__WAITERS_ORPHAN)) {
 		if (users == 0) { /* the last user let go since the close: await its mark */
 			unsigned spins = 0;
-			while (!((word = atomic_load_explicit(&f->waiters, memory_order_acquire)) &
+			while (!(atomic_load_explicit(&f->waiters, memory_order_acquire) &
 			         CONCUR__WAITERS_ORPHAN))
 				concur__backoff(&spins);
 			break;
@@ -518,16 +529,15 @@ static __attribute__((noinline)) void concur__complete_unhold_slow(concur_future
 		if (atomic_compare_exchange_weak_explicit(
 		        &f->refs, &users, users + 1, memory_order_acq_rel, memory_order_relaxed)) {
 			/* no user can write the word now: none can take the count to 0 */
-			atomic_store_explicit(&f->waiters, CONCUR__WAITERS_CLOSED,
-			                      memory_order_release);
-			goto counted;
+			atomic_store_explicit(&f->waiters, counted, memory_order_release);
+			goto convert;
 		}
 	}
 	/* no user: nobody else writes either word (a count left at 1 by a release that read it
 	 * so, before the close, is stale) */
 	atomic_store_explicit(&f->refs, 1, memory_order_relaxed);
-	atomic_store_explicit(&f->waiters, CONCUR__WAITERS_CLOSED, memory_order_release);
-counted:
+	atomic_store_explicit(&f->waiters, counted, memory_order_release);
+convert:
 	concur__complete_closed(f, word, res, final_state, true);
 	concur_release(f);
 }

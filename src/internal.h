@@ -13,14 +13,16 @@
  *
  * Two funnels. Every future ends in concur__complete() (future.c): a task's return, a future
  * I/O op's CQE, a cancel, a promise, a timeout; its waiters (parked threads, callbacks, awaiting
- * fibers, compositions) are all woken there. A task that waits without a future -- a direct
+ * fibers, compositions) are all woken there. (A task's return and an op's CQE call it as
+ * concur__complete_unhold(), the same completion by the executor that holds the future, which
+ * lets go of it in the same close.) A task that waits without a future -- a direct
  * I/O form (concur_recv, ...), concur_sleep, concur_stream_next -- is woken by concur__resume()
  * (fiber.c), which an awaited future's completion also ends in. Those waits never reach
  * concur__complete(): giving them a future would cost the allocation the direct forms exist
  * to avoid.
  *
  * The map:
- *   future.c   futures, waiters, and concur__complete(): the futures' funnel.
+ *   future.c   futures, waiters, who frees them, and concur__complete(): the futures' funnel.
  *   loop.c     one loop thread and its io_uring: the run queues, the inbox, MSG_RING messages,
  *              the in-flight count, CQE dispatch, and concur__loop_sleep(): the one place a
  *              loop sleeps. The only file that works a loop's ring itself (getting SQEs,
@@ -73,6 +75,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -298,15 +301,21 @@ struct concur__waiter {
  *
  * ORPHAN: every user released the future while its executor still held it (class held, see
  * future.c): the executor frees it when it lets go. It stays when the list is closed. A closed
- * word has no node and is never locked nor parked on: its LOCKED bit says HELD instead, a cancel
- * closed the list while the executor still held the future (queued).
+ * word has no node and is never locked nor parked on, so its other bits say who holds it:
+ * HELD (the LOCKED bit), the executor still does (a cancel closed the list of a queued one, or
+ * the executor is waking the list's nodes); COUNTED (the ORPHAN bit, without HELD), the
+ * executor's hold became a counted reference (callbacks were to run), and the count alone
+ * decides; neither, the executor let go.
  */
-#define CONCUR__WAITERS_CLOSED ((uintptr_t)1)
-#define CONCUR__WAITERS_LOCKED ((uintptr_t)2)
-#define CONCUR__WAITERS_PARKED ((uintptr_t)4)
-#define CONCUR__WAITERS_ORPHAN ((uintptr_t)8)
-#define CONCUR__WAITERS_FLAGS  ((uintptr_t)15)
-#define CONCUR__WAITERS_HELD   CONCUR__WAITERS_LOCKED /* with CLOSED */
+#define CONCUR__WAITERS_CLOSED  ((uintptr_t)1)
+#define CONCUR__WAITERS_LOCKED  ((uintptr_t)2)
+#define CONCUR__WAITERS_PARKED  ((uintptr_t)4)
+#define CONCUR__WAITERS_ORPHAN  ((uintptr_t)8)
+#define CONCUR__WAITERS_FLAGS   ((uintptr_t)15)
+#define CONCUR__WAITERS_HELD    CONCUR__WAITERS_LOCKED /* with CLOSED */
+#define CONCUR__WAITERS_COUNTED CONCUR__WAITERS_ORPHAN /* with CLOSED, without HELD */
+/* Nodes from malloc (callbacks, compositions) must be aligned enough for the flag bits. */
+_Static_assert(_Alignof(max_align_t) >= 16, "malloc'd waiter nodes keep 4 flag bits free");
 
 struct concur_future {
 	_Atomic uint32_t state; /* CONCUR__PENDING..CANCELLED and flags; a futex word */

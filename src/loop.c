@@ -6,9 +6,9 @@
  *   2. take what other threads left in its inbox, and hand spare unstarted tasks to idle loops;
  *   3. submit and reap in one io_uring_enter -- sleeping in it when there is nothing to run
  *      (concur__loop_sleep, the only place a loop ever sleeps);
- *   4. hand each CQE to its owner (an op's handler, which calls concur__complete(); a task
- *      awaiting its own op, resumed with concur__resume(); or a message: a task to run, a
- *      chain of tasks, a future to release).
+ *   4. hand each CQE to its owner (an op's handler, which completes its future with
+ *      concur__complete_unhold(); a task awaiting its own op, resumed with concur__resume();
+ *      or a message: a task to run, a chain of tasks, a future to release).
  *
  * Crossing threads: a loop reaches another loop with IORING_OP_MSG_RING: the message is a CQE
  * in the target's ring and the SQE rides the sender's next submit. A thread outside the executor
