@@ -135,10 +135,10 @@ static void concur__free(concur_future *f)
  * free, unless it let go meanwhile). wrote: the count was written down to 0; else it read 1.
  *
  * A count read as 1 is trusted while the list is open: a reference the executor takes of its
- * own meanwhile (a cancel's) is dropped before it lets go, so two releases may both think they
- * are the last and mark it, which is harmless. Not once the list is closed and HELD: the
- * completion may be running callbacks that take references of their own (f is theirs for the
- * call), so the count must be exact: the release writes it down first.
+ * own meanwhile (a cancel's, on its thread) is counted, and dropped before it lets go, so only
+ * one release finds itself the last (the one that read 1, or took the count from 1 to 0). Not
+ * once the list is closed and HELD: the completion may be about to run callbacks, whose hold
+ * takes the count up (concur__complete_unhold_slow), so the release writes it down first.
  */
 static __attribute__((noinline)) void concur__release_last(concur_future *f, uintptr_t word,
                                                            bool wrote)

@@ -268,7 +268,9 @@ struct concur__waiter_ops {
 	 * where the order of completions matters. Must not block nor look at f's state. */
 	void (*record)(struct concur__waiter *w, concur_future *f, int64_t res,
 	               uint32_t final_state);
-	/* f is done. The owner may free w from here on. */
+	/* f is done. The owner may free w from here on. It takes no reference to f unless its
+	 * owner holds one (a held future whose users all left is freed right after the hooks:
+	 * only callbacks, user code, may keep it, see concur__complete_unhold_slow). */
 	void (*done)(struct concur__waiter *w, concur_future *f);
 	/* Optional. f's last reference went while w was on its list: f will never complete. f
 	 * must not be touched beyond reading it. */

@@ -682,7 +682,7 @@ static void test_held_callback_takes_reference(void **state)
 }
 
 /* A reference the executor takes while it holds f (a cancel's), around a user's last release:
- * both may see themselves last, neither frees it, the executor's letting go does. */
+ * whichever release is the last marks it, neither frees it, the executor's letting go does. */
 static void test_held_executor_reference(void **state)
 {
 	for (int k = 0; k < 2; k++) {
