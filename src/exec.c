@@ -820,9 +820,9 @@ static const struct concur__future_class concur__deferred_task_class = {
 static void concur__task_init(struct concur__task *t, const struct concur__future_class *cls,
                               concur_exec *ex, concur_task_fn fn, void *arg)
 {
-	concur__future_init(&t->f, cls, ex,
-	                    1); /* the caller's reference (and the executor's hold) */
-	t->node.call = NULL;    /* a task's node */
+	/* the caller's reference (the executor's hold is not counted) */
+	concur__future_init(&t->f, cls, ex, 1);
+	t->node.call = NULL; /* a task's node */
 	t->fn = fn;
 	t->arg = arg;
 	t->fib = NULL;
