@@ -121,12 +121,18 @@ static void concur__drop_waiters(concur_future *f)
 	}
 }
 
-/* Nobody holds f any more: free it, once whoever completed it is done with its state. */
+/* Nobody holds f any more, nor will: its memory goes. */
+static void concur__destroy(concur_future *f)
+{
+	f->magic = CONCUR__FUTURE_DEAD;
+	f->cls->destroy(f);
+}
+
+/* The same, once whoever completed f is done with its state. */
 static void concur__free(concur_future *f)
 {
 	concur__future_wait_final(f);
-	f->magic = CONCUR__FUTURE_DEAD;
-	f->cls->destroy(f);
+	concur__destroy(f);
 }
 
 /*
@@ -145,8 +151,7 @@ static __attribute__((noinline)) void concur__release_last(concur_future *f, uin
 {
 	if (!(word & CONCUR__WAITERS_CLOSED) && !f->cls->held) {
 		concur__drop_waiters(f);
-		f->magic = CONCUR__FUTURE_DEAD;
-		f->cls->destroy(f);
+		concur__destroy(f);
 		return;
 	}
 	unsigned spins = 0;
@@ -164,7 +169,8 @@ static __attribute__((noinline)) void concur__release_last(concur_future *f, uin
 			}
 			if (!wrote) {
 				wrote = true;
-				/* a callback's reference left: its release is the last */
+				/* another holder left (a callback's reference, a canceller's
+				 * hold across its callbacks): its release is the last */
 				if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) !=
 				    1)
 					return;
@@ -507,8 +513,7 @@ static __attribute__((noinline)) void concur__complete_unhold_slow(concur_future
 		concur__complete_closed(f, word, res, final_state, true);
 		/* no user since the close (and no callback to take a reference): ours to free */
 		if (word & CONCUR__WAITERS_ORPHAN) {
-			f->magic = CONCUR__FUTURE_DEAD;
-			f->cls->destroy(f);
+			concur__destroy(f);
 			return;
 		}
 		concur__unhold(f);
@@ -556,10 +561,8 @@ void concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state
 	/* nobody waits, and the executor let go in the close: f's users may free it from the
 	 * moment its state is final -- or they all released it before, and nobody else will */
 	atomic_store_explicit(&f->state, final_state, memory_order_release);
-	if (CONCUR__UNLIKELY(word & CONCUR__WAITERS_ORPHAN)) {
-		f->magic = CONCUR__FUTURE_DEAD;
-		f->cls->destroy(f);
-	}
+	if (CONCUR__UNLIKELY(word & CONCUR__WAITERS_ORPHAN))
+		concur__destroy(f);
 }
 
 /* A PENDING future no cancel has won becomes to (a claim's, or a cancel's own) */
