@@ -150,6 +150,10 @@ static void concur__stop_loops(concur_exec *ex, unsigned n)
 		concur__loop_stop(ex->loops[i]);
 }
 
+/* idle_poll_ns came after flags, in what was padding: the options keep their size (and ABI) */
+_Static_assert(sizeof(void *) != 8 || sizeof(struct concur_exec_opts) == 24,
+               "concur_exec_opts is 24 bytes on LP64");
+
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 {
 	if (!out)
@@ -160,7 +164,8 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 		o = *opts;
 	if (o.loops > 1024 || o.ring_entries > 32768 ||
 	    (o.stack_size && (o.stack_size < 16384 || o.stack_size > ((size_t)1 << 30))) ||
-	    (o.flags & ~(unsigned)(CONCUR_EXEC_PIN | CONCUR_EXEC_SQPOLL)))
+	    (o.flags & ~(unsigned)(CONCUR_EXEC_PIN | CONCUR_EXEC_SQPOLL)) ||
+	    o.idle_poll_ns > 1000000000u)
 		return -EINVAL;
 	if (!o.loops) {
 		long n = sysconf(_SC_NPROCESSORS_ONLN);

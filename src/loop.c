@@ -49,6 +49,13 @@
  * and is a cheap syscall when nobody wants it. The watch is bounded in time, not in yields: a
  * yield may give the CPU away for a whole time slice, and a loop that yielded is not woken by
  * its completions as a sleeping one is; it also ends as soon as completions are waiting.
+ *
+ * A loop that has just handled completions watches the same way for the executor's
+ * idle_poll_ns, if set (concur_exec_opts): a connection's next request often comes within
+ * microseconds of its reply, and caught there it costs no sleep and no wake-up -- a context
+ * switch here, and a wake-up on the sender's CPU, which over loopback is the client's (RESP
+ * under redis-benchmark, one loop: 20 µs gave 1.19x the requests per second for 1.28x the
+ * server's CPU time; bench/README). Off by default: the CPU is the user's call.
  */
 #define CONCUR__INBOX_SPIN     32
 #define CONCUR__INBOX_WATCH_NS 10000
@@ -635,39 +642,49 @@ static void concur__submit_wait(struct concur__loop *loop)
 		concur__relieve(loop);
 }
 
+/*
+ * Before a sleep: what is queued goes out (replies, MSG_RINGs waking tasks of other loops), then
+ * the inbox and the ring are watched for up to ns (see CONCUR__INBOX_SPIN). True: work came (an
+ * inbox item, or CQEs to reap). False: sleep -- the time is up, completions are waiting in the
+ * kernel (IORING_SQ_TASKRUN), which the sleep's enter collects, returning at once, or the
+ * executor is stopping (the sleep looks at that).
+ */
+static bool concur__loop_watch(struct concur__loop *loop, int64_t ns)
+{
+	if (io_uring_sq_ready(&loop->ring))
+		(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the sleep submits */
+	int64_t until = 0;
+	for (int i = 0;; i++) {
+		if (atomic_load_explicit(&loop->inbox, memory_order_relaxed) ||
+		    io_uring_cq_ready(&loop->ring))
+			return true;
+		if ((IO_URING_READ_ONCE(*loop->ring.sq.kflags) & IORING_SQ_TASKRUN) ||
+		    atomic_load_explicit(&loop->ex->stopping, memory_order_relaxed))
+			return false;
+		if (i < CONCUR__INBOX_SPIN) {
+			concur__cpu_relax();
+			continue;
+		}
+		int64_t now = concur__now_ns();
+		if (!until)
+			until = now + ns;
+		else if (now >= until)
+			return false;
+		sched_yield();
+	}
+}
+
 /* THE one place a loop sleeps: submitting whatever is queued and waiting for one CQE. Anyone
- * who wants the loop awake posts a CQE into its ring (MSG_RING). */
-static void concur__loop_sleep(struct concur__loop *loop, bool fed)
+ * who wants the loop awake posts a CQE into its ring (MSG_RING). fed: the inbox had items since
+ * the loop last slept; reaped: the last turn handled completions (the watches before a sleep). */
+static void concur__loop_sleep(struct concur__loop *loop, bool fed, bool reaped)
 {
 	concur_exec *ex = loop->ex;
-	/* A loop fed by a thread outside the executor watches its inbox ~10 µs before sleeping
-	 * (CONCUR__INBOX_SPIN, then yields until CONCUR__INBOX_WATCH_NS: the thread stays
-	 * runnable, it never blocks there): otherwise a producer slightly slower than the loop
-	 * rings a doorbell (a syscall) for almost every post. Bounded, and only right after inbox
-	 * traffic: idle stays idle. Completions waiting (IORING_SQ_TASKRUN) end the watch: the
-	 * sleep's enter collects them and returns at once. */
-	if (fed) {
-		/* queued MSG_RINGs (waking tasks of other loops) go out before the watch */
-		if (io_uring_sq_ready(&loop->ring))
-			(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the sleep submits */
-		int64_t until = 0;
-		for (int i = 0;; i++) {
-			if (atomic_load_explicit(&loop->inbox, memory_order_relaxed))
-				return;
-			if (IO_URING_READ_ONCE(*loop->ring.sq.kflags) & IORING_SQ_TASKRUN)
-				break;
-			if (i < CONCUR__INBOX_SPIN) {
-				concur__cpu_relax();
-				continue;
-			}
-			int64_t now = concur__now_ns();
-			if (!until)
-				until = now + CONCUR__INBOX_WATCH_NS;
-			else if (now >= until)
-				break;
-			sched_yield();
-		}
-	}
+	int64_t watch = fed ? CONCUR__INBOX_WATCH_NS : 0;
+	if (reaped && ex->opts.idle_poll_ns > watch)
+		watch = ex->opts.idle_poll_ns;
+	if (watch && concur__loop_watch(loop, watch))
+		return;
 	atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
 	/* re-check after announcing the sleep: a poster that saw sleeping == 0 did not ring */
 	if (atomic_load_explicit(&loop->inbox, memory_order_seq_cst) ||
@@ -845,7 +862,7 @@ static void *concur__loop_main(void *arg)
 	/* The inbox had items since the loop last slept. Not just this turn: a task from the
 	 * inbox runs the turn after it arrives, and its foreign waiter posts again only once it
 	 * has the result, so "this turn" would always be false by then. */
-	bool fed = false;
+	bool fed = false, reaped = false;
 	for (;;) {
 		concur__run_queues(loop);
 		if (concur__drain_inbox(loop))
@@ -859,10 +876,10 @@ static void *concur__loop_main(void *arg)
 			if (atomic_load_explicit(&ex->stopping, memory_order_acquire) &&
 			    !loop->inflight && !atomic_load(&loop->inbox))
 				break;
-			concur__loop_sleep(loop, fed);
+			concur__loop_sleep(loop, fed, reaped);
 			fed = false;
 		}
-		concur__reap(loop);
+		reaped = concur__reap(loop) > 0;
 	}
 	concur__loop_cleanup(loop);
 	concur__tl_loop = NULL;

@@ -520,6 +520,13 @@ static void test_bad_options(void **state)
 	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
 	o = (struct concur_exec_opts){.flags = 1u << 30};
 	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
+	o = (struct concur_exec_opts){.loops = 1, .idle_poll_ns = 1000000001u}; /* over 1 s */
+	assert_int_equal(concur_exec_new(&e, &o), -EINVAL);
+	assert_null(e);
+	o.idle_poll_ns = 1000000000u;
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	concur_exec_free(e);
+	e = NULL;
 	assert_int_equal(concur_exec_new(&e, NULL), 0); /* NULL opts: defaults */
 	assert_true(concur_exec_loops(e) >= 1);
 	assert_true(concur_exec_ring_flags(e) != 0);

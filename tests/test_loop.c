@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
-/* Loops: idle means idle, messages between loops ride MSG_RING, blocked threads are woken
- * through the ring, the ring flags the kernel gave us. No wake-up is lost at the fd limit or
- * when memory runs out; a tiny or pushed-back ring loses nothing and does not spin; rings of
+/* Loops: idle means idle (an idle poll too), messages between loops ride MSG_RING, blocked threads
+ * are woken through the ring, the ring flags the kernel gave us. No wake-up is lost at the fd limit
+ * or when memory runs out; a tiny or pushed-back ring loses nothing and does not spin; rings of
  * executors churned on several threads are clean under TSan. */
 #include "helpers.h"
 #include "internal.h" /* concur__submit_fault */
@@ -67,12 +67,14 @@ static int64_t loops_cpu_ns(void)
 	return found ? sum : -1;
 }
 
-static void test_idle_is_idle(void **state)
+/*
+ * ex's 2 loops, done with some work (fn 100 times, so they have been through their whole
+ * circle), stay asleep in io_uring_enter for 1 s and use under 10 ms of CPU. Frees ex.
+ */
+static void assert_idle_after(concur_task_fn fn)
 {
-	ex = new_exec(2);
-	/* some work first, so the loops have been through their whole circle */
 	for (int i = 0; i < 100; i++)
-		concur_release(concur_spawn(ex, nothing, NULL));
+		concur_release(concur_spawn(ex, fn, NULL));
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	concur_sleep(MS(50)); /* let any post-activity watch end */
 	/* the loops' own time if the kernel tells it; else the whole process's */
@@ -87,6 +89,54 @@ static void test_idle_is_idle(void **state)
 	if (used >= MS(10))
 		fail_msg("2 idle loops used %lld ns of CPU in 1 s", (long long)used);
 	assert_int_equal(after.enters, before.enters); /* asleep in io_uring_enter throughout */
+}
+
+static void test_idle_is_idle(void **state)
+{
+	ex = new_exec(2);
+	assert_idle_after(nothing);
+}
+
+/* Idle polling (concur_exec_opts.idle_poll_ns) follows I/O and then ends: the idle loop sleeps. */
+static int64_t one_nop(void *arg)
+{
+	return concur_await_nop();
+}
+
+static void test_idle_poll_ends(void **state)
+{
+	struct concur_exec_opts o = {.loops = 2, .idle_poll_ns = MS(2)};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_idle_after(one_nop);
+}
+
+/*
+ * A loop in its idle poll after a completion picks up a post from a thread outside without a
+ * doorbell; with no idle poll, the same post finds it asleep and rings. The order is forced:
+ * the post comes 20 ms after the completion, inside a 1 s window, long after a 10 µs one.
+ */
+static uint64_t doorbells_for_late_post(unsigned idle_poll_ns)
+{
+	struct concur_exec_opts o = {.loops = 1, .idle_poll_ns = idle_poll_ns};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_future *f = concur_spawn(ex, one_nop, NULL);
+	assert_int_equal(concur_result(f, -1), 0); /* its completion starts the loop's watch */
+	concur_release(f);
+	struct concur_stats before, after;
+	concur_exec_stats(ex, &before);
+	concur_sleep(MS(20));
+	f = concur_spawn(ex, nothing, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	concur_exec_stats(ex, &after);
+	concur_exec_free(ex);
+	return after.doorbells - before.doorbells;
+}
+
+static void test_idle_poll_catches_post(void **state)
+{
+	assert_int_equal(doorbells_for_late_post(1000000000u), 0);
+	assert_true(doorbells_for_late_post(0) >= 1); /* the control: asleep without the poll */
 }
 
 /* Ring flags: SINGLE_ISSUER | DEFER_TASKRUN on this kernel (6.1+), else a fallback. */
@@ -752,6 +802,8 @@ int main(void)
 	    cmocka_unit_test(test_free_asleep_at_fd_limit),
 	    cmocka_unit_test(test_exhaustion_resumes_waiters),
 	    cmocka_unit_test(test_idle_is_idle),
+	    cmocka_unit_test(test_idle_poll_ends),
+	    cmocka_unit_test(test_idle_poll_catches_post),
 	    cmocka_unit_test(test_ring_flags),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
