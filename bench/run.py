@@ -214,6 +214,18 @@ WORKLOADS = [
         ],
     },
     {
+        "name": "resp/idle-poll",
+        "what": "as resp, concur with --idle-poll-us %d (concur_exec_opts.idle_poll_ns: a loop "
+                "watches its ring that long before it sleeps), which trades CPU time for "
+                "latency: see its CPU/req" % servers.IDLE_POLL_US,
+        "variants": [
+            E("concur (1 loop, idle poll %d µs)" % servers.IDLE_POLL_US,
+              servers.resp_variant("concur_resp1_poll")),
+            E("redis-server", servers.resp_variant("redis")),
+            E("concur (1 loop, no idle poll)", servers.resp_variant("concur_resp1")),
+        ],
+    },
+    {
         "name": "resp/2loops",
         "what": "as resp, concur with 2 loops (sharing the 2 CPUs with redis-benchmark)",
         "variants": [

@@ -271,11 +271,15 @@ def _built(build_dir, rel):
     return os.path.join(build_dir, "bench", rel)
 
 
-def _ours(rel, opt, n):
+def _ours(rel, opt, n, *extra):
     """One of the servers built here (concur's or a hand-written peer): start, label."""
-    return (None, lambda b, t: start_printing([_built(b, rel), "--port", "0", opt, str(n)], t),
-            "%s %s %d" % (rel, opt, n))
+    args = [opt, str(n)] + list(extra)
+    return (None, lambda b, t: start_printing([_built(b, rel), "--port", "0"] + args, t),
+            " ".join([rel] + args))
 
+
+# concur_exec_opts.idle_poll_ns of the resp/idle-poll workload, in µs (bench/README)
+IDLE_POLL_US = 20
 
 SERVERS = {
     "concur_http": _ours("servers/concur_http_server", "--loops", 2),
@@ -284,6 +288,8 @@ SERVERS = {
     "nginx": ("nginx", lambda b, t: start_nginx(t), "nginx (workers = CPUs, generated config)"),
     "concur_resp": _ours("servers/concur_resp_server", "--loops", 2),
     "concur_resp1": _ours("servers/concur_resp_server", "--loops", 1),
+    "concur_resp1_poll": _ours("servers/concur_resp_server", "--loops", 1, "--idle-poll-us",
+                               str(IDLE_POLL_US)),
     "redis": ("redis-server", lambda b, t: start_redis(t),
               "redis-server --save '' --appendonly no"),
 }

@@ -351,14 +351,16 @@ static void usage(const char *name, uint16_t port)
 	fprintf(stderr,
 	        "usage: %s [--bind ADDR (default 127.0.0.1)] [--port N (default %u, 0: any)]\n"
 	        "       [--loops N (default: CPUs)] [--drain-ms N (default %u: how long a stop "
-	        "waits for open requests)]\n",
+	        "waits for open requests)]\n"
+	        "       [--idle-poll-us N (default 0, at most 1000000: "
+	        "concur_exec_opts.idle_poll_ns)]\n",
 	        name, port, DEFAULT_DRAIN_MS);
 }
 
 int server_main(int argc, char **argv, const char *name, uint16_t default_port,
                 int64_t (*conn)(int fd))
 {
-	unsigned long port = default_port, loops = 0, drain_ms = DEFAULT_DRAIN_MS;
+	unsigned long port = default_port, loops = 0, drain_ms = DEFAULT_DRAIN_MS, idle_poll_us = 0;
 	const char *host = "127.0.0.1";
 	for (int i = 1; i < argc; i++) {
 		char *end;
@@ -366,10 +368,11 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 			host = argv[++i];
 			continue;
 		}
-		unsigned long *dst = !strcmp(argv[i], "--port")       ? &port
-		                     : !strcmp(argv[i], "--loops")    ? &loops
-		                     : !strcmp(argv[i], "--drain-ms") ? &drain_ms
-		                                                      : NULL;
+		unsigned long *dst = !strcmp(argv[i], "--port")           ? &port
+		                     : !strcmp(argv[i], "--loops")        ? &loops
+		                     : !strcmp(argv[i], "--drain-ms")     ? &drain_ms
+		                     : !strcmp(argv[i], "--idle-poll-us") ? &idle_poll_us
+		                                                          : NULL;
 		if (!dst || i + 1 >= argc) {
 			usage(name, default_port);
 			return 2;
@@ -378,7 +381,8 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		*dst = strtoul(argv[++i], &end, 10);
 		if (*end || errno || !*argv[i] || (dst == &port && port > 65535) ||
 		    (dst == &loops && loops > MAX_LOOPS) ||
-		    (dst == &drain_ms && drain_ms > 86400000)) {
+		    (dst == &drain_ms && drain_ms > 86400000) ||
+		    (dst == &idle_poll_us && idle_poll_us > 1000000)) {
 			usage(name, default_port);
 			return 2;
 		}
@@ -398,7 +402,8 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	concur_exec *ex;
-	struct concur_exec_opts o = {.loops = (unsigned)loops};
+	struct concur_exec_opts o = {.loops = (unsigned)loops,
+	                             .idle_poll_ns = (unsigned)(idle_poll_us * 1000)};
 	int err = concur_exec_new(&ex, &o);
 	if (err) {
 		fprintf(stderr, "%s: cannot start: %s %s\n", name, concur_strerror(err),
