@@ -72,13 +72,14 @@ struct concur_exec_opts {      /* zeroed = defaults */
 	unsigned flags;        /* CONCUR_EXEC_* */
 	/*
 	 * Idle polling, off by default (0: a loop with nothing to run sleeps at once). Otherwise,
-	 * after a turn that handled I/O completions, a loop about to sleep first submits what is
-	 * queued and watches its ring and inbox for up to idle_poll_ns (a few pauses, then
-	 * sched_yield(), so a thread waiting for the CPU gets it): the next request of a busy
-	 * connection is then often caught without a sleep and a wake-up, for lower latency and more
-	 * requests per second in request/response traffic, paid in CPU time that sleeping would
-	 * have saved. Idle stays idle: the watch follows activity and ends when the time is up.
-	 * At most 1000000000 (1 s). Tens of microseconds is the useful range (bench/README).
+	 * after a turn that reaped completions (of I/O, timers, or wake-ups from other threads), a
+	 * loop about to sleep first submits what is queued and watches its ring and inbox for up to
+	 * idle_poll_ns (a few pauses, then sched_yield(), so a thread waiting for the CPU gets it):
+	 * the next request of a busy connection is then often caught without a sleep and a
+	 * wake-up, for lower latency and more requests per second in request/response traffic,
+	 * paid in CPU time that sleeping would have saved. Idle stays idle: the watch follows
+	 * activity and ends when the time is up. At most 1000000000 (1 s). Tens of microseconds
+	 * is the useful range (bench/README, "resp/idle-poll").
 	 */
 	unsigned idle_poll_ns;
 };

@@ -150,7 +150,8 @@ static void concur__stop_loops(concur_exec *ex, unsigned n)
 		concur__loop_stop(ex->loops[i]);
 }
 
-/* idle_poll_ns came after flags, in what was padding: the options keep their size (and ABI) */
+/* idle_poll_ns came after flags, in what was padding: the options keep their size, and a caller
+ * built against the older header that zeroes them, as the header asks, passes 0 there */
 _Static_assert(sizeof(void *) != 8 || sizeof(struct concur_exec_opts) == 24,
                "concur_exec_opts is 24 bytes on LP64");
 

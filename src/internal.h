@@ -734,6 +734,7 @@ struct concur__loop {
 	/* touched by other threads */
 	_Alignas(CONCUR__CACHELINE) _Atomic(struct concur__node *) inbox;
 	_Atomic int sleeping; /* 1 while in (or about to enter) the sleeping io_uring_enter */
+	_Atomic int watching; /* 1 while it watches before a sleep (a handoff may claim it) */
 };
 
 static inline void concur__stat_inc(_Atomic uint64_t *c, uint64_t n)
@@ -930,7 +931,7 @@ struct concur_exec {
 	_Atomic bool shutdown;
 	_Atomic bool cancel_pending;
 	_Atomic bool stopping;
-	_Atomic unsigned nsleeping;
+	_Atomic unsigned nsleeping; /* loops asleep or watching before a sleep: handoff's hint */
 	_Atomic uint64_t
 	    tasks_spawned; /* from threads outside the executor; loops count their own */
 	_Atomic uint64_t doorbells;

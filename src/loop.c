@@ -54,8 +54,9 @@
  * idle_poll_ns, if set (concur_exec_opts): a connection's next request often comes within
  * microseconds of its reply, and caught there it costs no sleep and no wake-up -- a context
  * switch here, and a wake-up on the sender's CPU, which over loopback is the client's (RESP
- * under redis-benchmark, one loop: 20 µs gave 1.19x the requests per second for 1.28x the
- * server's CPU time; bench/README). Off by default: the CPU is the user's call.
+ * under redis-benchmark, one loop, medians against redis-server in the same runs: 20 µs took
+ * concur from 0.95x its requests per second to 1.12x, and its CPU time from 0.95x to 1.16x;
+ * bench/README). Off by default: the CPU is the user's call.
  */
 #define CONCUR__INBOX_SPIN     32
 #define CONCUR__INBOX_WATCH_NS 10000
@@ -460,15 +461,24 @@ static bool concur__drain_inbox(struct concur__loop *loop)
 	return true;
 }
 
-/* The loop with spare unstarted tasks hands the oldest half to one sleeping loop. The busy side
+/* Claim an idle loop for a message: asleep (its `sleeping` flag; the message is its wake) or
+ * watching before a sleep (`watching`: the message's CQE ends the watch). */
+static bool concur__claim_idle(struct concur__loop *idle)
+{
+	return (atomic_load_explicit(&idle->sleeping, memory_order_relaxed) &&
+	        atomic_exchange_explicit(&idle->sleeping, 0, memory_order_seq_cst)) ||
+	       (atomic_load_explicit(&idle->watching, memory_order_relaxed) &&
+	        atomic_exchange_explicit(&idle->watching, 0, memory_order_seq_cst));
+}
+
+/* The loop with spare unstarted tasks hands the oldest half to one idle loop. The busy side
  * starts it, so an idle loop never has to poll for work; the tasks travel as one MSG_RING. */
 static void concur__handoff(struct concur__loop *loop)
 {
 	concur_exec *ex = loop->ex;
 	for (unsigned i = 1; i < ex->nloops; i++) {
 		struct concur__loop *idle = ex->loops[(loop->idx + i) % ex->nloops];
-		if (!atomic_load_explicit(&idle->sleeping, memory_order_relaxed) ||
-		    !atomic_exchange_explicit(&idle->sleeping, 0, memory_order_seq_cst))
+		if (!concur__claim_idle(idle))
 			continue;
 		size_t k = loop->nfresh / 2;
 		struct concur__node *first = loop->fresh_tail;
@@ -567,8 +577,8 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 	}
 	case CONCUR__TAG_HANDOFF_FAILED:
 		concur__take_chain(loop, p, 0); /* keep them */
-		/* the idle loop's `sleeping` was cleared for this message: wake it (we do not know
-		 * which one it was, and a spare wake is harmless) */
+		/* the idle loop's `sleeping` or `watching` was cleared for this message: wake it
+		 * (we do not know which one it was, and a spare wake is harmless) */
 		for (unsigned i = 0; i < loop->ex->nloops; i++)
 			if (loop->ex->loops[i] != loop)
 				concur__wake(loop, loop->ex->loops[i]);
@@ -645,22 +655,42 @@ static void concur__submit_wait(struct concur__loop *loop)
 /*
  * Before a sleep: what is queued goes out (replies, MSG_RINGs waking tasks of other loops), then
  * the inbox and the ring are watched for up to ns (see CONCUR__INBOX_SPIN). True: work came (an
- * inbox item, or CQEs to reap). False: sleep -- the time is up, completions are waiting in the
- * kernel (IORING_SQ_TASKRUN), which the sleep's enter collects, returning at once, or the
- * executor is stopping (the sleep looks at that).
+ * inbox item, or CQEs to reap: completions the kernel holds back, IORING_SQ_TASKRUN, or an
+ * overflowed CQ, are fetched by an enter that does not wait). False: sleep -- the time is up, or
+ * the submit did not take everything (the sleep's submit deals with that).
+ *
+ * An idle poll (poll: its window is the user's, up to 1 s) announces itself in `watching` and
+ * ex->nsleeping, as a sleep does in `sleeping`: a loop with unstarted tasks to spare hands them
+ * over (concur__handoff) and a stop rings (concur__loop_stop), both by a claim of the flag and
+ * a message whose CQE ends the watch. The fed watch (10 µs) does not: its every write of the
+ * executor's line would cost the thread feeding it, which writes that line on each post. So the
+ * loop reads nothing of the executor's while it watches.
  */
-static bool concur__loop_watch(struct concur__loop *loop, int64_t ns)
+static bool concur__loop_watch(struct concur__loop *loop, int64_t ns, bool poll)
 {
-	if (io_uring_sq_ready(&loop->ring))
-		(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the sleep submits */
+	concur_exec *ex = loop->ex;
+	if (io_uring_sq_ready(&loop->ring) &&
+	    (concur__submit(loop, CONCUR__SUBMIT) < 0 || io_uring_sq_ready(&loop->ring)))
+		return false;
+	if (poll) {
+		atomic_store_explicit(&loop->watching, 1, memory_order_seq_cst);
+		atomic_fetch_add_explicit(&ex->nsleeping, 1, memory_order_relaxed);
+	}
+	/* a stop before the announcement rang nobody: look (a stop after it claims the flag) */
+	bool work = false, stop = poll && atomic_load_explicit(&ex->stopping, memory_order_seq_cst);
 	int64_t until = 0;
-	for (int i = 0;; i++) {
+	for (int i = 0; !stop; i++) {
 		if (atomic_load_explicit(&loop->inbox, memory_order_relaxed) ||
-		    io_uring_cq_ready(&loop->ring))
-			return true;
-		if ((IO_URING_READ_ONCE(*loop->ring.sq.kflags) & IORING_SQ_TASKRUN) ||
-		    atomic_load_explicit(&loop->ex->stopping, memory_order_relaxed))
-			return false;
+		    io_uring_cq_ready(&loop->ring)) {
+			work = true;
+			break;
+		}
+		if (IO_URING_READ_ONCE(*loop->ring.sq.kflags) &
+		    (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) {
+			(void)concur__submit(loop, CONCUR__SUBMIT_GET_EVENTS);
+			work = true;
+			break;
+		}
 		if (i < CONCUR__INBOX_SPIN) {
 			concur__cpu_relax();
 			continue;
@@ -669,9 +699,14 @@ static bool concur__loop_watch(struct concur__loop *loop, int64_t ns)
 		if (!until)
 			until = now + ns;
 		else if (now >= until)
-			return false;
+			break;
 		sched_yield();
 	}
+	if (poll) {
+		atomic_fetch_sub_explicit(&ex->nsleeping, 1, memory_order_relaxed);
+		atomic_store_explicit(&loop->watching, 0, memory_order_relaxed);
+	}
+	return work;
 }
 
 /* THE one place a loop sleeps: submitting whatever is queued and waiting for one CQE. Anyone
@@ -681,9 +716,10 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed, bool reaped)
 {
 	concur_exec *ex = loop->ex;
 	int64_t watch = fed ? CONCUR__INBOX_WATCH_NS : 0;
-	if (reaped && ex->opts.idle_poll_ns > watch)
+	bool poll = reaped && ex->opts.idle_poll_ns > watch;
+	if (poll)
 		watch = ex->opts.idle_poll_ns;
-	if (watch && concur__loop_watch(loop, watch))
+	if (watch && concur__loop_watch(loop, watch, poll))
 		return;
 	atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
 	/* re-check after announcing the sleep: a poster that saw sleeping == 0 did not ring */
@@ -903,8 +939,8 @@ int concur__loop_start(struct concur__loop *loop)
 
 void concur__loop_stop(struct concur__loop *loop)
 {
-	/* ex->stopping is set: wake the loop if it sleeps, it will see the flag */
-	if (atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst))
+	/* ex->stopping is set: wake the loop if it sleeps or polls, it will see the flag */
+	if (concur__claim_idle(loop))
 		concur__loop_ring_doorbell(loop);
 	pthread_join(loop->thread, NULL);
 }

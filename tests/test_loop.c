@@ -110,10 +110,49 @@ static void test_idle_poll_ends(void **state)
 	assert_idle_after(one_nop);
 }
 
+/* Waits (up to 10 s) until every loop thread (concur-N) is asleep: state S in its stat. */
+static bool loops_asleep(void)
+{
+	for (int tries = 0; tries < 10000; tries++) {
+		DIR *d = opendir("/proc/self/task");
+		if (!d)
+			return false;
+		int awake = 0;
+		struct dirent *e;
+		while ((e = readdir(d))) {
+			char path[300], comm[32] = "", line[512];
+			if (e->d_name[0] == '.')
+				continue;
+			snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+			FILE *f = fopen(path, "r");
+			if (!f)
+				continue;
+			if (!fgets(comm, sizeof(comm), f))
+				comm[0] = 0;
+			fclose(f);
+			if (strncmp(comm, "concur-", 7))
+				continue;
+			snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
+			if (!(f = fopen(path, "r")))
+				continue;
+			const char *st = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+			fclose(f);
+			if (!st || st[1] != ' ' || st[2] != 'S')
+				awake++;
+		}
+		closedir(d);
+		if (!awake)
+			return true;
+		usleep(1000);
+	}
+	return false;
+}
+
 /*
  * A loop in its idle poll after a completion picks up a post from a thread outside without a
  * doorbell; with no idle poll, the same post finds it asleep and rings. The order is forced:
- * the post comes 20 ms after the completion, inside a 1 s window, long after a 10 µs one.
+ * with the poll, the post comes 20 ms after the completion, inside a 1 s window; without, once
+ * the loop thread is seen asleep.
  */
 static uint64_t doorbells_for_late_post(unsigned idle_poll_ns)
 {
@@ -124,7 +163,10 @@ static uint64_t doorbells_for_late_post(unsigned idle_poll_ns)
 	concur_release(f);
 	struct concur_stats before, after;
 	concur_exec_stats(ex, &before);
-	concur_sleep(MS(20));
+	if (idle_poll_ns)
+		concur_sleep(MS(20));
+	else
+		assert_true(loops_asleep());
 	f = concur_spawn(ex, nothing, NULL);
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
@@ -137,6 +179,54 @@ static void test_idle_poll_catches_post(void **state)
 {
 	assert_int_equal(doorbells_for_late_post(1000000000u), 0);
 	assert_true(doorbells_for_late_post(0) >= 1); /* the control: asleep without the poll */
+}
+
+/*
+ * A loop watching before a sleep is handed unstarted tasks as a sleeping one is: loop 1 polls
+ * (1 s window) after an op, while a task on loop 0 spawns CHILDREN tasks at once, more than a
+ * turn runs; loop 0 hands half of the rest to loop 1, which runs some of them.
+ */
+#define CHILDREN 1000
+static pthread_t poller_thread;
+static atomic_int ran_on_poller;
+
+static int64_t poller_nop(void *arg)
+{
+	poller_thread = pthread_self();
+	return concur_await_nop();
+}
+
+static int64_t child(void *arg)
+{
+	if (pthread_equal(pthread_self(), poller_thread))
+		atomic_fetch_add(&ran_on_poller, 1);
+	return 0;
+}
+
+static int64_t parent(void *arg)
+{
+	for (int i = 0; i < CHILDREN; i++)
+		concur_release(concur_spawn(ex, child, NULL));
+	return 0;
+}
+
+static void test_idle_poll_takes_handoff(void **state)
+{
+	struct concur_exec_opts o = {.loops = 2, .idle_poll_ns = 1000000000u};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	atomic_store(&ran_on_poller, 0);
+	concur_future *f = concur_spawn_on(ex, 1, poller_nop, NULL);
+	assert_int_equal(concur_result(f, -1), 0); /* loop 1 now watches for up to 1 s */
+	concur_release(f);
+	f = concur_spawn_on(ex, 0, parent, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	concur_exec_free(ex);
+	assert_true(st.steals > 0);
+	assert_true(atomic_load(&ran_on_poller) > 0);
 }
 
 /* Ring flags: SINGLE_ISSUER | DEFER_TASKRUN on this kernel (6.1+), else a fallback. */
@@ -804,6 +894,7 @@ int main(void)
 	    cmocka_unit_test(test_idle_is_idle),
 	    cmocka_unit_test(test_idle_poll_ends),
 	    cmocka_unit_test(test_idle_poll_catches_post),
+	    cmocka_unit_test(test_idle_poll_takes_handoff),
 	    cmocka_unit_test(test_ring_flags),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
