@@ -28,21 +28,19 @@ static int64_t nothing(void *arg)
 }
 
 /*
- * The time on CPU of this process's loop threads (named concur-N), in ns, from each thread's
- * schedstat: neither the test's own thread nor a sanitizer's helper thread counts. -1 without
- * schedstat.
+ * Opens /proc/self/task/TID/<file> of each loop thread (named concur-N) of this process in
+ * turn and calls fn(f, arg) with it: neither the test's own thread nor a sanitizer's helper
+ * thread is visited. The number of loop threads visited, or -1 if /proc cannot be read.
  */
-static int64_t loops_cpu_ns(void)
+static int each_loop_thread(const char *file, void (*fn)(FILE *f, void *arg), void *arg)
 {
 	DIR *d = opendir("/proc/self/task");
 	if (!d)
 		return -1;
-	int64_t sum = 0;
 	int found = 0;
 	struct dirent *e;
 	while ((e = readdir(d))) {
 		char path[300], comm[32] = "";
-		long long ns;
 		if (e->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
@@ -54,17 +52,29 @@ static int64_t loops_cpu_ns(void)
 		fclose(f);
 		if (strncmp(comm, "concur-", 7))
 			continue;
-		snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
+		snprintf(path, sizeof(path), "/proc/self/task/%s/%s", e->d_name, file);
 		if (!(f = fopen(path, "r")))
 			continue;
-		if (fscanf(f, "%lld", &ns) == 1) {
-			sum += ns;
-			found++;
-		}
+		fn(f, arg);
 		fclose(f);
+		found++;
 	}
 	closedir(d);
-	return found ? sum : -1;
+	return found;
+}
+
+static void add_schedstat(FILE *f, void *arg)
+{
+	long long ns;
+	if (fscanf(f, "%lld", &ns) == 1)
+		*(int64_t *)arg += ns;
+}
+
+/* The time on CPU of this process's loop threads, in ns, from their schedstat; -1 without. */
+static int64_t loops_cpu_ns(void)
+{
+	int64_t sum = 0;
+	return each_loop_thread("schedstat", add_schedstat, &sum) > 0 ? sum : -1;
 }
 
 /*
@@ -110,37 +120,21 @@ static void test_idle_poll_ends(void **state)
 	assert_idle_after(one_nop);
 }
 
-/* Waits (up to 10 s) until every loop thread (concur-N) is asleep: state S in its stat. */
+static void count_awake(FILE *f, void *arg)
+{
+	char line[512];
+	const char *st = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+	if (!st || st[1] != ' ' || st[2] != 'S')
+		++*(int *)arg;
+}
+
+/* Waits (up to 10 s) until every loop thread is asleep: state S in its stat. */
 static bool loops_asleep(void)
 {
 	for (int tries = 0; tries < 10000; tries++) {
-		DIR *d = opendir("/proc/self/task");
-		if (!d)
-			return false;
 		int awake = 0;
-		struct dirent *e;
-		while ((e = readdir(d))) {
-			char path[300], comm[32] = "", line[512];
-			if (e->d_name[0] == '.')
-				continue;
-			snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
-			FILE *f = fopen(path, "r");
-			if (!f)
-				continue;
-			if (!fgets(comm, sizeof(comm), f))
-				comm[0] = 0;
-			fclose(f);
-			if (strncmp(comm, "concur-", 7))
-				continue;
-			snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
-			if (!(f = fopen(path, "r")))
-				continue;
-			const char *st = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
-			fclose(f);
-			if (!st || st[1] != ' ' || st[2] != 'S')
-				awake++;
-		}
-		closedir(d);
+		if (each_loop_thread("stat", count_awake, &awake) < 0)
+			return false;
 		if (!awake)
 			return true;
 		usleep(1000);
