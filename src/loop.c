@@ -462,7 +462,8 @@ static bool concur__drain_inbox(struct concur__loop *loop)
 }
 
 /* Claim an idle loop for a message: asleep (its `sleeping` flag; the message is its wake) or
- * watching before a sleep (`watching`: the message's CQE ends the watch). */
+ * watching before a sleep (`watching`: the message's CQE ends the watch). A hint's claim: the
+ * relaxed first look may miss a loop that just went idle (a handoff can; a stop must not). */
 static bool concur__claim_idle(struct concur__loop *idle)
 {
 	return (atomic_load_explicit(&idle->sleeping, memory_order_relaxed) &&
@@ -669,8 +670,10 @@ static void concur__submit_wait(struct concur__loop *loop)
 static bool concur__loop_watch(struct concur__loop *loop, int64_t ns, bool poll)
 {
 	concur_exec *ex = loop->ex;
+	/* (with SQPOLL the kernel's thread takes the SQEs when it gets to them) */
 	if (io_uring_sq_ready(&loop->ring) &&
-	    (concur__submit(loop, CONCUR__SUBMIT) < 0 || io_uring_sq_ready(&loop->ring)))
+	    (concur__submit(loop, CONCUR__SUBMIT) < 0 ||
+	     (!(loop->ring.flags & IORING_SETUP_SQPOLL) && io_uring_sq_ready(&loop->ring))))
 		return false;
 	if (poll) {
 		atomic_store_explicit(&loop->watching, 1, memory_order_seq_cst);
@@ -939,8 +942,12 @@ int concur__loop_start(struct concur__loop *loop)
 
 void concur__loop_stop(struct concur__loop *loop)
 {
-	/* ex->stopping is set: wake the loop if it sleeps or polls, it will see the flag */
-	if (concur__claim_idle(loop))
+	/* ex->stopping is set: wake the loop if it sleeps or polls, it will see the flag. Both
+	 * exchanged outright, not claimed (concur__claim_idle's first look is a relaxed load,
+	 * which may pass our store of stopping: the loop could then sleep unwoken) */
+	bool slept = atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst);
+	bool polled = atomic_exchange_explicit(&loop->watching, 0, memory_order_seq_cst);
+	if (slept || polled)
 		concur__loop_ring_doorbell(loop);
 	pthread_join(loop->thread, NULL);
 }

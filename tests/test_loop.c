@@ -28,19 +28,21 @@ static int64_t nothing(void *arg)
 }
 
 /*
- * Opens /proc/self/task/TID/<file> of each loop thread (named concur-N) of this process in
- * turn and calls fn(f, arg) with it: neither the test's own thread nor a sanitizer's helper
- * thread is visited. The number of loop threads visited, or -1 if /proc cannot be read.
+ * The time on CPU of this process's loop threads (named concur-N), in ns, from each thread's
+ * schedstat: neither the test's own thread nor a sanitizer's helper thread counts. -1 without
+ * schedstat.
  */
-static int each_loop_thread(const char *file, void (*fn)(FILE *f, void *arg), void *arg)
+static int64_t loops_cpu_ns(void)
 {
 	DIR *d = opendir("/proc/self/task");
 	if (!d)
 		return -1;
+	int64_t sum = 0;
 	int found = 0;
 	struct dirent *e;
 	while ((e = readdir(d))) {
 		char path[300], comm[32] = "";
+		long long ns;
 		if (e->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
@@ -52,29 +54,17 @@ static int each_loop_thread(const char *file, void (*fn)(FILE *f, void *arg), vo
 		fclose(f);
 		if (strncmp(comm, "concur-", 7))
 			continue;
-		snprintf(path, sizeof(path), "/proc/self/task/%s/%s", e->d_name, file);
+		snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
 		if (!(f = fopen(path, "r")))
 			continue;
-		fn(f, arg);
+		if (fscanf(f, "%lld", &ns) == 1) {
+			sum += ns;
+			found++;
+		}
 		fclose(f);
-		found++;
 	}
 	closedir(d);
-	return found;
-}
-
-static void add_schedstat(FILE *f, void *arg)
-{
-	long long ns;
-	if (fscanf(f, "%lld", &ns) == 1)
-		*(int64_t *)arg += ns;
-}
-
-/* The time on CPU of this process's loop threads, in ns, from their schedstat; -1 without. */
-static int64_t loops_cpu_ns(void)
-{
-	int64_t sum = 0;
-	return each_loop_thread("schedstat", add_schedstat, &sum) > 0 ? sum : -1;
+	return found ? sum : -1;
 }
 
 /*
@@ -120,33 +110,19 @@ static void test_idle_poll_ends(void **state)
 	assert_idle_after(one_nop);
 }
 
-static void count_awake(FILE *f, void *arg)
+/* Waits (up to 10 s) until *flag (a loop's `sleeping` or `watching`) is 1. */
+static bool flag_set(_Atomic int *flag)
 {
-	char line[512];
-	const char *st = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
-	if (!st || st[1] != ' ' || st[2] != 'S')
-		++*(int *)arg;
-}
-
-/* Waits (up to 10 s) until every loop thread is asleep: state S in its stat. */
-static bool loops_asleep(void)
-{
-	for (int tries = 0; tries < 10000; tries++) {
-		int awake = 0;
-		if (each_loop_thread("stat", count_awake, &awake) < 0)
-			return false;
-		if (!awake)
-			return true;
-		usleep(1000);
-	}
-	return false;
+	for (int tries = 0; tries < 100000 && !atomic_load(flag); tries++)
+		usleep(100);
+	return atomic_load(flag) == 1;
 }
 
 /*
  * A loop in its idle poll after a completion picks up a post from a thread outside without a
  * doorbell; with no idle poll, the same post finds it asleep and rings. The order is forced:
- * with the poll, the post comes 20 ms after the completion, inside a 1 s window; without, once
- * the loop thread is seen asleep.
+ * with the poll, the post comes 20 ms after the completion, inside a 1 s window, once the loop
+ * is seen polling; without, once it is seen asleep (or about to be: a poster then rings).
  */
 static uint64_t doorbells_for_late_post(unsigned idle_poll_ns)
 {
@@ -157,10 +133,12 @@ static uint64_t doorbells_for_late_post(unsigned idle_poll_ns)
 	concur_release(f);
 	struct concur_stats before, after;
 	concur_exec_stats(ex, &before);
-	if (idle_poll_ns)
+	if (idle_poll_ns) {
 		concur_sleep(MS(20));
-	else
-		assert_true(loops_asleep());
+		assert_true(flag_set(&ex->loops[0]->watching));
+	} else {
+		assert_true(flag_set(&ex->loops[0]->sleeping));
+	}
 	f = concur_spawn(ex, nothing, NULL);
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
