@@ -462,13 +462,15 @@ static bool concur__drain_inbox(struct concur__loop *loop)
 }
 
 /* Claim an idle loop for a message: asleep (its `sleeping` flag; the message is its wake) or
- * watching before a sleep (`watching`: the message's CQE ends the watch). A hint's claim: the
- * relaxed first look may miss a loop that just went idle (a handoff can; a stop must not). */
+ * watching before a sleep (`watching`: the message's CQE ends the watch). The first looks are
+ * seq_cst, as an inbox push's is (concur__inbox_push): after the caller's own seq_cst store (a
+ * stop's `stopping`), either it sees the flag or the loop, which stores the flag before it looks,
+ * sees the caller's store. (A plain load on x86; a relaxed one could pass the store on arm64.) */
 static bool concur__claim_idle(struct concur__loop *idle)
 {
-	return (atomic_load_explicit(&idle->sleeping, memory_order_relaxed) &&
+	return (atomic_load_explicit(&idle->sleeping, memory_order_seq_cst) &&
 	        atomic_exchange_explicit(&idle->sleeping, 0, memory_order_seq_cst)) ||
-	       (atomic_load_explicit(&idle->watching, memory_order_relaxed) &&
+	       (atomic_load_explicit(&idle->watching, memory_order_seq_cst) &&
 	        atomic_exchange_explicit(&idle->watching, 0, memory_order_seq_cst));
 }
 
@@ -942,12 +944,8 @@ int concur__loop_start(struct concur__loop *loop)
 
 void concur__loop_stop(struct concur__loop *loop)
 {
-	/* ex->stopping is set: wake the loop if it sleeps or polls, it will see the flag. Both
-	 * exchanged outright, not claimed (concur__claim_idle's first look is a relaxed load,
-	 * which may pass our store of stopping: the loop could then sleep unwoken) */
-	bool slept = atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst);
-	bool polled = atomic_exchange_explicit(&loop->watching, 0, memory_order_seq_cst);
-	if (slept || polled)
+	/* ex->stopping is set: wake the loop if it sleeps or polls, it will see the flag */
+	if (concur__claim_idle(loop))
 		concur__loop_ring_doorbell(loop);
 	pthread_join(loop->thread, NULL);
 }
