@@ -881,6 +881,8 @@ void concur__task_enqueue(struct concur__task *t)
 	} else if (local) {
 		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
+		if (me->nfresh >= CONCUR__SHARE_AT && concur__tl_task)
+			concur__loop_share(me);
 	} else {
 		atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);
 		concur__loop_post(concur__exec_pick_loop(ex), &t->node);

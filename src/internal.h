@@ -709,6 +709,10 @@ struct concur__loop {
 	struct concur__node *fresh_head,
 	    *fresh_tail; /* unstarted tasks: local spawns at the front */
 	size_t nfresh;
+	/* a fresh task and how many are from it to the back (it included): where the last
+	 * handoff left the front, so the next can cut there without a walk; NULL once popped */
+	struct concur__node *fresh_mark;
+	size_t fresh_behind_mark;
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget; /* runnables the turn may still run, direct fiber switches included */
@@ -897,6 +901,10 @@ static inline void concur__loop_push_yielded(struct concur__loop *loop, struct c
  */
 bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);
+/* Unstarted tasks on a loop past which a task spawning more hands half to a sleeping loop at
+ * once (concur__loop_share) rather than at its loop's next turn. */
+#define CONCUR__SHARE_AT 64
+void concur__loop_share(struct concur__loop *loop);
 /* A task's fn returned: its control state goes, its stack too if put (else the caller gives it
  * back), its future completes and the executor lets go of it (t may be freed). */
 void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bool put);

@@ -201,6 +201,57 @@ static void test_idle_poll_takes_handoff(void **state)
 	assert_true(atomic_load(&ran_on_poller) > 0);
 }
 
+/*
+ * A task that spawns many and has not yielded yet shares them with a sleeping loop at once: the
+ * parent on loop 0 spawns past CONCUR__SHARE_AT while loop 1 is seen asleep, then waits (up to
+ * 10 s, without yielding) for a child to run. Before, they ran only once it yielded. Then it
+ * spawns FANOUT more, handed off as loop 1 sleeps again (cut where the last handoff left off):
+ * each child runs once.
+ */
+#define FANOUT 20000
+static atomic_int fanout_ran, fanout_runs[2 * CONCUR__SHARE_AT + FANOUT];
+
+static int64_t fanout_child(void *arg)
+{
+	atomic_fetch_add(&fanout_runs[(intptr_t)arg], 1);
+	atomic_fetch_add(&fanout_ran, 1);
+	return 0;
+}
+
+static int64_t fanout_parent(void *arg)
+{
+	intptr_t i = 0;
+	for (; i < 2 * CONCUR__SHARE_AT; i++)
+		concur_release(concur_spawn(ex, fanout_child, (void *)i));
+	for (int tries = 0; tries < 100000 && !atomic_load(&fanout_ran); tries++)
+		usleep(100); /* blocks loop 0: only another loop can run a child */
+	int64_t early = atomic_load(&fanout_ran);
+	for (; i < 2 * CONCUR__SHARE_AT + FANOUT; i++)
+		concur_release(concur_spawn(ex, fanout_child, (void *)i));
+	return early;
+}
+
+static void test_fanout_shared_before_yield(void **state)
+{
+	struct concur_exec_opts o = {.loops = 2};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	atomic_store(&fanout_ran, 0);
+	for (int i = 0; i < 2 * CONCUR__SHARE_AT + FANOUT; i++)
+		atomic_store(&fanout_runs[i], 0);
+	assert_true(flag_set(&ex->loops[1]->sleeping));
+	concur_future *f = concur_spawn_on(ex, 0, fanout_parent, NULL);
+	assert_true(concur_result(f, -1) > 0);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&fanout_ran), 2 * CONCUR__SHARE_AT + FANOUT);
+	for (int i = 0; i < 2 * CONCUR__SHARE_AT + FANOUT; i++)
+		assert_int_equal(atomic_load(&fanout_runs[i]), 1);
+	struct concur_stats st;
+	concur_exec_stats(ex, &st);
+	concur_exec_free(ex);
+	assert_true(st.steals >= CONCUR__SHARE_AT / 2);
+}
+
 /* Ring flags: SINGLE_ISSUER | DEFER_TASKRUN on this kernel (6.1+), else a fallback. */
 static void test_ring_flags(void **state)
 {
@@ -867,6 +918,7 @@ int main(void)
 	    cmocka_unit_test(test_idle_poll_ends),
 	    cmocka_unit_test(test_idle_poll_catches_post),
 	    cmocka_unit_test(test_idle_poll_takes_handoff),
+	    cmocka_unit_test(test_fanout_shared_before_yield),
 	    cmocka_unit_test(test_ring_flags),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
