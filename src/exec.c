@@ -333,8 +333,11 @@ int concur_exec_stats(const concur_exec *ex, struct concur_stats *out)
  * without end. So a loop whose cache is full fills a chain
  * of CONCUR__RECYCLE_CHAIN records and parks it in an empty slot of its executor; a thread
  * outside the executor takes a whole chain from a slot when its own cache (thread-local, freed
- * when the thread exits) runs dry. A slot is a pointer exchanged whole, so there is no ABA; the
- * slots bound what an executor holds (and it frees them); with every slot full, a loop frees.
+ * when the thread exits) runs dry, and so does a loop: one task spawning many on loop 0 while
+ * loop 1 runs them (concur__loop_share) would otherwise carve, fault in and unmap records
+ * without end on both sides (spawn/bulk 0.71x). A slot is a pointer exchanged whole, so there
+ * is no ABA; the slots bound what an executor holds (and it frees them); with every slot full,
+ * a loop frees.
  */
 #define CONCUR__FOREIGN_CACHE_MAX (2 * CONCUR__RECYCLE_CHAIN) /* a thread outside keeps */
 
@@ -601,7 +604,7 @@ static void concur__rec_push(struct concur__rec_cache *c, void *p, size_t bytes)
 	concur__rec_poison(ft, bytes);
 }
 
-/* A thread outside the executor: a chain a loop parked, into the empty cache c. */
+/* A chain a loop parked, into the empty cache c (of a thread outside, or of a loop). */
 static bool concur__recycle_take(concur_exec *ex, int k, struct concur__rec_cache *c)
 {
 	if (c->skip) {
@@ -655,7 +658,7 @@ static __attribute__((noinline)) void *concur__rec_alloc_slow(concur_exec *ex,
 		c->out_len = 0;
 		return concur__rec_pop(c, bytes);
 	}
-	if (c && !loop && concur__recycle_take(ex, k, c))
+	if (c && concur__recycle_take(ex, k, c))
 		return concur__rec_pop(c, bytes);
 	return concur__rec_mem_new(c, bytes);
 }

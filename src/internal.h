@@ -656,14 +656,14 @@ struct concur__rec_cache {
 /* A loop keeps this many freed records of each size for its own next tasks. */
 #define CONCUR__TASK_CACHE_MAX 1024
 /* Each size has this many slots in its executor, each empty or holding a chain of exactly
- * CONCUR__RECYCLE_CHAIN records a loop gave back, for threads outside the executor to take. */
+ * CONCUR__RECYCLE_CHAIN records a loop gave back, for any cache that runs dry to take. */
 #define CONCUR__RECYCLE_SLOTS 16
 #define CONCUR__RECYCLE_CHAIN 128
 struct concur__recycle {
 	_Atomic(void *) slot[CONCUR__RECYCLE_SLOTS]; /* a chain's first record, or NULL */
 };
-/* A thread outside the executor that found every slot of a size empty mallocs this many of it
- * before it looks again. */
+/* A cache that found every slot of a size empty makes this many of it before it looks
+ * again. */
 #define CONCUR__RECYCLE_SKIP 32
 
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */

@@ -738,8 +738,9 @@ static void *burst_thread(void *arg)
 static void test_record_chunks(void **state)
 {
 	long before = concur__chunks_live();
-	/* on a loop: the spawning task never yields, so all BURST records are out at once */
-	ex = new_exec(2);
+	/* on a loop: the spawning task never yields and no other loop takes a share, so all BURST
+	 * records are out at once */
+	ex = new_exec(1);
 	atomic_store(&burst_ran, 0);
 	concur_future *f = concur_spawn(ex, burst_task, NULL);
 	int64_t on_loop = concur_result(f, -1);
@@ -775,6 +776,60 @@ static void test_record_chunks(void **state)
 	assert_int_equal(concur__chunks_live(), before);
 }
 
+/*
+ * A loop whose record cache runs dry takes a chain another loop parked before it makes records:
+ * loop 1 frees more task records than it keeps (its cache, then chains parked in the executor);
+ * the first spawn on loop 0, whose cache is empty, gets one of them. Before, it carved new
+ * memory while loop 1's records waited for a thread outside the executor.
+ */
+#define PARKED (CONCUR__TASK_CACHE_MAX + 8 * CONCUR__RECYCLE_CHAIN)
+static uintptr_t parked_recs[PARKED];
+
+static int64_t note_nothing(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+
+static int64_t spawn_pinned_here(void *arg)
+{
+	/* all out at once: pinned to this loop, they run after this task returns */
+	for (int i = 0; i < PARKED; i++) {
+		concur_future *f = concur_spawn_on(ex, 1, note_nothing, NULL);
+		if (concur_done(f))
+			return concur_result(f, 0);
+		parked_recs[i] = (uintptr_t)f;
+		concur_release(f);
+	}
+	return 0;
+}
+
+static int64_t first_spawn_address(void *arg)
+{
+	(void)arg;
+	concur_future *f = concur_spawn(ex, note_nothing, NULL);
+	concur_release(f);
+	return (int64_t)(uintptr_t)f;
+}
+
+static void test_loop_takes_parked_records(void **state)
+{
+	ex = new_exec(2);
+	concur_future *f = concur_spawn_on(ex, 1, spawn_pinned_here, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(ex, -1), 0); /* loop 1 freed them all */
+	f = concur_spawn_on(ex, 0, first_spawn_address, NULL);
+	int64_t addr = concur_result(f, -1);
+	concur_release(f);
+	bool parked = false;
+	for (int i = 0; i < PARKED && !parked; i++)
+		parked = parked_recs[i] == (uintptr_t)addr;
+	assert_true(parked);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	concur_exec_free(ex);
+}
+
 /* Only io_uring_register blocked: the error names the call, not "the kernel lacks
  * IORING_OP_MSG_RING". */
 static void test_io_uring_register_blocked(void **state)
@@ -787,6 +842,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_record_chunks),
+	    cmocka_unit_test(test_loop_takes_parked_records),
 	    cmocka_unit_test(test_nested_waits),
 	    cmocka_unit_test(test_await_task_on_its_loop),
 	    cmocka_unit_test(test_tree_search),
