@@ -463,6 +463,7 @@ struct concur__ctl {
 	uint32_t heap_idx;   /* in loop->timers.heap, or UINT32_MAX */
 	int64_t wait_due;    /* the current timed wait's deadline, INT64_MAX: none */
 	int64_t seen_now;    /* a time the loop's timer saw pass for this task */
+	int64_t heap_key;    /* its place in the heap: never later than due (timer.c) */
 	/* the loop's tasks that have suspended (CONCUR__TASK_LIVE): what a stop cancels */
 	struct concur__task *live_prev, *live_next;
 	struct concur__scopes *scopes; /* NULL until the first push */
@@ -670,7 +671,7 @@ struct concur__recycle {
 
 /* The loop's one kernel timer, armed for the earliest deadline of a heap of tasks (control.c). */
 struct concur__timers {
-	struct concur__task **heap; /* min-heap on ctl.due */
+	struct concur__task **heap; /* min-heap on ctl.heap_key */
 	size_t n, cap;
 	struct concur__op op;             /* the armed IORING_OP_TIMEOUT's CQE */
 	struct __kernel_timespec ts, upd; /* its expiry, and an update's (absolute) */
@@ -1102,6 +1103,9 @@ static inline int64_t concur__coarse_now_ns(void)
 	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
 	return CONCUR__TS_TO_NS(&ts);
 }
+/* More than the coarse clock ever lags CLOCK_MONOTONIC (a tick: 1-10 ms): a time later than
+ * coarse + this has not come yet. */
+#define CONCUR__COARSE_LAG_NS ((int64_t)100000000)
 /* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
 int64_t concur__after_ns(int64_t timeout_ns);
 /* The same as an absolute timespec, for futex and condvar waits. */

@@ -52,6 +52,61 @@ static void test_sleep_in_task(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * The heap keeps a task where an earlier deadline placed it (timer.c): when that place comes
+ * due, the task is dropped or moved to its deadline now, never timed out early, and its later
+ * deadline still fires. Two sleepers (150 and 250 ms) share the heap, so a move goes down it.
+ */
+static int64_t moved_deadlines(void *arg)
+{
+	int64_t *out = arg;
+	/* popped: the place (20 ms) comes while the task sleeps with no deadline */
+	concur_deadline_push(MS(20));
+	out[0] = concur_deadline_pop(); /* near now: the precise clock says not passed */
+	out[1] = concur_sleep(MS(80));
+	/* popped, and a later one pushed: it fires at 100 ms, not at the place */
+	int64_t t0 = now_ns();
+	concur_deadline_push(MS(20));
+	concur_deadline_pop();
+	concur_deadline_push(MS(100));
+	out[2] = concur_sleep(MS(60000));
+	out[3] = now_ns() - t0;
+	out[4] = concur_deadline_pop();
+	/* an earlier one than the place: moved up, it fires at its time */
+	t0 = now_ns();
+	concur_deadline_push(MS(60000));
+	concur_deadline_push(MS(30));
+	out[5] = concur_sleep(MS(60000));
+	out[6] = now_ns() - t0;
+	concur_deadline_pop();
+	out[7] = concur_deadline_pop(); /* far ahead: not passed */
+	return 0;
+}
+
+static void test_moved_deadlines(void **state)
+{
+	ex = new_exec(1);
+	concur_future *bg[2] = {concur_spawn(ex, sleeper, (void *)(intptr_t)MS(150)),
+	                        concur_spawn(ex, sleeper, (void *)(intptr_t)MS(250))};
+	int64_t out[8];
+	concur_future *f = concur_spawn(ex, moved_deadlines, out);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(out[0], 0);
+	assert_int_equal(out[1], 0);
+	assert_int_equal(out[2], -ETIMEDOUT);
+	assert_true(out[3] >= MS(100));
+	assert_int_equal(out[4], 1);
+	assert_int_equal(out[5], -ETIMEDOUT);
+	assert_true(out[6] >= MS(30) && out[6] < MS(10000));
+	assert_int_equal(out[7], 0);
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(concur_result(bg[i], -1), 0); /* their own ends, not broken */
+		concur_release(bg[i]);
+	}
+	concur_exec_free(ex);
+}
+
 static void test_sleep_outside_task(void **state)
 {
 	int64_t t0 = now_ns();
@@ -194,6 +249,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_sleep_in_task),
+	    cmocka_unit_test(test_moved_deadlines),
 	    cmocka_unit_test(test_sleep_outside_task),
 	    cmocka_unit_test(test_timed_await),
 	    cmocka_unit_test(test_timed_await_races),
