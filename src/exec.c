@@ -884,7 +884,9 @@ void concur__task_enqueue(struct concur__task *t)
 	} else if (local) {
 		concur__stat_inc(&me->st.tasks_spawned, 1);
 		concur__loop_push_fresh(me, t, true); /* local, depth first */
-		if (me->nfresh >= CONCUR__SHARE_AT && concur__tl_task)
+		/* a tiny stack leaves loop work (a submit) to the loop */
+		if (me->nfresh >= CONCUR__SHARE_AT + me->share_backoff && concur__tl_task &&
+		    concur__task_stack_big(concur__tl_task))
 			concur__loop_share(me);
 	} else {
 		atomic_fetch_add_explicit(&ex->tasks_spawned, 1, memory_order_relaxed);

@@ -638,9 +638,8 @@ void concur__rec_free(void *p, int k);
 /* The chunks of slabs mapped now, by every thread (exec.c; tests check that they all go back). */
 long concur__chunks_live(void);
 /* A thread's freed records of one size: a LIFO list for its next allocations; a loop's, a chain
- * being filled for its executor's recycle slots once the list is full; a thread outside the
- * executor's, how many records to make before it looks at the slots again; the slab new
- * records are carved from (exec.c). */
+ * being filled for its executor's recycle slots once the list is full; how many records to
+ * make before it looks at the slots again; the slab new records are carved from (exec.c). */
 struct concur__rec_cache {
 	void *head;
 	unsigned len;
@@ -714,6 +713,9 @@ struct concur__loop {
 	 * handoff left the front, so the next can cut there without a walk; NULL once popped */
 	struct concur__node *fresh_mark;
 	size_t fresh_behind_mark;
+	/* added to CONCUR__SHARE_AT after a share found no idle loop to claim (one counted in
+	 * nsleeping, woken but not up yet): the next try waits for 64 more spawns */
+	size_t share_backoff;
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget; /* runnables the turn may still run, direct fiber switches included */
@@ -953,8 +955,9 @@ struct concur_exec {
 	int bell_pid; /* a forked child must not ring through its parent's ring */
 	bool bell_ready;
 
-	/* Freed records travelling from the loops to threads outside the executor, whose own
-	 * frees of them would otherwise all land in one malloc arena, contended (exec.c). */
+	/* Freed records travelling from the loops to any cache that runs dry: threads outside the
+	 * executor, whose own frees of them would otherwise all land in one malloc arena,
+	 * contended, and loops that spawn more than they free (exec.c). */
 	_Alignas(CONCUR__CACHELINE) struct concur__recycle recycle[CONCUR__REC_SIZES];
 
 	_Alignas(CONCUR__CACHELINE) _Atomic unsigned rr;

@@ -483,8 +483,8 @@ static struct concur__node *concur__handoff_cut(struct concur__loop *loop, size_
 	/* A task spawning many (concur__loop_share) hands off, spawns as many again while the
 	 * other loop runs them, hands off again: the tasks behind the last handoff's front are
 	 * the older part, found without a walk (a walk over a fan-out's queue was 10-17 % of the
-	 * spawning loop's time). Unless they are too few to be worth a message. */
-	if (loop->fresh_mark && loop->fresh_behind_mark < loop->nfresh &&
+	 * spawning loop's time). Unless they are too few to be worth a message, or nearly all. */
+	if (loop->fresh_mark && loop->fresh_behind_mark <= loop->nfresh - loop->nfresh / 4 &&
 	    loop->fresh_behind_mark >= loop->nfresh / 4) {
 		*k = loop->fresh_behind_mark;
 		return loop->fresh_mark;
@@ -526,6 +526,7 @@ static bool concur__handoff(struct concur__loop *loop)
 		                 (uint32_t)k,
 		                 (uint64_t)(uintptr_t)first | CONCUR__TAG_HANDOFF_FAILED);
 		concur__stat_inc(&loop->st.steals, k);
+		loop->share_backoff = 0;
 		return true;
 	}
 	return false;
@@ -539,9 +540,15 @@ static bool concur__handoff(struct concur__loop *loop)
  */
 void concur__loop_share(struct concur__loop *loop)
 {
-	if (atomic_load_explicit(&loop->ex->nsleeping, memory_order_relaxed) &&
-	    concur__handoff(loop))
-		(void)concur__submit(loop, CONCUR__SUBMIT); /* failed: the turn's flush retries */
+	if (!atomic_load_explicit(&loop->ex->nsleeping, memory_order_relaxed))
+		return;
+	if (!concur__handoff(loop)) {
+		loop->share_backoff = loop->nfresh + 64 - CONCUR__SHARE_AT;
+		return;
+	}
+	/* Failed, the message waits for the turn's flush, as it did when handoffs came only
+	 * between turns (the loop claimed sleeps on until then). */
+	(void)concur__submit(loop, CONCUR__SUBMIT);
 }
 
 /*
@@ -945,6 +952,7 @@ static void *concur__loop_main(void *arg)
 	 * has the result, so "this turn" would always be false by then. */
 	bool fed = false, reaped = false;
 	for (;;) {
+		loop->share_backoff = 0; /* a new turn: the claimed loop is up by now */
 		concur__run_queues(loop);
 		if (concur__drain_inbox(loop))
 			fed = true;

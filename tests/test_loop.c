@@ -190,6 +190,10 @@ static void test_idle_poll_takes_handoff(void **state)
 	concur_future *f = concur_spawn_on(ex, 1, poller_nop, NULL);
 	assert_int_equal(concur_result(f, -1), 0); /* loop 1 now watches for up to 1 s */
 	concur_release(f);
+	/* once it is seen watching, and counted (just after its flag) */
+	assert_true(flag_set(&ex->loops[1]->watching));
+	for (int tries = 0; tries < 100000 && !atomic_load(&ex->nsleeping); tries++)
+		usleep(100);
 	f = concur_spawn_on(ex, 0, parent, NULL);
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
@@ -239,6 +243,8 @@ static void test_fanout_shared_before_yield(void **state)
 	for (int i = 0; i < 2 * CONCUR__SHARE_AT + FANOUT; i++)
 		atomic_store(&fanout_runs[i], 0);
 	assert_true(flag_set(&ex->loops[1]->sleeping));
+	for (int tries = 0; tries < 100000 && !atomic_load(&ex->nsleeping); tries++)
+		usleep(100); /* it is counted just after its flag is set */
 	concur_future *f = concur_spawn_on(ex, 0, fanout_parent, NULL);
 	assert_true(concur_result(f, -1) > 0);
 	concur_release(f);

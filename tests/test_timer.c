@@ -55,15 +55,22 @@ static void test_sleep_in_task(void **state)
 /*
  * The heap keeps a task where an earlier deadline placed it (timer.c): when that place comes
  * due, the task is dropped or moved to its deadline now, never timed out early, and its later
- * deadline still fires. Two sleepers (150 and 250 ms) share the heap, so a move goes down it.
+ * deadline still fires. Two sleepers (400 and 600 ms) share the heap, so a move goes down it.
  */
+static concur_future *late_promise;
+
 static int64_t moved_deadlines(void *arg)
 {
 	int64_t *out = arg;
-	/* popped: the place (20 ms) comes while the task sleeps with no deadline */
-	concur_deadline_push(MS(20));
+	/* popped: the place (80 ms, under the coarse clock's margin) comes while the task awaits
+	 * a promise set at 150 ms with no deadline: dropped, the await not broken */
+	concur_deadline_push(MS(80));
 	out[0] = concur_deadline_pop(); /* near now: the precise clock says not passed */
-	out[1] = concur_sleep(MS(80));
+	out[1] = concur_result(late_promise, -1);
+	/* popped: the place comes while the task sleeps 80 ms: moved to the sleep's own end */
+	concur_deadline_push(MS(20));
+	concur_deadline_pop();
+	out[8] = concur_sleep(MS(80));
 	/* popped, and a later one pushed: it fires at 100 ms, not at the place */
 	int64_t t0 = now_ns();
 	concur_deadline_push(MS(20));
@@ -86,14 +93,19 @@ static int64_t moved_deadlines(void *arg)
 static void test_moved_deadlines(void **state)
 {
 	ex = new_exec(1);
-	concur_future *bg[2] = {concur_spawn(ex, sleeper, (void *)(intptr_t)MS(150)),
-	                        concur_spawn(ex, sleeper, (void *)(intptr_t)MS(250))};
-	int64_t out[8];
+	concur_future *bg[2] = {concur_spawn(ex, sleeper, (void *)(intptr_t)MS(400)),
+	                        concur_spawn(ex, sleeper, (void *)(intptr_t)MS(600))};
+	late_promise = concur_promise_new(ex);
+	int64_t out[9];
 	concur_future *f = concur_spawn(ex, moved_deadlines, out);
+	concur_sleep(MS(150));
+	assert_int_equal(concur_promise_set(late_promise, 7), 0);
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
+	concur_release(late_promise);
 	assert_int_equal(out[0], 0);
-	assert_int_equal(out[1], 0);
+	assert_int_equal(out[1], 7);
+	assert_int_equal(out[8], 0);
 	assert_int_equal(out[2], -ETIMEDOUT);
 	assert_true(out[3] >= MS(100));
 	assert_int_equal(out[4], 1);
