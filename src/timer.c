@@ -285,7 +285,10 @@ int concur_deadline_pop(void)
 		if (passed && now > c->seen_now)
 			c->seen_now = now;
 	}
-	concur__ctl_retime(t); /* a later deadline only: needs no memory */
+	/* a later deadline only: no memory needed, unless the timer took the task out of the
+	 * heap and others filled its room since; then the deadline is still checked when a wait
+	 * begins (-ENOMEM: it cannot break one) */
+	concur__ctl_retime(t);
 	return passed;
 }
 
@@ -321,7 +324,7 @@ int concur_sleep(int64_t ns)
 	if (err)
 		return err;
 	int r = concur__suspend_interruptible(t, concur__sleep_interrupt, NULL);
-	concur__ctl_wait_deadline(t, INT64_MAX); /* a later deadline only: needs no memory */
+	concur__ctl_wait_deadline(t, INT64_MAX); /* a later deadline only: as in a pop */
 	if (r == -ETIMEDOUT)
 		r = concur__ctl_check(t); /* a scope's deadline, or just the sleep's own: 0 */
 	return r;
