@@ -484,9 +484,10 @@ static struct concur__node *concur__handoff_cut(struct concur__loop *loop, size_
 	 * other loop runs them, hands off again: the tasks behind the last handoff's front are
 	 * the older part, found without a walk (a walk over a fan-out's queue was 10-17 % of the
 	 * spawning loop's time). Unless they are too few to be worth a message, or nearly all. */
-	if (loop->fresh_mark && loop->fresh_behind_mark <= loop->nfresh - loop->nfresh / 4 &&
-	    loop->fresh_behind_mark >= loop->nfresh / 4) {
-		*k = loop->fresh_behind_mark;
+	size_t behind = loop->fresh_behind_mark;
+	if (loop->fresh_mark && behind >= loop->nfresh / 4 &&
+	    behind <= loop->nfresh - loop->nfresh / 4 && behind < loop->nfresh) {
+		*k = behind;
 		return loop->fresh_mark;
 	}
 	/* Else the half, found from the front: the newer half was written last, so it is still
