@@ -714,7 +714,7 @@ struct concur__loop {
 	struct concur__node *fresh_mark;
 	size_t fresh_behind_mark;
 	/* added to CONCUR__SHARE_AT after a share found no idle loop to claim (one counted in
-	 * nsleeping, woken but not up yet): the next try waits for 64 more spawns */
+	 * nsleeping, woken but not up yet): the next try waits for CONCUR__SHARE_AT more spawns */
 	size_t share_backoff;
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */

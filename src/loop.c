@@ -544,11 +544,11 @@ void concur__loop_share(struct concur__loop *loop)
 	if (!atomic_load_explicit(&loop->ex->nsleeping, memory_order_relaxed))
 		return;
 	if (!concur__handoff(loop)) {
-		loop->share_backoff = loop->nfresh + 64 - CONCUR__SHARE_AT;
+		loop->share_backoff = loop->nfresh; /* the next try, CONCUR__SHARE_AT spawns on */
 		return;
 	}
-	/* Failed, the message waits for the turn's flush, as it did when handoffs came only
-	 * between turns (the loop claimed sleeps on until then). */
+	/* If this submit fails, the message waits for the turn's flush, as it did when handoffs
+	 * came only between turns (the loop claimed sleeps on until then). */
 	(void)concur__submit(loop, CONCUR__SUBMIT);
 }
 
