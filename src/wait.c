@@ -457,6 +457,10 @@ int concur_as_completed_next(concur_as_completed *it, concur_future **f)
 		}
 		if (r < 0 && r != -ETIMEDOUT)
 			return (int)r;
+		/* not the iterator's deadline: a task's deadline scope that passed, which fails
+		 * every later wait at once (looping would spin on the loop's thread for good) */
+		if (r == -ETIMEDOUT && concur__tl_task && (r = concur__ctl_check(concur__tl_task)))
+			return (int)r;
 	}
 	return 0;
 }

@@ -354,6 +354,40 @@ static void test_as_completed_tasks_and_deadline(void **state)
 	release_all(fs, 4);
 }
 
+/* In a task whose deadline scope passes: the next wait fails with -ETIMEDOUT, not a spin. */
+static int64_t as_completed_under_scope(void *arg)
+{
+	concur_future **fs = arg;
+	concur_as_completed *it;
+	if (concur_as_completed_new(&it, fs, 2, -1))
+		return -100;
+	concur_deadline_push(MS(20));
+	concur_future *f = NULL;
+	int first = concur_as_completed_next(it, &f); /* the done one, though the scope passes */
+	int second = concur_as_completed_next(it, &f);
+	concur_deadline_pop();
+	concur_as_completed_free(it);
+	if (first != 1 || f != fs[0])
+		return -101;
+	concur_release(f);
+	return second == -ETIMEDOUT ? 42 : second;
+}
+
+static void test_as_completed_deadline_scope(void **state)
+{
+	concur_future *fs[2] = {done_with(7),
+	                        concur_promise_new(NULL)}; /* the second never in time */
+	concur_future *t = concur_spawn(ex1, as_completed_under_scope, fs);
+	int64_t r = concur_result(t, MS(5000));
+	bool done = concur_done(t);
+	concur_promise_set(fs[1], 0); /* (before the fix: ends the spinning wait) */
+	assert_true(done);
+	assert_int_equal(r, 42);
+	assert_int_equal(concur_result(t, -1), 42);
+	concur_release(t);
+	release_all(fs, 2);
+}
+
 /* ---- then and spawn_after ------------------------------------------------------------------- */
 
 static int64_t add_one(void *arg, int64_t v)
@@ -691,6 +725,7 @@ int main(void)
 	    cmocka_unit_test(test_gather_timeout),
 	    cmocka_unit_test(test_as_completed_order),
 	    cmocka_unit_test(test_as_completed_tasks_and_deadline),
+	    cmocka_unit_test(test_as_completed_deadline_scope),
 	    cmocka_unit_test(test_then_chain_10000),
 	    cmocka_unit_test(test_spawn_after_failed_input),
 	    cmocka_unit_test(test_pipeline),
