@@ -440,10 +440,13 @@ void concur__loop_post(struct concur__loop *loop, struct concur__node *n)
 	struct concur__loop *me = concur__tl_loop;
 	if (me == loop)
 		concur__node_arrived(loop, n);
-	else if (me)
+	else if (me) {
+		/* in flight, no list holds it: its link keeps the target, should the MSG_RING fail
+		 */
+		n->next = (struct concur__node *)(void *)loop;
 		concur__msg_ring(me, loop, (uint64_t)(uintptr_t)n | CONCUR__TAG_NODE, 0,
 		                 (uint64_t)(uintptr_t)n | CONCUR__TAG_NODE_FAILED);
-	else
+	} else
 		concur__inbox_push(loop, n);
 }
 
@@ -618,12 +621,11 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 			concur__wake(loop, p);
 		break;
 	case CONCUR__TAG_NODE_FAILED: {
-		/* the MSG_RING could not post (target CQ overflow): go through the inbox */
+		/* The MSG_RING could not post (the target's CQ overflowed): through the target's
+		 * inbox, never here. A call may only run there (a cancel breaks a wait of that
+		 * loop's), and a task may be another executor's, which counts its end. */
 		struct concur__node *n = p;
-		if (!n->call && concur__task_of_node(n)->loop)
-			concur__inbox_push(concur__task_of_node(n)->loop, n);
-		else
-			concur__node_arrived(loop, n); /* any loop of the executor may run it */
+		concur__inbox_push((struct concur__loop *)(void *)n->next, n);
 		break;
 	}
 	case CONCUR__TAG_HANDOFF_FAILED:

@@ -910,6 +910,119 @@ static void test_rings_across_threads(void **state)
 	}
 }
 
+/*
+ * A MSG_RING carrying a node that the kernel refuses (the target's CQ overflowed) comes back to
+ * the sender; the node must still reach its target loop. The hook makes the next such message
+ * from refuse_from fail as a refused one does: its fd made invalid, so its CQE (-EBADF) carries
+ * the failure's user_data.
+ */
+static struct concur__loop *_Atomic refuse_from;
+static atomic_int refused;
+static int refuse_node_msg(struct concur__loop *l)
+{
+	if (l != atomic_load(&refuse_from))
+		return 0;
+	struct io_uring_sq *sq = &l->ring.sq;
+	for (unsigned i = sq->sqe_head; i != sq->sqe_tail; i++) {
+		struct io_uring_sqe *sqe = &sq->sqes[i & sq->ring_mask];
+		if (sqe->opcode == IORING_OP_MSG_RING &&
+		    (sqe->user_data & CONCUR__TAG_MASK) == CONCUR__TAG_NODE_FAILED) {
+			sqe->fd = -1;
+			atomic_fetch_add(&refused, 1);
+			atomic_store(&refuse_from, NULL);
+		}
+	}
+	return 0;
+}
+
+static concur_exec *other_ex; /* the executor a task of ex spawns on */
+static atomic_int ran_on_other = -1;
+
+static int64_t on_which_exec(void *arg)
+{
+	atomic_store(&ran_on_other, concur_current_exec() == other_ex);
+	return 7;
+}
+
+static int64_t spawn_on_other(void *arg)
+{
+	atomic_store(&refuse_from, concur__tl_loop);
+	concur_future *f = concur_spawn(other_ex, on_which_exec, NULL);
+	int64_t r = concur_result(f, -1);
+	concur_release(f);
+	return r;
+}
+
+/* A task spawned on another executor, its message refused: it runs there, both joins end. */
+static int refused_spawn_child(void)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	concur__submit_fault = refuse_node_msg; /* (set while no loop runs; idle until armed) */
+	if (concur_exec_new(&ex, &o) || concur_exec_new(&other_ex, &o))
+		return 1;
+	concur_future *f = concur_spawn(ex, spawn_on_other, NULL);
+	int64_t r = concur_result(f, -1);
+	concur_release(f);
+	if (r != 7 || atomic_load(&refused) != 1)
+		return 2;
+	if (atomic_load(&ran_on_other) != 1)
+		return 3; /* it ran on the sender's executor */
+	if (concur_exec_join(other_ex, MS(2000)) || concur_exec_join(ex, MS(2000)))
+		return 4; /* its end counted on the wrong executor */
+	concur_exec_free(other_ex);
+	concur_exec_free(ex);
+	concur__submit_fault = NULL;
+	return 0;
+}
+
+static int cancel_pipe[2];
+
+static int64_t read_pipe(void *arg)
+{
+	char c;
+	return concur_await_read(cancel_pipe[0], &c, 1, -1, -1);
+}
+
+static int64_t cancel_refused(void *arg)
+{
+	atomic_store(&refuse_from, concur__tl_loop);
+	return concur_cancel(arg);
+}
+
+/* A cancel sent to another loop, its message refused: the wait there is still broken. */
+static int refused_cancel_child(void)
+{
+	struct concur_exec_opts o = {.loops = 2};
+	concur__submit_fault = refuse_node_msg;
+	if (pipe(cancel_pipe) || concur_exec_new(&ex, &o))
+		return 1;
+	concur_future *reader = concur_spawn_on(ex, 1, read_pipe, NULL);
+	if (!flag_set(&ex->loops[1]->sleeping))
+		return 2; /* loop 1 asleep: the reader is in its wait, with nothing else to run */
+	concur_future *c = concur_spawn_on(ex, 0, cancel_refused, reader);
+	if (concur_result(c, -1) != -EINPROGRESS)
+		return 3;
+	concur_release(c);
+	int64_t r = concur_result(reader, MS(2000));
+	if (atomic_load(&refused) != 1)
+		return 4;
+	if (write(cancel_pipe[1], "x", 1) != 1) /* (a lost cancel: lets the reader end) */
+		return 5;
+	if (r != -ECANCELED)
+		return 6;
+	concur_release(reader);
+	concur_exec_free(ex);
+	concur__submit_fault = NULL;
+	return 0;
+}
+
+static void test_refused_message_reaches_its_loop(void **state)
+{
+	atomic_store(&refused, 0);
+	run_in_child(refused_spawn_child, 30);
+	run_in_child(refused_cancel_child, 30);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -934,6 +1047,7 @@ int main(void)
 	    cmocka_unit_test(test_small_ring_many_ops),
 	    cmocka_unit_test(test_one_entry_ring),
 	    cmocka_unit_test(test_kernel_pushback),
+	    cmocka_unit_test(test_refused_message_reaches_its_loop),
 	    cmocka_unit_test(test_rings_across_threads),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
