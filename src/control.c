@@ -104,6 +104,22 @@ static void concur__cancel_arrived(struct concur__loop *loop, struct concur__nod
 	free(m);
 }
 
+/* Break the wait of every started task of the loop that has a cancel request and no shield
+ * (a cancel that had no memory for its own message). A request made after the flag is cleared
+ * posts the look again; one made before it is seen here. */
+static void concur__cancel_scan(struct concur__loop *loop, struct concur__node *node)
+{
+	(void)node;
+	atomic_exchange_explicit(&loop->cancel_scan_posted, false, memory_order_acq_rel);
+	for (struct concur__task *t = loop->live, *next; t; t = next) {
+		next = t->fib->ctl.live_next;
+		if ((atomic_load_explicit(&t->f.state, memory_order_relaxed) &
+		     CONCUR__CANCEL_REQ) &&
+		    !t->fib->ctl.shield)
+			concur__interrupt(loop, t, -ECANCELED);
+	}
+}
+
 int concur__task_cancel_running(concur_future *f)
 {
 	struct concur__task *t = (struct concur__task *)f;
@@ -116,11 +132,19 @@ int concur__task_cancel_running(concur_future *f)
 	} while (!atomic_compare_exchange_weak_explicit(
 	    &f->state, &s, s | CONCUR__CANCEL_REQ, memory_order_acq_rel, memory_order_acquire));
 	/* The request is in the state word: the task's next wait fails at once. A wait it is in
-	 * now is broken on its loop. Without memory for the message, the current wait runs on
-	 * (the request still ends every later one). */
+	 * now is broken on its loop, by a message; without memory for one, by the loop's look
+	 * over its tasks' requests (a message of its own, needing none). */
 	struct concur__cancel_msg *m = malloc(sizeof(*m));
-	if (!m)
+	if (!m) {
+		struct concur__loop *loop = t->loop;
+		/* the exchange orders our request before the look that clears it (acq_rel) */
+		if (!atomic_exchange_explicit(&loop->cancel_scan_posted, true,
+		                              memory_order_acq_rel)) {
+			loop->cancel_scan_node.call = concur__cancel_scan;
+			concur__loop_post(loop, &loop->cancel_scan_node);
+		}
 		return -EINPROGRESS;
+	}
 	m->node.call = concur__cancel_arrived;
 	m->task = t;
 	concur_retain(f);

@@ -599,6 +599,47 @@ static void test_fault_wait_deadline_refused(void **state)
 }
 
 /*
+ * A cancel of a running task with no memory for its message still breaks the wait the task is
+ * in (the loop looks over its tasks' requests instead). It used to leave the request in the
+ * state word only: the wait ran on, for good (a later cancel finds the request made already).
+ */
+static int cancel_pipe[2];
+
+static int64_t read_cancel_pipe(void *arg)
+{
+	(void)arg;
+	char c;
+	return concur_await_read(cancel_pipe[0], &c, 1, -1, -1);
+}
+
+static void test_fault_cancel_message_refused(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(pipe(cancel_pipe), 0);
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_future *t = concur_spawn(ex, read_cancel_pipe, NULL);
+	/* the loop asleep: the task is in its read, with nothing else to run */
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1);
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE); /* the cancel's message */
+	int c = concur_cancel(t);
+	long refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	wrap_disarm();
+	assert_int_equal(c, -EINPROGRESS);
+	assert_int_equal(refused, 1);
+	int64_t r = concur_result(t, MS(2000));
+	assert_int_equal(write(cancel_pipe[1], "x", 1), 1); /* (a lost cancel: lets the read end) */
+	assert_int_equal(r, -ECANCELED);
+	concur_release(t);
+	concur_exec_free(ex);
+	close(cancel_pipe[0]);
+	close(cancel_pipe[1]);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -674,6 +715,7 @@ int main(void)
 	    T(test_fault_memlock),
 	    T(test_fault_chunk_mmap),
 	    T(test_fault_wait_deadline_refused),
+	    T(test_fault_cancel_message_refused),
 	    T(test_fault_chunk_munmap),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
