@@ -586,7 +586,7 @@ int64_t concur_group_wait(concur_group *g, int64_t timeout_ns);
 /* Cancel every member and refuse later spawns: a member that has not started ends CANCELLED
  * without running; a running one is cancelled as concur_cancel() does (its waits fail with
  * -ECANCELED from now on; what it returns ends it). Returns how many members were cancelled or
- * told to stop, -ENOMEM, or -EINVAL. */
+ * told to stop, or -EINVAL. Needs no memory (without it, members are taken one at a time). */
 int concur_group_cancel(concur_group *g);
 
 /* True once g was cancelled (by concur_group_cancel or a failure with CANCEL_ON_FAILURE). */

@@ -20,6 +20,7 @@ struct member {
 	concur_future *f; /* our reference, to cancel it */
 	concur_group *g;
 	bool first_failure; /* f's failure was the group's first */
+	bool cancel_taken;  /* taken by a cancel that had no memory for its list */
 };
 
 struct concur_group {
@@ -60,6 +61,31 @@ int concur_group_new(concur_group **out, concur_exec *ex, unsigned flags)
 	return 0;
 }
 
+/* concur_group_cancel with no memory for its list: one member at a time, each marked as taken
+ * (a cancel may end a member, which leaves the list, so no place in it is kept across). Members
+ * only leave now (spawns are refused), so this ends; it walks the list once per member. */
+static int group_cancel_each(concur_group *g)
+{
+	int cancelled = 0;
+	for (;;) {
+		concur_future *f = NULL;
+		pthread_mutex_lock(&g->lock);
+		for (struct member *m = g->head.next; m != &g->head; m = m->next) {
+			if (!m->cancel_taken) {
+				m->cancel_taken = true;
+				f = concur_retain(m->f);
+				break;
+			}
+		}
+		pthread_mutex_unlock(&g->lock);
+		if (!f)
+			return cancelled;
+		int r = concur_cancel(f);
+		cancelled += r == 1 || r == -EINPROGRESS;
+		concur_release(f);
+	}
+}
+
 int concur_group_cancel(concur_group *g)
 {
 	if (!g)
@@ -73,8 +99,8 @@ int concur_group_cancel(concur_group *g)
 	for (struct member *m = g->head.next; fs && m != &g->head; m = m->next)
 		fs[k++] = concur_retain(m->f);
 	pthread_mutex_unlock(&g->lock);
-	if (!fs)
-		return -ENOMEM;
+	if (!fs) /* a failure's cancel (CANCEL_ON_FAILURE) has nobody to tell: it must not fail */
+		return group_cancel_each(g);
 	int cancelled = 0;
 	for (size_t i = 0; i < k; i++) {
 		int r =

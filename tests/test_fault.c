@@ -640,6 +640,44 @@ static void test_fault_cancel_message_refused(void **state)
 }
 
 /*
+ * A group's cancel with no memory for its list of members still tells every member (a failure's
+ * cancel, CONCUR_GROUP_CANCEL_ON_FAILURE, has nobody to report -ENOMEM to). It used to return
+ * -ENOMEM having told nobody, with the group marked cancelled: its wait hung on the members.
+ */
+static void test_fault_group_cancel_refused(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(pipe(cancel_pipe), 0);
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_group *g = NULL;
+	assert_int_equal(concur_group_new(&g, ex, 0), 0);
+	concur_future *a = concur_group_spawn(g, read_cancel_pipe, NULL);
+	concur_future *b = concur_group_spawn(g, read_cancel_pipe, NULL);
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* both in their reads */
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE);                        /* the cancel's list */
+	int n = concur_group_cancel(g);
+	long refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	wrap_disarm();
+	assert_int_equal(refused, 1);
+	assert_int_equal(n, 2);
+	int64_t r = concur_group_wait(g, MS(2000));
+	assert_int_equal(write(cancel_pipe[1], "xx", 2), 2); /* (lost cancels: let the reads end) */
+	assert_int_equal(r, -ECANCELED);
+	assert_int_equal(concur_result(a, -1), -ECANCELED);
+	assert_int_equal(concur_result(b, -1), -ECANCELED);
+	concur_release(a);
+	concur_release(b);
+	concur_group_free(g);
+	concur_exec_free(ex);
+	close(cancel_pipe[0]);
+	close(cancel_pipe[1]);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -716,6 +754,7 @@ int main(void)
 	    T(test_fault_chunk_mmap),
 	    T(test_fault_wait_deadline_refused),
 	    T(test_fault_cancel_message_refused),
+	    T(test_fault_group_cancel_refused),
 	    T(test_fault_chunk_munmap),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
