@@ -728,6 +728,8 @@ struct concur__loop {
 	int64_t work_ended; /* work ends minus local begins not yet applied to ex->outstanding */
 	struct concur__cqe *stash; /* CQEs moved out of a full CQ, dispatched first by the reap */
 	unsigned stash_len, stash_cap;
+	bool reaping;           /* in concur__reap's dispatch: no task runs before its end */
+	bool futex_wake_queued; /* an IORING_OP_FUTEX_WAKE, submitted as the reap ends */
 	pthread_t thread;
 	int setup_err;
 	char setup_msg[256]; /* why setup failed, for the thread that called concur_exec_new */
@@ -903,8 +905,9 @@ static inline void concur__loop_push_yielded(struct concur__loop *loop, struct c
 }
 /*
  * Wake threads parked on f's state word with an IORING_OP_FUTEX_WAKE on the current loop's
- * ring, if the loop enters the kernel at the end of its turn anyway (SQEs queued) and the kernel
- * has the op: true then (f is held until the CQE). False: the caller makes the futex syscall.
+ * ring: when the kernel has the op, the loop is reaping (the submit at the reap's end carries the
+ * wake, before any task runs) and SQEs are queued anyway (the wake adds no enter). True then (the
+ * SQE holds no reference to f). False: the caller makes the futex syscall.
  */
 bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f);
 void concur__loop_push_fresh(struct concur__loop *loop, struct concur__task *t, bool front);

@@ -382,8 +382,11 @@ static void concur__msg_ring(struct concur__loop *from, struct concur__loop *to,
  */
 bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f)
 {
-	if (!loop->ex->has_futex_wake || !io_uring_sq_ready(&loop->ring))
+	/* Not from a task (or a task's end): the loop's next submit may be a whole task away --
+	 * one that runs for seconds, or waits on the parked thread by other means. */
+	if (!loop->reaping || !loop->ex->has_futex_wake || !io_uring_sq_ready(&loop->ring))
 		return false;
+	loop->futex_wake_queued = true;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
 	io_uring_prep_rw(CONCUR__OP_FUTEX_WAKE, sqe,
 	                 CONCUR__FUTEX2_SIZE_U32 | CONCUR__FUTEX2_PRIVATE, &f->state, 0, INT_MAX);
@@ -657,6 +660,7 @@ static unsigned concur__reap(struct concur__loop *loop)
 	struct io_uring_cqe *cqes[CONCUR__REAP_BATCH];
 	struct concur__cqe batch[CONCUR__REAP_BATCH];
 	unsigned total = 0, n;
+	loop->reaping = true;
 	do {
 		if (CONCUR__UNLIKELY(loop->stash_len))
 			total += concur__reap_stash(loop);
@@ -672,6 +676,11 @@ static unsigned concur__reap(struct concur__loop *loop)
 			concur__dispatch(loop, batch[i].ud, batch[i].res, batch[i].flags);
 		total += n;
 	} while (n == CONCUR__REAP_BATCH || loop->stash_len);
+	loop->reaping = false;
+	if (loop->futex_wake_queued) { /* before the tasks the reap made ready run */
+		loop->futex_wake_queued = false;
+		(void)concur__submit(loop, CONCUR__SUBMIT);
+	}
 	concur__stat_inc(&loop->st.cqes, total);
 	return total;
 }

@@ -335,26 +335,18 @@ static void test_parked_thread_woken_by_loop(void **state)
 	concur_exec_free(ex);
 }
 
-/* When the loop has SQEs queued anyway, the wake rides that submit (IORING_OP_FUTEX_WAKE). */
-static _Atomic(concur_future *) spinner_future;
-static int64_t spin_then_value(void *arg)
+/*
+ * When the loop completes a future in its reap, with SQEs queued anyway, the wake rides the
+ * submit the reap ends with (IORING_OP_FUTEX_WAKE). Here a timeout's callback (run by the reap)
+ * queues a NOP and sets the promise a thread is parked on.
+ */
+static _Atomic uint32_t refs_after_set;
+static void queue_nop_then_set(concur_future *z, void *arg)
 {
-	int64_t t0 = now_ns();
-	while (now_ns() - t0 < MS(50)) /* long past the waiter's spin: it parks */
-		;
-	return 77;
-}
-static int64_t short_sleep(void *arg)
-{
-	return concur_sleep(MS(1)); /* queues a timeout SQE, submitted at the turn's end */
-}
-static int64_t arrange_turn(void *arg)
-{
-	/* local spawns run depth first: the sleeper queues its SQE, then the spinner completes */
-	concur_future *spinner = concur_spawn(ex, spin_then_value, NULL);
-	concur_release(concur_spawn(ex, short_sleep, NULL));
-	atomic_store(&spinner_future, spinner);
-	return 0;
+	concur_future *p = arg;
+	concur_release(concur_nop(ex)); /* made on the loop: its SQE goes straight into the ring */
+	assert_int_equal(concur_promise_set(p, 5), 0);
+	atomic_store(&refs_after_set, atomic_load(&p->refs));
 }
 
 static bool kernel_has_futex_wake(void)
@@ -372,20 +364,19 @@ static bool kernel_has_futex_wake(void)
 static void test_parked_thread_woken_through_ring(void **state)
 {
 	ex = new_exec(1);
-	atomic_store(&spinner_future, NULL);
+	concur_future *p = concur_promise_new(ex);
 	struct concur_stats before, after;
 	concur_exec_stats(ex, &before);
-	concur_release(concur_spawn(ex, arrange_turn, NULL));
-	concur_future *f;
-	while (!(f = atomic_load(&spinner_future)))
-		;
-	assert_int_equal(concur_result(f, -1), 77);
+	concur_future *z = concur_timeout(ex, MS(50)); /* long past the waiter's spin: it parks */
+	assert_int_equal(concur_on_done(z, queue_nop_then_set, p), 0);
+	assert_int_equal(concur_result(p, -1), 5);
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	concur_exec_stats(ex, &after);
 	assert_int_equal(after.futex_wakes - before.futex_wakes, 1);
 	assert_int_equal(after.futex_ring_wakes - before.futex_ring_wakes,
 	                 kernel_has_futex_wake() ? 1 : 0);
-	concur_release(f);
+	concur_release(z);
+	concur_release(p);
 	concur_exec_free(ex);
 }
 
@@ -394,24 +385,8 @@ static void test_parked_thread_woken_through_ring(void **state)
  * its owners' alone. (With a reference held until the wake's CQE, a join could return while the
  * ring was the only owner of a future its caller had released: the fuzzer's exit-time leak.) The
  * waiter parks and times out first, so the completion still sees it in the waiters word and wakes
- * through the ring; the sleeper runs first (local spawns go depth first) so the loop has an SQE
- * queued when the setter completes the promise.
+ * through the ring.
  */
-static _Atomic uint32_t refs_after_set;
-static int64_t set_promise(void *arg)
-{
-	concur_future *p = arg;
-	assert_int_equal(concur_promise_set(p, 5), 0);
-	atomic_store(&refs_after_set, atomic_load(&p->refs));
-	return 0;
-}
-static int64_t sleep_then_set(void *arg)
-{
-	concur_release(concur_spawn(ex, set_promise, arg));
-	concur_release(concur_spawn(ex, short_sleep, NULL));
-	return 0;
-}
-
 static void test_ring_wake_holds_no_reference(void **state)
 {
 	ex = new_exec(1);
@@ -419,14 +394,61 @@ static void test_ring_wake_holds_no_reference(void **state)
 	assert_int_equal(concur_result(p, MS(1)), -ETIMEDOUT); /* parked once: the flag stays */
 	struct concur_stats before, after;
 	concur_exec_stats(ex, &before);
-	concur_release(concur_spawn(ex, sleep_then_set, p));
+	concur_future *z = concur_timeout(ex, MS(1));
+	assert_int_equal(concur_on_done(z, queue_nop_then_set, p), 0);
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	concur_exec_stats(ex, &after);
 	assert_int_equal(after.futex_ring_wakes - before.futex_ring_wakes,
 	                 kernel_has_futex_wake() ? 1 : 0);
 	assert_int_equal(atomic_load(&refs_after_set), 1); /* ours */
 	assert_int_equal(concur_result(p, 0), 5);
+	concur_release(z);
 	concur_release(p);
+	concur_exec_free(ex);
+}
+
+/*
+ * A task that completes a future a thread is parked on wakes it at once, even with SQEs queued:
+ * the loop's next submit may be the whole task away. The task sets the promise, then waits,
+ * without yielding, for the parked thread to say it woke (it used to wait for the task's end:
+ * a task waiting on it by other means never ended).
+ */
+static concur_future *parked_on;
+static atomic_bool parked_woke;
+static void *park_on_promise(void *arg)
+{
+	int64_t r = concur_result(parked_on, -1);
+	atomic_store(&parked_woke, true);
+	return (void *)(intptr_t)r;
+}
+static int64_t set_and_wait_for_waker(void *arg)
+{
+	concur_release(concur_nop(ex)); /* an SQE queued on the loop */
+	concur_promise_set(parked_on, 5);
+	int64_t t0 = now_ns();
+	while (!atomic_load(&parked_woke) && now_ns() - t0 < MS(5000))
+		;
+	return atomic_load(&parked_woke);
+}
+
+static void test_parked_thread_woken_from_task(void **state)
+{
+	ex = new_exec(1);
+	parked_on = concur_promise_new(ex);
+	atomic_store(&parked_woke, false);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, park_on_promise, NULL), 0);
+	for (int i = 0; i < 100000 && !(atomic_load(&parked_on->waiters) & CONCUR__WAITERS_PARKED);
+	     i++)
+		usleep(100);
+	assert_true(atomic_load(&parked_on->waiters) & CONCUR__WAITERS_PARKED);
+	concur_future *t = concur_spawn(ex, set_and_wait_for_waker, NULL);
+	assert_int_equal(concur_result(t, -1), 1);
+	void *r;
+	assert_int_equal(pthread_join(th, &r), 0);
+	assert_int_equal((intptr_t)r, 5);
+	concur_release(t);
+	concur_release(parked_on);
 	concur_exec_free(ex);
 }
 
@@ -1043,6 +1065,7 @@ int main(void)
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
 	    cmocka_unit_test(test_parked_thread_woken_through_ring),
 	    cmocka_unit_test(test_ring_wake_holds_no_reference),
+	    cmocka_unit_test(test_parked_thread_woken_from_task),
 	    cmocka_unit_test(test_blocking_timeout),
 	    cmocka_unit_test(test_small_ring_many_ops),
 	    cmocka_unit_test(test_one_entry_ring),
