@@ -921,6 +921,13 @@ void concur__loop_task_end(struct concur__loop *loop, struct concur__task *t, bo
 int concur__loop_start(struct concur__loop *loop);
 void concur__loop_stop(struct concur__loop *loop);
 /*
+ * After ex's loops stopped, before it is freed: wait until no thread is still inside a post
+ * into one of their inboxes (the last work may end while the poster is still ringing), then run
+ * the messages posted after a loop's last turn (a cancel of a task that ended meanwhile: it
+ * holds a reference). On the freeing thread.
+ */
+void concur__loop_quiesce(concur_exec *ex);
+/*
  * Wake a sleeping loop from a thread outside the executor: a MSG_RING through the executor's
  * doorbell ring. The caller has cleared loop->sleeping: the wake is sent (transient errors are
  * retried); only if the kernel refuses it for good is sleeping set again (a later post rings).

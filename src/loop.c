@@ -419,8 +419,80 @@ static void concur__node_arrived(struct concur__loop *loop, struct concur__node 
 		concur__loop_push_fresh(loop, t, false);
 }
 
+/*
+ * A post into an inbox from a thread outside the target's executor touches the loop (its
+ * sleeping flag, the doorbell) after the node is visible, and by then the node may have run, the
+ * executor's last work ended, a join returned and the executor been freed. So such a poster
+ * names the loop in a slot of its own while it posts (thread-local: two plain stores, no shared
+ * line written), and concur_exec_free waits until no slot names one of its loops
+ * (concur__loop_quiesce). The slots are listed once per thread and unlisted when it exits; a
+ * thread that cannot be listed (no memory for its key, or posting from a destructor after ours
+ * ran) counts itself in concur__posters_unlisted instead.
+ */
+struct concur__poster {
+	_Atomic(struct concur__loop *) loop; /* posting into it now; NULL between posts */
+	struct concur__poster *prev, *next;
+	int state; /* 0: not listed yet; 1: listed; 2: unlisted for good (its thread exits) */
+};
+static CONCUR__TLS_HOT struct concur__poster concur__tl_poster;
+static struct concur__poster concur__posters = {.prev = &concur__posters, .next = &concur__posters};
+static pthread_mutex_t concur__posters_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic long concur__posters_unlisted;
+static pthread_key_t concur__poster_key;
+static pthread_once_t concur__poster_once = PTHREAD_ONCE_INIT;
+static bool concur__poster_key_ok;
+
+static void concur__poster_unlist(void *slot)
+{
+	struct concur__poster *p = slot;
+	pthread_mutex_lock(&concur__posters_lock);
+	p->prev->next = p->next;
+	p->next->prev = p->prev;
+	pthread_mutex_unlock(&concur__posters_lock);
+	p->state = 2;
+}
+
+static void concur__poster_key_init(void)
+{
+	concur__poster_key_ok = !pthread_key_create(&concur__poster_key, concur__poster_unlist);
+}
+
+/* This thread's slot, listed; NULL if it cannot be (then it counts itself unlisted). */
+static struct concur__poster *concur__poster_slot(void)
+{
+	struct concur__poster *p = &concur__tl_poster;
+	if (CONCUR__LIKELY(p->state == 1))
+		return p;
+	if (p->state == 2)
+		return NULL;
+	pthread_once(&concur__poster_once, concur__poster_key_init);
+	/* a non-NULL value, so the key's destructor unlists the slot when the thread exits */
+	if (!concur__poster_key_ok || pthread_setspecific(concur__poster_key, p))
+		return NULL;
+	pthread_mutex_lock(&concur__posters_lock);
+	p->next = &concur__posters;
+	p->prev = concur__posters.prev;
+	p->prev->next = p;
+	concur__posters.prev = p;
+	pthread_mutex_unlock(&concur__posters_lock);
+	p->state = 1;
+	return p;
+}
+
 static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n)
 {
+	struct concur__loop *me = concur__tl_loop;
+	/* a loop of the same executor is stopped (joined) before the executor is freed */
+	struct concur__poster *slot = NULL;
+	bool outside = !me || me->ex != loop->ex;
+	if (outside) {
+		/* made visible with the node, by the push's exchange (and the join after it) */
+		if ((slot = concur__poster_slot()))
+			atomic_store_explicit(&slot->loop, loop, memory_order_relaxed);
+		else
+			atomic_fetch_add_explicit(&concur__posters_unlisted, 1,
+			                          memory_order_seq_cst);
+	}
 	struct concur__node *old = atomic_load_explicit(&loop->inbox, memory_order_relaxed);
 	do
 		n->next = old;
@@ -430,11 +502,47 @@ static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n
 	 * busy loop drains its inbox every turn, so a burst of posts costs no syscall. */
 	if (atomic_load_explicit(&loop->sleeping, memory_order_seq_cst) &&
 	    atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst)) {
-		struct concur__loop *me = concur__tl_loop;
 		if (me)
 			concur__wake(me, loop);
 		else
 			concur__loop_ring_doorbell(loop);
+	}
+	if (slot) /* done with the loop: from here it may be freed */
+		atomic_store_explicit(&slot->loop, NULL, memory_order_release);
+	else if (outside)
+		atomic_fetch_sub_explicit(&concur__posters_unlisted, 1, memory_order_release);
+}
+
+void concur__loop_quiesce(concur_exec *ex)
+{
+	for (unsigned spins = 0;; spins++) {
+		bool busy = atomic_load_explicit(&concur__posters_unlisted, memory_order_acquire);
+		pthread_mutex_lock(&concur__posters_lock);
+		for (struct concur__poster *p = concur__posters.next;
+		     !busy && p != &concur__posters; p = p->next) {
+			struct concur__loop *l =
+			    atomic_load_explicit(&p->loop, memory_order_acquire);
+			for (unsigned i = 0; l && i < ex->nloops; i++)
+				busy = busy || l == ex->loops[i];
+		}
+		pthread_mutex_unlock(&concur__posters_lock);
+		if (!busy)
+			break;
+		sched_yield(); /* a poster a few instructions from done, or ringing */
+	}
+	for (unsigned i = 0; i < ex->nloops; i++) {
+		struct concur__loop *loop = ex->loops[i];
+		struct concur__node *n =
+		    atomic_exchange_explicit(&loop->inbox, NULL, memory_order_acquire);
+		for (n = CONCUR__LIST_REVERSE(n); n;) {
+			struct concur__node *next = n->next;
+			/* only messages can come after the last turn (every task is counted work,
+			 * and the join waited for it): each is about something that is over, and
+			 * lets go */
+			if (n->call)
+				n->call(loop, n);
+			n = next;
+		}
 	}
 }
 

@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
@@ -678,6 +679,100 @@ static void test_fault_group_cancel_refused(void **state)
 }
 
 /*
+ * A thread outside the executor that completes what a task awaits posts the task to its loop and
+ * rings it; the task may run, the last work end and a join return while that thread is still
+ * in the post. concur_exec_free must wait for it: it used to free the executor under it (the
+ * poster then counted its doorbell in freed memory). Forced: the poster is held just after it
+ * let go of the doorbell's lock, and let go 300 ms later by another thread.
+ */
+static concur_exec *post_ex;
+static concur_future *post_gate;
+static pthread_t poster_thread;
+static __thread bool is_poster;
+static sem_t poster_held, poster_go;
+static atomic_bool poster_done;
+
+static void hold_poster(pthread_mutex_t *m)
+{
+	if (is_poster && m == &post_ex->bell_lock) {
+		atomic_store(&wrap_unlocked_hook, NULL);
+		sem_post(&poster_held);
+		while (sem_wait(&poster_go))
+			;
+	}
+}
+
+static void *post_and_ring(void *arg)
+{
+	(void)arg;
+	is_poster = true;
+	concur_promise_set(post_gate, 7);
+	atomic_store(&poster_done, true);
+	return NULL;
+}
+
+static void *let_poster_go(void *arg)
+{
+	(void)arg;
+	usleep(300 * 1000);
+	sem_post(&poster_go);
+	return NULL;
+}
+
+static int64_t await_gate(void *arg)
+{
+	(void)arg;
+	return concur_result(post_gate, -1);
+}
+
+static int free_waits_for_poster_child(void)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	if (sem_init(&poster_held, 0, 0) || sem_init(&poster_go, 0, 0) ||
+	    concur_exec_new(&post_ex, &o))
+		return 1;
+	post_gate = concur_promise_new(post_ex);
+	concur_future *t = concur_spawn(post_ex, await_gate, NULL);
+	for (int i = 0; i < 100000 && !atomic_load(&post_ex->loops[0]->sleeping); i++)
+		usleep(100);
+	if (!atomic_load(&post_ex->loops[0]->sleeping))
+		return 2; /* the task in its wait, the loop asleep: the post rings */
+	atomic_store(&wrap_unlocked_hook, hold_poster);
+	pthread_t go;
+	if (pthread_create(&poster_thread, NULL, post_and_ring, NULL))
+		return 3;
+	while (sem_wait(&poster_held))
+		;
+	if (concur_result(t, -1) != 7)
+		return 4;
+	concur_release(t);
+	concur_release(post_gate);
+	if (pthread_create(&go, NULL, let_poster_go, NULL))
+		return 5;
+	concur_exec_free(post_ex);
+	bool done = atomic_load(&poster_done);
+	pthread_join(poster_thread, NULL);
+	pthread_join(go, NULL);
+	return done ? 0 : 6; /* 6: freed while the poster was still in its post */
+}
+
+static void test_fault_free_waits_for_poster(void **state)
+{
+	(void)state;
+	fflush(NULL);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		alarm(30);
+		_exit(free_waits_for_poster_child());
+	}
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -755,6 +850,7 @@ int main(void)
 	    T(test_fault_wait_deadline_refused),
 	    T(test_fault_cancel_message_refused),
 	    T(test_fault_group_cancel_refused),
+	    T(test_fault_free_waits_for_poster),
 	    T(test_fault_chunk_munmap),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);

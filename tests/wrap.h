@@ -54,6 +54,9 @@ static long wrap_at;                           /* N */
 /* Called with each block concur frees, before it is freed: a test holds a thread there to force
  * an order (test_blocking). */
 static void (*_Atomic wrap_free_hook)(void *p);
+/* Called after each pthread_mutex_unlock concur makes: a test holds a thread there (test_fault:
+ * a poster that has rung a loop and let go of the doorbell's lock). */
+static void (*_Atomic wrap_unlocked_hook)(pthread_mutex_t *m);
 static int wrap_mode;
 
 /* Arm kind to fail at call n (counted from now) in mode; counters restart. */
@@ -114,6 +117,8 @@ int __real_io_uring_register_buf_ring(struct io_uring *ring, struct io_uring_buf
 int __real_io_uring_submit(struct io_uring *ring);
 int __real_io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
 int __real_io_uring_submit_and_get_events(struct io_uring *ring);
+int __real_pthread_mutex_unlock(pthread_mutex_t *m);
+int __wrap_pthread_mutex_unlock(pthread_mutex_t *m);
 
 void *__wrap_malloc(size_t n);
 void *__wrap_calloc(size_t n, size_t size);
@@ -189,6 +194,15 @@ void __wrap_free(void *p)
 	if (p)
 		atomic_fetch_sub_explicit(&wrap_live, 1, memory_order_relaxed);
 	__real_free(p);
+}
+
+int __wrap_pthread_mutex_unlock(pthread_mutex_t *m)
+{
+	int r = __real_pthread_mutex_unlock(m);
+	void (*hook)(pthread_mutex_t *) = atomic_load(&wrap_unlocked_hook);
+	if (hook)
+		hook(m);
+	return r;
 }
 
 void *__wrap_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
