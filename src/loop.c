@@ -149,6 +149,21 @@ static void concur__relieve(struct concur__loop *loop)
 	concur__stash_cqes(loop);
 }
 
+/*
+ * concur__relieve, unless a task with a stack under 16 KiB is running: the relief's copy of the
+ * CQEs and the stash's realloc do not fit in 1 KiB, which concur's I/O calls promise to. That
+ * task yields instead: the loop's turn goes on, and its reap empties the CQ before the task
+ * tries again.
+ */
+static void concur__relieve_here(struct concur__loop *loop)
+{
+	struct concur__task *t = concur__tl_task;
+	if (t && !concur__task_stack_big(t))
+		concur_yield();
+	else
+		concur__relieve(loop);
+}
+
 void concur__sq_reserve(struct concur__loop *loop, unsigned n)
 {
 	while (io_uring_sq_space_left(&loop->ring) < n) {
@@ -158,7 +173,7 @@ void concur__sq_reserve(struct concur__loop *loop, unsigned n)
 		if (loop->ring.flags & IORING_SETUP_SQPOLL) /* the kernel thread takes them */
 			io_uring_sqring_wait(&loop->ring);
 		else if (r <= 0 || concur__transient(r))
-			concur__relieve(loop);
+			concur__relieve_here(loop);
 	}
 }
 

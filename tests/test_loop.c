@@ -933,6 +933,55 @@ static void test_rings_across_threads(void **state)
 }
 
 /*
+ * A task with a 1 KiB stack whose op finds the SQ full and the kernel pushing back: making room
+ * (moving CQEs out of the CQ, growing the stash) does not fit in its stack, which concur's I/O
+ * calls promise to fit in. The task yields to the loop instead, whose reap makes room. It used
+ * to overflow into the neighbouring stack (the canary's abort, or a crash).
+ */
+static atomic_int tiny_pushbacks;
+static int again_once_on_tiny_stack(struct concur__loop *l)
+{
+	struct concur__task *t = concur__tl_task;
+	if (t && !concur__task_stack_big(t) && atomic_exchange(&tiny_pushbacks, 1) == 0)
+		return -EAGAIN;
+	return 0;
+}
+static int64_t tiny_nops(void *arg)
+{
+	for (int i = 0; i < 4; i++)
+		if (concur_await_nop() != 0)
+			return -1;
+	return 1;
+}
+
+static int tiny_pushback_child(void)
+{
+	concur__submit_fault = again_once_on_tiny_stack;
+	struct concur_exec_opts o = {.loops = 1, .ring_entries = 2};
+	if (concur_exec_new(&ex, &o))
+		return 1;
+	struct concur_spawn_opts so = {.stack_size = SANITIZED ? 4096 : 1024};
+	concur_future *ts[8];
+	for (int i = 0; i < 8; i++)
+		ts[i] = concur_spawn_ex(ex, tiny_nops, NULL, &so);
+	for (int i = 0; i < 8; i++) {
+		if (concur_result(ts[i], -1) != 1)
+			return 2;
+		concur_release(ts[i]);
+	}
+	if (atomic_load(&tiny_pushbacks) != 1)
+		return 3; /* the push-back never hit a tiny task: the case tested nothing */
+	concur_exec_free(ex);
+	concur__submit_fault = NULL;
+	return 0;
+}
+
+static void test_tiny_stack_pushback(void **state)
+{
+	run_in_child(tiny_pushback_child, 30);
+}
+
+/*
  * A MSG_RING carrying a node that the kernel refuses (the target's CQ overflowed) comes back to
  * the sender; the node must still reach its target loop. The hook makes the next such message
  * from refuse_from fail as a refused one does: its fd made invalid, so its CQE (-EBADF) carries
@@ -1071,6 +1120,7 @@ int main(void)
 	    cmocka_unit_test(test_one_entry_ring),
 	    cmocka_unit_test(test_kernel_pushback),
 	    cmocka_unit_test(test_refused_message_reaches_its_loop),
+	    cmocka_unit_test(test_tiny_stack_pushback),
 	    cmocka_unit_test(test_rings_across_threads),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
