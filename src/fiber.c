@@ -414,7 +414,10 @@ static struct concur__stack_res *concur__res_new(struct concur__loop *loop,
 	concur__stat_inc(&loop->st.stack_maps, 1);
 	return r;
 fail_unmap:
-	munmap(r->map, r->size);
+	if (!concur__unmap(r->map, r->size)) {
+		free(r); /* still mapped (the map count refused the split), and counted */
+		return NULL;
+	}
 fail:
 	atomic_fetch_sub(&concur__maps_used, r->maps);
 	free(r);
@@ -429,8 +432,10 @@ static void concur__res_unmap(struct concur__loop *loop, struct concur__stack_re
 	 * (an io_uring ring, say) looks like a stack to it */
 	__asan_unpoison_memory_region(r->slots, (size_t)r->carved * c->stride);
 #endif
-	munmap(r->map, r->size);
-	atomic_fetch_sub(&concur__maps_used, r->maps);
+	/* unmapping it from between two others splits their mapping, which the map count may
+	 * refuse: then it stays mapped, its pages given back, and counted (as a record chunk) */
+	if (concur__unmap(r->map, r->size))
+		atomic_fetch_sub(&concur__maps_used, r->maps);
 	concur__list_unlink(r->full ? &c->full : &c->avail, r);
 	c->nres--;
 	concur__stat_inc(&loop->st.stack_maps, (uint64_t)-1);

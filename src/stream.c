@@ -112,7 +112,7 @@ static pthread_once_t stream_bufs_once = PTHREAD_ONCE_INIT;
 static void stream_bufs_free(void *p)
 {
 	struct stream_bufs *b = p;
-	munmap(b->br, b->ring_bytes);
+	concur__unmap(b->br, b->ring_bytes); /* refused (a split mapping): its pages go back */
 	free(b->mem);
 	free(b);
 }

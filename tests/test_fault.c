@@ -773,6 +773,46 @@ static void test_fault_free_waits_for_poster(void **state)
 }
 
 /*
+ * A stack reservation whose munmap is refused (it splits a mapping the neighbours merged into,
+ * at the map count's limit) gives its pages back all the same. It used to stay mapped with the
+ * task's stack in memory, its record freed: up to 64 MiB a reservation, lost for good.
+ */
+static uintptr_t stack_seen;
+static int64_t note_stack(void *arg)
+{
+	(void)arg;
+	volatile char buf[256];
+	for (size_t i = 0; i < sizeof(buf); i++)
+		buf[i] = (char)i;
+	stack_seen = (uintptr_t)buf;
+	return buf[7];
+}
+
+static void test_fault_stack_munmap(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_future *t = concur_spawn(ex, note_stack, NULL);
+	assert_int_equal(concur_result(t, -1), 7);
+	concur_release(t);
+	long page = sysconf(_SC_PAGESIZE);
+	void *p = (void *)(stack_seen & ~(uintptr_t)(page - 1));
+	unsigned char in = 0;
+	assert_int_equal(mincore(p, (size_t)page, &in), 0);
+	assert_true(in & 1); /* the stack's page, resident */
+	wrap_arm(WRAP_MUNMAP, 0, WRAP_FROM);
+	concur_exec_free(ex);
+	long refused = atomic_load(&wrap_failed[WRAP_MUNMAP]);
+	wrap_disarm();
+	assert_true(refused > 0);
+	in = 0;
+	assert_int_equal(mincore(p, (size_t)page, &in), 0); /* still mapped: refused */
+	assert_false(in & 1);                               /* but given back */
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -852,6 +892,7 @@ int main(void)
 	    T(test_fault_group_cancel_refused),
 	    T(test_fault_free_waits_for_poster),
 	    T(test_fault_chunk_munmap),
+	    T(test_fault_stack_munmap), /* last too: its refused reservation stays mapped */
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
 }
