@@ -134,10 +134,11 @@ void concur_exec_free(concur_exec *ex);
  * Stop an executor gracefully: stop new work as concur_exec_shutdown(ex, false) does, wait up to
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
  * CANCELLED unrun, and every running task is cancelled (concur_cancel: its waits fail with
- * -ECANCELED, its I/O in flight is cancelled in the kernel), and join. Tasks decide how fast they
- * end (a shielded cleanup runs to its end). Returns 0 if the work drained in time, -ETIMEDOUT if
- * it had to cancel, -EINVAL for a bad ex, -EDEADLK on the executor's own threads. The executor
- * stays allocated: concur_exec_free() it afterwards.
+ * -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in flight
+ * (concur_read() etc.) but the op a shielded cleanup awaits, and join. Tasks decide how fast
+ * they end (a shielded cleanup runs to its end, its op too). Returns 0 if the work drained in time,
+ * -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK on the executor's own threads. The
+ * executor stays allocated: concur_exec_free() it afterwards.
  */
 int concur_exec_stop(concur_exec *ex, int64_t drain_ns);
 

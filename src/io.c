@@ -181,7 +181,12 @@ void concur__io_cancel_all(struct concur__loop *loop)
 {
 	for (struct concur__node *n = loop->io_live, *next; n; n = next) {
 		next = n->next;
-		concur_cancel(&concur__container_of(n, struct concur__io, node)->f);
+		struct concur__io *io = concur__container_of(n, struct concur__io, node);
+		/* the op a shielded cleanup of this loop awaits runs to its end, as the cleanup
+		 * does */
+		if (io->awaiter && io->awaiter->fib->ctl.shield)
+			continue;
+		concur_cancel(&io->f);
 	}
 }
 

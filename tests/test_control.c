@@ -5,8 +5,10 @@
  * Orders are forced with promises, never by racing.
  */
 #include "helpers.h"
+#include "internal.h" /* a loop's sleeping flag */
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -578,6 +580,69 @@ static void test_exec_stop_cancels_io(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A stop cancels future I/O nobody waits for, not the op a shielded cleanup awaits: the cleanup
+ * runs to its end, its op too. (Both used to be cancelled.) The order is forced: a task U that is
+ * not shielded learns of the stop after the stop's pass over the loop's I/O (the same message,
+ * on the same loop), and only then is the shielded read given its byte.
+ */
+static int shield_pipe[2];
+static atomic_bool stop_seen;
+
+static int64_t shielded_read(void *arg)
+{
+	(void)arg;
+	char c = 0;
+	assert_int_equal(concur_shield_push(), 0);
+	concur_future *f =
+	    concur_read(concur_current_exec(), shield_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	int64_t r = concur_result(f, -1);
+	concur_release(f);
+	concur_shield_pop();
+	return r == 1 ? c : r;
+}
+
+static int64_t note_stop(void *arg)
+{
+	int64_t r = concur_result(arg, -1);
+	atomic_store(&stop_seen, r == -ECANCELED);
+	return r;
+}
+
+static void *stop_in_thread(void *arg)
+{
+	return (void *)(intptr_t)concur_exec_stop(arg, 0);
+}
+
+static void test_exec_stop_spares_shielded_io(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	assert_int_equal(pipe(shield_pipe), 0);
+	atomic_store(&stop_seen, false);
+	concur_future *gate = concur_promise_new(ex);
+	concur_future *s = concur_spawn(ex, shielded_read, NULL);
+	concur_future *u = concur_spawn(ex, note_stop, gate);
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* both in their waits */
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, stop_in_thread, ex), 0);
+	while (!atomic_load(&stop_seen))
+		usleep(100);
+	assert_int_equal(write(shield_pipe[1], "k", 1), 1);
+	void *stop_r;
+	assert_int_equal(pthread_join(th, &stop_r), 0);
+	assert_int_equal((intptr_t)stop_r, -ETIMEDOUT);
+	assert_int_equal(concur_result(s, 0), 'k');
+	assert_int_equal(concur_result(u, 0), -ECANCELED);
+	concur_release(s);
+	concur_release(u);
+	concur_release(gate);
+	close(shield_pipe[0]);
+	close(shield_pipe[1]);
+	concur_exec_free(ex);
+}
+
 static void test_exec_stop_drains(void **state)
 {
 	concur_exec *ex = new_exec(1);
@@ -607,6 +672,7 @@ int main(void)
 	    cmocka_unit_test(test_exec_stop),
 	    cmocka_unit_test(test_exec_stop_mixed),
 	    cmocka_unit_test(test_exec_stop_cancels_io),
+	    cmocka_unit_test(test_exec_stop_spares_shielded_io),
 	    cmocka_unit_test(test_exec_stop_drains),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
