@@ -975,7 +975,7 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
  * release from another thread racing with the item's arrival may hand the item to nobody).
  */
 concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *chunk);
-/* Give a borrowed buffer back. Returns 0 or -EINVAL. */
+/* Give a borrowed buffer back. Returns 0, or -EINVAL (also for one given back already). */
 int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
 /* Ask the kernel to stop the stream early; next() then drains what came and reports the end
  * (-ECANCELED unless the stream ended on its own first). Callable from any thread, loops of

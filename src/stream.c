@@ -56,8 +56,9 @@ struct stream_bufs {
 	struct io_uring_buf_ring *br;
 	char *mem;
 	size_t ring_bytes;
-	unsigned free;                 /* buffers in the ring */
-	struct concur_stream *starved; /* recv streams stopped by ENOBUFS */
+	unsigned free;                   /* buffers in the ring */
+	struct concur_stream *starved;   /* recv streams stopped by ENOBUFS */
+	uint64_t out[STREAM_NBUFS / 64]; /* taken by the kernel, not back in the ring */
 };
 
 struct stream_item {
@@ -124,6 +125,7 @@ static void stream_bufs_key_init(void)
 
 static void stream_bufs_put(struct stream_bufs *b, unsigned bid)
 {
+	b->out[bid / 64] &= ~((uint64_t)1 << (bid % 64));
 	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * STREAM_BUF_SIZE, STREAM_BUF_SIZE,
 	                      (unsigned short)bid, io_uring_buf_ring_mask(STREAM_NBUFS), 0);
 	io_uring_buf_ring_advance(b->br, 1);
@@ -452,8 +454,11 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 	bool item = res > 0 || (!s->recv && res == 0);
 	bool our_stop = s->stop_sent;
 
-	if (flags & IORING_CQE_F_BUFFER)
+	if (flags & IORING_CQE_F_BUFFER) {
+		unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+		s->bufs->out[bid / 64] |= (uint64_t)1 << (bid % 64);
 		s->bufs->free--;
+	}
 	if (!more) {
 		s->armed = false;
 		s->stop_sent = false;
@@ -628,6 +633,9 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 	if (!s->recv || !chunk || chunk->bid >= STREAM_NBUFS)
 		return -EINVAL;
 	b = s->bufs;
+	/* given back already (twice, the ring would hand one buffer to two recvs) */
+	if (!(b->out[chunk->bid / 64] & ((uint64_t)1 << (chunk->bid % 64))))
+		return -EINVAL;
 	stream_bufs_put(b, chunk->bid);
 	while (b->starved) { /* buffers are back: re-arm the streams that ran dry */
 		struct concur_stream *t = b->starved;

@@ -588,6 +588,37 @@ static int64_t next_future_ready_task(void *arg)
 	return 0;
 }
 
+/* A chunk given back twice: the second is refused (the ring would lend one buffer to two). */
+static int64_t give_twice_task(void *arg)
+{
+	int fds[2];
+	concur_stream *s;
+	struct concur_chunk c = {0};
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds))
+		return -errno;
+	int64_t r = concur_recv_stream(&s, fds[1], 0);
+	if (r)
+		return r;
+	if (write(fds[0], "abc", 3) != 3)
+		return -EIO;
+	if (concur_stream_next(s, &c) != 3)
+		return -1;
+	if (concur_stream_give(s, &c) != 0)
+		return -2;
+	if (concur_stream_give(s, &c) != -EINVAL)
+		return -3;
+	if (write(fds[0], "de", 2) != 2) /* the stream goes on */
+		return -EIO;
+	if (concur_stream_next(s, &c) != 2 || memcmp(c.data, "de", 2))
+		return -4;
+	if (concur_stream_give(s, &c) != 0)
+		return -5;
+	concur_stream_close(s);
+	close(fds[0]);
+	close(fds[1]);
+	return 0;
+}
+
 static void test_next_future(void **state)
 {
 	uint16_t port;
@@ -595,6 +626,7 @@ static void test_next_future(void **state)
 	assert_true(lfds[0] >= 0 && lfds[1] >= 0);
 	assert_int_equal(run_task(next_future_task, lfds), 0);
 	assert_int_equal(run_task(next_future_ready_task, NULL), 0);
+	assert_int_equal(run_task(give_twice_task, NULL), 0);
 	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	/* outside a task */
 	assert_int_equal(wait_res(concur_stream_next_future((concur_stream *)&port, NULL)), -EPERM);
