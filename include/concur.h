@@ -445,7 +445,8 @@ enum concur_wait_mode {
  * Duplicates are fine; n == 0 returns 0 at once. A timeout is not an error: the split is the
  * answer. Returns the number of indices i whose future is done (>= 0), -EINVAL (NULL array with
  * n > 0, a NULL or invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a
- * loop thread outside any task when it would have to wait.
+ * loop thread outside any task when it would have to wait. In a task, -ECANCELED or -ETIMEDOUT
+ * when the task is cancelled or its deadline scope passes while it waits (as every wait does).
  */
 int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeout_ns,
                 bool *done_out);
@@ -518,16 +519,16 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * Spawn fn(arg, values, n) on ex as a task once every input is done. Returns at once a pending
  * future (never NULL) that ends with fn's result. If an input failed or was cancelled, fn never
  * runs and the future ends with the first such input's error in input order (-ECANCELED for a
- * cancelled one). Waiting holds no thread and no fiber stack: a small record counts the inputs
- * down with completion callbacks and spawns the task when the last one is done. The inputs need
- * not stay referenced by the caller (a task's executor keeps it alive until it completes; a
- * promise must be kept alive by whoever will set it: a promise whose last reference is released
- * unset can never complete, and the returned future then ends CANCELLED, -ECANCELED, fn never
- * run). Cancelling the returned future before the task starts means fn never runs. On bad input
- * the future is already failed: -EINVAL (NULL ex or fn, NULL inputs with n > 0, a NULL or invalid
- * input, n > CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the executor was shut down (or freed)
- * before the task could be spawned. (Freeing the executor while another thread sets an input
- * is a race the caller must avoid, as for any use of a freed executor.)
+ * cancelled one, and then CANCELLED, as a task that returns -ECANCELED). Waiting holds no thread
+ *and no fiber stack: a small record counts the inputs down with completion callbacks and spawns the
+ *task when the last one is done. The inputs need not stay referenced by the caller (a task's
+ *executor keeps it alive until it completes; a promise must be kept alive by whoever will set it: a
+ *promise whose last reference is released unset can never complete, and the returned future then
+ *ends CANCELLED, -ECANCELED, fn never run). Cancelling the returned future before the task starts
+ *means fn never runs. On bad input the future is already failed: -EINVAL (NULL ex or fn, NULL
+ *inputs with n > 0, a NULL or invalid input, n > CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the
+ *executor was shut down (or freed) before the task could be spawned. (Freeing the executor while
+ *another thread sets an input is a race the caller must avoid, as for any use of a freed executor.)
  *
  * The pipeline "A computes, B processes A's result, C stores B's", with no glue code (every
  * stage is a task; nothing waits in between; the first failure skips the later stages):

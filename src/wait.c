@@ -213,6 +213,11 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 		wait_countdown_end(c);
 		if (r < 0 && r != -ETIMEDOUT)
 			return (int)r;
+		/* not the caller's timeout: a task's deadline scope that passed (a count would let
+		 * a caller that waits again spin, every later wait failing at once) */
+		if (r == -ETIMEDOUT && concur__tl_task && concur__remaining(deadline) != 0 &&
+		    (r = concur__ctl_check(concur__tl_task)))
+			return (int)r;
 	}
 	int count = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -596,8 +601,11 @@ static void wait_after_start(struct concur__task *t)
 	int64_t *values = wait_after_values(a);
 	for (size_t i = 0; i < a->n; i++) {
 		if (values[i] < 0) {
+			/* a cancelled input (or one dropped unset) cancels it, as a task returning
+			 * -ECANCELED ends CANCELLED */
 			wait_after_fail(t, values[i],
-			                (wait_after_slots(a)[i].w.tag & AFTER_DROPPED)
+			                ((wait_after_slots(a)[i].w.tag & AFTER_DROPPED) ||
+			                 values[i] == -ECANCELED)
 			                    ? CONCUR__CANCELLED
 			                    : CONCUR__FINISHED);
 			return;

@@ -354,6 +354,29 @@ static void test_as_completed_tasks_and_deadline(void **state)
 	release_all(fs, 4);
 }
 
+/* concur_wait in a task whose deadline scope passes: -ETIMEDOUT, not a count (a count let a
+ * caller waiting again spin: every later wait fails at once). */
+static int64_t wait_under_scope(void *arg)
+{
+	concur_future **fs = arg;
+	concur_deadline_push(MS(20));
+	int first = concur_wait(fs, 2, CONCUR_ALL_COMPLETED, -1, NULL);
+	int again = concur_wait(fs, 2, CONCUR_ALL_COMPLETED, -1, NULL);
+	int own = concur_wait(fs, 2, CONCUR_ALL_COMPLETED, 0, NULL); /* no waiting: the split */
+	concur_deadline_pop();
+	return first == -ETIMEDOUT && again == -ETIMEDOUT && own == 1 ? 42 : first;
+}
+
+static void test_wait_deadline_scope(void **state)
+{
+	concur_future *fs[2] = {done_with(7), concur_promise_new(NULL)}; /* the second never */
+	concur_future *t = concur_spawn(ex1, wait_under_scope, fs);
+	assert_int_equal(concur_result(t, MS(5000)), 42);
+	concur_release(t);
+	concur_promise_set(fs[1], 0);
+	release_all(fs, 2);
+}
+
 /* In a task whose deadline scope passes: the next wait fails with -ETIMEDOUT, not a spin. */
 static int64_t as_completed_under_scope(void *arg)
 {
@@ -459,8 +482,16 @@ static void test_spawn_after_failed_input(void **state)
 	concur_future *in2[2] = {a, x};
 	f = concur_spawn_after(ex, sum_inputs, NULL, in2, 2);
 	assert_int_equal(concur_result(f, -1), -ECANCELED);
+	assert_true(concur_cancelled(f)); /* CANCELLED, as a task returning -ECANCELED */
 	assert_int_equal(atomic_load(&dependent_runs), 0);
 	concur_release(f);
+	concur_future *y = concur_promise_new(ex); /* (then runs on its input's executor) */
+	assert_int_equal(concur_cancel(y), 1);
+	f = concur_then(y, add_one, NULL);
+	assert_int_equal(concur_result(f, -1), -ECANCELED);
+	assert_true(concur_cancelled(f));
+	concur_release(f);
+	concur_release(y);
 	/* then on a failed future */
 	f = concur_then(b, add_one, NULL);
 	assert_int_equal(concur_result(f, -1), -EPERM);
@@ -726,6 +757,7 @@ int main(void)
 	    cmocka_unit_test(test_as_completed_order),
 	    cmocka_unit_test(test_as_completed_tasks_and_deadline),
 	    cmocka_unit_test(test_as_completed_deadline_scope),
+	    cmocka_unit_test(test_wait_deadline_scope),
 	    cmocka_unit_test(test_then_chain_10000),
 	    cmocka_unit_test(test_spawn_after_failed_input),
 	    cmocka_unit_test(test_pipeline),
