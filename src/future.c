@@ -340,6 +340,20 @@ static void concur__wake_parked(concur_future *f)
 	concur__futex_wake(&f->state, INT_MAX);
 }
 
+/*
+ * Run a callback outside any task, as the header promises: a task that completes f (a promise it
+ * sets, a then it fails) runs f's callbacks on its own fiber, and a callback that could suspend
+ * that fiber would do so in the middle of the completion (a then's start queue, which is the
+ * thread's, waiting behind it for good). A wait in a callback gets -EDEADLK instead.
+ */
+static void concur__call_back(concur_done_fn fn, concur_future *f, void *arg)
+{
+	struct concur__task *t = concur__tl_task;
+	concur__tl_task = NULL;
+	fn(f, arg);
+	concur__tl_task = t;
+}
+
 /* Run the nodes of a completion that are not compositions', in registration order. */
 static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
 {
@@ -351,7 +365,7 @@ static void concur__wake_nodes(concur_future *f, struct concur__waiter *w)
 			concur_done_fn fn = w->cb.fn;
 			void *arg = w->cb.arg;
 			free(w);
-			fn(f, arg);
+			concur__call_back(fn, f, arg);
 			break;
 		}
 		case CONCUR__WAIT_AWAIT:
@@ -723,7 +737,7 @@ int concur_on_done(concur_future *f, concur_done_fn fn, void *arg)
 	if (!concur__waiter_push(f, w)) {
 		free(w);
 		concur_retain(f); /* fn may release the caller's last reference */
-		fn(f, arg);
+		concur__call_back(fn, f, arg);
 		concur_release(f);
 	}
 	return 0;

@@ -752,6 +752,59 @@ static void test_held_release_races_completion(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A callback runs outside any task, even when a task completes the future: a task that fails a
+ * then (by setting its input) runs the then's callbacks on its own fiber. A callback that waited
+ * there used to suspend the task in the middle of the then's start queue, which is the thread's:
+ * a then made ready meanwhile waited behind it for good.
+ */
+struct cb_in_task {
+	concur_future *p, *q, *g;
+	int in_task;
+	int64_t waited;
+};
+static void cb_waits(concur_future *f, void *arg)
+{
+	struct cb_in_task *c = arg;
+	c->in_task = concur_in_task();
+	c->waited = concur_result(c->g, MS(500));
+}
+static int64_t set_q(void *arg)
+{
+	struct cb_in_task *c = arg;
+	return concur_promise_set(c->q, 1);
+}
+static int64_t fail_then_input(void *arg)
+{
+	struct cb_in_task *c = arg;
+	concur_exec *ex = concur_current_exec();
+	concur_future *f1 = concur_then(c->p, plus_one, NULL);
+	if (concur_on_done(f1, cb_waits, c))
+		return -1;
+	concur_release(concur_spawn(ex, set_q, c));
+	concur_promise_set(c->p, -EIO); /* f1 fails here, its callback runs in this task */
+	concur_release(f1);
+	return 0;
+}
+
+static void test_callback_outside_task(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct cb_in_task c = {
+	    .p = concur_promise_new(ex), .q = concur_promise_new(ex), .in_task = -1};
+	c.g = concur_then(c.q, plus_one, NULL);
+	concur_future *t = concur_spawn(ex, fail_then_input, &c);
+	assert_int_equal(concur_result(t, MS(5000)), 0);
+	assert_int_equal(c.in_task, 0);
+	assert_int_equal(c.waited, -EDEADLK); /* a loop thread outside a task does not wait */
+	assert_int_equal(concur_result(c.g, MS(5000)), 2);
+	concur_release(t);
+	concur_release(c.g);
+	concur_release(c.p);
+	concur_release(c.q);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -776,6 +829,7 @@ int main(void)
 	    cmocka_unit_test(test_held_callback_takes_reference),
 	    cmocka_unit_test(test_held_executor_reference),
 	    cmocka_unit_test(test_held_release_races_completion),
+	    cmocka_unit_test(test_callback_outside_task),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
