@@ -99,13 +99,31 @@ static void sync_wake(concur_future *p)
 	}
 }
 
-/* With the lock held: grant status to every waiter of q (setting a promise never calls back
- * into these objects: only its one waiter awaits it). */
-static void sync_grant_all(struct sync_waitq *q, int status)
+/*
+ * Waking many (an event set, a semaphore released by n, a channel closed): waiters are granted
+ * under the lock a batch at a time, their promises kept here, and set only once the lock is
+ * dropped. A woken waiter may free the object at once (it waited for this, and nobody else
+ * waits), so nothing touches it after the unlock but the next batch's lock, taken only while
+ * others still wait; and setting a promise may suspend the setter (a small stack yields when the
+ * ring pushes back), which must not happen with the lock held.
+ */
+#define SYNC_WAKE_BATCH 16
+
+/* With the lock held: grant status to up to max waiters of q, their promises into out. */
+static unsigned sync_grant_batch(struct sync_waitq *q, int status, unsigned max,
+                                 concur_future **out)
 {
+	unsigned k = 0;
 	concur_future *p;
-	while ((p = sync_grant(q, status)))
-		sync_wake(p);
+	while (k < max && (p = sync_grant(q, status)))
+		out[k++] = p;
+	return k;
+}
+
+static void sync_wake_batch(concur_future **ps, unsigned k)
+{
+	for (unsigned i = 0; i < k; i++)
+		sync_wake(ps[i]);
 }
 
 /* Every object starts with its lock: made and freed the same way. */
@@ -242,18 +260,26 @@ int concur_sem_release(concur_sem *s, int64_t n)
 {
 	if (!s || n < 1)
 		return -EINVAL;
+	concur_future *ps[SYNC_WAKE_BATCH];
 	pthread_mutex_lock(&s->lock);
-	while (n > 0 && s->q.head) {
-		sync_wake(sync_grant(&s->q, 0));
-		n--;
+	for (;;) {
+		unsigned k = sync_grant_batch(
+		    &s->q, 0, n < SYNC_WAKE_BATCH ? (unsigned)n : SYNC_WAKE_BATCH, ps);
+		n -= k;
+		bool more = n > 0 && s->q.head;
+		int err = 0;
+		if (!more && n > 0) {
+			if (n > INT64_MAX - s->value)
+				err = -EOVERFLOW;
+			else
+				s->value += n;
+		}
+		pthread_mutex_unlock(&s->lock);
+		sync_wake_batch(ps, k);
+		if (!more)
+			return err;
+		pthread_mutex_lock(&s->lock);
 	}
-	int err = 0;
-	if (n > INT64_MAX - s->value)
-		err = -EOVERFLOW;
-	else
-		s->value += n;
-	pthread_mutex_unlock(&s->lock);
-	return err;
 }
 
 int64_t concur_sem_value(const concur_sem *s)
@@ -291,11 +317,18 @@ int concur_event_set(concur_event *e)
 {
 	if (!e)
 		return -EINVAL;
+	concur_future *ps[SYNC_WAKE_BATCH];
 	pthread_mutex_lock(&e->lock);
 	atomic_store(&e->set, true);
-	sync_grant_all(&e->q, 0);
-	pthread_mutex_unlock(&e->lock);
-	return 0;
+	for (;;) {
+		unsigned k = sync_grant_batch(&e->q, 0, SYNC_WAKE_BATCH, ps);
+		bool more = e->q.head != NULL;
+		pthread_mutex_unlock(&e->lock);
+		sync_wake_batch(ps, k);
+		if (!more)
+			return 0;
+		pthread_mutex_lock(&e->lock);
+	}
 }
 
 int concur_event_clear(concur_event *e)
@@ -306,17 +339,22 @@ int concur_event_clear(concur_event *e)
 	return 0;
 }
 
+/* Under the lock, as the wait's check: a set seen before the setter let go of the lock would
+ * let the caller free the event under it. */
 bool concur_event_is_set(const concur_event *e)
 {
-	return e && atomic_load(&e->set);
+	if (!e)
+		return false;
+	pthread_mutex_lock((pthread_mutex_t *)&e->lock);
+	bool set = atomic_load(&e->set);
+	pthread_mutex_unlock((pthread_mutex_t *)&e->lock);
+	return set;
 }
 
 int concur_event_wait(concur_event *e, int64_t timeout_ns)
 {
 	if (!e)
 		return -EINVAL;
-	if (atomic_load(&e->set))
-		return 0;
 	pthread_mutex_lock(&e->lock);
 	if (atomic_load(&e->set)) {
 		pthread_mutex_unlock(&e->lock);
@@ -414,13 +452,20 @@ int concur_chan_close(concur_chan *c)
 {
 	if (!c)
 		return -EINVAL;
+	concur_future *ps[SYNC_WAKE_BATCH];
 	pthread_mutex_lock(&c->lock);
 	int err = c->closed ? -EALREADY : 0;
 	c->closed = true;
-	sync_grant_all(&c->senders, -EPIPE);
-	sync_grant_all(&c->receivers, -EPIPE);
-	pthread_mutex_unlock(&c->lock);
-	return err;
+	for (;;) {
+		unsigned k = sync_grant_batch(&c->senders, -EPIPE, SYNC_WAKE_BATCH, ps);
+		k += sync_grant_batch(&c->receivers, -EPIPE, SYNC_WAKE_BATCH - k, ps + k);
+		bool more = c->senders.head || c->receivers.head;
+		pthread_mutex_unlock(&c->lock);
+		sync_wake_batch(ps, k);
+		if (!more)
+			return err;
+		pthread_mutex_lock(&c->lock);
+	}
 }
 
 size_t concur_chan_len(const concur_chan *c)
