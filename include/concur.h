@@ -671,7 +671,8 @@ size_t concur_chan_len(const concur_chan *c);
  * Run fn(arg) on a helper thread of the blocking pool, for blocking syscalls and long CPU work
  * that would stall a loop. Helpers are started lazily, at most concur_blocking_config()'s max
  * at a time (jobs queue beyond that), and an idle one exits after the idle time. The returned
- * future (never NULL; on failure already failed with -EINVAL, -ESHUTDOWN or -ENOMEM) completes
+ * future (never NULL; on failure already failed with -EINVAL, -ESHUTDOWN, -ENOMEM, or -EAGAIN
+ * when no helper thread exists and none can be made) completes
  * through the one completion path: a task awaiting it is resumed on its own loop (the helper
  * posts it there with MSG_RING). The job counts as the executor's work for concur_exec_join().
  * Cancelling the future before a helper picks the job means fn never runs (concur_cancel()

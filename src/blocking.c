@@ -33,7 +33,10 @@ static struct {
 	pthread_mutex_t lock;
 	pthread_cond_t cond; /* CLOCK_MONOTONIC */
 	struct job *head, *tail;
-	unsigned threads, idle, max;
+	/* idle: helpers waiting for a job; woken: of those, signalled for one and not up yet (a
+	 * spawn counts only the others as free, or jobs spawned back to back would all be handed
+	 * to one helper and queue behind each other while the pool may still grow) */
+	unsigned threads, idle, woken, max;
 	int64_t idle_ns;
 } pool = {
     .once = PTHREAD_ONCE_INIT,
@@ -80,6 +83,8 @@ static void *blocking_helper_main(void *unused)
 			pool.idle++;
 			int rc = pthread_cond_timedwait(&pool.cond, &pool.lock, &abs);
 			pool.idle--;
+			if (pool.woken)
+				pool.woken--;
 			if (rc == ETIMEDOUT && !pool.head)
 				break;
 			continue;
@@ -114,7 +119,8 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	pthread_mutex_lock(&pool.lock);
 	CONCUR__FIFO_PUSH(pool.head, pool.tail, j);
 	int err = 0;
-	if (pool.idle > 0) {
+	if (pool.idle > pool.woken) {
+		pool.woken++;
 		pthread_cond_signal(&pool.cond);
 	} else if (pool.threads < pool.max) {
 		pthread_t t;

@@ -123,6 +123,45 @@ static void test_blocking_bounded_cancel_and_idle_exit(void **state)
 	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
 }
 
+/*
+ * Jobs spawned back to back while one helper is idle: the first wakes it, the second gets a
+ * helper of its own (the pool may grow), so a job that waits for the next one is not queued
+ * behind it. The idle helper used to be counted free until it woke, so both went to it: the
+ * first waited for the second, which waited behind the first.
+ */
+static concur_event *handoff_ev;
+static int64_t wait_for_next(void *arg)
+{
+	return concur_event_wait(handoff_ev, MS(5000));
+}
+static int64_t set_for_previous(void *arg)
+{
+	return concur_event_set(handoff_ev);
+}
+static int64_t nop_job(void *arg)
+{
+	return 0;
+}
+
+static void test_blocking_idle_helper_taken_once(void **state)
+{
+	assert_int_equal(concur_blocking_config(64, MS(50)), 0);
+	EVENTUALLY(concur_blocking_threads() == 0);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
+	concur_future *f = concur_spawn_blocking(ex, nop_job, NULL); /* one helper, idle after */
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	usleep(20000); /* (it goes back to wait for a job) */
+	assert_int_equal(concur_event_new(&handoff_ev), 0);
+	concur_future *a = concur_spawn_blocking(ex, wait_for_next, NULL);
+	concur_future *b = concur_spawn_blocking(ex, set_for_previous, NULL);
+	assert_int_equal(concur_result(a, -1), 0);
+	assert_int_equal(concur_result(b, -1), 0);
+	concur_release(a);
+	concur_release(b);
+	concur_event_free(handoff_ev);
+}
+
 static int64_t slow_job(void *arg)
 {
 	usleep(50000);
@@ -220,6 +259,7 @@ int main(void)
 	    cmocka_unit_test(test_blocking_resumes_fiber_on_its_own_loop),
 	    cmocka_unit_test(test_blocking_from_foreign_thread_and_bad_input),
 	    cmocka_unit_test(test_blocking_bounded_cancel_and_idle_exit),
+	    cmocka_unit_test(test_blocking_idle_helper_taken_once),
 	    cmocka_unit_test(test_blocking_counts_for_join),
 	    cmocka_unit_test(test_blocking_running_job_cannot_be_cancelled),
 	    cmocka_unit_test(test_job_gone_when_join_returns),
