@@ -602,8 +602,11 @@ void concur_group_free(concur_group *g);
  * Fiber-aware synchronisation. Each works across loops and with threads outside the executor:
  * a waiter in a task suspends its fiber, a foreign thread blocks. Waiters queue in FIFO order.
  * Objects are made with *_new (0, -EINVAL, -ENOMEM) and freed with *_free (NULL is ignored;
- * nobody may be waiting then). A wait that times out takes itself off the object and leaves
- * nothing behind, however many time out.
+ * nobody may be waiting then; a waiter may free it as soon as its own wait returned, even while
+ * the call that woke it is still returning). A wait that times out takes itself off the object
+ * and leaves nothing behind, however many time out. Besides the errors listed with each, every
+ * wait may fail with -ENOMEM (no memory to wait: nothing was taken) and, in a task, -ECANCELED
+ * or -ETIMEDOUT (the task cancelled, its deadline scope passed).
  */
 typedef struct concur_mutex concur_mutex;
 typedef struct concur_sem concur_sem;
