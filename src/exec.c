@@ -840,6 +840,14 @@ static void concur__task_init(struct concur__task *t, const struct concur__futur
 	t->sp = NULL;
 }
 
+struct concur__task *concur__task_new(concur_exec *ex, concur_task_fn fn, void *arg)
+{
+	struct concur__task *t = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_TASK);
+	if (t)
+		concur__task_init(t, &concur__task_class, ex, fn, arg);
+	return t;
+}
+
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)
 {
 	struct concur__task *t;
@@ -908,10 +916,9 @@ concur_future *concur_spawn_ex(concur_exec *ex, concur_task_fn fn, void *arg,
 	int stack = opts ? concur__stack_flags(opts->stack_size) : 0;
 	if (!fn || stack < 0 || (opts && opts->flags))
 		return concur__failed_future(ex, -EINVAL);
-	struct concur__task *t = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_TASK);
+	struct concur__task *t = concur__task_new(ex, fn, arg);
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
-	concur__task_init(t, &concur__task_class, ex, fn, arg);
 	t->f.flags = (uint32_t)stack; /* the stack size class, read when the task starts */
 	concur__task_enqueue(t);
 	return &t->f;

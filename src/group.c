@@ -159,10 +159,18 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 		return concur__failed_future(g ? g->ex : NULL, -EINVAL);
 	if (atomic_load(&g->cancelled))
 		return concur__failed_future(g->ex, -ECANCELED);
+	if (!concur__exec_valid(g->ex))
+		return concur__failed_future(NULL, -EINVAL);
 	struct member *m = calloc(1, sizeof(*m));
-	if (!m)
+	/* made, registered on, then queued: a member that ends at once is recorded in the order
+	 * it ended (queued first, it could end before its node was on it, and be recorded after
+	 * members that ended later: the group's first failure would not be the first) */
+	struct concur__task *t = m ? concur__task_new(g->ex, fn, arg) : NULL;
+	if (!t) {
+		free(m);
 		return concur__failed_future(g->ex, -ENOMEM);
-	concur_future *f = concur_spawn(g->ex, fn, arg);
+	}
+	concur_future *f = &t->f;
 	m->w.kind = CONCUR__WAIT_CALL;
 	m->w.ops = &member_ops;
 	m->f = concur_retain(f);
@@ -175,10 +183,8 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 	g->head.prev = m;
 	g->live++;
 	pthread_mutex_unlock(&g->lock);
-	if (!concur__waiter_push(f, &m->w)) { /* done already (or failed to spawn) */
-		group_member_record(&m->w, f, concur__future_value(f), concur__state(f));
-		group_member_done(&m->w, f);
-	}
+	concur__waiter_push(f, &m->w); /* unqueued, so not done: it cannot fail */
+	concur__task_enqueue(t);       /* after a shutdown, ends -ESHUTDOWN: recorded */
 	if (atomic_load(&g->cancelled))
 		concur_cancel(f); /* the group was cancelled while we added it */
 	return f;

@@ -618,6 +618,9 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns);
  * instead of queueing it. NULL on -ENOMEM.
  */
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra);
+/* The same for fn(arg) with its record of a plain spawn: queued later, once its caller has
+ * registered on it (a group's member). NULL on -ENOMEM. */
+struct concur__task *concur__task_new(concur_exec *ex, concur_task_fn fn, void *arg);
 /* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
 void concur__task_enqueue(struct concur__task *t);
 /*

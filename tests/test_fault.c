@@ -813,6 +813,71 @@ static void test_fault_stack_munmap(void **state)
 }
 
 /*
+ * A group's first failure is the first in completion order, as far as anyone could observe: a
+ * member must be registered before it can run. It was queued first, so a member could fail,
+ * and be seen done, before the group heard of it; a member failing later was then recorded
+ * first. Forced: right after the group's lock is let go in concur_group_spawn (member A on the
+ * list, its node not on A yet), the test waits (up to 200 ms) to see A done, then makes B fail.
+ */
+static concur_group *order_g;
+static concur_future *order_p, *order_b;
+static _Atomic(concur_future *) order_a;
+static bool order_a_first;
+static __thread bool order_armed;
+
+static void fail_b_in_window(pthread_mutex_t *m)
+{
+	if (!order_armed || (char *)m < (char *)order_g || (char *)m >= (char *)order_g + 256)
+		return;
+	order_armed = false;
+	int64_t t0 = now_ns();
+	concur_future *a;
+	while (!((a = atomic_load(&order_a)) && concur_done(a)) && now_ns() - t0 < MS(200))
+		usleep(100);
+	order_a_first = a && concur_done(a);
+	concur_promise_set(order_p, 1);
+	concur_result(order_b, -1);
+}
+
+static int64_t member_b(void *arg)
+{
+	(void)arg;
+	concur_result(order_p, -1);
+	return -EPERM;
+}
+
+static int64_t member_a(void *arg)
+{
+	(void)arg;
+	atomic_store(&order_a, concur_retain(&concur__tl_task->f));
+	return -EIO;
+}
+
+static void test_fault_group_first_failure_order(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 2};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_int_equal(concur_group_new(&order_g, ex, 0), 0);
+	order_p = concur_promise_new(ex);
+	order_b = concur_group_spawn(order_g, member_b, NULL);
+	atomic_store(&wrap_unlocked_hook, fail_b_in_window);
+	order_armed = true;
+	concur_future *a = concur_group_spawn(order_g, member_a, NULL);
+	atomic_store(&wrap_unlocked_hook, NULL);
+	int64_t r = concur_group_wait(order_g, -1);
+	assert_int_equal(r, order_a_first ? -EIO : -EPERM);
+	assert_int_equal(concur_result(a, -1), -EIO);
+	concur_release(a);
+	concur_release(atomic_load(&order_a));
+	concur_release(order_b);
+	concur_release(order_p);
+	concur_group_free(order_g);
+	concur_exec_free(ex);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -891,6 +956,7 @@ int main(void)
 	    T(test_fault_cancel_message_refused),
 	    T(test_fault_group_cancel_refused),
 	    T(test_fault_free_waits_for_poster),
+	    T(test_fault_group_first_failure_order),
 	    T(test_fault_chunk_munmap),
 	    T(test_fault_stack_munmap), /* last too: its refused reservation stays mapped */
 	};
