@@ -376,6 +376,12 @@ static size_t wait_dedupe(concur_future *const *futures, size_t n, concur_future
 	return m;
 }
 
+static int wait_index_cmp(const void *a, const void *b)
+{
+	size_t x = *(const size_t *)a, y = *(const size_t *)b;
+	return (x > y) - (x < y);
+}
+
 int concur_as_completed_new(concur_as_completed **out, concur_future *const *futures, size_t n,
                             int64_t timeout_ns)
 {
@@ -403,30 +409,30 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 	it->futs = futs;
 	it->n = m;
 	it->deadline = concur__deadline_after(timeout_ns);
-	/* The done ones first, in input order (so ready[0..first) is sorted); the others queue
-	 * themselves as they complete. */
-	for (size_t k = 0; k < m; k++) {
+	/*
+	 * A node on every future, then what is done by now (the pushes refused, and those whose
+	 * node took their completion meanwhile) sorted into input order: "done when made". Later
+	 * completions queue themselves in completion order. (Looking at which were done before
+	 * hanging the others' nodes let a future that completed between the two passes come after
+	 * one that completed later, but was done at the first look.)
+	 */
+	for (size_t k = 0; k < m; k++)
 		concur_retain(futs[k]);
-		if (concur_done(futs[k]))
-			s->ready[s->tail++] = k;
-	}
-	size_t first = s->tail, q = 0;
 	for (size_t k = 0; k < m; k++) {
-		if (q < first && s->ready[q] == k) {
-			q++;
-			continue;
-		}
 		struct ac_slot *slot = &s->slot[k];
 		*slot = (struct ac_slot){.s = s, .k = k};
 		slot->w.kind = CONCUR__WAIT_CALL;
 		slot->w.ops = &ac_ops;
 		atomic_fetch_add(&s->refs, 1);
 		slot->hung = concur__waiter_push(futs[k], &slot->w);
-		if (!slot->hung) { /* done meanwhile */
+		if (!slot->hung) { /* done already */
 			atomic_fetch_sub(&s->refs, 1);
 			wait_ac_queue(s, k);
 		}
 	}
+	pthread_mutex_lock(&s->lock);
+	qsort(s->ready, s->tail, sizeof(s->ready[0]), wait_index_cmp);
+	pthread_mutex_unlock(&s->lock);
 	*out = it;
 	return 0;
 }

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* wait, gather, as_completed, then and spawn_after (task groups: test_group.c). */
+#include "internal.h" /* (first: comp_test.h has a global ex) a future's refs */
 #include "comp_test.h"
 
 #include <errno.h>
@@ -411,6 +412,53 @@ static void test_as_completed_deadline_scope(void **state)
 	release_all(fs, 2);
 }
 
+/*
+ * Futures that complete while the iterator is being made are "done when made": yielded first,
+ * in input order. A, first in input order, completed (observably) before B, last: A must not
+ * come after B. It did when A was looked at (not done) before it completed and B after (done),
+ * and A's node was hung only in a second pass, which found A done and queued it behind B.
+ * Forced: a thread waits until the iterator's setup has taken its reference on the middle input,
+ * then completes A, then B.
+ */
+#define AC_N 200000
+static concur_future *ac_a, *ac_b, *ac_mid;
+static void *complete_a_then_b(void *arg)
+{
+	while (atomic_load(&ac_mid->refs) < 2)
+		;
+	concur_promise_set(ac_a, 1);
+	concur_promise_set(ac_b, 2);
+	return NULL;
+}
+
+static void test_as_completed_done_while_made(void **state)
+{
+	concur_future **fs = calloc(AC_N + 2, sizeof(*fs));
+	assert_non_null(fs);
+	for (int i = 1; i <= AC_N; i++)
+		fs[i] = concur_promise_new(NULL);
+	ac_mid = fs[AC_N / 2];
+	fs[0] = ac_a = concur_promise_new(NULL);
+	fs[AC_N + 1] = ac_b = concur_promise_new(NULL);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, complete_a_then_b, NULL), 0);
+	concur_as_completed *it;
+	assert_int_equal(concur_as_completed_new(&it, fs, AC_N + 2, -1), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	concur_future *f1, *f2;
+	assert_int_equal(concur_as_completed_next(it, &f1), 1);
+	assert_int_equal(concur_as_completed_next(it, &f2), 1);
+	assert_ptr_equal(f1, ac_a);
+	assert_ptr_equal(f2, ac_b);
+	concur_release(f1);
+	concur_release(f2);
+	concur_as_completed_free(it);
+	for (int i = 1; i <= AC_N; i++)
+		concur_promise_set(fs[i], 0); /* lets the freed iterator's nodes go */
+	release_all(fs, AC_N + 2);
+	free(fs);
+}
+
 /* ---- then and spawn_after ------------------------------------------------------------------- */
 
 static int64_t add_one(void *arg, int64_t v)
@@ -758,6 +806,7 @@ int main(void)
 	    cmocka_unit_test(test_as_completed_tasks_and_deadline),
 	    cmocka_unit_test(test_as_completed_deadline_scope),
 	    cmocka_unit_test(test_wait_deadline_scope),
+	    cmocka_unit_test(test_as_completed_done_while_made),
 	    cmocka_unit_test(test_then_chain_10000),
 	    cmocka_unit_test(test_spawn_after_failed_input),
 	    cmocka_unit_test(test_pipeline),
