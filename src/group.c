@@ -183,8 +183,14 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 	g->head.prev = m;
 	g->live++;
 	pthread_mutex_unlock(&g->lock);
-	concur__waiter_push(f, &m->w); /* unqueued, so not done: it cannot fail */
-	concur__task_enqueue(t);       /* after a shutdown, ends -ESHUTDOWN: recorded */
+	/* Unqueued, it is not done -- unless a cancel of the group found it on the list since the
+	 * lock was let go (it ends CANCELLED at once): then it is recorded now. */
+	if (!concur__waiter_push(f, &m->w)) {
+		group_member_record(&m->w, f, concur__future_value(f), concur__state(f));
+		group_member_done(&m->w, f);
+	}
+	concur__task_enqueue(t); /* after a shutdown it ends -ESHUTDOWN (recorded); cancelled, its
+	                          * loop drops it unrun */
 	if (atomic_load(&g->cancelled))
 		concur_cancel(f); /* the group was cancelled while we added it */
 	return f;

@@ -878,6 +878,45 @@ static void test_fault_group_first_failure_order(void **state)
 }
 
 /*
+ * A group cancelled while a member is being added (on the list, its node not on it yet) ends
+ * that member at once; the member must still be recorded, or the group's count never reaches 0
+ * and its wait hangs. Forced: the cancel runs right after the group's lock is let go in
+ * concur_group_spawn.
+ */
+static concur_group *late_g;
+static __thread bool late_armed;
+static void cancel_group_in_window(pthread_mutex_t *m)
+{
+	if (!late_armed || (char *)m < (char *)late_g || (char *)m >= (char *)late_g + 256)
+		return;
+	late_armed = false;
+	concur_group_cancel(late_g);
+}
+static int64_t late_member(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+
+static void test_fault_group_cancel_while_adding(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_int_equal(concur_group_new(&late_g, ex, 0), 0);
+	atomic_store(&wrap_unlocked_hook, cancel_group_in_window);
+	late_armed = true;
+	concur_future *f = concur_group_spawn(late_g, late_member, NULL);
+	atomic_store(&wrap_unlocked_hook, NULL);
+	assert_int_equal(concur_group_wait(late_g, MS(2000)), -ECANCELED);
+	assert_true(concur_cancelled(f));
+	concur_release(f);
+	concur_group_free(late_g);
+	concur_exec_free(ex);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -957,6 +996,7 @@ int main(void)
 	    T(test_fault_group_cancel_refused),
 	    T(test_fault_free_waits_for_poster),
 	    T(test_fault_group_first_failure_order),
+	    T(test_fault_group_cancel_while_adding),
 	    T(test_fault_chunk_munmap),
 	    T(test_fault_stack_munmap), /* last too: its refused reservation stays mapped */
 	};
