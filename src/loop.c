@@ -113,25 +113,39 @@ static bool concur__stash_room(struct concur__loop *loop, unsigned n)
 	return true;
 }
 
-/* Move the CQEs out of the CQ (and the kernel's overflow list) into the stash, in order. */
+/*
+ * Move the CQEs out of the CQ (and the kernel's overflow list) into the stash, in order. This
+ * may run on a task's stack, as small as 1 KiB (an op whose SQE finds the SQ full): it copies
+ * straight from the ring, with no array of its own, and the stash is made at setup with room
+ * for a whole CQ, so only a second fill before the loop's reap grows it.
+ */
 static unsigned concur__stash_cqes(struct concur__loop *loop)
 {
-	struct io_uring_cqe *cqes[CONCUR__REAP_BATCH];
-	unsigned moved = 0, n;
-	do {
-		unsigned want = CONCUR__REAP_BATCH;
-		if (!concur__stash_room(loop, want))
-			want = loop->stash_cap - loop->stash_len;
-		if (!want)
-			break;
-		n = io_uring_peek_batch_cqe(&loop->ring, cqes, want);
-		for (unsigned i = 0; i < n; i++)
+	struct io_uring *ring = &loop->ring;
+	unsigned moved = 0;
+	for (;;) {
+		unsigned ready = io_uring_cq_ready(ring);
+		if (!ready && (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_CQ_OVERFLOW)) {
+			(void)io_uring_get_events(ring); /* the overflowed ones into the CQ */
+			ready = io_uring_cq_ready(ring);
+		}
+		if (ready && !concur__stash_room(loop, ready))
+			ready = loop->stash_cap - loop->stash_len;
+		if (!ready)
+			return moved;
+		unsigned head, n = 0;
+		struct io_uring_cqe *cqe;
+		io_uring_for_each_cqe(ring, head, cqe)
+		{
+			if (n == ready)
+				break;
 			loop->stash[loop->stash_len++] =
-			    (struct concur__cqe){cqes[i]->user_data, cqes[i]->res, cqes[i]->flags};
-		io_uring_cq_advance(&loop->ring, n);
+			    (struct concur__cqe){cqe->user_data, cqe->res, cqe->flags};
+			n++;
+		}
+		io_uring_cq_advance(ring, n);
 		moved += n;
-	} while (n == CONCUR__REAP_BATCH);
-	return moved;
+	}
 }
 
 /*
@@ -149,21 +163,6 @@ static void concur__relieve(struct concur__loop *loop)
 	concur__stash_cqes(loop);
 }
 
-/*
- * concur__relieve, unless a task with a stack under 16 KiB is running: the relief's copy of the
- * CQEs and the stash's realloc do not fit in 1 KiB, which concur's I/O calls promise to. That
- * task yields instead: the loop's turn goes on, and its reap empties the CQ before the task
- * tries again.
- */
-static void concur__relieve_here(struct concur__loop *loop)
-{
-	struct concur__task *t = concur__tl_task;
-	if (t && !concur__task_stack_big(t))
-		concur_yield();
-	else
-		concur__relieve(loop);
-}
-
 void concur__sq_reserve(struct concur__loop *loop, unsigned n)
 {
 	while (io_uring_sq_space_left(&loop->ring) < n) {
@@ -173,7 +172,7 @@ void concur__sq_reserve(struct concur__loop *loop, unsigned n)
 		if (loop->ring.flags & IORING_SETUP_SQPOLL) /* the kernel thread takes them */
 			io_uring_sqring_wait(&loop->ring);
 		else if (r <= 0 || concur__transient(r))
-			concur__relieve_here(loop);
+			concur__relieve(loop);
 	}
 }
 
@@ -1076,6 +1075,10 @@ static void *concur__loop_main(void *arg)
 		concur__ring_exit(&loop->ring);
 	if (loop->setup_err) /* the message is this thread's: hand it to concur_exec_new's caller */
 		snprintf(loop->setup_msg, sizeof(loop->setup_msg), "%s", concur_last_error());
+	/* room for a CQ's worth of stashed CQEs up front (see concur__stash_cqes); optional */
+	if (!loop->setup_err &&
+	    (loop->stash = malloc(loop->ring.cq.ring_entries * sizeof(*loop->stash))))
+		loop->stash_cap = loop->ring.cq.ring_entries;
 	atomic_store_explicit(&loop->started, 1, memory_order_release);
 	concur__futex_wake(&loop->started, 1);
 	if (loop->setup_err)

@@ -934,9 +934,11 @@ static void test_rings_across_threads(void **state)
 
 /*
  * A task with a 1 KiB stack whose op finds the SQ full and the kernel pushing back: making room
- * (moving CQEs out of the CQ, growing the stash) does not fit in its stack, which concur's I/O
- * calls promise to fit in. The task yields to the loop instead, whose reap makes room. It used
- * to overflow into the neighbouring stack (the canary's abort, or a crash).
+ * (moving CQEs out of the CQ into the stash) runs on its stack, which concur's I/O calls promise
+ * to fit in. It used to overflow into the neighbouring stack (a 512-byte array of CQE pointers,
+ * the stash's realloc, and liburing's wait resolved lazily through the PLT on that stack): the
+ * canary's abort, or a crash. (Yielding to the loop instead, tried first, left a wait set up but
+ * not yet interruptible: a cancel or a deadline arriving then was lost.)
  */
 static atomic_int tiny_pushbacks;
 static int again_once_on_tiny_stack(struct concur__loop *l)
