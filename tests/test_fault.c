@@ -917,6 +917,47 @@ static void test_fault_group_cancel_while_adding(void **state)
 }
 
 /*
+ * A waiter may free a sync object as soon as its own wait returned. An event's set (and a
+ * semaphore's release by n, a channel's close) used to wake the waiters with the object's lock
+ * held, and go on using the object after: the waiter freed it under the waker. Forced: the setter
+ * is held 100 ms just after it woke the waiter, which frees the event meanwhile (ASan reports
+ * the use after free the setter then made).
+ */
+static concur_event *freed_ev;
+static __thread bool hold_after_set;
+static void hold_setter(void)
+{
+	if (hold_after_set) {
+		hold_after_set = false;
+		usleep(100 * 1000);
+	}
+}
+static int64_t set_then_held(void *arg)
+{
+	(void)arg;
+	concur_sleep(MS(50)); /* (the waiter queues meanwhile) */
+	hold_after_set = true;
+	return concur_event_set(freed_ev);
+}
+
+static void test_fault_waiter_frees_event(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_int_equal(concur_event_new(&freed_ev), 0);
+	atomic_store(&wrap_promise_set_hook, hold_setter);
+	concur_future *t = concur_spawn(ex, set_then_held, NULL);
+	assert_int_equal(concur_event_wait(freed_ev, MS(5000)), 0);
+	concur_event_free(freed_ev); /* its wait returned: ours to free */
+	assert_int_equal(concur_result(t, -1), 0);
+	atomic_store(&wrap_promise_set_hook, NULL);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -997,6 +1038,7 @@ int main(void)
 	    T(test_fault_free_waits_for_poster),
 	    T(test_fault_group_first_failure_order),
 	    T(test_fault_group_cancel_while_adding),
+	    T(test_fault_waiter_frees_event),
 	    T(test_fault_chunk_munmap),
 	    T(test_fault_stack_munmap), /* last too: its refused reservation stays mapped */
 	};

@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: MIT */
 /* Fiber-aware mutex, semaphore, event and channel: from tasks on 2 loops and foreign threads. */
-#include "internal.h" /* (first: comp_test.h has a global ex) concur__submit_fault, a loop's sleeping flag */
 #include "comp_test.h"
 
 #include <errno.h>
@@ -8,8 +7,6 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 /* ---- mutex ---------------------------------------------------------------------------------- */
 
@@ -412,98 +409,6 @@ static void test_timed_out_waits_leave_nothing(void **state)
 	concur_event_free(t.e);
 }
 
-/*
- * Waking a waiter may suspend the waker: its promise's post to another loop needs an SQE, and a
- * task on a small stack yields to the loop while the ring pushes back. The sync object's lock
- * must not be held then. It was (release woke waiters under it): another task of the loop that
- * touched the object blocked the loop's thread on that lock, for good. Forced: the releaser's
- * submits are pushed back (-EBUSY) until a task queued behind it on the same loop has read the
- * semaphore, which it can only do once the releaser yielded without the lock.
- */
-static concur_exec *yield_ex;
-static concur_sem *yield_sem;
-static atomic_int pushback_on, pushbacks;
-static int busy_while_on(struct concur__loop *l)
-{
-	(void)l;
-	if (!atomic_load(&pushback_on))
-		return 0;
-	atomic_fetch_add(&pushbacks, 1);
-	return -EBUSY;
-}
-static int64_t acquire_it(void *arg)
-{
-	return concur_sem_acquire(yield_sem, -1);
-}
-static int64_t peek_then_relent(void *arg)
-{
-	int64_t v = concur_sem_value(yield_sem);
-	atomic_store(&pushback_on, 0); /* the kernel takes SQEs again */
-	return v;
-}
-static int64_t release_pushed_back(void *arg)
-{
-	atomic_store(&pushback_on, 1);
-	concur_future *n1 = concur_nop(yield_ex), *n2 = concur_nop(yield_ex); /* the SQ is full */
-	concur_future *peek = concur_spawn_on(yield_ex, 0, peek_then_relent, NULL);
-	int r = concur_sem_release(yield_sem, 1); /* wakes loop 1's waiter: a MSG_RING */
-	int64_t v = concur_result(peek, -1);
-	concur_release(n1);
-	concur_release(n2);
-	concur_release(peek);
-	return r == 0 && v == 0 ? 1 : -1;
-}
-static int64_t launch_small(void *arg)
-{
-	struct concur_spawn_opts o = {.stack_size = 8192}; /* under 16 KiB: it yields */
-	concur_future *f = concur_spawn_ex(yield_ex, release_pushed_back, NULL, &o);
-	int64_t r = concur_result(f, -1);
-	concur_release(f);
-	return r;
-}
-
-static int release_yields_child(void)
-{
-	alarm(30); /* the deadlock this was: the alarm ends it */
-	concur__submit_fault = busy_while_on;
-	struct concur_exec_opts o = {.loops = 2, .ring_entries = 2};
-	if (concur_exec_new(&yield_ex, &o) || concur_sem_new(&yield_sem, 0))
-		return 1;
-	concur_future *w = concur_spawn_on(yield_ex, 1, acquire_it, NULL);
-	for (int i = 0; i < 100000 && !atomic_load(&yield_ex->loops[1]->sleeping); i++)
-		usleep(100);
-	if (!atomic_load(&yield_ex->loops[1]->sleeping))
-		return 2; /* the waiter queued, its loop asleep */
-	concur_future *l = concur_spawn_on(yield_ex, 0, launch_small, NULL);
-	if (concur_result(l, -1) != 1)
-		return 3;
-	if (concur_result(w, -1) != 0)
-		return 4;
-	if (atomic_load(&pushbacks) == 0)
-		return 5; /* never pushed back: the case tested nothing */
-	concur_release(l);
-	concur_release(w);
-	concur_sem_free(yield_sem);
-	concur_exec_free(yield_ex);
-	concur__submit_fault = NULL;
-	return 0;
-}
-
-static void test_release_yields_without_lock(void **state)
-{
-	fflush(NULL);
-	pid_t pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0)
-		_exit(release_yields_child());
-	int status = 0;
-	assert_int_equal(waitpid(pid, &status, 0), pid);
-	if (WIFSIGNALED(status))
-		fail_msg("the child died of signal %d (SIGALRM: the loop deadlocked)",
-		         WTERMSIG(status));
-	assert_int_equal(WEXITSTATUS(status), 0);
-}
-
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -518,10 +423,5 @@ int main(void)
 	    cmocka_unit_test(test_chan_order_single_producer),
 	    cmocka_unit_test(test_timed_out_waits_leave_nothing),
 	};
-	/* first, on its own: it forks, and wants a parent with no thread yet (TSan) */
-	const struct CMUnitTest forking[] = {
-	    cmocka_unit_test(test_release_yields_without_lock),
-	};
-	int failed = cmocka_run_group_tests(forking, NULL, NULL);
-	return TESTS_EXIT(failed + cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
+	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

@@ -19,6 +19,7 @@
 #define CONCUR_TEST_WRAP_H
 
 #include <errno.h>
+#include "concur.h"
 #include <liburing.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -57,6 +58,9 @@ static void (*_Atomic wrap_free_hook)(void *p);
 /* Called after each pthread_mutex_unlock concur makes: a test holds a thread there (test_fault:
  * a poster that has rung a loop and let go of the doorbell's lock). */
 static void (*_Atomic wrap_unlocked_hook)(pthread_mutex_t *m);
+/* Called after each concur_promise_set concur makes (test_fault: a waker held just after it
+ * woke a waiter). */
+static void (*_Atomic wrap_promise_set_hook)(void);
 static int wrap_mode;
 
 /* Arm kind to fail at call n (counted from now) in mode; counters restart. */
@@ -119,6 +123,8 @@ int __real_io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
 int __real_io_uring_submit_and_get_events(struct io_uring *ring);
 int __real_pthread_mutex_unlock(pthread_mutex_t *m);
 int __wrap_pthread_mutex_unlock(pthread_mutex_t *m);
+int __real_concur_promise_set(concur_future *f, int64_t res);
+int __wrap_concur_promise_set(concur_future *f, int64_t res);
 
 void *__wrap_malloc(size_t n);
 void *__wrap_calloc(size_t n, size_t size);
@@ -194,6 +200,15 @@ void __wrap_free(void *p)
 	if (p)
 		atomic_fetch_sub_explicit(&wrap_live, 1, memory_order_relaxed);
 	__real_free(p);
+}
+
+int __wrap_concur_promise_set(concur_future *f, int64_t res)
+{
+	int r = __real_concur_promise_set(f, res);
+	void (*hook)(void) = atomic_load(&wrap_promise_set_hook);
+	if (hook)
+		hook();
+	return r;
 }
 
 int __wrap_pthread_mutex_unlock(pthread_mutex_t *m)
