@@ -21,6 +21,7 @@ struct sync_waiter {
 	bool queued;
 	int status;    /* written by the granter, under the lock */
 	int64_t value; /* a channel item, either way */
+	uint64_t gen;  /* an event's: the sets it has seen (only a later set wakes it) */
 };
 
 struct sync_waitq {
@@ -297,6 +298,7 @@ int64_t concur_sem_value(const concur_sem *s)
 struct concur_event {
 	pthread_mutex_t lock;
 	_Atomic bool set;
+	uint64_t sets; /* under the lock */
 	struct sync_waitq q;
 };
 
@@ -320,9 +322,14 @@ int concur_event_set(concur_event *e)
 	concur_future *ps[SYNC_WAKE_BATCH];
 	pthread_mutex_lock(&e->lock);
 	atomic_store(&e->set, true);
+	/* the waiters queued before this set: between its batches, a clear and a new wait may
+	 * queue one this set is not to wake (the queue is FIFO: they are at its tail) */
+	uint64_t set = ++e->sets;
 	for (;;) {
-		unsigned k = sync_grant_batch(&e->q, 0, SYNC_WAKE_BATCH, ps);
-		bool more = e->q.head != NULL;
+		unsigned k = 0;
+		while (k < SYNC_WAKE_BATCH && e->q.head && e->q.head->gen < set)
+			ps[k++] = sync_grant(&e->q, 0);
+		bool more = e->q.head && e->q.head->gen < set;
 		pthread_mutex_unlock(&e->lock);
 		sync_wake_batch(ps, k);
 		if (!more)
@@ -360,7 +367,7 @@ int concur_event_wait(concur_event *e, int64_t timeout_ns)
 		pthread_mutex_unlock(&e->lock);
 		return 0;
 	}
-	struct sync_waiter w;
+	struct sync_waiter w = {.gen = e->sets};
 	return sync_park(&e->lock, &e->q, &w, timeout_ns);
 }
 

@@ -958,6 +958,66 @@ static void test_fault_waiter_frees_event(void **state)
 }
 
 /*
+ * An event's set wakes the waiters queued before it, a batch at a time with the lock dropped in
+ * between: a clear and a new wait coming between two batches must not be woken by that set.
+ * Forced: the setter is held after its first batch (16 wakes) while the event is cleared and a
+ * thread queues a new wait (100 ms, it is never set again).
+ */
+#define LATE_WAITERS 20
+static concur_event *batch_ev;
+static __thread int sets_seen;
+static __thread bool count_sets;
+static atomic_int late_wait_r = 1;
+static void *late_wait(void *arg)
+{
+	(void)arg;
+	atomic_store(&late_wait_r, concur_event_wait(batch_ev, MS(100)));
+	return NULL;
+}
+static pthread_t late_thread;
+static void clear_and_wait_between_batches(void)
+{
+	if (!count_sets || ++sets_seen != 16)
+		return;
+	count_sets = false;
+	concur_event_clear(batch_ev);
+	pthread_create(&late_thread, NULL, late_wait, NULL);
+	usleep(50 * 1000); /* (it queues meanwhile) */
+}
+static int64_t wait_batch_ev(void *arg)
+{
+	(void)arg;
+	return concur_event_wait(batch_ev, -1);
+}
+
+static void test_fault_event_set_wakes_its_waiters_only(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_int_equal(concur_event_new(&batch_ev), 0);
+	concur_future *t[LATE_WAITERS];
+	for (int i = 0; i < LATE_WAITERS; i++)
+		t[i] = concur_spawn(ex, wait_batch_ev, NULL);
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* all 20 queued */
+	atomic_store(&wrap_promise_set_hook, clear_and_wait_between_batches);
+	count_sets = true;
+	assert_int_equal(concur_event_set(batch_ev), 0);
+	atomic_store(&wrap_promise_set_hook, NULL);
+	for (int i = 0; i < LATE_WAITERS; i++) {
+		assert_int_equal(concur_result(t[i], -1), 0);
+		concur_release(t[i]);
+	}
+	assert_int_equal(pthread_join(late_thread, NULL), 0);
+	assert_int_equal(atomic_load(&late_wait_r), -ETIMEDOUT); /* cleared: not its set */
+	concur_event_free(batch_ev);
+	concur_exec_free(ex);
+}
+
+/*
  * A drained chunk whose munmap is refused (unmapping it from the middle of a mapping splits it,
  * which the map count may refuse) stays mapped, and counted: its pages go back (MADV_DONTNEED).
  * Every chunk the burst made is still counted once its tasks ran; freeing the executor unmaps
@@ -1039,6 +1099,7 @@ int main(void)
 	    T(test_fault_group_first_failure_order),
 	    T(test_fault_group_cancel_while_adding),
 	    T(test_fault_waiter_frees_event),
+	    T(test_fault_event_set_wakes_its_waiters_only),
 	    T(test_fault_chunk_munmap),
 	    T(test_fault_stack_munmap), /* last too: its refused reservation stays mapped */
 	};
