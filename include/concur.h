@@ -135,10 +135,10 @@ void concur_exec_free(concur_exec *ex);
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
  * CANCELLED unrun, and every running task is cancelled (concur_cancel: its waits fail with
  * -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in flight
- * (concur_read() etc.) but the op a shielded cleanup awaits, and join. Tasks decide how fast
- * they end (a shielded cleanup runs to its end, its op too). Returns 0 if the work drained in time,
- * -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK on the executor's own threads. The
- * executor stays allocated: concur_exec_free() it afterwards.
+ * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Tasks
+ * decide how fast they end (a shielded cleanup runs to its end, its op too). Returns 0 if the work
+ * drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK on the executor's
+ * own threads. The executor stays allocated: concur_exec_free() it afterwards.
  */
 int concur_exec_stop(concur_exec *ex, int64_t drain_ns);
 
@@ -491,14 +491,14 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
                             int64_t timeout_ns);
 
 /*
- * The next done future: those already done when the iterator was made first (in input order),
- * then in completion order (a future anyone could see done before another completed comes
- * first; see "Order" at the top). The future yielded is done. Returns 1 and sets *f (the caller now
- * owns that reference; the iterator keeps none), 0 when every future was yielded, -ETIMEDOUT when
- * the deadline passed (concur_as_completed_unfinished() and concur_last_error() tell how many of
- * how many are unfinished; calling again keeps returning -ETIMEDOUT unless one completed
- * meanwhile), -EINVAL, -EDEADLK on a loop thread outside any task. Use from one thread or task at a
- * time.
+ * The next done future: those done by the time concur_as_completed_new() returned first (in
+ * input order, whenever during the call they completed), then in completion order (a future anyone
+ * could see done before another completed comes first; see "Order" at the top). The future yielded
+ * is done. Returns 1 and sets *f (the caller now owns that reference; the iterator keeps none), 0
+ * when every future was yielded, -ETIMEDOUT when the deadline passed
+ * (concur_as_completed_unfinished() and concur_last_error() tell how many of how many are
+ * unfinished; calling again keeps returning -ETIMEDOUT unless one completed meanwhile), -EINVAL,
+ * -EDEADLK on a loop thread outside any task. Use from one thread or task at a time.
  */
 int concur_as_completed_next(concur_as_completed *it, concur_future **f);
 
@@ -519,16 +519,17 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * Spawn fn(arg, values, n) on ex as a task once every input is done. Returns at once a pending
  * future (never NULL) that ends with fn's result. If an input failed or was cancelled, fn never
  * runs and the future ends with the first such input's error in input order (-ECANCELED for a
- * cancelled one, and then CANCELLED, as a task that returns -ECANCELED). Waiting holds no thread
- *and no fiber stack: a small record counts the inputs down with completion callbacks and spawns the
- *task when the last one is done. The inputs need not stay referenced by the caller (a task's
- *executor keeps it alive until it completes; a promise must be kept alive by whoever will set it: a
- *promise whose last reference is released unset can never complete, and the returned future then
- *ends CANCELLED, -ECANCELED, fn never run). Cancelling the returned future before the task starts
- *means fn never runs. On bad input the future is already failed: -EINVAL (NULL ex or fn, NULL
- *inputs with n > 0, a NULL or invalid input, n > CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the
- *executor was shut down (or freed) before the task could be spawned. (Freeing the executor while
- *another thread sets an input is a race the caller must avoid, as for any use of a freed executor.)
+ * cancelled one, and then CANCELLED, as a task that returns -ECANCELED). Waiting holds no
+ * thread and no fiber stack: a small record counts the inputs down with completion callbacks
+ * and spawns the task when the last one is done. The inputs need not stay referenced by the
+ * caller (a task's executor keeps it alive until it completes; a promise must be kept alive by
+ * whoever will set it: a promise whose last reference is released unset can never complete, and
+ * the returned future then ends CANCELLED, -ECANCELED, fn never run). Cancelling the returned
+ * future before the task starts means fn never runs. On bad input the future is already failed:
+ * -EINVAL (NULL ex or fn, NULL inputs with n > 0, a NULL or invalid input, n >
+ * CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the executor was shut down (or freed) before the
+ * task could be spawned. (Freeing the executor while another thread sets an input is a race the
+ * caller must avoid, as for any use of a freed executor.)
  *
  * The pipeline "A computes, B processes A's result, C stores B's", with no glue code (every
  * stage is a task; nothing waits in between; the first failure skips the later stages):
