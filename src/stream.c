@@ -249,13 +249,17 @@ static void stream_maybe_free(struct concur_stream *s)
 	concur__work_end(ex);
 }
 
+static void stream_bufs_back(struct stream_bufs *b);
+
 /* An item nobody will consume: close the fd or give the buffer back. */
 static void stream_discard(struct concur_stream *s, struct stream_item it)
 {
-	if (it.flags & IORING_CQE_F_BUFFER)
+	if (it.flags & IORING_CQE_F_BUFFER) {
 		stream_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
-	else if (!s->recv && it.res >= 0)
+		stream_bufs_back(s->bufs);
+	} else if (!s->recv && it.res >= 0) {
 		close(it.res);
+	}
 }
 
 static void stream_end(struct concur_stream *s, int32_t res)
@@ -637,13 +641,20 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 	if (!(b->out[chunk->bid / 64] & ((uint64_t)1 << (chunk->bid % 64))))
 		return -EINVAL;
 	stream_bufs_put(b, chunk->bid);
-	while (b->starved) { /* buffers are back: re-arm the streams that ran dry */
+	stream_bufs_back(b);
+	return 0;
+}
+
+/* Buffers are back in the ring (given back, or discarded by a close): re-arm the streams that ran
+ * dry, whoever gave them back (a starved stream waited for a give() that may never come). */
+static void stream_bufs_back(struct stream_bufs *b)
+{
+	while (b->starved) {
 		struct concur_stream *t = b->starved;
 		b->starved = t->next_starved;
 		t->starved = false;
 		stream_rearm(t);
 	}
-	return 0;
 }
 
 /* On the stream's loop. */

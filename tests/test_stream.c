@@ -619,6 +619,49 @@ static int64_t give_twice_task(void *arg)
 	return 0;
 }
 
+/*
+ * A recv stream starved of buffers (another stream holds them all, queued unconsumed) takes up
+ * again when they come back by that stream's close, not only by a give(). It waited for a give
+ * that never came: its next() never returned, with its bytes in the socket.
+ */
+static int64_t starved_until_close_task(void *arg)
+{
+	int sp1[2], sp2[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp1) ||
+	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp2))
+		return -errno;
+	fcntl(sp1[1], F_SETFL, O_NONBLOCK);
+	concur_stream *a, *b;
+	int64_t r = concur_recv_stream(&a, sp1[0], 0);
+	if (r)
+		return r;
+	static char buf[4096];
+	memset(buf, 'x', sizeof(buf));
+	for (int i = 0; i < 300; i++) { /* one buffer each, queued in a: the ring runs dry */
+		if (write(sp1[1], buf, sizeof(buf)) < 0 && errno != EAGAIN)
+			return -errno;
+		concur_sleep(MS(1));
+	}
+	if ((r = concur_recv_stream(&b, sp2[0], 0)))
+		return r;
+	if (write(sp2[1], "hello", 5) != 5)
+		return -EIO;
+	concur_sleep(MS(20));   /* b's recv finds no buffer: starved */
+	concur_stream_close(a); /* every buffer back, by the close */
+	struct concur_chunk ch;
+	concur_deadline_push(MS(2000));
+	int64_t n = concur_stream_next(b, &ch);
+	concur_deadline_pop();
+	if (n == 5 && memcmp(ch.data, "hello", 5) == 0)
+		concur_stream_give(b, &ch);
+	concur_stream_close(b);
+	for (int i = 0; i < 2; i++) {
+		close(sp1[i]);
+		close(sp2[i]);
+	}
+	return n == 5 ? 0 : n == 0 ? -1 : n;
+}
+
 static void test_next_future(void **state)
 {
 	uint16_t port;
@@ -627,6 +670,7 @@ static void test_next_future(void **state)
 	assert_int_equal(run_task(next_future_task, lfds), 0);
 	assert_int_equal(run_task(next_future_ready_task, NULL), 0);
 	assert_int_equal(run_task(give_twice_task, NULL), 0);
+	assert_int_equal(run_task(starved_until_close_task, NULL), 0);
 	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 	/* outside a task */
 	assert_int_equal(wait_res(concur_stream_next_future((concur_stream *)&port, NULL)), -EPERM);
