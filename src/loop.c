@@ -529,7 +529,7 @@ static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n
 
 void concur__loop_quiesce(concur_exec *ex)
 {
-	for (unsigned spins = 0;; spins++) {
+	for (;;) {
 		bool busy = atomic_load_explicit(&concur__posters_unlisted, memory_order_acquire);
 		pthread_mutex_lock(&concur__posters_lock);
 		for (struct concur__poster *p = concur__posters.next;
