@@ -560,18 +560,25 @@ static int64_t next_future_task(void *arg)
 	return 0;
 }
 
+/* A socketpair with a recv stream on fds[1] and "abc" written into fds[0]: 0 or an error. */
+static int64_t recv_stream_with_abc(int fds[2], concur_stream **s)
+{
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds))
+		return -errno;
+	int64_t r = concur_recv_stream(s, fds[1], 0);
+	if (r)
+		return r;
+	return write(fds[0], "abc", 3) == 3 ? 0 : -EIO;
+}
+
 static int64_t next_future_ready_task(void *arg)
 {
 	int fds[2];
 	concur_stream *s;
 	struct concur_chunk c = {0};
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds))
-		return -errno;
-	int64_t r = concur_recv_stream(&s, fds[1], 0);
+	int64_t r = recv_stream_with_abc(fds, &s);
 	if (r)
 		return r;
-	if (write(fds[0], "abc", 3) != 3)
-		return -EIO;
 	concur_future *nf = concur_stream_next_future(s, &c);
 	if (wait_res(nf) != 3 || c.len != 3 || memcmp(c.data, "abc", 3))
 		return -1;
@@ -594,13 +601,9 @@ static int64_t give_twice_task(void *arg)
 	int fds[2];
 	concur_stream *s;
 	struct concur_chunk c = {0};
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds))
-		return -errno;
-	int64_t r = concur_recv_stream(&s, fds[1], 0);
+	int64_t r = recv_stream_with_abc(fds, &s);
 	if (r)
 		return r;
-	if (write(fds[0], "abc", 3) != 3)
-		return -EIO;
 	if (concur_stream_next(s, &c) != 3)
 		return -1;
 	if (concur_stream_give(s, &c) != 0)
