@@ -483,6 +483,9 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 		return;
 	}
 	if (!item) {
+		if (s->cancel_req && res < 0)
+			res = -ECANCELED; /* the cancel is why it ended (an -ENOBUFS or an accept's
+			                   * EMFILE met before the kernel saw the cancel is not) */
 		if (!s->recv && stream_accept_transient(res) && !s->cancel_req)
 			stream_transient(s, res, more);
 		else if (!s->ended && (res != -ECANCELED || !our_stop || s->cancel_req))

@@ -627,15 +627,14 @@ static int64_t give_twice_task(void *arg)
  * again when they come back by that stream's close, not only by a give(). It waited for a give
  * that never came: its next() never returned, with its bytes in the socket.
  */
-static int64_t starved_until_close_task(void *arg)
+/* A socketpair sp1 and a recv stream *a on it that holds every buffer of this loop's ring
+ * (queued, unconsumed): the other recv streams of the loop find the ring dry. 0 or an error. */
+static int64_t dry_ring(int sp1[2], concur_stream **a)
 {
-	int sp1[2], sp2[2];
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp1) ||
-	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp2))
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp1))
 		return -errno;
 	fcntl(sp1[1], F_SETFL, O_NONBLOCK);
-	concur_stream *a, *b;
-	int64_t r = concur_recv_stream(&a, sp1[0], 0);
+	int64_t r = concur_recv_stream(a, sp1[0], 0);
 	if (r)
 		return r;
 	static char buf[4096];
@@ -645,6 +644,18 @@ static int64_t starved_until_close_task(void *arg)
 			return -errno;
 		concur_sleep(MS(1));
 	}
+	return 0;
+}
+
+static int64_t starved_until_close_task(void *arg)
+{
+	int sp1[2], sp2[2];
+	concur_stream *a, *b;
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp2))
+		return -errno;
+	int64_t r = dry_ring(sp1, &a);
+	if (r)
+		return r;
 	if ((r = concur_recv_stream(&b, sp2[0], 0)))
 		return r;
 	if (write(sp2[1], "hello", 5) != 5)
@@ -744,6 +755,92 @@ static void test_cancel_posted_then_closed(void **state)
 	xcancel(true);
 }
 
+/*
+ * A cancel, then -ENOBUFS from the kernel before it saw the cancel: the stream ends with
+ * -ECANCELED, the reason its user knows (it ended with -ENOBUFS, an error nobody asked about).
+ * The order is forced: the stream's loop is held while another executor's loop posts the cancel
+ * (MSG_RING) and writes the bytes that find the ring dry, one after the other; the kernel runs
+ * both when the loop enters (both as task work: which first depends on the kernel, so both
+ * orders are run; the one where the cancel comes first failed).
+ */
+struct dry_cancel {
+	bool write_first;
+	concur_stream *s;
+	int sp1[2], sp2[2];
+	concur_future *ready; /* set once s is armed in the kernel and the loop is held */
+	atomic_int gate;      /* the cancel and the bytes are on their way: let the loop go */
+};
+
+static int64_t dry_cancel_owner(void *arg)
+{
+	struct dry_cancel *d = arg;
+	concur_stream *a;
+	int64_t r = socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, d->sp2) ? -errno : 0;
+	if (!r)
+		r = concur_recv_stream(&d->s, d->sp2[0], 0);
+	if (!r) {
+		concur_sleep(MS(5)); /* s's multishot recv waits in the kernel: the ring still has
+		                      * buffers (on a dry ring the arm itself fails) */
+		r = dry_ring(d->sp1, &a);
+	}
+	if (r) {
+		concur_promise_set(d->ready, r);
+		return r;
+	}
+	concur_promise_set(d->ready, 0);
+	while (!atomic_load(&d->gate))
+		;
+	struct concur_chunk c;
+	int64_t end = concur_stream_next(d->s, &c);
+	concur_stream_close(d->s);
+	concur_stream_close(a);
+	return end;
+}
+
+static int64_t dry_cancel_other(void *arg)
+{
+	struct dry_cancel *d = arg;
+	int64_t r = 0;
+	for (int i = 0; i < 2; i++) {
+		if (i == d->write_first) {
+			if (concur_stream_cancel(d->s))
+				r = -1;
+		} else if (write(d->sp2[1], "hello", 5) != 5) {
+			r = -EIO;
+		}
+		concur_sleep(MS(5)); /* the MSG_RING leaves (or the wake-up is queued) */
+	}
+	atomic_store(&d->gate, 1);
+	return r;
+}
+
+static void cancel_then_dry(bool write_first)
+{
+	concur_exec *other;
+	struct concur_exec_opts o = {.loops = 1};
+	struct dry_cancel d = {.write_first = write_first,
+	                       .sp1 = {-1, -1},
+	                       .sp2 = {-1, -1},
+	                       .ready = concur_promise_new(NULL)};
+	assert_int_equal(concur_exec_new(&other, &o), 0);
+	concur_future *owner = concur_spawn(ex, dry_cancel_owner, &d);
+	assert_int_equal(concur_result(d.ready, MS(5000)), 0);
+	assert_int_equal(wait_res(concur_spawn(other, dry_cancel_other, &d)), 0);
+	assert_int_equal(wait_res(owner), -ECANCELED);
+	concur_release(d.ready);
+	concur_exec_free(other);
+	for (int i = 0; i < 2; i++) {
+		close(d.sp1[i]);
+		close(d.sp2[i]);
+	}
+}
+
+static void test_cancel_then_dry(void **state)
+{
+	cancel_then_dry(false);
+	cancel_then_dry(true);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -757,6 +854,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_next_future, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
+	    cmocka_unit_test_setup_teardown(test_cancel_then_dry, setup1, teardown),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
