@@ -135,7 +135,9 @@ void concur_exec_free(concur_exec *ex);
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
  * CANCELLED unrun, and every running task is cancelled (concur_cancel: its waits fail with
  * -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in flight
- * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Tasks
+ * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Future
+ * I/O started after that (by a callback, another thread) is cancelled as it starts, but a
+ * shielded task's. Tasks
  * decide how fast they end (a shielded cleanup runs to its end, its op too). Returns 0 if the work
  * drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK on the executor's
  * own threads. The executor stays allocated: concur_exec_free() it afterwards.

@@ -742,6 +742,8 @@ struct concur__loop {
 	struct concur__node *io_live;  /* future I/O ops in flight, for the same (io.c) */
 	struct concur__node stop_node; /* concur_exec_stop's message (control.c) */
 	_Atomic bool stop_posted;
+	bool
+	    stop_arrived; /* it ran here: future I/O started after it is cancelled at once (io.c) */
 	/* a cancel with no memory for its message asks for a look at the cancel requests of the
 	 * loop's started tasks instead (control.c): one such message, in flight at most once */
 	struct concur__node cancel_scan_node;

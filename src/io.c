@@ -156,15 +156,21 @@ static void io_drop(struct concur__io *io)
 
 /*
  * A loop's future ops in flight, linked through their (then unused) submit node, so that
- * concur_exec_stop can cancel them all (concur__io_cancel_all).
+ * concur_exec_stop can cancel them all (concur__io_cancel_all). One started after the stop's
+ * pass (by a callback, a foreign thread, a task that ignored its cancel) is cancelled at once:
+ * the stop's join would wait for it for ever. But a shielded task's: its cleanup's.
  */
 static void io_live_add(struct concur__loop *loop, struct concur__io *io)
 {
+	struct concur__task *t = concur__tl_task;
+
 	io->node.prev = NULL;
 	io->node.next = loop->io_live;
 	if (loop->io_live)
 		loop->io_live->prev = &io->node;
 	loop->io_live = &io->node;
+	if (loop->stop_arrived && !(t && t->fib->ctl.shield))
+		concur_cancel(&io->f);
 }
 
 static void io_live_del(struct concur__loop *loop, struct concur__io *io)

@@ -643,6 +643,55 @@ static void test_exec_stop_spares_shielded_io(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * Future I/O started after a stop's pass over its loop (here by a callback of a task the stop
+ * cancelled) is cancelled too: the stop's join waited for it for ever. Forced: the callback runs
+ * only once the stop's message cancelled the task. Should the stop hang, the test gives the op
+ * its byte after 5 s and fails rather than hangs.
+ */
+static int late_sv[2];
+static concur_future *_Atomic late_io;
+static char late_buf[4];
+
+static void start_late_io(concur_future *f, void *arg)
+{
+	atomic_store(&late_io, concur_recv(arg, late_sv[0], late_buf, sizeof(late_buf), 0,
+	                                   CONCUR_NO_TIMEOUT));
+}
+
+static void test_exec_stop_cancels_later_io(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, late_sv), 0);
+	atomic_store(&late_io, NULL);
+	concur_future *gate = concur_promise_new(ex);
+	concur_future *u = concur_spawn(ex, note_stop, gate);
+	assert_int_equal(concur_on_done(u, start_late_io, ex), 0);
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* u in its wait */
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, stop_in_thread, ex), 0);
+	int64_t until = now_ns() + MS(5000);
+	while (now_ns() < until && !(late_io && concur_done(late_io)))
+		usleep(1000);
+	bool hung = !(late_io && concur_done(late_io));
+	if (hung) /* unblock it */
+		assert_int_equal(write(late_sv[1], "x", 1), 1);
+	void *stop_r;
+	assert_int_equal(pthread_join(th, &stop_r), 0);
+	assert_false(hung);
+	assert_int_equal((intptr_t)stop_r, -ETIMEDOUT);
+	assert_int_equal(concur_result(u, 0), -ECANCELED);
+	assert_int_equal(concur_result(late_io, 0), -ECANCELED);
+	concur_release(late_io);
+	concur_release(u);
+	concur_release(gate);
+	close(late_sv[0]);
+	close(late_sv[1]);
+	concur_exec_free(ex);
+}
+
 static void test_exec_stop_drains(void **state)
 {
 	concur_exec *ex = new_exec(1);
@@ -673,6 +722,7 @@ int main(void)
 	    cmocka_unit_test(test_exec_stop_mixed),
 	    cmocka_unit_test(test_exec_stop_cancels_io),
 	    cmocka_unit_test(test_exec_stop_spares_shielded_io),
+	    cmocka_unit_test(test_exec_stop_cancels_later_io),
 	    cmocka_unit_test(test_exec_stop_drains),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
