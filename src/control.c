@@ -102,6 +102,7 @@ static void concur__cancel_arrived(struct concur__loop *loop, struct concur__nod
 		concur__interrupt(loop, t, -ECANCELED);
 	concur_release(&t->f);
 	free(m);
+	concur__work_end(loop->ex);
 }
 
 /* Break the wait of every started task of the loop that has a cancel request and no shield
@@ -118,6 +119,7 @@ static void concur__cancel_scan(struct concur__loop *loop, struct concur__node *
 		    !t->fib->ctl.shield)
 			concur__interrupt(loop, t, -ECANCELED);
 	}
+	concur__work_end(loop->ex);
 }
 
 int concur__task_cancel_running(concur_future *f)
@@ -133,13 +135,17 @@ int concur__task_cancel_running(concur_future *f)
 	    &f->state, &s, s | CONCUR__CANCEL_REQ, memory_order_acq_rel, memory_order_acquire));
 	/* The request is in the state word: the task's next wait fails at once. A wait it is in
 	 * now is broken on its loop, by a message; without memory for one, by the loop's look
-	 * over its tasks' requests (a message of its own, needing none). */
+	 * over its tasks' requests (a message of its own, needing none). Either message is work
+	 * of the task's executor until it ran (begun while the task, running, is work too): a
+	 * join cannot end, nor the executor be freed, while it is on its way (a MSG_RING the
+	 * kernel refused comes back to the sender, which pushes it into the target's inbox). */
+	struct concur__loop *loop = t->loop;
 	struct concur__cancel_msg *m = malloc(sizeof(*m));
 	if (!m) {
-		struct concur__loop *loop = t->loop;
 		/* the exchange orders our request before the look that clears it (acq_rel) */
 		if (!atomic_exchange_explicit(&loop->cancel_scan_posted, true,
 		                              memory_order_acq_rel)) {
+			concur__work_begin(loop->ex);
 			loop->cancel_scan_node.call = concur__cancel_scan;
 			concur__loop_post(loop, &loop->cancel_scan_node);
 		}
@@ -148,7 +154,8 @@ int concur__task_cancel_running(concur_future *f)
 	m->node.call = concur__cancel_arrived;
 	m->task = t;
 	concur_retain(f);
-	concur__loop_post(t->loop, &m->node);
+	concur__work_begin(loop->ex);
+	concur__loop_post(loop, &m->node);
 	return -EINPROGRESS;
 }
 
@@ -191,6 +198,7 @@ bool concur_cancel_requested(void)
  * future I/O ops in flight. */
 static void concur__stop_arrived(struct concur__loop *loop, struct concur__node *node)
 {
+	loop->stop_arrived = true;
 	concur__io_cancel_all(loop);
 	for (struct concur__task *t = loop->live, *next; t; t = next) {
 		next = t->fib->ctl.live_next;

@@ -956,21 +956,34 @@ static int64_t tiny_nops(void *arg)
 	return 1;
 }
 
+/* The tiny tasks are spawned from a task of the loop: all start in one turn, so the third's
+ * op finds the 2-entry SQ full. (Spawned from this thread they could arrive one per turn, each
+ * turn's submit made from the loop's stack: the case then tested nothing, once in ~7 runs.) */
+static int64_t spawn_tiny(void *arg)
+{
+	struct concur_spawn_opts so = {.stack_size = SANITIZED ? 4096 : 1024};
+	concur_future *ts[8];
+	int64_t r = 1;
+	for (int i = 0; i < 8; i++)
+		ts[i] = concur_spawn_ex(concur_current_exec(), tiny_nops, NULL, &so);
+	for (int i = 0; i < 8; i++) {
+		if (concur_result(ts[i], -1) != 1)
+			r = -1;
+		concur_release(ts[i]);
+	}
+	return r;
+}
+
 static int tiny_pushback_child(void)
 {
 	concur__submit_fault = again_once_on_tiny_stack;
 	struct concur_exec_opts o = {.loops = 1, .ring_entries = 2};
 	if (concur_exec_new(&ex, &o))
 		return 1;
-	struct concur_spawn_opts so = {.stack_size = SANITIZED ? 4096 : 1024};
-	concur_future *ts[8];
-	for (int i = 0; i < 8; i++)
-		ts[i] = concur_spawn_ex(ex, tiny_nops, NULL, &so);
-	for (int i = 0; i < 8; i++) {
-		if (concur_result(ts[i], -1) != 1)
-			return 2;
-		concur_release(ts[i]);
-	}
+	concur_future *f = concur_spawn(ex, spawn_tiny, NULL);
+	if (concur_result(f, -1) != 1)
+		return 2;
+	concur_release(f);
 	if (atomic_load(&tiny_pushbacks) != 1)
 		return 3; /* the push-back never hit a tiny task: the case tested nothing */
 	concur_exec_free(ex);
@@ -1089,11 +1102,58 @@ static int refused_cancel_child(void)
 	return 0;
 }
 
+/*
+ * A cancel sent from another executor's loop, its message refused, while the target's task ends
+ * by itself and its executor is freed: the message came back to the sender after the free and
+ * was pushed into the freed loop's inbox (ASan: a use after free). It is the target executor's
+ * work until it ran: the free waits for it. Forced: the sender holds its loop (the message not
+ * yet submitted) until the free returned, or 300 ms.
+ */
+static atomic_int target_freed;
+
+static int64_t cancel_refused_held(void *arg)
+{
+	atomic_store(&refuse_from, concur__tl_loop);
+	int64_t r = concur_cancel(arg);
+	if (write(cancel_pipe[1], "x", 1) != 1) /* the reader ends by itself */
+		return -EIO;
+	int64_t until = now_ns() + MS(300);
+	while (!atomic_load(&target_freed) && now_ns() < until)
+		;
+	return r;
+}
+
+static int refused_cancel_freed_child(void)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	concur__submit_fault = refuse_node_msg;
+	if (pipe(cancel_pipe) || concur_exec_new(&ex, &o) || concur_exec_new(&other_ex, &o))
+		return 1;
+	concur_future *reader = concur_spawn(ex, read_pipe, NULL);
+	if (!flag_set(&ex->loops[0]->sleeping))
+		return 2; /* the reader is in its wait */
+	concur_future *c = concur_spawn(other_ex, cancel_refused_held, reader);
+	if (concur_result(reader, -1) != 1)
+		return 3;
+	concur_release(reader);
+	concur_exec_free(ex);
+	atomic_store(&target_freed, 1);
+	if (atomic_load(&refused) != 1)
+		return 4; /* the free did not wait for the message on its way */
+	if (concur_result(c, -1) != -EINPROGRESS)
+		return 5;
+	concur_release(c);
+	concur_exec_free(other_ex);
+	concur__submit_fault = NULL;
+	return 0;
+}
+
 static void test_refused_message_reaches_its_loop(void **state)
 {
 	atomic_store(&refused, 0);
 	run_in_child(refused_spawn_child, 30);
 	run_in_child(refused_cancel_child, 30);
+	run_in_child(refused_cancel_freed_child, 30);
 }
 
 int main(void)
