@@ -705,7 +705,12 @@ typedef void (*concur_stall_fn)(concur_exec *ex, unsigned loop_idx, int64_t ran_
  * threshold_ns of CPU time without suspending (yield, await, sleep or return). CPU time, not wall
  * time: a loop thread preempted by a busy machine is not the task's fault. threshold_ns <= 0 turns
  * the detector off. fn runs on the loop thread right after the task gives the loop back; keep it
- * short. Returns 0, -EINVAL, or -ENOSPC if too many executors have a detector (16).
+ * short. Each report is made with one setting: fn with its own arg, for ex only. Once a call
+ * that turns the detector off or changes fn/arg returns, the old fn is neither running nor
+ * called again (so its arg may be freed) -- except when that call is made on one of ex's own
+ * loop threads or inside a report, where it does not wait for reports running on other loops.
+ * concur_exec_free() turns the detector off. Returns 0, -EINVAL, or -ENOSPC if too many
+ * executors have a detector (16).
  */
 int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn fn, void *arg);
 

@@ -269,6 +269,7 @@ void concur_exec_free(concur_exec *ex)
 	concur_exec_shutdown(ex, false);
 	concur_exec_join(ex, -1);
 	concur__stop_loops(ex, ex->nloops);
+	concur__stall_forget(ex); /* no loop runs a task for it now */
 	concur__loop_quiesce(ex);
 	while (atomic_load_explicit(&ex->foreign_ends, memory_order_acquire))
 		sched_yield(); /* a blocking helper's last end: a few instructions, a futex wake */

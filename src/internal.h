@@ -53,7 +53,8 @@
  * functions declared here, and nobody reaches into another file's structures). Every file
  * calls sys.c, which calls nobody; only loop.c touches a ring's SQ, CQ and run queues.
  *   exec.c    -> loop.c (start/stop, post, push_fresh, the doorbell), future.c (init, claim,
- *                complete), fiber.c (stack flags), control.c (cancel of a running task)
+ *                complete), fiber.c (stack flags), control.c (cancel of a running task),
+ *                stall.c (stall_forget)
  *   loop.c    -> fiber.c (fiber_get/prepare/run/put), future.c (complete, claim), control.c
  *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
  *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct/start_direct, task_end: a task
@@ -1107,6 +1108,8 @@ static inline int64_t concur__stall_begin(void)
 	return concur__thread_cpu_ns();
 }
 void concur__stall_end(struct concur__loop *loop, int64_t t0);
+/* concur_exec_free: the executor's detector goes with it (the loops time no run for it). */
+void concur__stall_forget(concur_exec *ex);
 
 /* ---- the syscall layer (sys.c) ------------------------------------------------------------- */
 

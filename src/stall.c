@@ -8,10 +8,14 @@
  */
 #include "wait.h"
 
+#include <sched.h>
+
 #define STALL_SLOTS 16
 
 _Atomic unsigned concur__stall_detectors;
 
+/* Written under slots_lock; a loop looks without it (stall_slot_of) and takes it only for a
+ * run over the threshold, to report from a consistent copy. */
 static struct stall_slot {
 	_Atomic(concur_exec *) ex; /* NULL: free */
 	_Atomic uint64_t ex_id;
@@ -19,8 +23,10 @@ static struct stall_slot {
 	_Atomic(concur_stall_fn) fn;
 	_Atomic(void *) arg;
 	_Atomic uint64_t count;
+	_Atomic unsigned reporting; /* fn calls begun and not returned */
 } slots[STALL_SLOTS];
 static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread bool stall_in_report; /* this thread runs a fn */
 
 static struct stall_slot *stall_slot_of(const concur_exec *ex)
 {
@@ -30,18 +36,45 @@ static struct stall_slot *stall_slot_of(const concur_exec *ex)
 	return NULL;
 }
 
+/* Free ex's slot (under slots_lock). */
+static void stall_slot_free(struct stall_slot *s)
+{
+	atomic_store(&s->ex, NULL);
+	atomic_fetch_sub(&concur__stall_detectors, 1);
+}
+
+/* The old fn of a slot just changed or freed may still be running on a loop: wait for it, so
+ * that its arg can go once we return. Not on ex's own loops (the other loop's report may wait
+ * for a lock our task holds), nor inside a report (it may be the one we would wait for, or
+ * two reports could wait for each other). */
+static void stall_wait_reports(const concur_exec *ex, struct stall_slot *s)
+{
+	struct concur__loop *me = concur__tl_loop;
+	if ((me && me->ex == ex) || stall_in_report)
+		return;
+	while (atomic_load_explicit(&s->reporting, memory_order_acquire))
+		sched_yield();
+}
+
+void concur__stall_forget(concur_exec *ex)
+{
+	pthread_mutex_lock(&slots_lock);
+	struct stall_slot *s = stall_slot_of(ex);
+	if (s)
+		stall_slot_free(s);
+	pthread_mutex_unlock(&slots_lock);
+}
+
 int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn fn, void *arg)
 {
 	if (!concur__exec_valid(ex))
 		return -EINVAL;
 	int err = 0;
 	pthread_mutex_lock(&slots_lock);
-	struct stall_slot *s = stall_slot_of(ex);
+	struct stall_slot *s = stall_slot_of(ex), *changed = s;
 	if (threshold_ns <= 0) {
-		if (s) {
-			atomic_store(&s->ex, NULL);
-			atomic_fetch_sub(&concur__stall_detectors, 1);
-		}
+		if (s)
+			stall_slot_free(s);
 	} else if (s) {
 		atomic_store(&s->fn, fn);
 		atomic_store(&s->arg, arg);
@@ -68,6 +101,8 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 		}
 	}
 	pthread_mutex_unlock(&slots_lock);
+	if (changed)
+		stall_wait_reports(ex, changed);
 	return err;
 }
 
@@ -87,8 +122,25 @@ void concur__stall_end(struct concur__loop *loop, int64_t t0)
 	int64_t ran = concur__thread_cpu_ns() - t0;
 	if (ran <= atomic_load_explicit(&s->threshold_ns, memory_order_relaxed))
 		return;
+	/* A stall is rare: the lock makes the report one setting's (the slot may have been turned
+	 * off, or taken by another executor, since the look above), and counts the call, so that
+	 * turning the detector off or changing fn waits for it (stall_wait_reports). */
+	pthread_mutex_lock(&slots_lock);
+	if (stall_slot_of(loop->ex) != s ||
+	    ran <= atomic_load_explicit(&s->threshold_ns, memory_order_relaxed)) {
+		pthread_mutex_unlock(&slots_lock);
+		return;
+	}
 	atomic_fetch_add(&s->count, 1);
 	concur_stall_fn fn = atomic_load(&s->fn);
+	void *arg = atomic_load(&s->arg);
 	if (fn)
-		fn(loop->ex, loop->idx, ran, atomic_load(&s->arg));
+		atomic_fetch_add_explicit(&s->reporting, 1, memory_order_relaxed);
+	pthread_mutex_unlock(&slots_lock);
+	if (fn) {
+		stall_in_report = true;
+		fn(loop->ex, loop->idx, ran, arg);
+		stall_in_report = false;
+		atomic_fetch_sub_explicit(&s->reporting, 1, memory_order_release);
+	}
 }
