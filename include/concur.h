@@ -914,10 +914,12 @@ int64_t concur_await_timeout(int64_t ns);
  * several times before it is read is delivered once (POSIX); realtime signals queue, one each.
  *
  * The signalfd is closed when the future is done (before it is seen done). The future is
- * RUNNING while it waits; concur_cancel() cancels the read in the kernel and returns
- * -EINPROGRESS (or 1 if the read was not yet submitted): the future then ends CANCELLED with
- * -ECANCELED, or FINISHED with the signal's number if one was read first. Its read counts as
- * work for concur_exec_join() until then, so cancel a future that may never fire before
+ * RUNNING while it waits (a poll of the signalfd in the ring, read when it fires: no kernel
+ * worker thread, however many other signals the process gets meanwhile); concur_cancel()
+ * cancels the poll in the kernel and returns -EINPROGRESS (or 1 if the poll was not yet
+ * submitted, once the future is CANCELLED): the future then ends CANCELLED with -ECANCELED, or
+ * FINISHED with the signal's number if one was read first. Its poll counts as work for
+ * concur_exec_join() until then, so cancel a future that may never fire before
  * concur_exec_free().
  */
 concur_future *concur_signal(concur_exec *ex, const sigset_t *set);

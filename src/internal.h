@@ -37,7 +37,7 @@
  *              first entry and last switch: ctx_enter/ctx_jump on x86-64, ctx_start on aarch64).
  *   io.c       one-shot I/O operations: the future form, the direct form, deadlines, cancel.
  *   stream.c   multishot streams (accept, recv) and the per-loop provided-buffer ring.
- *   signal.c   signals as futures (a signalfd read through io.c).
+ *   signal.c   signals as futures (a signalfd polled through io.c, then read).
  *   wait.c     compositions: wait, gather, as_completed, then, spawn_after.
  *   group.c    task groups.
  *   sync.c     fiber-aware mutex, semaphore, event, channel.

@@ -9,6 +9,9 @@
  * included) inherits the mask, as include/concur.h asks of callers. Signals are sent with
  * kill(getpid(), ...): process-directed, as the header requires.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #include "helpers.h"
 #include "hold_loop.h"
 
@@ -16,6 +19,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -57,6 +61,47 @@ static bool consume_pending(int sig)
 	sigset_t s = set_of(sig);
 	struct timespec zero = {0, 0};
 	return sigtimedwait(&s, NULL, &zero) == sig;
+}
+
+/* The fd of the one signalfd the process has open, or -1. */
+static int find_signalfd(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	char path[300], target[64];
+	int fd = -1;
+
+	assert_non_null(d);
+	while ((e = readdir(d))) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%s", e->d_name);
+		ssize_t len = readlink(path, target, sizeof(target) - 1);
+		if (len <= 0)
+			continue;
+		target[len] = 0;
+		if (strstr(target, "[signalfd]"))
+			fd = atoi(e->d_name);
+	}
+	closedir(d);
+	return fd;
+}
+
+/*
+ * Linked with -Wl,--wrap=close (tests/CMakeLists.txt): while hold_fd is set, the close of that
+ * fd (the signal's end, on the thread completing it) waits until the test lets it go.
+ */
+int __real_close(int fd);
+static atomic_int hold_fd = -1;
+static atomic_int close_state; /* 1: held, 2: let it go */
+
+int __wrap_close(int fd)
+{
+	if (fd >= 0 && atomic_load(&hold_fd) == fd) {
+		atomic_store(&hold_fd, -1);
+		atomic_store(&close_state, 1);
+		while (atomic_load(&close_state) != 2)
+			usleep(100);
+	}
+	return __real_close(fd);
 }
 
 static int setup(void **state)
@@ -244,6 +289,104 @@ static void test_cancel_in_task(void **state)
 	assert_int_equal(count_signalfds(), 0);
 }
 
+/*
+ * A second cancel that finds the first one's poll CANCELLED returns 1 only once the future is
+ * CANCELLED: it returned 1 while the first cancel's end (closing the descriptor, completing)
+ * still ran on the loop, the future RUNNING, not done. Forced: the loop is held in that close.
+ */
+static concur_future *_Atomic second_f;
+static atomic_int second_r, second_done_at_return, second_returned;
+
+static void *cancel_again(void *arg)
+{
+	concur_future *f = atomic_load(&second_f);
+	int r = concur_cancel(f);
+	atomic_store(&second_done_at_return, concur_cancelled(f));
+	atomic_store(&second_r, r);
+	atomic_store(&second_returned, 1);
+	return NULL;
+}
+
+static void test_second_cancel_waits_for_end(void **state)
+{
+	sigset_t set = set_of(SIGUSR1);
+	concur_future *f = concur_signal(ex, &set);
+	assert_int_equal(concur_result(f, MS(50)), -ETIMEDOUT); /* its poll waits in the kernel */
+	atomic_store(&second_f, f);
+	atomic_store(&close_state, 0);
+	atomic_store(&hold_fd, find_signalfd());
+	assert_int_equal(concur_cancel(f), -EINPROGRESS);
+	while (atomic_load(&close_state) != 1)
+		usleep(100);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, cancel_again, NULL), 0);
+	usleep(50000);
+	bool early = atomic_load(&second_returned);
+	atomic_store(&close_state, 2);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_false(early && !atomic_load(&second_done_at_return));
+	assert_int_equal(atomic_load(&second_r), 1);
+	assert_true(atomic_load(&second_done_at_return));
+	assert_int_equal(concur_result(f, -1), -ECANCELED);
+	concur_release(f);
+}
+
+/* How many io-wq workers the kernel made for the thread tid ("iou-wrk-<tid>"). */
+static int io_workers_of(pid_t tid)
+{
+	DIR *d = opendir("/proc/self/task");
+	struct dirent *e;
+	char path[300], comm[64], want[64];
+	int n = 0;
+
+	assert_non_null(d);
+	snprintf(want, sizeof(want), "iou-wrk-%d", (int)tid);
+	while ((e = readdir(d))) {
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+		FILE *c = fopen(path, "r");
+		if (!c)
+			continue;
+		if (fgets(comm, sizeof(comm), c) && !strncmp(comm, want, strlen(want)))
+			n++;
+		fclose(c);
+	}
+	closedir(d);
+	return n;
+}
+
+static int64_t loop_tid(void *arg)
+{
+	return gettid();
+}
+
+/*
+ * A signal future waiting through 130 signals of other futures takes no kernel worker thread. It
+ * used to: its descriptor was read through the ring blocking, every signal of the process woke
+ * that read, and after 128 wake-ups that found nothing the kernel handed it to an io-wq worker,
+ * which blocked in it for as long as the future waited.
+ */
+static void test_no_worker_while_waiting(void **state)
+{
+	concur_exec *one = new_exec(1);
+	concur_future *t = concur_spawn(one, loop_tid, NULL);
+	pid_t tid = (pid_t)concur_result(t, -1);
+	concur_release(t);
+	sigset_t usr1 = set_of(SIGUSR1), usr2 = set_of(SIGUSR2);
+	concur_future *held = concur_signal(one, &usr1); /* a server's SIGTERM, say */
+	for (int i = 0; i < 130; i++) {                  /* and its reloads */
+		concur_future *h = concur_signal(one, &usr2);
+		assert_int_equal(kill(getpid(), SIGUSR2), 0);
+		assert_int_equal(concur_result(h, -1), SIGUSR2);
+		concur_release(h);
+	}
+	assert_int_equal(io_workers_of(tid), 0);
+	assert_false(concur_done(held));
+	assert_int_equal(kill(getpid(), SIGUSR1), 0);
+	assert_int_equal(concur_result(held, -1), SIGUSR1);
+	concur_release(held);
+	concur_exec_free(one);
+}
+
 static void expect_failed(concur_future *f, int64_t err)
 {
 	assert_non_null(f);
@@ -307,6 +450,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_cancel_in_flight, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_unsent, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_in_task, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_second_cancel_waits_for_end, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_no_worker_while_waiting, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_out_of_fds, setup, teardown),
 	};
