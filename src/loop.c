@@ -1038,6 +1038,14 @@ static int concur__ring_setup(struct concur__loop *loop)
 
 static void concur__loop_cleanup(struct concur__loop *loop)
 {
+	/* SQEs of the last turn that no enter took yet: a MSG_RING carrying a node to another
+	 * executor's loop (a cancel, a spawn: counted there as work, so its join would wait for
+	 * ever), a doorbell. Out they go; one refused comes back as a CQE, which the reap sends to
+	 * its target's inbox. Bounded: a ring that keeps refusing cannot hold the stop. */
+	for (int tries = 0; tries < 64 && io_uring_sq_ready(&loop->ring); tries++) {
+		concur__flush(loop);
+		concur__reap(loop);
+	}
 	/* Ops still in the kernel (none after a join, but be safe): cancel and reap them, so
 	 * no CQE handler is left pointing at freed memory. */
 	if (loop->inflight) {

@@ -1148,12 +1148,67 @@ static int refused_cancel_freed_child(void)
 	return 0;
 }
 
+/*
+ * A loop that stops with SQEs its last turn queued and no enter took: a cancel's MSG_RING to a
+ * task of another executor was never submitted (the cancel lost; the target's join, which counts
+ * the message as work, waited for ever). Forced: the canceller returns once its executor's free
+ * is joining, and its loop, having woken the joiner (test_loop links concur__futex_wake
+ * wrapped), waits there until the free has set `stopping`: its next look at the queues ends the
+ * loop, before any enter.
+ */
+void __real_concur__futex_wake(_Atomic uint32_t *word, int n);
+static concur_exec *_Atomic hold_after_join_wake;
+
+void __wrap_concur__futex_wake(_Atomic uint32_t *word, int n)
+{
+	__real_concur__futex_wake(word, n);
+	concur_exec *e = atomic_load(&hold_after_join_wake);
+	if (e && word == &e->join_seq && concur__tl_loop && concur__tl_loop->ex == e) {
+		atomic_store(&hold_after_join_wake, NULL);
+		while (!atomic_load(&e->stopping))
+			sched_yield();
+	}
+}
+
+static int64_t cancel_then_wait_joiner(void *arg)
+{
+	int64_t r = concur_cancel(arg); /* its MSG_RING is queued on this loop */
+	while (!atomic_load(&other_ex->joiners))
+		sched_yield();
+	return r;
+}
+
+static int queued_message_at_stop_child(void)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	if (pipe(cancel_pipe) || concur_exec_new(&ex, &o) || concur_exec_new(&other_ex, &o))
+		return 1;
+	concur_future *reader = concur_spawn(ex, read_pipe, NULL);
+	if (!flag_set(&ex->loops[0]->sleeping))
+		return 2; /* the reader is in its wait */
+	atomic_store(&hold_after_join_wake, other_ex);
+	concur_future *c = concur_spawn(other_ex, cancel_then_wait_joiner, reader);
+	concur_exec_free(other_ex); /* c's future stays valid */
+	if (concur_result(c, 0) != -EINPROGRESS)
+		return 3;
+	concur_release(c);
+	int64_t r = concur_result(reader, MS(2000));
+	if (r == -ETIMEDOUT && write(cancel_pipe[1], "x", 1) != 1) /* lost: let it end */
+		return 4;
+	if (r != -ECANCELED)
+		return 5;
+	concur_release(reader);
+	concur_exec_free(ex);
+	return 0;
+}
+
 static void test_refused_message_reaches_its_loop(void **state)
 {
 	atomic_store(&refused, 0);
 	run_in_child(refused_spawn_child, 30);
 	run_in_child(refused_cancel_child, 30);
 	run_in_child(refused_cancel_freed_child, 30);
+	run_in_child(queued_message_at_stop_child, 30);
 }
 
 int main(void)
