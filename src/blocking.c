@@ -66,9 +66,13 @@ static void blocking_job_free(struct job *j)
 
 static void blocking_job_run(struct job *j)
 {
-	/* A job cancelled while queued never runs (its promise is already CANCELLED). */
+	/* A job cancelled while queued never runs (its promise is already CANCELLED). While it
+	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
+	 */
+	concur__tl_job_ex = j->ex;
 	if (concur__future_claim(j->out))
 		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
+	concur__tl_job_ex = NULL;
 	blocking_job_free(j);
 }
 
@@ -103,18 +107,23 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 {
 	if (!concur__exec_valid(ex) || !fn)
 		return concur__failed_future(NULL, -EINVAL);
-	if (atomic_load(&ex->shutdown))
+	/* Counted before the shutdown is looked at, as a task is (concur__task_enqueue): a join
+	 * that returned 0 after a shutdown has no job left to start behind it. */
+	concur__work_begin(ex);
+	if (atomic_load(&ex->shutdown)) {
+		concur__work_end(ex);
 		return concur__failed_future(ex, -ESHUTDOWN);
+	}
 	pthread_once(&pool.once, blocking_pool_init);
 	struct job *j = calloc(1, sizeof(*j));
 	concur_future *out = concur_promise_new(ex);
 	if (!j || !out) {
 		free(j);
 		concur_release(out);
+		concur__work_end(ex);
 		return concur__failed_future(ex, -ENOMEM);
 	}
 	*j = (struct job){.ex = ex, .fn = fn, .arg = arg, .out = concur_retain(out)};
-	concur__work_begin(ex);
 
 	pthread_mutex_lock(&pool.lock);
 	CONCUR__FIFO_PUSH(pool.head, pool.tail, j);

@@ -226,12 +226,14 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 	return 0;
 }
 
+__thread concur_exec *concur__tl_job_ex;
+
 int concur_exec_join(concur_exec *ex, int64_t timeout_ns)
 {
 	if (!concur__exec_valid(ex))
 		return -EINVAL;
-	if (concur__tl_loop)
-		return -EDEADLK; /* joining from a loop thread would stop that loop's own work */
+	if (concur__exec_own_thread(ex))
+		return -EDEADLK; /* the caller's own work would never end */
 	struct timespec abs;
 	if (timeout_ns > 0)
 		concur__deadline(&abs, timeout_ns);
@@ -264,7 +266,7 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending)
 
 void concur_exec_free(concur_exec *ex)
 {
-	if (!concur__exec_valid(ex) || concur__tl_loop)
+	if (!concur__exec_valid(ex) || concur__exec_own_thread(ex))
 		return;
 	concur_exec_shutdown(ex, false);
 	concur_exec_join(ex, -1);

@@ -569,6 +569,9 @@ static inline bool concur__task_stack_big(const struct concur__task *t)
 #define CONCUR__TLS_HOT __thread __attribute__((tls_model("initial-exec")))
 extern CONCUR__TLS_HOT struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
 extern CONCUR__TLS_HOT struct concur__task *concur__tl_task; /* the task running, or NULL */
+/* The executor whose blocking job (and its future's callbacks) this helper thread runs, or NULL
+ * (exec.c; set by blocking.c): work of that executor, as a loop thread's is. */
+extern __thread concur_exec *concur__tl_job_ex;
 
 /* A stack for task t (of its size class), or NULL (-ENOMEM: memory, map budget, RLIMIT_AS). */
 struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t);
@@ -992,6 +995,12 @@ static inline bool concur__exec_valid(const concur_exec *ex)
 {
 	/* a foreign pointer may not even be aligned like an executor: check before reading */
 	return ex && !((uintptr_t)ex & (CONCUR__CACHELINE - 1)) && ex->magic == CONCUR__EXEC_MAGIC;
+}
+/* True on a thread whose running work counts for ex (a loop of ex, ex's blocking job): a join
+ * or a free there would wait for itself. */
+static inline bool concur__exec_own_thread(const concur_exec *ex)
+{
+	return (concur__tl_loop && concur__tl_loop->ex == ex) || concur__tl_job_ex == ex;
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);

@@ -253,6 +253,87 @@ static void test_job_gone_when_join_returns(void **state)
 	sem_destroy(&free_gate);
 }
 
+/*
+ * A blocking job is work of its executor, and so are its future's callbacks (they run on the
+ * helper before the job's end): a join there is -EDEADLK, as in a task, and a free does nothing.
+ * The join waited for itself (-ETIMEDOUT here; with no timeout, or a free, for ever).
+ */
+static int64_t join_in_job(void *arg)
+{
+	while (!atomic_load(&release_gate)) /* the test adds its callback first */
+		usleep(1000);
+	int r = concur_exec_join(ex, MS(100));
+	if (r == -EDEADLK)
+		concur_exec_free(ex); /* refused too: returns at once (it hung: not tried before) */
+	return r;
+}
+
+static atomic_int join_in_callback = 1;
+
+static void join_from_callback(concur_future *f, void *arg)
+{
+	atomic_store(&join_in_callback, concur_exec_join(ex, MS(100)));
+}
+
+static void test_blocking_job_cannot_join_its_executor(void **state)
+{
+	atomic_store(&release_gate, false);
+	concur_future *f = concur_spawn_blocking(ex, join_in_job, NULL);
+	assert_int_equal(concur_on_done(f, join_from_callback, NULL), 0);
+	atomic_store(&release_gate, true);
+	assert_int_equal(concur_result(f, -1), -EDEADLK);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&join_in_callback), -EDEADLK);
+	assert_int_equal(concur_exec_loops(ex), 2); /* not freed */
+	concur_release(f);
+}
+
+/*
+ * A spawn racing a shutdown and a join: the join may not report the executor idle while the
+ * spawn, past its shutdown check, still goes on to queue a job. The job was counted only after
+ * the check, so join(0) returned 0 and the job ran afterwards. Forced: the spawner is held in
+ * its calloc (tests/wrap.h) while the test shuts down and joins.
+ */
+static atomic_int spawner_state; /* 1: held in calloc, 2: go on */
+static pthread_t spawner;
+
+static void hold_spawner_calloc(void)
+{
+	if (!pthread_equal(pthread_self(), spawner) || atomic_load(&spawner_state) != 0)
+		return;
+	atomic_store(&spawner_state, 1);
+	while (atomic_load(&spawner_state) != 2)
+		usleep(100);
+}
+
+static void *spawn_42(void *arg)
+{
+	return concur_spawn_blocking(arg, return_arg, (void *)42);
+}
+
+static void test_spawn_counted_before_shutdown_check(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	atomic_store(&spawner_state, 0);
+	atomic_store(&wrap_calloc_hook, hold_spawner_calloc);
+	assert_int_equal(pthread_create(&spawner, NULL, spawn_42, e), 0);
+	while (atomic_load(&spawner_state) != 1)
+		usleep(100);
+	concur_exec_shutdown(e, false);
+	int j = concur_exec_join(e, 0);
+	atomic_store(&spawner_state, 2);
+	void *f;
+	assert_int_equal(pthread_join(spawner, &f), 0);
+	atomic_store(&wrap_calloc_hook, NULL);
+	assert_int_equal(j, -ETIMEDOUT); /* the spawn in progress is work */
+	assert_int_equal(concur_result(f, -1), 42);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(e, -1), 0);
+	concur_exec_free(e);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -263,6 +344,8 @@ int main(void)
 	    cmocka_unit_test(test_blocking_counts_for_join),
 	    cmocka_unit_test(test_blocking_running_job_cannot_be_cancelled),
 	    cmocka_unit_test(test_job_gone_when_join_returns),
+	    cmocka_unit_test(test_blocking_job_cannot_join_its_executor),
+	    cmocka_unit_test(test_spawn_counted_before_shutdown_check),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

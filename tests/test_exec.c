@@ -196,6 +196,31 @@ static int64_t try_join(void *arg)
 	return 0;
 }
 
+/* A task of one executor joins and frees another: that is not its own work. The join was
+ * -EDEADLK and the free did nothing (the other's threads, rings and memory stayed). */
+static int64_t seven(void *arg)
+{
+	return 7;
+}
+static int64_t use_other_exec(void *arg)
+{
+	concur_exec *b;
+	struct concur_exec_opts o = {.loops = 2};
+	long threads = proc_status_kb("Threads");
+	if (concur_exec_new(&b, &o))
+		return -1;
+	concur_future *f = concur_spawn(b, seven, NULL);
+	int64_t r = concur_result(f, -1);
+	concur_release(f);
+	int j = concur_exec_join(b, -1);
+	concur_exec_free(b);
+	if (r != 7)
+		return -2;
+	if (j != 0)
+		return j;
+	return proc_status_kb("Threads") <= threads ? 1 : -3; /* its loops are gone */
+}
+
 static atomic_int release_sleeper;
 static int64_t sleepy(void *arg)
 {
@@ -229,6 +254,9 @@ static void test_join(void **state)
 	concur_future *f = concur_spawn(ex, try_join, NULL);
 	assert_int_equal(concur_result(f, -1), 0);
 	assert_int_equal(atomic_load(&join_in_task), -EDEADLK);
+	concur_release(f);
+	f = concur_spawn(ex, use_other_exec, NULL);
+	assert_int_equal(concur_result(f, -1), 1);
 	concur_release(f);
 	assert_int_equal(concur_exec_join(NULL, 0), -EINVAL);
 	concur_exec_free(ex);

@@ -61,6 +61,12 @@ static void (*_Atomic wrap_unlocked_hook)(pthread_mutex_t *m);
 /* Called after each concur_promise_set concur makes (test_fault: a waker held just after it
  * woke a waiter). */
 static void (*_Atomic wrap_promise_set_hook)(void);
+/* Called at each calloc concur makes, before it allocates (test_blocking: a spawner held
+ * between its checks and its work). */
+static void (*_Atomic wrap_calloc_hook)(void);
+/* Called at each malloc concur makes, before it allocates (test_fault: a canceller held between
+ * its request and its message). */
+static void (*_Atomic wrap_malloc_hook)(void);
 static int wrap_mode;
 
 /* Arm kind to fail at call n (counted from now) in mode; counters restart. */
@@ -152,6 +158,9 @@ static inline void *wrap_counted(void *p)
 
 void *__wrap_malloc(size_t n)
 {
+	void (*hook)(void) = atomic_load(&wrap_malloc_hook);
+	if (hook)
+		hook();
 	if (wrap_fail(WRAP_MALLOC)) {
 		errno = ENOMEM;
 		return NULL;
@@ -161,6 +170,9 @@ void *__wrap_malloc(size_t n)
 
 void *__wrap_calloc(size_t n, size_t size)
 {
+	void (*hook)(void) = atomic_load(&wrap_calloc_hook);
+	if (hook)
+		hook();
 	if (wrap_fail(WRAP_MALLOC)) {
 		errno = ENOMEM;
 		return NULL;
