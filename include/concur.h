@@ -90,7 +90,8 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * io_uring is unavailable (ENOSYS: kernel without io_uring; EPERM: kernel.io_uring_disabled
  * or a seccomp filter on io_uring_setup or io_uring_register; see concur_last_error(), which
  * names the call), -EOPNOTSUPP if the kernel lacks IORING_OP_MSG_RING (Linux < 5.18), -EMFILE
- * or -ENFILE at the fd limit, -ENOMEM (including: 4096 executors alive at once already).
+ * or -ENFILE at the fd limit, -EAGAIN if a loop thread could not be made (pthread_create: the
+ * thread limit), -ENOMEM (including: 4096 executors alive at once already).
  * Nothing is left behind on failure.
  *
  * File descriptors: an executor holds opts->loops + 1 io_uring fds for its whole life: one per

@@ -126,35 +126,57 @@ int concur__task_cancel_running(concur_future *f)
 {
 	struct concur__task *t = (struct concur__task *)f;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
-	do {
-		if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING)
-			return (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
-		if (s & CONCUR__CANCEL_REQ)
-			return -EINPROGRESS; /* asked already */
-	} while (!atomic_compare_exchange_weak_explicit(
-	    &f->state, &s, s | CONCUR__CANCEL_REQ, memory_order_acq_rel, memory_order_acquire));
-	/* The request is in the state word: the task's next wait fails at once. A wait it is in
-	 * now is broken on its loop, by a message; without memory for one, by the loop's look
-	 * over its tasks' requests (a message of its own, needing none). Either message is work
-	 * of the task's executor until it ran (begun while the task, running, is work too): a
-	 * join cannot end, nor the executor be freed, while it is on its way (a MSG_RING the
-	 * kernel refused comes back to the sender, which pushes it into the target's inbox). */
+	if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING)
+		return (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
+	if (s & CONCUR__CANCEL_REQ)
+		return -EINPROGRESS; /* asked already */
+	/*
+	 * The request goes in the state word: the task's next wait fails at once. A wait it is in
+	 * now is broken on its loop, by a message; without memory for one, by the loop's look over
+	 * its tasks' requests (a message of its own, needing none). Either message is work of the
+	 * task's executor until it ran, begun before the request is made, while the task, running,
+	 * is work too: a join cannot end, nor the executor be freed, while a message is on its way
+	 * (a MSG_RING the kernel refused comes back to the sender, which pushes it into the
+	 * target's inbox). The task may end by itself any time before the request: the loop is
+	 * pinned meanwhile, so that its executor, idle and freed, is not touched after the free.
+	 */
 	struct concur__loop *loop = t->loop;
+	struct concur__poster *pin = concur__loop_pin(loop);
+	concur_exec *ex = NULL;
+	int r = -EINPROGRESS;
+	s = atomic_load_explicit(&f->state, memory_order_seq_cst); /* after the pin */
+	for (;;) {
+		if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING || (s & CONCUR__CANCEL_REQ)) {
+			if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING)
+				r = (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
+			if (ex)
+				concur__work_end(ex);
+			concur__loop_unpin(pin);
+			return r;
+		}
+		if (!ex)
+			concur__work_begin(ex = loop->ex);
+		if (atomic_compare_exchange_weak_explicit(&f->state, &s, s | CONCUR__CANCEL_REQ,
+		                                          memory_order_acq_rel,
+		                                          memory_order_acquire))
+			break;
+	}
+	concur__loop_unpin(pin); /* the message's work keeps the executor from here */
 	struct concur__cancel_msg *m = malloc(sizeof(*m));
 	if (!m) {
 		/* the exchange orders our request before the look that clears it (acq_rel) */
 		if (!atomic_exchange_explicit(&loop->cancel_scan_posted, true,
 		                              memory_order_acq_rel)) {
-			concur__work_begin(loop->ex);
 			loop->cancel_scan_node.call = concur__cancel_scan;
 			concur__loop_post(loop, &loop->cancel_scan_node);
+		} else {
+			concur__work_end(ex); /* a look is on its way already */
 		}
 		return -EINPROGRESS;
 	}
 	m->node.call = concur__cancel_arrived;
 	m->task = t;
 	concur_retain(f);
-	concur__work_begin(loop->ex);
 	concur__loop_post(loop, &m->node);
 	return -EINPROGRESS;
 }

@@ -936,6 +936,12 @@ void concur__loop_stop(struct concur__loop *loop);
  * holds a reference). On the freeing thread.
  */
 void concur__loop_quiesce(concur_exec *ex);
+/* Keep a loop of another executor (and that executor) allocated while this thread touches it:
+ * concur_exec_free waits in concur__loop_quiesce until it is unpinned. One pin per thread at a
+ * time; returns the token for the unpin. */
+struct concur__poster;
+struct concur__poster *concur__loop_pin(struct concur__loop *loop);
+void concur__loop_unpin(struct concur__poster *pin);
 /*
  * Wake a sleeping loop from a thread outside the executor: a MSG_RING through the executor's
  * doorbell ring. The caller has cleared loop->sleeping: the wake is sent (transient errors are

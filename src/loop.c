@@ -493,20 +493,31 @@ static struct concur__poster *concur__poster_slot(void)
 	return p;
 }
 
+struct concur__poster *concur__loop_pin(struct concur__loop *loop)
+{
+	struct concur__poster *slot = concur__poster_slot();
+	if (slot)
+		atomic_store_explicit(&slot->loop, loop, memory_order_seq_cst);
+	else
+		atomic_fetch_add_explicit(&concur__posters_unlisted, 1, memory_order_seq_cst);
+	return slot;
+}
+
+void concur__loop_unpin(struct concur__poster *slot)
+{
+	if (slot)
+		atomic_store_explicit(&slot->loop, NULL, memory_order_release);
+	else
+		atomic_fetch_sub_explicit(&concur__posters_unlisted, 1, memory_order_release);
+}
+
 static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n)
 {
 	struct concur__loop *me = concur__tl_loop;
-	/* a loop of the same executor is stopped (joined) before the executor is freed */
-	struct concur__poster *slot = NULL;
+	/* a loop of the same executor is stopped (joined) before the executor is freed; another
+	 * pins the loop, made visible with the node by the push's exchange (and the join after) */
 	bool outside = !me || me->ex != loop->ex;
-	if (outside) {
-		/* made visible with the node, by the push's exchange (and the join after it) */
-		if ((slot = concur__poster_slot()))
-			atomic_store_explicit(&slot->loop, loop, memory_order_relaxed);
-		else
-			atomic_fetch_add_explicit(&concur__posters_unlisted, 1,
-			                          memory_order_seq_cst);
-	}
+	struct concur__poster *slot = outside ? concur__loop_pin(loop) : NULL;
 	struct concur__node *old = atomic_load_explicit(&loop->inbox, memory_order_relaxed);
 	do
 		n->next = old;
@@ -521,10 +532,8 @@ static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n
 		else
 			concur__loop_ring_doorbell(loop);
 	}
-	if (slot) /* done with the loop: from here it may be freed */
-		atomic_store_explicit(&slot->loop, NULL, memory_order_release);
-	else if (outside)
-		atomic_fetch_sub_explicit(&concur__posters_unlisted, 1, memory_order_release);
+	if (outside) /* done with the loop: from here it may be freed */
+		concur__loop_unpin(slot);
 }
 
 void concur__loop_quiesce(concur_exec *ex)
@@ -1124,8 +1133,10 @@ static void *concur__loop_main(void *arg)
 int concur__loop_start(struct concur__loop *loop)
 {
 	int r = pthread_create(&loop->thread, NULL, concur__loop_main, loop);
-	if (r)
+	if (r) {
+		concur__set_error("pthread_create (loop %u): %s", loop->idx, strerror(r));
 		return -r;
+	}
 	while (!atomic_load_explicit(&loop->started, memory_order_acquire))
 		concur__futex_wait(&loop->started, 0, NULL);
 	if (loop->setup_err) {

@@ -641,6 +641,73 @@ static void test_fault_cancel_message_refused(void **state)
 }
 
 /*
+ * A cancel from a thread outside the executor, made while the task runs, whose task then ends by
+ * itself: the executor, idle, could be freed under the canceller, still on its way to post the
+ * message (ASan: a use after free of the loop and the executor). The message is the executor's
+ * work from before the request: the free waits for it. Forced: the canceller is held in the
+ * malloc of its message while the task ends and another thread frees the executor.
+ */
+static pthread_t canceller;
+static atomic_int canceller_state; /* 1: held in malloc, 2: go on */
+static atomic_int freed;
+
+static void hold_canceller_malloc(void)
+{
+	if (!pthread_equal(pthread_self(), canceller) || atomic_load(&canceller_state) != 0)
+		return;
+	atomic_store(&canceller_state, 1);
+	while (atomic_load(&canceller_state) != 2)
+		usleep(100);
+}
+
+static void *cancel_it(void *arg)
+{
+	return (void *)(intptr_t)concur_cancel(arg);
+}
+
+static void *free_it(void *arg)
+{
+	concur_exec_free(arg);
+	atomic_store(&freed, 1);
+	return NULL;
+}
+
+static void test_fault_cancel_racing_free(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(pipe(cancel_pipe), 0);
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_future *t = concur_spawn(ex, read_cancel_pipe, NULL);
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* t is in its read */
+	atomic_store(&canceller_state, 0);
+	atomic_store(&freed, 0);
+	atomic_store(&wrap_malloc_hook, hold_canceller_malloc);
+	assert_int_equal(pthread_create(&canceller, NULL, cancel_it, t), 0);
+	while (atomic_load(&canceller_state) != 1)
+		usleep(100);
+	assert_int_equal(write(cancel_pipe[1], "x", 1), 1); /* t ends by itself */
+	assert_int_equal(concur_result(t, -1), 1);
+	pthread_t fr;
+	assert_int_equal(pthread_create(&fr, NULL, free_it, ex), 0);
+	usleep(200000);
+	int early = atomic_load(&freed);
+	atomic_store(&canceller_state, 2);
+	void *c;
+	assert_int_equal(pthread_join(canceller, &c), 0);
+	atomic_store(&wrap_malloc_hook, NULL);
+	assert_int_equal(pthread_join(fr, NULL), 0);
+	assert_int_equal(early, 0); /* the free waited for the message */
+	assert_int_equal((intptr_t)c, -EINPROGRESS);
+	concur_release(t);
+	close(cancel_pipe[0]);
+	close(cancel_pipe[1]);
+}
+
+/*
  * A group's cancel with no memory for its list of members still tells every member (a failure's
  * cancel, CONCUR_GROUP_CANCEL_ON_FAILURE, has nobody to report -ENOMEM to). It used to return
  * -ENOMEM having told nobody, with the group marked cancelled: its wait hung on the members.
@@ -1041,6 +1108,29 @@ static void test_fault_chunk_munmap(void **state)
 #endif
 }
 
+/* A loop thread that cannot be made: concur_exec_new fails with -EAGAIN (documented now) and
+ * says which call failed (the message was empty), nothing left behind (the count is taken after
+ * a first failure: the thread's error message is a block of its own, until the thread ends). */
+static void test_fault_loop_thread_refused(void **state)
+{
+	(void)state;
+	long base = -1;
+	for (long i = 0; i < 3; i++) {
+		concur_exec *e = NULL;
+		struct concur_exec_opts o = {.loops = 2};
+		wrap_arm(WRAP_THREAD, i % 2,
+		         WRAP_ONE); /* the first loop's thread, or the second's */
+		int r = concur_exec_new(&e, &o);
+		wrap_disarm();
+		assert_int_equal(r, -EAGAIN);
+		assert_null(e);
+		assert_non_null(strstr(concur_last_error(), "pthread_create"));
+		if (base < 0)
+			base = atomic_load(&wrap_live);
+		assert_int_equal(atomic_load(&wrap_live), base);
+	}
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -1087,6 +1177,8 @@ int main(void)
 	    T(test_fault_malloc),
 	    T(test_fault_mmap),
 	    T(test_fault_thread),
+	    T(test_fault_loop_thread_refused),
+	    T(test_fault_cancel_racing_free),
 	    T(test_fault_ring_setup),
 	    T(test_fault_submit),
 	    T(test_fault_nofile),
