@@ -200,27 +200,46 @@ struct concur__stack_res {
 
 static pthread_once_t concur__stack_once = PTHREAD_ONCE_INIT;
 static size_t concur__page;
-static int concur__guard_probed;         /* CONCUR_STACK_GUARD_* the kernel offers */
+static _Atomic int concur__guard_probed; /* CONCUR_STACK_GUARD_* the kernel offers; 0: unknown */
 static _Atomic int concur__guard_forced; /* tests: 0 or a CONCUR_STACK_GUARD_* */
-static bool concur__pm_self;             /* process_madvise(PIDFD_SELF, ...) works */
+static _Atomic bool concur__pm_self;     /* process_madvise(PIDFD_SELF, ...) works */
 static _Atomic long concur__maps_used;   /* mappings our stacks hold, process-wide */
 static _Atomic long concur__maps_budget;
+
+/*
+ * What the kernel offers for guard pages: MADV_GUARD_INSTALL (no mapping of its own per guard),
+ * else mprotect. Only a definite answer is kept: a probe that could not map its two pages, or
+ * whose madvise ran out of memory, says nothing of the kernel, and a later reservation probes
+ * again (kept, one transient failure made every stack of the process cost two mappings).
+ */
+static int concur__guard_probe(void)
+{
+	int mode = atomic_load_explicit(&concur__guard_probed, memory_order_acquire);
+	if (mode)
+		return mode;
+	char *p = mmap(NULL, 2 * concur__page, PROT_READ | PROT_WRITE,
+	               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return CONCUR_STACK_GUARD_MPROTECT; /* for this reservation only */
+	if (madvise(p, concur__page, CONCUR__MADV_GUARD_INSTALL) == 0) {
+		mode = CONCUR_STACK_GUARD_MADVISE;
+		struct iovec iov = {p + concur__page, concur__page};
+		atomic_store(&concur__pm_self,
+		             syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, &iov, 1,
+		                     CONCUR__MADV_GUARD_INSTALL, 0) == (long)concur__page);
+	} else {
+		mode = CONCUR_STACK_GUARD_MPROTECT;
+	}
+	bool known = mode == CONCUR_STACK_GUARD_MADVISE || (errno != ENOMEM && errno != EAGAIN);
+	munmap(p, 2 * concur__page);
+	if (known)
+		atomic_store_explicit(&concur__guard_probed, mode, memory_order_release);
+	return mode;
+}
 
 static void concur__stack_probe(void)
 {
 	concur__page = (size_t)sysconf(_SC_PAGESIZE);
-	concur__guard_probed = CONCUR_STACK_GUARD_MPROTECT;
-	char *p = mmap(NULL, 2 * concur__page, PROT_READ | PROT_WRITE,
-	               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (p != MAP_FAILED) {
-		if (madvise(p, concur__page, CONCUR__MADV_GUARD_INSTALL) == 0)
-			concur__guard_probed = CONCUR_STACK_GUARD_MADVISE;
-		struct iovec iov = {p + concur__page, concur__page};
-		concur__pm_self = concur__guard_probed == CONCUR_STACK_GUARD_MADVISE &&
-		                  syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, &iov, 1,
-		                          CONCUR__MADV_GUARD_INSTALL, 0) == (long)concur__page;
-		munmap(p, 2 * concur__page);
-	}
 	/* leave room under vm.max_map_count for everything else: libraries, malloc arenas,
 	 * rings, thread stacks, and the program's own mappings */
 	long max = 65530;
@@ -238,7 +257,7 @@ static int concur__guard_now(void)
 {
 	pthread_once(&concur__stack_once, concur__stack_probe);
 	int forced = atomic_load_explicit(&concur__guard_forced, memory_order_relaxed);
-	return forced ? forced : concur__guard_probed;
+	return forced ? forced : concur__guard_probe();
 }
 
 int concur__stack_guard_mode(void)
@@ -300,15 +319,24 @@ static size_t concur__fiber_head(void)
 	return (head + 63) & ~(size_t)63;
 }
 
+/* One process_madvise() over n ranges; true if the kernel advised them all (it may stop part
+ * way, out of memory for page tables, and return the bytes done: the rest is not advised). */
+static bool concur__pm_advise(struct iovec *iov, size_t n, int advice)
+{
+	if (!atomic_load_explicit(&concur__pm_self, memory_order_relaxed))
+		return false;
+	long total = 0;
+	for (size_t i = 0; i < n; i++)
+		total += (long)iov[i].iov_len;
+	return syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, iov, n, advice, 0) == total;
+}
+
 /* madvise() over many ranges: one process_madvise() where the kernel takes it. */
 static void concur__madvise_many(struct iovec *iov, size_t n, int advice)
 {
-	if (!n)
+	if (!n || concur__pm_advise(iov, n, advice))
 		return;
-	if (concur__pm_self &&
-	    syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, iov, n, advice, 0) >= 0)
-		return;
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) /* again from the first: advising twice is harmless */
 		madvise(iov[i].iov_base, iov[i].iov_len, advice);
 }
 
@@ -394,12 +422,10 @@ static struct concur__stack_res *concur__res_new(struct concur__loop *loop,
 			size_t k = 0;
 			for (; k < CONCUR__IOV_BATCH && i < n; k++, i++)
 				iov[k] = (struct iovec){r->slots + i * c->stride, page};
-			if (concur__pm_self) {
-				if (syscall(SYS_process_madvise, CONCUR__PIDFD_SELF, iov, k,
-				            CONCUR__MADV_GUARD_INSTALL, 0) < 0)
-					goto fail_unmap;
+			if (concur__pm_advise(iov, k, CONCUR__MADV_GUARD_INSTALL))
 				continue;
-			}
+			/* one by one (a partial call left slots without a guard: each gets
+			 * one here, or the reservation fails) */
 			for (size_t j = 0; j < k; j++)
 				if (madvise(iov[j].iov_base, page, CONCUR__MADV_GUARD_INSTALL))
 					goto fail_unmap;

@@ -11,6 +11,8 @@
 
 #include <errno.h>
 #include <semaphore.h>
+#include <stdarg.h>
+#include <sys/syscall.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
@@ -21,6 +23,7 @@
 void concur__stack_guard_force(int mode);
 long concur__stack_map_budget(long budget);
 long concur__stack_maps_used(void);
+int concur__stack_guard_mode(void);
 
 static concur_exec *ex;
 
@@ -189,6 +192,103 @@ static void test_guard_page(void **state)
 	pid = fork();
 	if (pid == 0) /* a per-spawn stack, in its own size class */
 		guard_child(CONCUR_STACK_GUARD_MADVISE, 0, 64 * 1024);
+	expect_signal(pid, SIGSEGV);
+}
+
+/*
+ * A probe that could not map its pages (out of address space for a moment) says nothing of the
+ * kernel: the next stack probes again. Its MPROTECT answer was kept for the life of the process,
+ * every later stack paying two mappings. In a fresh process (this binary run again with
+ * --probe-child: the probe is once per process), its first probe made under a low RLIMIT_AS.
+ */
+static int probe_child(void)
+{
+	concur__stack_map_budget(-1); /* the process-wide setup (it reads a file), unlimited */
+	struct rlimit old, low;
+	if (getrlimit(RLIMIT_AS, &old))
+		return 3;
+	low = old;
+	low.rlim_cur = (rlim_t)proc_status_kb("VmSize") * 1024; /* no new mapping fits */
+	if (setrlimit(RLIMIT_AS, &low))
+		return 4;
+	int during = concur__stack_guard_mode();
+	if (setrlimit(RLIMIT_AS, &old))
+		return 5;
+	if (during != CONCUR_STACK_GUARD_MPROTECT)
+		return 6; /* the probe did map: the case tested nothing */
+	return concur__stack_guard_mode() == CONCUR_STACK_GUARD_MADVISE ? 0 : 1;
+}
+
+static void test_guard_probe_failure_not_kept(void **state)
+{
+	if (SANITIZED)
+		skip(); /* their allocators map on demand: a low RLIMIT_AS kills them first */
+	if (guard_probed() != CONCUR_STACK_GUARD_MADVISE)
+		SKIP_NO_KERNEL("MADV_GUARD_INSTALL (Linux 6.13)");
+	fflush(NULL);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		execl("/proc/self/exe", "test_fiber", "--probe-child", (char *)NULL);
+		_exit(2);
+	}
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+/*
+ * process_madvise() may install part of a batch of guard pages and return the bytes done (out of
+ * memory for page tables): the slots after that point ran with no guard, an overflow going on
+ * into the neighbour unseen. Linked with -Wl,--wrap=syscall (tests/CMakeLists.txt): while
+ * armed, a batch of guard installs does only its first range. A task in a later slot reads just
+ * below its stack: the guard must stop it.
+ */
+long __real_syscall(long n, ...);
+static atomic_bool partial_guards;
+
+long __wrap_syscall(long n, ...)
+{
+	va_list ap;
+	va_start(ap, n);
+	long a[6];
+	for (int i = 0; i < 6; i++)
+		a[i] = va_arg(ap, long);
+	va_end(ap);
+	if (n == SYS_process_madvise && a[3] == 102 /* MADV_GUARD_INSTALL */ && a[2] > 1 &&
+	    atomic_load(&partial_guards))
+		a[2] = 1;
+	return __real_syscall(n, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+
+static int64_t peek_below_stack(void *arg)
+{
+	return ((volatile char *)concur__tl_task->fib->stack_lo)[-1];
+}
+
+static void test_partial_guard_install(void **state)
+{
+	if (guard_probed() != CONCUR_STACK_GUARD_MADVISE)
+		SKIP_NO_KERNEL("MADV_GUARD_INSTALL (Linux 6.13)");
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid == 0) {
+		signal(SIGSEGV, SIG_DFL);
+		alarm(60);
+		atomic_store(&partial_guards, true);
+		struct concur_exec_opts o = {.loops = 1};
+		concur_exec *cex;
+		if (concur_exec_new(&cex, &o))
+			_exit(3);
+		struct concur_spawn_opts so = {.stack_size = 128 * 1024}; /* a class of its own */
+		concur_future *p = concur_promise_new(cex);
+		for (int i = 0; i < 3; i++)
+			concur_release(concur_spawn_ex(cex, park_on, p, &so));
+		concur_future *f = concur_spawn_ex(cex, peek_below_stack, NULL, &so);
+		concur_result(f, -1);
+		_exit(0); /* reached only if there was no guard */
+	}
 	expect_signal(pid, SIGSEGV);
 }
 
@@ -948,14 +1048,18 @@ static void test_direct_start_needs_room(void **state)
 	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	if (argc > 1 && !strcmp(argv[1], "--probe-child"))
+		return probe_child();
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_stacks_only_while_running),
 	    cmocka_unit_test(test_yield_interleaves),
 	    cmocka_unit_test(test_deep_stack),
 	    cmocka_unit_test(test_guard_page),
 	    cmocka_unit_test(test_guard_page_mprotect),
+	    cmocka_unit_test(test_guard_probe_failure_not_kept),
+	    cmocka_unit_test(test_partial_guard_install),
 	    cmocka_unit_test(test_tiny_stack_canary),
 	    cmocka_unit_test(test_spawn_opts),
 	    cmocka_unit_test(test_spawn_big_stack),
