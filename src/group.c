@@ -196,6 +196,31 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 	return f;
 }
 
+/*
+ * The waiting task was cancelled: its members are cancelled too, and waited for (shielded: the
+ * task's own cancel does not break that wait, nor does a deadline), so that -ECANCELED, like
+ * every other result but -ETIMEDOUT, means no member runs any more -- what a task group in
+ * asyncio or a Trio nursery does. It returned at once, the members running on.
+ */
+static int64_t group_wait_cancelled(concur_group *g)
+{
+	int64_t r = 0;
+	concur_group_cancel(g);
+	concur_shield_push();
+	for (;;) {
+		pthread_mutex_lock(&g->lock);
+		if (g->live == 0) {
+			pthread_mutex_unlock(&g->lock);
+			break;
+		}
+		r = concur__wake_sleep(&g->lock, &g->wake, -1);
+		if (r < 0)
+			break; /* -ENOMEM: no way to wait */
+	}
+	concur_shield_pop();
+	return r < 0 ? r : -ECANCELED;
+}
+
 int64_t concur_group_wait(concur_group *g, int64_t timeout_ns)
 {
 	if (!g)
@@ -211,6 +236,8 @@ int64_t concur_group_wait(concur_group *g, int64_t timeout_ns)
 			return err;
 		}
 		int64_t r = concur__wake_sleep(&g->lock, &g->wake, deadline);
+		if (r == -ECANCELED && concur_in_task())
+			return group_wait_cancelled(g);
 		if (r < 0)
 			return r;
 	}

@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /* Task groups (group.c): waiting for every member, cancelling, the first failure. */
+#include "internal.h" /* a loop's sleeping flag */
 #include "comp_test.h"
 #include "hold_loop.h"
 
 #include <errno.h>
 #include <stdatomic.h>
+#include <unistd.h>
 
 static concur_exec *ex1; /* 1 loop (ex, from comp_test.h, has 2) */
 
@@ -86,6 +88,50 @@ static void test_group_wait_in_task(void **state)
 	assert_int_equal(concur_result(f, -1), 0);
 	assert_int_equal(atomic_load(&group_ran), 4);
 	concur_release(f);
+}
+
+/*
+ * A task cancelled while it waits for its group: the members are cancelled and waited for, and
+ * only then does the wait return -ECANCELED. It returned at once, a member still running after
+ * a result that promises every member done. Forced: the member waits on a gate the test never
+ * opens before the check; the waiter is cancelled once the loop sleeps (both in their waits).
+ */
+static concur_group *cg;
+static concur_future *cg_member;
+static atomic_int member_done_at_return = -1;
+
+static int64_t wait_gate(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+static int64_t group_waiter_cancelled(void *arg)
+{
+	int64_t r = concur_group_wait(cg, -1);
+	atomic_store(&member_done_at_return, concur_done(cg_member));
+	return r;
+}
+
+static void test_group_wait_cancelled(void **state)
+{
+	assert_int_equal(concur_group_new(&cg, ex1, 0), 0);
+	concur_future *gate = concur_promise_new(ex1);
+	cg_member = concur_group_spawn(cg, wait_gate, gate);
+	concur_future *w = concur_spawn(ex1, group_waiter_cancelled, NULL);
+	while (!atomic_load(&ex1->loops[0]->sleeping))
+		usleep(100);
+	concur_cancel(w);
+	int64_t r = concur_result(w, MS(5000));
+	int done = atomic_load(&member_done_at_return);
+	concur_promise_set(gate, 0); /* (lets a member the cancel missed end) */
+	assert_int_equal(r, -ECANCELED);
+	assert_int_equal(done, 1);
+	assert_true(concur_cancelled(cg_member)); /* the group's cancel reached it */
+	assert_int_equal(concur_group_wait(cg, -1), -ECANCELED);
+	concur_release(w);
+	concur_release(cg_member);
+	concur_release(gate);
+	concur_group_free(cg);
 }
 
 static void test_group_cancel_on_failure(void **state)
@@ -261,6 +307,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_group_wait),
 	    cmocka_unit_test(test_group_wait_in_task),
+	    cmocka_unit_test(test_group_wait_cancelled),
 	    cmocka_unit_test(test_group_cancel_on_failure),
 	    cmocka_unit_test(test_group_cancel),
 	    cmocka_unit_test(test_group_cancel_in_member),
