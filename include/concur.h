@@ -110,10 +110,10 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
  * Wait until the executor has no work left: no task (nor any task they spawned, however the
  * work keeps unfolding), no I/O operation in flight, no callback of theirs running.
  * timeout_ns < 0 waits forever, 0 polls. Returns 0, -ETIMEDOUT, -EINVAL for a NULL executor,
- * or -EDEADLK when called from the executor's own work (in its task or a callback on its loop,
- * in a blocking job of it, concur_spawn_blocking, or a callback of that job's future): the
- * caller's own work would never end. Anywhere else it blocks the calling thread, a loop thread
- * of another executor included.
+ * or -EDEADLK when called on a loop thread (in a task or a callback, of any executor: the wait
+ * would hold that loop, and whatever it has to send on, for the whole join) or in a blocking job
+ * of this executor (concur_spawn_blocking, or a callback of that job's future: the caller's own
+ * work would never end). Join from a thread of your own, or from a blocking job.
  */
 int concur_exec_join(concur_exec *ex, int64_t timeout_ns);
 
@@ -128,8 +128,8 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
 /*
  * Shut down (without cancelling), join, stop the loops and release the executor. Futures the
  * caller still holds stay valid (release them as usual); concur_future_exec() on them gives
- * NULL from now on. Must not be called from the executor's own work (where concur_exec_join()
- * returns -EDEADLK: it would join itself): there it does nothing. NULL is ignored.
+ * NULL from now on. Must not be called where concur_exec_join() returns -EDEADLK (a loop
+ * thread, or a blocking job of ex): there it does nothing. NULL is ignored.
  */
 void concur_exec_free(concur_exec *ex);
 
@@ -140,10 +140,10 @@ void concur_exec_free(concur_exec *ex);
  * -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in flight
  * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Future
  * I/O started after that (by a callback, another thread) is cancelled as it starts, but a
- * shielded task's. Tasks
+ * shielded task's (which it must await: an op it leaves running keeps the join waiting). Tasks
  * decide how fast they end (a shielded cleanup runs to its end, its op too). Returns 0 if the work
- * drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK from the
- * executor's own work (as concur_exec_join()). The executor stays allocated: concur_exec_free() it
+ * drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK where
+ * concur_exec_join() returns it. The executor stays allocated: concur_exec_free() it
  * afterwards.
  */
 int concur_exec_stop(concur_exec *ex, int64_t drain_ns);

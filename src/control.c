@@ -234,7 +234,7 @@ int concur_exec_stop(concur_exec *ex, int64_t drain_ns)
 {
 	if (!concur__exec_valid(ex))
 		return -EINVAL;
-	if (concur__exec_own_thread(ex))
+	if (concur__exec_no_wait_here(ex))
 		return -EDEADLK;
 	concur_exec_shutdown(ex, false);
 	int r = concur_exec_join(ex, drain_ns);

@@ -232,8 +232,8 @@ int concur_exec_join(concur_exec *ex, int64_t timeout_ns)
 {
 	if (!concur__exec_valid(ex))
 		return -EINVAL;
-	if (concur__exec_own_thread(ex))
-		return -EDEADLK; /* the caller's own work would never end */
+	if (concur__exec_no_wait_here(ex))
+		return -EDEADLK; /* see concur__exec_no_wait_here */
 	struct timespec abs;
 	if (timeout_ns > 0)
 		concur__deadline(&abs, timeout_ns);
@@ -266,7 +266,7 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending)
 
 void concur_exec_free(concur_exec *ex)
 {
-	if (!concur__exec_valid(ex) || concur__exec_own_thread(ex))
+	if (!concur__exec_valid(ex) || concur__exec_no_wait_here(ex))
 		return;
 	concur_exec_shutdown(ex, false);
 	concur_exec_join(ex, -1);

@@ -1002,11 +1002,12 @@ static inline bool concur__exec_valid(const concur_exec *ex)
 	/* a foreign pointer may not even be aligned like an executor: check before reading */
 	return ex && !((uintptr_t)ex & (CONCUR__CACHELINE - 1)) && ex->magic == CONCUR__EXEC_MAGIC;
 }
-/* True on a thread whose running work counts for ex (a loop of ex, ex's blocking job): a join
- * or a free there would wait for itself. */
-static inline bool concur__exec_own_thread(const concur_exec *ex)
+/* True where a join, a free or a stop of ex must not wait: a loop thread (of any executor: it
+ * would hold that loop, whose own messages -- spawns, cancels, stops, resumes bound for ex --
+ * sit unsubmitted in its ring meanwhile), or a blocking job of ex (its own work). */
+static inline bool concur__exec_no_wait_here(const concur_exec *ex)
 {
-	return (concur__tl_loop && concur__tl_loop->ex == ex) || concur__tl_job_ex == ex;
+	return concur__tl_loop || concur__tl_job_ex == ex;
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);
