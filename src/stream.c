@@ -483,9 +483,11 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 		return;
 	}
 	if (!item) {
-		if (s->cancel_req && res < 0)
-			res = -ECANCELED; /* the cancel is why it ended (an -ENOBUFS or an accept's
-			                   * EMFILE met before the kernel saw the cancel is not) */
+		/* the cancel is why it ended, not a shortage met before the kernel saw the cancel
+		 * (out of buffers, an accept's EMFILE: what would not end the stream by itself);
+		 * an error that would (a reset) is reported as it is */
+		if (s->cancel_req && (s->recv ? res == -ENOBUFS : stream_accept_transient(res)))
+			res = -ECANCELED;
 		if (!s->recv && stream_accept_transient(res) && !s->cancel_req)
 			stream_transient(s, res, more);
 		else if (!s->ended && (res != -ECANCELED || !our_stop || s->cancel_req))
