@@ -23,7 +23,13 @@ static struct stall_slot {
 	_Atomic(concur_stall_fn) fn;
 	_Atomic(void *) arg;
 	_Atomic uint64_t count;
-	_Atomic unsigned reporting; /* fn calls begun and not returned */
+	/* The setting's generation, bumped by each change or free; fn calls begun and not
+	 * returned, by the parity of the generation they were made with: a change waits for its
+	 * old setting's calls only, not for the new one's, nor for those of another executor
+	 * that took the slot meanwhile (a later change again may share the parity: a longer
+	 * wait, never a shorter one). */
+	_Atomic unsigned gen;
+	_Atomic unsigned reporting[2];
 } slots[STALL_SLOTS];
 static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread bool stall_in_report; /* this thread runs a fn */
@@ -39,6 +45,7 @@ static struct stall_slot *stall_slot_of(const concur_exec *ex)
 /* Free ex's slot (under slots_lock). */
 static void stall_slot_free(struct stall_slot *s)
 {
+	atomic_fetch_add(&s->gen, 1);
 	atomic_store(&s->ex, NULL);
 	atomic_fetch_sub(&concur__stall_detectors, 1);
 }
@@ -47,12 +54,12 @@ static void stall_slot_free(struct stall_slot *s)
  * that its arg can go once we return. Not on ex's own loops (the other loop's report may wait
  * for a lock our task holds), nor inside a report (it may be the one we would wait for, or
  * two reports could wait for each other). */
-static void stall_wait_reports(const concur_exec *ex, struct stall_slot *s)
+static void stall_wait_reports(const concur_exec *ex, struct stall_slot *s, unsigned old_gen)
 {
 	struct concur__loop *me = concur__tl_loop;
 	if ((me && me->ex == ex) || stall_in_report)
 		return;
-	while (atomic_load_explicit(&s->reporting, memory_order_acquire))
+	while (atomic_load_explicit(&s->reporting[old_gen & 1], memory_order_acquire))
 		sched_yield();
 }
 
@@ -72,10 +79,12 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 	int err = 0;
 	pthread_mutex_lock(&slots_lock);
 	struct stall_slot *s = stall_slot_of(ex), *changed = s;
+	unsigned old_gen = s ? atomic_load(&s->gen) : 0;
 	if (threshold_ns <= 0) {
 		if (s)
 			stall_slot_free(s);
 	} else if (s) {
+		atomic_fetch_add(&s->gen, 1);
 		atomic_store(&s->fn, fn);
 		atomic_store(&s->arg, arg);
 		atomic_store(&s->threshold_ns, threshold_ns);
@@ -89,6 +98,7 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 		if (s) {
 			if (!atomic_load(&s->ex))
 				atomic_fetch_add(&concur__stall_detectors, 1);
+			atomic_fetch_add(&s->gen, 1);
 			atomic_store(&s->ex, NULL);
 			atomic_store(&s->ex_id, ex->id);
 			atomic_store(&s->fn, fn);
@@ -102,7 +112,7 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 	}
 	pthread_mutex_unlock(&slots_lock);
 	if (changed)
-		stall_wait_reports(ex, changed);
+		stall_wait_reports(ex, changed, old_gen);
 	return err;
 }
 
@@ -134,13 +144,14 @@ void concur__stall_end(struct concur__loop *loop, int64_t t0)
 	atomic_fetch_add(&s->count, 1);
 	concur_stall_fn fn = atomic_load(&s->fn);
 	void *arg = atomic_load(&s->arg);
+	unsigned parity = atomic_load(&s->gen) & 1;
 	if (fn)
-		atomic_fetch_add_explicit(&s->reporting, 1, memory_order_relaxed);
+		atomic_fetch_add_explicit(&s->reporting[parity], 1, memory_order_relaxed);
 	pthread_mutex_unlock(&slots_lock);
 	if (fn) {
 		stall_in_report = true;
 		fn(loop->ex, loop->idx, ran, arg);
 		stall_in_report = false;
-		atomic_fetch_sub_explicit(&s->reporting, 1, memory_order_release);
+		atomic_fetch_sub_explicit(&s->reporting[parity], 1, memory_order_release);
 	}
 }
