@@ -198,11 +198,12 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 
 /*
  * The waiting task was cancelled: its members are cancelled too, and waited for (shielded: the
- * task's own cancel does not break that wait, nor does a deadline), so that -ECANCELED, like
+ * task's own cancel does not break that wait, nor does a scope's deadline; the caller's timeout
+ * still does), so that -ECANCELED, like
  * every other result but -ETIMEDOUT, means no member runs any more -- what a task group in
  * asyncio or a Trio nursery does. It returned at once, the members running on.
  */
-static int64_t group_wait_cancelled(concur_group *g)
+static int64_t group_wait_cancelled(concur_group *g, int64_t deadline)
 {
 	int64_t r = 0;
 	concur_group_cancel(g);
@@ -213,9 +214,9 @@ static int64_t group_wait_cancelled(concur_group *g)
 			pthread_mutex_unlock(&g->lock);
 			break;
 		}
-		r = concur__wake_sleep(&g->lock, &g->wake, -1);
+		r = concur__wake_sleep(&g->lock, &g->wake, deadline);
 		if (r < 0)
-			break; /* -ENOMEM: no way to wait */
+			break; /* the caller's timeout (members may run on), or -ENOMEM */
 	}
 	concur_shield_pop();
 	return r < 0 ? r : -ECANCELED;
@@ -237,7 +238,7 @@ int64_t concur_group_wait(concur_group *g, int64_t timeout_ns)
 		}
 		int64_t r = concur__wake_sleep(&g->lock, &g->wake, deadline);
 		if (r == -ECANCELED && concur_in_task())
-			return group_wait_cancelled(g);
+			return group_wait_cancelled(g, deadline);
 		if (r < 0)
 			return r;
 	}
