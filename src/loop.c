@@ -1053,6 +1053,11 @@ static void concur__loop_cleanup(struct concur__loop *loop)
 	 * its target's inbox. Bounded: a ring that keeps refusing cannot hold the stop. */
 	for (int tries = 0; tries < 64 && io_uring_sq_ready(&loop->ring); tries++) {
 		concur__flush(loop);
+		/* with SQPOLL the submit only wakes the kernel's thread: let it take them */
+		for (int spins = 0; (loop->ring.flags & IORING_SETUP_SQPOLL) && spins < 1000 &&
+		                    io_uring_sq_ready(&loop->ring);
+		     spins++)
+			sched_yield();
 		concur__reap(loop);
 	}
 	/* Ops still in the kernel (none after a join, but be safe): cancel and reap them, so
