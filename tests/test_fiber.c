@@ -203,7 +203,6 @@ static void test_guard_page(void **state)
  */
 static int probe_child(void)
 {
-	concur__stack_map_budget(-1); /* the process-wide setup (it reads a file), unlimited */
 	struct rlimit old, low;
 	if (getrlimit(RLIMIT_AS, &old))
 		return 3;
