@@ -613,18 +613,25 @@ static int64_t read_cancel_pipe(void *arg)
 	return concur_await_read(cancel_pipe[0], &c, 1, -1, -1);
 }
 
+/* A 1-loop executor (*exp) with a task in its read of cancel_pipe: the loop asleep, the task in
+ * its read with nothing else to run. */
+static concur_future *reader_in_its_read(concur_exec **exp)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(pipe(cancel_pipe), 0);
+	assert_int_equal(concur_exec_new(exp, &o), 0);
+	concur_future *t = concur_spawn(*exp, read_cancel_pipe, NULL);
+	for (int i = 0; i < 100000 && !atomic_load(&(*exp)->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&(*exp)->loops[0]->sleeping), 1);
+	return t;
+}
+
 static void test_fault_cancel_message_refused(void **state)
 {
 	(void)state;
 	concur_exec *ex = NULL;
-	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(pipe(cancel_pipe), 0);
-	assert_int_equal(concur_exec_new(&ex, &o), 0);
-	concur_future *t = concur_spawn(ex, read_cancel_pipe, NULL);
-	/* the loop asleep: the task is in its read, with nothing else to run */
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1);
+	concur_future *t = reader_in_its_read(&ex);
 	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE); /* the cancel's message */
 	int c = concur_cancel(t);
 	long refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
@@ -676,13 +683,7 @@ static void test_fault_cancel_racing_free(void **state)
 {
 	(void)state;
 	concur_exec *ex = NULL;
-	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(pipe(cancel_pipe), 0);
-	assert_int_equal(concur_exec_new(&ex, &o), 0);
-	concur_future *t = concur_spawn(ex, read_cancel_pipe, NULL);
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* t is in its read */
+	concur_future *t = reader_in_its_read(&ex);
 	atomic_store(&canceller_state, 0);
 	atomic_store(&freed, 0);
 	atomic_store(&wrap_malloc_hook, hold_canceller_malloc);

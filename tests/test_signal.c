@@ -25,8 +25,8 @@
 
 static concur_exec *ex;
 
-/* How many signalfds the process has open. */
-static int count_signalfds(void)
+/* How many signalfds the process has open; *last (if not NULL) gets one's fd, or -1. */
+static int signalfds(int *last)
 {
 	DIR *d = opendir("/proc/self/fd");
 	struct dirent *e;
@@ -34,17 +34,27 @@ static int count_signalfds(void)
 	int n = 0;
 
 	assert_non_null(d);
+	if (last)
+		*last = -1;
 	while ((e = readdir(d))) {
 		snprintf(path, sizeof(path), "/proc/self/fd/%s", e->d_name);
 		ssize_t len = readlink(path, target, sizeof(target) - 1);
 		if (len <= 0)
 			continue;
 		target[len] = 0;
-		if (strstr(target, "[signalfd]"))
+		if (strstr(target, "[signalfd]")) {
 			n++;
+			if (last)
+				*last = atoi(e->d_name);
+		}
 	}
 	closedir(d);
 	return n;
+}
+
+static int count_signalfds(void)
+{
+	return signalfds(NULL);
 }
 
 static sigset_t set_of(int sig)
@@ -66,22 +76,8 @@ static bool consume_pending(int sig)
 /* The fd of the one signalfd the process has open, or -1. */
 static int find_signalfd(void)
 {
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	char path[300], target[64];
-	int fd = -1;
-
-	assert_non_null(d);
-	while ((e = readdir(d))) {
-		snprintf(path, sizeof(path), "/proc/self/fd/%s", e->d_name);
-		ssize_t len = readlink(path, target, sizeof(target) - 1);
-		if (len <= 0)
-			continue;
-		target[len] = 0;
-		if (strstr(target, "[signalfd]"))
-			fd = atoi(e->d_name);
-	}
-	closedir(d);
+	int fd;
+	signalfds(&fd);
 	return fd;
 }
 
