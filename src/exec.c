@@ -866,6 +866,14 @@ struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn f
 	return t;
 }
 
+void concur__task_end_unrun(struct concur__task *t, int64_t err, uint32_t final_state)
+{
+	if (concur__future_claim_unrun(&t->f))
+		concur__complete_unhold(&t->f, err, final_state);
+	else
+		concur__unhold(&t->f); /* a cancel won: it completed it */
+}
+
 void concur__task_enqueue(struct concur__task *t)
 {
 	concur_exec *ex = t->f.ex;
@@ -880,11 +888,7 @@ void concur__task_enqueue(struct concur__task *t)
 		concur__work_begin(ex);
 	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
 		concur__work_end(ex);
-		/* it will never run: the executor lets go of it */
-		if (concur__future_claim(&t->f))
-			concur__complete_unhold(&t->f, -ESHUTDOWN, CONCUR__FINISHED);
-		else
-			concur__unhold(&t->f);
+		concur__task_end_unrun(t, -ESHUTDOWN, CONCUR__FINISHED);
 		return;
 	}
 	if (pin) { /* concur_spawn_on: to its loop's ready queue, however it gets there */

@@ -597,9 +597,9 @@ bool concur__future_claim(concur_future *f)
 	return concur__future_claim_as(f, CONCUR__RUNNING);
 }
 
-bool concur__future_claim_cancel(concur_future *f)
+bool concur__future_claim_unrun(concur_future *f)
 {
-	/* not CANCELLED yet: done must not show before the compositions recorded it */
+	/* not final yet: done must not show before the compositions recorded it */
 	return concur__future_claim_as(f, CONCUR__PENDING | CONCUR__COMPLETING);
 }
 
@@ -700,9 +700,10 @@ int concur_cancel(concur_future *f)
 		return -EINVAL;
 	uint32_t s = atomic_load_explicit(&f->state, memory_order_acquire);
 	for (;;) {
-		if (s & CONCUR__COMPLETING) { /* another cancel won: it is about to be CANCELLED */
+		if (s &
+		    CONCUR__COMPLETING) { /* a cancel won, or it ends unrun: a few stores away */
 			concur__future_wait_final(f);
-			return 1;
+			return concur__state(f) == CONCUR__CANCELLED;
 		}
 		switch (s & CONCUR__STATE_MASK) {
 		case CONCUR__CANCELLED:

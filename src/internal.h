@@ -210,8 +210,8 @@ struct concur__task;
 /*
  * state word: the low bits are the state (a futex word: foreign threads sleep on it, and say
  * so in the waiters word, CONCUR__WAITERS_PARKED), COMPLETING (with PENDING) says a cancel won
- * the future and is completing it: not done yet (compositions are still recording it), but
- * nobody else may claim, set or cancel it.
+ * the future, or its executor ends it unrun, and is completing it: not done yet (compositions
+ * are still recording it), but nobody else may claim, set or cancel it.
  */
 enum {
 	CONCUR__PENDING = 0,
@@ -219,7 +219,7 @@ enum {
 	CONCUR__FINISHED = 2,
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
-	CONCUR__COMPLETING = 8,  /* a cancel won: CANCELLED once the compositions recorded it */
+	CONCUR__COMPLETING = 8,  /* ending unrun: final once the compositions recorded it */
 	CONCUR__CANCEL_REQ = 16, /* a RUNNING task was asked to stop (concur_cancel): control.c */
 };
 
@@ -354,9 +354,10 @@ void concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state
 void concur__unhold(concur_future *f);
 /* Claim a PENDING future for running (PENDING -> RUNNING). False if it was cancelled. */
 bool concur__future_claim(concur_future *f);
-/* Claim a PENDING future for cancelling it, as concur_cancel() does, for its executor to
- * complete it with concur__complete_unhold(). False if it was cancelled already. */
-bool concur__future_claim_cancel(concur_future *f);
+/* Claim a PENDING future to end it unrun (PENDING -> PENDING|COMPLETING, as concur_cancel()
+ * does), for its executor to complete it with concur__complete_unhold(). Never RUNNING: a cancel
+ * meanwhile waits for the end, and asks no loop to stop it. False if it was cancelled already. */
+bool concur__future_claim_unrun(concur_future *f);
 /* Add a waiter; false if f is done (the waiter was not added; f's state is final by then). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
 /*
@@ -618,8 +619,8 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns);
  * waiting for its inputs holds no stack and is not counted as work yet. extra bytes follow the
  * record for the caller, and are the task's arg (t + 1; records are 16-aligned). Its future has the
  * caller's reference and the executor's hold, let go when the task completes -- or by the caller
- * with concur__complete_unhold() (concur__unhold() if a cancel won) if it ends the task itself
- * instead of queueing it. NULL on -ENOMEM.
+ * with concur__task_end_unrun() if it ends the task itself instead of queueing it. NULL on
+ * -ENOMEM.
  */
 struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra);
 /* The same for fn(arg) with its record of a plain spawn: queued later, once its caller has
@@ -627,6 +628,9 @@ struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn f
 struct concur__task *concur__task_new(concur_exec *ex, concur_task_fn fn, void *arg);
 /* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
 void concur__task_enqueue(struct concur__task *t);
+/* End a held task unrun with err in final_state (unless a cancel won first): its executor lets
+ * go of it. Not to be touched afterwards. */
+void concur__task_end_unrun(struct concur__task *t, int64_t err, uint32_t final_state);
 /*
  * Future records come in three sizes that are cached (exec.c): a spawned task's, a deferred
  * task's with up to CONCUR__DEFERRED_CACHED_EXTRA bytes after it (a then: one input's state,

@@ -590,16 +590,6 @@ static int64_t wait_then_task(void *arg)
 	return a->then_fn(a->arg, wait_after_values(a)[0]);
 }
 
-/* End the task unrun with err (unless its owner cancelled it first). */
-static void wait_after_fail(struct concur__task *t, int64_t err, uint32_t final_state)
-{
-	/* it never runs: the executor lets go of it */
-	if (concur__future_claim(&t->f))
-		concur__complete_unhold(&t->f, err, final_state);
-	else
-		concur__unhold(&t->f);
-}
-
 /* Every input is done: queue the task, or end it with the first input's error. */
 static void wait_after_start(struct concur__task *t)
 {
@@ -609,17 +599,17 @@ static void wait_after_start(struct concur__task *t)
 		if (values[i] < 0) {
 			/* a cancelled input (or one dropped unset) cancels it, as a task returning
 			 * -ECANCELED ends CANCELLED */
-			wait_after_fail(t, values[i],
-			                ((wait_after_slots(a)[i].w.tag & AFTER_DROPPED) ||
-			                 values[i] == -ECANCELED)
-			                    ? CONCUR__CANCELLED
-			                    : CONCUR__FINISHED);
+			concur__task_end_unrun(t, values[i],
+			                       ((wait_after_slots(a)[i].w.tag & AFTER_DROPPED) ||
+			                        values[i] == -ECANCELED)
+			                           ? CONCUR__CANCELLED
+			                           : CONCUR__FINISHED);
 			return;
 		}
 	}
 	/* a freed executor cannot take it: never touch it (its memory may be gone) */
 	if (!concur__exec_alive(t->f.ex, t->f.ex_id)) {
-		wait_after_fail(t, -ESHUTDOWN, CONCUR__FINISHED);
+		concur__task_end_unrun(t, -ESHUTDOWN, CONCUR__FINISHED);
 		return;
 	}
 	concur__task_enqueue(t); /* cancelled meanwhile: its loop drops it unrun */

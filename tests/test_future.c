@@ -602,13 +602,16 @@ static void test_held_cancelled_queued(void **state)
 	}
 }
 
-/* The executor cancels one it has not started (shutdown): completed and let go at once. */
-static void test_held_claim_cancel(void **state)
+/* The executor ends one it has not started (shutdown): never RUNNING, completed and let go at
+ * once. */
+static void test_held_claim_unrun(void **state)
 {
 	concur_future *f = held_new();
 	atomic_store(&f->state, CONCUR__PENDING);
-	assert_true(concur__future_claim_cancel(f));
-	assert_false(concur__future_claim_cancel(f)); /* once */
+	assert_true(concur__future_claim_unrun(f));
+	assert_false(concur__future_claim_unrun(f)); /* once */
+	assert_false(concur_running(f));
+	assert_false(concur_done(f));
 	concur__complete_unhold(f, -ECANCELED, CONCUR__CANCELLED);
 	assert_int_equal(held_destroyed, 0);
 	assert_true(concur_cancelled(f));
@@ -824,7 +827,7 @@ int main(void)
 	    cmocka_unit_test(test_held_release_after_completion),
 	    cmocka_unit_test(test_held_release_before_completion),
 	    cmocka_unit_test(test_held_cancelled_queued),
-	    cmocka_unit_test(test_held_claim_cancel),
+	    cmocka_unit_test(test_held_claim_unrun),
 	    cmocka_unit_test(test_held_hook_releases_last),
 	    cmocka_unit_test(test_held_callback_takes_reference),
 	    cmocka_unit_test(test_held_executor_reference),

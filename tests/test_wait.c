@@ -6,8 +6,10 @@
 #include <errno.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 static concur_exec *ex1; /* 1 loop (ex, from comp_test.h, has 2) */
 
@@ -790,6 +792,70 @@ static void test_as_completed_observed_order(void **state)
 	}
 }
 
+/*
+ * A continuation ended unrun (its input failed, or its executor was shut down) is never RUNNING:
+ * a concur_cancel in that window once found it RUNNING with no loop, and crashed asking that
+ * loop to stop it. The end is held (a link-time wrap of concur__complete_unhold, from
+ * tests/CMakeLists.txt) while another thread cancels: the cancel waits for the end and says it
+ * was too late.
+ */
+static concur_future *_Atomic hold_end_of;
+static atomic_bool held_running, canceller_in;
+static atomic_int cancel_said;
+
+void __real_concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state);
+void __wrap_concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state);
+
+static void *cancel_held(void *arg)
+{
+	atomic_store(&canceller_in, true);
+	atomic_store(&cancel_said, concur_cancel(arg));
+	return NULL;
+}
+
+void __wrap_concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state)
+{
+	if (f == atomic_load(&hold_end_of)) {
+		atomic_store(&hold_end_of, NULL);
+		atomic_store(&held_running, concur_running(f) || concur_done(f));
+		pthread_t th;
+		assert_int_equal(pthread_create(&th, NULL, cancel_held, f), 0);
+		while (!atomic_load(&canceller_in))
+			sched_yield();
+		usleep(
+		    20000); /* the cancel reads the state meanwhile (it has to wait for us now) */
+		__real_concur__complete_unhold(f, res, final_state);
+		pthread_join(th, NULL);
+		return;
+	}
+	__real_concur__complete_unhold(f, res, final_state);
+}
+
+static void test_cancel_while_ending_unrun(void **state)
+{
+	for (int shut = 0; shut < 2; shut++) {
+		struct concur_exec_opts o = {.loops = 1};
+		concur_exec *e;
+		assert_int_equal(concur_exec_new(&e, &o), 0);
+		concur_future *p = concur_promise_new(e);
+		concur_future *c = concur_then(p, add_one, NULL);
+		atomic_store(&canceller_in, false);
+		atomic_store(&cancel_said, -1000);
+		atomic_store(&hold_end_of, c);
+		if (shut)
+			concur_exec_shutdown(e, false);
+		assert_int_equal(concur_promise_set(p, shut ? 1 : -EIO), 0); /* ends c unrun */
+		assert_null(atomic_load(&hold_end_of));                      /* it was held */
+		assert_false(atomic_load(&held_running));       /* neither RUNNING nor done there */
+		assert_int_equal(atomic_load(&cancel_said), 0); /* too late: it ended as it was */
+		assert_int_equal(concur_result(c, 0), shut ? -ESHUTDOWN : -EIO);
+		assert_false(concur_cancelled(c));
+		concur_release(c);
+		concur_release(p);
+		concur_exec_free(e);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -815,6 +881,7 @@ int main(void)
 	    cmocka_unit_test(test_abandoned_waits_leave_nothing),
 	    cmocka_unit_test(test_then_after_executor_freed),
 	    cmocka_unit_test(test_as_completed_observed_order),
+	    cmocka_unit_test(test_cancel_while_ending_unrun),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
