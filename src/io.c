@@ -123,9 +123,22 @@ static void io_submit(struct concur__loop *loop, struct concur__io *io)
 }
 
 /*
+ * How the kernel says an op was stopped before its end: -ECANCELED, or from an io-wq worker
+ * blocked in the op (a splice on an empty pipe) the signal's -EINTR or one of the kernel's own
+ * restart codes (ERESTARTSYS 512, ERESTARTNOINTR 513, ERESTARTNOHAND 514, ERESTART_RESTARTBLOCK
+ * 516), which are no errno of user space.
+ */
+static inline bool io_stopped(int64_t res)
+{
+	return res == -ECANCELED || res == -EINTR || res == -512 || res == -513 || res == -514 ||
+	       res == -516;
+}
+
+/*
  * The request's outcome, the kernel's codes mapped: a timeout op's expiry (-ETIME) is 0; an op
- * ended by its deadline (-ECANCELED, or -EINTR from a worker) is -ETIMEDOUT; one ended by our
- * cancel is -ECANCELED and *cancelled. Anything else is the kernel's own result.
+ * stopped (io_stopped) by its deadline is -ETIMEDOUT; one stopped by our cancel is -ECANCELED
+ * and *cancelled; a kernel restart code with neither is -EINTR. Anything else is the kernel's
+ * own result.
  */
 static int64_t io_outcome(struct io_req *r, bool *cancelled)
 {
@@ -134,13 +147,15 @@ static int64_t io_outcome(struct io_req *r, bool *cancelled)
 	*cancelled = false;
 	if (r->opcode == IORING_OP_TIMEOUT && res == -ETIME)
 		return 0;
-	if (res == -ECANCELED || res == -EINTR) {
+	if (io_stopped(res)) {
 		if (r->has_deadline && r->lt_res == -ETIME)
 			return -ETIMEDOUT;
 		if (atomic_load_explicit(&r->cancel_req, memory_order_relaxed)) {
 			*cancelled = true;
 			return -ECANCELED;
 		}
+		if (res != -ECANCELED)
+			return -EINTR;
 	}
 	return res;
 }
@@ -480,7 +495,7 @@ static int64_t io_await_end(struct io_req *r, struct io_uring_sqe *sqe)
 	if (r->timer_deadline)
 		concur__ctl_wait_deadline(r->task, INT64_MAX);
 	res = io_outcome(r, &cancelled);
-	if (intr && (r->res == -ECANCELED || r->res == -EINTR))
+	if (intr && io_stopped(r->res))
 		return intr; /* ended by the interrupt (a cancel, its deadline, a scope's) */
 	return res;
 }

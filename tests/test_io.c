@@ -1156,6 +1156,35 @@ static void test_splice_direct(void **state)
 	unlink(out_path);
 }
 
+/*
+ * A splice from an empty pipe blocks in a kernel worker; stopped there, the kernel says so with
+ * its own restart code (ERESTARTSYS, -512), which once came back to the caller as the result.
+ * Its deadline ends it -ETIMEDOUT, a cancel -ECANCELED (CANCELLED), as for any op.
+ */
+static int64_t splice_blocked_task(void *arg)
+{
+	int *fds = arg; /* {pipe read end, /dev/null} */
+	return concur_await_splice(fds[0], -1, fds[1], -1, 4096, 0, MS(50));
+}
+
+static void test_splice_stopped_in_worker(void **state)
+{
+	int p[2];
+	assert_int_equal(pipe(p), 0); /* the write end stays open: the read waits */
+	int fds[2] = {p[0], open("/dev/null", O_WRONLY | O_CLOEXEC)};
+	assert_true(fds[1] >= 0);
+	assert_int_equal(run_task(splice_blocked_task, fds), -ETIMEDOUT);
+	concur_future *f = concur_splice(ex, p[0], -1, fds[1], -1, 4096, 0, CONCUR_NO_TIMEOUT);
+	assert_int_equal(concur_result(f, MS(20)), -ETIMEDOUT); /* (in the worker by now) */
+	assert_int_equal(concur_cancel(f), -EINPROGRESS);
+	assert_int_equal(concur_result(f, MS(10000)), -ECANCELED);
+	assert_true(concur_cancelled(f));
+	concur_release(f);
+	close(p[0]);
+	close(p[1]);
+	close(fds[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1184,6 +1213,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_msg_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_poll_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_direct, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_splice_stopped_in_worker, setup, teardown),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
