@@ -972,8 +972,13 @@ int concur_recv_stream(concur_stream **out, int fd, int flags);
  * recv is armed only while a consumer waits (in next() or a next-future) and nothing is queued.
  * A connection whose task is idle in next() holds no buffer until bytes arrive, and one whose
  * task is busy elsewhere (say blocked sending to a client that never reads) holds none at all,
- * so no client can dry the loop's ring for the others. Servers want this one; the multishot
- * form suits a consumer that keeps up with a bulk transfer. Returns as concur_recv_stream().
+ * so no client can dry the loop's ring for the others. A next() ended by a deadline or a cancel
+ * stops the recv. Bytes that come with no consumer waiting any more (that next() racing them, a
+ * next-future cancelled or released) are moved to a buffer of the stream's own (4 KiB of heap,
+ * lent by the next next() as any chunk, with its own bid), and the ring's buffer goes back at
+ * once.
+ * Servers want this one; the multishot form suits a consumer that keeps up with a bulk
+ * transfer. Returns as concur_recv_stream().
  */
 int concur_recv_stream_on_demand(concur_stream **out, int fd, int flags);
 /* In a task on the stream's loop: the next item (see above), waiting for it. chunk may be NULL

@@ -49,6 +49,11 @@
 #define STREAM_NBUFS    256u
 #define STREAM_BUF_SIZE 4096u
 
+/* An on-demand stream's item copied out of the ring (see stream_keep_unwanted): its flags say
+ * so, and the chunk lent for it carries this buffer id. */
+#define STREAM_ITEM_SPILLED (1u << 15) /* no CQE flag; below IORING_CQE_BUFFER_SHIFT */
+#define STREAM_SPILL_BID    UINT32_MAX
+
 #define STREAM_BACKOFF_MIN_MS 4u
 #define STREAM_BACKOFF_MAX_MS 512u
 
@@ -73,6 +78,7 @@ struct stream_next {
 };
 
 enum { STREAM_CANCEL_NONE, STREAM_CANCEL_POSTED, STREAM_CANCEL_RAN };
+enum { STREAM_SPILL_FREE, STREAM_SPILL_QUEUED, STREAM_SPILL_LENT };
 
 struct concur_stream {
 	struct concur__op op;       /* the armed operation's CQEs */
@@ -99,6 +105,8 @@ struct concur_stream {
 	int32_t end_res;
 	int32_t pending_err;   /* a transient accept error not reported yet */
 	uint32_t backoff_ms;   /* the last back-off; 0 after a success */
+	char *spill;           /* on-demand: a buffer's worth for bytes nobody waited for */
+	int spill_state;       /* STREAM_SPILL_* */
 	struct stream_item *q; /* items not consumed yet, a ring of qcap */
 	unsigned qhead, qlen, qcap;
 	struct __kernel_timespec ts; /* the back-off timer's */
@@ -244,6 +252,7 @@ static void stream_maybe_free(struct concur_stream *s)
 	if (!s->closed || s->armed || s->timer_armed ||
 	    atomic_load_explicit(&s->cancel_post, memory_order_acquire) == STREAM_CANCEL_POSTED)
 		return;
+	free(s->spill);
 	free(s->q);
 	free(s);
 	concur__work_end(ex);
@@ -257,6 +266,8 @@ static void stream_discard(struct concur_stream *s, struct stream_item it)
 	if (it.flags & IORING_CQE_F_BUFFER) {
 		stream_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
 		stream_bufs_back(s->bufs);
+	} else if (it.flags & STREAM_ITEM_SPILLED) {
+		s->spill_state = STREAM_SPILL_FREE;
 	} else if (!s->recv && it.res >= 0) {
 		close(it.res);
 	}
@@ -323,7 +334,12 @@ static int64_t stream_take(struct concur_stream *s, struct concur_chunk *chunk)
 	it = s->q[s->qhead];
 	s->qhead = (s->qhead + 1) % s->qcap;
 	s->qlen--;
-	if (s->recv) {
+	if (s->recv && (it.flags & STREAM_ITEM_SPILLED)) {
+		s->spill_state = STREAM_SPILL_LENT;
+		chunk->bid = STREAM_SPILL_BID;
+		chunk->data = s->spill;
+		chunk->len = (size_t)it.res;
+	} else if (s->recv) {
 		chunk->bid = it.flags >> IORING_CQE_BUFFER_SHIFT;
 		chunk->data = s->bufs->mem + (size_t)chunk->bid * STREAM_BUF_SIZE;
 		chunk->len = (size_t)it.res;
@@ -360,11 +376,15 @@ static void stream_feed_future(struct concur_stream *s)
 		concur_release(&n->f);
 		return;
 	}
-	concur__complete(&n->f, stream_take(s, n->chunk), CONCUR__FINISHED);
+	int64_t res = stream_take(s, n->chunk);
+	stream_rearm(s);
+	/* last: the completion runs the future's callbacks, and one may close (free) the stream */
+	concur__complete(&n->f, res, CONCUR__FINISHED);
 	concur_release(&n->f);
 }
 
-/* Something arrived: wake the consumer. */
+/* Something arrived: wake the consumer. Last thing the caller does with s: a next-future's
+ * callback may close the stream. */
 static void stream_wake(struct concur_stream *s)
 {
 	struct concur__task *t = s->waiter;
@@ -373,13 +393,23 @@ static void stream_wake(struct concur_stream *s)
 		s->waiter = NULL;
 		concur__resume(t);
 	} else if (s->fwaiter && stream_ready(s)) {
-		stream_feed_future(s);
-		stream_rearm(s);
+		stream_feed_future(s); /* s may be gone after it */
+	}
+}
+
+/* An on-demand recv armed for a consumer that left: stop it, so that it takes no buffer of the
+ * ring for nobody (the bytes wait in the socket). Its -ECANCELED is ours, and ends nothing. */
+static void stream_disarm_unwanted(struct concur_stream *s)
+{
+	if (s->on_demand && s->armed && !s->stop_sent && !s->waiter && !s->fwaiter) {
+		s->stop_sent = true;
+		stream_cancel_op(s, &s->op);
 	}
 }
 
 /* A cancel or a deadline breaks a task's wait in next(): nothing is in flight for it alone
- * (the stream's multishot goes on, its items stay queued for a later next). */
+ * (the stream's multishot goes on, its items stay queued for a later next; an on-demand recv
+ * is stopped). */
 static bool stream_interrupt(struct concur__loop *loop, struct concur__task *t, void *arg)
 {
 	struct concur_stream *s = arg;
@@ -387,6 +417,7 @@ static bool stream_interrupt(struct concur__loop *loop, struct concur__task *t, 
 	if (s->waiter != t)
 		return false; /* woken already: the item is there */
 	s->waiter = NULL;
+	stream_disarm_unwanted(s);
 	concur__resume(t); /* the fibers' funnel (on t's loop: its ready queue) */
 	return true;
 }
@@ -450,6 +481,29 @@ static void stream_transient(struct concur_stream *s, int32_t err, bool more)
 	stream_backoff(s);
 }
 
+/*
+ * An on-demand recv's bytes came with nobody left to consume them (a next-future cancelled or
+ * released, a next() broken by a deadline or a cancel, before they came): they go from the ring's
+ * buffer to the stream's own, and the buffer back to the ring at once. Otherwise each such
+ * connection would hold a buffer of the loop's ring until its task came back, and a few hundred
+ * of them would dry it for every stream of the loop. Returns the item's flags; with no memory
+ * (or the stream's buffer lent still), the item keeps its ring buffer, as a multishot's does.
+ */
+static uint32_t stream_keep_unwanted(struct concur_stream *s, int32_t res, uint32_t flags)
+{
+	stream_drop_stale_future(s);
+	if (s->waiter || s->fwaiter || s->spill_state != STREAM_SPILL_FREE)
+		return flags;
+	if (!s->spill && !(s->spill = malloc(STREAM_BUF_SIZE)))
+		return flags;
+	unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+	memcpy(s->spill, s->bufs->mem + (size_t)bid * STREAM_BUF_SIZE, (size_t)res);
+	stream_bufs_put(s->bufs, bid);
+	stream_bufs_back(s->bufs);
+	s->spill_state = STREAM_SPILL_QUEUED;
+	return STREAM_ITEM_SPILLED;
+}
+
 static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                        uint32_t flags)
 {
@@ -482,6 +536,8 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 		stream_rearm(s);
 		return;
 	}
+	if (item && s->on_demand && (flags & IORING_CQE_F_BUFFER))
+		flags = stream_keep_unwanted(s, res, flags);
 	if (!item) {
 		/* the cancel is why it ended, not a shortage met before the kernel saw the cancel
 		 * (out of buffers, an accept's EMFILE: what would not end the stream by itself);
@@ -639,6 +695,12 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 
 	if (err)
 		return err;
+	if (s->recv && chunk && chunk->bid == STREAM_SPILL_BID) {
+		if (s->spill_state != STREAM_SPILL_LENT)
+			return -EINVAL; /* given back already */
+		s->spill_state = STREAM_SPILL_FREE;
+		return 0;
+	}
 	if (!s->recv || !chunk || chunk->bid >= STREAM_NBUFS)
 		return -EINVAL;
 	b = s->bufs;

@@ -419,6 +419,109 @@ static void test_on_demand_holds_no_buffer(void **state)
 	}
 }
 
+/*
+ * The same with consumers that waited and left before their bytes came: a next-future cancelled
+ * and released (the FIRST_COMPLETED pattern), or a next() broken by its deadline. Their recvs
+ * were armed then; each once took a buffer of the ring when its byte came, with no consumer to
+ * give it back, and 256 of them dried the ring: the stream whose consumer waits got nothing.
+ */
+static int leave_how; /* 0: a next-future cancelled, 1: a next() past its deadline */
+
+static int64_t left_streams_task(void *arg)
+{
+	int(*fds)[2] = arg;
+	static concur_stream *s[IDLE_STREAMS + 1];
+	static struct concur_chunk c[IDLE_STREAMS + 1];
+	int64_t r = 0;
+	for (int i = 0; i <= IDLE_STREAMS && !r; i++)
+		r = concur_recv_stream_on_demand(&s[i], fds[i][1], 0);
+	for (int i = 0; i < IDLE_STREAMS && !r; i++) {
+		if (leave_how == 0) {
+			concur_future *f = concur_stream_next_future(s[i], &c[i]);
+			r = concur_cancel(f) == 1 ? 0 : -EPROTO;
+			concur_release(f);
+		} else {
+			concur_deadline_push(MS(1));
+			r = concur_stream_next(s[i], &c[i]) == -ETIMEDOUT ? 0 : -EPROTO;
+			concur_deadline_pop();
+		}
+	}
+	if (r)
+		return r;
+	for (int i = 0; i <= IDLE_STREAMS; i++)
+		if (write(fds[i][0], "x", 1) != 1)
+			return -EIO;
+	concur_sleep(MS(50)); /* the kernel has had every byte to receive by now */
+	for (int i = IDLE_STREAMS; i >= 0 && r >= 0; i--) { /* the waiting one first */
+		concur_deadline_push(MS(1000));
+		r = concur_stream_next(s[i], &c[i]);
+		concur_deadline_pop();
+		if (r == 1 && *(char *)c[i].data != 'x')
+			r = -EILSEQ;
+		if (r == 1)
+			r = concur_stream_give(s[i], &c[i]);
+		else if (r >= 0)
+			r = -EPROTO;
+	}
+	for (int i = 0; i <= IDLE_STREAMS; i++)
+		concur_stream_close(s[i]);
+	return r;
+}
+
+static void test_on_demand_consumer_left(void **state)
+{
+	static int fds[IDLE_STREAMS + 1][2];
+	for (leave_how = 0; leave_how < 2; leave_how++) {
+		for (int i = 0; i <= IDLE_STREAMS; i++)
+			assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds[i]),
+			                 0);
+		assert_int_equal(run_task(left_streams_task, fds), 0);
+		assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
+		for (int i = 0; i <= IDLE_STREAMS; i++) {
+			close(fds[i][0]);
+			close(fds[i][1]);
+		}
+	}
+}
+
+/*
+ * A next-future's callback closes the stream when the end comes: nothing was armed any more, so
+ * the close freed the stream at once, and the wake that ran the callback then re-armed it, in
+ * freed memory (AddressSanitizer's heap-use-after-free).
+ */
+static void close_in_callback(concur_future *f, void *arg)
+{
+	concur_stream_close(arg);
+}
+
+static int64_t close_from_callback_task(void *arg)
+{
+	int *fds = arg;
+	concur_stream *s;
+	struct concur_chunk c;
+	int64_t r = concur_recv_stream_on_demand(&s, fds[1], 0);
+	if (r)
+		return r;
+	concur_future *f = concur_stream_next_future(s, &c);
+	r = concur_on_done(f, close_in_callback, s);
+	if (!r)
+		r = shutdown(fds[0], SHUT_WR) ? -errno : 0;
+	if (!r)
+		r = concur_result(f, MS(5000)); /* the end: 0 */
+	concur_release(f);
+	return r;
+}
+
+static void test_close_in_next_future_callback(void **state)
+{
+	int fds[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+	assert_int_equal(run_task(close_from_callback_task, fds), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
+	close(fds[0]);
+	close(fds[1]);
+}
+
 static int64_t stream_close_task(void *arg)
 {
 	int *fds = arg;
@@ -850,6 +953,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_recv_stream, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_recv_stream_on_demand, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_on_demand_holds_no_buffer, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_on_demand_consumer_left, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_close_in_next_future_callback, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_next_future, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
