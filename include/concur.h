@@ -745,6 +745,10 @@ uint64_t concur_stall_count(const concur_exec *ex);
  * deadline (CONCUR_NO_TIMEOUT). The future form links an IORING_OP_LINK_TIMEOUT to the
  * operation; the direct form puts the deadline on the loop's one timer (see the deadline scopes
  * above), which costs no SQE and no CQE unless it fires -- the same rules either way.
+ * A kernel limit (seen on Linux 6.18, with liburing alone too): a linked timeout does not fire
+ * for an operation blocked in a kernel worker, such as a splice or tee from an empty pipe, so
+ * such a future waits for its operation (or a concur_cancel(), which does stop it); the direct
+ * form's deadline cancels it as any other.
  *
  * Cancellation: concur_cancel() on an I/O future returns 1 if the operation was not submitted
  * yet (it never will be), or -EINPROGRESS once the kernel was asked to cancel it
