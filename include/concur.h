@@ -961,7 +961,7 @@ typedef struct concur_stream concur_stream;
 struct concur_chunk {
 	void *data;   /* the received bytes, borrowed */
 	size_t len;   /* how many */
-	uint32_t bid; /* the buffer's id, for concur_stream_give */
+	uint32_t bid; /* which buffer, and which lending of it: for concur_stream_give */
 };
 
 /* In a task: open a multishot accept stream on listening socket fd (flags as accept4).
@@ -1005,7 +1005,8 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
  * release from another thread racing with the item's arrival may hand the item to nobody).
  */
 concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *chunk);
-/* Give a borrowed buffer back. Returns 0, or -EINVAL (also for one given back already). */
+/* Give a borrowed buffer back. Returns 0, or -EINVAL (also for one given back already, even when
+ * its buffer has been lent again since: the bid tells the lendings apart). */
 int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
 /* Ask the kernel to stop the stream early; next() then drains what came and reports the end
  * (-ECANCELED unless the stream ended on its own first). Callable from any thread, loops of

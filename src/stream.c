@@ -52,7 +52,11 @@
 /* An on-demand stream's item copied out of the ring (see stream_keep_unwanted): its flags say
  * so, and the chunk lent for it carries this buffer id. */
 #define STREAM_ITEM_SPILLED (1u << 15) /* no CQE flag; below IORING_CQE_BUFFER_SHIFT */
-#define STREAM_SPILL_BID    UINT32_MAX
+#define STREAM_SPILL_IDX    0xffffu
+/* A lent chunk's bid: the buffer's index in the low 16 bits (STREAM_SPILL_IDX: the stream's own),
+ * and above them the buffer's generation, which every give-back bumps: a chunk given back twice
+ * is refused even after its buffer was lent again meanwhile. */
+#define STREAM_BID(idx, gen) ((uint32_t)(idx) | (uint32_t)(gen) << 16)
 
 #define STREAM_BACKOFF_MIN_MS 4u
 #define STREAM_BACKOFF_MAX_MS 512u
@@ -64,6 +68,7 @@ struct stream_bufs {
 	unsigned free;                   /* buffers in the ring */
 	struct concur_stream *starved;   /* recv streams stopped by ENOBUFS */
 	uint64_t out[STREAM_NBUFS / 64]; /* taken by the kernel, not back in the ring */
+	uint16_t gen[STREAM_NBUFS];      /* bumped each time a buffer goes back (STREAM_BID) */
 };
 
 struct stream_item {
@@ -107,6 +112,7 @@ struct concur_stream {
 	uint32_t backoff_ms;   /* the last back-off; 0 after a success */
 	char *spill;           /* on-demand: a buffer's worth for bytes nobody waited for */
 	int spill_state;       /* STREAM_SPILL_* */
+	uint16_t spill_gen;    /* as a ring buffer's (STREAM_BID) */
 	struct stream_item *q; /* items not consumed yet, a ring of qcap */
 	unsigned qhead, qlen, qcap;
 	struct __kernel_timespec ts; /* the back-off timer's */
@@ -134,6 +140,7 @@ static void stream_bufs_key_init(void)
 static void stream_bufs_put(struct stream_bufs *b, unsigned bid)
 {
 	b->out[bid / 64] &= ~((uint64_t)1 << (bid % 64));
+	b->gen[bid]++;
 	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * STREAM_BUF_SIZE, STREAM_BUF_SIZE,
 	                      (unsigned short)bid, io_uring_buf_ring_mask(STREAM_NBUFS), 0);
 	io_uring_buf_ring_advance(b->br, 1);
@@ -336,12 +343,13 @@ static int64_t stream_take(struct concur_stream *s, struct concur_chunk *chunk)
 	s->qlen--;
 	if (s->recv && (it.flags & STREAM_ITEM_SPILLED)) {
 		s->spill_state = STREAM_SPILL_LENT;
-		chunk->bid = STREAM_SPILL_BID;
+		chunk->bid = STREAM_BID(STREAM_SPILL_IDX, s->spill_gen);
 		chunk->data = s->spill;
 		chunk->len = (size_t)it.res;
 	} else if (s->recv) {
-		chunk->bid = it.flags >> IORING_CQE_BUFFER_SHIFT;
-		chunk->data = s->bufs->mem + (size_t)chunk->bid * STREAM_BUF_SIZE;
+		unsigned bid = it.flags >> IORING_CQE_BUFFER_SHIFT;
+		chunk->bid = STREAM_BID(bid, s->bufs->gen[bid]);
+		chunk->data = s->bufs->mem + (size_t)bid * STREAM_BUF_SIZE;
 		chunk->len = (size_t)it.res;
 	}
 	return it.res;
@@ -695,19 +703,23 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 
 	if (err)
 		return err;
-	if (s->recv && chunk && chunk->bid == STREAM_SPILL_BID) {
-		if (s->spill_state != STREAM_SPILL_LENT)
-			return -EINVAL; /* given back already */
+	if (!s->recv || !chunk)
+		return -EINVAL;
+	unsigned idx = chunk->bid & 0xffffu, gen = chunk->bid >> 16;
+	/* given back already (twice, the ring would hand one buffer to two recvs): not out, or
+	 * out again for another chunk since (a newer generation) */
+	if (idx == STREAM_SPILL_IDX) {
+		if (s->spill_state != STREAM_SPILL_LENT || gen != s->spill_gen)
+			return -EINVAL;
 		s->spill_state = STREAM_SPILL_FREE;
+		s->spill_gen++;
 		return 0;
 	}
-	if (!s->recv || !chunk || chunk->bid >= STREAM_NBUFS)
-		return -EINVAL;
 	b = s->bufs;
-	/* given back already (twice, the ring would hand one buffer to two recvs) */
-	if (!(b->out[chunk->bid / 64] & ((uint64_t)1 << (chunk->bid % 64))))
+	if (idx >= STREAM_NBUFS || !(b->out[idx / 64] & ((uint64_t)1 << (idx % 64))) ||
+	    gen != b->gen[idx])
 		return -EINVAL;
-	stream_bufs_put(b, chunk->bid);
+	stream_bufs_put(b, idx);
 	stream_bufs_back(b);
 	return 0;
 }

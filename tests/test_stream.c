@@ -719,6 +719,23 @@ static int64_t give_twice_task(void *arg)
 		return -4;
 	if (concur_stream_give(s, &c) != 0)
 		return -5;
+	/* given back twice after its buffer went out again (the ring's every buffer in turn, till
+	 * the kernel lends the same one, held): still refused, and the holder's chunk kept */
+	struct concur_chunk old = c, now;
+	for (int i = 0; i <= 256 * 2; i++) {
+		if (write(fds[0], "f", 1) != 1 || concur_stream_next(s, &now) != 1)
+			return -6;
+		if ((now.data == old.data))
+			break;
+		if (concur_stream_give(s, &now) != 0)
+			return -7;
+	}
+	if (now.data != old.data)
+		return -8; /* the ring never lent that buffer again */
+	if (concur_stream_give(s, &old) != -EINVAL)
+		return -9;
+	if (concur_stream_give(s, &now) != 0)
+		return -10;
 	concur_stream_close(s);
 	close(fds[0]);
 	close(fds[1]);
