@@ -7,9 +7,10 @@
  * stack stays put) with its own promise: it queues itself, drops the lock and sleeps in
  * concur_result() on the promise, which blocks a foreign thread or suspends a task; whoever
  * hands it what it waits for (the mutex, a unit, an item, the news of a close) takes it off the
- * queue, writes its status under the lock and sets the promise. A waiter that times out takes
- * the lock and removes itself if it is still queued; if it is not, it was granted meanwhile and
- * takes the grant. So a wake-up is never lost and never doubled.
+ * queue, writes its status under the lock and sets the promise. A waiter that gives up (a
+ * timeout, a cancel) takes the lock and removes itself if it is still queued; if it is not, it
+ * was granted meanwhile and takes the grant, once its promise is set (the granter may still need
+ * its node). So a wake-up is never lost and never doubled.
  */
 #include "wait.h"
 
@@ -21,7 +22,6 @@ struct sync_waiter {
 	bool queued;
 	int status;    /* written by the granter, under the lock */
 	int64_t value; /* a channel item, either way */
-	uint64_t gen;  /* an event's: the sets it has seen (only a later set wakes it) */
 };
 
 struct sync_waitq {
@@ -39,6 +39,22 @@ static void sync_wq_remove(struct sync_waitq *q, struct sync_waiter *w)
 	else
 		q->tail = w->prev;
 	w->queued = false;
+}
+
+/*
+ * A granted waiter whose own wait failed: its granter is between its unlock and the set of this
+ * promise, with the node on its list, so the node must stay until then (a few stores away).
+ * Shielded: a cancel or a deadline must not end this wait. A loop thread outside a task cannot
+ * sleep, so it spins: its granter is another thread (it granted between the queueing and the
+ * look, which a callback makes without letting its thread go).
+ */
+static void sync_await_set(concur_future *p)
+{
+	bool shielded = concur_shield_push() == 0;
+	if (concur_result(p, -1) == -EDEADLK)
+		concur__future_wait_final(p);
+	if (shielded)
+		concur_shield_pop();
 }
 
 /*
@@ -72,59 +88,48 @@ static int sync_park(pthread_mutex_t *lock, struct sync_waitq *q, struct sync_wa
 			concur_release(w->wake);
 			return (int)r;
 		}
+		sync_await_set(w->wake);
 	}
 	concur_release(w->wake);
 	return w->status;
 }
 
 /*
- * With the lock held: take the first waiter of q off the queue and give it status. Returns its
- * promise (retained) for sync_wake(), or NULL if nobody waits. The waiter may be gone as soon as
- * the lock is dropped: only the promise may be touched after that.
+ * Waking: the waker takes every waiter it grants off the queue in one hold of the lock (one for
+ * a handoff or an item; all of them for an event's set, a semaphore's release by n, a channel's
+ * close), onto a list of its own made of their nodes, and sets their promises once it let go.
+ * From then on it touches neither the object (a woken waiter may free it at once: it waited for
+ * this, and nobody else waits) nor a node whose promise it set (gone when its wait returns). A
+ * granted node stays until its promise is set: the waker reads its link first, and a granted
+ * waiter whose wait failed waits for the set (sync_await_set). Waking many used to take the lock
+ * again for each batch of 16, their promises kept on the waker's stack: by then the rest could
+ * have timed out and the object been freed. The list needs no room, so nothing bounds a grant;
+ * its hold is a few stores a waiter, each of whom held the lock to queue.
+ *
+ * With the lock held: give status to up to max waiters at the head of q, in order, and move them
+ * to the tail of woken. Returns how many.
  */
-static concur_future *sync_grant(struct sync_waitq *q, int status)
+static uint64_t sync_grant(struct sync_waitq *q, int status, uint64_t max, struct sync_waitq *woken)
 {
-	struct sync_waiter *w = q->head;
-	if (!w)
-		return NULL;
-	sync_wq_remove(q, w);
-	w->status = status;
-	return concur_retain(w->wake);
-}
-
-static void sync_wake(concur_future *p)
-{
-	if (p) {
-		concur_promise_set(p, 0);
-		concur_release(p);
+	uint64_t k = 0;
+	for (struct sync_waiter *w; k < max && (w = q->head); k++) {
+		sync_wq_remove(q, w);
+		w->status = status;
+		CONCUR__DQ_PUSH_BACK(woken->head, woken->tail, w);
 	}
-}
-
-/*
- * Waking many (an event set, a semaphore released by n, a channel closed): waiters are granted
- * under the lock a batch at a time, their promises kept here, and set only once the lock is
- * dropped. A woken waiter may free the object at once (it waited for this, and nobody else
- * waits), so nothing touches it after the unlock but the next batch's lock, taken only while
- * others still wait; and setting a promise may suspend the setter (a small stack yields when the
- * ring pushes back), which must not happen with the lock held.
- */
-#define SYNC_WAKE_BATCH 16
-
-/* With the lock held: grant status to up to max waiters of q, their promises into out. */
-static unsigned sync_grant_batch(struct sync_waitq *q, int status, unsigned max,
-                                 concur_future **out)
-{
-	unsigned k = 0;
-	concur_future *p;
-	while (k < max && (p = sync_grant(q, status)))
-		out[k++] = p;
 	return k;
 }
 
-static void sync_wake_batch(concur_future **ps, unsigned k)
+/* With the lock dropped: set the promises of the waiters sync_grant() moved to woken. */
+static void sync_wake(struct sync_waitq *woken)
 {
-	for (unsigned i = 0; i < k; i++)
-		sync_wake(ps[i]);
+	for (struct sync_waiter *w = woken->head, *next; w; w = next) {
+		next = w->next; /* first: once its promise is set, the node may be gone */
+		/* held: the waiter may release it while the set is still waking it */
+		concur_future *p = concur_retain(w->wake);
+		concur_promise_set(p, 0);
+		concur_release(p);
+	}
 }
 
 /* Every object starts with its lock: made and freed the same way. */
@@ -199,10 +204,10 @@ int concur_mutex_unlock(concur_mutex *m)
 		pthread_mutex_unlock(&m->lock);
 		return -EPERM;
 	}
-	concur_future *p = sync_grant(&m->q, 0); /* FIFO handoff: the mutex stays locked */
-	m->locked = p != NULL;
+	struct sync_waitq woken = {0};
+	m->locked = sync_grant(&m->q, 0, 1, &woken) > 0; /* FIFO handoff: the mutex stays locked */
 	pthread_mutex_unlock(&m->lock);
-	sync_wake(p);
+	sync_wake(&woken);
 	return 0;
 }
 
@@ -261,26 +266,19 @@ int concur_sem_release(concur_sem *s, int64_t n)
 {
 	if (!s || n < 1)
 		return -EINVAL;
-	concur_future *ps[SYNC_WAKE_BATCH];
+	struct sync_waitq woken = {0};
+	int err = 0;
 	pthread_mutex_lock(&s->lock);
-	for (;;) {
-		unsigned k = sync_grant_batch(
-		    &s->q, 0, n < SYNC_WAKE_BATCH ? (unsigned)n : SYNC_WAKE_BATCH, ps);
-		n -= k;
-		bool more = n > 0 && s->q.head;
-		int err = 0;
-		if (!more && n > 0) {
-			if (n > INT64_MAX - s->value)
-				err = -EOVERFLOW;
-			else
-				s->value += n;
-		}
-		pthread_mutex_unlock(&s->lock);
-		sync_wake_batch(ps, k);
-		if (!more)
-			return err;
-		pthread_mutex_lock(&s->lock);
+	n -= (int64_t)sync_grant(&s->q, 0, (uint64_t)n, &woken);
+	if (n > 0) { /* nobody waits now */
+		if (n > INT64_MAX - s->value)
+			err = -EOVERFLOW;
+		else
+			s->value += n;
 	}
+	pthread_mutex_unlock(&s->lock);
+	sync_wake(&woken);
+	return err;
 }
 
 int64_t concur_sem_value(const concur_sem *s)
@@ -298,7 +296,6 @@ int64_t concur_sem_value(const concur_sem *s)
 struct concur_event {
 	pthread_mutex_t lock;
 	_Atomic bool set;
-	uint64_t sets; /* under the lock */
 	struct sync_waitq q;
 };
 
@@ -319,23 +316,15 @@ int concur_event_set(concur_event *e)
 {
 	if (!e)
 		return -EINVAL;
-	concur_future *ps[SYNC_WAKE_BATCH];
+	struct sync_waitq woken = {0};
 	pthread_mutex_lock(&e->lock);
 	atomic_store(&e->set, true);
-	/* the waiters queued before this set: between its batches, a clear and a new wait may
-	 * queue one this set is not to wake (the queue is FIFO: they are at its tail) */
-	uint64_t set = ++e->sets;
-	for (;;) {
-		unsigned k = 0;
-		while (k < SYNC_WAKE_BATCH && e->q.head && e->q.head->gen < set)
-			ps[k++] = sync_grant(&e->q, 0);
-		bool more = e->q.head && e->q.head->gen < set;
-		pthread_mutex_unlock(&e->lock);
-		sync_wake_batch(ps, k);
-		if (!more)
-			return 0;
-		pthread_mutex_lock(&e->lock);
-	}
+	/* every waiter queued before this set, and only those: a clear and a new wait come after
+	 * this hold */
+	sync_grant(&e->q, 0, UINT64_MAX, &woken);
+	pthread_mutex_unlock(&e->lock);
+	sync_wake(&woken);
+	return 0;
 }
 
 int concur_event_clear(concur_event *e)
@@ -367,7 +356,7 @@ int concur_event_wait(concur_event *e, int64_t timeout_ns)
 		pthread_mutex_unlock(&e->lock);
 		return 0;
 	}
-	struct sync_waiter w = {.gen = e->sets};
+	struct sync_waiter w;
 	return sync_park(&e->lock, &e->q, &w, timeout_ns);
 }
 
@@ -411,10 +400,11 @@ int concur_chan_send(concur_chan *c, int64_t v, int64_t timeout_ns)
 		return -EPIPE;
 	}
 	if (c->receivers.head) { /* the buffer is empty: hand the item over */
+		struct sync_waitq woken = {0};
 		c->receivers.head->value = v;
-		concur_future *p = sync_grant(&c->receivers, 0);
+		sync_grant(&c->receivers, 0, 1, &woken);
 		pthread_mutex_unlock(&c->lock);
-		sync_wake(p);
+		sync_wake(&woken);
 		return 0;
 	}
 	if (c->len < c->cap) {
@@ -435,13 +425,13 @@ int concur_chan_recv(concur_chan *c, int64_t *v, int64_t timeout_ns)
 		*v = c->items[c->head];
 		c->head = (c->head + 1) % c->cap;
 		c->len--;
-		concur_future *p = NULL;
+		struct sync_waitq woken = {0};
 		if (c->senders.head) { /* the buffer was full: take the first sender's item */
 			c->items[(c->head + c->len++) % c->cap] = c->senders.head->value;
-			p = sync_grant(&c->senders, 0);
+			sync_grant(&c->senders, 0, 1, &woken);
 		}
 		pthread_mutex_unlock(&c->lock);
-		sync_wake(p);
+		sync_wake(&woken);
 		return 0;
 	}
 	if (c->closed) {
@@ -459,20 +449,15 @@ int concur_chan_close(concur_chan *c)
 {
 	if (!c)
 		return -EINVAL;
-	concur_future *ps[SYNC_WAKE_BATCH];
+	struct sync_waitq woken = {0};
 	pthread_mutex_lock(&c->lock);
 	int err = c->closed ? -EALREADY : 0;
 	c->closed = true;
-	for (;;) {
-		unsigned k = sync_grant_batch(&c->senders, -EPIPE, SYNC_WAKE_BATCH, ps);
-		k += sync_grant_batch(&c->receivers, -EPIPE, SYNC_WAKE_BATCH - k, ps + k);
-		bool more = c->senders.head || c->receivers.head;
-		pthread_mutex_unlock(&c->lock);
-		sync_wake_batch(ps, k);
-		if (!more)
-			return err;
-		pthread_mutex_lock(&c->lock);
-	}
+	sync_grant(&c->senders, -EPIPE, UINT64_MAX, &woken);
+	sync_grant(&c->receivers, -EPIPE, UINT64_MAX, &woken);
+	pthread_mutex_unlock(&c->lock);
+	sync_wake(&woken);
+	return err;
 }
 
 size_t concur_chan_len(const concur_chan *c)

@@ -1026,10 +1026,197 @@ static void test_fault_waiter_frees_event(void **state)
 }
 
 /*
- * An event's set wakes the waiters queued before it, a batch at a time with the lock dropped in
- * between: a clear and a new wait coming between two batches must not be woken by that set.
- * Forced: the setter is held after its first batch (16 wakes) while the event is cleared and a
- * thread queues a new wait (100 ms, it is never set again).
+ * A waiter may free a sync object as soon as its own wait returned, even while the call that
+ * woke it is still returning. A semaphore's release by n, an event's set and a channel's close
+ * granted 16 waiters at a time, set their promises with the lock dropped, and took the lock again
+ * for the next 16 if others were queued: by then those could have timed out and gone, and a
+ * woken waiter freed the object -- the waker then locked and read freed memory. Forced: 17 tasks
+ * wait, the last with a timeout; the waker is held after its 16th wake until that timeout has
+ * passed and the first waiter, once the last one returned, frees the object (a bounded wait: the
+ * last one, granted with the others, now returns only once woken, and takes the grant). That free
+ * is held until the waker returns, so that the waker's touch (a concur unlock of the object's
+ * lock) is seen in every build, not only as ASan's report. The same with the last waiter's task
+ * cancelled instead: granted, it must not return before it is woken either (its node is on the
+ * waker's list), though its cancel ends every other wait at once.
+ */
+enum { MANY_SEM, MANY_EVENT, MANY_CHAN };
+#define MANY_WAITERS 17
+#define MANY_LAST_MS (SANITIZED ? 1000 : 200) /* the last waiter's timeout */
+static int many_kind;
+static bool many_cancel; /* the last waiter waits for good, and is cancelled */
+static void *many_obj;
+static concur_future *many_last;    /* the last waiter's task */
+static concur_future *many_freeing; /* set when the object's free begins */
+static pthread_t many_waker;
+static int64_t many_deadline; /* the last waiter's timeout has passed by then */
+static atomic_int many_sets;
+static atomic_bool many_waker_out, many_touched, many_freed_early;
+
+static int many_wait(int64_t timeout_ns)
+{
+	int64_t v;
+	switch (many_kind) {
+	case MANY_SEM:
+		return concur_sem_acquire(many_obj, timeout_ns);
+	case MANY_EVENT:
+		return concur_event_wait(many_obj, timeout_ns);
+	default:
+		return concur_chan_recv(many_obj, &v, timeout_ns);
+	}
+}
+
+static int64_t many_middle(void *arg)
+{
+	(void)arg;
+	return many_wait(-1);
+}
+
+static int64_t many_timed(void *arg)
+{
+	(void)arg;
+	return many_wait(many_cancel ? -1 : MS(MANY_LAST_MS));
+}
+
+/* The first waiter: woken, it frees the object once the last waiter returned. */
+static int64_t many_first(void *arg)
+{
+	(void)arg;
+	int r = many_wait(-1);
+	concur_result(many_last, -1);
+	switch (many_kind) {
+	case MANY_SEM:
+		concur_sem_free(many_obj);
+		break;
+	case MANY_EVENT:
+		concur_event_free(many_obj);
+		break;
+	default:
+		concur_chan_free(many_obj);
+	}
+	return r;
+}
+
+/* After the waker's 16th wake: until the last waiter timed out (or is cancelled) and the object
+ * is being freed. */
+static void many_hold_waker(void)
+{
+	if (!pthread_equal(pthread_self(), many_waker) || atomic_fetch_add(&many_sets, 1) != 15)
+		return;
+	if (many_cancel)
+		concur_cancel(many_last);
+	int64_t left = many_deadline - now_ns();
+	concur_result(many_freeing, (left > 0 ? left : 0) + MS(SANITIZED ? 1000 : 300));
+	atomic_store(&many_freed_early, concur_done(many_freeing));
+}
+
+/* The object's free: seen, and held (its memory kept) until the waker returned. */
+static void many_hold_free(void *p)
+{
+	if (p != many_obj)
+		return;
+	concur_promise_set(many_freeing, 0);
+	for (int i = 0; i < 50000 && !atomic_load(&many_waker_out); i++)
+		usleep(100);
+}
+
+static void many_seen_unlock(pthread_mutex_t *m)
+{
+	if ((void *)m == many_obj && concur_done(many_freeing))
+		atomic_store(&many_touched, true);
+}
+
+static void many_waiters_free_under_waker(int kind, bool cancel)
+{
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	many_kind = kind;
+	many_cancel = cancel;
+	switch (kind) {
+	case MANY_SEM:
+		assert_int_equal(concur_sem_new((concur_sem **)&many_obj, 0), 0);
+		break;
+	case MANY_EVENT:
+		assert_int_equal(concur_event_new((concur_event **)&many_obj), 0);
+		break;
+	default:
+		assert_int_equal(concur_chan_new((concur_chan **)&many_obj, 1), 0);
+	}
+	many_freeing = concur_promise_new(NULL);
+	many_waker = pthread_self();
+	atomic_store(&many_sets, 0);
+	atomic_store(&many_waker_out, false);
+	atomic_store(&many_touched, false);
+	atomic_store(&many_freed_early, false);
+	concur_future *t[MANY_WAITERS];
+	for (int i = 0; i < MANY_WAITERS; i++) /* one loop: they queue in this order */
+		t[i] = concur_spawn_on(ex, 0,
+		                       i == 0                 ? many_first
+		                       : i < MANY_WAITERS - 1 ? many_middle
+		                                              : many_timed,
+		                       NULL);
+	many_last = t[MANY_WAITERS - 1];
+	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
+		usleep(100);
+	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* all 17 queued */
+	many_deadline = now_ns() + (cancel ? 0 : MS(MANY_LAST_MS));
+	atomic_store(&wrap_free_hook, many_hold_free);
+	atomic_store(&wrap_unlocked_hook, many_seen_unlock);
+	atomic_store(&wrap_promise_set_hook, many_hold_waker);
+	int r = kind == MANY_SEM     ? concur_sem_release(many_obj, MANY_WAITERS)
+	        : kind == MANY_EVENT ? concur_event_set(many_obj)
+	                             : concur_chan_close(many_obj);
+	atomic_store(&many_waker_out, true);
+	int64_t res[MANY_WAITERS];
+	for (int i = 0; i < MANY_WAITERS; i++) {
+		res[i] = concur_result(t[i], MS(10000));
+		concur_release(t[i]);
+	}
+	atomic_store(&wrap_promise_set_hook, NULL);
+	atomic_store(&wrap_unlocked_hook, NULL);
+	atomic_store(&wrap_free_hook, NULL);
+	bool was_freed = concur_done(many_freeing);
+	concur_release(many_freeing);
+	concur_exec_free(ex);
+	assert_int_equal(r, 0);
+	assert_true(was_freed); /* the first waiter freed it */
+	/* with the waker done with it: once every waiter was woken */
+	assert_false(atomic_load(&many_touched));
+	assert_false(atomic_load(&many_freed_early));
+	/* the last one timed out (was cancelled) after it was granted: it takes the grant */
+	for (int i = 0; i < MANY_WAITERS; i++)
+		assert_int_equal(res[i], kind == MANY_CHAN ? -EPIPE : 0);
+}
+
+static void test_fault_waiter_frees_sem_under_release(void **state)
+{
+	(void)state;
+	many_waiters_free_under_waker(MANY_SEM, false);
+}
+
+static void test_fault_waiter_frees_event_under_set(void **state)
+{
+	(void)state;
+	many_waiters_free_under_waker(MANY_EVENT, false);
+}
+
+static void test_fault_waiter_frees_chan_under_close(void **state)
+{
+	(void)state;
+	many_waiters_free_under_waker(MANY_CHAN, false);
+}
+
+static void test_fault_granted_waiter_cancelled(void **state)
+{
+	(void)state;
+	many_waiters_free_under_waker(MANY_SEM, true);
+}
+
+/*
+ * An event's set wakes the waiters queued before it, and only those: a clear and a new wait
+ * coming while it wakes them (it used to between two batches of 16, the lock dropped in between)
+ * must not be woken by that set. Forced: the setter is held after its 16th wake while the event
+ * is cleared and a thread queues a new wait (100 ms, it is never set again).
  */
 #define LATE_WAITERS 20
 static concur_event *batch_ev;
@@ -1192,6 +1379,10 @@ int main(void)
 	    T(test_fault_group_first_failure_order),
 	    T(test_fault_group_cancel_while_adding),
 	    T(test_fault_waiter_frees_event),
+	    T(test_fault_waiter_frees_sem_under_release),
+	    T(test_fault_waiter_frees_event_under_set),
+	    T(test_fault_waiter_frees_chan_under_close),
+	    T(test_fault_granted_waiter_cancelled),
 	    T(test_fault_event_set_wakes_its_waiters_only),
 	    T(test_fault_chunk_munmap),
 	    T(test_fault_stack_munmap), /* last too: its refused reservation stays mapped */

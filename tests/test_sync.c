@@ -166,6 +166,42 @@ static void test_semaphore(void **state)
 	concur_sem_free(t.s);
 }
 
+/* A release by n wakes up to n waiters however many wait (more than the 16 a wake once took at a
+ * time), and what is left of n becomes units only once nobody waits. */
+static int64_t acquire_task(void *arg)
+{
+	return concur_sem_acquire(arg, -1);
+}
+
+static int count_done(concur_future **fs, int n)
+{
+	int k = 0;
+	for (int i = 0; i < n; i++)
+		k += concur_done(fs[i]);
+	return k;
+}
+
+static void test_semaphore_release_many(void **state)
+{
+	enum { K = 40 };
+	concur_sem *s;
+	assert_int_equal(concur_sem_new(&s, 0), 0);
+	concur_future *fs[K];
+	for (int i = 0; i < K; i++)
+		fs[i] = concur_spawn(ex, acquire_task, s);
+	assert_int_equal(concur_wait(fs, K, CONCUR_FIRST_COMPLETED, MS(20), NULL), 0);
+	assert_int_equal(concur_sem_release(s, 25), 0);
+	EVENTUALLY(count_done(fs, K) == 25);
+	assert_int_equal(concur_sem_value(s), 0);
+	assert_int_equal(concur_sem_release(s, 20), 0);
+	for (int i = 0; i < K; i++) {
+		assert_int_equal(concur_result(fs[i], -1), 0);
+		concur_release(fs[i]);
+	}
+	assert_int_equal(concur_sem_value(s), 5);
+	concur_sem_free(s);
+}
+
 /* ---- event ---------------------------------------------------------------------------------- */
 
 static int64_t event_task(void *arg)
@@ -416,6 +452,7 @@ int main(void)
 	    cmocka_unit_test(test_mutex_fairness_two_loops),
 	    cmocka_unit_test(test_mutex_exclusion_tasks_and_threads),
 	    cmocka_unit_test(test_semaphore),
+	    cmocka_unit_test(test_semaphore_release_many),
 	    cmocka_unit_test(test_event),
 	    cmocka_unit_test(test_chan_basic),
 	    cmocka_unit_test(test_chan_close_wakes_all_receivers),
