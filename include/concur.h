@@ -980,7 +980,8 @@ int concur_recv_stream(concur_stream **out, int fd, int flags);
  * stops the recv. Bytes that come with no consumer waiting any more (that next() racing them, a
  * next-future cancelled or released) are moved to a buffer of the stream's own (4 KiB of heap,
  * lent by the next next() as any chunk, with its own bid), and the ring's buffer goes back at
- * once.
+ * once -- unless that buffer of the stream's own is still lent (or cannot be had): then those
+ * bytes keep their ring buffer until consumed, so give a chunk back before leaving a wait.
  * Servers want this one; the multishot form suits a consumer that keeps up with a bulk
  * transfer. Returns as concur_recv_stream().
  */

@@ -49,10 +49,10 @@
 #define STREAM_NBUFS    256u
 #define STREAM_BUF_SIZE 4096u
 
-/* An on-demand stream's item copied out of the ring (see stream_keep_unwanted): its flags say
- * so, and the chunk lent for it carries this buffer id. */
-#define STREAM_ITEM_SPILLED (1u << 15) /* no CQE flag; below IORING_CQE_BUFFER_SHIFT */
-#define STREAM_SPILL_IDX    0xffffu
+/* An on-demand stream's item copied out of the ring (see stream_keep_unwanted): a recv item
+ * without IORING_CQE_F_BUFFER (every other one has it: the recv selects a buffer), and the chunk
+ * lent for it carries this buffer index. */
+#define STREAM_SPILL_IDX 0xffffu
 /* A lent chunk's bid: the buffer's index in the low 16 bits (STREAM_SPILL_IDX: the stream's own),
  * and above them the buffer's generation, which every give-back bumps: a chunk given back twice
  * is refused even after its buffer was lent again meanwhile. */
@@ -273,7 +273,7 @@ static void stream_discard(struct concur_stream *s, struct stream_item it)
 	if (it.flags & IORING_CQE_F_BUFFER) {
 		stream_bufs_put(s->bufs, it.flags >> IORING_CQE_BUFFER_SHIFT);
 		stream_bufs_back(s->bufs);
-	} else if (it.flags & STREAM_ITEM_SPILLED) {
+	} else if (s->recv) { /* (an item of the stream's own buffer) */
 		s->spill_state = STREAM_SPILL_FREE;
 	} else if (!s->recv && it.res >= 0) {
 		close(it.res);
@@ -341,7 +341,7 @@ static int64_t stream_take(struct concur_stream *s, struct concur_chunk *chunk)
 	it = s->q[s->qhead];
 	s->qhead = (s->qhead + 1) % s->qcap;
 	s->qlen--;
-	if (s->recv && (it.flags & STREAM_ITEM_SPILLED)) {
+	if (s->recv && !(it.flags & IORING_CQE_F_BUFFER)) { /* the stream's own buffer */
 		s->spill_state = STREAM_SPILL_LENT;
 		chunk->bid = STREAM_BID(STREAM_SPILL_IDX, s->spill_gen);
 		chunk->data = s->spill;
@@ -509,7 +509,7 @@ static uint32_t stream_keep_unwanted(struct concur_stream *s, int32_t res, uint3
 	stream_bufs_put(s->bufs, bid);
 	stream_bufs_back(s->bufs);
 	s->spill_state = STREAM_SPILL_QUEUED;
-	return STREAM_ITEM_SPILLED;
+	return 0; /* no F_BUFFER: the stream's own */
 }
 
 static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
@@ -654,8 +654,12 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
 	while (!stream_ready(s)) {
 		struct concur__task *t = concur__tl_task;
 		err = concur__ctl_check(t);
-		if (err)
-			return err; /* cancelled or past a deadline: what comes stays queued */
+		if (err) { /* cancelled or past a deadline: what comes stays queued */
+			/* a wake with nothing ready (an earlier stop's completion re-armed the recv
+			 * for us) can come first, and its interrupt then found us woken already */
+			stream_disarm_unwanted(s);
+			return err;
+		}
 		s->waiter = t;
 		stream_rearm(s); /* an on-demand stream arms now */
 		/* stream_wake resumes us, or a cancel/deadline does */

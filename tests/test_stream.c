@@ -425,27 +425,64 @@ static void test_on_demand_holds_no_buffer(void **state)
  * were armed then; each once took a buffer of the ring when its byte came, with no consumer to
  * give it back, and 256 of them dried the ring: the stream whose consumer waits got nothing.
  */
-static int leave_how; /* 0: a next-future cancelled, 1: a next() past its deadline */
+static int leave_how; /* 0: a next-future cancelled, 1: a next() past its deadline, 2: below */
+
+static int64_t spin_3ms(void *arg)
+{
+	int64_t until = now_ns() + MS(3);
+	while (now_ns() < until)
+		;
+	return 0;
+}
+
+/* How the consumer of stream i leaves (see leave_how). */
+static int64_t leave(concur_stream *s, struct concur_chunk *c)
+{
+	if (leave_how == 0) {
+		concur_future *f = concur_stream_next_future(s, c);
+		int r = concur_cancel(f);
+		concur_release(f);
+		return r == 1 ? 0 : -EPROTO;
+	}
+	concur_deadline_push(MS(1));
+	int64_t r = concur_stream_next(s, c);
+	concur_deadline_pop();
+	if (r != -ETIMEDOUT || leave_how == 1)
+		return r == -ETIMEDOUT ? 0 : -EPROTO;
+	/*
+	 * 2: at once a second next(), while the first's stop is still on its way, and a task
+	 * keeps the loop past the second's deadline: the stop's completion wakes this next()
+	 * (nothing came), then it finds its deadline passed -- and returned with the recv the
+	 * wake had armed again left armed.
+	 */
+	concur_release(concur_spawn(concur_current_exec(), spin_3ms, NULL));
+	concur_deadline_push(MS(1));
+	r = concur_stream_next(s, c);
+	concur_deadline_pop();
+	return r == -ETIMEDOUT ? 0 : -EPROTO;
+}
 
 static int64_t left_streams_task(void *arg)
 {
 	int(*fds)[2] = arg;
 	static concur_stream *s[IDLE_STREAMS + 1];
-	static struct concur_chunk c[IDLE_STREAMS + 1];
+	static struct concur_chunk c[IDLE_STREAMS + 1], held[IDLE_STREAMS];
 	int64_t r = 0;
 	for (int i = 0; i <= IDLE_STREAMS && !r; i++)
 		r = concur_recv_stream_on_demand(&s[i], fds[i][1], 0);
-	for (int i = 0; i < IDLE_STREAMS && !r; i++) {
-		if (leave_how == 0) {
-			concur_future *f = concur_stream_next_future(s[i], &c[i]);
-			r = concur_cancel(f) == 1 ? 0 : -EPROTO;
-			concur_release(f);
-		} else {
-			concur_deadline_push(MS(1));
-			r = concur_stream_next(s[i], &c[i]) == -ETIMEDOUT ? 0 : -EPROTO;
-			concur_deadline_pop();
-		}
+	if (leave_how == 2) { /* each holds its own buffer lent: bytes for nobody find it taken */
+		leave_how = 0;
+		for (int i = 0; i < IDLE_STREAMS && !r; i++)
+			r = leave(s[i], &c[i]);
+		for (int i = 0; i < IDLE_STREAMS && !r; i++)
+			r = write(fds[i][0], "y", 1) == 1 ? 0 : -EIO;
+		concur_sleep(MS(50));
+		for (int i = 0; i < IDLE_STREAMS && !r; i++)
+			r = concur_stream_next(s[i], &held[i]) == 1 ? 0 : -EPROTO;
+		leave_how = 2;
 	}
+	for (int i = 0; i < IDLE_STREAMS && !r; i++)
+		r = leave(s[i], &c[i]);
 	if (r)
 		return r;
 	for (int i = 0; i <= IDLE_STREAMS; i++)
@@ -463,6 +500,8 @@ static int64_t left_streams_task(void *arg)
 		else if (r >= 0)
 			r = -EPROTO;
 	}
+	for (int i = 0; leave_how == 2 && i < IDLE_STREAMS; i++)
+		concur_stream_give(s[i], &held[i]);
 	for (int i = 0; i <= IDLE_STREAMS; i++)
 		concur_stream_close(s[i]);
 	return r;
@@ -471,7 +510,7 @@ static int64_t left_streams_task(void *arg)
 static void test_on_demand_consumer_left(void **state)
 {
 	static int fds[IDLE_STREAMS + 1][2];
-	for (leave_how = 0; leave_how < 2; leave_how++) {
+	for (leave_how = 0; leave_how < 3; leave_how++) {
 		for (int i = 0; i <= IDLE_STREAMS; i++)
 			assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds[i]),
 			                 0);
