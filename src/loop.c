@@ -244,15 +244,14 @@ static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t
                                struct concur__fiber *fib)
 {
 	t->loop = loop; /* before the claim: a concurrent concur_cancel reads it once RUNNING */
-	if (!concur__future_claim(&t->f)) {
-		if (fib)
-			concur__fiber_put(loop, fib);
-		concur__task_drop(loop, t); /* cancelled while queued: its waiters know already */
+	if (!fib) { /* it never runs: never RUNNING either (a cancel meanwhile waits for the end) */
+		concur__task_end_unrun(t, -ENOMEM, CONCUR__FINISHED);
+		concur__work_end_local(loop);
 		return false;
 	}
-	if (!fib) {
-		concur__complete_unhold(&t->f, -ENOMEM, CONCUR__FINISHED);
-		concur__work_end_local(loop);
+	if (!concur__future_claim(&t->f)) {
+		concur__fiber_put(loop, fib);
+		concur__task_drop(loop, t); /* cancelled while queued: its waiters know already */
 		return false;
 	}
 	t->fib = fib;

@@ -561,6 +561,20 @@ static void test_map_budget(void **state)
  * with -ENOMEM, the rest run, join returns. Not under the sanitizers (their shadow memory
  * needs terabytes of address space).
  */
+/* A task that got no stack ends -ENOMEM unrun: never RUNNING on the way (a concur_cancel then
+ * said -EINPROGRESS for a task that was never to run). Its end is looked at here: a link-time
+ * wrap (tests/CMakeLists.txt). */
+static atomic_bool unrun_seen_running;
+
+void __real_concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state);
+void __wrap_concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state);
+void __wrap_concur__complete_unhold(concur_future *f, int64_t res, uint32_t final_state)
+{
+	if (res == -ENOMEM && concur_running(f))
+		atomic_store(&unrun_seen_running, true);
+	__real_concur__complete_unhold(f, res, final_state);
+}
+
 static void test_rlimit_as(void **state)
 {
 	if (SANITIZED)
@@ -610,6 +624,8 @@ static void test_rlimit_as(void **state)
 			_exit(7);
 		if (!ok || !enomem)
 			_exit(8);
+		if (atomic_load(&unrun_seen_running))
+			_exit(10);
 		if (concur_exec_join(cex, MS(20000)))
 			_exit(9);
 		_exit(0);
