@@ -4,6 +4,8 @@
 #define CONCUR_TEST_HELPERS_H
 
 #include <setjmp.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -11,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <cmocka.h>
 
 #include "concur.h"
@@ -39,6 +42,14 @@ static inline int64_t process_cpu_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Wait (bounded: 10 s) for a loop's flag (sleeping, watching) to be raised: true if it is. */
+static inline bool flag_set(_Atomic int *flag)
+{
+	for (int tries = 0; tries < 100000 && !atomic_load(flag); tries++)
+		usleep(100);
+	return atomic_load(flag) == 1;
 }
 
 /* A field of /proc/self/status in kB (VmHWM, VmRSS), or -1. */

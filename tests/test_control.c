@@ -622,9 +622,7 @@ static void test_exec_stop_spares_shielded_io(void **state)
 	concur_future *gate = concur_promise_new(ex);
 	concur_future *s = concur_spawn(ex, shielded_read, NULL);
 	concur_future *u = concur_spawn(ex, note_stop, gate);
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* both in their waits */
+	assert_true(flag_set(&ex->loops[0]->sleeping)); /* both in their waits */
 	pthread_t th;
 	assert_int_equal(pthread_create(&th, NULL, stop_in_thread, ex), 0);
 	while (!atomic_load(&stop_seen))
@@ -667,9 +665,7 @@ static void test_exec_stop_cancels_later_io(void **state)
 	concur_future *gate = concur_promise_new(ex);
 	concur_future *u = concur_spawn(ex, note_stop, gate);
 	assert_int_equal(concur_on_done(u, start_late_io, ex), 0);
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* u in its wait */
+	assert_true(flag_set(&ex->loops[0]->sleeping)); /* u in its wait */
 	pthread_t th;
 	assert_int_equal(pthread_create(&th, NULL, stop_in_thread, ex), 0);
 	int64_t until = now_ns() + MS(5000);

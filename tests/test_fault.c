@@ -621,9 +621,7 @@ static concur_future *reader_in_its_read(concur_exec **exp)
 	assert_int_equal(pipe(cancel_pipe), 0);
 	assert_int_equal(concur_exec_new(exp, &o), 0);
 	concur_future *t = concur_spawn(*exp, read_cancel_pipe, NULL);
-	for (int i = 0; i < 100000 && !atomic_load(&(*exp)->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&(*exp)->loops[0]->sleeping), 1);
+	assert_true(flag_set(&(*exp)->loops[0]->sleeping));
 	return t;
 }
 
@@ -724,10 +722,8 @@ static void test_fault_group_cancel_refused(void **state)
 	assert_int_equal(concur_group_new(&g, ex, 0), 0);
 	concur_future *a = concur_group_spawn(g, read_cancel_pipe, NULL);
 	concur_future *b = concur_group_spawn(g, read_cancel_pipe, NULL);
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* both in their reads */
-	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE);                        /* the cancel's list */
+	assert_true(flag_set(&ex->loops[0]->sleeping)); /* both in their reads */
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE);             /* the cancel's list */
 	int n = concur_group_cancel(g);
 	long refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
 	wrap_disarm();
@@ -801,9 +797,7 @@ static int free_waits_for_poster_child(void)
 		return 1;
 	post_gate = concur_promise_new(post_ex);
 	concur_future *t = concur_spawn(post_ex, await_gate, NULL);
-	for (int i = 0; i < 100000 && !atomic_load(&post_ex->loops[0]->sleeping); i++)
-		usleep(100);
-	if (!atomic_load(&post_ex->loops[0]->sleeping))
+	if (!flag_set(&post_ex->loops[0]->sleeping))
 		return 2; /* the task in its wait, the loop asleep: the post rings */
 	atomic_store(&wrap_unlocked_hook, hold_poster);
 	pthread_t go;
@@ -1156,9 +1150,7 @@ static void many_waiters_free_under_waker(int kind, bool cancel)
 		                                              : many_timed,
 		                       NULL);
 	many_last = t[MANY_WAITERS - 1];
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* all 17 queued */
+	assert_true(flag_set(&ex->loops[0]->sleeping)); /* all 17 queued */
 	many_deadline = now_ns() + (cancel ? 0 : MS(MANY_LAST_MS));
 	atomic_store(&wrap_free_hook, many_hold_free);
 	atomic_store(&wrap_unlocked_hook, many_seen_unlock);
@@ -1255,9 +1247,7 @@ static void test_fault_event_set_wakes_its_waiters_only(void **state)
 	concur_future *t[LATE_WAITERS];
 	for (int i = 0; i < LATE_WAITERS; i++)
 		t[i] = concur_spawn(ex, wait_batch_ev, NULL);
-	for (int i = 0; i < 100000 && !atomic_load(&ex->loops[0]->sleeping); i++)
-		usleep(100);
-	assert_int_equal(atomic_load(&ex->loops[0]->sleeping), 1); /* all 20 queued */
+	assert_true(flag_set(&ex->loops[0]->sleeping)); /* all 20 queued */
 	atomic_store(&wrap_promise_set_hook, clear_and_wait_between_batches);
 	count_sets = true;
 	assert_int_equal(concur_event_set(batch_ev), 0);

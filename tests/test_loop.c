@@ -111,13 +111,6 @@ static void test_idle_poll_ends(void **state)
 }
 
 /* Waits (up to 10 s) until *flag (a loop's `sleeping` or `watching`) is 1. */
-static bool flag_set(_Atomic int *flag)
-{
-	for (int tries = 0; tries < 100000 && !atomic_load(flag); tries++)
-		usleep(100);
-	return atomic_load(flag) == 1;
-}
-
 /*
  * A loop in its idle poll after a completion picks up a post from a thread outside without a
  * doorbell; with no idle poll, the same post finds it asleep and rings. The order is forced:
