@@ -265,10 +265,9 @@ static bool concur__task_begin(struct concur__loop *loop, struct concur__task *t
 static bool concur__task_start(struct concur__loop *loop, struct concur__task *t)
 {
 	if (CONCUR__UNLIKELY(
-	        atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed)) &&
-	    concur__future_claim_unrun(&t->f)) {
-		/* shutdown(ex, true): end it CANCELLED without running */
-		concur__complete_unhold(&t->f, -ECANCELED, CONCUR__CANCELLED);
+	        atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed))) {
+		/* shutdown(ex, true): end it CANCELLED without running (or a cancel did) */
+		concur__task_end_unrun(t, -ECANCELED, CONCUR__CANCELLED);
 		concur__work_end_local(loop);
 		return false;
 	}
