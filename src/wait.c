@@ -631,7 +631,9 @@ static void wait_after_input_value(struct after_slot *slot, int64_t v)
 {
 	struct after *a = wait_after_of_slot(slot);
 	wait_after_values(a)[wait_after_slot_index(slot)] = v;
-	if (atomic_fetch_sub(&a->remaining, 1) == 1)
+	/* one input (a then): its one slot is told once (done or dropped), so it is the last; no
+	 * count to take down (a locked instruction per stage of a pipeline, on the loop) */
+	if (a->n == 1 || atomic_fetch_sub(&a->remaining, 1) == 1)
 		wait_after_ready(a);
 }
 
