@@ -739,16 +739,15 @@ uint64_t concur_stall_count(const concur_exec *ex);
  * form returns), and may be freed or reused as soon as it is.
  *
  * Deadlines: operations taking timeout_ns carry a deadline when timeout_ns >= 0: if the
- * operation has not completed timeout_ns nanoseconds after it was submitted, the kernel cancels
- * it and the result is -ETIMEDOUT (the kernel's -ECANCELED, or -EINTR for an interrupted
- * worker, mapped). An operation that completed anyway keeps its own result. timeout_ns < 0: no
- * deadline (CONCUR_NO_TIMEOUT). The future form links an IORING_OP_LINK_TIMEOUT to the
- * operation; the direct form puts the deadline on the loop's one timer (see the deadline scopes
- * above), which costs no SQE and no CQE unless it fires -- the same rules either way.
- * A kernel limit (seen on Linux 6.18, with liburing alone too): a linked timeout does not fire
- * for an operation blocked in a kernel worker, such as a splice or tee from an empty pipe, so
- * such a future waits for its operation (or a concur_cancel(), which does stop it); the direct
- * form's deadline cancels it as any other.
+ * operation has not completed timeout_ns nanoseconds after the call, it is cancelled and the
+ * result is -ETIMEDOUT (the kernel's -ECANCELED, or -EINTR for an interrupted worker, mapped);
+ * the future ends FINISHED, not CANCELLED. An operation that completed anyway keeps its own
+ * result. timeout_ns < 0: no deadline (CONCUR_NO_TIMEOUT). Both forms put the deadline on the
+ * loop's one timer (see the deadline scopes above), which costs no SQE and no CQE unless it
+ * fires, and then cancels the operation (IORING_OP_ASYNC_CANCEL): that stops one blocked in a
+ * kernel worker too, such as a splice or tee from an empty pipe, for which the kernel does not
+ * fire a linked timeout. With no memory to grow the timer's heap, the operation takes a linked
+ * IORING_OP_LINK_TIMEOUT instead, with that limit.
  *
  * Cancellation: concur_cancel() on an I/O future returns 1 if the operation was not submitted
  * yet (it never will be), or -EINPROGRESS once the kernel was asked to cancel it

@@ -29,7 +29,7 @@ void concur__ctl_start(struct concur__fiber *fib)
 	c->wait_due = INT64_MAX;
 	c->due = INT64_MAX;
 	c->seen_now = 0;
-	c->heap_idx = UINT32_MAX;
+	c->tmr.idx = UINT32_MAX; /* the rest is set when it joins the heap (concur__ctl_retime) */
 	/* the live list waits for the task's first suspend (concur__ctl_live) */
 }
 
@@ -48,8 +48,8 @@ void concur__ctl_live(struct concur__loop *loop, struct concur__task *t)
 void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
 {
 	struct concur__ctl *c = &t->fib->ctl;
-	if (c->heap_idx != UINT32_MAX)
-		concur__timers_del(loop, t);
+	if (c->tmr.idx != UINT32_MAX)
+		concur__timer_del(loop, &c->tmr);
 	if (c->scopes)
 		free(c->scopes);
 	if (!(t->f.flags & CONCUR__TASK_LIVE))

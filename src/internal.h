@@ -61,7 +61,7 @@
  *                finished on its own stack), future.c (waiter push/remove),
  *                timer.c (wait deadline), control.c (ctl_check)
  *   timer.c   -> loop.c (concur__sqe), fiber.c (suspend, resume), control.c (interrupt)
- *   control.c -> loop.c (post), timer.c (retime, timers_del), io.c (io_cancel_all), exec.c
+ *   control.c -> loop.c (post), timer.c (retime, timer_del), io.c (io_cancel_all), exec.c
  *                (join, shutdown: exec_stop)
  *   future.c  -> fiber.c (concur__resume, concur__await: the AWAIT waiter), loop.c
  *                (concur__loop_futex_wake), exec.c (exec_alive)
@@ -453,6 +453,18 @@ struct concur__scopes {
 	} at[];
 };
 
+/*
+ * An entry of a loop's timer heap (timer.c): a task's deadlines (in its ctl) or a future I/O
+ * op's (io.c). Loop thread only.
+ */
+struct concur__timer {
+	int64_t key;  /* when it comes due (CLOCK_MONOTONIC ns) */
+	uint32_t idx; /* its place in loop->timers.heap, or UINT32_MAX: not in it */
+	/* called on the loop once key passed (now: the time the loop read), the entry at the top
+	 * of the heap: it takes it out (concur__timer_del) or moves its key past now */
+	void (*due)(struct concur__loop *loop, struct concur__timer *tmr, int64_t now);
+};
+
 /* Kept small: it sits at the top of every stack, 1 KiB stacks included. */
 struct concur__ctl {
 	/* what every wait touches (concur__ctl_check, concur__suspend_interruptible) first: the
@@ -462,10 +474,11 @@ struct concur__ctl {
 	int64_t due; /* the earliest deadline in force (CLOCK_MONOTONIC ns), INT64_MAX: none */
 	int16_t interrupted; /* the error an interrupt ended the wait with, or 0 */
 	uint16_t shield;     /* concur_shield_push depth */
-	uint32_t heap_idx;   /* in loop->timers.heap, or UINT32_MAX */
 	int64_t wait_due;    /* the current timed wait's deadline, INT64_MAX: none */
 	int64_t seen_now;    /* a time the loop's timer saw pass for this task */
-	int64_t heap_key;    /* its place in the heap: never later than due (timer.c) */
+	/* its place in the loop's timer heap: key never later than due (timer.c) */
+	struct concur__timer tmr;
+	struct concur__task *task; /* whose it is, for the timer (set with tmr) */
 	/* the loop's tasks that have suspended (CONCUR__TASK_LIVE): what a stop cancels */
 	struct concur__task *live_prev, *live_next;
 	struct concur__scopes *scopes; /* NULL until the first push */
@@ -638,7 +651,7 @@ void concur__task_end_unrun(struct concur__task *t, int64_t err, uint32_t final_
  */
 enum { CONCUR__REC_TASK, CONCUR__REC_THEN, CONCUR__REC_IO, CONCUR__REC_SIZES };
 #define CONCUR__DEFERRED_CACHED_EXTRA 80
-#define CONCUR__REC_IO_BYTES          264 /* io.c's future op record (asserted there) */
+#define CONCUR__REC_IO_BYTES          288 /* io.c's future op record (asserted there) */
 /*
  * A record of size class k (CONCUR__REC_*) for a new future, from this thread's cache (loop: the
  * thread's loop, or NULL outside the executor), a chain a loop gave back, or a slab; NULL on
@@ -679,14 +692,15 @@ struct concur__recycle {
 
 /* ---- loops (loop.c) ----------------------------------------------------------------------- */
 
-/* The loop's one kernel timer, armed for the earliest deadline of a heap of tasks (control.c). */
+/* The loop's one kernel timer, armed for the earliest of a heap of deadlines (timer.c). */
 struct concur__timers {
-	struct concur__task **heap; /* min-heap on ctl.heap_key */
+	struct concur__timer **heap; /* min-heap on key */
 	size_t n, cap;
 	struct concur__op op;             /* the armed IORING_OP_TIMEOUT's CQE */
 	struct __kernel_timespec ts, upd; /* its expiry, and an update's (absolute) */
 	int64_t armed_at;                 /* when the armed timer fires */
 	bool armed;
+	bool stopped; /* concur__timers_stop: no new entry that is no task's */
 };
 
 struct concur__loop_stats {
@@ -1090,7 +1104,11 @@ int64_t concur__ctl_due(const struct concur__ctl *c);
 /* A task's deadlines changed: put it where it belongs in its loop's timer heap (timer.c).
  * 0, or -ENOMEM (the deadline is still checked when a wait begins, but cannot break one). */
 int concur__ctl_retime(struct concur__task *t);
-void concur__timers_del(struct concur__loop *loop, struct concur__task *t);
+/* A deadline that is no task's (key and due set) onto the loop's timer: 0, or -ENOMEM, or
+ * -ESHUTDOWN once the loop cleans up. */
+int concur__timer_add(struct concur__loop *loop, struct concur__timer *tmr);
+/* Take an entry out of the loop's timer heap (loop thread; idx != UINT32_MAX). */
+void concur__timer_del(struct concur__loop *loop, struct concur__timer *tmr);
 /* Set (or, with INT64_MAX, clear) the deadline of the task's current wait. 0 or -ENOMEM. */
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
 /* Loop thread: cancel every future I/O op of the loop in flight (io.c). */

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * I/O as futures: every kernel operation is an SQE whose CQE completes a future (or resumes the
- * task that awaits it directly), with optional deadlines (a linked timeout), in-flight
- * cancellation (IORING_OP_ASYNC_CANCEL). Multishot streams and the provided-buffer ring are
- * apart, in stream.c.
+ * task that awaits it directly), with optional deadlines (on the loop's timer, a linked timeout
+ * when it has no room), in-flight cancellation (IORING_OP_ASYNC_CANCEL). Multishot streams and the
+ * provided-buffer ring are apart, in stream.c.
  *
  * An operation is described by a struct io_req. A future op's SQE is prepared at the call, into
  * its record, and copied into the ring on the loop thread that owns the ring; the direct form
@@ -38,11 +38,11 @@ struct io_req {
 	struct concur__loop *loop; /* the loop whose ring carries it */
 	struct concur__task *task; /* direct form: the task to resume; NULL for a future */
 	int32_t res;               /* the operation's CQE res */
-	int32_t lt_res;            /* the linked timeout's: -ETIME when it fired */
+	int32_t lt_res; /* the linked timeout's, or -ETIME when a future's timer deadline fired */
 	uint8_t cqes_left;
 	uint8_t opcode;
 	bool has_deadline;
-	bool timer_deadline;     /* direct form: the deadline rides the loop's timer instead */
+	bool timer_deadline;     /* the deadline rides the loop's timer instead */
 	_Atomic bool cancel_req; /* concur_cancel asked the kernel to cancel it */
 	/* with a deadline or a time only */
 	struct concur__op lt_op;           /* its linked timeout's CQE (with a deadline) */
@@ -57,6 +57,7 @@ struct concur__io {
 	struct concur__node cancel_node; /* cancel on the loop */
 	struct io_req r;
 	struct concur__task *awaiter; /* a task of r.loop awaiting the started op (io_await_here) */
+	struct concur__timer tmr;     /* its deadline on r.loop's timer (key set at the call) */
 	struct io_uring_sqe sqe;      /* prepared at the call, copied into the ring on the loop */
 };
 
@@ -113,13 +114,48 @@ static struct io_uring_sqe *io_ring_sqe(struct concur__loop *loop, struct io_req
 	return concur__sqe(loop);
 }
 
-/* Loop thread: put the SQE prepared in the op's record (and its linked timeout) into the ring. */
+/*
+ * A future op's deadline came due on its loop's timer: cancel the op. Its CQE ends it, stopped
+ * (-ETIMEDOUT) or with its own result if it won the race.
+ */
+static void io_deadline_due(struct concur__loop *loop, struct concur__timer *tmr, int64_t now)
+{
+	struct concur__io *io = concur__container_of(tmr, struct concur__io, tmr);
+	struct io_uring_sqe *sqe = concur__sqe(loop);
+
+	(void)now;
+	concur__timer_del(loop, tmr);
+	io->r.lt_res = -ETIME;
+	io_uring_prep_cancel64(sqe, concur__op_ud(&io->r.op), 0);
+	concur__sqe_set_op(loop, sqe, &concur__ignore_op);
+}
+
+/*
+ * Loop thread: a future op's SQE, prepared at sqe, is marked ours; its deadline goes on the
+ * loop's timer, which costs no SQE and no CQE unless it fires, and stops an op blocked in a
+ * kernel worker, where a linked timeout does not fire. Without room in the timer's heap, a
+ * linked timeout (the room for its SQE was made with the op's).
+ */
+static void io_future_link(struct concur__loop *loop, struct concur__io *io,
+                           struct io_uring_sqe *sqe)
+{
+	struct io_req *r = &io->r;
+
+	if (r->has_deadline && concur__timer_add(loop, &io->tmr) == 0) {
+		r->has_deadline = false;
+		r->timer_deadline = true;
+		r->cqes_left = 1;
+	}
+	io_link(loop, r, sqe);
+}
+
+/* Loop thread: put the SQE prepared in the op's record (and its deadline) into the ring. */
 static void io_submit(struct concur__loop *loop, struct concur__io *io)
 {
 	struct io_uring_sqe *sqe = io_ring_sqe(loop, &io->r);
 
 	*sqe = io->sqe;
-	io_link(loop, &io->r, sqe);
+	io_future_link(loop, io, sqe);
 }
 
 /*
@@ -148,7 +184,7 @@ static int64_t io_outcome(struct io_req *r, bool *cancelled)
 	if (r->opcode == IORING_OP_TIMEOUT && res == -ETIME)
 		return 0;
 	if (io_stopped(res)) {
-		if (r->has_deadline && r->lt_res == -ETIME)
+		if ((r->has_deadline || r->timer_deadline) && r->lt_res == -ETIME)
 			return -ETIMEDOUT;
 		if (atomic_load_explicit(&r->cancel_req, memory_order_relaxed)) {
 			*cancelled = true;
@@ -226,6 +262,8 @@ static void io_req_cqe(struct concur__loop *loop, struct io_req *r)
 	}
 	io = concur__container_of(r, struct concur__io, r);
 	io_live_del(loop, io);
+	if (io->tmr.idx != UINT32_MAX)
+		concur__timer_del(loop, &io->tmr);
 	res = io_outcome(r, &cancelled);
 	if (io->awaiter) { /* queued first: the list was empty when it began to wait */
 		concur__resume(io->awaiter);
@@ -368,6 +406,11 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
 	io->awaiter = NULL;
 	io_req_init(&io->r, opcode, timeout_ns);
+	io->tmr.idx = UINT32_MAX;
+	if (timeout_ns >= 0) { /* from the call, wherever the op is submitted */
+		io->tmr.key = concur__after_ns(timeout_ns);
+		io->tmr.due = io_deadline_due;
+	}
 	concur__future_init(&io->f, &io_class, ex, 1);
 	*out = io;
 	return 0;
@@ -402,7 +445,7 @@ static concur_future *io_start(struct concur__io *io, struct io_uring_sqe *sqe)
 		io->r.loop = cur;
 		/* claimed: nobody else has seen it yet, so no exchange is needed */
 		atomic_store_explicit(&io->f.state, CONCUR__RUNNING, memory_order_relaxed);
-		io_link(cur, &io->r, sqe);
+		io_future_link(cur, io, sqe);
 		io_live_add(cur, io);
 	} else {
 		concur__work_begin(ex);

@@ -20,6 +20,10 @@
  * dropped, whichever its deadline says. So a server that pushes and pops a scope around every
  * operation touches the heap once per deadline period per task, not twice per operation (the
  * proxy's deadline row: heap deletions were a third of what its deadlines cost).
+ *
+ * The heap also holds the deadlines of future I/O ops (io.c), entries of the same kind with a
+ * due hook of their own: one that comes due cancels its op (IORING_OP_ASYNC_CANCEL), which
+ * stops an op blocked in a kernel worker too, where a linked timeout does not fire.
  */
 #include "internal.h"
 
@@ -30,69 +34,64 @@
 
 /* ---- the heap ------------------------------------------------------------------------------ */
 
-static int64_t concur__key(const struct concur__task *t)
+static void concur__heap_set(struct concur__timers *tm, size_t i, struct concur__timer *e)
 {
-	return t->fib->ctl.heap_key;
-}
-
-static void concur__heap_set(struct concur__timers *tm, size_t i, struct concur__task *t)
-{
-	tm->heap[i] = t;
-	t->fib->ctl.heap_idx = (uint32_t)i;
+	tm->heap[i] = e;
+	e->idx = (uint32_t)i;
 }
 
 static void concur__heap_up(struct concur__timers *tm, size_t i)
 {
-	struct concur__task *t = tm->heap[i];
-	while (i && concur__key(tm->heap[(i - 1) / 2]) > concur__key(t)) {
+	struct concur__timer *e = tm->heap[i];
+	while (i && tm->heap[(i - 1) / 2]->key > e->key) {
 		concur__heap_set(tm, i, tm->heap[(i - 1) / 2]);
 		i = (i - 1) / 2;
 	}
-	concur__heap_set(tm, i, t);
+	concur__heap_set(tm, i, e);
 }
 
 static void concur__heap_down(struct concur__timers *tm, size_t i)
 {
-	struct concur__task *t = tm->heap[i];
+	struct concur__timer *e = tm->heap[i];
 	for (;;) {
 		size_t c = 2 * i + 1;
 		if (c >= tm->n)
 			break;
-		if (c + 1 < tm->n && concur__key(tm->heap[c + 1]) < concur__key(tm->heap[c]))
+		if (c + 1 < tm->n && tm->heap[c + 1]->key < tm->heap[c]->key)
 			c++;
-		if (concur__key(tm->heap[c]) >= concur__key(t))
+		if (tm->heap[c]->key >= e->key)
 			break;
 		concur__heap_set(tm, i, tm->heap[c]);
 		i = c;
 	}
-	concur__heap_set(tm, i, t);
+	concur__heap_set(tm, i, e);
 }
 
-static int concur__heap_add(struct concur__timers *tm, struct concur__task *t)
+static int concur__heap_add(struct concur__timers *tm, struct concur__timer *e)
 {
 	if (tm->n == tm->cap) {
 		size_t cap = tm->cap ? tm->cap * 2 : 64;
-		struct concur__task **h = realloc(tm->heap, cap * sizeof(*h));
+		struct concur__timer **h = realloc(tm->heap, cap * sizeof(*h));
 		if (!h)
 			return -ENOMEM;
 		tm->heap = h;
 		tm->cap = cap;
 	}
-	tm->heap[tm->n++] = t;
+	tm->heap[tm->n++] = e;
 	concur__heap_up(tm, tm->n - 1);
 	return 0;
 }
 
-static void concur__heap_del(struct concur__timers *tm, struct concur__task *t)
+static void concur__heap_del(struct concur__timers *tm, struct concur__timer *e)
 {
-	size_t i = t->fib->ctl.heap_idx;
-	t->fib->ctl.heap_idx = UINT32_MAX;
-	struct concur__task *last = tm->heap[--tm->n];
-	if (last == t)
+	size_t i = e->idx;
+	e->idx = UINT32_MAX;
+	struct concur__timer *last = tm->heap[--tm->n];
+	if (last == e)
 		return;
 	concur__heap_set(tm, i, last);
 	concur__heap_up(tm, i);
-	concur__heap_down(tm, last->fib->ctl.heap_idx);
+	concur__heap_down(tm, last->idx);
 }
 
 /* ---- the loop's timer ---------------------------------------------------------------------- */
@@ -106,7 +105,7 @@ static void concur__timers_arm(struct concur__loop *loop)
 	struct concur__timers *tm = &loop->timers;
 	if (!tm->n)
 		return;
-	int64_t first = concur__key(tm->heap[0]);
+	int64_t first = tm->heap[0]->key;
 	if (tm->armed && first >= tm->armed_at)
 		return; /* it fires early enough; then it is re-armed for what is due next */
 	struct io_uring_sqe *sqe = concur__sqe(loop);
@@ -133,34 +132,53 @@ static void concur__timers_cqe(struct concur__loop *loop, struct concur__op *op,
 	tm->armed = false;
 	tm->armed_at = INT64_MAX;
 	int64_t now = concur__now_ns();
-	while (tm->n && concur__key(tm->heap[0]) <= now) {
-		struct concur__task *t = tm->heap[0];
-		struct concur__ctl *c = &t->fib->ctl;
-		if (c->due == INT64_MAX || c->due <= c->seen_now) {
-			concur__heap_del(tm, t); /* none now, or known to have passed */
-		} else if (c->due > now) {
-			c->heap_key = c->due; /* it moved later since it was placed */
-			concur__heap_down(tm, 0);
-		} else {
-			concur__heap_del(tm, t);
-			c->seen_now = now;
-			concur__interrupt(loop, t, -ETIMEDOUT);
-		}
-	}
+	while (tm->n && tm->heap[0]->key <= now)
+		tm->heap[0]->due(loop, tm->heap[0], now);
 	concur__timers_arm(loop);
 }
 
-void concur__timers_del(struct concur__loop *loop, struct concur__task *t)
+/* A task's entry came due: time its wait out, or re-key it, or drop it (see the top). */
+static void concur__ctl_timer_due(struct concur__loop *loop, struct concur__timer *tmr, int64_t now)
 {
-	concur__heap_del(&loop->timers, t);
+	struct concur__ctl *c = concur__container_of(tmr, struct concur__ctl, tmr);
+	if (c->due == INT64_MAX || c->due <= c->seen_now) {
+		concur__heap_del(&loop->timers, tmr); /* none now, or known to have passed */
+	} else if (c->due > now) {
+		tmr->key = c->due; /* it moved later since it was placed */
+		concur__heap_down(&loop->timers, tmr->idx);
+	} else {
+		concur__heap_del(&loop->timers, tmr);
+		c->seen_now = now;
+		concur__interrupt(loop, c->task, -ETIMEDOUT);
+	}
+}
+
+int concur__timer_add(struct concur__loop *loop, struct concur__timer *tmr)
+{
+	/* a loop cleaning up waits for its armed timer: an op started there (by a callback of the
+	 * last CQEs) takes a linked timeout, which its cancel ends */
+	if (loop->timers.stopped)
+		return -ESHUTDOWN;
+	int err = concur__heap_add(&loop->timers, tmr);
+	if (!err)
+		concur__timers_arm(loop);
+	return err;
+}
+
+void concur__timer_del(struct concur__loop *loop, struct concur__timer *tmr)
+{
+	concur__heap_del(&loop->timers, tmr);
 }
 
 bool concur__timers_stop(struct concur__loop *loop)
 {
 	struct concur__timers *tm = &loop->timers;
+	for (size_t i = 0; i < tm->n; i++) /* an op reaped after this must not look for it */
+		tm->heap[i]->idx = UINT32_MAX;
 	free(tm->heap);
 	tm->heap = NULL;
 	tm->n = tm->cap = 0;
+	tm->stopped = true;
 	if (!tm->armed)
 		return false;
 	struct io_uring_sqe *sqe = concur__sqe(loop);
@@ -199,14 +217,16 @@ int concur__ctl_retime(struct concur__task *t)
 	 * left for the timer to drop */
 	if (due == INT64_MAX || due <= c->seen_now)
 		return 0;
-	if (c->heap_idx != UINT32_MAX) {
-		if (due >= c->heap_key)
+	if (c->tmr.idx != UINT32_MAX) {
+		if (due >= c->tmr.key)
 			return 0; /* its place comes due first: re-keyed then */
-		c->heap_key = due;
-		concur__heap_up(&loop->timers, c->heap_idx);
+		c->tmr.key = due;
+		concur__heap_up(&loop->timers, c->tmr.idx);
 	} else {
-		c->heap_key = due;
-		if (concur__heap_add(&loop->timers, t) < 0)
+		c->tmr.key = due;
+		c->tmr.due = concur__ctl_timer_due;
+		c->task = t;
+		if (concur__heap_add(&loop->timers, &c->tmr) < 0)
 			return -ENOMEM; /* still checked when a wait begins; it cannot break one */
 	}
 	concur__timers_arm(loop);

@@ -600,6 +600,56 @@ static void test_fault_wait_deadline_refused(void **state)
 }
 
 /*
+ * A future op's deadline that finds no room in the loop's timer heap takes a linked timeout
+ * instead: the op still times out, and the heap's refusal costs nothing else.
+ */
+struct op_deadline_refused {
+	int fd;
+	int64_t timed;
+	long refused;
+};
+
+static int64_t op_deadline_refused_task(void *arg)
+{
+	struct op_deadline_refused *d = arg;
+	char c;
+	/* an op record in the loop's cache first: the heap's growth is then the one allocation */
+	concur_future *warm = concur_nop(concur_current_exec());
+	concur_result(warm, -1);
+	concur_release(warm);
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE); /* the heap's first growth: a new loop's is empty */
+	concur_future *f = concur_read(concur_current_exec(), d->fd, &c, 1, -1, MS(20));
+	d->refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	wrap_disarm();
+	d->timed = concur_result(f, MS(5000));
+	if (!concur_done(f)) {
+		concur_cancel(f);
+		concur_result(f, -1);
+	}
+	concur_release(f);
+	return 0;
+}
+
+static void test_fault_op_deadline_refused(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	int p[2];
+	assert_int_equal(pipe(p), 0); /* nobody writes: the read waits */
+	struct op_deadline_refused d = {.fd = p[0]};
+	concur_future *f = concur_spawn(ex, op_deadline_refused_task, &d);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(d.refused, 1);
+	assert_int_equal(d.timed, -ETIMEDOUT);
+	concur_exec_free(ex);
+	close(p[0]);
+	close(p[1]);
+}
+
+/*
  * A cancel of a running task with no memory for its message still breaks the wait the task is
  * in (the loop looks over its tasks' requests instead). It used to leave the request in the
  * state word only: the wait ran on, for good (a later cancel finds the request made already).
@@ -1363,6 +1413,7 @@ int main(void)
 	    T(test_fault_memlock),
 	    T(test_fault_chunk_mmap),
 	    T(test_fault_wait_deadline_refused),
+	    T(test_fault_op_deadline_refused),
 	    T(test_fault_cancel_message_refused),
 	    T(test_fault_group_cancel_refused),
 	    T(test_fault_free_waits_for_poster),

@@ -1185,6 +1185,57 @@ static void test_splice_stopped_in_worker(void **state)
 	close(fds[1]);
 }
 
+/*
+ * The future form's deadline stops an op blocked in a kernel worker too: it rides the loop's
+ * timer, whose firing cancels the op. It was a linked timeout, which the kernel does not fire
+ * for such an op: the future waited for the op (for ever, for a pipe nobody writes).
+ */
+/* Release an op, stopped first if it is still in the worker (it would hold the teardown). */
+static void stop_op(concur_future *f)
+{
+	if (!concur_done(f)) {
+		concur_cancel(f);
+		concur_result(f, -1);
+	}
+	concur_release(f);
+}
+
+static int64_t splice_future_timed_task(void *arg)
+{
+	int *fds = arg;
+	concur_future *f = concur_splice(ex, fds[0], -1, fds[1], -1, 4096, 0, MS(50));
+	int64_t r = concur_result(f, MS(5000));
+	bool done = concur_done(f), cancelled = concur_cancelled(f);
+	stop_op(f);
+	return done && !cancelled ? r : -EPROTO;
+}
+
+static void test_splice_future_deadline_in_worker(void **state)
+{
+	int p[2];
+	assert_int_equal(pipe(p), 0); /* the write end stays open: the read waits */
+	int fds[2] = {p[0], open("/dev/null", O_WRONLY | O_CLOEXEC)};
+	assert_true(fds[1] >= 0);
+	/* made on the loop (submitted at once), and from a thread outside (posted to a loop) */
+	assert_int_equal(run_task(splice_future_timed_task, fds), -ETIMEDOUT);
+	concur_future *f = concur_splice(ex, p[0], -1, fds[1], -1, 4096, 0, MS(50));
+	int64_t r = concur_result(f, MS(5000));
+	bool done = concur_done(f), cancelled = concur_cancelled(f);
+	stop_op(f);
+	assert_true(done); /* the op's own end, not this wait's */
+	assert_int_equal(r, -ETIMEDOUT);
+	assert_false(cancelled);
+	/* an op that ends before its deadline leaves nothing on the timer to fire later */
+	char c = 'x';
+	assert_int_equal(write(p[1], &c, 1), 1);
+	f = concur_splice(ex, p[0], -1, fds[1], -1, 4096, 0, MS(5000));
+	assert_int_equal(concur_result(f, MS(5000)), 1);
+	concur_release(f);
+	close(p[0]);
+	close(p[1]);
+	close(fds[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1214,6 +1265,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_poll_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_stopped_in_worker, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_splice_future_deadline_in_worker, setup, teardown),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
