@@ -234,6 +234,7 @@ int concur_exec_join(concur_exec *ex, int64_t timeout_ns)
 		return -EINVAL;
 	if (concur__exec_no_wait_here(ex))
 		return -EDEADLK; /* see concur__exec_no_wait_here */
+	concur__defer_run();     /* thens this thread made ready are work to wait for too */
 	struct timespec abs;
 	if (timeout_ns > 0)
 		concur__deadline(&abs, timeout_ns);

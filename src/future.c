@@ -744,10 +744,43 @@ int concur_on_done(concur_future *f, concur_done_fn fn, void *arg)
 	return 0;
 }
 
+/* ---- deferred calls ------------------------------------------------------------------------ */
+
+/*
+ * What a completion makes ready on this thread (a then whose inputs are all done: wait.c) is
+ * called by the outermost caller, not recursively: starting one can complete a future that makes
+ * another ready (a failed input propagating down a 10 000-long then chain), and the queue keeps
+ * the stack flat. A thread about to block runs what is queued first: a callback run in that loop
+ * that waits for a then it just made would otherwise wait behind itself, for ever.
+ */
+static CONCUR__TLS_HOT struct concur__node *tl_defer_head, *tl_defer_tail;
+static CONCUR__TLS_HOT bool tl_deferring;
+
+void concur__defer_run(void)
+{
+	struct concur__node *n;
+	while ((n = CONCUR__FIFO_POP(tl_defer_head, tl_defer_tail))) {
+		void (*call)(struct concur__loop *, struct concur__node *) = n->call;
+		n->call = NULL; /* free again: a task's node must have none */
+		call(NULL, n);
+	}
+}
+
+void concur__defer(struct concur__node *n)
+{
+	CONCUR__FIFO_PUSH(tl_defer_head, tl_defer_tail, n);
+	if (tl_deferring)
+		return; /* an outer call on this thread runs it */
+	tl_deferring = true;
+	concur__defer_run();
+	tl_deferring = false;
+}
+
 /* A thread outside the executor: spin briefly (a wake-up costs tens of µs here), then park. */
 /* Out of line, so that concur_result's other cases save no register. */
 static __attribute__((noinline)) int64_t concur__block(concur_future *f, int64_t timeout_ns)
 {
+	concur__defer_run(); /* what f may be waiting for, made ready on this thread */
 	for (int i = 0; i < 2000; i++) {
 		if (concur__is_done(f))
 			return concur__future_value(f);

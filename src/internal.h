@@ -435,6 +435,14 @@ struct concur__node {
 	void (*call)(struct concur__loop *loop, struct concur__node *node);
 };
 
+/*
+ * Call n->call(NULL, n) on this thread, now, or after the call under way on this thread if there
+ * is one (future.c): what completions make ready runs without recursion. call is cleared before
+ * it runs. A thread about to block runs the queue first (concur__defer_run).
+ */
+void concur__defer(struct concur__node *n);
+void concur__defer_run(void);
+
 /* ---- tasks and fibers (fiber.c) ----------------------------------------------------------- */
 
 /*

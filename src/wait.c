@@ -570,14 +570,6 @@ static inline struct after *wait_after_of_slot(struct after_slot *slot)
 	                                AFTER_SLOTS_AT);
 }
 
-/*
- * Records whose inputs are all done (their tasks' nodes), started by the outermost caller on
- * this thread. Starting one can complete a future that makes another ready (a failed input
- * propagating down a 10 000-long then chain): queueing instead of recursing keeps the stack flat.
- */
-static CONCUR__TLS_HOT struct concur__node *tl_ready_head, *tl_ready_tail;
-static CONCUR__TLS_HOT bool tl_starting;
-
 static int64_t wait_after_task(void *arg)
 {
 	struct after *a = arg;
@@ -615,16 +607,18 @@ static void wait_after_start(struct concur__task *t)
 	concur__task_enqueue(t); /* cancelled meanwhile: its loop drops it unrun */
 }
 
+static void wait_after_start_call(struct concur__loop *loop, struct concur__node *n)
+{
+	(void)loop;
+	wait_after_start(concur__task_of_node(n));
+}
+
+/* Every input is done: start it, after what this thread is starting already (concur__defer). */
 static void wait_after_ready(struct after *a)
 {
-	CONCUR__FIFO_PUSH(tl_ready_head, tl_ready_tail, &wait_after_task_of(a)->node);
-	if (tl_starting)
-		return;
-	tl_starting = true;
-	struct concur__node *n;
-	while ((n = CONCUR__FIFO_POP(tl_ready_head, tl_ready_tail)))
-		wait_after_start(concur__task_of_node(n));
-	tl_starting = false;
+	struct concur__node *n = &wait_after_task_of(a)->node;
+	n->call = wait_after_start_call;
+	concur__defer(n);
 }
 
 static void wait_after_input_value(struct after_slot *slot, int64_t v)

@@ -856,6 +856,55 @@ static void test_cancel_while_ending_unrun(void **state)
 	}
 }
 
+/*
+ * A callback that runs while its thread starts continuations (a then whose input failed ends
+ * unrun there, and its callbacks run) may make a then of a done future and wait for it, on a
+ * thread outside the executor. The new then waited in the thread's queue of starts, behind the
+ * callback, for ever: the wait must start it first. (In a task, a callback's wait is -EDEADLK.)
+ */
+struct then_in_cb {
+	concur_future *input; /* done, 41 */
+	int64_t got;
+};
+
+static void then_in_callback(concur_future *f, void *arg)
+{
+	struct then_in_cb *c = arg;
+	concur_future *t = concur_then(c->input, add_one, NULL);
+	c->got = concur_result(t, MS(2000));
+	concur_release(t);
+}
+
+static int64_t then_in_callback_of_unrun_end(void *arg)
+{
+	struct then_in_cb *c = arg;
+	concur_future *p = concur_promise_new(ex1);
+	concur_future *b = concur_then(p, add_one, NULL);
+	assert_int_equal(concur_on_done(b, then_in_callback, c), 0);
+	assert_int_equal(concur_promise_set(p, -EIO), 0); /* b ends unrun: its callback runs */
+	assert_int_equal(concur_result(b, 0), -EIO);
+	concur_release(b);
+	concur_release(p);
+	return 0;
+}
+
+static void test_then_waited_in_callback_of_unrun_end(void **state)
+{
+	for (int in_task = 0; in_task < 2; in_task++) {
+		struct then_in_cb c = {.input = concur_promise_new(ex1), .got = -1000};
+		concur_promise_set(c.input, 41);
+		if (in_task) {
+			concur_future *t = concur_spawn(ex1, then_in_callback_of_unrun_end, &c);
+			assert_int_equal(concur_result(t, -1), 0);
+			concur_release(t);
+		} else {
+			then_in_callback_of_unrun_end(&c);
+		}
+		assert_int_equal(c.got, in_task ? -EDEADLK : 42);
+		concur_release(c.input);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -878,6 +927,7 @@ int main(void)
 	    cmocka_unit_test(test_pipeline),
 	    cmocka_unit_test(test_then_fire_and_forget_join),
 	    cmocka_unit_test(test_wait_in_callback_edeadlk),
+	    cmocka_unit_test(test_then_waited_in_callback_of_unrun_end),
 	    cmocka_unit_test(test_abandoned_waits_leave_nothing),
 	    cmocka_unit_test(test_then_after_executor_freed),
 	    cmocka_unit_test(test_as_completed_observed_order),
