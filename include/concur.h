@@ -1006,7 +1006,8 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
  */
 concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *chunk);
 /* Give a borrowed buffer back. Returns 0, or -EINVAL (also for one given back already, even when
- * its buffer has been lent again since: the bid tells the lendings apart). */
+ * its buffer has been lent again since: the bid tells the lendings apart, up to 65,535 lendings
+ * of that buffer later; a check against a bug, not a promise). */
 int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
 /* Ask the kernel to stop the stream early; next() then drains what came and reports the end
  * (-ECANCELED unless the stream ended on its own first). Callable from any thread, loops of
