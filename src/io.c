@@ -52,13 +52,14 @@ struct io_req {
 
 /* The future form: the request plus what it takes to reach the loop from another thread. */
 struct concur__io {
-	struct concur_future f;          /* first: the I/O op is its future */
-	struct concur__node node;        /* submit on the loop */
-	struct concur__node cancel_node; /* cancel on the loop */
+	struct concur_future f;   /* first: the I/O op is its future */
+	struct concur__node node; /* submit on the loop */
 	struct io_req r;
 	struct concur__task *awaiter; /* a task of r.loop awaiting the started op (io_await_here) */
 	struct concur__timer tmr;     /* its deadline on r.loop's timer (key set at the call) */
-	struct io_uring_sqe sqe;      /* prepared at the call, copied into the ring on the loop */
+	/* the lines above are what an op made and awaited on its loop touches */
+	struct concur__node cancel_node; /* cancel on the loop */
+	struct io_uring_sqe sqe; /* prepared at the call, copied into the ring on the loop */
 };
 
 _Static_assert(offsetof(struct concur__io, f) == 0, "an I/O op starts with its future");
