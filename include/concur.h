@@ -371,8 +371,9 @@ void concur_yield(void);
  * that passed while the task ran CPU work fails its next wait at once. Nested scopes: the
  * earliest deadline in force wins. Timed waits (concur_result with a timeout, the sync
  * primitives' timeouts) are deadlines on the same machinery.
- * Cost: a deadline that does not fire takes no SQE and no CQE -- each loop keeps its tasks'
- * deadlines in a heap and arms one kernel timer for the earliest.
+ * Cost: a deadline that does not fire takes no SQE and no CQE of its own -- each loop keeps its
+ * tasks' (and its future I/O ops') deadlines in a heap and arms one kernel timer for the
+ * earliest, moved earlier only by a new earliest one.
  * push returns 0, -EINVAL for timeout_ns < 0, -ENOMEM;
  * pop returns 1 if the popped deadline had passed, 0 if not, -EINVAL if none is pushed.
  * Both return -EPERM outside a task.
@@ -743,17 +744,18 @@ uint64_t concur_stall_count(const concur_exec *ex);
  * result is -ETIMEDOUT (the kernel's -ECANCELED, or -EINTR for an interrupted worker, mapped);
  * the future ends FINISHED, not CANCELLED. An operation that completed anyway keeps its own
  * result. timeout_ns < 0: no deadline (CONCUR_NO_TIMEOUT). Both forms put the deadline on the
- * loop's one timer (see the deadline scopes above), which costs no SQE and no CQE unless it
- * fires, and then cancels the operation (IORING_OP_ASYNC_CANCEL): that stops one blocked in a
- * kernel worker too, such as a splice or tee from an empty pipe, for which the kernel does not
- * fire a linked timeout. With no memory to grow the timer's heap, the operation takes a linked
- * IORING_OP_LINK_TIMEOUT instead, with that limit.
+ * loop's one timer (see the deadline scopes above: no SQE and no CQE of its own unless it
+ * fires), whose firing cancels the operation (IORING_OP_ASYNC_CANCEL): that stops one blocked
+ * in a kernel worker too, such as a splice or tee from an empty pipe, for which the kernel does
+ * not fire a linked timeout. Without memory to grow the timer's heap, or on a loop that is
+ * stopping, the operation takes a linked IORING_OP_LINK_TIMEOUT instead, with that limit, and
+ * counted from its submission on the loop rather than from the call.
  *
  * Cancellation: concur_cancel() on an I/O future returns 1 if the operation was not submitted
  * yet (it never will be), or -EINPROGRESS once the kernel was asked to cancel it
  * (IORING_OP_ASYNC_CANCEL): the future then ends CANCELLED with -ECANCELED, or FINISHED with the
- * operation's own result if it completed first. Join accounting: an operation in flight counts
- * as work for concur_exec_join().
+ * operation's own result if it completed first, or with -ETIMEDOUT if its deadline fired before
+ * it ended. Join accounting: an operation in flight counts as work for concur_exec_join().
  *
  * Offsets: an offset of -1 means the file's current position (read, write, readv, writev);
  * below -1 is -EINVAL. Lengths are capped at 0x7ffff000 bytes per call, like read(2). A NULL

@@ -8,9 +8,9 @@
  * An operation is described by a struct io_req. A future op's SQE is prepared at the call, into
  * its record, and copied into the ring on the loop thread that owns the ring; the direct form
  * prepares it straight into the ring. The request is done when every CQE it expects has arrived
- * (the operation's, and its linked timeout's when it has a deadline): only then is the future
- * completed or the task resumed, so the caller's buffers (and, for the direct form, the request
- * on the fiber's stack) are never touched by the kernel after that.
+ * (the operation's, and its linked timeout's when it has one): only then is the future completed
+ * or the task resumed, so the caller's buffers (and, for the direct form, the request on the
+ * fiber's stack) are never touched by the kernel after that.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

@@ -606,6 +606,7 @@ static void test_fault_wait_deadline_refused(void **state)
 struct op_deadline_refused {
 	int fd;
 	int64_t timed;
+	bool done; /* by the op's own deadline, not the wait's */
 	long refused;
 };
 
@@ -621,8 +622,9 @@ static int64_t op_deadline_refused_task(void *arg)
 	concur_future *f = concur_read(concur_current_exec(), d->fd, &c, 1, -1, MS(20));
 	d->refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
 	wrap_disarm();
-	d->timed = concur_result(f, MS(5000));
-	if (!concur_done(f)) {
+	d->timed = concur_result(f, MS(10000));
+	d->done = concur_done(f);
+	if (!d->done) {
 		concur_cancel(f);
 		concur_result(f, -1);
 	}
@@ -643,6 +645,7 @@ static void test_fault_op_deadline_refused(void **state)
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
 	assert_int_equal(d.refused, 1);
+	assert_true(d.done);
 	assert_int_equal(d.timed, -ETIMEDOUT);
 	concur_exec_free(ex);
 	close(p[0]);

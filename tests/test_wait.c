@@ -880,12 +880,14 @@ static int64_t then_in_callback_of_unrun_end(void *arg)
 	struct then_in_cb *c = arg;
 	concur_future *p = concur_promise_new(ex1);
 	concur_future *b = concur_then(p, add_one, NULL);
-	assert_int_equal(concur_on_done(b, then_in_callback, c), 0);
-	assert_int_equal(concur_promise_set(p, -EIO), 0); /* b ends unrun: its callback runs */
-	assert_int_equal(concur_result(b, 0), -EIO);
+	int64_t r = concur_on_done(b, then_in_callback, c);
+	if (!r)
+		r = concur_promise_set(p, -EIO); /* b ends unrun: its callback runs */
+	if (!r && concur_result(b, 0) != -EIO)
+		r = -EPROTO;
 	concur_release(b);
 	concur_release(p);
-	return 0;
+	return r; /* (no assertion here: it may run in a task) */
 }
 
 static void test_then_waited_in_callback_of_unrun_end(void **state)
@@ -898,7 +900,7 @@ static void test_then_waited_in_callback_of_unrun_end(void **state)
 			assert_int_equal(concur_result(t, -1), 0);
 			concur_release(t);
 		} else {
-			then_in_callback_of_unrun_end(&c);
+			assert_int_equal(then_in_callback_of_unrun_end(&c), 0);
 		}
 		assert_int_equal(c.got, in_task ? -EDEADLK : 42);
 		concur_release(c.input);
