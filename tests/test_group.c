@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* Task groups (group.c): waiting for every member, cancelling, the first failure. */
+#include "helpers.h"
 #include "internal.h" /* a loop's sleeping flag */
 #include "comp_test.h"
 #include "hold_loop.h"
@@ -118,8 +119,7 @@ static void test_group_wait_cancelled(void **state)
 	concur_future *gate = concur_promise_new(ex1);
 	cg_member = concur_group_spawn(cg, wait_gate, gate);
 	concur_future *w = concur_spawn(ex1, group_waiter_cancelled, NULL);
-	while (!atomic_load(&ex1->loops[0]->sleeping))
-		usleep(100);
+	assert_true(flag_set(&ex1->loops[0]->sleeping)); /* both waiting: the loop sleeps */
 	concur_cancel(w);
 	int64_t r = concur_result(w, MS(5000));
 	int done = atomic_load(&member_done_at_return);
