@@ -303,7 +303,7 @@ bool concur_running(const concur_future *f);
  *
  * An I/O operation in flight (a future of concur_read() etc.): the kernel is asked to cancel it,
  * returns -EINPROGRESS: the future ends -ECANCELED, or with the operation's own result if it
- * completed first.
+ * completed first, or -ETIMEDOUT if its deadline fired before it ended.
  */
 int concur_cancel(concur_future *f);
 

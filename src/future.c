@@ -211,6 +211,40 @@ void concur_release(concur_future *f)
 	concur__free(f);
 }
 
+/* ---- deferred calls ------------------------------------------------------------------------ */
+
+/*
+ * What a completion makes ready on this thread (a then whose inputs are all done: wait.c) is
+ * called by the outermost caller, not recursively: starting one can complete a future that makes
+ * another ready (a failed input propagating down a 10 000-long then chain), and the queue keeps
+ * the stack flat. A callback runs with a queue of its own (concur__call_back), and a thread about
+ * to block runs what is queued first: a callback that waits for a then it just made would
+ * otherwise wait behind itself, for ever, and one that waits for anything else starts nothing
+ * but its own (a chain's next stage, queued before it, is not run inside its wait).
+ */
+static CONCUR__TLS_HOT struct concur__node *tl_defer_head, *tl_defer_tail;
+static CONCUR__TLS_HOT bool tl_deferring;
+
+void concur__defer_run(void)
+{
+	struct concur__node *n;
+	while ((n = CONCUR__FIFO_POP(tl_defer_head, tl_defer_tail))) {
+		void (*call)(struct concur__loop *, struct concur__node *) = n->call;
+		n->call = NULL; /* free again: a task's node must have none */
+		call(NULL, n);
+	}
+}
+
+void concur__defer(struct concur__node *n)
+{
+	CONCUR__FIFO_PUSH(tl_defer_head, tl_defer_tail, n);
+	if (tl_deferring)
+		return; /* an outer call on this thread runs it */
+	tl_deferring = true;
+	concur__defer_run();
+	tl_deferring = false;
+}
+
 /* ---- waiters ------------------------------------------------------------------------------- */
 
 void concur__future_wait_final(const concur_future *f)
@@ -344,14 +378,23 @@ static void concur__wake_parked(concur_future *f)
  * Run a callback outside any task, as the header promises: a task that completes f (a promise it
  * sets, a then it fails) runs f's callbacks on its own fiber, and a callback that could suspend
  * that fiber would do so in the middle of the completion (a then's start queue, which is the
- * thread's, waiting behind it for good). A wait in a callback gets -EDEADLK instead.
+ * thread's, waiting behind it for good). A wait in a callback gets -EDEADLK instead. It runs with
+ * a start queue of its own (see deferred calls), put back in front once it returns.
  */
 static void concur__call_back(concur_done_fn fn, concur_future *f, void *arg)
 {
 	struct concur__task *t = concur__tl_task;
+	struct concur__node *head = tl_defer_head, *tail = tl_defer_tail;
+	tl_defer_head = tl_defer_tail = NULL; /* the callback's own queue (see above) */
 	concur__tl_task = NULL;
 	fn(f, arg);
 	concur__tl_task = t;
+	if (head) { /* queued before the call: started before what the callback queued */
+		tail->next = tl_defer_head;
+		if (!tl_defer_tail)
+			tl_defer_tail = tail;
+		tl_defer_head = head;
+	}
 }
 
 /* Run the nodes of a completion that are not compositions', in registration order. */
@@ -744,51 +787,19 @@ int concur_on_done(concur_future *f, concur_done_fn fn, void *arg)
 	return 0;
 }
 
-/* ---- deferred calls ------------------------------------------------------------------------ */
-
-/*
- * What a completion makes ready on this thread (a then whose inputs are all done: wait.c) is
- * called by the outermost caller, not recursively: starting one can complete a future that makes
- * another ready (a failed input propagating down a 10 000-long then chain), and the queue keeps
- * the stack flat. A thread about to block runs what is queued first: a callback run in that loop
- * that waits for a then it just made would otherwise wait behind itself, for ever.
- */
-static CONCUR__TLS_HOT struct concur__node *tl_defer_head, *tl_defer_tail;
-static CONCUR__TLS_HOT bool tl_deferring;
-
-void concur__defer_run(void)
-{
-	struct concur__node *n;
-	while ((n = CONCUR__FIFO_POP(tl_defer_head, tl_defer_tail))) {
-		void (*call)(struct concur__loop *, struct concur__node *) = n->call;
-		n->call = NULL; /* free again: a task's node must have none */
-		call(NULL, n);
-	}
-}
-
-void concur__defer(struct concur__node *n)
-{
-	CONCUR__FIFO_PUSH(tl_defer_head, tl_defer_tail, n);
-	if (tl_deferring)
-		return; /* an outer call on this thread runs it */
-	tl_deferring = true;
-	concur__defer_run();
-	tl_deferring = false;
-}
-
 /* A thread outside the executor: spin briefly (a wake-up costs tens of µs here), then park. */
 /* Out of line, so that concur_result's other cases save no register. */
 static __attribute__((noinline)) int64_t concur__block(concur_future *f, int64_t timeout_ns)
 {
+	struct timespec abs;
+	if (timeout_ns > 0)
+		concur__deadline(&abs, timeout_ns);
 	concur__defer_run(); /* what f may be waiting for, made ready on this thread */
 	for (int i = 0; i < 2000; i++) {
 		if (concur__is_done(f))
 			return concur__future_value(f);
 		concur__cpu_relax();
 	}
-	struct timespec abs;
-	if (timeout_ns > 0)
-		concur__deadline(&abs, timeout_ns);
 	/* parked first, the state read after: a completion that closed the list before we parked
 	 * has its state final by then, one that closes it after wakes us once it is final */
 	if (!concur__waiters_park(f))

@@ -53,8 +53,8 @@
  * functions declared here, and nobody reaches into another file's structures). Every file
  * calls sys.c, which calls nobody; only loop.c touches a ring's SQ, CQ and run queues.
  *   exec.c    -> loop.c (start/stop, post, push_fresh, the doorbell), future.c (init, claim,
- *                complete), fiber.c (stack flags), control.c (cancel of a running task),
- *                stall.c (stall_forget)
+ *                complete, defer_run), fiber.c (stack flags), control.c (cancel of a running
+ *                task), stall.c (stall_forget)
  *   loop.c    -> fiber.c (fiber_get/prepare/run/put), future.c (complete, claim), control.c
  *                (ctl_start/end), timer.c (timers_stop), exec.c (work_end/publish), stall.c
  *   fiber.c   -> loop.c (push_ready/yielded, post, pop_direct/start_direct, task_end: a task

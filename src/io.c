@@ -38,7 +38,8 @@ struct io_req {
 	struct concur__loop *loop; /* the loop whose ring carries it */
 	struct concur__task *task; /* direct form: the task to resume; NULL for a future */
 	int32_t res;               /* the operation's CQE res */
-	int32_t lt_res; /* the linked timeout's, or -ETIME when a future's timer deadline fired */
+	int32_t lt_res; /* the linked timeout's, or -ETIME when a future's timer deadline fired (set
+	                 * only then and by io_req_init: the direct form's stays unset) */
 	uint8_t cqes_left;
 	uint8_t opcode;
 	bool has_deadline;
@@ -115,6 +116,15 @@ static struct io_uring_sqe *io_ring_sqe(struct concur__loop *loop, struct io_req
 	return concur__sqe(loop);
 }
 
+/* Loop thread: ask the kernel to cancel a future op in flight; its CQE still ends it. */
+static void io_cancel_in_kernel(struct concur__loop *loop, struct concur__io *io)
+{
+	struct io_uring_sqe *sqe = concur__sqe(loop);
+
+	io_uring_prep_cancel64(sqe, concur__op_ud(&io->r.op), 0);
+	concur__sqe_set_op(loop, sqe, &concur__ignore_op);
+}
+
 /*
  * A future op's deadline came due on its loop's timer: cancel the op. Its CQE ends it, stopped
  * (-ETIMEDOUT) or with its own result if it won the race.
@@ -122,13 +132,11 @@ static struct io_uring_sqe *io_ring_sqe(struct concur__loop *loop, struct io_req
 static void io_deadline_due(struct concur__loop *loop, struct concur__timer *tmr, int64_t now)
 {
 	struct concur__io *io = concur__container_of(tmr, struct concur__io, tmr);
-	struct io_uring_sqe *sqe = concur__sqe(loop);
 
 	(void)now;
 	concur__timer_del(loop, tmr);
 	io->r.lt_res = -ETIME;
-	io_uring_prep_cancel64(sqe, concur__op_ud(&io->r.op), 0);
-	concur__sqe_set_op(loop, sqe, &concur__ignore_op);
+	io_cancel_in_kernel(loop, io);
 }
 
 /*
@@ -185,7 +193,9 @@ static int64_t io_outcome(struct io_req *r, bool *cancelled)
 	if (r->opcode == IORING_OP_TIMEOUT && res == -ETIME)
 		return 0;
 	if (io_stopped(res)) {
-		if ((r->has_deadline || r->timer_deadline) && r->lt_res == -ETIME)
+		/* (the direct form's timer deadline ends its wait instead, and leaves lt_res unset)
+		 */
+		if ((r->has_deadline || (r->timer_deadline && !r->task)) && r->lt_res == -ETIME)
 			return -ETIMEDOUT;
 		if (atomic_load_explicit(&r->cancel_req, memory_order_relaxed)) {
 			*cancelled = true;
@@ -312,12 +322,8 @@ static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 		concur__loop_post(io->r.loop, node);
 		return;
 	}
-	if (!concur__is_done(&io->f)) {
-		struct io_uring_sqe *sqe = concur__sqe(loop);
-
-		io_uring_prep_cancel64(sqe, concur__op_ud(&io->r.op), 0);
-		concur__sqe_set_op(loop, sqe, &concur__ignore_op);
-	}
+	if (!concur__is_done(&io->f))
+		io_cancel_in_kernel(loop, io);
 	concur_release(&io->f); /* taken by io_cancel_running */
 }
 

@@ -522,8 +522,8 @@ struct after_slot {
  * runs it. So what can be found is not stored: the task is just before (t->arg == t + 1), the
  * slots start at the next 16-byte boundary (waiter nodes are 16-aligned, and so is the task's
  * record: no gap after the task's 120 bytes and these 24), the values follow the slots, the kind
- * of call is the task's fn (wait_then_task or wait_after_task), and the ready list links the
- * task's node (free until it is queued).
+ * of call is the task's fn (wait_then_task or wait_after_task), and the thread's start queue
+ * (concur__defer) links the task's node (free until it is queued).
  */
 struct after {
 	union {
@@ -625,8 +625,9 @@ static void wait_after_input_value(struct after_slot *slot, int64_t v)
 {
 	struct after *a = wait_after_of_slot(slot);
 	wait_after_values(a)[wait_after_slot_index(slot)] = v;
-	/* one input (a then): its one slot is told once (done or dropped), so it is the last; no
-	 * count to take down (a locked instruction per stage of a pipeline, on the loop) */
+	/* one input (a then, a spawn_after of one): its one slot is told once (done or dropped),
+	 * so it is the last; no count to take down (a locked instruction per stage of a pipeline,
+	 * on the loop) */
 	if (a->n == 1 || atomic_fetch_sub(&a->remaining, 1) == 1)
 		wait_after_ready(a);
 }
@@ -666,10 +667,11 @@ static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur
 		a->fn = fn;
 	a->arg = arg;
 	a->n = (uint32_t)n;
-	/* With several inputs, one extra count, dropped below, so the task cannot start while
-	 * waiters are still added; one input's own count does that (a then). */
+	/* With several inputs (or none), one extra count, dropped below, so the task cannot start
+	 * while waiters are still added; one input takes no count (wait_after_input_value). */
 	bool guard = n != 1;
-	atomic_init(&a->remaining, (uint32_t)n + guard);
+	if (guard)
+		atomic_init(&a->remaining, (uint32_t)n + 1);
 	for (size_t i = 0; i < n; i++) {
 		struct after_slot *slot = &wait_after_slots(a)[i];
 		*slot = (struct after_slot){

@@ -907,6 +907,52 @@ static void test_then_waited_in_callback_of_unrun_end(void **state)
 	}
 }
 
+/*
+ * A callback's wait starts only what the callback made: the next stage of a failing chain,
+ * queued before the callback ran, ends after it returns, not inside its wait (a chain of
+ * callbacks that each wait would otherwise nest one wait per stage on the stack). And a join in
+ * a callback counts the then the callback made (its start is not left for after the join).
+ */
+struct chain_cb {
+	concur_future *next; /* the stage after the one whose callback this is */
+	int next_done_in_wait;
+	int64_t joined;
+	int made_done_after_join;
+};
+
+static void waits_then_looks(concur_future *f, void *arg)
+{
+	struct chain_cb *c = arg;
+	concur_future *never = concur_promise_new(ex1);
+	concur_result(never, MS(1)); /* a wait for something else entirely */
+	c->next_done_in_wait = concur_done(c->next);
+	concur_release(never);
+	concur_future *in = concur_promise_new(ex1);
+	concur_promise_set(in, 1);
+	concur_future *made = concur_then(in, add_one, NULL);
+	c->joined = concur_exec_join(ex1, MS(5000));
+	c->made_done_after_join = concur_done(made);
+	concur_release(made);
+	concur_release(in);
+}
+
+static void test_callback_wait_starts_only_its_own(void **state)
+{
+	concur_future *p = concur_promise_new(ex1);
+	concur_future *b = concur_then(p, add_one, NULL);
+	concur_future *next = concur_then(b, add_one, NULL);
+	struct chain_cb c = {.next = next, .next_done_in_wait = -1, .joined = -1000};
+	assert_int_equal(concur_on_done(b, waits_then_looks, &c), 0);
+	assert_int_equal(concur_promise_set(p, -EIO), 0); /* b, then next, end unrun */
+	assert_int_equal(c.next_done_in_wait, 0);
+	assert_int_equal(c.joined, 0);
+	assert_int_equal(c.made_done_after_join, 1);
+	assert_int_equal(concur_result(next, 0), -EIO);
+	concur_release(next);
+	concur_release(b);
+	concur_release(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -930,6 +976,7 @@ int main(void)
 	    cmocka_unit_test(test_then_fire_and_forget_join),
 	    cmocka_unit_test(test_wait_in_callback_edeadlk),
 	    cmocka_unit_test(test_then_waited_in_callback_of_unrun_end),
+	    cmocka_unit_test(test_callback_wait_starts_only_its_own),
 	    cmocka_unit_test(test_abandoned_waits_leave_nothing),
 	    cmocka_unit_test(test_then_after_executor_freed),
 	    cmocka_unit_test(test_as_completed_observed_order),
