@@ -314,9 +314,11 @@ static void io_destroy(concur_future *f)
 }
 
 /* Loop thread: ask the kernel to cancel the op (unless it is already over). */
+/* Loop thread: a cancel's message (io_cancel_running) arrived. */
 static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
 	struct concur__io *io = concur__container_of(node, struct concur__io, cancel_node);
+	concur_exec *ex = io->f.ex;
 
 	if (loop != io->r.loop) { /* a failed MSG_RING delivered it elsewhere: forward it */
 		concur__loop_post(io->r.loop, node);
@@ -325,22 +327,54 @@ static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 	if (!concur__is_done(&io->f))
 		io_cancel_in_kernel(loop, io);
 	concur_release(&io->f); /* taken by io_cancel_running */
+	concur__work_end(ex);   /* the message's, last: a join may return once it is counted */
 }
 
+/*
+ * On the op's loop, nothing can end the op meanwhile: the kernel is asked at once. Elsewhere the
+ * request is a message to that loop, and it is work of the op's executor until it ran, begun
+ * before the request is made, while the op, in flight, is work too: a join cannot end, nor the
+ * executor be stopped and freed, while the message is on its way (it would land in a freed
+ * inbox, or in a ring its loop no longer reaps, and its reference would leak). The op may end by
+ * itself any time before that: the loop is pinned meanwhile, so that its executor, idle and
+ * freed, is not touched after the free. (As a running task's cancel does, control.c.)
+ */
 static int io_cancel_running(concur_future *f)
 {
 	struct concur__io *io = (struct concur__io *)f;
+	struct concur__loop *loop = io->r.loop;
 
-	if (atomic_exchange(&io->r.cancel_req, true))
-		return -EINPROGRESS; /* asked already */
-	concur_retain(f);
-	if (concur__tl_loop == io->r.loop) {
-		io_cancel_call(io->r.loop, &io->cancel_node);
-	} else {
-		io->cancel_node.call = io_cancel_call;
-		concur__loop_post(io->r.loop, &io->cancel_node);
+	if (concur__tl_loop == loop) {
+		if (!atomic_exchange(&io->r.cancel_req, true))
+			io_cancel_in_kernel(loop, io); /* (RUNNING: its CQE has not been reaped) */
+		return -EINPROGRESS;
 	}
+	struct concur__poster *pin = concur__loop_pin(loop);
+	concur_exec *ex = NULL;
+	int r = -EINPROGRESS;
+	/* after the pin; and after the begin, so that the op's own end, if it is seen not to
+	 * have come, comes after the begin: the count does not reach 0 in between */
+	for (int k = 0; k < 2; k++) {
+		uint32_t s = atomic_load_explicit(&f->state, memory_order_seq_cst);
+		if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING) {
+			r = (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
+			goto out;
+		}
+		if (!ex)
+			concur__work_begin(ex = io->f.ex);
+	}
+	if (atomic_exchange(&io->r.cancel_req, true))
+		goto out;        /* asked already */
+	concur__loop_unpin(pin); /* the message's work keeps the executor from here */
+	concur_retain(f);
+	io->cancel_node.call = io_cancel_call;
+	concur__loop_post(loop, &io->cancel_node);
 	return -EINPROGRESS;
+out:
+	if (ex)
+		concur__work_end(ex);
+	concur__loop_unpin(pin);
+	return r;
 }
 
 /*

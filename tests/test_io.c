@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -1254,6 +1255,81 @@ static void test_splice_future_deadline_in_worker(void **state)
 	close(fds[1]);
 }
 
+/*
+ * A cancel from a thread outside the executor is a message to the op's loop; the op may end by
+ * itself before it arrives, and the executor go idle and be freed. The message was no work: the
+ * free went ahead while the canceller was on its way, which then posted into the freed loop
+ * (ASan: heap-use-after-free in the inbox push) or into a ring no longer reaped (the op's record
+ * leaked). The canceller is held where it takes its reference, just before it posts
+ * (concur_retain, wrapped at link time for this test), while the op ends and another thread
+ * frees the executor: the free must wait for the message.
+ */
+static _Atomic int retain_hold, retain_held, retain_go;
+static pthread_t retain_holder;
+
+concur_future *__real_concur_retain(concur_future *f);
+concur_future *__wrap_concur_retain(concur_future *f);
+concur_future *__wrap_concur_retain(concur_future *f)
+{
+	if (atomic_load(&retain_hold) && pthread_equal(pthread_self(), retain_holder) &&
+	    atomic_exchange(&retain_hold, 0)) {
+		atomic_store(&retain_held, 1);
+		while (!atomic_load(&retain_go))
+			usleep(100);
+	}
+	return __real_concur_retain(f);
+}
+
+static void *cancel_held_at_retain(void *arg)
+{
+	retain_holder = pthread_self();
+	atomic_store(&retain_hold, 1);
+	return (void *)(intptr_t)concur_cancel(arg);
+}
+
+static _Atomic int freed;
+
+static void *free_exec(void *arg)
+{
+	concur_exec_free(arg);
+	atomic_store(&freed, 1);
+	return NULL;
+}
+
+static void test_cancel_message_outlives_op(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	int p[2];
+	assert_int_equal(pipe(p), 0);
+	char c;
+	concur_future *f = concur_read(e, p[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	assert_true(flag_set(&e->loops[0]->sleeping)); /* the read is in the kernel */
+	atomic_store(&retain_held, 0);
+	atomic_store(&retain_go, 0);
+	atomic_store(&freed, 0);
+	pthread_t canceller, freer;
+	assert_int_equal(pthread_create(&canceller, NULL, cancel_held_at_retain, f), 0);
+	while (!atomic_load(&retain_held))
+		usleep(100);
+	assert_int_equal(write(p[1], "x", 1), 1); /* the op ends by itself */
+	assert_int_equal(concur_result(f, -1), 1);
+	assert_int_equal(pthread_create(&freer, NULL, free_exec, e), 0);
+	usleep(200000); /* a free that does not wait for the message is done by now */
+	int freed_early = atomic_load(&freed);
+	atomic_store(&retain_go, 1);
+	void *said;
+	pthread_join(canceller, &said);
+	pthread_join(freer, NULL);
+	assert_int_equal(freed_early, 0);
+	assert_int_equal((intptr_t)said, -EINPROGRESS);
+	assert_int_equal(concur_result(f, 0), 1); /* it ended with its own result */
+	concur_release(f);
+	close(p[0]);
+	close(p[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1284,6 +1360,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_splice_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_stopped_in_worker, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_future_deadline_in_worker, setup, teardown),
+	    cmocka_unit_test(test_cancel_message_outlives_op),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
