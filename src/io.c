@@ -330,6 +330,17 @@ static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 	concur__work_end(ex);   /* the message's, last: a join may return once it is counted */
 }
 
+/* Is the op still RUNNING? If not, *r is concur_cancel's answer for how it ended. */
+static bool io_still_running(concur_future *f, int *r)
+{
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_seq_cst);
+
+	if ((s & CONCUR__STATE_MASK) == CONCUR__RUNNING)
+		return true;
+	*r = (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
+	return false;
+}
+
 /*
  * On the op's loop, nothing can end the op meanwhile: the kernel is asked at once. Elsewhere the
  * request is a message to that loop, and it is work of the op's executor until it ran, begun
@@ -352,19 +363,13 @@ static int io_cancel_running(concur_future *f)
 	struct concur__poster *pin = concur__loop_pin(loop);
 	concur_exec *ex = NULL;
 	int r = -EINPROGRESS;
-	/* after the pin; and after the begin, so that the op's own end, if it is seen not to
-	 * have come, comes after the begin: the count does not reach 0 in between */
-	for (int k = 0; k < 2; k++) {
-		uint32_t s = atomic_load_explicit(&f->state, memory_order_seq_cst);
-		if ((s & CONCUR__STATE_MASK) != CONCUR__RUNNING) {
-			r = (s & CONCUR__STATE_MASK) == CONCUR__CANCELLED;
-			goto out;
-		}
-		if (!ex)
-			concur__work_begin(ex = io->f.ex);
-	}
-	if (atomic_exchange(&io->r.cancel_req, true))
-		goto out;        /* asked already */
+	/* the state after the pin, and again after the begin: an op seen running then ends after
+	 * the begin, so the count does not reach 0 in between */
+	if (!io_still_running(f, &r))
+		goto out;
+	concur__work_begin(ex = io->f.ex);
+	if (!io_still_running(f, &r) || atomic_exchange(&io->r.cancel_req, true))
+		goto out;        /* ended meanwhile, or asked already */
 	concur__loop_unpin(pin); /* the message's work keeps the executor from here */
 	concur_retain(f);
 	io->cancel_node.call = io_cancel_call;
