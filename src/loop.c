@@ -410,7 +410,8 @@ bool concur__loop_futex_wake(struct concur__loop *loop, concur_future *f)
 	return true;
 }
 
-/* Wake loop `to` from loop `from`. If the message fails, the CQE says so and it goes again. */
+/* Wake loop `to` from loop `from`, of the same executor. If the message fails, the CQE says so
+ * and it goes again (concur__dispatch). */
 static void concur__wake(struct concur__loop *from, struct concur__loop *to)
 {
 	concur__msg_ring(from, to, CONCUR__TAG_DOORBELL, 0,
@@ -525,7 +526,10 @@ static void concur__inbox_push(struct concur__loop *loop, struct concur__node *n
 	 * busy loop drains its inbox every turn, so a burst of posts costs no syscall. */
 	if (atomic_load_explicit(&loop->sleeping, memory_order_seq_cst) &&
 	    atomic_exchange_explicit(&loop->sleeping, 0, memory_order_seq_cst)) {
-		if (me)
+		/* Another executor's loop is rung while pinned, through its doorbell ring: a
+		 * message from our ring could fail after the pin is gone, and its retry (at our
+		 * CQE) would name a loop that may be freed by then. */
+		if (!outside)
 			concur__wake(me, loop);
 		else
 			concur__loop_ring_doorbell(loop);
@@ -746,11 +750,15 @@ static void concur__dispatch(struct concur__loop *loop, uint64_t ud, int32_t res
 		concur__take_chain(loop, p, (size_t)(uint32_t)res); /* MSG_RING's len: k */
 		break;
 	case CONCUR__TAG_DOORBELL:
-		/* NULL: a wake, and the inbox is drained every turn. A loop: our doorbell to it
-		 * failed. -EOVERFLOW: the target's CQ is full, so it is awake. No memory for the
-		 * message (a remote post): ring again, or it sleeps with nobody left to wake it. */
+		/* NULL: a wake, and the inbox is drained every turn. A loop (of our executor,
+		 * alive until we stop): our doorbell to it failed, and it sleeps with nobody left
+		 * to wake it. -EOVERFLOW: its CQ is full, so it is awake. No memory for the
+		 * message: ring again. Refused for good: through the executor's doorbell ring,
+		 * which tries on, and says the loop sleeps again if it cannot. */
 		if (p && concur__transient(res))
 			concur__wake(loop, p);
+		else if (p && res != -EOVERFLOW)
+			concur__loop_ring_doorbell(p);
 		break;
 	case CONCUR__TAG_NODE_FAILED: {
 		/* The MSG_RING could not post (the target's CQ overflowed): through the target's

@@ -27,6 +27,7 @@
 #include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
@@ -1342,6 +1343,100 @@ static void test_fault_chunk_munmap(void **state)
 /* A loop thread that cannot be made: concur_exec_new fails with -EAGAIN (documented now) and
  * says which call failed (the message was empty), nothing left behind (the count is taken after
  * a first failure: the thread's error message is a block of its own, until the thread ends). */
+/*
+ * A loop's message to another loop that the kernel refuses for good still arrives. Loop 0 wakes
+ * a task on sleeping loop 1: the MSG_RING carrying it is refused (its SQE is rewritten to name
+ * an eventfd, which the kernel refuses with -EBADFD), so the node goes through loop 1's inbox
+ * and loop 0 rings loop 1's doorbell -- refused the same way. That refusal used to be dropped:
+ * loop 1 slept on with the task in its inbox, and nobody would ring again. (Across executors
+ * the doorbell went the same way, and a retry could name a loop freed meanwhile.)
+ */
+static struct io_uring *refuse_ring;
+static int refuse_target_fd, refuse_bad_fd;
+static atomic_int refuse_left, refused;
+
+static void refuse_msgs(struct io_uring *ring)
+{
+	if (ring != refuse_ring)
+		return;
+	for (unsigned h = ring->sq.sqe_head; h != ring->sq.sqe_tail; h++) {
+		struct io_uring_sqe *sqe = &ring->sq.sqes[h & ring->sq.ring_mask];
+		if (sqe->opcode == IORING_OP_MSG_RING && sqe->fd == refuse_target_fd &&
+		    atomic_load(&refuse_left) > 0) {
+			sqe->fd = refuse_bad_fd;
+			atomic_fetch_sub(&refuse_left, 1);
+			atomic_fetch_add(&refused, 1);
+		}
+	}
+}
+
+static int64_t await_gate_arg(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+static int64_t set_promise(void *arg)
+{
+	return concur_promise_set(arg, 7);
+}
+
+/* cross: the task waits on another executor's loop, which is rung through its executor's
+ * doorbell ring, as a thread outside would: only the node's message is refused. */
+static int doorbell_refused_child(bool cross)
+{
+	concur_exec *ex = NULL, *other = NULL;
+	struct concur_exec_opts o = {.loops = cross ? 1 : 2};
+	if (concur_exec_new(&ex, &o) || (cross && concur_exec_new(&other, &o)))
+		return 1;
+	struct concur__loop *waiting = cross ? other->loops[0] : ex->loops[1];
+	concur_future *gate = concur_promise_new(ex);
+	concur_future *w = concur_spawn_on(cross ? other : ex, cross ? 0 : 1, await_gate_arg, gate);
+	if (!w || !flag_set(&waiting->sleeping))
+		return 2; /* the task in its wait, its loop asleep */
+	refuse_ring = &ex->loops[0]->ring;
+	refuse_target_fd = waiting->ring_fd;
+	refuse_bad_fd = eventfd(0, EFD_CLOEXEC);
+	if (refuse_bad_fd < 0)
+		return 3;
+	atomic_store(&refuse_left, 2); /* the node's message, then a doorbell from our ring */
+	atomic_store(&wrap_submit_hook, refuse_msgs);
+	concur_future *s = concur_spawn_on(ex, 0, set_promise, gate);
+	int64_t r = concur_result(w, 5000000000LL);
+	atomic_store(&wrap_submit_hook, NULL);
+	if (r == -ETIMEDOUT)
+		return 4; /* the task never woke: the refused doorbell was dropped */
+	if (r != 7 || concur_result(s, -1) != 0)
+		return 5;
+	if (atomic_load(&refused) != (cross ? 1 : 2))
+		return 6; /* not the path under test */
+	concur_release(s);
+	concur_release(w);
+	concur_release(gate);
+	concur_exec_free(ex);
+	if (other)
+		concur_exec_free(other);
+	close(refuse_bad_fd);
+	return 0;
+}
+
+static void test_fault_loop_doorbell_refused(void **state)
+{
+	(void)state;
+	for (int cross = 0; cross < 2; cross++) {
+		fflush(NULL);
+		pid_t pid = fork();
+		assert_true(pid >= 0);
+		if (pid == 0) {
+			alarm(30);
+			_exit(doorbell_refused_child(cross));
+		}
+		int status = 0;
+		assert_int_equal(waitpid(pid, &status, 0), pid);
+		assert_true(WIFEXITED(status));
+		assert_int_equal(WEXITSTATUS(status), 0);
+	}
+}
+
 static void test_fault_loop_thread_refused(void **state)
 {
 	(void)state;
@@ -1409,6 +1504,7 @@ int main(void)
 	    T(test_fault_mmap),
 	    T(test_fault_thread),
 	    T(test_fault_loop_thread_refused),
+	    T(test_fault_loop_doorbell_refused),
 	    T(test_fault_cancel_racing_free),
 	    T(test_fault_ring_setup),
 	    T(test_fault_submit),

@@ -67,6 +67,9 @@ static void (*_Atomic wrap_calloc_hook)(void);
 /* Called at each malloc concur makes, before it allocates (test_fault: a canceller held between
  * its request and its message). */
 static void (*_Atomic wrap_malloc_hook)(void);
+/* Called at each submit concur makes, before it submits (test_fault: a message's SQE rewritten
+ * so that the kernel refuses it). */
+static void (*_Atomic wrap_submit_hook)(struct io_uring *ring);
 static int wrap_mode;
 
 /* Arm kind to fail at call n (counted from now) in mode; counters restart. */
@@ -275,19 +278,29 @@ int __wrap_io_uring_register_buf_ring(struct io_uring *ring, struct io_uring_buf
 	                                  : __real_io_uring_register_buf_ring(ring, reg, flags);
 }
 
+static inline void wrap_before_submit(struct io_uring *ring)
+{
+	void (*hook)(struct io_uring *) = atomic_load(&wrap_submit_hook);
+	if (hook)
+		hook(ring);
+}
+
 /* A failed submit submits nothing (its SQEs stay queued), as -EAGAIN/-EBUSY from the kernel. */
 int __wrap_io_uring_submit(struct io_uring *ring)
 {
+	wrap_before_submit(ring);
 	return wrap_fail(WRAP_SUBMIT) ? -EAGAIN : __real_io_uring_submit(ring);
 }
 
 int __wrap_io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr)
 {
+	wrap_before_submit(ring);
 	return wrap_fail(WRAP_SUBMIT) ? -EBUSY : __real_io_uring_submit_and_wait(ring, wait_nr);
 }
 
 int __wrap_io_uring_submit_and_get_events(struct io_uring *ring)
 {
+	wrap_before_submit(ring);
 	return wrap_fail(WRAP_SUBMIT) ? -EAGAIN : __real_io_uring_submit_and_get_events(ring);
 }
 
