@@ -950,12 +950,15 @@ concur_future *concur_signal(concur_exec *ex, const sigset_t *set);
  * concur_stream_cancel(), -ECONNRESET, ...); after that next() returns -ENODATA. A kernel that
  * stops a multishot on its own (CQ overflow, buffers running out) is re-armed transparently.
  *
- * Transient accept errors do not end an accept stream: -EMFILE, -ENFILE, -ENOMEM, -ENOBUFS and
- * -ECONNABORTED are returned by next() once (so the caller can log them; the connection that
- * hit them stays in the listen backlog where the kernel left it), and the stream re-arms by
- * itself after a back-off: a kernel timeout on the loop, 4 ms doubling up to 512 ms, back to 4
- * ms after the next accepted connection. A server at its fd limit so resumes accepting as soon
- * as fds are free again. Any other negative value from an accept stream is its end.
+ * Transient accept errors do not end an accept stream: -EMFILE, -ENFILE, -ENOMEM and -ENOBUFS
+ * are returned by next() once (so the caller can log them; the connection that hit them stays
+ * in the listen backlog where the kernel left it), and the stream re-arms by itself after a
+ * back-off: a kernel timeout on the loop, 4 ms doubling up to 512 ms, back to 4 ms after the
+ * next accepted connection. A server at its fd limit so resumes accepting as soon as fds are
+ * free again. A connection aborted by its peer before it was accepted (-ECONNABORTED) is
+ * skipped: next() never returns it, and the stream accepts the next at once (as Go's and
+ * libuv's accept loops do), so clients that abort cannot slow the others down. Any other
+ * negative value from an accept stream is its end.
  */
 typedef struct concur_stream concur_stream;
 

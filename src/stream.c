@@ -11,10 +11,11 @@
  * loses one.
  *
  * The stream re-arms itself whenever the kernel stops it on its own and the reason passes:
- *  - an accept that hit a transient error (EMFILE, ENFILE, ENOMEM, ENOBUFS, ECONNABORTED)
- *    reports it once to the consumer and re-arms after a back-off (a kernel timeout on the
- *    loop, doubling from STREAM_BACKOFF_MIN_MS to STREAM_BACKOFF_MAX_MS, reset by the next
- * success), as nginx and libuv do: a server at its fd limit must not stop accepting for good;
+ *  - an accept that hit a shortage (EMFILE, ENFILE, ENOMEM, ENOBUFS) reports it once to the
+ *    consumer and re-arms after a back-off (a kernel timeout on the loop, doubling from
+ *    STREAM_BACKOFF_MIN_MS to STREAM_BACKOFF_MAX_MS, reset by the next success), as nginx and
+ *    libuv do: a server at its fd limit must not stop accepting for good; one that found its
+ *    connection aborted (ECONNABORTED) re-arms at once and reports nothing;
  *  - a recv whose buffer ring ran dry (ENOBUFS) waits on the ring's starved list and re-arms when
  *    a buffer is given back;
  *  - a CQ overflow (a multishot CQE without F_MORE) re-arms at once.
@@ -546,7 +547,11 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 	}
 	if (item && s->on_demand && (flags & IORING_CQE_F_BUFFER))
 		flags = stream_keep_unwanted(s, res, flags);
-	if (!item) {
+	if (!item && !s->recv && res == -ECONNABORTED && !s->cancel_req) {
+		/* a connection its peer gave up on before we took it: nothing is short and nobody
+		 * needs telling, the next is accepted at once (the re-arm below), as Go and libuv
+		 * do. A back-off would let aborting clients slow every accept down. */
+	} else if (!item) {
 		/* the cancel is why it ended, not a shortage met before the kernel saw the cancel
 		 * (out of buffers, an accept's EMFILE: what would not end the stream by itself);
 		 * an error that would (a reset) is reported as it is */

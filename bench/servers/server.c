@@ -265,8 +265,7 @@ static int64_t conn_task(void *arg)
 /* The errors an accept stream reports and survives (see concur_stream_next). */
 static bool accept_transient(int64_t err)
 {
-	return err == -EMFILE || err == -ENFILE || err == -ENOMEM || err == -ENOBUFS ||
-	       err == -ECONNABORTED;
+	return err == -EMFILE || err == -ENFILE || err == -ENOMEM || err == -ENOBUFS;
 }
 
 static int64_t accept_task(void *arg)
