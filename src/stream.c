@@ -16,8 +16,11 @@
  *    STREAM_BACKOFF_MIN_MS to STREAM_BACKOFF_MAX_MS, reset by the next success), as nginx and
  *    libuv do: a server at its fd limit must not stop accepting for good; one that found its
  *    connection aborted (ECONNABORTED) re-arms at once and reports nothing;
- *  - a recv whose buffer ring ran dry (ENOBUFS) waits on the ring's starved list and re-arms when
- *    a buffer is given back;
+ *  - a recv whose buffer ring ran dry (ENOBUFS) waits in the ring's starved queue, and as buffers
+ *    are given back, that many of the queue's oldest re-arm (one each: a starved recv has bytes
+ *    waiting, so it takes one at once). Re-arming them all for each buffer had every one but
+ *    the first fail again: with thousands of connections starved, each give-back cost thousands
+ *    of SQEs and CQEs;
  *  - a CQ overflow (a multishot CQE without F_MORE) re-arms at once.
  * An on-demand recv stream arms a single (not multishot) recv only while a consumer waits and
  * nothing is queued: an idle connection, or one whose task is busy elsewhere (blocked in a send
@@ -66,8 +69,10 @@ struct stream_bufs {
 	struct io_uring_buf_ring *br;
 	char *mem;
 	size_t ring_bytes;
-	unsigned free;                   /* buffers in the ring */
-	struct concur_stream *starved;   /* recv streams stopped by ENOBUFS */
+	unsigned free;                 /* buffers in the ring */
+	unsigned claimed;              /* of those, one for each stream re-armed off the queue */
+	struct concur_stream *starved; /* recv streams stopped by ENOBUFS, oldest first */
+	struct concur_stream *starved_tail;
 	uint64_t out[STREAM_NBUFS / 64]; /* taken by the kernel, not back in the ring */
 	uint16_t gen[STREAM_NBUFS];      /* bumped each time a buffer goes back (STREAM_BID) */
 };
@@ -96,7 +101,7 @@ struct concur_stream {
 	struct stream_bufs *bufs; /* recv streams */
 	struct concur__task *waiter;
 	struct stream_next *fwaiter; /* a pending next-future (the stream holds a reference) */
-	struct concur_stream *next_starved;
+	struct concur_stream *next_starved, *prev_starved;
 	int fd, flags;
 	bool recv;
 	bool on_demand;    /* recv: one single-shot recv at a time, only while someone waits */
@@ -104,6 +109,7 @@ struct concur_stream {
 	bool stop_sent;    /* an ASYNC_CANCEL for the armed operation is on its way */
 	bool timer_armed;  /* the back-off timer is in the kernel */
 	bool starved;      /* on bufs->starved, waiting for buffers */
+	bool claims;       /* re-armed off the starved queue: in bufs->claimed till its CQE */
 	bool cancel_req;   /* concur_stream_cancel */
 	bool ended;        /* the end is known: end_res */
 	bool end_reported; /* a consumer was told */
@@ -242,14 +248,32 @@ static void stream_stop(struct concur_stream *s)
 		stream_cancel_op(s, &s->timer_op);
 }
 
+/* Into the starved queue: at its back, or at its front for one that lost the buffer it was
+ * re-armed for (to a recv armed meanwhile, not from the queue). */
+static void stream_starve(struct concur_stream *s, bool front)
+{
+	struct stream_bufs *b = s->bufs;
+
+	s->starved = true;
+	if (front) {
+		s->prev_starved = NULL;
+		s->next_starved = b->starved;
+		*(b->starved ? &b->starved->prev_starved : &b->starved_tail) = s;
+		b->starved = s;
+	} else {
+		s->next_starved = NULL;
+		s->prev_starved = b->starved_tail;
+		*(b->starved_tail ? &b->starved_tail->next_starved : &b->starved) = s;
+		b->starved_tail = s;
+	}
+}
+
 static void stream_unstarve(struct concur_stream *s)
 {
-	struct concur_stream **pp = &s->bufs->starved;
+	struct stream_bufs *b = s->bufs;
 
-	while (*pp && *pp != s)
-		pp = &(*pp)->next_starved;
-	if (*pp)
-		*pp = s->next_starved;
+	*(s->prev_starved ? &s->prev_starved->next_starved : &b->starved) = s->next_starved;
+	*(s->next_starved ? &s->next_starved->prev_starved : &b->starved_tail) = s->prev_starved;
 	s->starved = false;
 }
 
@@ -267,6 +291,17 @@ static void stream_maybe_free(struct concur_stream *s)
 }
 
 static void stream_bufs_back(struct stream_bufs *b);
+
+/* Re-arm a recv for one of the buffers no other is re-armed for (it has bytes waiting: it takes
+ * one at once), and keep that buffer for it until its CQE. */
+static void stream_rearm_claiming(struct concur_stream *s)
+{
+	stream_rearm(s);
+	if (s->armed && !s->claims) {
+		s->claims = true;
+		s->bufs->claimed++;
+	}
+}
 
 /* An item nobody will consume: close the fd or give the buffer back. */
 static void stream_discard(struct concur_stream *s, struct stream_item it)
@@ -513,10 +548,9 @@ static uint32_t stream_keep_unwanted(struct concur_stream *s, int32_t res, uint3
 	return 0; /* no F_BUFFER: the stream's own */
 }
 
-static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
-                       uint32_t flags)
+/* The armed op's CQE; claimed: a recv re-armed for a buffer kept for it (stream_bufs_back). */
+static void stream_cqe_handle(struct concur_stream *s, int32_t res, uint32_t flags, bool claimed)
 {
-	struct concur_stream *s = concur__container_of(op, struct concur_stream, op);
 	bool more = flags & IORING_CQE_F_MORE;
 	bool item = res > 0 || (!s->recv && res == 0);
 	bool our_stop = s->stop_sent;
@@ -536,13 +570,11 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 		return;
 	}
 	if (s->recv && res == -ENOBUFS && !s->cancel_req && !s->ended) {
-		/* out of buffers: resume as soon as some are in the ring again */
-		if (!s->bufs->free && !s->starved) {
-			s->starved = true;
-			s->next_starved = s->bufs->starved;
-			s->bufs->starved = s;
-		}
-		stream_rearm(s);
+		/* out of buffers: wait for one (or take one kept for no starved stream) */
+		if (s->bufs->free > s->bufs->claimed)
+			stream_rearm_claiming(s);
+		else if (!s->starved)
+			stream_starve(s, claimed);
 		return;
 	}
 	if (item && s->on_demand && (flags & IORING_CQE_F_BUFFER))
@@ -577,6 +609,23 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 	if (!more)
 		stream_rearm(s); /* the kernel stopped on its own (CQ overflow, ...): go on */
 	stream_wake(s);
+}
+
+static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                       uint32_t flags)
+{
+	struct concur_stream *s = concur__container_of(op, struct concur_stream, op);
+	struct stream_bufs *b = s->bufs; /* the thread's: outlives s, which the CQE may free */
+	bool claimed = s->claims;
+
+	if (claimed) { /* the recv is over: it took the buffer kept for it, or failed */
+		s->claims = false;
+		b->claimed--;
+	}
+	stream_cqe_handle(s, res, flags, claimed);
+	/* it ended without taking that buffer (EOF, an error, a cancel): the next one's turn */
+	if (claimed && !(flags & IORING_CQE_F_BUFFER))
+		stream_bufs_back(b);
 }
 
 /* ---- the public calls --------------------------------------------------------------------- */
@@ -733,15 +782,16 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 	return 0;
 }
 
-/* Buffers are back in the ring (given back, or discarded by a close): re-arm the streams that ran
- * dry, whoever gave them back (a starved stream waited for a give() that may never come). */
+/* Buffers are back in the ring (given back, discarded by a close, or not taken by a recv re-armed
+ * for one): re-arm as many of the streams that ran dry, oldest first, whoever gave them back (a
+ * starved stream waited for a give() that may never come). One that stays unarmed (an on-demand
+ * stream nobody waits on now) re-arms when a consumer comes, like any other. */
 static void stream_bufs_back(struct stream_bufs *b)
 {
-	while (b->starved) {
+	while (b->starved && b->free > b->claimed) {
 		struct concur_stream *t = b->starved;
-		b->starved = t->next_starved;
-		t->starved = false;
-		stream_rearm(t);
+		stream_unstarve(t);
+		stream_rearm_claiming(t);
 	}
 }
 

@@ -1104,6 +1104,91 @@ static void cancel_then_dry(bool write_first)
 	}
 }
 
+/*
+ * Starved recv streams take turns. With the loop's buffers all lent, the recvs that then find
+ * bytes waiting starve; each buffer given back re-arms one of them, the one that starved first.
+ * Every buffer given back used to re-arm every starved stream, and all but one failed again
+ * with -ENOBUFS: with thousands of connections starved, thousands of SQEs and CQEs a buffer
+ * (conns/100k's echo round took 2-4x the CPU per message), and the newest went first.
+ */
+#define RING_BUFS 256 /* a loop's ring (stream.c's STREAM_NBUFS) */
+#define STARVING  64
+#define TURNS     (RING_BUFS + STARVING)
+
+struct turns {
+	int sp[TURNS][2];
+	concur_stream *s[TURNS];
+	struct concur_chunk ch[TURNS];
+	concur_future *f[TURNS];
+};
+
+static uint64_t loop_cqes(void)
+{
+	struct concur_stats st;
+	return concur_exec_stats(ex, &st) ? 0 : st.cqes;
+}
+
+static int64_t turns_check(struct turns *t)
+{
+	for (int i = 0; i < TURNS; i++) {
+		int err = concur_recv_stream_on_demand(&t->s[i], t->sp[i][0], 0);
+		if (err)
+			return -1000 + err;
+		if (write(t->sp[i][1], "x", 1) != 1)
+			return -2000;
+	}
+	for (int i = 0; i < TURNS; i++) /* one recv each, all in one submit, in this order */
+		t->f[i] = concur_stream_next_future(t->s[i], &t->ch[i]);
+	for (int i = 0; i < RING_BUFS; i++) /* these took every buffer */
+		if (concur_result(t->f[i], -1) != 1)
+			return -3000 - i;
+	for (int i = RING_BUFS; i < TURNS; i++) /* these starved, in order */
+		if (concur_done(t->f[i]))
+			return -4000 - i;
+	uint64_t before = loop_cqes();
+	if (concur_stream_give(t->s[0], &t->ch[0]))
+		return -5000;
+	/* the first to starve: first served (bounded: before the fix it never was) */
+	if (concur_result(t->f[RING_BUFS], MS(5000)) != 1)
+		return -6000;
+	uint64_t cqes = loop_cqes() - before;
+	for (int i = RING_BUFS + 1; i < TURNS; i++)
+		if (concur_done(t->f[i]))
+			return -7000 - i; /* served, with no buffer for it */
+	if (cqes != 1)
+		return -8000 - (int64_t)cqes; /* one recv re-armed, one CQE */
+	return 0;
+}
+
+static int64_t turns_task(void *arg)
+{
+	struct turns *t = arg;
+	int64_t r = turns_check(t);
+	for (int i = 1; i < TURNS; i++) /* the buffers back (chunk 0's went back in the check) */
+		if (t->f[i] && concur_done(t->f[i]) && concur_result(t->f[i], 0) == 1)
+			concur_stream_give(t->s[i], &t->ch[i]);
+	for (int i = 0; i < TURNS; i++) { /* a next-future still pending ends with its close */
+		concur_release(t->f[i]);
+		concur_stream_close(t->s[i]);
+	}
+	return r;
+}
+
+static void test_starved_streams_take_turns(void **state)
+{
+	(void)state;
+	struct turns *t = calloc(1, sizeof(*t));
+	assert_non_null(t);
+	for (int i = 0; i < TURNS; i++)
+		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, t->sp[i]), 0);
+	assert_int_equal(run_task(turns_task, t), 0);
+	for (int i = 0; i < TURNS; i++) {
+		close(t->sp[i][0]);
+		close(t->sp[i][1]);
+	}
+	free(t);
+}
+
 static void test_cancel_then_dry(void **state)
 {
 	cancel_then_dry(false);
@@ -1127,6 +1212,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_then_dry, setup1, teardown),
+	    cmocka_unit_test_setup_teardown(test_starved_streams_take_turns, setup1, teardown),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
