@@ -938,8 +938,11 @@ concur_future *concur_signal(concur_exec *ex, const sigset_t *set);
 /*
  * Streams: one armed operation, many completions, consumed one item at a time. A stream lives on
  * the loop of the task that opened it; next(), give() and close() are called from tasks on that
- * loop (which is where the opening task stays), elsewhere they return -EPERM. cancel() works
- * from any thread.
+ * loop (which is where the opening task stays), elsewhere they return -EPERM (close() does
+ * nothing). cancel() works from any thread. An open stream counts as work for
+ * concur_exec_join() until it is closed and the kernel is done with it, idle or not, and
+ * concur_exec_stop() does not close it: close every stream before its task returns, on every
+ * path, or join, stop and free wait for ever.
  *
  * concur_stream_next() suspends the task until the next item: for an accept stream a new fd
  * (>= 0); for a recv stream the number of bytes (> 0), with *chunk set to a buffer borrowed from
@@ -991,8 +994,8 @@ int concur_recv_stream(concur_stream **out, int fd, int flags);
  */
 int concur_recv_stream_on_demand(concur_stream **out, int fd, int flags);
 /* In a task on the stream's loop: the next item (see above), waiting for it. chunk may be NULL
- * for accept streams. -EBUSY if another task (or a next-future) is already waiting on s,
- * -EINVAL for bad arguments, -EPERM from elsewhere. */
+ * for accept streams. -EBUSY if another task is in next() on s (waiting, or woken and not yet
+ * back) or a next-future is pending, -EINVAL for bad arguments, -EPERM from elsewhere. */
 int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
 /*
  * In a task on the stream's loop: next() as a future, so that "the next item or something else"
@@ -1010,9 +1013,12 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk);
  * release from another thread racing with the item's arrival may hand the item to nobody).
  */
 concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *chunk);
-/* Give a borrowed buffer back. Returns 0, or -EINVAL (also for one given back already, even when
- * its buffer has been lent again since: the bid tells the lendings apart, up to 65,535 lendings
- * of that buffer later; a check against a bug, not a promise). */
+/* Give a borrowed buffer back, to the stream that lent it (the ring is the loop's, so a ring
+ * buffer is taken back by any stream of the loop; a buffer of a stream's own only by that one).
+ * Returns 0, or -EINVAL (also for one given back already, even when its buffer has been lent
+ * again since: the bid tells the lendings apart, up to 65,535 lendings of that buffer later; a
+ * check against a bug, not a promise; and for the zeroed chunk of a next() that returned no
+ * bytes). */
 int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
 /* Ask the kernel to stop the stream early; next() then drains what came and reports the end
  * (-ECANCELED unless the stream ended on its own first). Callable from any thread, loops of
@@ -1022,7 +1028,8 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
 int concur_stream_cancel(concur_stream *s);
 /* Close the stream: cancels it if still armed, closes accepted fds and gives back buffers not
  * yet consumed; the memory goes once the kernel's last completion arrived. No other task may
- * be waiting on it. Borrowed chunks must have been given back. NULL is ignored. */
+ * be in its next() (waiting, or woken and not yet back). Borrowed chunks must have been given
+ * back. NULL and a call off the stream's loop are ignored. */
 void concur_stream_close(concur_stream *s);
 
 #pragma GCC visibility pop

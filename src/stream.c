@@ -114,6 +114,7 @@ struct concur_stream {
 	bool ended;        /* the end is known: end_res */
 	bool end_reported; /* a consumer was told */
 	bool closed;       /* concur_stream_close: free when the kernel is done */
+	bool in_next;      /* a task is inside concur_stream_next (woken or not) */
 	int32_t end_res;
 	int32_t pending_err;   /* a transient accept error not reported yet */
 	uint32_t backoff_ms;   /* the last back-off; 0 after a success */
@@ -147,7 +148,9 @@ static void stream_bufs_key_init(void)
 static void stream_bufs_put(struct stream_bufs *b, unsigned bid)
 {
 	b->out[bid / 64] &= ~((uint64_t)1 << (bid % 64));
-	b->gen[bid]++;
+	/* never 0: the bid of a chunk that holds no buffer (an error, the end) is 0 */
+	if (!++b->gen[bid])
+		b->gen[bid] = 1;
 	io_uring_buf_ring_add(b->br, b->mem + (size_t)bid * STREAM_BUF_SIZE, STREAM_BUF_SIZE,
 	                      (unsigned short)bid, io_uring_buf_ring_mask(STREAM_NBUFS), 0);
 	io_uring_buf_ring_advance(b->br, 1);
@@ -703,8 +706,9 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
 	if (s->recv && !chunk)
 		return -EINVAL;
 	stream_drop_stale_future(s);
-	if (s->waiter || s->fwaiter)
+	if (s->waiter || s->fwaiter || s->in_next)
 		return -EBUSY;
+	s->in_next = true;
 	while (!stream_ready(s)) {
 		struct concur__task *t = concur__tl_task;
 		err = concur__ctl_check(t);
@@ -712,15 +716,19 @@ int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
 			/* a wake with nothing ready (an earlier stop's completion re-armed the recv
 			 * for us) can come first, and its interrupt then found us woken already */
 			stream_disarm_unwanted(s);
+			s->in_next = false;
 			return err;
 		}
 		s->waiter = t;
 		stream_rearm(s); /* an on-demand stream arms now */
 		/* stream_wake resumes us, or a cancel/deadline does */
 		err = concur__suspend_interruptible(t, stream_interrupt, s);
-		if (err)
+		if (err) {
+			s->in_next = false;
 			return err;
+		}
 	}
+	s->in_next = false;
 	int64_t res = stream_take(s, chunk);
 	stream_rearm(s);
 	return res;
@@ -736,7 +744,7 @@ concur_future *concur_stream_next_future(concur_stream *s, struct concur_chunk *
 	if (err)
 		return concur__failed_future(concur__tl_loop ? concur__tl_loop->ex : NULL, err);
 	stream_drop_stale_future(s);
-	if (s->waiter || s->fwaiter)
+	if (s->waiter || s->fwaiter || s->in_next)
 		return concur__failed_future(s->ex, -EBUSY);
 	n = malloc(sizeof(*n));
 	if (!n)
@@ -767,7 +775,9 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk)
 	/* given back already (twice, the ring would hand one buffer to two recvs): not out, or
 	 * out again for another chunk since (a newer generation) */
 	if (idx == STREAM_SPILL_IDX) {
-		if (s->spill_state != STREAM_SPILL_LENT || gen != s->spill_gen)
+		/* and this stream's: another's spill has the same index, maybe the same gen */
+		if (s->spill_state != STREAM_SPILL_LENT || gen != s->spill_gen ||
+		    chunk->data != s->spill)
 			return -EINVAL;
 		s->spill_state = STREAM_SPILL_FREE;
 		s->spill_gen++;

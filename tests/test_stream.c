@@ -617,6 +617,56 @@ static int64_t left_streams_task(void *arg)
 	return r;
 }
 
+/*
+ * A stream's own buffer (bytes that came for a consumer who left) is given back to that stream
+ * only. Two streams' own buffers have the same index and, here, the same generation: given to
+ * the other stream, one used to free that stream's buffer under its consumer (its next unwanted
+ * bytes would overwrite that chunk), and its own stayed lent for good.
+ */
+static int64_t own_buffers_task(void *arg)
+{
+	int(*sp)[2] = arg;
+	concur_stream *s[2] = {NULL, NULL};
+	struct concur_chunk c[2];
+	int64_t r = 0;
+	for (int i = 0; i < 2 && !r; i++) {
+		r = concur_recv_stream_on_demand(&s[i], sp[i][0], 0);
+		if (!r) { /* a consumer that leaves: its recv stays armed, the byte comes for nobody
+			   */
+			concur_future *f = concur_stream_next_future(s[i], &c[i]);
+			r = concur_cancel(f) == 1 ? 0 : -EPROTO;
+			concur_release(f);
+		}
+		if (!r && write(sp[i][1], "o", 1) != 1)
+			r = -EIO;
+	}
+	concur_sleep(MS(50)); /* both bytes taken in, with no consumer: each to its stream's own */
+	for (int i = 0; i < 2 && !r; i++)
+		if (concur_stream_next(s[i], &c[i]) != 1 || (c[i].bid & 0xffffu) != 0xffffu)
+			r = -100 - i; /* not the path under test */
+	if (!r && concur_stream_give(s[1], &c[0]) != -EINVAL)
+		r = -200; /* s[0]'s given to s[1] */
+	for (int i = 0; i < 2 && !r; i++)
+		if (concur_stream_give(s[i], &c[i]))
+			r = -300 - i; /* each to its own: taken */
+	for (int i = 0; i < 2; i++)
+		concur_stream_close(s[i]);
+	return r;
+}
+
+static void test_own_buffer_given_to_its_stream(void **state)
+{
+	(void)state;
+	int sp[2][2];
+	for (int i = 0; i < 2; i++)
+		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp[i]), 0);
+	assert_int_equal(run_task(own_buffers_task, sp), 0);
+	for (int i = 0; i < 2; i++) {
+		close(sp[i][0]);
+		close(sp[i][1]);
+	}
+}
+
 static void test_on_demand_consumer_left(void **state)
 {
 	static int fds[IDLE_STREAMS + 1][2];
@@ -1189,6 +1239,106 @@ static void test_starved_streams_take_turns(void **state)
 	free(t);
 }
 
+/*
+ * A task woken in next() and not yet back is still in it: a second task's next() gets -EBUSY.
+ * It used to slip in (the wake had cleared the waiter), wait, and have its place taken by the
+ * first when that one came back to nothing: the second was never woken again, and not even a
+ * cancel could end it (its interrupt found another task in the place, and took it for woken).
+ * Forced: the second task yields in a loop, so it runs between the first's wake and its return.
+ */
+struct clobber {
+	concur_stream *s;
+	int fd;
+	_Atomic int t1_in, go;
+};
+
+static int64_t clobber_t1(void *arg)
+{
+	struct clobber *k = arg;
+	struct concur_chunk c;
+	atomic_store(&k->t1_in, 1);
+	int64_t n = concur_stream_next(k->s, &c);
+	if (n > 0)
+		concur_stream_give(k->s, &c);
+	return n;
+}
+
+static int64_t clobber_t2(void *arg)
+{
+	struct clobber *k = arg;
+	struct concur_chunk c;
+	int64_t n;
+	while ((n = concur_stream_next(k->s, &c)) == -EBUSY)
+		concur_yield();
+	if (n > 0)
+		concur_stream_give(k->s, &c);
+	n = concur_stream_next(k->s, &c); /* must end: an item, -EBUSY, or -ECANCELED */
+	if (n > 0)
+		concur_stream_give(k->s, &c);
+	return n;
+}
+
+static bool clobber_stuck; /* a task is suspended for good: the executor cannot be freed */
+
+static int64_t clobber_owner(void *arg)
+{
+	struct clobber *k = arg;
+	int err = concur_recv_stream(&k->s, k->fd, 0);
+	if (err)
+		return err;
+	concur_future *f1 = concur_spawn(ex, clobber_t1, k);
+	while (!atomic_load(&k->t1_in))
+		concur_yield();
+	concur_yield(); /* t1 is in its wait now */
+	concur_future *f2 = concur_spawn(ex, clobber_t2, k);
+	atomic_store(&k->go, 1);
+	int64_t r1 = concur_result(f1, MS(3000));
+	int64_t r2 = concur_result(f2, MS(300));
+	if (r2 == -ETIMEDOUT) {
+		concur_cancel(f2);
+		r2 = concur_result(f2, MS(300));
+		if (r2 == -ETIMEDOUT) {
+			clobber_stuck = true;
+			concur_release(f1);
+			concur_release(f2);
+			return -10000;
+		}
+	}
+	concur_release(f1);
+	concur_release(f2);
+	concur_stream_close(k->s);
+	return r1 == 1 ? 0 : -20000 + r1;
+}
+
+static void test_second_next_not_lost(void **state)
+{
+	(void)state;
+	int sp[2];
+	struct clobber k = {0};
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+	k.fd = sp[0];
+	concur_future *f = concur_spawn(ex, clobber_owner, &k);
+	while (!atomic_load(&k.go))
+		usleep(100);
+	usleep(20000); /* the second task is in its loop of yields */
+	assert_int_equal(write(sp[1], "a", 1), 1);
+	usleep(20000);
+	assert_int_equal(write(sp[1], "b", 1), 1);
+	int64_t r = concur_result(f, MS(5000));
+	concur_release(f);
+	assert_int_equal(r, 0);
+	close(sp[0]);
+	close(sp[1]);
+}
+
+static int teardown_clobber(void **state)
+{
+	if (!clobber_stuck)
+		return teardown(state);
+	ex = NULL; /* left: freeing it would wait for the stuck task for ever */
+	return 0;
+}
+
 static void test_cancel_then_dry(void **state)
 {
 	cancel_then_dry(false);
@@ -1206,6 +1356,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_recv_stream_on_demand, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_on_demand_holds_no_buffer, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_on_demand_consumer_left, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_own_buffer_given_to_its_stream, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_close_in_next_future_callback, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_next_future, setup, teardown),
@@ -1213,6 +1364,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_then_dry, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_starved_streams_take_turns, setup1, teardown),
+	    cmocka_unit_test_setup_teardown(test_second_next_not_lost, setup1, teardown_clobber),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
