@@ -125,8 +125,13 @@ static void group_member_record(struct concur__waiter *w, concur_future *f, int6
 	concur_group *g = m->g;
 	pthread_mutex_lock(&g->lock);
 	m->first_failure = final_state == CONCUR__FINISHED && res < 0 && g->first_err == 0;
-	if (m->first_failure)
+	if (m->first_failure) {
 		g->first_err = res;
+		/* refused from the moment the failure can be seen (the member done, a wait
+		 * returning it), not from its done hook's cancel, a moment later */
+		if (g->flags & CONCUR_GROUP_CANCEL_ON_FAILURE)
+			atomic_store(&g->cancelled, true);
+	}
 	g->any_cancelled = g->any_cancelled || final_state == CONCUR__CANCELLED;
 	pthread_mutex_unlock(&g->lock);
 }

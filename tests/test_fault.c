@@ -1344,6 +1344,79 @@ static void test_fault_chunk_munmap(void **state)
  * says which call failed (the message was empty), nothing left behind (the count is taken after
  * a first failure: the thread's error message is a block of its own, until the thread ends). */
 /*
+ * CONCUR_GROUP_CANCEL_ON_FAILURE: once the first failure can be seen (the group's wait returned
+ * it), the group is cancelled and later spawns are refused. Forced: the failing member's loop is
+ * held just after its done hook let go of the group's lock (no member left, the cancel not made
+ * yet). The group used to be marked cancelled only by that cancel: a spawn in between ran.
+ */
+static concur_group *cof_g;
+static _Atomic(concur_future *) cof_a;
+static atomic_bool cof_armed, cof_go, cof_held;
+
+static void cof_hold_after_done(pthread_mutex_t *m)
+{
+	concur_future *a = atomic_load(&cof_a);
+	if (!atomic_load(&cof_armed) || concur_current_loop() < 0 || !a || !concur_done(a) ||
+	    (char *)m < (char *)cof_g || (char *)m >= (char *)cof_g + 256)
+		return; /* (the group's lock is in its first 256 bytes) */
+	atomic_store(&cof_armed, false);
+	atomic_store(&cof_held, true);
+	int64_t t0 = now_ns();
+	while (!atomic_load(&cof_go) && now_ns() - t0 < MS(2000))
+		usleep(100);
+}
+
+static int64_t cof_fail_after_gate(void *arg)
+{
+	concur_result(arg, -1);
+	return -EIO;
+}
+
+static int64_t cof_late(void *arg)
+{
+	(void)arg;
+	return 7;
+}
+
+static void test_fault_group_cancel_on_failure_seen(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	assert_int_equal(concur_group_new(&cof_g, ex, CONCUR_GROUP_CANCEL_ON_FAILURE), 0);
+	concur_future *gate = concur_promise_new(ex);
+	atomic_store(&cof_go, false);
+	atomic_store(&cof_held, false);
+	concur_future *a = concur_group_spawn(cof_g, cof_fail_after_gate, gate);
+	atomic_store(&cof_a, a);
+	atomic_store(&cof_armed, true);
+	atomic_store(&wrap_unlocked_hook, cof_hold_after_done);
+	concur_promise_set(gate, 0);
+	/* the failing member's loop is held in its done hook, the member off the list */
+	int64_t t0 = now_ns();
+	while (!atomic_load(&cof_held) && now_ns() - t0 < MS(2000))
+		usleep(100);
+	bool held = atomic_load(&cof_held);
+	int64_t r = concur_group_wait(cof_g, 0); /* the failure, seen: every member is done */
+	bool cancelled = concur_group_cancelled(cof_g);
+	concur_future *late = concur_group_spawn(cof_g, cof_late, NULL);
+	bool refused = concur_done(late) && concur_result(late, 0) == -ECANCELED;
+	atomic_store(&cof_go, true);
+	atomic_store(&wrap_unlocked_hook, NULL);
+	concur_result(late, MS(5000));
+	concur_release(late);
+	concur_release(a);
+	concur_release(gate);
+	concur_group_free(cof_g);
+	concur_exec_free(ex);
+	assert_true(held); /* the order under test was forced */
+	assert_int_equal(r, -EIO);
+	assert_true(cancelled); /* header: cancelled by a failure with CANCEL_ON_FAILURE */
+	assert_true(refused);   /* header: later spawns return a future already ended -ECANCELED */
+}
+
+/*
  * A loop's message to another loop that the kernel refuses for good still arrives. Loop 0 wakes
  * a task on sleeping loop 1: the MSG_RING carrying it is refused (its SQE is rewritten to name
  * an eventfd, which the kernel refuses with -EBADFD), so the node goes through loop 1's inbox
@@ -1505,6 +1578,7 @@ int main(void)
 	    T(test_fault_thread),
 	    T(test_fault_loop_thread_refused),
 	    T(test_fault_loop_doorbell_refused),
+	    T(test_fault_group_cancel_on_failure_seen),
 	    T(test_fault_cancel_racing_free),
 	    T(test_fault_ring_setup),
 	    T(test_fault_submit),
