@@ -1069,18 +1069,33 @@ void concur__ctl_live(struct concur__loop *loop, struct concur__task *t);
 /* The class hook of concur_cancel() on a RUNNING task. */
 int concur__task_cancel_running(concur_future *f);
 int concur__ctl_check_slow(struct concur__task *t); /* cancel requested: shielded? */
+/* More than the coarse clock ever lags CLOCK_MONOTONIC (a tick: 1-10 ms): a time later than
+ * coarse + this has not come yet. */
+#define CONCUR__COARSE_LAG_NS ((int64_t)100000000)
+static inline int64_t concur__coarse_now_ns(void); /* the syscall layer, below */
+int64_t concur__now_ns(void);                      /* CLOCK_MONOTONIC in ns (sys.c) */
+/*
+ * A deadline in force has passed. The coarse clock says so for one long past; one that passed
+ * less than a tick ago (while the task computed: the loop has not reaped its timer) it does not
+ * see, so near the deadline the precise clock decides, as concur_deadline_pop's does.
+ */
+static inline bool concur__ctl_past_due(const struct concur__ctl *c)
+{
+	if (c->due == INT64_MAX)
+		return false;
+	if (c->due <= c->seen_now)
+		return true;
+	int64_t coarse = concur__coarse_now_ns();
+	return c->due <= coarse ||
+	       (c->due <= coarse + CONCUR__COARSE_LAG_NS && c->due <= concur__now_ns());
+}
 /*
  * In a task, before a wait: 0, or the error the wait ends with at once (-ECANCELED: the task was
  * cancelled and is not shielded; -ETIMEDOUT: a deadline in force has passed). Two loads when
  * neither applies; a deadline in force adds the coarse clock's read, inline (every wait of a
- * task under a deadline scope pays it).
+ * task under a deadline scope pays it), and the precise clock's within CONCUR__COARSE_LAG_NS of
+ * the deadline.
  */
-static inline int64_t concur__coarse_now_ns(void); /* the syscall layer, below */
-/* A deadline in force has passed (as far as the coarse clock tells). */
-static inline bool concur__ctl_past_due(const struct concur__ctl *c)
-{
-	return c->due != INT64_MAX && (c->due <= c->seen_now || c->due <= concur__coarse_now_ns());
-}
 static inline int concur__ctl_check(struct concur__task *t)
 {
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
@@ -1164,8 +1179,7 @@ void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)
 /* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */
 int concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs_mono);
 void concur__futex_wake(_Atomic uint32_t *word, int n);
-/* CLOCK_MONOTONIC in ns. */
-int64_t concur__now_ns(void);
+/* concur__now_ns(): CLOCK_MONOTONIC in ns (declared with the deadline checks above). */
 /* The last tick's time (a few ns, no syscall): never ahead of concur__now_ns(), so a time
  * "passed" by it has really passed. Inline: every wait under a deadline reads it. */
 static inline int64_t concur__coarse_now_ns(void)
@@ -1174,9 +1188,6 @@ static inline int64_t concur__coarse_now_ns(void)
 	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
 	return CONCUR__TS_TO_NS(&ts);
 }
-/* More than the coarse clock ever lags CLOCK_MONOTONIC (a tick: 1-10 ms): a time later than
- * coarse + this has not come yet. */
-#define CONCUR__COARSE_LAG_NS ((int64_t)100000000)
 /* Saturating: the CLOCK_MONOTONIC time timeout_ns from now. */
 int64_t concur__after_ns(int64_t timeout_ns);
 /* The same as an absolute timespec, for futex and condvar waits. */

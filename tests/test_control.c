@@ -403,6 +403,67 @@ static void test_deadline_during_cpu_work(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * A deadline that passed less than a tick ago (while the task computed) fails the next wait at
+ * once, as one long past does. The check read only the coarse clock, a tick (4 ms here) behind:
+ * the wait began, its recv took the byte waiting for it, and the deadline's interrupt came too
+ * late -- while concur_deadline_pop (the precise clock) said the deadline had passed. Forced:
+ * the task starts just after a tick of the coarse clock, and passes the deadline within it.
+ */
+static int64_t coarse_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+struct tick_probe {
+	int fd;
+	int64_t r1, r2, coarse_behind;
+};
+
+static int64_t busy_past_deadline_then_recv(void *arg)
+{
+	struct tick_probe *pr = arg;
+	struct timespec res;
+	clock_getres(CLOCK_MONOTONIC_COARSE, &res);
+	int64_t d = ((int64_t)res.tv_sec * 1000000000 + res.tv_nsec) / 4; /* a quarter tick */
+	int64_t c0 = coarse_ns();
+	while (coarse_ns() == c0) /* just after a tick: the coarse clock stays put for a tick */
+		;
+	if (concur_deadline_push(d) != 0)
+		return -1;
+	int64_t until = now_ns() + d + d / 2;
+	while (now_ns() < until)
+		; /* CPU work: the deadline passes, the loop reaps nothing */
+	pr->coarse_behind = coarse_ns() < until - d / 2; /* the window this test is about */
+	char c;
+	pr->r1 = concur_await_recv(pr->fd, &c, 1, 0, CONCUR_NO_TIMEOUT);
+	pr->r2 = concur_deadline_pop();
+	return 0;
+}
+
+static void test_deadline_passed_within_a_tick(void **state)
+{
+	(void)state;
+	concur_exec *ex = new_exec(1);
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	assert_int_equal(write(sv[1], "y", 1), 1);
+	struct tick_probe pr = {.fd = sv[0]};
+	concur_future *t = concur_spawn(ex, busy_past_deadline_then_recv, &pr);
+	assert_int_equal(concur_result(t, -1), 0);
+	assert_true(pr.coarse_behind);       /* the order under test was forced */
+	assert_int_equal(pr.r2, 1);          /* the pop says the deadline had passed */
+	assert_int_equal(pr.r1, -ETIMEDOUT); /* header: "fails its next wait at once" */
+	char c;
+	assert_int_equal(read(sv[0], &c, 1), 1); /* the byte was never taken */
+	close(sv[0]);
+	close(sv[1]);
+	concur_release(t);
+	concur_exec_free(ex);
+}
+
 /* A deadline that does not fire costs no SQE and no CQE per awaited operation. */
 #define NOPS 1000
 static int64_t nops_under_deadline(void *arg)
@@ -712,6 +773,7 @@ int main(void)
 	    cmocka_unit_test(test_shield),
 	    cmocka_unit_test(test_deadline_scopes),
 	    cmocka_unit_test(test_deadline_during_cpu_work),
+	    cmocka_unit_test(test_deadline_passed_within_a_tick),
 	    cmocka_unit_test(test_deadline_costs_no_cqe),
 	    cmocka_unit_test(test_timed_waits),
 	    cmocka_unit_test(test_exec_stop),
