@@ -556,8 +556,9 @@ concur_future *concur_spawn_after(concur_exec *ex, concur_after_fn fn, void *arg
 /*
  * Run fn(arg, value of f) as a task when f completes; same rules as concur_spawn_after() with
  * the single input f (never NULL; if f failed or was cancelled fn never runs and the future ends
- * with f's error). It runs on f's executor, or the calling thread's one if f has none; with
- * neither, the future fails with -EINVAL. Chains of any length are fine (no recursion).
+ * with f's error). It runs on f's executor (the future fails with -ESHUTDOWN if that one was
+ * freed), or the calling thread's one if f has none (a promise made with NULL); with neither,
+ * the future fails with -EINVAL. Chains of any length are fine (no recursion).
  */
 concur_future *concur_then(concur_future *f, concur_then_fn fn, void *arg);
 

@@ -697,6 +697,8 @@ concur_future *concur_then(concur_future *f, concur_then_fn fn, void *arg)
 	if (!fn || !concur__valid(f))
 		return concur__failed_future(NULL, -EINVAL);
 	concur_exec *ex = concur_future_exec(f);
+	if (!ex && f->ex) /* f's executor is gone: it cannot take the task */
+		return concur__failed_future(NULL, -ESHUTDOWN);
 	if (!ex)
 		ex = concur_current_exec();
 	return wait_after_new(ex, NULL, fn, arg, &f, 1);

@@ -734,6 +734,10 @@ static void test_then_after_executor_freed(void **state)
 	assert_int_equal(concur_result(d, MS(1000)), -ESHUTDOWN);
 	concur_release(c);
 	concur_release(d);
+	/* made after the free: -ESHUTDOWN too (it was -EINVAL, as for a future of no executor) */
+	concur_future *e = concur_then(p, add_one, NULL);
+	assert_int_equal(concur_result(e, MS(1000)), -ESHUTDOWN);
+	concur_release(e);
 	concur_release(p);
 }
 
