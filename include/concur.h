@@ -960,9 +960,10 @@ concur_future *concur_signal(concur_exec *ex, const sigset_t *set);
  * back-off: a kernel timeout on the loop, 4 ms doubling up to 512 ms, back to 4 ms after the
  * next accepted connection. A server at its fd limit so resumes accepting as soon as fds are
  * free again. A connection aborted by its peer before it was accepted (-ECONNABORTED) is
- * skipped: next() never returns it, and the stream accepts the next at once (as Go's and
- * libuv's accept loops do), so clients that abort cannot slow the others down. Any other
- * negative value from an accept stream is its end.
+ * skipped: the stream accepts the next at once (as Go's and libuv's accept loops do), so
+ * clients that abort cannot slow the others down; only 16 in a row with none accepted between
+ * are taken for a failing socket, and from then -ECONNABORTED is transient as above until a
+ * connection is accepted. Any other negative value from an accept stream is its end.
  */
 typedef struct concur_stream concur_stream;
 

@@ -17,10 +17,12 @@
  *    libuv do: a server at its fd limit must not stop accepting for good; one that found its
  *    connection aborted (ECONNABORTED) re-arms at once and reports nothing;
  *  - a recv whose buffer ring ran dry (ENOBUFS) waits in the ring's starved queue, and as buffers
- *    are given back, that many of the queue's oldest re-arm (one each: a starved recv has bytes
- *    waiting, so it takes one at once). Re-arming them all for each buffer had every one but
- *    the first fail again: with thousands of connections starved, each give-back cost thousands
- *    of SQEs and CQEs;
+ *    are given back, that many of the queue's oldest re-arm, each with a buffer kept for it (a
+ *    claim). One with bytes waiting takes its buffer in the submit that issues it; one without
+ *    (a recv armed while the ring was empty fails at once, bytes or not) waits for bytes with no
+ *    buffer, and a NOP submitted after it ends its claim, so the next in the queue re-arms.
+ *    Re-arming the whole queue for each buffer had all but one fail again: with thousands of
+ *    connections starved, each give-back cost thousands of SQEs and CQEs;
  *  - a CQ overflow (a multishot CQE without F_MORE) re-arms at once.
  * An on-demand recv stream arms a single (not multishot) recv only while a consumer waits and
  * nothing is queued: an idle connection, or one whose task is busy elsewhere (blocked in a send
@@ -62,6 +64,10 @@
  * is refused even after its buffer was lent again meanwhile. */
 #define STREAM_BID(idx, gen) ((uint32_t)(idx) | (uint32_t)(gen) << 16)
 
+/* Aborted connections skipped in a row before the accept is treated as failing (reported, backed
+ * off): a peer's abort is routine, a socket that aborts every accept is not. */
+#define STREAM_ABORTS_MAX 16u
+
 #define STREAM_BACKOFF_MIN_MS 4u
 #define STREAM_BACKOFF_MAX_MS 512u
 
@@ -73,6 +79,9 @@ struct stream_bufs {
 	unsigned claimed;              /* of those, one for each stream re-armed off the queue */
 	struct concur_stream *starved; /* recv streams stopped by ENOBUFS, oldest first */
 	struct concur_stream *starved_tail;
+	struct concur_stream *claimers; /* the streams with a claim */
+	struct concur__op sweep_op;     /* the NOP that ends the claims made before it */
+	bool sweep_armed;
 	uint64_t out[STREAM_NBUFS / 64]; /* taken by the kernel, not back in the ring */
 	uint16_t gen[STREAM_NBUFS];      /* bumped each time a buffer goes back (STREAM_BID) */
 };
@@ -102,6 +111,7 @@ struct concur_stream {
 	struct concur__task *waiter;
 	struct stream_next *fwaiter; /* a pending next-future (the stream holds a reference) */
 	struct concur_stream *next_starved, *prev_starved;
+	struct concur_stream *next_claimer, *prev_claimer;
 	int fd, flags;
 	bool recv;
 	bool on_demand;    /* recv: one single-shot recv at a time, only while someone waits */
@@ -109,7 +119,7 @@ struct concur_stream {
 	bool stop_sent;    /* an ASYNC_CANCEL for the armed operation is on its way */
 	bool timer_armed;  /* the back-off timer is in the kernel */
 	bool starved;      /* on bufs->starved, waiting for buffers */
-	bool claims;       /* re-armed off the starved queue: in bufs->claimed till its CQE */
+	bool claims;       /* re-armed off the starved queue: on bufs->claimers (see the top) */
 	bool cancel_req;   /* concur_stream_cancel */
 	bool ended;        /* the end is known: end_res */
 	bool end_reported; /* a consumer was told */
@@ -118,6 +128,7 @@ struct concur_stream {
 	int32_t end_res;
 	int32_t pending_err;   /* a transient accept error not reported yet */
 	uint32_t backoff_ms;   /* the last back-off; 0 after a success */
+	unsigned aborts;       /* ECONNABORTED in a row, none accepted between */
 	char *spill;           /* on-demand: a buffer's worth for bytes nobody waited for */
 	int spill_state;       /* STREAM_SPILL_* */
 	uint16_t spill_gen;    /* as a ring buffer's (STREAM_BID) */
@@ -295,14 +306,52 @@ static void stream_maybe_free(struct concur_stream *s)
 
 static void stream_bufs_back(struct stream_bufs *b);
 
-/* Re-arm a recv for one of the buffers no other is re-armed for (it has bytes waiting: it takes
- * one at once), and keep that buffer for it until its CQE. */
+static void stream_claim_end(struct concur_stream *s)
+{
+	struct stream_bufs *b = s->bufs;
+
+	*(s->prev_claimer ? &s->prev_claimer->next_claimer : &b->claimers) = s->next_claimer;
+	if (s->next_claimer)
+		s->next_claimer->prev_claimer = s->prev_claimer;
+	s->claims = false;
+	b->claimed--;
+}
+
+/* The NOP submitted after claims: a recv it follows that had bytes has its CQE in by now (in the
+ * same submit, before this one's); the others wait for bytes, holding no buffer. */
+static void stream_sweep_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
+                             uint32_t flags)
+{
+	struct stream_bufs *b = concur__container_of(op, struct stream_bufs, sweep_op);
+
+	b->sweep_armed = false;
+	while (b->claimers)
+		stream_claim_end(b->claimers);
+	stream_bufs_back(b);
+}
+
+/* Re-arm a recv for one of the buffers no other is re-armed for, and keep that buffer for it
+ * until its CQE, or until the NOP that follows it says it had no bytes waiting. */
 static void stream_rearm_claiming(struct concur_stream *s)
 {
+	struct stream_bufs *b = s->bufs;
+
 	stream_rearm(s);
-	if (s->armed && !s->claims) {
-		s->claims = true;
-		s->bufs->claimed++;
+	if (!s->armed || s->claims)
+		return;
+	s->claims = true;
+	b->claimed++;
+	s->prev_claimer = NULL;
+	s->next_claimer = b->claimers;
+	if (b->claimers)
+		b->claimers->prev_claimer = s;
+	b->claimers = s;
+	if (!b->sweep_armed) {
+		struct io_uring_sqe *sqe = concur__sqe(s->loop);
+		io_uring_prep_nop(sqe);
+		b->sweep_op.cqe = stream_sweep_cqe;
+		concur__sqe_set_op(s->loop, sqe, &b->sweep_op);
+		b->sweep_armed = true;
 	}
 }
 
@@ -582,10 +631,12 @@ static void stream_cqe_handle(struct concur_stream *s, int32_t res, uint32_t fla
 	}
 	if (item && s->on_demand && (flags & IORING_CQE_F_BUFFER))
 		flags = stream_keep_unwanted(s, res, flags);
-	if (!item && !s->recv && res == -ECONNABORTED && !s->cancel_req) {
+	if (!item && !s->recv && res == -ECONNABORTED && !s->cancel_req &&
+	    ++s->aborts < STREAM_ABORTS_MAX) {
 		/* a connection its peer gave up on before we took it: nothing is short and nobody
 		 * needs telling, the next is accepted at once (the re-arm below), as Go and libuv
-		 * do. A back-off would let aborting clients slow every accept down. */
+		 * do. A back-off would let aborting clients slow every accept down. (Only a socket
+		 * that aborts every accept, with none taken between, is told and backed off.) */
 	} else if (!item) {
 		/* the cancel is why it ended, not a shortage met before the kernel saw the cancel
 		 * (out of buffers, an accept's EMFILE: what would not end the stream by itself);
@@ -604,8 +655,10 @@ static void stream_cqe_handle(struct concur_stream *s, int32_t res, uint32_t fla
 		else /* a connection lost: transient, as the kernel's own ENOMEM */
 			stream_transient(s, -ENOMEM, more);
 	} else {
-		if (!s->recv)
+		if (!s->recv) {
 			s->backoff_ms = 0;
+			s->aborts = 0;
+		}
 		if (!more && s->cancel_req)
 			stream_end(s, -ECANCELED);
 	}
@@ -621,10 +674,8 @@ static void stream_cqe(struct concur__loop *loop, struct concur__op *op, int32_t
 	struct stream_bufs *b = s->bufs; /* the thread's: outlives s, which the CQE may free */
 	bool claimed = s->claims;
 
-	if (claimed) { /* the recv is over: it took the buffer kept for it, or failed */
-		s->claims = false;
-		b->claimed--;
-	}
+	if (claimed) /* the recv is over: it took the buffer kept for it, or failed */
+		stream_claim_end(s);
 	stream_cqe_handle(s, res, flags, claimed);
 	/* it ended without taking that buffer (EOF, an error, a cancel): the next one's turn */
 	if (claimed && !(flags & IORING_CQE_F_BUFFER))
