@@ -1190,6 +1190,10 @@ void concur__bell_exit(concur_exec *ex)
 	pthread_mutex_destroy(&ex->bell_lock);
 }
 
+/* How often a loop thread tries the doorbell ring before it gives up (concur__bell_backoff's
+ * first 8 waits: about 0.8 ms). */
+#define CONCUR__BELL_LOOP_TRIES 8
+
 /* Between tries after a transient failure: the kernel is short of memory, give it time. */
 static void concur__bell_backoff(unsigned tries)
 {
@@ -1242,8 +1246,10 @@ void concur__loop_ring_doorbell(struct concur__loop *loop)
 	int r;
 	for (unsigned tries = 0;; tries++) {
 		r = concur__bell_try(&ex->bell, loop, &queued);
-		/* sent; or -EOVERFLOW: the target's CQ is full, so it is awake */
-		if (!concur__transient(r))
+		/* sent; or -EOVERFLOW: the target's CQ is full, so it is awake. A loop thread (its
+		 * own doorbell refused for good, or another executor's loop) tries for about a
+		 * millisecond, not for ever: its own tasks and completions wait meanwhile. */
+		if (!concur__transient(r) || (concur__tl_loop && tries >= CONCUR__BELL_LOOP_TRIES))
 			break;
 		concur__bell_backoff(tries);
 	}
