@@ -112,6 +112,9 @@
 #include <sanitizer/tsan_interface.h>
 #define CONCUR__TSAN_RELEASE(p) __tsan_release((void *)(p))
 #define CONCUR__TSAN_ACQUIRE(p) __tsan_acquire((void *)(p))
+/* A task leaves a few frames on its TSan fiber's shadow stack: a fiber is made anew after this
+ * many tasks (concur__fiber_prepare), far below that stack's 64 Ki frames. */
+#define CONCUR__TSAN_TASKS 256
 #else
 #define CONCUR__TSAN_RELEASE(p) ((void)(p))
 #define CONCUR__TSAN_ACQUIRE(p) ((void)(p))
@@ -506,6 +509,9 @@ struct concur__fiber {
 	uint32_t slot;                 /* its index there */
 	uint32_t canary;  /* nonzero: no guard page below, a canary at stack_lo instead */
 	void *tsan_fiber; /* ThreadSanitizer's fiber handle (TSan builds only) */
+#ifdef CONCUR__TSAN
+	uint32_t tsan_tasks; /* tasks run on tsan_fiber: it is made anew every CONCUR__TSAN_TASKS */
+#endif
 	/* a task of the same loop awaiting this fiber's task (concur__task_await_here): only this
 	 * loop's thread reads or writes it, and the task's end resumes it */
 	struct concur__task *awaiter;
