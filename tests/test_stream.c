@@ -1241,6 +1241,80 @@ static void test_starved_streams_take_turns(void **state)
 }
 
 /*
+ * A starved stream with no bytes waiting does not hold the buffer kept for it: the NOP submitted
+ * after its re-arm ends that claim, and the next in the queue takes the buffer. Order forced:
+ * with every buffer lent, an idle stream starves first (a recv armed on an empty ring fails at
+ * once, bytes or not), then one with a byte waiting; one buffer is given back. Before the NOP,
+ * the claim lasted until the idle stream's CQE, so the second waited for the first one's
+ * client to speak.
+ */
+#define IDLE_TURNS (RING_BUFS + 2)
+
+static int64_t idle_turn_check(struct turns *t)
+{
+	for (int i = 0; i < IDLE_TURNS; i++) {
+		int err = concur_recv_stream_on_demand(&t->s[i], t->sp[i][0], 0);
+		if (err)
+			return -1000 + err;
+		if (i != RING_BUFS && write(t->sp[i][1], "x", 1) != 1) /* RING_BUFS: idle */
+			return -2000;
+	}
+	for (int i = 0; i < IDLE_TURNS; i++)
+		t->f[i] = concur_stream_next_future(t->s[i], &t->ch[i]);
+	for (int i = 0; i < RING_BUFS; i++)
+		if (concur_result(t->f[i], -1) != 1)
+			return -3000 - i;
+	if (concur_done(t->f[RING_BUFS]) || concur_done(t->f[RING_BUFS + 1]))
+		return -4000;
+	if (concur_stream_give(t->s[0], &t->ch[0]))
+		return -5000;
+	/* the idle one re-arms first and waits for bytes with no buffer; the next one gets it */
+	if (concur_result(t->f[RING_BUFS + 1], MS(3000)) != 1)
+		return -6000;
+	if (concur_done(t->f[RING_BUFS]))
+		return -7000;
+	/* and the idle one still gets its bytes when they come: a buffer given back re-arms it */
+	if (concur_stream_give(t->s[RING_BUFS + 1], &t->ch[RING_BUFS + 1]))
+		return -8000;
+	t->f[RING_BUFS + 1] = (concur_release(t->f[RING_BUFS + 1]), NULL);
+	if (write(t->sp[RING_BUFS][1], "y", 1) != 1)
+		return -9000;
+	if (concur_result(t->f[RING_BUFS], MS(3000)) != 1 ||
+	    ((char *)t->ch[RING_BUFS].data)[0] != 'y')
+		return -10000;
+	return 0;
+}
+
+static int64_t idle_turn_task(void *arg)
+{
+	struct turns *t = arg;
+	int64_t r = idle_turn_check(t);
+	for (int i = 1; i < IDLE_TURNS; i++)
+		if (t->f[i] && concur_done(t->f[i]) && concur_result(t->f[i], 0) == 1)
+			concur_stream_give(t->s[i], &t->ch[i]);
+	for (int i = 0; i < IDLE_TURNS; i++) {
+		concur_release(t->f[i]);
+		concur_stream_close(t->s[i]);
+	}
+	return r;
+}
+
+static void test_starved_idle_stream_passes_its_turn(void **state)
+{
+	(void)state;
+	struct turns *t = calloc(1, sizeof(*t));
+	assert_non_null(t);
+	for (int i = 0; i < IDLE_TURNS; i++)
+		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, t->sp[i]), 0);
+	assert_int_equal(run_task(idle_turn_task, t), 0);
+	for (int i = 0; i < IDLE_TURNS; i++) {
+		close(t->sp[i][0]);
+		close(t->sp[i][1]);
+	}
+	free(t);
+}
+
+/*
  * A task woken in next() and not yet back is still in it: a second task's next() gets -EBUSY.
  * It used to slip in (the wake had cleared the waiter), wait, and have its place taken by the
  * first when that one came back to nothing: the second was never woken again, and not even a
@@ -1365,6 +1439,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_then_dry, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_starved_streams_take_turns, setup1, teardown),
+	    cmocka_unit_test_setup_teardown(test_starved_idle_stream_passes_its_turn, setup1,
+	                                    teardown),
 	    cmocka_unit_test_setup_teardown(test_second_next_not_lost, setup1, teardown_clobber),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
