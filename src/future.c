@@ -762,9 +762,27 @@ int concur_cancel(concur_future *f)
 		        memory_order_acquire))
 			break;
 	}
-	/* a queued task or op: its executor still holds it, and lets go when it dequeues it */
+	if (!f->cls->held) {
+		concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, CONCUR__WAITERS_CLOSED);
+		return 1;
+	}
+	/* A queued task or op: its executor still holds it, and lets go when it dequeues it --
+	 * as soon as the list is closed, while the callbacks may still run here. They are work
+	 * of ex, as those of a task's end are: counted, or a join could return (and a free free
+	 * ex) under a callback that goes on to spawn. This thread's join or free of ex would
+	 * wait for itself meanwhile: they get -EDEADLK, as in a blocking job of ex. (ex is alive:
+	 * f is its counted work until the drop, which waits for the close below.) */
+	concur_exec *ex = f->ex, *was = concur__tl_job_ex;
+	if (ex) {
+		concur__work_begin(ex);
+		concur__tl_job_ex = ex;
+	}
 	concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED,
-	                    CONCUR__WAITERS_CLOSED | (f->cls->held ? CONCUR__WAITERS_HELD : 0));
+	                    CONCUR__WAITERS_CLOSED | CONCUR__WAITERS_HELD);
+	if (ex) {
+		concur__tl_job_ex = was;
+		concur__work_end(ex);
+	}
 	return 1;
 }
 

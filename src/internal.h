@@ -597,8 +597,9 @@ static inline bool concur__task_stack_big(const struct concur__task *t)
 #define CONCUR__TLS_HOT __thread __attribute__((tls_model("initial-exec")))
 extern CONCUR__TLS_HOT struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
 extern CONCUR__TLS_HOT struct concur__task *concur__tl_task; /* the task running, or NULL */
-/* The executor whose blocking job (and its future's callbacks) this helper thread runs, or NULL
- * (exec.c; set by blocking.c): work of that executor, as a loop thread's is. */
+/* The executor whose work this thread runs outside its loops, or NULL (exec.c): a blocking job
+ * and its future's callbacks (set by blocking.c), or the callbacks of a queued task or op the
+ * thread cancelled (future.c). Work of that executor, as a loop thread's is. */
 extern __thread concur_exec *concur__tl_job_ex;
 
 /* A stack for task t (of its size class), or NULL (-ENOMEM: memory, map budget, RLIMIT_AS). */

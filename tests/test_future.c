@@ -90,6 +90,64 @@ static void test_cancel_pending(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * The callbacks a cancel of a queued task runs in the cancelling thread are the executor's work:
+ * join waits for them, and a join or free in them gets -EDEADLK (not a wait for itself). Order
+ * forced: the callback runs in a thread of ours, blocked on a gate; the loop meanwhile drops the
+ * cancelled task. Join used to return 0 there, and a free to free the executor under the
+ * callback, which then spawned into it (ASan: heap-use-after-free).
+ */
+struct cancel_cb {
+	concur_exec *ex;
+	concur_future *f;
+	atomic_int in, gate;
+	int joined, spawned;
+	int cancelled;
+};
+
+static void cancel_cb_slow(concur_future *f, void *arg)
+{
+	struct cancel_cb *c = arg;
+	c->joined = concur_exec_join(c->ex, 0);
+	atomic_store(&c->in, 1);
+	while (!atomic_load(&c->gate))
+		usleep(100);
+	concur_future *g = concur_spawn(c->ex, mark_ran, NULL); /* work that unfolds */
+	c->spawned = concur_result(g, 0) == -ESHUTDOWN ? -ESHUTDOWN : 0;
+	concur_release(g);
+}
+
+static void *cancel_cb_thread(void *arg)
+{
+	struct cancel_cb *c = arg;
+	c->cancelled = concur_cancel(c->f);
+	return NULL;
+}
+
+static void test_cancel_callbacks_are_work(void **state)
+{
+	struct cancel_cb c = {.ex = new_exec(1)};
+	concur_future *s = hold_loop(c.ex);
+	atomic_store(&ran, 0);
+	c.f = concur_spawn(c.ex, mark_ran, NULL);
+	assert_int_equal(concur_on_done(c.f, cancel_cb_slow, &c), 0);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, cancel_cb_thread, &c), 0);
+	while (!atomic_load(&c.in))
+		usleep(100);
+	release_loop(s); /* the loop reaches the cancelled task and lets go of it */
+	assert_int_equal(concur_exec_join(c.ex, MS(200)), -ETIMEDOUT); /* the callback runs */
+	atomic_store(&c.gate, 1);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(c.cancelled, 1);
+	assert_int_equal(c.joined, -EDEADLK);
+	assert_int_equal(c.spawned, 0);
+	assert_int_equal(concur_exec_join(c.ex, -1), 0);
+	assert_int_equal(atomic_load(&ran), 1); /* the callback's spawn, not the cancelled task */
+	concur_release(c.f);
+	concur_exec_free(c.ex);
+}
+
 static int64_t fail_with(void *arg)
 {
 	return -(int64_t)(intptr_t)arg;
@@ -813,6 +871,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_spawn_never_null),
 	    cmocka_unit_test(test_cancel_pending),
+	    cmocka_unit_test(test_cancel_callbacks_are_work),
 	    cmocka_unit_test(test_result),
 	    cmocka_unit_test(test_on_done),
 	    cmocka_unit_test(test_one_completion_wakes_all),
