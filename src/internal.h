@@ -1096,19 +1096,34 @@ static inline bool concur__ctl_past_due(const struct concur__ctl *c)
 	return c->due <= coarse ||
 	       (c->due <= coarse + CONCUR__COARSE_LAG_NS && c->due <= concur__now_ns());
 }
+/* A deadline in force, not passed, that is in no timer heap: its place was refused (no memory
+ * to grow the heap), so it cannot break a wait until it has one. */
+static inline bool concur__ctl_unplaced(const struct concur__ctl *c)
+{
+	return c->tmr.idx == UINT32_MAX && c->due != INT64_MAX && c->due > c->seen_now;
+}
+/* A task's deadlines changed: put it where it belongs in its loop's timer heap (timer.c).
+ * 0, or -ENOMEM: the deadline is still checked when a wait begins, and placed again there (a
+ * wait that begins while it cannot be placed is one it cannot break). */
+int concur__ctl_retime(struct concur__task *t);
 /*
  * In a task, before a wait: 0, or the error the wait ends with at once (-ECANCELED: the task was
  * cancelled and is not shielded; -ETIMEDOUT: a deadline in force has passed). Two loads when
  * neither applies; a deadline in force adds the coarse clock's read, inline (every wait of a
  * task under a deadline scope pays it), and the precise clock's within CONCUR__COARSE_LAG_NS of
- * the deadline.
+ * the deadline. A deadline whose place in the timer heap was refused is placed again here.
  */
 static inline int concur__ctl_check(struct concur__task *t)
 {
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
 	if (CONCUR__UNLIKELY(s & CONCUR__CANCEL_REQ))
 		return concur__ctl_check_slow(t);
-	return CONCUR__UNLIKELY(concur__ctl_past_due(&t->fib->ctl)) ? -ETIMEDOUT : 0;
+	struct concur__ctl *c = &t->fib->ctl;
+	if (CONCUR__UNLIKELY(concur__ctl_past_due(c)))
+		return -ETIMEDOUT;
+	if (CONCUR__UNLIKELY(concur__ctl_unplaced(c))) /* try again: memory may be back */
+		(void)concur__ctl_retime(t);
+	return 0;
 }
 /*
  * In a task: suspend in a wait that a cancel or a deadline may break. If one does (on the loop
@@ -1131,9 +1146,6 @@ static inline int concur__suspend_interruptible(struct concur__task *t, concur__
 void concur__interrupt(struct concur__loop *loop, struct concur__task *t, int err);
 /* The earliest deadline in force for a task (timer.c). */
 int64_t concur__ctl_due(const struct concur__ctl *c);
-/* A task's deadlines changed: put it where it belongs in its loop's timer heap (timer.c).
- * 0, or -ENOMEM (the deadline is still checked when a wait begins, but cannot break one). */
-int concur__ctl_retime(struct concur__task *t);
 /* A deadline that is no task's (key and due set) onto the loop's timer: 0, or -ENOMEM, or
  * -ESHUTDOWN once the loop cleans up. */
 int concur__timer_add(struct concur__loop *loop, struct concur__timer *tmr);

@@ -210,7 +210,7 @@ int concur__ctl_retime(struct concur__task *t)
 	struct concur__loop *loop = t->loop;
 	struct concur__ctl *c = &t->fib->ctl;
 	int64_t due = concur__ctl_due(c);
-	if (due == c->due)
+	if (due == c->due && !concur__ctl_unplaced(c))
 		return 0;
 	c->due = due;
 	/* none, or known to have passed (the next wait fails at once): a place in the heap is
@@ -341,8 +341,12 @@ int concur_sleep(int64_t ns)
 		return 0;
 	}
 	err = concur__ctl_wait_deadline(t, concur__after_ns(ns));
-	if (err)
-		return err;
+	if (CONCUR__UNLIKELY(err)) {
+		/* no room in the heap for the sleep's end: a kernel timer of its own instead, as an
+		 * op's deadline takes a linked timeout (a cancel or a scope still breaks it) */
+		int64_t r = concur_await_timeout(ns); /* 0 when it expires */
+		return r < 0 ? (int)r : 0;
+	}
 	int r = concur__suspend_interruptible(t, concur__sleep_interrupt, NULL);
 	concur__ctl_wait_deadline(t, INT64_MAX); /* a later deadline only: as in a pop */
 	if (r == -ETIMEDOUT)

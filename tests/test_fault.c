@@ -601,6 +601,120 @@ static void test_fault_wait_deadline_refused(void **state)
 }
 
 /*
+ * A scope's deadline whose place in the timer heap was refused once is placed again when memory
+ * is back: it breaks the next wait, untimed or timed later than it. Order forced: the task's
+ * entry leaves the heap as an inner scope fires; 64 reads with deadlines fill the heap's room;
+ * the pop that puts the outer scope back in force finds no memory to grow it. The deadline was
+ * then in no heap for good (its due unchanged, every later placement skipped): the untimed wait
+ * hung, and a 1 s sleep under the 300 ms scope slept its whole second.
+ */
+#define POP_FILL 64 /* the room of a loop's timer heap after its first growth */
+
+struct pop_refused {
+	int fd;
+	concur_future *gate;
+	bool sleep; /* the later wait: a sleep of 1 s (else an untimed wait on gate) */
+	int64_t slept, popped, waited, elapsed;
+	long refused;
+};
+
+static int64_t pop_refused_task(void *arg)
+{
+	struct pop_refused *d = arg;
+	concur_exec *ex = concur_current_exec();
+	char c[POP_FILL];
+	concur_future *fill[POP_FILL];
+	if (concur_deadline_push(MS(300)) || concur_deadline_push(MS(1)))
+		return -1;
+	d->slept = concur_sleep(MS(1000)); /* the 1 ms scope fires: the task leaves the heap */
+	for (int i = 0; i < POP_FILL; i++)
+		fill[i] = concur_read(ex, d->fd, &c[i], 1, -1, MS(10000));
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE);
+	d->popped = concur_deadline_pop(); /* the 300 ms scope again: no room for it */
+	d->refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	wrap_disarm();
+	for (int i = 0; i < POP_FILL; i++) { /* the heap empties */
+		concur_cancel(fill[i]);
+		concur_result(fill[i], -1);
+		concur_release(fill[i]);
+	}
+	int64_t t0 = now_ns();
+	d->waited = d->sleep ? concur_sleep(MS(1000)) : concur_result(d->gate, -1);
+	d->elapsed = now_ns() - t0;
+	concur_deadline_pop();
+	return 0;
+}
+
+static void pop_refused_case(bool sleep)
+{
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	int p[2];
+	assert_int_equal(pipe(p), 0); /* nobody writes: the reads wait */
+	struct pop_refused d = {.fd = p[0], .gate = concur_promise_new(ex), .sleep = sleep};
+	concur_future *f = concur_spawn(ex, pop_refused_task, &d);
+	if (concur_result(f, MS(5000)) == -ETIMEDOUT) /* stuck in the untimed wait: let it go */
+		concur_promise_set(d.gate, 7);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(d.slept, -ETIMEDOUT);
+	assert_int_equal(d.popped, 1);
+	assert_int_equal(d.refused, 1);
+	assert_int_equal(d.waited, -ETIMEDOUT);
+	assert_true(d.elapsed <
+	            MS(900)); /* the scope's end (300 ms from its push), not the sleep's */
+	concur_release(d.gate);
+	concur_exec_free(ex);
+	close(p[0]);
+	close(p[1]);
+}
+
+static void test_fault_scope_placed_again(void **state)
+{
+	(void)state;
+	pop_refused_case(false);
+	pop_refused_case(true);
+}
+
+/*
+ * A sleep whose end finds no room in the loop's timer heap sleeps on a kernel timer of its own.
+ * It used to return -ENOMEM at once (a retry loop around it spun).
+ */
+struct sleep_refused {
+	int64_t r, slept;
+	long refused;
+};
+
+static int64_t sleep_refused_task(void *arg)
+{
+	struct sleep_refused *d = arg;
+	int64_t t0 = now_ns();
+	wrap_arm(WRAP_MALLOC, 0, WRAP_ONE); /* the heap's first growth: a new loop's is empty */
+	d->r = concur_sleep(MS(50));
+	d->refused = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	wrap_disarm();
+	d->slept = now_ns() - t0;
+	return 0;
+}
+
+static void test_fault_sleep_refused(void **state)
+{
+	(void)state;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	struct sleep_refused d = {0};
+	concur_future *f = concur_spawn(ex, sleep_refused_task, &d);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	assert_int_equal(d.refused, 1);
+	assert_int_equal(d.r, 0);
+	assert_true(d.slept >= MS(50));
+	concur_exec_free(ex);
+}
+
+/*
  * A future op's deadline that finds no room in the loop's timer heap takes a linked timeout
  * instead: the op still times out, and the heap's refusal costs nothing else.
  */
@@ -1584,6 +1698,8 @@ int main(void)
 	    T(test_fault_chunk_mmap),
 	    T(test_fault_wait_deadline_refused),
 	    T(test_fault_op_deadline_refused),
+	    T(test_fault_scope_placed_again),
+	    T(test_fault_sleep_refused),
 	    T(test_fault_cancel_message_refused),
 	    T(test_fault_group_cancel_refused),
 	    T(test_fault_free_waits_for_poster),
