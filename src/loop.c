@@ -816,7 +816,10 @@ static unsigned concur__reap(struct concur__loop *loop)
 	loop->reaping = false;
 	if (loop->futex_wake_queued) { /* before the tasks the reap made ready run */
 		loop->futex_wake_queued = false;
-		(void)concur__submit(loop, CONCUR__SUBMIT);
+		/* all of the SQ out, the wake with it, through a pushback (as for a full SQ): a
+		 * submit the kernel refused for a moment left the wake behind for a whole turn of
+		 * tasks, one of which may wait for the thread it wakes */
+		concur__sq_reserve(loop, loop->ring.sq.ring_entries);
 	}
 	concur__stat_inc(&loop->st.cqes, total);
 	return total;
@@ -1190,10 +1193,6 @@ void concur__bell_exit(concur_exec *ex)
 	pthread_mutex_destroy(&ex->bell_lock);
 }
 
-/* How often a loop thread tries the doorbell ring before it gives up (concur__bell_backoff's
- * first 8 waits: about 0.8 ms). */
-#define CONCUR__BELL_LOOP_TRIES 8
-
 /* Between tries after a transient failure: the kernel is short of memory, give it time. */
 static void concur__bell_backoff(unsigned tries)
 {
@@ -1247,9 +1246,11 @@ void concur__loop_ring_doorbell(struct concur__loop *loop)
 	for (unsigned tries = 0;; tries++) {
 		r = concur__bell_try(&ex->bell, loop, &queued);
 		/* sent; or -EOVERFLOW: the target's CQ is full, so it is awake. A loop thread (its
-		 * own doorbell refused for good, or another executor's loop) tries for about a
-		 * millisecond, not for ever: its own tasks and completions wait meanwhile. */
-		if (!concur__transient(r) || (concur__tl_loop && tries >= CONCUR__BELL_LOOP_TRIES))
+		 * own doorbell refused for good, or another executor's loop) tries for as long as
+		 * any thread: it alone owes this wake (it cleared the target's sleeping flag), and
+		 * one given up is lost for good, while its own tasks only wait for the kernel's
+		 * shortage to pass. */
+		if (!concur__transient(r))
 			break;
 		concur__bell_backoff(tries);
 	}

@@ -1641,6 +1641,86 @@ static void test_fault_loop_thread_refused(void **state)
 	}
 }
 
+/*
+ * A loop thread that owes another executor's sleeping loop a wake (its MSG_RING was refused, so
+ * the task went into that loop's inbox) rings it through that executor's doorbell ring for as
+ * long as the kernel refuses it for a moment. Forced: the MSG_RING is made to fail (its fd an
+ * eventfd), then the bell's first 20 submits fail with -EAGAIN. The loop thread used to give
+ * up after 8 tries (~1 ms): the other loop slept on with the task in its inbox, for good.
+ */
+static concur_exec *bell_other;
+static atomic_int bell_fail_left;
+static struct io_uring *bell_msg_ring; /* the sender loop's ring: its MSG_RING is refused */
+static int bell_target_fd, bell_bad_fd;
+
+static void fail_bell_submits(struct io_uring *ring)
+{
+	if (ring == bell_msg_ring) {
+		for (unsigned h = ring->sq.sqe_head; h != ring->sq.sqe_tail; h++) {
+			struct io_uring_sqe *sqe = &ring->sq.sqes[h & ring->sq.ring_mask];
+			if (sqe->opcode == IORING_OP_MSG_RING && sqe->fd == bell_target_fd) {
+				sqe->fd = bell_bad_fd; /* -EBADFD: not a ring */
+				bell_msg_ring = NULL;
+			}
+		}
+		wrap_disarm();
+	} else if (bell_other && ring == &bell_other->bell && atomic_load(&bell_fail_left) > 0) {
+		atomic_fetch_sub(&bell_fail_left, 1);
+		wrap_arm(WRAP_SUBMIT, 0, WRAP_ONE); /* this very submit fails with -EAGAIN */
+	} else {
+		wrap_disarm();
+	}
+}
+
+static int64_t return_seven(void *arg)
+{
+	(void)arg;
+	return 7;
+}
+
+static int64_t spawn_on_other(void *arg)
+{
+	(void)arg;
+	return (int64_t)(intptr_t)concur_spawn(bell_other, return_seven, NULL);
+}
+
+static int bell_shortage_child(int unused)
+{
+	(void)unused;
+	concur_exec *ex = NULL;
+	struct concur_exec_opts o = {.loops = 1};
+	if (concur_exec_new(&ex, &o) || concur_exec_new(&bell_other, &o))
+		return 1;
+	if (!flag_set(&bell_other->loops[0]->sleeping))
+		return 2;
+	bell_msg_ring = &ex->loops[0]->ring;
+	bell_target_fd = bell_other->loops[0]->ring_fd;
+	bell_bad_fd = eventfd(0, EFD_CLOEXEC);
+	atomic_store(&bell_fail_left, 20);
+	atomic_store(&wrap_submit_hook, fail_bell_submits);
+	concur_future *t = concur_spawn(ex, spawn_on_other, NULL);
+	concur_future *f = (concur_future *)(intptr_t)concur_result(t, -1);
+	int64_t r = concur_result(f, MS(3000));
+	atomic_store(&wrap_submit_hook, NULL);
+	wrap_disarm();
+	if (r == -ETIMEDOUT)
+		return 3; /* the wake was lost */
+	if (r != 7 || atomic_load(&bell_fail_left) != 0)
+		return 4;
+	concur_release(f);
+	concur_release(t);
+	concur_exec_free(ex);
+	concur_exec_free(bell_other);
+	close(bell_bad_fd);
+	return 0;
+}
+
+static void test_fault_loop_bell_shortage(void **state)
+{
+	(void)state;
+	expect_child_ok(bell_shortage_child, 0);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -1689,6 +1769,7 @@ int main(void)
 	    T(test_fault_thread),
 	    T(test_fault_loop_thread_refused),
 	    T(test_fault_loop_doorbell_refused),
+	    T(test_fault_loop_bell_shortage),
 	    T(test_fault_group_cancel_on_failure_seen),
 	    T(test_fault_cancel_racing_free),
 	    T(test_fault_ring_setup),

@@ -1204,6 +1204,88 @@ static void test_refused_message_reaches_its_loop(void **state)
 	run_in_child(queued_message_at_stop_child, 30);
 }
 
+/*
+ * A FUTEX_WAKE queued in a reap leaves with the reap's last submit even when the kernel pushes
+ * that submit back for a moment. Forced: a callback (in the reap) sets a promise a thread is
+ * parked on, with an SQE queued so the wake rides the ring; the submit carrying the wake fails
+ * once with -EAGAIN; the task the callback spawned then waits, without yielding, for the thread
+ * to wake. The wake used to stay in the SQ until the loop's next submit, after that task.
+ */
+static concur_future *pb_promise;
+static atomic_bool pb_woke, pb_fault_armed;
+static atomic_int pb_faults;
+static concur_future *_Atomic pb_waiter;
+static int pb_set;
+
+static int pb_fail_futex_submit(struct concur__loop *loop)
+{
+	if (!atomic_load(&pb_fault_armed))
+		return 0;
+	struct io_uring *ring = &loop->ring;
+	for (unsigned h = ring->sq.sqe_head; h != ring->sq.sqe_tail; h++)
+		if (ring->sq.sqes[h & ring->sq.ring_mask].opcode == CONCUR__OP_FUTEX_WAKE) {
+			atomic_store(&pb_fault_armed, false);
+			atomic_fetch_add(&pb_faults, 1);
+			return -EAGAIN;
+		}
+	return 0;
+}
+
+static void *pb_park(void *arg)
+{
+	(void)arg;
+	int64_t r = concur_result(pb_promise, -1);
+	atomic_store(&pb_woke, true);
+	return (void *)(intptr_t)r;
+}
+
+static int64_t pb_wait_for_parked(void *arg)
+{
+	(void)arg;
+	int64_t t0 = now_ns();
+	while (!atomic_load(&pb_woke) && now_ns() - t0 < MS(2000))
+		;
+	return atomic_load(&pb_woke);
+}
+
+static void pb_on_timeout(concur_future *z, void *arg)
+{
+	(void)z;
+	(void)arg;
+	concur_release(concur_nop(ex)); /* an SQE queued: the wake rides the ring */
+	atomic_store(&pb_waiter, concur_spawn(ex, pb_wait_for_parked, NULL)); /* runs after */
+	atomic_store(&pb_fault_armed, true);
+	pb_set = concur_promise_set(pb_promise, 5);
+}
+
+static void test_futex_wake_through_pushback(void **state)
+{
+	ex = new_exec(1);
+	pb_promise = concur_promise_new(ex);
+	concur__submit_fault = pb_fail_futex_submit;
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, pb_park, NULL), 0);
+	for (int i = 0; i < 100000 && !(atomic_load(&pb_promise->waiters) & CONCUR__WAITERS_PARKED);
+	     i++)
+		usleep(100);
+	assert_true(atomic_load(&pb_promise->waiters) & CONCUR__WAITERS_PARKED);
+	concur_future *z = concur_timeout(ex, MS(10));
+	assert_int_equal(concur_on_done(z, pb_on_timeout, NULL), 0);
+	EVENTUALLY(atomic_load(&pb_waiter) != NULL);
+	int64_t saw = concur_result(atomic_load(&pb_waiter), -1);
+	void *r;
+	assert_int_equal(pthread_join(th, &r), 0);
+	concur__submit_fault = NULL;
+	assert_int_equal(pb_set, 0);
+	assert_int_equal((intptr_t)r, 5);
+	assert_int_equal(atomic_load(&pb_faults), 1);
+	assert_int_equal(saw, 1); /* the thread woke while the task waited */
+	concur_release(atomic_load(&pb_waiter));
+	concur_release(z);
+	concur_release(pb_promise);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1232,6 +1314,7 @@ int main(void)
 	    cmocka_unit_test(test_refused_message_reaches_its_loop),
 	    cmocka_unit_test(test_tiny_stack_pushback),
 	    cmocka_unit_test(test_rings_across_threads),
+	    cmocka_unit_test(test_futex_wake_through_pushback),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
