@@ -1260,9 +1260,9 @@ static void pb_on_timeout(concur_future *z, void *arg)
 
 static void test_futex_wake_through_pushback(void **state)
 {
+	concur__submit_fault = pb_fail_futex_submit; /* (set while no loop runs; idle until armed) */
 	ex = new_exec(1);
 	pb_promise = concur_promise_new(ex);
-	concur__submit_fault = pb_fail_futex_submit;
 	pthread_t th;
 	assert_int_equal(pthread_create(&th, NULL, pb_park, NULL), 0);
 	for (int i = 0; i < 100000 && !(atomic_load(&pb_promise->waiters) & CONCUR__WAITERS_PARKED);
@@ -1275,7 +1275,6 @@ static void test_futex_wake_through_pushback(void **state)
 	int64_t saw = concur_result(atomic_load(&pb_waiter), -1);
 	void *r;
 	assert_int_equal(pthread_join(th, &r), 0);
-	concur__submit_fault = NULL;
 	assert_int_equal(pb_set, 0);
 	assert_int_equal((intptr_t)r, 5);
 	assert_int_equal(atomic_load(&pb_faults), 1);
@@ -1284,6 +1283,7 @@ static void test_futex_wake_through_pushback(void **state)
 	concur_release(z);
 	concur_release(pb_promise);
 	concur_exec_free(ex);
+	concur__submit_fault = NULL;
 }
 
 int main(void)
