@@ -234,6 +234,9 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	 * SA_ONSTACK and a sigaltstack); and the FIRST call of any function from a shared
 	 * library, which the dynamic linker resolves on the caller's stack, saving the vector
 	 * registers there (1-3 KiB): link with -Wl,-z,now or make that first call elsewhere.
+	 * The callbacks a task with a stack under 16 KiB runs by completing a future (a promise
+	 * it sets, a task it cancels, concur_on_done of a done future) run on its loop's stack,
+	 * not on the task's: they are anyone's code.
 	 * What they buy: a suspended task costs its stack plus its 128-byte record, 1.2 KiB with
 	 * 1 KiB stacks where a stack of a page or more costs at least 4 KiB. A build without
 	 * concur's assembly switch (CPUs other than x86-64 and aarch64, or -DCONCUR_UCONTEXT=ON)

@@ -812,10 +812,34 @@ struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur_
 #endif
 	concur__tl_task = t;
 	concur__switch_in(loop, t);
+	while (CONCUR__UNLIKELY(loop->call_fn)) { /* a task's call, then straight back to it */
+		struct concur__task *caller = concur__tl_task;
+		void (*fn)(void *) = loop->call_fn;
+		loop->call_fn = NULL;
+		concur__tl_task = NULL;
+		fn(loop->call_arg);
+		concur__tl_task = caller;
+		concur__switch_in(loop, caller);
+	}
 	concur__fiber_reap(loop); /* a fiber that finished and passed the thread on */
 	t = concur__tl_task;      /* not the one we switched to if it passed the thread on */
 	concur__tl_task = NULL;
 	return t;
+}
+
+/*
+ * A task with a small stack (under 16 KiB, concur_spawn_ex) that completes a future (a promise
+ * it sets, a cancel) would run the future's callbacks, anyone's code, on a stack sized for its
+ * own calls only: below a page, with no guard. The loop's context runs them instead, on the
+ * loop thread's stack, as it does those of a small stack's own end: t switches out (not
+ * queued: nothing else runs meanwhile) and concur__fiber_run switches straight back to it.
+ */
+void concur__fiber_call_on_loop(struct concur__task *t, void (*fn)(void *), void *arg)
+{
+	struct concur__loop *loop = t->loop;
+	loop->call_fn = fn;
+	loop->call_arg = arg;
+	concur__switch_out(loop, &t->sp, t->fib->uctx, false);
 }
 
 /*

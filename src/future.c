@@ -381,7 +381,7 @@ static void concur__wake_parked(concur_future *f)
  * thread's, waiting behind it for good). A wait in a callback gets -EDEADLK instead. It runs with
  * a start queue of its own (see deferred calls), put back in front once it returns.
  */
-static void concur__call_back(concur_done_fn fn, concur_future *f, void *arg)
+static void concur__call_back_here(concur_done_fn fn, concur_future *f, void *arg)
 {
 	struct concur__task *t = concur__tl_task;
 	struct concur__node *head = tl_defer_head, *tail = tl_defer_tail;
@@ -395,6 +395,31 @@ static void concur__call_back(concur_done_fn fn, concur_future *f, void *arg)
 			tl_defer_tail = tail;
 		tl_defer_head = head;
 	}
+}
+
+struct concur__call_back_args {
+	concur_done_fn fn;
+	concur_future *f;
+	void *arg;
+};
+
+static void concur__call_back_on_loop(void *p)
+{
+	struct concur__call_back_args *a = p;
+	concur__call_back_here(a->fn, a->f, a->arg);
+}
+
+/* From a task with a small stack, on the loop's stack: a callback is anyone's code, sized for
+ * none of that task's stack (concur__fiber_call_on_loop). */
+static void concur__call_back(concur_done_fn fn, concur_future *f, void *arg)
+{
+	struct concur__task *t = concur__tl_task;
+	if (CONCUR__UNLIKELY(t && !concur__task_stack_big(t))) {
+		struct concur__call_back_args a = {fn, f, arg};
+		concur__fiber_call_on_loop(t, concur__call_back_on_loop, &a);
+		return;
+	}
+	concur__call_back_here(fn, f, arg);
 }
 
 /* Run the nodes of a completion that are not compositions', in registration order. */

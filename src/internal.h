@@ -631,6 +631,9 @@ void concur__fiber_prepare(struct concur__fiber *fib, struct concur__task *t);
  * not t if t passed the thread on (concur__suspend) -- it has finished or suspended.
  */
 struct concur__task *concur__fiber_run(struct concur__loop *loop, struct concur__task *t);
+/* Task side: run fn(arg) on the loop's own stack (its context runs it between two switches and
+ * goes straight back to t): for code of anyone's, a callback, called from a small stack. */
+void concur__fiber_call_on_loop(struct concur__task *t, void (*fn)(void *), void *arg);
 /*
  * Task side: switch to the next ready fiber of the loop (within the turn's budget) or back to
  * the loop. Whoever arranged the suspension calls concur__resume() later (from any thread); the
@@ -762,6 +765,9 @@ struct concur__loop {
 	/* a finished fiber that passed the thread on: its stack goes back to the pool as soon as
 	 * we are off it, by whoever it switched to (concur__fiber_reap) */
 	struct concur__fiber *dead_fib;
+	/* a call a task asked its loop's context to make for it (concur__fiber_call_on_loop) */
+	void (*call_fn)(void *);
+	void *call_arg;
 	unsigned inflight;                                /* our SQEs whose CQE is still to come */
 	struct concur__stacks stacks;                     /* fiber.c's stack pools */
 	struct concur__rec_cache recs[CONCUR__REC_SIZES]; /* freed future records (exec.c) */

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sys/wait.h>
 #include <stdatomic.h>
 
 static int64_t return_arg(void *arg)
@@ -146,6 +147,69 @@ static void test_cancel_callbacks_are_work(void **state)
 	assert_int_equal(atomic_load(&ran), 1); /* the callback's spawn, not the cancelled task */
 	concur_release(c.f);
 	concur_exec_free(c.ex);
+}
+
+/*
+ * The callbacks a task with a small stack runs by completing a future (setting a promise,
+ * cancelling a queued task, on_done of a done future) run on its loop's stack, not on that task's:
+ * a callback is anyone's code. Here each one uses 8 KiB of stack, from a task whose stack is 1 KiB
+ * (4 KiB under the sanitizers). It used to run on the task's stack: a SIGSEGV (or, below a page,
+ * silent damage to the neighbouring stack). In a child, which a SIGSEGV must not take the test
+ * runner down with.
+ */
+static atomic_int deep_cb_ran;
+static void deep_cb(concur_future *f, void *arg)
+{
+	volatile char buf[8192];
+	for (size_t i = 0; i < sizeof(buf); i += 64)
+		buf[i] = (char)i;
+	/* outside any task still: a wait is refused */
+	if (buf[64] == 64 && concur_result((concur_future *)arg, -1) == -EDEADLK)
+		atomic_fetch_add(&deep_cb_ran, 1);
+}
+
+static int64_t small_completer(void *arg)
+{
+	concur_future **fs = arg; /* a promise, a queued task, a done future; one never done */
+	int64_t r = concur_promise_set(fs[0], 5);
+	if (r == 0 && concur_cancel(fs[1]) != 1)
+		r = -1;
+	if (r == 0)
+		r = concur_on_done(fs[2], deep_cb, fs[3]);
+	return r;
+}
+
+static void test_small_stack_callbacks_on_loop(void **state)
+{
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		concur_exec *ex = new_exec(1);
+		concur_future *fs[4] = {concur_promise_new(ex), NULL,
+		                        concur_spawn(ex, return_arg, (void *)1),
+		                        concur_promise_new(ex)};
+		concur_future *s = hold_loop(ex);
+		struct concur_spawn_opts o = {.stack_size = SANITIZED ? 4096 : 1024};
+		concur_future *t = concur_spawn_ex(ex, small_completer, fs, &o);
+		fs[1] = concur_spawn(ex, return_arg, (void *)2); /* queued behind t */
+		if (concur_on_done(fs[0], deep_cb, fs[3]) || concur_on_done(fs[1], deep_cb, fs[3]))
+			_exit(2);
+		release_loop(s);
+		int64_t r = concur_result(t, -1);
+		if (r != 0 || atomic_load(&deep_cb_ran) != 3)
+			_exit(3);
+		concur_release(t);
+		for (int i = 0; i < 4; i++)
+			concur_release(fs[i]);
+		concur_exec_free(ex);
+		_exit(0);
+	}
+	int st;
+	assert_int_equal(waitpid(pid, &st, 0), pid);
+	if (WIFSIGNALED(st))
+		fail_msg("the child died of signal %d", WTERMSIG(st));
+	assert_true(WIFEXITED(st));
+	assert_int_equal(WEXITSTATUS(st), 0);
 }
 
 static int64_t fail_with(void *arg)
@@ -872,6 +936,7 @@ int main(void)
 	    cmocka_unit_test(test_spawn_never_null),
 	    cmocka_unit_test(test_cancel_pending),
 	    cmocka_unit_test(test_cancel_callbacks_are_work),
+	    cmocka_unit_test(test_small_stack_callbacks_on_loop),
 	    cmocka_unit_test(test_result),
 	    cmocka_unit_test(test_on_done),
 	    cmocka_unit_test(test_one_completion_wakes_all),
