@@ -1166,6 +1166,8 @@ static void cancel_then_dry(bool write_first)
 #define TURNS     (RING_BUFS + STARVING)
 
 struct turns {
+	int n;                             /* streams (sockets) used, up to TURNS */
+	int64_t (*check)(struct turns *t); /* in a task: 0, or which check failed */
 	int sp[TURNS][2];
 	concur_stream *s[TURNS];
 	struct concur_chunk ch[TURNS];
@@ -1214,30 +1216,38 @@ static int64_t turns_check(struct turns *t)
 static int64_t turns_task(void *arg)
 {
 	struct turns *t = arg;
-	int64_t r = turns_check(t);
-	for (int i = 1; i < TURNS; i++) /* the buffers back (chunk 0's went back in the check) */
+	int64_t r = t->check(t);
+	for (int i = 1; i < t->n; i++) /* the buffers back (chunk 0's went back in the check) */
 		if (t->f[i] && concur_done(t->f[i]) && concur_result(t->f[i], 0) == 1)
 			concur_stream_give(t->s[i], &t->ch[i]);
-	for (int i = 0; i < TURNS; i++) { /* a next-future still pending ends with its close */
+	for (int i = 0; i < t->n; i++) { /* a next-future still pending ends with its close */
 		concur_release(t->f[i]);
 		concur_stream_close(t->s[i]);
 	}
 	return r;
 }
 
-static void test_starved_streams_take_turns(void **state)
+/* check(t) in a task, over n streams on socket pairs of their own. */
+static void run_turns(int n, int64_t (*check)(struct turns *t))
 {
-	(void)state;
 	struct turns *t = calloc(1, sizeof(*t));
 	assert_non_null(t);
-	for (int i = 0; i < TURNS; i++)
+	t->n = n;
+	t->check = check;
+	for (int i = 0; i < n; i++)
 		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, t->sp[i]), 0);
 	assert_int_equal(run_task(turns_task, t), 0);
-	for (int i = 0; i < TURNS; i++) {
+	for (int i = 0; i < n; i++) {
 		close(t->sp[i][0]);
 		close(t->sp[i][1]);
 	}
 	free(t);
+}
+
+static void test_starved_streams_take_turns(void **state)
+{
+	(void)state;
+	run_turns(TURNS, turns_check);
 }
 
 /*
@@ -1285,33 +1295,10 @@ static int64_t idle_turn_check(struct turns *t)
 	return 0;
 }
 
-static int64_t idle_turn_task(void *arg)
-{
-	struct turns *t = arg;
-	int64_t r = idle_turn_check(t);
-	for (int i = 1; i < IDLE_TURNS; i++)
-		if (t->f[i] && concur_done(t->f[i]) && concur_result(t->f[i], 0) == 1)
-			concur_stream_give(t->s[i], &t->ch[i]);
-	for (int i = 0; i < IDLE_TURNS; i++) {
-		concur_release(t->f[i]);
-		concur_stream_close(t->s[i]);
-	}
-	return r;
-}
-
 static void test_starved_idle_stream_passes_its_turn(void **state)
 {
 	(void)state;
-	struct turns *t = calloc(1, sizeof(*t));
-	assert_non_null(t);
-	for (int i = 0; i < IDLE_TURNS; i++)
-		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, t->sp[i]), 0);
-	assert_int_equal(run_task(idle_turn_task, t), 0);
-	for (int i = 0; i < IDLE_TURNS; i++) {
-		close(t->sp[i][0]);
-		close(t->sp[i][1]);
-	}
-	free(t);
+	run_turns(IDLE_TURNS, idle_turn_check);
 }
 
 /*
