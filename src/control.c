@@ -71,6 +71,9 @@ int concur__ctl_check_slow(struct concur__task *t)
 		return -ECANCELED;
 	if (concur__ctl_past_due(c))
 		return -ETIMEDOUT;
+	if (CONCUR__UNLIKELY(
+	        concur__ctl_unplaced(c))) /* as concur__ctl_check: a shielded cleanup's */
+		(void)concur__ctl_retime(t);
 	return 0;
 }
 

@@ -793,7 +793,8 @@ static const struct concur__future_class concur__task_class = {
     .destroy = concur__task_destroy,
     .await_here = concur__task_await_here,
     .await_undo = concur__task_await_undo,
-    .held = true, /* by its executor, until it ends */
+    .held = true,    /* by its executor, until it ends */
+    .counted = true, /* from its spawn */
 };
 
 struct concur__loop *concur__exec_pick_loop(concur_exec *ex)

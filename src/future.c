@@ -762,6 +762,8 @@ concur_exec *concur_future_exec(const concur_future *f)
 	return concur__exec_alive(f->ex, f->ex_id) ? f->ex : NULL;
 }
 
+__thread struct concur__cancel_frame *concur__tl_cancels;
+
 int concur_cancel(concur_future *f)
 {
 	if (!concur__valid(f))
@@ -787,8 +789,10 @@ int concur_cancel(concur_future *f)
 		        memory_order_acquire))
 			break;
 	}
-	if (!f->cls->held) {
-		concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, CONCUR__WAITERS_CLOSED);
+	uint32_t closed = CONCUR__WAITERS_CLOSED | (f->cls->held ? CONCUR__WAITERS_HELD : 0);
+	concur_exec *ex = f->cls->counted ? f->ex : NULL;
+	if (!ex) {
+		concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, closed);
 		return 1;
 	}
 	/* A queued task or op: its executor still holds it, and lets go when it dequeues it --
@@ -796,18 +800,14 @@ int concur_cancel(concur_future *f)
 	 * of ex, as those of a task's end are: counted, or a join could return (and a free free
 	 * ex) under a callback that goes on to spawn. This thread's join or free of ex would
 	 * wait for itself meanwhile: they get -EDEADLK, as in a blocking job of ex. (ex is alive:
-	 * f is its counted work until the drop, which waits for the close below.) */
-	concur_exec *ex = f->ex, *was = concur__tl_job_ex;
-	if (ex) {
-		concur__work_begin(ex);
-		concur__tl_job_ex = ex;
-	}
-	concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED,
-	                    CONCUR__WAITERS_CLOSED | CONCUR__WAITERS_HELD);
-	if (ex) {
-		concur__tl_job_ex = was;
-		concur__work_end(ex);
-	}
+	 * f is its counted work until the drop, which waits for the close below. A then or
+	 * spawn_after task waiting for its inputs is no work of ex yet, which may be gone.) */
+	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
+	concur__work_begin(ex);
+	concur__tl_cancels = &frame;
+	concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, closed);
+	concur__tl_cancels = frame.up;
+	concur__work_end(ex);
 	return 1;
 }
 

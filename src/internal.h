@@ -251,6 +251,10 @@ struct concur__future_class {
 	 * until its last CQE): a hold, not a counted reference. refs counts its users alone, and
 	 * the holder lets go with concur__complete_unhold or concur__unhold (see future.c). */
 	bool held;
+	/* Held, and its executor's counted work from its creation until it lets go: a spawned
+	 * task, an op. Not a then or spawn_after task, counted only once its inputs are done and
+	 * it is queued (its executor may be gone before). */
+	bool counted;
 };
 
 enum concur__waiter_kind {
@@ -597,9 +601,8 @@ static inline bool concur__task_stack_big(const struct concur__task *t)
 #define CONCUR__TLS_HOT __thread __attribute__((tls_model("initial-exec")))
 extern CONCUR__TLS_HOT struct concur__loop *concur__tl_loop; /* this thread's loop, or NULL */
 extern CONCUR__TLS_HOT struct concur__task *concur__tl_task; /* the task running, or NULL */
-/* The executor whose work this thread runs outside its loops, or NULL (exec.c): a blocking job
- * and its future's callbacks (set by blocking.c), or the callbacks of a queued task or op the
- * thread cancelled (future.c). Work of that executor, as a loop thread's is. */
+/* The executor whose blocking job (and its future's callbacks) this helper thread runs, or NULL
+ * (exec.c; set by blocking.c): work of that executor, as a loop thread's is. */
 extern __thread concur_exec *concur__tl_job_ex;
 
 /* A stack for task t (of its size class), or NULL (-ENOMEM: memory, map budget, RLIMIT_AS). */
@@ -1041,12 +1044,25 @@ static inline bool concur__exec_valid(const concur_exec *ex)
 	/* a foreign pointer may not even be aligned like an executor: check before reading */
 	return ex && !((uintptr_t)ex & (CONCUR__CACHELINE - 1)) && ex->magic == CONCUR__EXEC_MAGIC;
 }
+/* The executors whose queued tasks' or ops' cancel callbacks this thread runs (concur_cancel:
+ * that work is theirs), innermost first: frames on the cancelling calls' stacks. */
+struct concur__cancel_frame {
+	concur_exec *ex;
+	struct concur__cancel_frame *up;
+};
+extern __thread struct concur__cancel_frame *concur__tl_cancels;
 /* True where a join, a free or a stop of ex must not wait: a loop thread (of any executor: it
  * would hold that loop, whose own messages -- spawns, cancels, stops, resumes bound for ex --
- * sit unsubmitted in its ring meanwhile), or a blocking job of ex (its own work). */
+ * sit unsubmitted in its ring meanwhile), a blocking job of ex (its own work), or
+ * the callbacks of a cancel of ex's queued work. */
 static inline bool concur__exec_no_wait_here(const concur_exec *ex)
 {
-	return concur__tl_loop || concur__tl_job_ex == ex;
+	if (concur__tl_loop || concur__tl_job_ex == ex)
+		return true;
+	for (const struct concur__cancel_frame *fr = concur__tl_cancels; fr; fr = fr->up)
+		if (fr->ex == ex)
+			return true;
+	return false;
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);

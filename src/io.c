@@ -418,6 +418,7 @@ static const struct concur__future_class io_class = {
     .await_here = io_await_here,
     .await_undo = io_await_undo,
     .held = true, /* by its loop, until its last CQE */
+    .counted = true,
 };
 
 /* Loop thread: submit, unless the op was cancelled before it got here. */

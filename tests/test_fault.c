@@ -614,6 +614,10 @@ struct pop_refused {
 	int fd;
 	concur_future *gate;
 	bool sleep; /* the later wait: a sleep of 1 s (else an untimed wait on gate) */
+	/* all of it in a cancelled task's shielded cleanup, whose waits take the slow check */
+	bool cancelled;
+	concur_future *go;
+	atomic_int started;
 	int64_t slept, popped, waited, elapsed;
 	long refused;
 };
@@ -624,6 +628,13 @@ static int64_t pop_refused_task(void *arg)
 	concur_exec *ex = concur_current_exec();
 	char c[POP_FILL];
 	concur_future *fill[POP_FILL];
+	if (d->cancelled) {
+		concur_shield_push();
+		atomic_store(&d->started, 1);
+		concur_result(d->go, -1); /* the test cancels the task meanwhile */
+		if (!concur_cancel_requested())
+			return -2;
+	}
 	if (concur_deadline_push(MS(300)) || concur_deadline_push(MS(1)))
 		return -1;
 	d->slept = concur_sleep(MS(1000)); /* the 1 ms scope fires: the task leaves the heap */
@@ -642,18 +653,30 @@ static int64_t pop_refused_task(void *arg)
 	d->waited = d->sleep ? concur_sleep(MS(1000)) : concur_result(d->gate, -1);
 	d->elapsed = now_ns() - t0;
 	concur_deadline_pop();
+	if (d->cancelled)
+		concur_shield_pop();
 	return 0;
 }
 
-static void pop_refused_case(bool sleep)
+static void pop_refused_case(bool sleep, bool cancelled)
 {
 	concur_exec *ex = NULL;
 	struct concur_exec_opts o = {.loops = 1};
 	assert_int_equal(concur_exec_new(&ex, &o), 0);
 	int p[2];
 	assert_int_equal(pipe(p), 0); /* nobody writes: the reads wait */
-	struct pop_refused d = {.fd = p[0], .gate = concur_promise_new(ex), .sleep = sleep};
+	struct pop_refused d = {.fd = p[0],
+	                        .gate = concur_promise_new(ex),
+	                        .sleep = sleep,
+	                        .cancelled = cancelled,
+	                        .go = concur_promise_new(ex)};
 	concur_future *f = concur_spawn(ex, pop_refused_task, &d);
+	if (cancelled) {
+		while (!atomic_load(&d.started))
+			usleep(100);
+		assert_int_equal(concur_cancel(f), -EINPROGRESS);
+		assert_int_equal(concur_promise_set(d.go, 0), 0);
+	}
 	if (concur_result(f, MS(5000)) == -ETIMEDOUT) /* stuck in the untimed wait: let it go */
 		concur_promise_set(d.gate, 7);
 	assert_int_equal(concur_result(f, -1), 0);
@@ -665,6 +688,7 @@ static void pop_refused_case(bool sleep)
 	assert_true(d.elapsed <
 	            MS(900)); /* the scope's end (300 ms from its push), not the sleep's */
 	concur_release(d.gate);
+	concur_release(d.go);
 	concur_exec_free(ex);
 	close(p[0]);
 	close(p[1]);
@@ -673,8 +697,9 @@ static void pop_refused_case(bool sleep)
 static void test_fault_scope_placed_again(void **state)
 {
 	(void)state;
-	pop_refused_case(false);
-	pop_refused_case(true);
+	pop_refused_case(false, false);
+	pop_refused_case(true, false);
+	pop_refused_case(false, true);
 }
 
 /*

@@ -212,6 +212,67 @@ static void test_small_stack_callbacks_on_loop(void **state)
 	assert_int_equal(WEXITSTATUS(st), 0);
 }
 
+/*
+ * A cancel counts its callbacks as the executor's work only for work the executor counts: a
+ * spawn_after task still waiting for its input is none (its executor may be freed meanwhile);
+ * cancelling it then touched the freed executor (ASan: heap-use-after-free).
+ */
+static int64_t after_sum(void *arg, const int64_t *values, size_t n)
+{
+	return n ? values[0] : 0;
+}
+
+static void test_cancel_waiting_after_task_of_freed_exec(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *p = concur_promise_new(NULL);
+	concur_future *t = concur_spawn_after(ex, after_sum, NULL, &p, 1);
+	concur_exec_free(ex); /* t waits for p: no work of ex's */
+	assert_int_equal(concur_cancel(t), 1);
+	assert_int_equal(concur_result(t, 0), -ECANCELED);
+	assert_int_equal(concur_promise_set(p, 1), 0);
+	concur_release(t);
+	concur_release(p);
+}
+
+/*
+ * A blocking job of A that cancels a queued task of B runs that task's callbacks: a join there
+ * of A (the job's own executor) or of B (whose work the callbacks are) gets -EDEADLK. The
+ * cancel used to take A's place as the job's executor for the callbacks' time: the join of A
+ * waited for the job itself (timed out).
+ */
+static concur_exec *job_a, *job_b;
+static int64_t job_joined_a, job_joined_b;
+
+static void join_both_cb(concur_future *f, void *arg)
+{
+	job_joined_a = concur_exec_join(job_a, MS(500));
+	job_joined_b = concur_exec_join(job_b, MS(500));
+}
+
+static int64_t cancel_job(void *arg)
+{
+	return concur_cancel(arg);
+}
+
+static void test_cancel_in_blocking_job(void **state)
+{
+	job_a = new_exec(1);
+	job_b = new_exec(1);
+	concur_future *s = hold_loop(job_b);
+	concur_future *q = concur_spawn(job_b, return_arg, NULL); /* queued behind the spinner */
+	assert_int_equal(concur_on_done(q, join_both_cb, NULL), 0);
+	concur_future *j = concur_spawn_blocking(job_a, cancel_job, q);
+	assert_int_equal(concur_result(j, -1), 1);
+	assert_int_equal(job_joined_a, -EDEADLK);
+	assert_int_equal(job_joined_b, -EDEADLK);
+	release_loop(s);
+	concur_release(q);
+	concur_release(j);
+	concur_exec_free(job_a);
+	concur_exec_free(job_b);
+}
+
 static int64_t fail_with(void *arg)
 {
 	return -(int64_t)(intptr_t)arg;
@@ -936,6 +997,8 @@ int main(void)
 	    cmocka_unit_test(test_spawn_never_null),
 	    cmocka_unit_test(test_cancel_pending),
 	    cmocka_unit_test(test_cancel_callbacks_are_work),
+	    cmocka_unit_test(test_cancel_waiting_after_task_of_freed_exec),
+	    cmocka_unit_test(test_cancel_in_blocking_job),
 	    cmocka_unit_test(test_small_stack_callbacks_on_loop),
 	    cmocka_unit_test(test_result),
 	    cmocka_unit_test(test_on_done),
