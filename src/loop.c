@@ -819,7 +819,10 @@ static unsigned concur__reap(struct concur__loop *loop)
 		/* all of the SQ out, the wake with it, through a pushback (as for a full SQ): a
 		 * submit the kernel refused for a moment left the wake behind for a whole turn of
 		 * tasks, one of which may wait for the thread it wakes */
-		concur__sq_reserve(loop, loop->ring.sq.ring_entries);
+		if (loop->ring.flags & IORING_SETUP_SQPOLL) /* its kernel thread takes it anyway */
+			(void)concur__submit(loop, CONCUR__SUBMIT);
+		else
+			concur__sq_reserve(loop, loop->ring.sq.ring_entries);
 	}
 	concur__stat_inc(&loop->st.cqes, total);
 	return total;
