@@ -435,7 +435,8 @@ const char *concur_last_error(void);
  * it would have to wait). Nothing here polls: every wait is one future completed through the
  * one completion path. timeout_ns < 0 waits forever, 0 does not wait. A wait that returns
  * (done, timed out or abandoned) takes back everything it hung on its futures: waiting on a
- * future that is then released unset leaks nothing.
+ * future that is then released unset leaks nothing. The futures a call is given must stay
+ * referenced by the caller until it returns (it reads them to the end).
  */
 
 /* The most futures one call accepts (more gives -EINVAL). */
@@ -484,7 +485,9 @@ struct concur_gather_opts {          /* zeroed (or a NULL pointer) = defaults */
  * Wait for every future of futures[0..n) (at most timeout_ns in total) and store their results
  * in input order: values_out[i] is futures[i]'s value or error, or -ETIMEDOUT for one not done at
  * the deadline. values_out may be NULL. Returns 0 when every future succeeded; otherwise, after
- * all are done, the first failure in input order (an error, -ECANCELED for a cancelled one);
+ * all are done, the first failure (an error, -ECANCELED for a cancelled one) in the order the
+ * futures completed (as asyncio.gather raises the first exception; among those already done
+ * when gather began, in input order);
  * with CONCUR_GATHER_RETURN_ERRORS, 0 once all are done whatever their results. -ETIMEDOUT when
  * the deadline passed first, -EINVAL, -ENOMEM, -EDEADLK as concur_wait().
  */

@@ -75,6 +75,9 @@ struct countdown {
 	_Atomic size_t done;   /* inputs done (an index counts once per occurrence) */
 	_Atomic size_t target; /* wake the waiter when done reaches it */
 	_Atomic bool failed;   /* an input failed (FIRST_EXCEPTION only) */
+	/* the first failure (an error, -ECANCELED) in the order the inputs completed, as the
+	 * record hooks see it (those done when the countdown began: in input order); 0: none */
+	_Atomic int64_t first_err;
 	bool stop_on_failure;
 	pthread_mutex_t lock; /* orders the waiter's check against the nodes' fire */
 	concur_future *wake;
@@ -102,6 +105,22 @@ static void wait_countdown_count(struct countdown *c, concur_future *f)
 		concur__wake_fire(&c->lock, &c->wake);
 }
 
+static void wait_countdown_failed(struct countdown *c, int64_t err)
+{
+	int64_t none = 0;
+	atomic_compare_exchange_strong(&c->first_err, &none, err);
+}
+
+/* Before the input's completion can be seen: the first failure is the first to complete. */
+static void wait_cd_record(struct concur__waiter *w, concur_future *f, int64_t res,
+                           uint32_t final_state)
+{
+	if (final_state == CONCUR__CANCELLED)
+		wait_countdown_failed(((struct cd_node *)w)->c, -ECANCELED);
+	else if (res < 0)
+		wait_countdown_failed(((struct cd_node *)w)->c, res);
+}
+
 static void wait_cd_done(struct concur__waiter *w, concur_future *f)
 {
 	struct countdown *c = ((struct cd_node *)w)->c;
@@ -109,13 +128,15 @@ static void wait_cd_done(struct concur__waiter *w, concur_future *f)
 	wait_countdown_put(c);
 }
 
-/* The input died unset: it will never count (the wait times out, as it would have). */
+/* The input died unset. Not while the caller holds its reference, as it must for the whole
+ * call (the wait reads its inputs after the countdown): only the count is given back. */
 static void wait_cd_drop(struct concur__waiter *w, concur_future *f)
 {
 	wait_countdown_put(((struct cd_node *)w)->c);
 }
 
-static const struct concur__waiter_ops cd_ops = {.done = wait_cd_done, .drop = wait_cd_drop};
+static const struct concur__waiter_ops cd_ops = {
+    .record = wait_cd_record, .done = wait_cd_done, .drop = wait_cd_drop};
 
 /*
  * Count futures[0..n) down: each done now is counted at once (and marks the record failed if it
@@ -147,6 +168,9 @@ static struct countdown *wait_countdown_start(concur_future *const *futures, siz
 			node->f = futures[i];
 		} else { /* done already */
 			atomic_fetch_sub(&c->refs, 1);
+			int64_t v = concur__future_value(futures[i]);
+			if (v < 0)
+				wait_countdown_failed(c, v);
 			wait_countdown_count(c, futures[i]);
 		}
 	}
@@ -262,23 +286,23 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 	}
 	if (opts->progress)
 		opts->progress(atomic_load(&c->done), n, concur__now_ns() - t0, opts->progress_arg);
-	wait_countdown_end(c);
-	if (r < 0 && r != -ETIMEDOUT)
+	if (r < 0 && r != -ETIMEDOUT) {
+		wait_countdown_end(c);
 		return r;
-	int64_t first_err = 0;
+	}
 	bool unfinished = false;
 	for (size_t i = 0; i < n; i++) {
 		int64_t v = -ETIMEDOUT;
-		if (concur_done(futures[i])) {
+		if (concur_done(futures[i]))
 			v = concur__future_value(futures[i]);
-			if (v < 0 && !first_err)
-				first_err = v;
-		} else {
+		else
 			unfinished = true;
-		}
 		if (values_out)
 			values_out[i] = v;
 	}
+	/* every input done: each failure is recorded (before it could be seen done) */
+	int64_t first_err = atomic_load(&c->first_err);
+	wait_countdown_end(c);
 	if (unfinished)
 		return -ETIMEDOUT;
 	return (opts->flags & CONCUR_GATHER_RETURN_ERRORS) ? 0 : first_err;

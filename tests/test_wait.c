@@ -957,6 +957,45 @@ static void test_callback_wait_starts_only_its_own(void **state)
 	concur_release(p);
 }
 
+/* A node (a waiter of any kind) is on f's list. */
+static bool has_waiter(concur_future *f)
+{
+	return (atomic_load(&f->waiters) & ~(uintptr_t)15) != 0;
+}
+
+/*
+ * gather's first failure is the first to complete, as every composition sees completions (and
+ * as asyncio.gather raises the first exception). Order forced: the gather (a thread of ours)
+ * has hung its nodes on both inputs; input 1 fails, then input 0. It used to return the first
+ * failure in input order: input 0's.
+ */
+struct gather_order {
+	concur_future *fs[2];
+	int64_t r;
+};
+
+static void *gather_thread(void *arg)
+{
+	struct gather_order *g = arg;
+	g->r = concur_gather(g->fs, 2, -1, NULL, NULL);
+	return NULL;
+}
+
+static void test_gather_first_failure_order(void **state)
+{
+	struct gather_order g = {.fs = {concur_promise_new(NULL), concur_promise_new(NULL)}};
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, gather_thread, &g), 0);
+	while (!has_waiter(g.fs[0]) || !has_waiter(g.fs[1]))
+		usleep(100);
+	assert_int_equal(concur_promise_set(g.fs[1], -EIO), 0);
+	assert_int_equal(concur_promise_set(g.fs[0], -EBADF), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(g.r, -EIO);
+	concur_release(g.fs[0]);
+	concur_release(g.fs[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -985,6 +1024,7 @@ int main(void)
 	    cmocka_unit_test(test_then_after_executor_freed),
 	    cmocka_unit_test(test_as_completed_observed_order),
 	    cmocka_unit_test(test_cancel_while_ending_unrun),
+	    cmocka_unit_test(test_gather_first_failure_order),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
