@@ -79,9 +79,10 @@ struct stream_bufs {
 	unsigned claimed;              /* of those, one for each stream re-armed off the queue */
 	struct concur_stream *starved; /* recv streams stopped by ENOBUFS, oldest first */
 	struct concur_stream *starved_tail;
-	struct concur_stream *claimers; /* the streams with a claim */
-	struct concur__op sweep_op;     /* the NOP that ends the claims made before it */
-	bool sweep_armed;
+	struct concur_stream *claimers; /* the streams with a claim, oldest first */
+	struct concur_stream *claimers_tail;
+	struct concur__op sweep_op; /* the NOPs, one after each claimed recv */
+	uint64_t sweeps_prepped, sweeps_done;
 	uint64_t out[STREAM_NBUFS / 64]; /* taken by the kernel, not back in the ring */
 	uint16_t gen[STREAM_NBUFS];      /* bumped each time a buffer goes back (STREAM_BID) */
 };
@@ -114,17 +115,18 @@ struct concur_stream {
 	struct concur_stream *next_claimer, *prev_claimer;
 	int fd, flags;
 	bool recv;
-	bool on_demand;    /* recv: one single-shot recv at a time, only while someone waits */
-	bool armed;        /* an operation is in the kernel */
-	bool stop_sent;    /* an ASYNC_CANCEL for the armed operation is on its way */
-	bool timer_armed;  /* the back-off timer is in the kernel */
-	bool starved;      /* on bufs->starved, waiting for buffers */
-	bool claims;       /* re-armed off the starved queue: on bufs->claimers (see the top) */
-	bool cancel_req;   /* concur_stream_cancel */
-	bool ended;        /* the end is known: end_res */
-	bool end_reported; /* a consumer was told */
-	bool closed;       /* concur_stream_close: free when the kernel is done */
-	bool in_next;      /* a task is inside concur_stream_next (woken or not) */
+	bool on_demand;       /* recv: one single-shot recv at a time, only while someone waits */
+	bool armed;           /* an operation is in the kernel */
+	bool stop_sent;       /* an ASYNC_CANCEL for the armed operation is on its way */
+	bool timer_armed;     /* the back-off timer is in the kernel */
+	bool starved;         /* on bufs->starved, waiting for buffers */
+	bool claims;          /* re-armed off the starved queue: on bufs->claimers (see the top) */
+	bool cancel_req;      /* concur_stream_cancel */
+	bool ended;           /* the end is known: end_res */
+	bool end_reported;    /* a consumer was told */
+	bool closed;          /* concur_stream_close: free when the kernel is done */
+	bool in_next;         /* a task is inside concur_stream_next (woken or not) */
+	uint64_t claim_sweep; /* the NOP after its claimed recv (bufs->sweeps_prepped) */
 	int32_t end_res;
 	int32_t pending_err;   /* a transient accept error not reported yet */
 	uint32_t backoff_ms;   /* the last back-off; 0 after a success */
@@ -311,21 +313,21 @@ static void stream_claim_end(struct concur_stream *s)
 	struct stream_bufs *b = s->bufs;
 
 	*(s->prev_claimer ? &s->prev_claimer->next_claimer : &b->claimers) = s->next_claimer;
-	if (s->next_claimer)
-		s->next_claimer->prev_claimer = s->prev_claimer;
+	*(s->next_claimer ? &s->next_claimer->prev_claimer : &b->claimers_tail) = s->prev_claimer;
 	s->claims = false;
 	b->claimed--;
 }
 
-/* The NOP submitted after claims: a recv it follows that had bytes has its CQE in by now (in the
- * same submit, before this one's); the others wait for bytes, holding no buffer. */
+/* A NOP submitted after a claimed recv: that recv, and every one claimed before it, has had its
+ * CQE by now if it had bytes (a NOP completes as it is issued, in SQ order); those still
+ * claiming wait for bytes, holding no buffer: their claims end. */
 static void stream_sweep_cqe(struct concur__loop *loop, struct concur__op *op, int32_t res,
                              uint32_t flags)
 {
 	struct stream_bufs *b = concur__container_of(op, struct stream_bufs, sweep_op);
 
-	b->sweep_armed = false;
-	while (b->claimers)
+	b->sweeps_done++; /* NOPs complete in the order they were queued */
+	while (b->claimers && b->claimers->claim_sweep <= b->sweeps_done)
 		stream_claim_end(b->claimers);
 	stream_bufs_back(b);
 }
@@ -341,18 +343,17 @@ static void stream_rearm_claiming(struct concur_stream *s)
 		return;
 	s->claims = true;
 	b->claimed++;
-	s->prev_claimer = NULL;
-	s->next_claimer = b->claimers;
-	if (b->claimers)
-		b->claimers->prev_claimer = s;
-	b->claimers = s;
-	if (!b->sweep_armed) {
-		struct io_uring_sqe *sqe = concur__sqe(s->loop);
-		io_uring_prep_nop(sqe);
-		b->sweep_op.cqe = stream_sweep_cqe;
-		concur__sqe_set_op(s->loop, sqe, &b->sweep_op);
-		b->sweep_armed = true;
-	}
+	s->next_claimer = NULL;
+	s->prev_claimer = b->claimers_tail;
+	*(b->claimers_tail ? &b->claimers_tail->next_claimer : &b->claimers) = s;
+	b->claimers_tail = s;
+	/* a NOP after this recv: one queued before it (earlier in this same submit) would end
+	 * this claim before the recv was even issued */
+	struct io_uring_sqe *sqe = concur__sqe(s->loop);
+	io_uring_prep_nop(sqe);
+	b->sweep_op.cqe = stream_sweep_cqe;
+	concur__sqe_set_op(s->loop, sqe, &b->sweep_op);
+	s->claim_sweep = ++b->sweeps_prepped;
 }
 
 /* An item nobody will consume: close the fd or give the buffer back. */
@@ -572,8 +573,13 @@ static void stream_timer_cqe(struct concur__loop *loop, struct concur__op *op, i
 static void stream_transient(struct concur_stream *s, int32_t err, bool more)
 {
 	s->pending_err = err;
-	if (more) /* still armed (not seen from the kernel, but harmless): stop it first */
-		stream_stop(s);
+	/* still armed (not seen from the kernel, but harmless): stop the op first -- the op only,
+	 * a back-off an earlier failure of the same reap armed goes on (its cancel re-armed the
+	 * accept at once: no back-off at all) */
+	if (more && s->armed && !s->stop_sent) {
+		s->stop_sent = true;
+		stream_cancel_op(s, &s->op);
+	}
 	stream_backoff(s);
 }
 

@@ -31,6 +31,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1761,6 +1762,80 @@ static int reset(void **state)
 	return 0;
 }
 
+/*
+ * An accept stream whose queue cannot grow (no memory) while its multishot is still armed (each
+ * CQE with F_MORE) backs off before it accepts again, however many of those come before its stop
+ * does. The second one's stop (stream_transient -> stream_stop) cancelled the back-off timer the
+ * first had armed, whose completion re-armed the accept at once: no back-off at all. Forced:
+ * two clients wait in the backlog when the accept is first submitted (it takes both inline, two
+ * CQEs with F_MORE, dispatched in one reap), and every malloc fails until the task is back.
+ */
+static int64_t backoff_task(void *arg)
+{
+	int lfd = *(int *)arg;
+	struct sockaddr_in a;
+	socklen_t len = sizeof(a);
+	concur_stream *s;
+	if (getsockname(lfd, (struct sockaddr *)&a, &len))
+		return -errno;
+	int c[3] = {-1, -1, -1};
+	for (int i = 0; i < 2; i++) { /* in the backlog before the accept is submitted */
+		c[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (c[i] < 0 || connect(c[i], (struct sockaddr *)&a, sizeof(a)))
+			return -1000 - errno;
+	}
+	int64_t r = concur_accept_stream(&s, lfd, SOCK_CLOEXEC);
+	if (r)
+		return r;
+	wrap_arm(WRAP_MALLOC, 0, WRAP_FROM); /* the queue's first growth, for both */
+	concur_await_nop(); /* the accept and the NOP go in; both connections' CQEs come first */
+	wrap_disarm();
+	long failed = atomic_load(&wrap_failed[WRAP_MALLOC]);
+	int64_t t0 = now_ns();
+	r = concur_stream_next(s, NULL); /* the shortage, reported once */
+	if (r != -ENOMEM || failed < 2) {
+		r = -2000 + r - 100 * failed;
+		goto out;
+	}
+	c[2] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c[2] < 0 || connect(c[2], (struct sockaddr *)&a, sizeof(a))) {
+		r = -3000;
+		goto out;
+	}
+	r = concur_stream_next(s, NULL); /* accepted once the back-off (4 ms) is over */
+	int64_t waited = now_ns() - t0;
+	if (r >= 0) {
+		close((int)r);
+		r = waited >= MS(3) ? 0 : -4000 - waited / 1000; /* -4000 - microseconds */
+	}
+out:
+	concur_stream_close(s);
+	for (int i = 0; i < 3; i++)
+		if (c[i] >= 0)
+			close(c[i]);
+	return r;
+}
+
+static void test_fault_accept_backoff_kept(void **state)
+{
+	(void)state;
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(lfd >= 0);
+	assert_int_equal(bind(lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(lfd, 64), 0);
+	struct concur_exec_opts o = {.loops = 1, .stack_size = 64 * 1024};
+	concur_exec *x;
+	assert_int_equal(concur_exec_new(&x, &o), 0);
+	concur_future *f = concur_spawn(x, backoff_task, &lfd);
+	int64_t r = concur_result(f, MS(10000));
+	concur_release(f);
+	wrap_disarm();
+	concur_exec_free(x);
+	close(lfd);
+	assert_int_equal(r, 0);
+}
+
 #define T(fn) cmocka_unit_test_setup(fn, reset)
 
 /* CONCUR_FAULT_CASE=<kind>:<n>:<one|from|burst> (or nofile:<limit>:- / memlock:<limit>:-) runs one
@@ -1789,6 +1864,7 @@ int main(void)
 	if (getenv("CONCUR_FAULT_CASE"))
 		return single_case(getenv("CONCUR_FAULT_CASE"));
 	const struct CMUnitTest tests[] = {
+	    T(test_fault_accept_backoff_kept),
 	    T(test_fault_malloc),
 	    T(test_fault_mmap),
 	    T(test_fault_thread),

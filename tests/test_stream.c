@@ -1401,6 +1401,67 @@ static int teardown_clobber(void **state)
 	return 0;
 }
 
+/*
+ * Buffers given back several at once (in one turn of the loop, one submit) re-arm that many of
+ * the starved queue's oldest, and the others keep their places. The sweep NOP goes into the SQ
+ * after the first claimed recv only; the recvs claimed after it in the same submit had their
+ * claims ended by its CQE before their own CQEs came, so the buffers they were taking looked
+ * free: as many more streams were re-armed for them, failed with -ENOBUFS, and the last of them
+ * (its claim ended by the second NOP too) went to the back of the queue.
+ */
+#define BATCH_STARVED 8
+#define BATCH_GIVE    3
+
+static int64_t turns_batch_check(struct turns *t)
+{
+	const int n = RING_BUFS + BATCH_STARVED;
+	for (int i = 0; i < n; i++) {
+		int err = concur_recv_stream_on_demand(&t->s[i], t->sp[i][0], 0);
+		if (err)
+			return -1000 + err;
+		if (write(t->sp[i][1], "x", 1) != 1)
+			return -2000;
+	}
+	for (int i = 0; i < n; i++)
+		t->f[i] = concur_stream_next_future(t->s[i], &t->ch[i]);
+	for (int i = 0; i < RING_BUFS; i++)
+		if (concur_result(t->f[i], -1) != 1)
+			return -3000 - i;
+	for (int i = RING_BUFS; i < n; i++)
+		if (concur_done(t->f[i]))
+			return -4000 - i;
+	uint64_t before = loop_cqes();
+	for (int i = 0; i < BATCH_GIVE; i++) /* one go: no wait between */
+		if (concur_stream_give(t->s[i], &t->ch[i]))
+			return -5000 - i;
+	for (int i = RING_BUFS; i < RING_BUFS + BATCH_GIVE; i++)
+		if (concur_result(t->f[i], MS(3000)) != 1)
+			return -6000 - i;
+	concur_sleep(MS(20)); /* whatever else the gives set off is done */
+	uint64_t cqes = loop_cqes() - before;
+	for (int i = RING_BUFS + BATCH_GIVE; i < n; i++)
+		if (concur_done(t->f[i]))
+			return -7000 - i;
+	/* the rest keep their order: each buffer given back now serves the next oldest */
+	for (int i = RING_BUFS + BATCH_GIVE; i < n; i++) {
+		int g = i - RING_BUFS; /* another of the first streams' buffers */
+		if (concur_stream_give(t->s[g], &t->ch[g]))
+			return -8000 - i;
+		if (concur_result(t->f[i], MS(3000)) != 1)
+			return -9000 - i; /* another one was served instead */
+	}
+	/* the batch: its recvs, the NOP(s) after them, the sleep's timer; no recv failed */
+	if (cqes > 2 * BATCH_GIVE + 1)
+		return -10000 - (int64_t)cqes;
+	return 0;
+}
+
+static void test_starved_streams_batch_give(void **state)
+{
+	(void)state;
+	run_turns(RING_BUFS + BATCH_STARVED, turns_batch_check);
+}
+
 static void test_cancel_then_dry(void **state)
 {
 	cancel_then_dry(false);
@@ -1429,6 +1490,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_starved_idle_stream_passes_its_turn, setup1,
 	                                    teardown),
 	    cmocka_unit_test_setup_teardown(test_second_next_not_lost, setup1, teardown_clobber),
+	    cmocka_unit_test_setup_teardown(test_starved_streams_batch_give, setup1, teardown),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
