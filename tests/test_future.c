@@ -994,12 +994,13 @@ static void test_callback_outside_task(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+	    /* first: it forks, and a TSan child of a multi-threaded parent cannot start threads */
+	    cmocka_unit_test(test_small_stack_callbacks_on_loop),
 	    cmocka_unit_test(test_spawn_never_null),
 	    cmocka_unit_test(test_cancel_pending),
 	    cmocka_unit_test(test_cancel_callbacks_are_work),
 	    cmocka_unit_test(test_cancel_waiting_after_task_of_freed_exec),
 	    cmocka_unit_test(test_cancel_in_blocking_job),
-	    cmocka_unit_test(test_small_stack_callbacks_on_loop),
 	    cmocka_unit_test(test_result),
 	    cmocka_unit_test(test_on_done),
 	    cmocka_unit_test(test_one_completion_wakes_all),
