@@ -801,7 +801,9 @@ int concur_cancel(concur_future *f)
 	 * ex) under a callback that goes on to spawn. This thread's join or free of ex would
 	 * wait for itself meanwhile: they get -EDEADLK, as in a blocking job of ex. (ex is alive:
 	 * f is its counted work until the drop, which waits for the close below. A then or
-	 * spawn_after task waiting for its inputs is no work of ex yet, which may be gone.) */
+	 * spawn_after task waiting for its inputs is no work of ex yet, which may be gone; one
+	 * queued since is, but nothing here tells the two apart: its cancel's callbacks are
+	 * not counted, a gap left open.) */
 	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
 	concur__work_begin(ex);
 	concur__tl_cancels = &frame;

@@ -343,6 +343,7 @@ static void stream_rearm_claiming(struct concur_stream *s)
 		return;
 	s->claims = true;
 	b->claimed++;
+	s->claim_sweep = ++b->sweeps_prepped; /* the NOP below (numbered before concur__sqe) */
 	s->next_claimer = NULL;
 	s->prev_claimer = b->claimers_tail;
 	*(b->claimers_tail ? &b->claimers_tail->next_claimer : &b->claimers) = s;
@@ -353,7 +354,6 @@ static void stream_rearm_claiming(struct concur_stream *s)
 	io_uring_prep_nop(sqe);
 	b->sweep_op.cqe = stream_sweep_cqe;
 	concur__sqe_set_op(s->loop, sqe, &b->sweep_op);
-	s->claim_sweep = ++b->sweeps_prepped;
 }
 
 /* An item nobody will consume: close the fd or give the buffer back. */

@@ -76,8 +76,10 @@ struct countdown {
 	_Atomic size_t target; /* wake the waiter when done reaches it */
 	_Atomic bool failed;   /* an input failed (FIRST_EXCEPTION only) */
 	/* the first failure (an error, -ECANCELED) in the order the inputs completed, as the
-	 * record hooks see it (those done when the countdown began: in input order); 0: none */
+	 * record hooks see it; 0: none. Those done when the countdown began come first, in input
+	 * order (start_err: they completed before any hook could see another) */
 	_Atomic int64_t first_err;
+	int64_t start_err;
 	bool stop_on_failure;
 	pthread_mutex_t lock; /* orders the waiter's check against the nodes' fire */
 	concur_future *wake;
@@ -169,8 +171,8 @@ static struct countdown *wait_countdown_start(concur_future *const *futures, siz
 		} else { /* done already */
 			atomic_fetch_sub(&c->refs, 1);
 			int64_t v = concur__future_value(futures[i]);
-			if (v < 0)
-				wait_countdown_failed(c, v);
+			if (v < 0 && !c->start_err)
+				c->start_err = v;
 			wait_countdown_count(c, futures[i]);
 		}
 	}
@@ -301,7 +303,7 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 			values_out[i] = v;
 	}
 	/* every input done: each failure is recorded (before it could be seen done) */
-	int64_t first_err = atomic_load(&c->first_err);
+	int64_t first_err = c->start_err ? c->start_err : atomic_load(&c->first_err);
 	wait_countdown_end(c);
 	if (unfinished)
 		return -ETIMEDOUT;
