@@ -65,16 +65,10 @@ void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
 
 int concur__ctl_check_slow(struct concur__task *t)
 {
-	struct concur__ctl *c = &t->fib->ctl;
 	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
-	if ((s & CONCUR__CANCEL_REQ) && !c->shield)
+	if ((s & CONCUR__CANCEL_REQ) && !t->fib->ctl.shield)
 		return -ECANCELED;
-	if (concur__ctl_past_due(c))
-		return -ETIMEDOUT;
-	if (CONCUR__UNLIKELY(
-	        concur__ctl_unplaced(c))) /* as concur__ctl_check: a shielded cleanup's */
-		(void)concur__ctl_retime(t);
-	return 0;
+	return concur__ctl_check_due(t); /* a shielded cleanup's deadlines, as concur__ctl_check */
 }
 
 /* Loop thread: break the wait t is suspended in, if it is in one. */

@@ -1135,17 +1135,21 @@ int concur__ctl_retime(struct concur__task *t);
  * task under a deadline scope pays it), and the precise clock's within CONCUR__COARSE_LAG_NS of
  * the deadline. A deadline whose place in the timer heap was refused is placed again here.
  */
-static inline int concur__ctl_check(struct concur__task *t)
+static inline int concur__ctl_check_due(struct concur__task *t)
 {
-	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
-	if (CONCUR__UNLIKELY(s & CONCUR__CANCEL_REQ))
-		return concur__ctl_check_slow(t);
 	struct concur__ctl *c = &t->fib->ctl;
 	if (CONCUR__UNLIKELY(concur__ctl_past_due(c)))
 		return -ETIMEDOUT;
 	if (CONCUR__UNLIKELY(concur__ctl_unplaced(c))) /* try again: memory may be back */
 		(void)concur__ctl_retime(t);
 	return 0;
+}
+static inline int concur__ctl_check(struct concur__task *t)
+{
+	uint32_t s = atomic_load_explicit(&t->f.state, memory_order_relaxed);
+	if (CONCUR__UNLIKELY(s & CONCUR__CANCEL_REQ))
+		return concur__ctl_check_slow(t);
+	return concur__ctl_check_due(t);
 }
 /*
  * In a task: suspend in a wait that a cancel or a deadline may break. If one does (on the loop

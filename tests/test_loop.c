@@ -1260,7 +1260,8 @@ static void pb_on_timeout(concur_future *z, void *arg)
 
 static void test_futex_wake_through_pushback(void **state)
 {
-	concur__submit_fault = pb_fail_futex_submit; /* (set while no loop runs; idle until armed) */
+	/* set while no loop runs (a plain pointer the loop reads); idle until armed */
+	concur__submit_fault = pb_fail_futex_submit;
 	ex = new_exec(1);
 	pb_promise = concur_promise_new(ex);
 	pthread_t th;
