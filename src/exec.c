@@ -893,6 +893,11 @@ void concur__task_enqueue(struct concur__task *t)
 		concur__task_end_unrun(t, -ESHUTDOWN, CONCUR__FINISHED);
 		return;
 	}
+	/* A then or spawn_after task is work from here on, until its loop dequeues it: its state
+	 * says so to a concurrent concur_cancel, which counts its callbacks only then (ex may be
+	 * gone before). A cancel that won first leaves it unmarked: the loop drops it. */
+	if (CONCUR__UNLIKELY(!t->f.cls->counted))
+		concur__future_mark_queued(&t->f);
 	if (pin) { /* concur_spawn_on: to its loop's ready queue, however it gets there */
 		if (me && me->ex == ex)
 			concur__stat_inc(&me->st.tasks_spawned, 1);

@@ -665,6 +665,15 @@ bool concur__future_claim(concur_future *f)
 	return concur__future_claim_as(f, CONCUR__RUNNING);
 }
 
+void concur__future_mark_queued(concur_future *f)
+{
+	uint32_t s = atomic_load_explicit(&f->state, memory_order_relaxed);
+	while ((s & (CONCUR__STATE_MASK | CONCUR__COMPLETING)) == CONCUR__PENDING &&
+	       !atomic_compare_exchange_weak_explicit(&f->state, &s, s | CONCUR__QUEUED_WORK,
+	                                              memory_order_release, memory_order_relaxed))
+		;
+}
+
 bool concur__future_claim_unrun(concur_future *f)
 {
 	/* not final yet: done must not show before the compositions recorded it */
@@ -790,7 +799,7 @@ int concur_cancel(concur_future *f)
 			break;
 	}
 	uint32_t closed = CONCUR__WAITERS_CLOSED | (f->cls->held ? CONCUR__WAITERS_HELD : 0);
-	concur_exec *ex = f->cls->counted ? f->ex : NULL;
+	concur_exec *ex = f->cls->counted || (s & CONCUR__QUEUED_WORK) ? f->ex : NULL;
 	if (!ex) {
 		concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, closed);
 		return 1;
@@ -802,8 +811,8 @@ int concur_cancel(concur_future *f)
 	 * wait for itself meanwhile: they get -EDEADLK, as in a blocking job of ex. (ex is alive:
 	 * f is its counted work until the drop, which waits for the close below. A then or
 	 * spawn_after task waiting for its inputs is no work of ex yet, which may be gone; one
-	 * queued since is, but nothing here tells the two apart: its cancel's callbacks are
-	 * not counted, a gap left open.) */
+	 * queued since is, and says so in its state: CONCUR__QUEUED_WORK, set after it was
+	 * counted, read by the exchange above.) */
 	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
 	concur__work_begin(ex);
 	concur__tl_cancels = &frame;

@@ -222,6 +222,7 @@ enum {
 	CONCUR__FINISHED = 2,
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
+	CONCUR__QUEUED_WORK = 4, /* a then or spawn_after task (PENDING) queued: work of its ex */
 	CONCUR__COMPLETING = 8,  /* ending unrun: final once the compositions recorded it */
 	CONCUR__CANCEL_REQ = 16, /* a RUNNING task was asked to stop (concur_cancel): control.c */
 };
@@ -253,7 +254,8 @@ struct concur__future_class {
 	bool held;
 	/* Held, and its executor's counted work from its creation until it lets go: a spawned
 	 * task, an op. Not a then or spawn_after task, counted only once its inputs are done and
-	 * it is queued (its executor may be gone before). */
+	 * it is queued (its executor may be gone before), which its state then says
+	 * (CONCUR__QUEUED_WORK). */
 	bool counted;
 };
 
@@ -365,6 +367,9 @@ bool concur__future_claim(concur_future *f);
  * does), for its executor to complete it with concur__complete_unhold(). Never RUNNING: a cancel
  * meanwhile waits for the end, and asks no loop to stop it. False if it was cancelled already. */
 bool concur__future_claim_unrun(concur_future *f);
+/* A PENDING then or spawn_after task is now its executor's counted work (queued): mark it
+ * CONCUR__QUEUED_WORK, for concur_cancel to count its callbacks. Not if a cancel won first. */
+void concur__future_mark_queued(concur_future *f);
 /* Add a waiter; false if f is done (the waiter was not added; f's state is final by then). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
 /*
