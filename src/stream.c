@@ -617,6 +617,12 @@ static void stream_cqe_handle(struct concur_stream *s, int32_t res, uint32_t fla
 		unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
 		s->bufs->out[bid / 64] |= (uint64_t)1 << (bid % 64);
 		s->bufs->free--;
+		if (!item) { /* a buffer with no bytes in it (the end, an error): back at once. 6.18
+			      * keeps such a one itself, but the flag says ours: no item will */
+			stream_bufs_put(s->bufs, bid);
+			stream_bufs_back(s->bufs);
+			flags &= ~(uint32_t)IORING_CQE_F_BUFFER;
+		}
 	}
 	if (!more) {
 		s->armed = false;
