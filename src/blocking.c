@@ -72,6 +72,9 @@ static void blocking_job_run(struct job *j)
 	concur__tl_job_ex = j->ex;
 	if (concur__future_claim(j->out))
 		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
+	else /* a cancel won: it counts its callbacks as ex's work before the state is final, so
+	      * the job's end below cannot let a join return (and ex go) under that count */
+		concur__future_wait_final(j->out);
 	concur__tl_job_ex = NULL;
 	blocking_job_free(j);
 }
@@ -116,13 +119,15 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	}
 	pthread_once(&pool.once, blocking_pool_init);
 	struct job *j = calloc(1, sizeof(*j));
-	concur_future *out = concur_promise_new(ex);
+	concur_future *out = concur__job_future_new(ex);
 	if (!j || !out) {
 		free(j);
 		concur_release(out);
 		concur__work_end(ex);
 		return concur__failed_future(ex, -ENOMEM);
 	}
+	/* counted work from here to the job's end: a cancel's callbacks are ex's work too */
+	concur__future_mark_queued(out);
 	*j = (struct job){.ex = ex, .fn = fn, .arg = arg, .out = concur_retain(out)};
 
 	pthread_mutex_lock(&pool.lock);
@@ -148,7 +153,8 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	}
 	pthread_mutex_unlock(&pool.lock);
 	if (err) {
-		concur_promise_set(out, err);
+		if (concur__future_claim(out)) /* not returned yet: nobody else has it */
+			concur__complete(out, err, CONCUR__FINISHED);
 		blocking_job_free(j);
 	}
 	return out;

@@ -704,6 +704,23 @@ concur_future *concur_promise_new(concur_exec *ex)
 	return f;
 }
 
+/* A blocking job's future (blocking.c): a promise only its helper completes, so
+ * concur_promise_set() refuses it (-EINVAL), as it does a task's future. */
+static const struct concur__future_class concur__job_class = {
+    .name = "blocking job",
+    .cancel_running = NULL,
+    .destroy = concur__heap_destroy,
+};
+
+concur_future *concur__job_future_new(concur_exec *ex)
+{
+	concur_future *f = malloc(sizeof(*f));
+	if (!f)
+		return NULL;
+	concur__future_init(f, &concur__job_class, ex, 1);
+	return f;
+}
+
 int concur_promise_set(concur_future *f, int64_t res)
 {
 	if (!concur__valid(f) || f->cls != &concur__promise_class)
@@ -812,7 +829,7 @@ int concur_cancel(concur_future *f)
 	 * f is its counted work until the drop, which waits for the close below. A then or
 	 * spawn_after task waiting for its inputs is no work of ex yet, which may be gone; one
 	 * queued since is, and says so in its state: CONCUR__QUEUED_WORK, set after it was
-	 * counted, read by the exchange above.) */
+	 * counted, read by the exchange above; so does a blocking job's future.) */
 	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
 	concur__work_begin(ex);
 	concur__tl_cancels = &frame;

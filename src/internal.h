@@ -222,7 +222,7 @@ enum {
 	CONCUR__FINISHED = 2,
 	CONCUR__CANCELLED = 3,
 	CONCUR__STATE_MASK = 3,
-	CONCUR__QUEUED_WORK = 4, /* a then or spawn_after task (PENDING) queued: work of its ex */
+	CONCUR__QUEUED_WORK = 4, /* PENDING, queued: work of its ex (a then task, a blocking job) */
 	CONCUR__COMPLETING = 8,  /* ending unrun: final once the compositions recorded it */
 	CONCUR__CANCEL_REQ = 16, /* a RUNNING task was asked to stop (concur_cancel): control.c */
 };
@@ -367,9 +367,14 @@ bool concur__future_claim(concur_future *f);
  * does), for its executor to complete it with concur__complete_unhold(). Never RUNNING: a cancel
  * meanwhile waits for the end, and asks no loop to stop it. False if it was cancelled already. */
 bool concur__future_claim_unrun(concur_future *f);
-/* A PENDING then or spawn_after task is now its executor's counted work (queued): mark it
- * CONCUR__QUEUED_WORK, for concur_cancel to count its callbacks. Not if a cancel won first. */
+/* A PENDING future of an uncounted class is now its executor's counted work (a then or
+ * spawn_after task queued, a blocking job): mark it CONCUR__QUEUED_WORK, for concur_cancel to
+ * count its callbacks. Not if a cancel won first. Whoever drops it unrun waits for the cancel's
+ * close (or final state) before its own end of that work. */
 void concur__future_mark_queued(concur_future *f);
+/* A PENDING future for a blocking job (blocking.c), with one reference: a promise the caller
+ * cannot set. NULL on -ENOMEM. */
+concur_future *concur__job_future_new(concur_exec *ex);
 /* Add a waiter; false if f is done (the waiter was not added; f's state is final by then). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
 /*

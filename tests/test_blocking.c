@@ -334,6 +334,100 @@ static void test_spawn_counted_before_shutdown_check(void **state)
 	concur_exec_free(e);
 }
 
+/*
+ * A blocking job cancelled while queued runs its future's callbacks in the cancelling
+ * thread. They are work of the job's executor, as a cancelled queued task's are (concur_cancel
+ * counts those): a join must not return 0 while one still runs. Forced: one helper at most, held
+ * by a gated job; a job queued behind it is cancelled from a thread whose callback is held at a
+ * gate; the first job is released (the helper then drops the cancelled one) and the test joins.
+ */
+static sem_t gated_job_gate, gated_cb_entered, gated_cb_gate;
+static atomic_int gated_cb_join = 1;
+static concur_exec *gated_ex;
+
+static int64_t gated_gated_job(void *arg)
+{
+	sem_wait(&gated_job_gate);
+	return 0;
+}
+
+static void gated_slow_cb(concur_future *f, void *arg)
+{
+	atomic_store(&gated_cb_join, concur_exec_join(gated_ex, 0)); /* -EDEADLK: its own work */
+	sem_post(&gated_cb_entered);
+	sem_wait(&gated_cb_gate);
+	/* goes on to use its executor: spawn a follow-up */
+	concur_future *g = concur_spawn(gated_ex, return_arg, (void *)1);
+	concur_release(g);
+}
+
+static void *gated_cancel_thread(void *arg)
+{
+	concur_future *f = arg;
+	return (void *)(intptr_t)concur_cancel(f);
+}
+
+static void test_blocking_cancelled_job_callbacks_are_work(void **state)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&gated_ex, &o), 0);
+	sem_init(&gated_job_gate, 0, 0);
+	sem_init(&gated_cb_entered, 0, 0);
+	sem_init(&gated_cb_gate, 0, 0);
+	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
+	EVENTUALLY(concur_blocking_threads() == 0);
+	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
+	concur_future *busy = concur_spawn_blocking(gated_ex, gated_gated_job, NULL);
+	concur_future *queued = concur_spawn_blocking(gated_ex, must_not_run, NULL);
+	assert_int_equal(concur_on_done(queued, gated_slow_cb, NULL), 0);
+	pthread_t t;
+	assert_int_equal(pthread_create(&t, NULL, gated_cancel_thread, queued), 0);
+	sem_wait(&gated_cb_entered); /* the callback runs, held */
+	sem_post(&gated_job_gate);   /* the helper ends busy and drops the cancelled job */
+	assert_int_equal(concur_result(busy, -1), 0);
+	int j = concur_exec_join(gated_ex, MS(500));
+	sem_post(&gated_cb_gate);
+	void *cancelled;
+	pthread_join(t, &cancelled);
+	assert_int_equal(concur_exec_join(gated_ex, -1), 0);
+	concur_release(busy);
+	concur_release(queued);
+	concur_exec_free(gated_ex);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
+	sem_destroy(&gated_job_gate);
+	sem_destroy(&gated_cb_entered);
+	sem_destroy(&gated_cb_gate);
+	assert_int_equal((intptr_t)cancelled, 1);
+	assert_int_equal(j, -ETIMEDOUT); /* the callback is still running */
+	assert_int_equal(atomic_load(&gated_cb_join),
+	                 -EDEADLK); /* as in a cancelled task's callback */
+}
+
+/*
+ * A blocking job's future is no promise of the caller's: concur_promise_set() on it must
+ * say -EINVAL (as on a task's future), not end the job's future with the caller's value (the
+ * job then never runs) nor, on a running job, wait for the job to end.
+ */
+static void test_blocking_job_future_no_promise(void **state)
+{
+	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
+	EVENTUALLY(concur_blocking_threads() == 0);
+	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
+	atomic_store(&never_ran, 0);
+	sem_init(&gated_job_gate, 0, 0);
+	concur_future *busy = concur_spawn_blocking(ex, gated_gated_job, NULL);
+	concur_future *queued = concur_spawn_blocking(ex, must_not_run, NULL);
+	int r = concur_promise_set(queued, 5);
+	sem_post(&gated_job_gate);
+	assert_int_equal(concur_result(busy, -1), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	concur_release(busy);
+	concur_release(queued);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
+	sem_destroy(&gated_job_gate);
+	assert_int_equal(r, -EINVAL);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -346,6 +440,8 @@ int main(void)
 	    cmocka_unit_test(test_job_gone_when_join_returns),
 	    cmocka_unit_test(test_blocking_job_cannot_join_its_executor),
 	    cmocka_unit_test(test_spawn_counted_before_shutdown_check),
+	    cmocka_unit_test(test_blocking_cancelled_job_callbacks_are_work),
+	    cmocka_unit_test(test_blocking_job_future_no_promise),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }
