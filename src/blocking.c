@@ -70,11 +70,19 @@ static void blocking_job_run(struct job *j)
 	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
 	 */
 	concur__tl_job_ex = j->ex;
-	if (concur__future_claim(j->out))
+	if (CONCUR__UNLIKELY(atomic_load_explicit(&j->ex->cancel_pending, memory_order_relaxed))) {
+		/* shutdown(ex, true), or a stop past its drain: not started, so it never runs, as
+		 * an unstarted task of ex */
+		if (concur__future_claim_unrun(j->out))
+			concur__complete(j->out, -ECANCELED, CONCUR__CANCELLED);
+		else
+			concur__future_wait_final(j->out); /* as below */
+	} else if (concur__future_claim(j->out)) {
 		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
-	else /* a cancel won: it counts its callbacks as ex's work before the state is final, so
-	      * the job's end below cannot let a join return (and ex go) under that count */
+	} else { /* a cancel won: it counts its callbacks as ex's work before the state is final,
+	          * so the job's end below cannot let a join return (and ex go) under that count */
 		concur__future_wait_final(j->out);
+	}
 	concur__tl_job_ex = NULL;
 	blocking_job_free(j);
 }

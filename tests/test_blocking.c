@@ -341,27 +341,27 @@ static void test_spawn_counted_before_shutdown_check(void **state)
  * by a gated job; a job queued behind it is cancelled from a thread whose callback is held at a
  * gate; the first job is released (the helper then drops the cancelled one) and the test joins.
  */
-static sem_t gated_job_gate, gated_cb_entered, gated_cb_gate;
-static atomic_int gated_cb_join = 1;
-static concur_exec *gated_ex;
+static sem_t sem_job_gate, cb_entered, cb_gate;
+static atomic_int cb_join = 1;
+static concur_exec *cb_ex;
 
-static int64_t gated_gated_job(void *arg)
+static int64_t sem_job(void *arg)
 {
-	sem_wait(&gated_job_gate);
+	sem_wait(&sem_job_gate);
 	return 0;
 }
 
-static void gated_slow_cb(concur_future *f, void *arg)
+static void held_cb(concur_future *f, void *arg)
 {
-	atomic_store(&gated_cb_join, concur_exec_join(gated_ex, 0)); /* -EDEADLK: its own work */
-	sem_post(&gated_cb_entered);
-	sem_wait(&gated_cb_gate);
+	atomic_store(&cb_join, concur_exec_join(cb_ex, 0)); /* -EDEADLK: its own work */
+	sem_post(&cb_entered);
+	sem_wait(&cb_gate);
 	/* goes on to use its executor: spawn a follow-up */
-	concur_future *g = concur_spawn(gated_ex, return_arg, (void *)1);
+	concur_future *g = concur_spawn(cb_ex, return_arg, (void *)1);
 	concur_release(g);
 }
 
-static void *gated_cancel_thread(void *arg)
+static void *cancel_thread(void *arg)
 {
 	concur_future *f = arg;
 	return (void *)(intptr_t)concur_cancel(f);
@@ -370,37 +370,36 @@ static void *gated_cancel_thread(void *arg)
 static void test_blocking_cancelled_job_callbacks_are_work(void **state)
 {
 	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(concur_exec_new(&gated_ex, &o), 0);
-	sem_init(&gated_job_gate, 0, 0);
-	sem_init(&gated_cb_entered, 0, 0);
-	sem_init(&gated_cb_gate, 0, 0);
+	assert_int_equal(concur_exec_new(&cb_ex, &o), 0);
+	sem_init(&sem_job_gate, 0, 0);
+	sem_init(&cb_entered, 0, 0);
+	sem_init(&cb_gate, 0, 0);
 	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
 	EVENTUALLY(concur_blocking_threads() == 0);
 	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
-	concur_future *busy = concur_spawn_blocking(gated_ex, gated_gated_job, NULL);
-	concur_future *queued = concur_spawn_blocking(gated_ex, must_not_run, NULL);
-	assert_int_equal(concur_on_done(queued, gated_slow_cb, NULL), 0);
+	concur_future *busy = concur_spawn_blocking(cb_ex, sem_job, NULL);
+	concur_future *queued = concur_spawn_blocking(cb_ex, must_not_run, NULL);
+	assert_int_equal(concur_on_done(queued, held_cb, NULL), 0);
 	pthread_t t;
-	assert_int_equal(pthread_create(&t, NULL, gated_cancel_thread, queued), 0);
-	sem_wait(&gated_cb_entered); /* the callback runs, held */
-	sem_post(&gated_job_gate);   /* the helper ends busy and drops the cancelled job */
+	assert_int_equal(pthread_create(&t, NULL, cancel_thread, queued), 0);
+	sem_wait(&cb_entered);   /* the callback runs, held */
+	sem_post(&sem_job_gate); /* the helper ends busy and drops the cancelled job */
 	assert_int_equal(concur_result(busy, -1), 0);
-	int j = concur_exec_join(gated_ex, MS(500));
-	sem_post(&gated_cb_gate);
+	int j = concur_exec_join(cb_ex, MS(500));
+	sem_post(&cb_gate);
 	void *cancelled;
 	pthread_join(t, &cancelled);
-	assert_int_equal(concur_exec_join(gated_ex, -1), 0);
+	assert_int_equal(concur_exec_join(cb_ex, -1), 0);
 	concur_release(busy);
 	concur_release(queued);
-	concur_exec_free(gated_ex);
+	concur_exec_free(cb_ex);
 	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
-	sem_destroy(&gated_job_gate);
-	sem_destroy(&gated_cb_entered);
-	sem_destroy(&gated_cb_gate);
+	sem_destroy(&sem_job_gate);
+	sem_destroy(&cb_entered);
+	sem_destroy(&cb_gate);
 	assert_int_equal((intptr_t)cancelled, 1);
-	assert_int_equal(j, -ETIMEDOUT); /* the callback is still running */
-	assert_int_equal(atomic_load(&gated_cb_join),
-	                 -EDEADLK); /* as in a cancelled task's callback */
+	assert_int_equal(j, -ETIMEDOUT);                   /* the callback is still running */
+	assert_int_equal(atomic_load(&cb_join), -EDEADLK); /* as in a cancelled task's callback */
 }
 
 /*
@@ -414,18 +413,50 @@ static void test_blocking_job_future_no_promise(void **state)
 	EVENTUALLY(concur_blocking_threads() == 0);
 	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
 	atomic_store(&never_ran, 0);
-	sem_init(&gated_job_gate, 0, 0);
-	concur_future *busy = concur_spawn_blocking(ex, gated_gated_job, NULL);
+	sem_init(&sem_job_gate, 0, 0);
+	concur_future *busy = concur_spawn_blocking(ex, sem_job, NULL);
 	concur_future *queued = concur_spawn_blocking(ex, must_not_run, NULL);
 	int r = concur_promise_set(queued, 5);
-	sem_post(&gated_job_gate);
+	sem_post(&sem_job_gate);
 	assert_int_equal(concur_result(busy, -1), 0);
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	concur_release(busy);
 	concur_release(queued);
 	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
-	sem_destroy(&gated_job_gate);
+	sem_destroy(&sem_job_gate);
 	assert_int_equal(r, -EINVAL);
+}
+
+/*
+ * shutdown(ex, true) cancels the blocking jobs of ex no helper has picked yet, as it does the
+ * tasks that have not started: the job queued behind a gated one never runs. It used to run
+ * after the shutdown (and a stop past its drain time ran it too, and waited for it).
+ */
+static void test_blocking_shutdown_cancels_queued_jobs(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
+	EVENTUALLY(concur_blocking_threads() == 0);
+	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
+	atomic_store(&never_ran, 0);
+	sem_init(&sem_job_gate, 0, 0);
+	concur_future *busy = concur_spawn_blocking(e, sem_job, NULL);
+	concur_future *queued = concur_spawn_blocking(e, must_not_run, NULL);
+	EVENTUALLY(concur_running(busy));
+	concur_exec_shutdown(e, true);
+	sem_post(&sem_job_gate); /* the helper ends busy, then reaches the queued job */
+	assert_int_equal(concur_result(busy, -1), 0); /* a running job runs to its end */
+	assert_int_equal(concur_result(queued, -1), -ECANCELED);
+	assert_true(concur_cancelled(queued));
+	assert_int_equal(concur_exec_join(e, -1), 0);
+	assert_int_equal(atomic_load(&never_ran), 0);
+	concur_release(busy);
+	concur_release(queued);
+	concur_exec_free(e);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
+	sem_destroy(&sem_job_gate);
 }
 
 int main(void)
@@ -442,6 +473,7 @@ int main(void)
 	    cmocka_unit_test(test_spawn_counted_before_shutdown_check),
 	    cmocka_unit_test(test_blocking_cancelled_job_callbacks_are_work),
 	    cmocka_unit_test(test_blocking_job_future_no_promise),
+	    cmocka_unit_test(test_blocking_shutdown_cancels_queued_jobs),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }
