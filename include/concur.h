@@ -114,7 +114,8 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
  * would hold that loop, and whatever it has to send on, for the whole join) or in a blocking job
  * of this executor (concur_spawn_blocking, or a callback of that job's future: the caller's own
  * work would never end), or in a callback that a concur_cancel() of a queued task or operation
- * of this executor runs (that callback is the executor's work too). Join from a thread of your
+ * of this executor runs, or the end of a then, spawn_after or group task refused by a shutdown
+ * (-ESHUTDOWN) runs (such a callback is the executor's work too). Join from a thread of your
  * own, or from a blocking job.
  */
 int concur_exec_join(concur_exec *ex, int64_t timeout_ns);

@@ -889,8 +889,15 @@ void concur__task_enqueue(struct concur__task *t)
 	else
 		concur__work_begin(ex);
 	if (atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) {
-		concur__work_end(ex);
+		/* its callbacks (a then's, a group's) are work of ex, as a task's end's are: the
+		 * work ends after them, or a join could return (and a free free ex) under one
+		 * that goes on to spawn; a join or free of ex from one gets -EDEADLK, as under
+		 * concur_cancel */
+		struct concur__cancel_frame frame = {ex, concur__tl_cancels};
+		concur__tl_cancels = &frame;
 		concur__task_end_unrun(t, -ESHUTDOWN, CONCUR__FINISHED);
+		concur__tl_cancels = frame.up;
+		concur__work_end(ex);
 		return;
 	}
 	/* A then or spawn_after task is work from here on, until its loop dequeues it: its state

@@ -9,6 +9,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -864,6 +865,70 @@ static void test_io_uring_register_blocked(void **state)
 	                              "MSG_RING");
 }
 
+/*
+ * A then task that becomes ready on a thread outside the executor after a shutdown is refused
+ * there (concur__task_enqueue): its callbacks are work of ex (join waits for them), so join must
+ * not return 0 while one still runs, and the callback's own spawn must find ex alive and refused.
+ * The work used to end before the task was completed: join returned 0 under the callback.
+ */
+static sem_t refused_cb_in, refused_cb_go;
+static atomic_long refused_cb_spawn = 1, refused_cb_join = 1;
+static int64_t refused_then(void *arg, int64_t v)
+{
+	(void)arg;
+	return v;
+}
+static int64_t refused_noop(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+static void refused_slow_cb(concur_future *f, void *arg)
+{
+	(void)f;
+	sem_post(&refused_cb_in);
+	sem_wait(&refused_cb_go);
+	/* its own join would wait for itself */
+	atomic_store(&refused_cb_join, concur_exec_join((concur_exec *)arg, 0));
+	concur_future *g =
+	    concur_spawn((concur_exec *)arg, refused_noop, NULL); /* ex must be alive */
+	atomic_store(&refused_cb_spawn, concur_result(g, -1));
+	concur_release(g);
+}
+static void *refused_setter(void *p)
+{
+	concur_promise_set(p, 7);
+	return NULL;
+}
+static void test_refused_then_callbacks_are_work(void **state)
+{
+	(void)state;
+	sem_init(&refused_cb_in, 0, 0);
+	sem_init(&refused_cb_go, 0, 0);
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	concur_future *p = concur_promise_new(ex);
+	concur_future *t = concur_then(p, refused_then, NULL);
+	assert_int_equal(concur_on_done(t, refused_slow_cb, ex), 0);
+	concur_exec_shutdown(ex, false);
+	pthread_t th;
+	pthread_create(&th, NULL, refused_setter, p);
+	sem_wait(&refused_cb_in); /* the refused then's callback runs on th, held there */
+	int jr = concur_exec_join(ex, 0);
+	sem_post(&refused_cb_go);
+	pthread_join(th, NULL);
+	assert_int_equal(jr, -ETIMEDOUT); /* a callback of ex's work still ran */
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	assert_int_equal(atomic_load(&refused_cb_spawn), -ESHUTDOWN);
+	assert_int_equal(atomic_load(&refused_cb_join), -EDEADLK);
+	assert_int_equal(concur_result(t, 0), -ESHUTDOWN);
+	concur_release(t);
+	concur_release(p);
+	concur_exec_free(ex);
+	sem_destroy(&refused_cb_in);
+	sem_destroy(&refused_cb_go);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -883,6 +948,7 @@ int main(void)
 	    cmocka_unit_test(test_spawn_on),
 	    cmocka_unit_test(test_spawn_on_bad),
 	    cmocka_unit_test(test_io_uring_register_blocked),
+	    cmocka_unit_test(test_refused_then_callbacks_are_work),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
