@@ -393,7 +393,8 @@ int concur_deadline_pop(void);
  * task is not seen (its waits go on) and the deadline scopes pushed outside the shield do not
  * apply; deadlines pushed inside it do -- bound cleanup with one. When the last shield is popped,
  * a cancellation requested meanwhile applies again (the next wait fails). Nest freely.
- * Both return 0, -EPERM outside a task; pop returns -EINVAL without a shield.
+ * Both return 0, -EPERM outside a task; pop returns -EINVAL without a shield, push -EOVERFLOW
+ * past 65535 nested shields (the task stays shielded).
  */
 int concur_shield_push(void);
 int concur_shield_pop(void);

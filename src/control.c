@@ -185,6 +185,8 @@ int concur_shield_push(void)
 	struct concur__task *t = concur__tl_task;
 	if (!t)
 		return -EPERM;
+	if (t->fib->ctl.shield == UINT16_MAX)
+		return -EOVERFLOW; /* the depth's bound: wrapping to 0 would unshield the task */
 	t->fib->ctl.shield++;
 	concur__ctl_retime(t); /* hides deadlines: never an earlier one */
 	return 0;

@@ -338,6 +338,61 @@ static void test_shield(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * Shields nest freely, but the depth has a bound: a push past it must fail, not wrap the depth
+ * back to 0 (which unshields the cleanup, and makes every later pop fail). The task cancels
+ * itself (its own future handed over through a gate), so no order is left to chance.
+ */
+struct deep_shield {
+	concur_future *gate; /* set once self is written */
+	concur_future *self; /* the task's own future */
+	concur_future *p;    /* what the shielded cleanup awaits */
+	int pushed;          /* pushes that returned 0 */
+	int push_err;        /* the push that failed, or 0 */
+	int cancel;          /* concur_cancel(self) */
+	int64_t r1, r2;
+	int pops_ok; /* pops that returned 0 */
+};
+
+static int64_t deep_shield_task(void *arg)
+{
+	struct deep_shield *d = arg;
+	concur_result(d->gate, -1);
+	for (int i = 0; i < 65536; i++) {
+		int r = concur_shield_push();
+		if (r) {
+			d->push_err = r;
+			break;
+		}
+		d->pushed++;
+	}
+	d->cancel = concur_cancel(d->self);
+	d->r1 = concur_result(d->p, MS(20)); /* shielded: waits for p, never set */
+	for (int i = 0; i < d->pushed; i++)
+		d->pops_ok += concur_shield_pop() == 0;
+	d->r2 = concur_await_nop(); /* unshielded: the cancel applies */
+	return 0;
+}
+
+static void test_shield_depth_bounded(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	struct deep_shield d = {.gate = concur_promise_new(ex), .p = concur_promise_new(ex)};
+	d.self = concur_spawn(ex, deep_shield_task, &d);
+	assert_int_equal(concur_promise_set(d.gate, 0), 0);
+	assert_int_equal(concur_result(d.self, -1), 0);
+	assert_int_equal(d.cancel, -EINPROGRESS);
+	assert_int_equal(d.r1, -ETIMEDOUT); /* shielded at every depth that was accepted */
+	assert_int_equal(d.push_err, -EOVERFLOW);
+	assert_int_equal(d.pushed, 65535);
+	assert_int_equal(d.pops_ok, d.pushed); /* every accepted push pops */
+	assert_int_equal(d.r2, -ECANCELED);
+	concur_release(d.self);
+	concur_release(d.gate);
+	concur_release(d.p);
+	concur_exec_free(ex);
+}
+
 static int64_t deadline_task(void *arg)
 {
 	struct probe *pr = arg;
@@ -765,6 +820,7 @@ int main(void)
 	    cmocka_unit_test(test_cancel_stream_and_wait),
 	    cmocka_unit_test(test_group_cancels_running),
 	    cmocka_unit_test(test_shield),
+	    cmocka_unit_test(test_shield_depth_bounded),
 	    cmocka_unit_test(test_deadline_scopes),
 	    cmocka_unit_test(test_deadline_during_cpu_work),
 	    cmocka_unit_test(test_deadline_passed_within_a_tick),
