@@ -133,14 +133,15 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
  * Shut down (without cancelling), join, stop the loops and release the executor. Futures the
  * caller still holds stay valid (release them as usual); concur_future_exec() on them gives
  * NULL from now on. Must not be called where concur_exec_join() returns -EDEADLK (a loop
- * thread, or a blocking job of ex): there it does nothing. NULL is ignored.
+ * thread, a blocking job of ex, a callback that is work of ex: see there): there it does
+ * nothing. NULL is ignored.
  */
 void concur_exec_free(concur_exec *ex);
 
 /*
  * Stop an executor gracefully: stop new work as concur_exec_shutdown(ex, false) does, wait up to
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
- * CANCELLED unrun, and every running task is cancelled (concur_cancel: its waits fail with
+ * CANCELLED unrun (and blocking jobs no helper picked yet), and every running task is cancelled (concur_cancel: its waits fail with
  * -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in flight
  * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Future
  * I/O started after that (by a callback, another thread) is cancelled as it starts, but a

@@ -3,7 +3,8 @@
  * The blocking pool: process-wide helper threads for blocking syscalls and long CPU work.
  *
  * Helpers are ordinary threads, not loops, so they wait for jobs on a condition variable (the
- * loops never touch it). A job's future is a promise of the job's executor. The helper that
+ * loops never touch it). A job's future is of its own class (no promise its caller could set),
+ * and is its executor's counted work while queued (CONCUR__QUEUED_WORK). The helper that
  * picks a job claims it (PENDING -> RUNNING, as a task starting) before calling fn, so a cancel
  * either wins before that (fn never runs) or finds it RUNNING and is too late (0): never both
  * "cancelled" and run. When fn returns the helper completes it through the one completion path,
@@ -66,7 +67,7 @@ static void blocking_job_free(struct job *j)
 
 static void blocking_job_run(struct job *j)
 {
-	/* A job cancelled while queued never runs (its promise is already CANCELLED). While it
+	/* A job cancelled while queued never runs (its future is CANCELLED already). While it
 	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
 	 */
 	concur__tl_job_ex = j->ex;
@@ -80,7 +81,7 @@ static void blocking_job_run(struct job *j)
 	} else if (concur__future_claim(j->out)) {
 		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
 	} else { /* a cancel won: it counts its callbacks as ex's work before the state is final,
-	          * so the job's end below cannot let a join return (and ex go) under that count */
+		  * so the job's end below cannot let a join return (and ex go) under that count */
 		concur__future_wait_final(j->out);
 	}
 	concur__tl_job_ex = NULL;

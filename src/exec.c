@@ -882,6 +882,13 @@ void concur__task_enqueue(struct concur__task *t)
 	struct concur__loop *me = concur__tl_loop;
 	struct concur__loop *pin = (t->f.flags & CONCUR__TASK_PINNED) ? t->loop : NULL;
 	bool local = me && me->ex == ex && (!pin || pin == me);
+	/* A then or spawn_after task is work of ex from here on, until its loop dequeues it (or
+	 * the shutdown below ends it): its state says so to a concurrent concur_cancel, which
+	 * counts its callbacks only then (ex may be gone before: this caller checked it is not).
+	 * Marked before it is counted, so that no cancel finds it counted and unmarked; a cancel
+	 * that won first leaves it unmarked, and its loop drops it. */
+	if (CONCUR__UNLIKELY(!t->f.cls->counted))
+		concur__future_mark_queued(&t->f);
 	/* count the work before checking the flag: a join racing a shutdown sees one or the
 	 * other, never neither */
 	if (local)
@@ -900,11 +907,6 @@ void concur__task_enqueue(struct concur__task *t)
 		concur__work_end(ex);
 		return;
 	}
-	/* A then or spawn_after task is work from here on, until its loop dequeues it: its state
-	 * says so to a concurrent concur_cancel, which counts its callbacks only then (ex may be
-	 * gone before). A cancel that won first leaves it unmarked: the loop drops it. */
-	if (CONCUR__UNLIKELY(!t->f.cls->counted))
-		concur__future_mark_queued(&t->f);
 	if (pin) { /* concur_spawn_on: to its loop's ready queue, however it gets there */
 		if (me && me->ex == ex)
 			concur__stat_inc(&me->st.tasks_spawned, 1);

@@ -367,7 +367,7 @@ bool concur__future_claim(concur_future *f);
  * does), for its executor to complete it with concur__complete_unhold(). Never RUNNING: a cancel
  * meanwhile waits for the end, and asks no loop to stop it. False if it was cancelled already. */
 bool concur__future_claim_unrun(concur_future *f);
-/* A PENDING future of an uncounted class is now its executor's counted work (a then or
+/* A PENDING future of an uncounted class is its executor's counted work from now on (a then or
  * spawn_after task queued, a blocking job): mark it CONCUR__QUEUED_WORK, for concur_cancel to
  * count its callbacks. Not if a cancel won first. Whoever drops it unrun waits for the cancel's
  * close (or final state) before its own end of that work. */
