@@ -141,8 +141,9 @@ void concur_exec_free(concur_exec *ex);
 /*
  * Stop an executor gracefully: stop new work as concur_exec_shutdown(ex, false) does, wait up to
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
- * CANCELLED unrun (and blocking jobs no helper picked yet), and every running task is cancelled (concur_cancel: its waits fail with
- * -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in flight
+ * CANCELLED unrun (and blocking jobs no helper picked yet), and every running task is
+ * cancelled (concur_cancel: its waits fail with -ECANCELED, its I/O in flight is cancelled in
+ * the kernel), and so is future I/O in flight
  * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Future
  * I/O started after that (by a callback, another thread) is cancelled as it starts, but a
  * shielded task's (which it must await: an op it leaves running keeps the join waiting). Tasks
