@@ -143,7 +143,7 @@ static int64_t conn_task(void *arg)
 	if (up < 0) {
 		free(c);
 		close(client);
-		return up;
+		return 0; /* never an error: conn_unrun tells a task that never ran by its error */
 	}
 	int one = 1;
 	setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -159,7 +159,6 @@ static int64_t conn_task(void *arg)
 	/* returns when both ended, or at the first failure (or at once if this task is cancelled:
 	 * the executor is stopping) */
 	concur_wait(f, 2, CONCUR_FIRST_EXCEPTION, CONCUR_NO_TIMEOUT, NULL);
-	int64_t r[2];
 	for (int i = 0; i < 2; i++)
 		if (!concur_done(f[i]))
 			concur_cancel(f[i]);
@@ -168,14 +167,21 @@ static int64_t conn_task(void *arg)
 	concur_shield_push();
 	concur_wait(f, 2, CONCUR_ALL_COMPLETED, CONCUR_NO_TIMEOUT, NULL);
 	concur_shield_pop();
-	for (int i = 0; i < 2; i++) {
-		r[i] = concur_result(f[i], 0);
+	for (int i = 0; i < 2; i++)
 		concur_release(f[i]);
-	}
 	close(client);
 	close(up);
 	free(c);
-	return r[0] < 0 ? r[0] : r[1] < 0 ? r[1] : 0;
+	return 0; /* the pumps' errors end the connection, not the task (see conn_unrun) */
+}
+
+/* A connection task that never ran (no stack could be had when it started: -ENOMEM; refused or
+ * cancelled unstarted by a stop) still owns the client's fd: close it, or it leaks and its client
+ * waits for good. */
+static void conn_unrun(concur_future *f, void *arg)
+{
+	if (concur_result(f, 0) < 0)
+		close((int)(intptr_t)arg);
 }
 
 static int64_t accept_task(void *arg)
@@ -190,9 +196,13 @@ static int64_t accept_task(void *arg)
 	concur_exec *ex = concur_current_exec();
 	for (;;) {
 		int64_t fd = concur_stream_next(s, NULL);
+		if (fd == -EMFILE || fd == -ENFILE || fd == -ENOMEM || fd == -ENOBUFS)
+			continue; /* out of fds or memory: the stream backs off and goes on */
 		if (fd < 0)
 			break; /* the listener was shut down (or the task cancelled) */
-		concur_release(concur_spawn(ex, conn_task, (void *)(intptr_t)fd));
+		concur_future *f = concur_spawn(ex, conn_task, (void *)(intptr_t)fd);
+		concur_on_done(f, conn_unrun, (void *)(intptr_t)fd);
+		concur_release(f);
 	}
 	concur_stream_close(s);
 	return 0;

@@ -259,7 +259,17 @@ static int64_t conn_task(void *arg)
 	}
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	return conn_fn(fd);
+	conn_fn(fd);
+	return 0; /* never an error: conn_unrun tells a task that never ran by its error */
+}
+
+/* A connection task that never ran (no stack could be had when it started: -ENOMEM; refused or
+ * cancelled unstarted by a stop) still owns its fd: close it, or it leaks and its client waits
+ * for good. */
+static void conn_unrun(concur_future *f, void *arg)
+{
+	if (concur_result(f, 0) < 0)
+		close((int)(intptr_t)arg);
 }
 
 /* The errors an accept stream reports and survives (see concur_stream_next). */
@@ -295,7 +305,9 @@ static int64_t accept_task(void *arg)
 			close((int)fd);
 			continue;
 		}
-		concur_release(concur_spawn(ex, conn_task, (void *)(intptr_t)fd));
+		concur_future *f = concur_spawn(ex, conn_task, (void *)(intptr_t)fd);
+		concur_on_done(f, conn_unrun, (void *)(intptr_t)fd);
+		concur_release(f);
 	}
 	concur_stream_close(s);
 	return 0;
