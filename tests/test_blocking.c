@@ -367,18 +367,34 @@ static void *cancel_thread(void *arg)
 	return (void *)(intptr_t)concur_cancel(f);
 }
 
+/* A pool of one helper, held by a job at a gate (sem_job_gate), and a job of e queued behind
+ * it that must not run (never_ran). */
+static void one_helper_held(concur_exec *e, concur_future **busy, concur_future **queued)
+{
+	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
+	EVENTUALLY(concur_blocking_threads() == 0);
+	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
+	atomic_store(&never_ran, 0);
+	sem_init(&sem_job_gate, 0, 0);
+	*busy = concur_spawn_blocking(e, sem_job, NULL);
+	*queued = concur_spawn_blocking(e, must_not_run, NULL);
+}
+
+/* The pool as the other tests expect it. */
+static void one_helper_done(void)
+{
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
+	sem_destroy(&sem_job_gate);
+}
+
 static void test_blocking_cancelled_job_callbacks_are_work(void **state)
 {
 	struct concur_exec_opts o = {.loops = 1};
 	assert_int_equal(concur_exec_new(&cb_ex, &o), 0);
-	sem_init(&sem_job_gate, 0, 0);
 	sem_init(&cb_entered, 0, 0);
 	sem_init(&cb_gate, 0, 0);
-	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
-	EVENTUALLY(concur_blocking_threads() == 0);
-	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
-	concur_future *busy = concur_spawn_blocking(cb_ex, sem_job, NULL);
-	concur_future *queued = concur_spawn_blocking(cb_ex, must_not_run, NULL);
+	concur_future *busy, *queued;
+	one_helper_held(cb_ex, &busy, &queued);
 	assert_int_equal(concur_on_done(queued, held_cb, NULL), 0);
 	pthread_t t;
 	assert_int_equal(pthread_create(&t, NULL, cancel_thread, queued), 0);
@@ -393,8 +409,7 @@ static void test_blocking_cancelled_job_callbacks_are_work(void **state)
 	concur_release(busy);
 	concur_release(queued);
 	concur_exec_free(cb_ex);
-	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
-	sem_destroy(&sem_job_gate);
+	one_helper_done();
 	sem_destroy(&cb_entered);
 	sem_destroy(&cb_gate);
 	assert_int_equal((intptr_t)cancelled, 1);
@@ -409,22 +424,17 @@ static void test_blocking_cancelled_job_callbacks_are_work(void **state)
  */
 static void test_blocking_job_future_no_promise(void **state)
 {
-	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
-	EVENTUALLY(concur_blocking_threads() == 0);
-	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
-	atomic_store(&never_ran, 0);
-	sem_init(&sem_job_gate, 0, 0);
-	concur_future *busy = concur_spawn_blocking(ex, sem_job, NULL);
-	concur_future *queued = concur_spawn_blocking(ex, must_not_run, NULL);
+	concur_future *busy, *queued;
+	one_helper_held(ex, &busy, &queued);
 	int r = concur_promise_set(queued, 5);
 	sem_post(&sem_job_gate);
 	assert_int_equal(concur_result(busy, -1), 0);
 	assert_int_equal(concur_exec_join(ex, -1), 0);
 	concur_release(busy);
 	concur_release(queued);
-	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
-	sem_destroy(&sem_job_gate);
+	one_helper_done();
 	assert_int_equal(r, -EINVAL);
+	assert_int_equal(atomic_load(&never_ran), 1); /* it ran: the set was refused */
 }
 
 /*
@@ -437,13 +447,8 @@ static void test_blocking_shutdown_cancels_queued_jobs(void **state)
 	concur_exec *e;
 	struct concur_exec_opts o = {.loops = 1};
 	assert_int_equal(concur_exec_new(&e, &o), 0);
-	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
-	EVENTUALLY(concur_blocking_threads() == 0);
-	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
-	atomic_store(&never_ran, 0);
-	sem_init(&sem_job_gate, 0, 0);
-	concur_future *busy = concur_spawn_blocking(e, sem_job, NULL);
-	concur_future *queued = concur_spawn_blocking(e, must_not_run, NULL);
+	concur_future *busy, *queued;
+	one_helper_held(e, &busy, &queued);
 	EVENTUALLY(concur_running(busy));
 	concur_exec_shutdown(e, true);
 	sem_post(&sem_job_gate); /* the helper ends busy, then reaches the queued job */
@@ -455,8 +460,7 @@ static void test_blocking_shutdown_cancels_queued_jobs(void **state)
 	concur_release(busy);
 	concur_release(queued);
 	concur_exec_free(e);
-	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
-	sem_destroy(&sem_job_gate);
+	one_helper_done();
 }
 
 int main(void)
