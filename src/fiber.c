@@ -631,7 +631,8 @@ void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
 		r->full = false;
 	}
 	r->free[r->nfree++] = (uint16_t)i;
-	r->used--;
+	if (!--r->used && c->nres > 1)
+		loop->stacks.idle_trim = true;
 	c->live--;
 	if (c->per_page)
 		r->page_used[i / c->per_page]--;
@@ -644,6 +645,48 @@ void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib)
 	 * reuses its warm stacks instead of faulting them in again after every trim */
 	if (++c->warm > CONCUR__STACK_WARM_MAX && c->warm > c->live / 2)
 		concur__class_trim(loop, c);
+}
+
+/* Room in the class's reservations that hold a live stack; *empty: is one of them empty? */
+static size_t concur__class_room(const struct concur__stack_class *c, bool *empty)
+{
+	size_t room = 0;
+	*empty = false;
+	for (const struct concur__stack_res *r = c->avail; r; r = r->next) {
+		room += r->used ? r->nslots : 0;
+		*empty = *empty || !r->used;
+	}
+	for (const struct concur__stack_res *r = c->full; r; r = r->next)
+		room += r->nslots;
+	return room;
+}
+
+/*
+ * A burst of tasks grows a class to several reservations, and the warm trim (concur__fiber_put)
+ * leaves them mapped while at most CONCUR__STACK_WARM_MAX stacks are free: their address space
+ * (and, with strict overcommit, their commit charge) stayed with this loop for good, where
+ * another loop, or a later burst under RLIMIT_AS, could not have it. So when the loop goes to
+ * sleep, a class that has an empty reservation gives it back (with its warm stacks, as the trim
+ * does) once its other reservations have room for twice its live stacks: the margin keeps a loop
+ * whose tasks come and go around a reservation's edge from mapping and unmapping it each time.
+ * Once per sleep, and only after a reservation went empty: nothing when the loop is busy.
+ */
+void concur__fiber_trim_idle(struct concur__loop *loop)
+{
+	loop->stacks.idle_trim = false;
+	for (unsigned idx = 0; idx < CONCUR__STACK_CLASSES; idx++) {
+		struct concur__stack_class *c = loop->stacks.cls[idx];
+		if (!c || c->nres < 2 || (idx && c == loop->stacks.cls[0]))
+			continue; /* (the default class may have two names) */
+		bool empty;
+		size_t room = concur__class_room(c, &empty);
+		if (!empty)
+			continue;
+		if (2 * (size_t)c->live <= room)
+			concur__class_trim(loop, c); /* unmaps the empty ones, keeping one */
+		else
+			loop->stacks.idle_trim = true; /* still needed: look again later */
+	}
 }
 
 int concur__fiber_pool_init(struct concur__loop *loop)

@@ -536,6 +536,7 @@ struct concur__fiber {
 struct concur__stack_class;
 struct concur__stacks {
 	struct concur__stack_class *cls[CONCUR__STACK_CLASSES];
+	bool idle_trim; /* a reservation went empty with others left: look at the next sleep */
 };
 
 /*
@@ -634,6 +635,9 @@ void concur__ctx_start(void); /* aarch64 */
 void concur__ctx_enter(void **save_sp, void *top, struct concur__task *t,
                        void (*entry)(struct concur__task *t)); /* x86-64 */
 void concur__fiber_put(struct concur__loop *loop, struct concur__fiber *fib);
+/* Loop thread, about to sleep, loop->stacks.idle_trim set: give back the stack reservations a
+ * burst left empty, where the others have room for twice the live stacks (see fiber.c). */
+void concur__fiber_trim_idle(struct concur__loop *loop);
 /* A loop's fiber state before its first task (the ucontext build's loop context): 0 or
  * -ENOMEM. concur__fiber_pool_free undoes it with the stacks, at the loop's end. */
 int concur__fiber_pool_init(struct concur__loop *loop);

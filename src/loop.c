@@ -928,6 +928,8 @@ static void concur__loop_sleep(struct concur__loop *loop, bool fed, bool reaped)
 		watch = ex->opts.idle_poll_ns;
 	if (watch && concur__loop_watch(loop, watch, poll))
 		return;
+	if (loop->stacks.idle_trim) /* a burst's stacks, given back before a sleep */
+		concur__fiber_trim_idle(loop);
 	atomic_store_explicit(&loop->sleeping, 1, memory_order_seq_cst);
 	/* re-check after announcing the sleep: a poster that saw sleeping == 0 did not ring */
 	if (atomic_load_explicit(&loop->inbox, memory_order_seq_cst) ||

@@ -1063,6 +1063,41 @@ static void test_direct_start_needs_room(void **state)
 	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/*
+ * A burst's stack reservations go back once the loop sleeps: 200 tasks parked at once grow the
+ * loop's class to several reservations; when they are over and the loop goes idle, the empty ones
+ * are unmapped (one kept). They used to stay mapped for good (200 free stacks are under the warm
+ * trim's mark), holding ~60 MB of address space another loop, under RLIMIT_AS, could not have.
+ */
+static void burst(concur_exec *e, int64_t v)
+{
+	enum { N = 200 };
+	concur_future *gate = concur_promise_new(e), *f[N];
+	struct concur_stats st;
+	for (int i = 0; i < N; i++)
+		f[i] = concur_spawn(e, park_on, gate);
+	EVENTUALLY(concur_running(f[N - 1]));
+	concur_exec_stats(e, &st);
+	assert_true(st.stack_maps >= 2);
+	assert_int_equal(concur_promise_set(gate, v), 0);
+	for (int i = 0; i < N; i++) {
+		assert_int_equal(concur_result(f[i], -1), v);
+		concur_release(f[i]);
+	}
+	concur_release(gate);
+}
+
+static void test_burst_stacks_given_back_idle(void **state)
+{
+	concur_exec *e = new_exec(1);
+	struct concur_stats st;
+	burst(e, 7);
+	EVENTUALLY((concur_exec_stats(e, &st), st.stack_maps == 1));
+	burst(e, 8); /* a burst after it maps them again */
+	EVENTUALLY((concur_exec_stats(e, &st), st.stack_maps == 1));
+	concur_exec_free(e);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc > 1 && !strcmp(argv[1], "--probe-child"))
@@ -1091,6 +1126,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test(test_nomem_start_callback_on_loop),
 	    cmocka_unit_test(test_entry_paths),
 	    cmocka_unit_test(test_direct_start_needs_room),
+	    cmocka_unit_test(test_burst_stacks_given_back_idle),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
