@@ -170,6 +170,7 @@ static inline void concur__switch_direct(struct concur__task *from, struct concu
 #define CONCUR__RES_MAX_SLOTS      4096u /* free indices are uint16_t */
 #define CONCUR__RES_MIN_SLOTS      16u   /* the first reservation; each next one doubles */
 #define CONCUR__IOV_BATCH          64
+#define CONCUR__IDLE_TRIM_GAP_NS   1000000000ll /* between two idle trims of a loop */
 #define CONCUR__CANARY             0x7375636e6f632121ull
 
 struct concur__stack_class {
@@ -669,10 +670,17 @@ static size_t concur__class_room(const struct concur__stack_class *c, bool *empt
  * sleep, a class that has an empty reservation gives it back (with its warm stacks, as the trim
  * does) once its other reservations have room for twice its live stacks: the margin keeps a loop
  * whose tasks come and go around a reservation's edge from mapping and unmapping it each time.
- * Once per sleep, and only after a reservation went empty: nothing when the loop is busy.
+ * Once per sleep, and only after a reservation went empty: nothing when the loop is busy. And
+ * once a second at most: a server idle between waves of requests (its listener parked, few live
+ * stacks at each sleep) would otherwise map, carve, fault in and unmap a reservation for every
+ * wave. A trim not due yet waits for a sleep after it is due (no wake of its own: an idle loop
+ * stays idle, and a loop that bursts that often sleeps again soon).
  */
 void concur__fiber_trim_idle(struct concur__loop *loop)
 {
+	int64_t now = concur__coarse_now_ns();
+	if (now < loop->stacks.idle_trim_next)
+		return; /* the flag stays set */
 	loop->stacks.idle_trim = false;
 	for (unsigned idx = 0; idx < CONCUR__STACK_CLASSES; idx++) {
 		struct concur__stack_class *c = loop->stacks.cls[idx];
@@ -682,10 +690,12 @@ void concur__fiber_trim_idle(struct concur__loop *loop)
 		size_t room = concur__class_room(c, &empty);
 		if (!empty)
 			continue;
-		if (2 * (size_t)c->live <= room)
+		if (2 * (size_t)c->live <= room) {
 			concur__class_trim(loop, c); /* unmaps the empty ones, keeping one */
-		else
+			loop->stacks.idle_trim_next = now + CONCUR__IDLE_TRIM_GAP_NS;
+		} else {
 			loop->stacks.idle_trim = true; /* still needed: look again later */
+		}
 	}
 }
 

@@ -537,6 +537,7 @@ struct concur__stack_class;
 struct concur__stacks {
 	struct concur__stack_class *cls[CONCUR__STACK_CLASSES];
 	bool idle_trim; /* a reservation went empty with others left: look at the next sleep */
+	int64_t idle_trim_next; /* no idle trim before (coarse monotonic ns): one a second */
 };
 
 /*

@@ -1093,8 +1093,56 @@ static void test_burst_stacks_given_back_idle(void **state)
 	struct concur_stats st;
 	burst(e, 7);
 	EVENTUALLY((concur_exec_stats(e, &st), st.stack_maps == 1));
-	burst(e, 8); /* a burst after it maps them again */
+	/* a burst after it maps them again; they go at a sleep a second after the last trim */
+	burst(e, 8);
+	usleep(1100 * 1000);
+	concur_future *f = concur_spawn(e, trivial, NULL); /* a wake, then a sleep */
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
 	EVENTUALLY((concur_exec_stats(e, &st), st.stack_maps == 1));
+	concur_exec_free(e);
+}
+
+/*
+ * A loop that goes idle between waves of tasks (a listener parked for good, 20 tasks at a time:
+ * 4 over the first reservation) keeps the stacks of its waves: it must not map, carve, fault in
+ * and unmap a reservation for every wave because it slept in between (the idle trim above did,
+ * before it was made to wait a second after the last one).
+ */
+static void wave(concur_exec *e, int n)
+{
+	concur_future *gate = concur_promise_new(e), *f[64];
+	for (int i = 0; i < n; i++)
+		f[i] = concur_spawn(e, park_on, gate);
+	EVENTUALLY(concur_running(f[n - 1]));
+	assert_int_equal(concur_promise_set(gate, 1), 0);
+	for (int i = 0; i < n; i++) {
+		assert_int_equal(concur_result(f[i], -1), 1);
+		concur_release(f[i]);
+	}
+	concur_release(gate);
+}
+
+static void test_waves_keep_their_stacks(void **state)
+{
+	concur_exec *e = new_exec(1);
+	concur_future *lgate = concur_promise_new(e), *listener = concur_spawn(e, park_on, lgate);
+	EVENTUALLY(concur_running(listener));
+	struct concur_stats st0, st;
+	for (int w = 0; w < 21; w++) {
+		if (w == 1)
+			concur_exec_stats(e, &st0);
+		wave(e, 20);
+		usleep(2000); /* the loop goes to sleep */
+	}
+	concur_exec_stats(e, &st);
+	assert_true(st.sleeps - st0.sleeps >= 20);
+	/* one trim in the window at most: 4 stacks carved again, not 4 a wave */
+	assert_true(st.stacks_mapped - st0.stacks_mapped <= 8);
+	assert_int_equal(concur_promise_set(lgate, 0), 0);
+	assert_int_equal(concur_result(listener, -1), 0);
+	concur_release(listener);
+	concur_release(lgate);
 	concur_exec_free(e);
 }
 
@@ -1127,6 +1175,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test(test_entry_paths),
 	    cmocka_unit_test(test_direct_start_needs_room),
 	    cmocka_unit_test(test_burst_stacks_given_back_idle),
+	    cmocka_unit_test(test_waves_keep_their_stacks),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
