@@ -828,8 +828,9 @@ int concur_cancel(concur_future *f)
 	 * wait for itself meanwhile: they get -EDEADLK, as in a blocking job of ex. (ex is alive:
 	 * f is its counted work until the drop, which waits for the close below. A then or
 	 * spawn_after task waiting for its inputs is no work of ex yet, which may be gone; one
-	 * queued since is, and says so in its state: CONCUR__QUEUED_WORK, set after it was
-	 * counted, read by the exchange above; so does a blocking job's future.) */
+	 * queued since is, and says so in its state: CONCUR__QUEUED_WORK, set as it becomes
+	 * that work (just before it is counted: its enqueuer holds ex alive meanwhile), read by
+	 * the exchange above; so does a blocking job's future.) */
 	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
 	concur__work_begin(ex);
 	concur__tl_cancels = &frame;
