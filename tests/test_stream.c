@@ -1260,20 +1260,30 @@ static void test_starved_streams_take_turns(void **state)
  */
 #define IDLE_TURNS (RING_BUFS + 2)
 
-static int64_t idle_turn_check(struct turns *t)
+/* n on-demand streams, a byte written to each but `idle`, each one's next-future taken: the
+ * first RING_BUFS get the ring's buffers. 0, or where it failed. */
+static int64_t turns_open(struct turns *t, int n, int idle)
 {
-	for (int i = 0; i < IDLE_TURNS; i++) {
+	for (int i = 0; i < n; i++) {
 		int err = concur_recv_stream_on_demand(&t->s[i], t->sp[i][0], 0);
 		if (err)
 			return -1000 + err;
-		if (i != RING_BUFS && write(t->sp[i][1], "x", 1) != 1) /* RING_BUFS: idle */
+		if (i != idle && write(t->sp[i][1], "x", 1) != 1)
 			return -2000;
 	}
-	for (int i = 0; i < IDLE_TURNS; i++)
+	for (int i = 0; i < n; i++)
 		t->f[i] = concur_stream_next_future(t->s[i], &t->ch[i]);
 	for (int i = 0; i < RING_BUFS; i++)
 		if (concur_result(t->f[i], -1) != 1)
 			return -3000 - i;
+	return 0;
+}
+
+static int64_t idle_turn_check(struct turns *t)
+{
+	int64_t r = turns_open(t, IDLE_TURNS, RING_BUFS); /* RING_BUFS: idle */
+	if (r)
+		return r;
 	if (concur_done(t->f[RING_BUFS]) || concur_done(t->f[RING_BUFS + 1]))
 		return -4000;
 	if (concur_stream_give(t->s[0], &t->ch[0]))
@@ -1415,18 +1425,9 @@ static int teardown_clobber(void **state)
 static int64_t turns_batch_check(struct turns *t)
 {
 	const int n = RING_BUFS + BATCH_STARVED;
-	for (int i = 0; i < n; i++) {
-		int err = concur_recv_stream_on_demand(&t->s[i], t->sp[i][0], 0);
-		if (err)
-			return -1000 + err;
-		if (write(t->sp[i][1], "x", 1) != 1)
-			return -2000;
-	}
-	for (int i = 0; i < n; i++)
-		t->f[i] = concur_stream_next_future(t->s[i], &t->ch[i]);
-	for (int i = 0; i < RING_BUFS; i++)
-		if (concur_result(t->f[i], -1) != 1)
-			return -3000 - i;
+	int64_t r = turns_open(t, n, -1); /* none idle */
+	if (r)
+		return r;
 	for (int i = RING_BUFS; i < n; i++)
 		if (concur_done(t->f[i]))
 			return -4000 - i;
