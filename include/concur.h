@@ -491,8 +491,9 @@ struct concur_gather_opts {          /* zeroed (or a NULL pointer) = defaults */
  * in input order: values_out[i] is futures[i]'s value or error, or -ETIMEDOUT for one not done at
  * the deadline. values_out may be NULL. Returns 0 when every future succeeded; otherwise, after
  * all are done, the first failure (an error, -ECANCELED for a cancelled one) in the order the
- * futures completed (as asyncio.gather raises the first exception; among those already done
- * when gather began, in input order);
+ * futures completed (as asyncio.gather raises the first exception; among those done by the time
+ * gather has registered on every future -- done before it began or completing meanwhile -- in
+ * input order, as concur_as_completed_next() yields them);
  * with CONCUR_GATHER_RETURN_ERRORS, 0 once all are done whatever their results. -ETIMEDOUT when
  * the deadline passed first, -EINVAL, -ENOMEM, -EDEADLK as concur_wait().
  */
@@ -518,7 +519,9 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
  * when every future was yielded, -ETIMEDOUT when the deadline passed
  * (concur_as_completed_unfinished() and concur_last_error() tell how many of how many are
  * unfinished; calling again keeps returning -ETIMEDOUT unless one completed meanwhile), -EINVAL,
- * -EDEADLK on a loop thread outside any task. Use from one thread or task at a time.
+ * -ENOMEM (no memory to wait with), -EDEADLK on a loop thread outside any task; in a task also
+ * -ECANCELED when it was cancelled, -ETIMEDOUT when a deadline scope of it passed. Use from one
+ * thread or task at a time.
  */
 int concur_as_completed_next(concur_as_completed *it, concur_future **f);
 

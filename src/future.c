@@ -506,6 +506,12 @@ static __attribute__((noinline)) void concur__complete_closed(concur_future *f, 
 		if (w->ops->record)
 			w->ops->record(w, f, res, final_state);
 	atomic_store_explicit(&f->state, final_state, memory_order_release);
+	/* What the done hooks make ready (a then whose input this was) starts once the blocked
+	 * threads are woken: a then ending unrun runs its callbacks, anyone's code, which may
+	 * wait, even for one of those threads. Still before f's own callbacks (they may wait for
+	 * it). */
+	bool defer = !tl_deferring;
+	tl_deferring = true;
 	for (w = calls; w;) {
 		struct concur__waiter *next = w->next; /* done may free w */
 		w->ops->done(w, f);
@@ -513,6 +519,10 @@ static __attribute__((noinline)) void concur__complete_closed(concur_future *f, 
 	}
 	if (parked)
 		concur__wake_parked(f);
+	if (defer) {
+		concur__defer_run();
+		tl_deferring = false;
+	}
 	concur__wake_nodes(f, rest);
 	if (hold)
 		concur_release(f);

@@ -76,10 +76,15 @@ struct countdown {
 	_Atomic size_t target; /* wake the waiter when done reaches it */
 	_Atomic bool failed;   /* an input failed (FIRST_EXCEPTION only) */
 	/* the first failure (an error, -ECANCELED) in the order the inputs completed, as the
-	 * record hooks see it; 0: none. Those done when the countdown began come first, in input
-	 * order (start_err: they completed before any hook could see another) */
+	 * record hooks see it; 0: none. Those done by the time the countdown had its nodes on
+	 * every input come first, in input order, as concur_as_completed_new() takes them
+	 * (start_err, of input start_idx, under lock until set_up): one found done when its node
+	 * was refused may have completed before or after a failure another node recorded
+	 * meanwhile, and nothing tells which */
 	_Atomic int64_t first_err;
 	int64_t start_err;
+	size_t start_idx;
+	_Atomic bool set_up; /* set under lock once a node is on every input not done */
 	bool stop_on_failure;
 	pthread_mutex_t lock; /* orders the waiter's check against the nodes' fire */
 	concur_future *wake;
@@ -107,8 +112,21 @@ static void wait_countdown_count(struct countdown *c, concur_future *f)
 		concur__wake_fire(&c->lock, &c->wake);
 }
 
-static void wait_countdown_failed(struct countdown *c, int64_t err)
+/* Input i failed with err (< 0): while the nodes are being hung, the lowest such input wins;
+ * after, the first to complete. */
+static void wait_countdown_failed(struct countdown *c, size_t i, int64_t err)
 {
+	if (!atomic_load(&c->set_up)) {
+		pthread_mutex_lock(&c->lock);
+		bool during = !atomic_load(&c->set_up);
+		if (during && (!c->start_err || i < c->start_idx)) {
+			c->start_err = err;
+			c->start_idx = i;
+		}
+		pthread_mutex_unlock(&c->lock);
+		if (during)
+			return;
+	}
 	int64_t none = 0;
 	atomic_compare_exchange_strong(&c->first_err, &none, err);
 }
@@ -117,10 +135,10 @@ static void wait_countdown_failed(struct countdown *c, int64_t err)
 static void wait_cd_record(struct concur__waiter *w, concur_future *f, int64_t res,
                            uint32_t final_state)
 {
-	if (final_state == CONCUR__CANCELLED)
-		wait_countdown_failed(((struct cd_node *)w)->c, -ECANCELED);
-	else if (res < 0)
-		wait_countdown_failed(((struct cd_node *)w)->c, res);
+	struct cd_node *node = (struct cd_node *)w;
+	int64_t err = final_state == CONCUR__CANCELLED ? -ECANCELED : res;
+	if (err < 0)
+		wait_countdown_failed(node->c, (size_t)(node - node->c->node), err);
 }
 
 static void wait_cd_done(struct concur__waiter *w, concur_future *f)
@@ -171,11 +189,14 @@ static struct countdown *wait_countdown_start(concur_future *const *futures, siz
 		} else { /* done already */
 			atomic_fetch_sub(&c->refs, 1);
 			int64_t v = concur__future_value(futures[i]);
-			if (v < 0 && !c->start_err)
-				c->start_err = v;
+			if (v < 0)
+				wait_countdown_failed(c, i, v);
 			wait_countdown_count(c, futures[i]);
 		}
 	}
+	pthread_mutex_lock(&c->lock);
+	atomic_store(&c->set_up, true);
+	pthread_mutex_unlock(&c->lock);
 	return c;
 }
 

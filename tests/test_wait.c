@@ -10,6 +10,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <sys/syscall.h>
 
 static concur_exec *ex1; /* 1 loop (ex, from comp_test.h, has 2) */
 
@@ -996,6 +997,132 @@ static void test_gather_first_failure_order(void **state)
 	concur_release(g.fs[1]);
 }
 
+/*
+ * gather's first failure when inputs complete while gather registers on them. Input 0 (A) is
+ * registered on and fails, then input 1 (B) fails, both before gather reaches B (forced: a wrap
+ * of concur__waiter_push, from tests/CMakeLists.txt, sets both just before B's registration).
+ * A's failure could be seen before B completed, and as_completed, in the same schedule, yields A
+ * before B: gather must report A's error too. It reported B's: a failure found at registration
+ * beat every failure recorded meanwhile.
+ */
+bool __real_concur__waiter_push(concur_future *f, struct concur__waiter *w);
+bool __wrap_concur__waiter_push(concur_future *f, struct concur__waiter *w);
+static concur_future *_Atomic push_hold_on; /* before registering on this one... */
+static concur_future *push_first[2];        /* ...set these, in this order */
+static int64_t push_first_res[2];
+
+bool __wrap_concur__waiter_push(concur_future *f, struct concur__waiter *w)
+{
+	concur_future *expected = f;
+	if (f && atomic_compare_exchange_strong(&push_hold_on, &expected, NULL))
+		for (int i = 0; i < 2; i++)
+			concur_promise_set(push_first[i], push_first_res[i]);
+	return __real_concur__waiter_push(f, w);
+}
+
+static void test_gather_failures_during_registration(void **state)
+{
+	for (int as_completed = 0; as_completed < 2; as_completed++) {
+		concur_future *a = concur_promise_new(NULL), *b = concur_promise_new(NULL);
+		concur_future *fs[2] = {a, b};
+		push_first[0] = a;
+		push_first_res[0] = -EIO;
+		push_first[1] = b;
+		push_first_res[1] = -EBADF;
+		atomic_store(&push_hold_on, b);
+		if (as_completed) {
+			concur_as_completed *it;
+			concur_future *f1 = NULL, *f2 = NULL;
+			assert_int_equal(concur_as_completed_new(&it, fs, 2, -1), 0);
+			assert_null(atomic_load(&push_hold_on)); /* the order was forced */
+			assert_int_equal(concur_as_completed_next(it, &f1), 1);
+			assert_int_equal(concur_as_completed_next(it, &f2), 1);
+			concur_as_completed_free(it);
+			bool a_first = f1 == a && f2 == b;
+			concur_release(f1);
+			concur_release(f2);
+			assert_true(a_first);
+		} else {
+			int64_t r = concur_gather(fs, 2, -1, NULL, NULL);
+			assert_null(atomic_load(&push_hold_on)); /* the order was forced */
+			assert_int_equal(r, -EIO);
+		}
+		release_all(fs, 2);
+	}
+}
+
+/*
+ * A then of F that ends unrun because F failed (its start runs in F's completion) runs its own
+ * callbacks there: they must not hold the threads blocked on F, which are woken before any
+ * callback (see "Order" in concur.h). A callback on a thread outside the executor may wait (as
+ * test_then_waited_in_callback_of_unrun_end does); here it waits for the thread blocked on F,
+ * which was woken only after the callback returned: each waited for the other (5 s bound here).
+ * Forced: the thread is asleep in the futex on F (its syscall read from /proc) before F fails.
+ */
+static concur_future *blocked_on;
+static _Atomic long blocked_tid;
+static atomic_bool blocked_returned;
+static atomic_int cb_saw_return = -1;
+
+static void *block_on_future(void *arg)
+{
+	atomic_store(&blocked_tid, (long)syscall(SYS_gettid));
+	concur_result(blocked_on, -1);
+	atomic_store(&blocked_returned, true);
+	return NULL;
+}
+
+/* The thread of tid is asleep in futex(2) on word (its /proc syscall file: number, args). */
+static bool asleep_in_futex(long tid, const void *word)
+{
+	char path[64], buf[256] = {0};
+	snprintf(path, sizeof(path), "/proc/self/task/%ld/syscall", tid);
+	FILE *fp = fopen(path, "r");
+	if (!fp)
+		return false;
+	char *end = buf;
+	bool in = fgets(buf, sizeof(buf), fp) && strtol(buf, &end, 10) == SYS_futex &&
+	          strtoull(end, NULL, 16) == (uintptr_t)word;
+	fclose(fp);
+	return in;
+}
+
+static void waits_for_blocked(concur_future *f, void *arg)
+{
+	for (int i = 0; i < 50000 && !atomic_load(&blocked_returned); i++)
+		usleep(100);
+	atomic_store(&cb_saw_return, atomic_load(&blocked_returned));
+}
+
+static void *fail_input(void *arg)
+{
+	concur_promise_set(arg, -EIO);
+	return NULL;
+}
+
+static void test_then_unrun_end_holds_no_blocked_thread(void **state)
+{
+	blocked_on = concur_promise_new(ex1);
+	atomic_store(&blocked_tid, 0);
+	atomic_store(&blocked_returned, false);
+	atomic_store(&cb_saw_return, -1);
+	concur_future *t = concur_then(blocked_on, add_one, NULL);
+	assert_int_equal(concur_on_done(t, waits_for_blocked, NULL), 0);
+	pthread_t w, m;
+	assert_int_equal(pthread_create(&w, NULL, block_on_future, NULL), 0);
+	while (!atomic_load(&blocked_tid) ||
+	       !(atomic_load(&blocked_on->waiters) & CONCUR__WAITERS_PARKED) ||
+	       !asleep_in_futex(atomic_load(&blocked_tid), &blocked_on->state))
+		usleep(100);
+	assert_int_equal(pthread_create(&m, NULL, fail_input, blocked_on), 0);
+	assert_int_equal(pthread_join(m, NULL), 0);
+	assert_int_equal(pthread_join(w, NULL), 0);
+	assert_int_equal(atomic_load(&cb_saw_return), 1);
+	assert_int_equal(concur_result(t, 0), -EIO);
+	concur_release(t);
+	concur_release(blocked_on);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1025,6 +1152,8 @@ int main(void)
 	    cmocka_unit_test(test_as_completed_observed_order),
 	    cmocka_unit_test(test_cancel_while_ending_unrun),
 	    cmocka_unit_test(test_gather_first_failure_order),
+	    cmocka_unit_test(test_gather_failures_during_registration),
+	    cmocka_unit_test(test_then_unrun_end_holds_no_blocked_thread),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
