@@ -310,9 +310,11 @@ bool concur_running(const concur_future *f);
  * to do: its future ends with whatever it returns, and returning -ECANCELED ends it CANCELLED.
  * concur_shield_push() hides the cancellation from cleanup waits. Children are not cancelled.
  *
- * An I/O operation in flight (a future of concur_read() etc.): the kernel is asked to cancel it,
- * returns -EINPROGRESS: the future ends -ECANCELED, or with the operation's own result if it
- * completed first, or -ETIMEDOUT if its deadline fired before it ended.
+ * An I/O operation in flight (a future of concur_read() etc.; one made on a loop of its executor
+ * is in flight from the call, its SQE already in that loop's ring): the kernel is asked to cancel
+ * it, returns -EINPROGRESS: the future ends -ECANCELED, or with the operation's own result if it
+ * completed first, or -ETIMEDOUT if its deadline fired before it ended. One made elsewhere and
+ * not yet submitted by its loop is PENDING: 1.
  */
 int concur_cancel(concur_future *f);
 

@@ -57,7 +57,9 @@ struct concur__io {
 	struct concur__node node; /* submit on the loop */
 	struct io_req r;
 	struct concur__task *awaiter; /* a task of r.loop awaiting the started op (io_await_here) */
-	struct concur__timer tmr;     /* its deadline on r.loop's timer (key set at the call) */
+	/* a stop spared it for the shielded cleanup in the slot: cancelled once that one leaves */
+	bool spared;
+	struct concur__timer tmr; /* its deadline on r.loop's timer (key set at the call) */
 	/* the lines above are what an op made and awaited on its loop touches */
 	struct concur__node cancel_node; /* cancel on the loop */
 	struct io_uring_sqe sqe; /* prepared at the call, copied into the ring on the loop */
@@ -252,8 +254,10 @@ void concur__io_cancel_all(struct concur__loop *loop)
 		struct concur__io *io = concur__container_of(n, struct concur__io, node);
 		/* the op a shielded cleanup of this loop awaits runs to its end, as the cleanup
 		 * does */
-		if (io->awaiter && io->awaiter->fib->ctl.shield)
+		if (io->awaiter && io->awaiter->fib->ctl.shield) {
+			io->spared = true; /* until the cleanup stops awaiting it (io_await_undo) */
 			continue;
+		}
 		concur_cancel(&io->f);
 	}
 }
@@ -313,8 +317,8 @@ static void io_destroy(concur_future *f)
 	concur__rec_free(f, CONCUR__REC_IO);
 }
 
-/* Loop thread: ask the kernel to cancel the op (unless it is already over). */
-/* Loop thread: a cancel's message (io_cancel_running) arrived. */
+/* Loop thread: a cancel's message (io_cancel_running) arrived: ask the kernel to cancel the op
+ * (unless it is already over). */
 static void io_cancel_call(struct concur__loop *loop, struct concur__node *node)
 {
 	struct concur__io *io = concur__container_of(node, struct concur__io, cancel_node);
@@ -408,6 +412,10 @@ static bool io_await_undo(concur_future *f, struct concur__task *t)
 	if (io->awaiter != t)
 		return false;
 	io->awaiter = NULL;
+	/* the shielded cleanup a stop spared it for waits no more (its deadline ended the wait):
+	 * nobody does, and the stop's join would wait for the op for ever */
+	if (io->spared)
+		concur_cancel(f);
 	return true;
 }
 
@@ -452,6 +460,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 	memset(&io->node, 0, sizeof(io->node));
 	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
 	io->awaiter = NULL;
+	io->spared = false;
 	io_req_init(&io->r, opcode, timeout_ns);
 	io->tmr.idx = UINT32_MAX;
 	if (timeout_ns >= 0) { /* from the call, wherever the op is submitted */

@@ -1330,6 +1330,83 @@ static void test_cancel_message_outlives_op(void **state)
 	close(p[1]);
 }
 
+/*
+ * A stop spares the future op a shielded cleanup of its loop awaits alone (the cleanup runs to
+ * its end, its op too). Once that cleanup leaves its wait without the op (here the deadline of
+ * its timed wait, under the shield, ends it) and returns, nobody waits for the op: it must be
+ * cancelled then, as the stop cancels every op nobody's cleanup awaits. It ran on, and the stop's
+ * join waited for it for ever. Order: the cleanup waits in the op's slot (its loop then sleeps);
+ * the stop is made and seen to have run on the loop (a task it cancelled says so) long before
+ * the cleanup's 2 s wait ends -- checked, not assumed (stop_arrived when it leaves). Should the
+ * stop hang, the test gives the read its byte after 5 s and fails rather than hangs.
+ */
+static int spared_pipe[2];
+static _Atomic int spared_stop_seen, spared_left;
+static int spared_stop_arrived;
+static int64_t spared_wait;
+
+static int64_t spared_cleanup(void *arg)
+{
+	static char c;
+	concur_shield_push();
+	concur_future *f =
+	    concur_read(concur_current_exec(), spared_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	spared_wait = concur_result(f, MS(2000)); /* in the op's slot, shielded */
+	spared_stop_arrived = concur__tl_loop->stop_arrived;
+	concur_release(f); /* fire and forget: the op stays the executor's work until its CQE */
+	concur_shield_pop();
+	atomic_store(&spared_left, 1);
+	return 0;
+}
+
+static int64_t spared_note_stop(void *arg)
+{
+	int64_t r = concur_result(arg, -1);
+	atomic_store(&spared_stop_seen, r == -ECANCELED);
+	return r;
+}
+
+static void *spared_stop(void *arg)
+{
+	return (void *)(intptr_t)concur_exec_stop(arg, 0);
+}
+
+static void test_stop_cancels_op_its_cleanup_left(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	assert_int_equal(pipe(spared_pipe), 0);
+	atomic_store(&spared_stop_seen, 0);
+	atomic_store(&spared_left, 0);
+	concur_future *gate = concur_promise_new(e);
+	concur_future *s = concur_spawn(e, spared_cleanup, NULL);
+	concur_future *u = concur_spawn(e, spared_note_stop, gate);
+	assert_true(flag_set(&e->loops[0]->sleeping)); /* both in their waits */
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, spared_stop, e), 0);
+	EVENTUALLY(atomic_load(&spared_stop_seen));
+	EVENTUALLY(atomic_load(&spared_left));
+	/* the work is over once the op is: bounded, then the read gets its byte */
+	int hung = concur_exec_join(e, MS(5000)) == -ETIMEDOUT;
+	if (hung)
+		assert_int_equal(write(spared_pipe[1], "k", 1), 1);
+	void *stop_r;
+	assert_int_equal(pthread_join(th, &stop_r), 0);
+	assert_int_equal(spared_wait, -ETIMEDOUT);
+	assert_int_equal(spared_stop_arrived, 1); /* the order held */
+	assert_false(hung);
+	assert_int_equal((intptr_t)stop_r, -ETIMEDOUT);
+	assert_int_equal(concur_result(s, 0), 0);
+	assert_int_equal(concur_result(u, 0), -ECANCELED);
+	concur_release(s);
+	concur_release(u);
+	concur_release(gate);
+	concur_exec_free(e);
+	close(spared_pipe[0]);
+	close(spared_pipe[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1361,6 +1438,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_splice_stopped_in_worker, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_splice_future_deadline_in_worker, setup, teardown),
 	    cmocka_unit_test(test_cancel_message_outlives_op),
+	    cmocka_unit_test(test_stop_cancels_op_its_cleanup_left),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
