@@ -48,6 +48,8 @@ void concur__ctl_live(struct concur__loop *loop, struct concur__task *t)
 void concur__ctl_end(struct concur__loop *loop, struct concur__task *t)
 {
 	struct concur__ctl *c = &t->fib->ctl;
+	if (CONCUR__UNLIKELY(c->shield) && loop->stop_arrived)
+		concur__io_spared_end(loop, t); /* ended shielded: its spared ops are nobody's */
 	if (c->tmr.idx != UINT32_MAX)
 		concur__timer_del(loop, &c->tmr);
 	if (c->scopes)
@@ -201,6 +203,8 @@ int concur_shield_pop(void)
 	if (!c->shield)
 		return -EINVAL;
 	c->shield--;
+	if (!c->shield && CONCUR__UNLIKELY(t->loop->stop_arrived))
+		concur__io_spared_end(t->loop, t); /* its ops the stop spared are nobody's now */
 	/* Without memory for the heap the outer deadlines are still checked when a wait begins;
 	 * they just cannot break a wait already begun. */
 	concur__ctl_retime(t);

@@ -1196,6 +1196,9 @@ void concur__timer_del(struct concur__loop *loop, struct concur__timer *tmr);
 int concur__ctl_wait_deadline(struct concur__task *t, int64_t due);
 /* Loop thread: cancel every future I/O op of the loop in flight (io.c). */
 void concur__io_cancel_all(struct concur__loop *loop);
+/* Loop thread, after a stop: cancel the ops it spared for shielded task t, which is unshielded
+ * or ends (io.c). */
+void concur__io_spared_end(struct concur__loop *loop, struct concur__task *t);
 /* Loop teardown: the timer is disarmed (its CQE reaped by the caller) and the heap freed. */
 bool concur__timers_stop(struct concur__loop *loop);
 

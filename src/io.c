@@ -57,8 +57,9 @@ struct concur__io {
 	struct concur__node node; /* submit on the loop */
 	struct io_req r;
 	struct concur__task *awaiter; /* a task of r.loop awaiting the started op (io_await_here) */
-	/* a stop spared it for the shielded cleanup in the slot: cancelled once that one leaves */
-	bool spared;
+	/* the shielded task a stop spared it for (awaiting it, or starting it after the stop):
+	 * cancelled once that task is unshielded or ends (concur__io_spared_end) */
+	struct concur__task *spared_for;
 	struct concur__timer tmr; /* its deadline on r.loop's timer (key set at the call) */
 	/* the lines above are what an op made and awaited on its loop touches */
 	struct concur__node cancel_node; /* cancel on the loop */
@@ -233,8 +234,12 @@ static void io_live_add(struct concur__loop *loop, struct concur__io *io)
 	if (loop->io_live)
 		loop->io_live->prev = &io->node;
 	loop->io_live = &io->node;
-	if (loop->stop_arrived && !(t && t->fib->ctl.shield))
-		concur_cancel(&io->f);
+	if (loop->stop_arrived) {
+		if (t && t->fib->ctl.shield)
+			io->spared_for = t; /* its cleanup's: until it is unshielded or ends */
+		else
+			concur_cancel(&io->f);
+	}
 }
 
 static void io_live_del(struct concur__loop *loop, struct concur__io *io)
@@ -255,9 +260,24 @@ void concur__io_cancel_all(struct concur__loop *loop)
 		/* the op a shielded cleanup of this loop awaits runs to its end, as the cleanup
 		 * does */
 		if (io->awaiter && io->awaiter->fib->ctl.shield) {
-			io->spared = true; /* until the cleanup stops awaiting it (io_await_undo) */
+			io->spared_for = io->awaiter; /* until it is unshielded or ends */
 			continue;
 		}
+		concur_cancel(&io->f);
+	}
+}
+
+/* Loop thread, after a stop: t, a shielded task, is unshielded or ends. The ops the stop spared
+ * for it are nobody's cleanup now (t may have left their wait at a deadline, or never awaited
+ * one it started): cancelled, or the stop's join would wait for them for ever. */
+void concur__io_spared_end(struct concur__loop *loop, struct concur__task *t)
+{
+	for (struct concur__node *n = loop->io_live, *next; n; n = next) {
+		next = n->next;
+		struct concur__io *io = concur__container_of(n, struct concur__io, node);
+		if (io->spared_for != t)
+			continue;
+		io->spared_for = NULL;
 		concur_cancel(&io->f);
 	}
 }
@@ -412,10 +432,6 @@ static bool io_await_undo(concur_future *f, struct concur__task *t)
 	if (io->awaiter != t)
 		return false;
 	io->awaiter = NULL;
-	/* the shielded cleanup a stop spared it for waits no more (its deadline ended the wait):
-	 * nobody does, and the stop's join would wait for the op for ever */
-	if (io->spared)
-		concur_cancel(f);
 	return true;
 }
 
@@ -460,7 +476,7 @@ static int io_new(concur_exec *ex, unsigned opcode, int64_t timeout_ns, struct c
 	memset(&io->node, 0, sizeof(io->node));
 	memset(&io->cancel_node, 0, sizeof(io->cancel_node));
 	io->awaiter = NULL;
-	io->spared = false;
+	io->spared_for = NULL;
 	io_req_init(&io->r, opcode, timeout_ns);
 	io->tmr.idx = UINT32_MAX;
 	if (timeout_ns >= 0) { /* from the call, wherever the op is submitted */

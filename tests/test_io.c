@@ -1407,6 +1407,118 @@ static void test_stop_cancels_op_its_cleanup_left(void **state)
 	close(spared_pipe[1]);
 }
 
+/*
+ * The op a stop spares for a shielded cleanup runs to the cleanup's end, however the cleanup
+ * waits for it: one that waits in timed slices (a progress log) still gets its byte after the
+ * stop arrived and three more slices passed. (The first version of the fix above cancelled the
+ * op when the first slice ended.)
+ */
+static int sliced_pipe[2];
+static int64_t sliced_res;
+static _Atomic int sliced_slices, sliced_done;
+
+static int64_t sliced_cleanup(void *arg)
+{
+	static char c;
+	concur_shield_push();
+	concur_future *f =
+	    concur_read(concur_current_exec(), sliced_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	int64_t r;
+	while ((r = concur_result(f, MS(50))) == -ETIMEDOUT && atomic_load(&sliced_slices) < 200)
+		atomic_fetch_add(&sliced_slices, 1);
+	sliced_res = r;
+	concur_release(f);
+	concur_shield_pop();
+	atomic_store(&sliced_done, 1);
+	return 0;
+}
+
+static void test_stop_spares_sliced_cleanup_op(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	assert_int_equal(pipe(sliced_pipe), 0);
+	atomic_store(&spared_stop_seen, 0);
+	concur_future *gate = concur_promise_new(e);
+	concur_future *u = concur_spawn(e, spared_note_stop, gate);
+	concur_future *s = concur_spawn(e, sliced_cleanup, NULL);
+	EVENTUALLY(atomic_load(&sliced_slices) >= 1); /* in its sliced wait */
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, spared_stop, e), 0);
+	int slices0 = atomic_load(&sliced_slices);
+	EVENTUALLY((atomic_load(&spared_stop_seen) && atomic_load(&sliced_slices) >= slices0 + 3) ||
+	           atomic_load(&sliced_done));
+	assert_int_equal(write(sliced_pipe[1], "k", 1), 1);
+	EVENTUALLY(atomic_load(&sliced_done));
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(sliced_res, 1); /* the byte: the op ran to its end */
+	assert_int_equal(concur_result(s, 0), 0);
+	concur_release(s);
+	concur_release(u);
+	concur_release(gate);
+	concur_exec_free(e);
+	close(sliced_pipe[0]);
+	close(sliced_pipe[1]);
+}
+
+/*
+ * An op a shielded cleanup starts after the stop arrived is spared too, and cancelled once the
+ * cleanup is unshielded: here its timed wait for the op ends, it pops its shield and returns,
+ * and the stop's join does not wait for the op for ever. Order: the cleanup waits (shielded) on
+ * a gate, set once a task the stop cancelled says the stop arrived.
+ */
+static int late_pipe[2];
+static int64_t late_wait;
+static _Atomic int late_left;
+
+static int64_t late_cleanup(void *gate)
+{
+	static char c;
+	concur_shield_push();
+	concur_result(gate, -1); /* shielded: the stop does not break it */
+	concur_future *f =
+	    concur_read(concur_current_exec(), late_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	late_wait = concur_result(f, MS(200));
+	concur_release(f);
+	concur_shield_pop();
+	atomic_store(&late_left, 1);
+	return 0;
+}
+
+static void test_stop_cancels_late_cleanup_op(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	assert_int_equal(pipe(late_pipe), 0);
+	atomic_store(&spared_stop_seen, 0);
+	concur_future *never = concur_promise_new(e);
+	concur_future *u = concur_spawn(e, spared_note_stop, never);
+	concur_future *gate = concur_promise_new(e);
+	concur_future *s = concur_spawn(e, late_cleanup, gate);
+	assert_true(flag_set(&e->loops[0]->sleeping)); /* both in their waits */
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, spared_stop, e), 0);
+	EVENTUALLY(atomic_load(&spared_stop_seen));
+	assert_int_equal(concur_promise_set(gate, 0), 0);
+	EVENTUALLY(atomic_load(&late_left));
+	/* bounded, then the read gets its byte: a failure, not a hang */
+	int hung = concur_exec_join(e, MS(3000)) == -ETIMEDOUT;
+	if (hung)
+		assert_int_equal(write(late_pipe[1], "k", 1), 1);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(late_wait, -ETIMEDOUT);
+	assert_false(hung);
+	concur_release(s);
+	concur_release(u);
+	concur_release(never);
+	concur_release(gate);
+	concur_exec_free(e);
+	close(late_pipe[0]);
+	close(late_pipe[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1439,6 +1551,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_splice_future_deadline_in_worker, setup, teardown),
 	    cmocka_unit_test(test_cancel_message_outlives_op),
 	    cmocka_unit_test(test_stop_cancels_op_its_cleanup_left),
+	    cmocka_unit_test(test_stop_spares_sliced_cleanup_op),
+	    cmocka_unit_test(test_stop_cancels_late_cleanup_op),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
