@@ -1110,10 +1110,14 @@ static void test_then_unrun_end_holds_no_blocked_thread(void **state)
 	assert_int_equal(concur_on_done(t, waits_for_blocked, NULL), 0);
 	pthread_t w, m;
 	assert_int_equal(pthread_create(&w, NULL, block_on_future, NULL), 0);
-	while (!atomic_load(&blocked_tid) ||
-	       !(atomic_load(&blocked_on->waiters) & CONCUR__WAITERS_PARKED) ||
-	       !asleep_in_futex(atomic_load(&blocked_tid), &blocked_on->state))
+	/* bounded (10 s): a /proc that cannot tell fails the test rather than hang it */
+	for (int i = 0; !atomic_load(&blocked_tid) ||
+	                !(atomic_load(&blocked_on->waiters) & CONCUR__WAITERS_PARKED) ||
+	                !asleep_in_futex(atomic_load(&blocked_tid), &blocked_on->state);
+	     i++) {
+		assert_true(i < 100000);
 		usleep(100);
+	}
 	assert_int_equal(pthread_create(&m, NULL, fail_input, blocked_on), 0);
 	assert_int_equal(pthread_join(m, NULL), 0);
 	assert_int_equal(pthread_join(w, NULL), 0);
