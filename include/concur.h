@@ -25,9 +25,11 @@
  * members A and B both fail reports A's error as its first failure. (Compositions record a
  * completion before the future's state becomes visible as done.) Completions nobody could
  * tell apart may be seen in either order. Within one future, waiters are woken in this order:
- * compositions, blocked threads, then callbacks and awaiting tasks in registration order -- so
- * a callback may still be running, or not yet started, when a thread woken by the same
- * completion has already returned from concur_result().
+ * compositions, blocked threads, then what the compositions made ready (a concur_then of it
+ * that ends at once, its input having failed, runs its callbacks there), then callbacks and
+ * awaiting tasks in registration order -- so a callback may still be running, or not yet
+ * started, when a thread woken by the same completion has already returned from
+ * concur_result().
  */
 #ifndef CONCUR_H
 #define CONCUR_H
