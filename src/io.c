@@ -57,12 +57,12 @@ struct concur__io {
 	struct concur__node node; /* submit on the loop */
 	struct io_req r;
 	struct concur__task *awaiter; /* a task of r.loop awaiting the started op (io_await_here) */
+	struct concur__timer tmr;     /* its deadline on r.loop's timer (key set at the call) */
+	/* the lines above are what an op made and awaited on its loop touches */
+	struct concur__node cancel_node; /* cancel on the loop */
 	/* the shielded task a stop spared it for (awaiting it, or starting it after the stop):
 	 * cancelled once that task is unshielded or ends (concur__io_spared_end) */
 	struct concur__task *spared_for;
-	struct concur__timer tmr; /* its deadline on r.loop's timer (key set at the call) */
-	/* the lines above are what an op made and awaited on its loop touches */
-	struct concur__node cancel_node; /* cancel on the loop */
 	struct io_uring_sqe sqe; /* prepared at the call, copied into the ring on the loop */
 };
 
