@@ -1331,192 +1331,190 @@ static void test_cancel_message_outlives_op(void **state)
 }
 
 /*
- * A stop spares the future op a shielded cleanup of its loop awaits alone (the cleanup runs to
- * its end, its op too). Once that cleanup leaves its wait without the op (here the deadline of
- * its timed wait, under the shield, ends it) and returns, nobody waits for the op: it must be
- * cancelled then, as the stop cancels every op nobody's cleanup awaits. It ran on, and the stop's
- * join waited for it for ever. Order: the cleanup waits in the op's slot (its loop then sleeps);
- * the stop is made and seen to have run on the loop (a task it cancelled says so) long before
- * the cleanup's 2 s wait ends -- checked, not assumed (stop_arrived when it leaves). Should the
- * stop hang, the test gives the read its byte after 5 s and fails rather than hangs.
+ * A stop spares the future ops of a shielded cleanup (it runs to its end, its ops too), until
+ * the cleanup is unshielded or ends: then nobody's cleanup waits for them, and they are
+ * cancelled as the stop cancels every other op (else its join waits for them for ever). Each
+ * case: a 1-loop executor, a pipe whose read is the op, a task that says when the stop arrived
+ * (its wait broken with -ECANCELED), the cleanup, and the stop from a thread. Should the stop
+ * hang, the case gives the read its byte after a bound and fails rather than hangs.
  */
-static int spared_pipe[2];
-static _Atomic int spared_stop_seen, spared_left;
+struct stop_case {
+	concur_exec *e;
+	concur_future *never, *noter, *cleanup;
+	pthread_t th;
+};
+static int stop_pipe[2];
+static _Atomic int stop_seen, cleanup_left;
+
+static int64_t note_stop(void *arg)
+{
+	int64_t r = concur_result(arg, -1);
+	atomic_store(&stop_seen, r == -ECANCELED);
+	return r;
+}
+
+static void *stop_thread(void *arg)
+{
+	return (void *)(intptr_t)concur_exec_stop(arg, 0);
+}
+
+static void stop_case_start(struct stop_case *c, concur_task_fn cleanup, void *arg)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&c->e, &o), 0);
+	assert_int_equal(pipe(stop_pipe), 0);
+	atomic_store(&stop_seen, 0);
+	atomic_store(&cleanup_left, 0);
+	c->never = concur_promise_new(c->e);
+	c->noter = concur_spawn(c->e, note_stop, c->never);
+	c->cleanup = concur_spawn(c->e, cleanup, arg);
+}
+
+static void stop_case_stop(struct stop_case *c)
+{
+	assert_int_equal(pthread_create(&c->th, NULL, stop_thread, c->e), 0);
+}
+
+/* The stop's end, bounded: true if it hung (then the read got its byte to let it end). */
+static bool stop_case_hung(struct stop_case *c, int64_t bound_ns)
+{
+	bool hung = concur_exec_join(c->e, bound_ns) == -ETIMEDOUT;
+	if (hung)
+		assert_int_equal(write(stop_pipe[1], "k", 1), 1);
+	void *r;
+	assert_int_equal(pthread_join(c->th, &r), 0);
+	assert_int_equal((intptr_t)r, -ETIMEDOUT); /* a stop with no drain time left */
+	return hung;
+}
+
+static void stop_case_end(struct stop_case *c)
+{
+	assert_int_equal(concur_result(c->cleanup, 0), 0);
+	assert_int_equal(concur_result(c->noter, 0), -ECANCELED);
+	concur_release(c->cleanup);
+	concur_release(c->noter);
+	concur_release(c->never);
+	concur_exec_free(c->e);
+	close(stop_pipe[0]);
+	close(stop_pipe[1]);
+}
+
+/* The cleanup's read, shielded; it waits in ways of its own (its arg), then pops the shield. */
+static concur_future *cleanup_read(void)
+{
+	static char c;
+	concur_shield_push();
+	return concur_read(concur_current_exec(), stop_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+}
+
+static void cleanup_done(concur_future *f)
+{
+	concur_release(f); /* fire and forget: the op stays the executor's work until its CQE */
+	concur_shield_pop();
+	atomic_store(&cleanup_left, 1);
+}
+
+/*
+ * The cleanup leaves its wait for the op at its deadline (2 s, under the shield) and returns.
+ * Order: the cleanup waits in the op's slot (its loop then sleeps); the stop is made and seen
+ * to have run on the loop long before the 2 s end -- checked, not assumed (stop_arrived when
+ * it leaves).
+ */
 static int spared_stop_arrived;
 static int64_t spared_wait;
 
 static int64_t spared_cleanup(void *arg)
 {
-	static char c;
-	concur_shield_push();
-	concur_future *f =
-	    concur_read(concur_current_exec(), spared_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	concur_future *f = cleanup_read();
 	spared_wait = concur_result(f, MS(2000)); /* in the op's slot, shielded */
 	spared_stop_arrived = concur__tl_loop->stop_arrived;
-	concur_release(f); /* fire and forget: the op stays the executor's work until its CQE */
-	concur_shield_pop();
-	atomic_store(&spared_left, 1);
+	cleanup_done(f);
 	return 0;
-}
-
-static int64_t spared_note_stop(void *arg)
-{
-	int64_t r = concur_result(arg, -1);
-	atomic_store(&spared_stop_seen, r == -ECANCELED);
-	return r;
-}
-
-static void *spared_stop(void *arg)
-{
-	return (void *)(intptr_t)concur_exec_stop(arg, 0);
 }
 
 static void test_stop_cancels_op_its_cleanup_left(void **state)
 {
-	concur_exec *e;
-	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(concur_exec_new(&e, &o), 0);
-	assert_int_equal(pipe(spared_pipe), 0);
-	atomic_store(&spared_stop_seen, 0);
-	atomic_store(&spared_left, 0);
-	concur_future *gate = concur_promise_new(e);
-	concur_future *s = concur_spawn(e, spared_cleanup, NULL);
-	concur_future *u = concur_spawn(e, spared_note_stop, gate);
-	assert_true(flag_set(&e->loops[0]->sleeping)); /* both in their waits */
-	pthread_t th;
-	assert_int_equal(pthread_create(&th, NULL, spared_stop, e), 0);
-	EVENTUALLY(atomic_load(&spared_stop_seen));
-	EVENTUALLY(atomic_load(&spared_left));
-	/* the work is over once the op is: bounded, then the read gets its byte */
-	int hung = concur_exec_join(e, MS(5000)) == -ETIMEDOUT;
-	if (hung)
-		assert_int_equal(write(spared_pipe[1], "k", 1), 1);
-	void *stop_r;
-	assert_int_equal(pthread_join(th, &stop_r), 0);
+	struct stop_case c;
+	stop_case_start(&c, spared_cleanup, NULL);
+	assert_true(flag_set(&c.e->loops[0]->sleeping)); /* both in their waits */
+	stop_case_stop(&c);
+	EVENTUALLY(atomic_load(&stop_seen));
+	EVENTUALLY(atomic_load(&cleanup_left));
+	bool hung = stop_case_hung(&c, MS(5000));
 	assert_int_equal(spared_wait, -ETIMEDOUT);
 	assert_int_equal(spared_stop_arrived, 1); /* the order held */
 	assert_false(hung);
-	assert_int_equal((intptr_t)stop_r, -ETIMEDOUT);
-	assert_int_equal(concur_result(s, 0), 0);
-	assert_int_equal(concur_result(u, 0), -ECANCELED);
-	concur_release(s);
-	concur_release(u);
-	concur_release(gate);
-	concur_exec_free(e);
-	close(spared_pipe[0]);
-	close(spared_pipe[1]);
+	stop_case_end(&c);
 }
 
 /*
- * The op a stop spares for a shielded cleanup runs to the cleanup's end, however the cleanup
- * waits for it: one that waits in timed slices (a progress log) still gets its byte after the
- * stop arrived and three more slices passed. (The first version of the fix above cancelled the
- * op when the first slice ended.)
+ * A cleanup that waits for its op in timed slices (a progress log) keeps it: it gets its byte
+ * after the stop arrived and three more slices passed. (A first fix cancelled the op when the
+ * first slice ended.)
  */
-static int sliced_pipe[2];
 static int64_t sliced_res;
-static _Atomic int sliced_slices, sliced_done;
+static _Atomic int sliced_slices;
 
 static int64_t sliced_cleanup(void *arg)
 {
-	static char c;
-	concur_shield_push();
-	concur_future *f =
-	    concur_read(concur_current_exec(), sliced_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	concur_future *f = cleanup_read();
 	int64_t r;
 	while ((r = concur_result(f, MS(50))) == -ETIMEDOUT && atomic_load(&sliced_slices) < 200)
 		atomic_fetch_add(&sliced_slices, 1);
 	sliced_res = r;
-	concur_release(f);
-	concur_shield_pop();
-	atomic_store(&sliced_done, 1);
+	cleanup_done(f);
 	return 0;
 }
 
 static void test_stop_spares_sliced_cleanup_op(void **state)
 {
-	concur_exec *e;
-	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(concur_exec_new(&e, &o), 0);
-	assert_int_equal(pipe(sliced_pipe), 0);
-	atomic_store(&spared_stop_seen, 0);
-	concur_future *gate = concur_promise_new(e);
-	concur_future *u = concur_spawn(e, spared_note_stop, gate);
-	concur_future *s = concur_spawn(e, sliced_cleanup, NULL);
+	struct stop_case c;
+	stop_case_start(&c, sliced_cleanup, NULL);
 	EVENTUALLY(atomic_load(&sliced_slices) >= 1); /* in its sliced wait */
-	pthread_t th;
-	assert_int_equal(pthread_create(&th, NULL, spared_stop, e), 0);
+	stop_case_stop(&c);
 	int slices0 = atomic_load(&sliced_slices);
-	EVENTUALLY((atomic_load(&spared_stop_seen) && atomic_load(&sliced_slices) >= slices0 + 3) ||
-	           atomic_load(&sliced_done));
-	assert_int_equal(write(sliced_pipe[1], "k", 1), 1);
-	EVENTUALLY(atomic_load(&sliced_done));
-	assert_int_equal(pthread_join(th, NULL), 0);
+	EVENTUALLY((atomic_load(&stop_seen) && atomic_load(&sliced_slices) >= slices0 + 3) ||
+	           atomic_load(&cleanup_left));
+	assert_int_equal(write(stop_pipe[1], "k", 1), 1);
+	EVENTUALLY(atomic_load(&cleanup_left));
+	assert_false(stop_case_hung(&c, MS(5000)));
 	assert_int_equal(sliced_res, 1); /* the byte: the op ran to its end */
-	assert_int_equal(concur_result(s, 0), 0);
-	concur_release(s);
-	concur_release(u);
-	concur_release(gate);
-	concur_exec_free(e);
-	close(sliced_pipe[0]);
-	close(sliced_pipe[1]);
+	stop_case_end(&c);
 }
 
 /*
- * An op a shielded cleanup starts after the stop arrived is spared too, and cancelled once the
- * cleanup is unshielded: here its timed wait for the op ends, it pops its shield and returns,
- * and the stop's join does not wait for the op for ever. Order: the cleanup waits (shielded) on
- * a gate, set once a task the stop cancelled says the stop arrived.
+ * An op the cleanup starts after the stop arrived is spared too: its timed wait for it ends,
+ * it pops its shield and returns. Order: the cleanup waits (shielded) on a gate, set once the
+ * stop is seen to have arrived.
  */
-static int late_pipe[2];
 static int64_t late_wait;
-static _Atomic int late_left;
 
 static int64_t late_cleanup(void *gate)
 {
-	static char c;
 	concur_shield_push();
 	concur_result(gate, -1); /* shielded: the stop does not break it */
-	concur_future *f =
-	    concur_read(concur_current_exec(), late_pipe[0], &c, 1, -1, CONCUR_NO_TIMEOUT);
+	concur_future *f = cleanup_read();
 	late_wait = concur_result(f, MS(200));
-	concur_release(f);
+	cleanup_done(f);
 	concur_shield_pop();
-	atomic_store(&late_left, 1);
 	return 0;
 }
 
 static void test_stop_cancels_late_cleanup_op(void **state)
 {
-	concur_exec *e;
-	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(concur_exec_new(&e, &o), 0);
-	assert_int_equal(pipe(late_pipe), 0);
-	atomic_store(&spared_stop_seen, 0);
-	concur_future *never = concur_promise_new(e);
-	concur_future *u = concur_spawn(e, spared_note_stop, never);
-	concur_future *gate = concur_promise_new(e);
-	concur_future *s = concur_spawn(e, late_cleanup, gate);
-	assert_true(flag_set(&e->loops[0]->sleeping)); /* both in their waits */
-	pthread_t th;
-	assert_int_equal(pthread_create(&th, NULL, spared_stop, e), 0);
-	EVENTUALLY(atomic_load(&spared_stop_seen));
+	struct stop_case c;
+	concur_future *gate = concur_promise_new(NULL);
+	stop_case_start(&c, late_cleanup, gate);
+	assert_true(flag_set(&c.e->loops[0]->sleeping)); /* both in their waits */
+	stop_case_stop(&c);
+	EVENTUALLY(atomic_load(&stop_seen));
 	assert_int_equal(concur_promise_set(gate, 0), 0);
-	EVENTUALLY(atomic_load(&late_left));
-	/* bounded, then the read gets its byte: a failure, not a hang */
-	int hung = concur_exec_join(e, MS(3000)) == -ETIMEDOUT;
-	if (hung)
-		assert_int_equal(write(late_pipe[1], "k", 1), 1);
-	assert_int_equal(pthread_join(th, NULL), 0);
+	EVENTUALLY(atomic_load(&cleanup_left));
+	bool hung = stop_case_hung(&c, MS(3000));
 	assert_int_equal(late_wait, -ETIMEDOUT);
 	assert_false(hung);
-	concur_release(s);
-	concur_release(u);
-	concur_release(never);
+	stop_case_end(&c);
 	concur_release(gate);
-	concur_exec_free(e);
-	close(late_pipe[0]);
-	close(late_pipe[1]);
 }
 
 int main(void)
