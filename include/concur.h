@@ -554,7 +554,9 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * caller (a task's executor keeps it alive until it completes; a promise must be kept alive by
  * whoever will set it: a promise whose last reference is released unset can never complete, and
  * the returned future then ends CANCELLED, -ECANCELED, fn never run). Cancelling the returned
- * future before the task starts means fn never runs. On bad input the future is already failed:
+ * future before the task starts means fn never runs; cancelled while inputs are still pending,
+ * it takes its record off them at once (a dependent per connection hung on a long-lived promise
+ * and cancelled when the connection closes leaves nothing behind). On bad input the future is already failed:
  * -EINVAL (NULL ex or fn, NULL inputs with n > 0, a NULL or invalid input, n >
  * CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the executor was shut down (or freed) before the
  * task could be spawned. (Freeing the executor while another thread sets an input is a race the

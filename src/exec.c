@@ -759,7 +759,7 @@ static void concur__recycle_free(concur_exec *ex)
  * this loop's fresh deque is started first (the start the waiter's suspend would make). t->loop
  * and t->fib are read only once the state says started: they are set before the claim.
  */
-static bool concur__task_await_here(concur_future *f, struct concur__task *w)
+bool concur__task_await_here(concur_future *f, struct concur__task *w)
 {
 	struct concur__task *t = (struct concur__task *)f;
 	struct concur__loop *loop = concur__tl_loop;
@@ -777,7 +777,7 @@ static bool concur__task_await_here(concur_future *f, struct concur__task *w)
 	return true;
 }
 
-static bool concur__task_await_undo(concur_future *f, struct concur__task *w)
+bool concur__task_await_undo(concur_future *f, struct concur__task *w)
 {
 	struct concur__task *t = (struct concur__task *)f;
 
@@ -804,33 +804,13 @@ struct concur__loop *concur__exec_pick_loop(concur_exec *ex)
 }
 
 /* Deferred tasks carry their creator's data after the record: cached if small, else freed. */
-static void concur__then_task_destroy(concur_future *f)
+void concur__deferred_task_destroy(concur_future *f)
 {
-	concur__rec_free(f, CONCUR__REC_THEN);
+	if (f->flags & CONCUR__TASK_MALLOCED)
+		free(f);
+	else
+		concur__rec_free(f, CONCUR__REC_THEN);
 }
-
-static void concur__deferred_task_destroy(concur_future *f)
-{
-	free(f);
-}
-
-static const struct concur__future_class concur__then_task_class = {
-    .name = "task",
-    .cancel_running = concur__task_cancel_running,
-    .destroy = concur__then_task_destroy,
-    .await_here = concur__task_await_here,
-    .await_undo = concur__task_await_undo,
-    .held = true, /* by its executor, until it ends */
-};
-
-static const struct concur__future_class concur__deferred_task_class = {
-    .name = "task",
-    .cancel_running = concur__task_cancel_running,
-    .destroy = concur__deferred_task_destroy,
-    .await_here = concur__task_await_here,
-    .await_undo = concur__task_await_undo,
-    .held = true, /* by its executor, until it ends */
-};
 
 static void concur__task_init(struct concur__task *t, const struct concur__future_class *cls,
                               concur_exec *ex, concur_task_fn fn, void *arg)
@@ -853,17 +833,16 @@ struct concur__task *concur__task_new(concur_exec *ex, concur_task_fn fn, void *
 	return t;
 }
 
-struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra)
+struct concur__task *concur__task_new_deferred(concur_exec *ex,
+                                               const struct concur__future_class *cls,
+                                               concur_task_fn fn, size_t extra)
 {
-	struct concur__task *t;
-	if (extra <= CONCUR__DEFERRED_CACHED_EXTRA) {
-		t = concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_THEN);
-		if (t)
-			concur__task_init(t, &concur__then_task_class, ex, fn, t + 1);
-	} else {
-		t = malloc(sizeof(*t) + extra);
-		if (t)
-			concur__task_init(t, &concur__deferred_task_class, ex, fn, t + 1);
+	bool cached = extra <= CONCUR__DEFERRED_CACHED_EXTRA;
+	struct concur__task *t = cached ? concur__rec_alloc(ex, concur__tl_loop, CONCUR__REC_THEN)
+	                                : malloc(sizeof(*t) + extra);
+	if (t) {
+		concur__task_init(t, cls, ex, fn, t + 1);
+		t->f.flags = cached ? 0 : CONCUR__TASK_MALLOCED;
 	}
 	return t;
 }

@@ -70,15 +70,6 @@ concur_future *concur_retain(concur_future *f)
 	return f;
 }
 
-/* Short waits for a holder that is a few instructions away from letting go. */
-static void concur__backoff(unsigned *spins)
-{
-	if (++*spins < 64)
-		concur__cpu_relax();
-	else
-		sched_yield(); /* the holder was preempted: let it run */
-}
-
 /* The first node of a waiters word (NULL: none, or closed). */
 static inline struct concur__waiter *concur__waiters_head(uintptr_t word)
 {
@@ -344,11 +335,17 @@ bool concur__waiter_push(concur_future *f, struct concur__waiter *w)
 
 bool concur__waiter_remove(concur_future *f, struct concur__waiter *w)
 {
+	if (concur__waiter_take_back(f, w))
+		return true;
+	concur__future_wait_final(f);
+	return false;
+}
+
+bool concur__waiter_take_back(concur_future *f, struct concur__waiter *w)
+{
 	uintptr_t word = concur__waiters_lock(f);
-	if (word & CONCUR__WAITERS_CLOSED) {
-		concur__future_wait_final(f);
+	if (word & CONCUR__WAITERS_CLOSED)
 		return false;
-	}
 	if (w->prev)
 		w->prev->next = w->next;
 	else
@@ -829,6 +826,8 @@ int concur_cancel(concur_future *f)
 	concur_exec *ex = f->cls->counted || (s & CONCUR__QUEUED_WORK) ? f->ex : NULL;
 	if (!ex) {
 		concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, closed);
+		if (f->cls->unhang)
+			f->cls->unhang(f);
 		return 1;
 	}
 	/* A queued task or op: its executor still holds it, and lets go when it dequeues it --

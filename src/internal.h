@@ -74,6 +74,7 @@
 #include <errno.h>
 #include <liburing.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -200,6 +201,15 @@ static inline void concur__cpu_relax(void)
 #endif
 }
 
+/* Short waits for a holder that is a few instructions away from letting go. */
+static inline void concur__backoff(unsigned *spins)
+{
+	if (++*spins < 64)
+		concur__cpu_relax();
+	else
+		sched_yield(); /* the holder was preempted: let it run */
+}
+
 /* Opcodes newer than liburing 2.3's header; used only where the ring's probe reports them. */
 #define CONCUR__OP_FUTEX_WAKE   52
 #define CONCUR__FUTEX2_SIZE_U32 0x02
@@ -248,6 +258,11 @@ struct concur__future_class {
 	 * false if the completion took it first. */
 	bool (*await_here)(concur_future *f, struct concur__task *t);
 	bool (*await_undo)(concur_future *f, struct concur__task *t);
+	/* Optional. concur_cancel() made f CANCELLED while it was PENDING and nobody's work yet (a
+	 * then or spawn_after task waiting for its inputs): take back what f hung on other futures,
+	 * so that a cancelled dependent holds nothing until they complete. Called with the
+	 * canceller's reference held, after f's callbacks ran. */
+	void (*unhang)(concur_future *f);
 	/* Its executor holds a new future until it has done with it (a task until it ends, an op
 	 * until its last CQE): a hold, not a counted reference. refs counts its users alone, and
 	 * the holder lets go with concur__complete_unhold or concur__unhold (see future.c). */
@@ -299,7 +314,11 @@ struct concur__waiter {
 			void *arg;
 		} cb;
 		struct concur__task *task;
-		const struct concur__waiter_ops *ops;
+		struct {
+			const struct concur__waiter_ops *ops;
+			/* its owner's to use (a then's slot: its input) */
+			_Atomic uintptr_t word;
+		};
 	};
 };
 
@@ -383,6 +402,12 @@ bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
  * completing thread); f's state is final by then.
  */
 bool concur__waiter_remove(concur_future *f, struct concur__waiter *w);
+/*
+ * The same without a reference on f, by an owner that keeps f from being freed otherwise (its
+ * hook waits while the owner is here): false as soon as the list is closed, with no wait for a
+ * final state (a future dying unset never gets one).
+ */
+bool concur__waiter_take_back(concur_future *f, struct concur__waiter *w);
 /* Wait (briefly: it is imminent) until the state of f, whose completion began, is final. */
 void concur__future_wait_final(const concur_future *f);
 /* A future already failed with err (never NULL: a static one if memory runs out). */
@@ -570,6 +595,8 @@ struct concur__task {
 /* in f.flags: live, and with a full stack (concur__task_stack_big): its suspends may take the
  * inline path, which tests just this bit */
 #define CONCUR__TASK_QUICK_SUSPEND 4u
+/* in f.flags: a deferred task's record is malloc'd (too big for the cache of then records) */
+#define CONCUR__TASK_MALLOCED 8u
 /* in f.flags: concur_spawn_on: t->loop is set from the spawn on, and the unstarted task waits
  * in that loop's ready queue (never in the fresh deque, which idle loops are handed from) */
 #define CONCUR__TASK_PINNED (1u << 7)
@@ -671,7 +698,23 @@ int64_t concur__await(concur_future *f, int64_t timeout_ns);
  * with concur__task_end_unrun() if it ends the task itself instead of queueing it. NULL on
  * -ENOMEM.
  */
-struct concur__task *concur__task_new_deferred(concur_exec *ex, concur_task_fn fn, size_t extra);
+struct concur__task *concur__task_new_deferred(concur_exec *ex,
+                                               const struct concur__future_class *cls,
+                                               concur_task_fn fn, size_t extra);
+/*
+ * The class of a deferred task, made by its owner (wait.c) with its own unhang hook: a task's
+ * cancel and await hooks, and a destroy that gives the record back where it came from.
+ */
+bool concur__task_await_here(concur_future *f, struct concur__task *w);
+bool concur__task_await_undo(concur_future *f, struct concur__task *w);
+void concur__deferred_task_destroy(concur_future *f);
+#define CONCUR__DEFERRED_TASK_CLASS(unhang_fn)                                                     \
+	{                                                                                          \
+		.name = "task", .cancel_running = concur__task_cancel_running,                     \
+		.destroy = concur__deferred_task_destroy, .await_here = concur__task_await_here,   \
+		.await_undo = concur__task_await_undo, .unhang = (unhang_fn),                      \
+		.held = true, /* by its executor, until it ends */                                 \
+	}
 /* The same for fn(arg) with its record of a plain spawn: queued later, once its caller has
  * registered on it (a group's member). NULL on -ENOMEM. */
 struct concur__task *concur__task_new(concur_exec *ex, concur_task_fn fn, void *arg);

@@ -553,15 +553,31 @@ void concur_as_completed_free(concur_as_completed *it)
  * A dependent task is a task record made at once but queued only when its inputs are done: no
  * stack, no thread and no work count while it waits. Its unwrapping state lives right after the
  * record, in the same allocation, and so do the waiter nodes it hangs on its inputs. The future
- * handed out is the task's own. The record lives until every input is done or dead: an input
- * released without ever completing counts as cancelled (it can never run fn), so the record
- * does not wait forever, and the dependent ends CANCELLED.
+ * handed out is the task's own. The record lives until every input is done or dead, or the
+ * task is cancelled (it takes its nodes back): an input released without ever completing
+ * counts as cancelled (it can never run fn), so the record does not wait forever, and the
+ * dependent ends CANCELLED.
  */
-/* Its tag: the input's index, and AFTER_DROPPED once the input died unset. */
+/*
+ * Its tag: the input's index, and AFTER_DROPPED once the input died unset.
+ *
+ * A slot is told once: by its input's hook (done, or dropped unset), or by a cancel of the task
+ * that takes w back off the input's list first (wait_after_unhang), so that a dependent
+ * cancelled early holds nothing of its inputs'. The list's lock decides which: a take-back
+ * succeeds only while the list is open, and the hooks run only once it is closed. What the slot
+ * word adds is the input's lifetime: the task holds no reference to it, so the cancel marks the
+ * slot AFTER_TAKING while it looks at the input, and the hook waits that out before it lets the
+ * input go on to be freed.
+ */
 struct after_slot {
-	struct concur__waiter w; /* on input i's waiter list */
+	/* on input i's waiter list. Its word: input i while the slot is not told, with
+	 * AFTER_TAKING while a cancel looks at it; AFTER_TOLD once told (futures are 8-aligned:
+	 * the low bits are free) */
+	struct concur__waiter w;
 };
 #define AFTER_DROPPED (1u << 31) /* above every index (< CONCUR_MAX_FUTURES) */
+#define AFTER_TOLD    ((uintptr_t)1)
+#define AFTER_TAKING  ((uintptr_t)2)
 
 /*
  * Kept small: a then's record (the task, this, one slot, one value) is what a pipeline allocates
@@ -679,17 +695,64 @@ static void wait_after_input_value(struct after_slot *slot, int64_t v)
 		wait_after_ready(a);
 }
 
+/* The input tells the slot (its hook, or a push refused: done already). A cancel looking at
+ * the input meanwhile finds its list closed and gives the slot back; the input lives until
+ * then. */
+static void wait_after_claim(struct after_slot *slot)
+{
+	uintptr_t v = atomic_load_explicit(&slot->w.word, memory_order_acquire);
+	unsigned spins = 0;
+	for (;;) {
+		if (v & AFTER_TAKING) { /* a few instructions away */
+			concur__backoff(&spins);
+			v = atomic_load_explicit(&slot->w.word, memory_order_acquire);
+		} else if (atomic_compare_exchange_weak_explicit(&slot->w.word, &v, AFTER_TOLD,
+		                                                 memory_order_acq_rel,
+		                                                 memory_order_acquire)) {
+			return;
+		}
+	}
+}
+
 static void wait_after_input_done(struct concur__waiter *w, concur_future *f)
 {
-	wait_after_input_value((struct after_slot *)w, concur__future_value(f));
+	struct after_slot *slot = (struct after_slot *)w;
+	wait_after_claim(slot);
+	wait_after_input_value(slot, concur__future_value(f));
 }
 
 static void wait_after_input_drop(struct concur__waiter *w, concur_future *f)
 {
 	struct after_slot *slot = (struct after_slot *)w;
+	wait_after_claim(slot);
 	slot->w.tag |= AFTER_DROPPED;
 	wait_after_input_value(slot, -ECANCELED);
 }
+
+/* The task was cancelled while it waited for its inputs (concur_cancel, holding a reference to
+ * it): take its nodes back from the inputs not done, each told -ECANCELED, so that its record
+ * goes now (with the last one, wait_after_start lets go of it) and not when they complete. */
+static void wait_after_unhang(concur_future *f)
+{
+	struct after *a = ((struct concur__task *)f)->arg;
+	for (uint32_t i = 0; i < a->n; i++) {
+		struct after_slot *slot = &wait_after_slots(a)[i];
+		uintptr_t v = atomic_load_explicit(&slot->w.word, memory_order_acquire);
+		if (v == AFTER_TOLD || !atomic_compare_exchange_strong_explicit(
+		                           &slot->w.word, &v, v | AFTER_TAKING,
+		                           memory_order_acq_rel, memory_order_acquire))
+			continue; /* told, or being told */
+		if (concur__waiter_take_back((concur_future *)v, &slot->w)) {
+			atomic_store_explicit(&slot->w.word, AFTER_TOLD, memory_order_release);
+			wait_after_input_value(slot, -ECANCELED);
+		} else { /* the input's completion took the list: its hook tells the slot */
+			atomic_store_explicit(&slot->w.word, v, memory_order_release);
+		}
+	}
+}
+
+static const struct concur__future_class wait_after_class =
+    CONCUR__DEFERRED_TASK_CLASS(wait_after_unhang);
 
 static const struct concur__waiter_ops after_ops = {.done = wait_after_input_done,
                                                     .drop = wait_after_input_drop};
@@ -703,7 +766,7 @@ static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur
 	if (err)
 		return concur__failed_future(ex, err);
 	struct concur__task *t = concur__task_new_deferred(
-	    ex, then_fn ? wait_then_task : wait_after_task,
+	    ex, &wait_after_class, then_fn ? wait_then_task : wait_after_task,
 	    AFTER_SLOTS_AT + n * (sizeof(struct after_slot) + sizeof(int64_t)));
 	if (!t)
 		return concur__failed_future(ex, -ENOMEM);
@@ -723,6 +786,7 @@ static concur_future *wait_after_new(concur_exec *ex, concur_after_fn fn, concur
 		struct after_slot *slot = &wait_after_slots(a)[i];
 		*slot = (struct after_slot){
 		    .w = {.kind = CONCUR__WAIT_CALL, .tag = (uint32_t)i, .ops = &after_ops}};
+		atomic_init(&slot->w.word, (uintptr_t)inputs[i]);
 		if (!concur__waiter_push(inputs[i], &slot->w))
 			wait_after_input_done(&slot->w, inputs[i]); /* already done */
 	}

@@ -1127,6 +1127,134 @@ static void test_then_unrun_end_holds_no_blocked_thread(void **state)
 	concur_release(blocked_on);
 }
 
+/*
+ * A then or spawn_after cancelled while it waits for its inputs takes its nodes back off them at
+ * once: a server that hangs a then per connection on a long-lived promise (a "stop" signal) and
+ * cancels it when the connection closes must not grow until that promise is set. Before, every
+ * cancelled dependent stayed on the promise's list (its ~200-byte record with it) until then.
+ */
+static atomic_int dependents_run;
+
+static int64_t count_then(void *arg, int64_t v)
+{
+	atomic_fetch_add(&dependents_run, 1);
+	return v;
+}
+
+static int64_t count_after(void *arg, const int64_t *values, size_t n)
+{
+	atomic_fetch_add(&dependents_run, 1);
+	return 0;
+}
+
+static atomic_int cancelled_callbacks;
+
+static void count_callback(concur_future *f, void *arg)
+{
+	if (concur_cancelled(f))
+		atomic_fetch_add(&cancelled_callbacks, 1);
+}
+
+static void test_cancelled_dependents_let_go_of_inputs(void **state)
+{
+	atomic_store(&dependents_run, 0);
+	atomic_store(&cancelled_callbacks, 0);
+	concur_future *stop = concur_promise_new(ex1);
+	concur_future *done = done_with(5);
+	enum { N = 1000 };
+	for (int i = 0; i < N; i++) {
+		concur_future *in[3] = {stop, done, stop};
+		concur_future *d = i % 2 ? concur_then(stop, count_then, NULL)
+		                         : concur_spawn_after(ex1, count_after, NULL, in, 3);
+		assert_int_equal(concur_on_done(d, count_callback, NULL), 0);
+		assert_false(concur_done(d));
+		assert_int_equal(concur_cancel(d), 1);
+		assert_true(concur_cancelled(d));
+		assert_int_equal(concur_result(d, 0), -ECANCELED);
+		concur_release(d);
+	}
+	/* nothing of theirs is left on the promise (1000 nodes before) */
+	assert_int_equal(atomic_load(&stop->waiters), 0);
+	assert_int_equal(atomic_load(&cancelled_callbacks), N);
+	/* still a future like any: a dependent made now runs when it is set */
+	concur_future *d = concur_then(stop, count_then, NULL);
+	assert_int_equal(concur_promise_set(stop, 7), 0);
+	assert_int_equal(concur_result(d, MS(5000)), 7);
+	assert_int_equal(atomic_load(&dependents_run), 1); /* that one alone */
+	concur_release(d);
+	concur_release(stop);
+	concur_release(done);
+	assert_int_equal(concur_exec_join(ex1, -1), 0);
+}
+
+/*
+ * The cancel's take-back against the input's own end, forced: a wrap of
+ * concur__waiter_take_back (tests/CMakeLists.txt) lets another thread complete the input (or
+ * release it unset, its last reference) until the input's list is closed, and only then looks.
+ * The input's hook waits for the look to end (the input must outlive it), the take-back finds
+ * the list closed, and the hook tells the dependent: it ends once, CANCELLED, never run. The
+ * unset case also checks that the take-back does not wait for a final state, which an input
+ * dying unset never gets (the take-back and the hook would wait for each other).
+ */
+bool __real_concur__waiter_take_back(concur_future *f, struct concur__waiter *w);
+bool __wrap_concur__waiter_take_back(concur_future *f, struct concur__waiter *w);
+static concur_future *_Atomic take_back_hold_on;
+static bool take_back_by_release; /* release the input unset (our reference), not set it */
+static pthread_t take_back_ender;
+static atomic_int take_back_result = -1;
+
+static void *end_input(void *arg)
+{
+	if (take_back_by_release)
+		concur_release(arg);
+	else
+		concur_promise_set(arg, 3);
+	return NULL;
+}
+
+bool __wrap_concur__waiter_take_back(concur_future *f, struct concur__waiter *w)
+{
+	concur_future *expected = f;
+	if (!f || !atomic_compare_exchange_strong(&take_back_hold_on, &expected, NULL))
+		return __real_concur__waiter_take_back(f, w);
+	assert_int_equal(pthread_create(&take_back_ender, NULL, end_input, f), 0);
+	for (int i = 0; !(atomic_load(&f->waiters) & CONCUR__WAITERS_CLOSED); i++) {
+		assert_true(i < 100000); /* 10 s */
+		usleep(100);
+	}
+	bool r = __real_concur__waiter_take_back(f, w);
+	atomic_store(&take_back_result, r);
+	return r;
+}
+
+static void test_cancel_takes_back_while_input_ends(void **state)
+{
+	for (int by_release = 0; by_release < 2; by_release++) {
+		atomic_store(&dependents_run, 0);
+		atomic_store(&cancelled_callbacks, 0);
+		atomic_store(&take_back_result, -1);
+		take_back_by_release = by_release;
+		concur_future *in = concur_promise_new(ex1);
+		concur_future *d = concur_then(in, count_then, NULL);
+		assert_int_equal(concur_on_done(d, count_callback, NULL), 0);
+		atomic_store(&take_back_hold_on, in);
+		assert_int_equal(concur_cancel(d), 1);
+		assert_null(atomic_load(&take_back_hold_on)); /* the order was forced */
+		assert_int_equal(pthread_join(take_back_ender, NULL), 0);
+		assert_int_equal(atomic_load(&take_back_result), 0); /* the list was closed */
+		assert_true(concur_cancelled(d));
+		assert_int_equal(concur_result(d, 0), -ECANCELED);
+		assert_int_equal(atomic_load(&cancelled_callbacks), 1);
+		concur_release(d);
+		if (!by_release) {
+			assert_int_equal(concur_result(in, 0), 3);
+			concur_release(in);
+		}
+		assert_int_equal(concur_exec_join(ex1, -1), 0);
+		assert_int_equal(atomic_load(&dependents_run), 0);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1158,6 +1286,8 @@ int main(void)
 	    cmocka_unit_test(test_gather_first_failure_order),
 	    cmocka_unit_test(test_gather_failures_during_registration),
 	    cmocka_unit_test(test_then_unrun_end_holds_no_blocked_thread),
+	    cmocka_unit_test(test_cancelled_dependents_let_go_of_inputs),
+	    cmocka_unit_test(test_cancel_takes_back_while_input_ends),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
