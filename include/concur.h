@@ -556,9 +556,9 @@ typedef int64_t (*concur_after_fn)(void *arg, const int64_t *values, size_t n);
  * the returned future then ends CANCELLED, -ECANCELED, fn never run). Cancelling the returned
  * future before the task starts means fn never runs; cancelled while inputs are still pending,
  * it takes its record off them at once (a dependent per connection hung on a long-lived promise
- * and cancelled when the connection closes leaves nothing behind). On bad input the future is already failed:
- * -EINVAL (NULL ex or fn, NULL inputs with n > 0, a NULL or invalid input, n >
- * CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the executor was shut down (or freed) before the
+ * and cancelled when the connection closes leaves nothing behind). On bad input the future
+ * is already failed: -EINVAL (NULL ex or fn, NULL inputs with n > 0, a NULL or invalid input,
+ * n > CONCUR_MAX_FUTURES), -ENOMEM; -ESHUTDOWN if the executor was shut down (or freed) before the
  * task could be spawned. (Freeing the executor while another thread sets an input is a race the
  * caller must avoid, as for any use of a freed executor.)
  *
