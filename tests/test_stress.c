@@ -3,13 +3,13 @@
  * Seeded random stress of the core semantics. Foreign threads and driver tasks on a 2-loop
  * executor draw random operations from one seeded stream each: nested spawns, cancels at
  * random moments, results with random timeouts, callbacks, early releases (fire and forget),
- * then/spawn_after chains, promises set by a setter thread after a random delay,
- * wait/gather/as_completed, groups, timed mutex/semaphore/event/channel waits, blocking jobs,
- * kernel timers and no-ops. Each operation checks its own outcome against the set of outcomes
- * the header allows. At the end: every callback ran exactly once, every fire-and-forget task
- * ran, join returns, and once the executor is freed no heap block the run allocated is left
- * (tests/wrap.h counts every malloc/free made by concur and by this test; LeakSanitizer checks
- * the same in the ASan build).
+ * then/spawn_after chains (a stage cancelled at random), promises set by a setter thread after
+ * a random delay, wait/gather/as_completed, groups, timed mutex/semaphore/event/channel waits,
+ * blocking jobs, kernel timers and no-ops. Each operation checks its own outcome against the
+ * set of outcomes the header allows. At the end: every callback ran exactly once, every
+ * fire-and-forget task ran, join returns, and once the executor is freed no heap block the run
+ * allocated is left (tests/wrap.h counts every malloc/free made by concur and by this test;
+ * LeakSanitizer checks the same in the ASan build).
  *
  * The seed is printed; CONCUR_STRESS_SEED=<n> replays a seed's operation streams (the thread
  * interleaving differs, the mix of operations does not), CONCUR_STRESS_OPS=<n> sets the number
@@ -453,6 +453,10 @@ static void op_chain(struct rng *r)
 				may_cancel = true;
 			item_finish(&side);
 		}
+		/* a dependent cancelled while it may still wait for its inputs: it takes its
+		 * nodes back as they complete or die (1), or was too late (0, -EINPROGRESS) */
+		if (rndn(r, 8) == 0 && concur_cancel(next) == 1)
+			may_cancel = true;
 		concur_release(cur);
 		cur = next;
 	}
