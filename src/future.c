@@ -825,9 +825,16 @@ int concur_cancel(concur_future *f)
 	uint32_t closed = CONCUR__WAITERS_CLOSED | (f->cls->held ? CONCUR__WAITERS_HELD : 0);
 	concur_exec *ex = f->cls->counted || (s & CONCUR__QUEUED_WORK) ? f->ex : NULL;
 	if (!ex) {
+		/* unhang runs after the callbacks, one of which may release the caller's reference
+		 * (concur_on_done): a reference of our own keeps f across it */
+		bool unhang = f->cls->unhang;
+		if (unhang)
+			concur_retain(f);
 		concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, closed);
-		if (f->cls->unhang)
+		if (unhang) {
 			f->cls->unhang(f);
+			concur_release(f);
+		}
 		return 1;
 	}
 	/* A queued task or op: its executor still holds it, and lets go when it dequeues it --

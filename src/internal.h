@@ -260,8 +260,8 @@ struct concur__future_class {
 	bool (*await_undo)(concur_future *f, struct concur__task *t);
 	/* Optional. concur_cancel() made f CANCELLED while it was PENDING and nobody's work yet (a
 	 * then or spawn_after task waiting for its inputs): take back what f hung on other futures,
-	 * so that a cancelled dependent holds nothing until they complete. Called with the
-	 * canceller's reference held, after f's callbacks ran. */
+	 * so that a cancelled dependent holds nothing until they complete. Called after f's
+	 * callbacks ran, with a reference concur_cancel() took for it. */
 	void (*unhang)(concur_future *f);
 	/* Its executor holds a new future until it has done with it (a task until it ends, an op
 	 * until its last CQE): a hold, not a counted reference. refs counts its users alone, and

@@ -729,8 +729,9 @@ static void wait_after_input_drop(struct concur__waiter *w, concur_future *f)
 	wait_after_input_value(slot, -ECANCELED);
 }
 
-/* The task was cancelled while it waited for its inputs (concur_cancel, holding a reference to
- * it): take its nodes back from the inputs not done, each told -ECANCELED, so that its record
+/* The task was cancelled while it waited for its inputs (concur_cancel, which holds a reference
+ * to it across this: a tell here or in another thread may let the executor go of it): take its
+ * nodes back from the inputs not done, each told -ECANCELED, so that its record
  * goes now (with the last one, wait_after_start lets go of it) and not when they complete. */
 static void wait_after_unhang(concur_future *f)
 {

@@ -1188,6 +1188,35 @@ static void test_cancelled_dependents_let_go_of_inputs(void **state)
 }
 
 /*
+ * The same when a callback of the dependent owns its last reference (concur_on_done allows
+ * it): the take-back runs after the callbacks, and its last tell lets the executor go of the
+ * record. It read the record after that (a use after free, which ASan reports), as the cancel
+ * held no reference of its own.
+ */
+static void release_in_callback(concur_future *f, void *arg)
+{
+	atomic_fetch_add(&cancelled_callbacks, concur_cancelled(f));
+	concur_release(f);
+}
+
+static void test_cancelled_dependent_owned_by_its_callback(void **state)
+{
+	atomic_store(&cancelled_callbacks, 0);
+	concur_future *p = concur_promise_new(ex1);
+	concur_future *in[8] = {p, p, p, p, p, p, p, p};
+	for (int big = 0; big < 2; big++) { /* a then's cached record, a malloc'd one */
+		concur_future *d = big ? concur_spawn_after(ex1, count_after, NULL, in, 8)
+		                       : concur_then(p, count_then, NULL);
+		assert_int_equal(concur_on_done(d, release_in_callback, NULL), 0);
+		assert_int_equal(concur_cancel(d), 1);
+	}
+	assert_int_equal(atomic_load(&cancelled_callbacks), 2);
+	assert_int_equal(atomic_load(&p->waiters), 0);
+	concur_release(p);
+	assert_int_equal(concur_exec_join(ex1, -1), 0);
+}
+
+/*
  * The cancel's take-back against the input's own end, forced: a wrap of
  * concur__waiter_take_back (tests/CMakeLists.txt) lets another thread complete the input (or
  * release it unset, its last reference) until the input's list is closed, and only then looks.
@@ -1287,6 +1316,7 @@ int main(void)
 	    cmocka_unit_test(test_gather_failures_during_registration),
 	    cmocka_unit_test(test_then_unrun_end_holds_no_blocked_thread),
 	    cmocka_unit_test(test_cancelled_dependents_let_go_of_inputs),
+	    cmocka_unit_test(test_cancelled_dependent_owned_by_its_callback),
 	    cmocka_unit_test(test_cancel_takes_back_while_input_ends),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
