@@ -127,7 +127,8 @@ int concur_exec_join(concur_exec *ex, int64_t timeout_ns);
  * return a future failed with -ESHUTDOWN. Queued tasks still run, unless cancel_pending: then
  * each task that has not started ends CANCELLED without running (its waiters learn it when its
  * loop reaches it, which is promptly), and so does each blocking job of ex no helper has picked
- * yet (concur_spawn_blocking). Running tasks finish. Calling it again is harmless.
+ * yet (concur_spawn_blocking), at once, in this call: its callbacks run in the calling thread,
+ * as with concur_cancel(). Running tasks finish. Calling it again is harmless.
  */
 void concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
 
@@ -717,7 +718,7 @@ size_t concur_chan_len(const concur_chan *c);
  * returns 1). Once a helper has picked it the job is RUNNING (concur_running() is true) and
  * runs to its end: concur_cancel() returns 0 and the future ends with fn's result. After
  * concur_exec_shutdown(ex, true) (or a concur_exec_stop() past its drain time), a job not
- * picked yet never runs: it ends CANCELLED when a helper reaches it.
+ * picked yet never runs: it ends CANCELLED in that call, however busy the helpers are.
  */
 concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *arg);
 

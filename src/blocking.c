@@ -46,6 +46,8 @@ static struct {
     .idle_ns = POOL_DEFAULT_IDLE,
 };
 
+static void blocking_cancel_queued(concur_exec *ex);
+
 static void blocking_pool_init(void)
 {
 	pthread_condattr_t attr;
@@ -53,6 +55,8 @@ static void blocking_pool_init(void)
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&pool.cond, &attr);
 	pthread_condattr_destroy(&attr);
+	atomic_store_explicit(&concur__cancel_queued_jobs, blocking_cancel_queued,
+	                      memory_order_release);
 }
 
 /* The job is over (run, or never to run): it no longer counts as work. The work ends last: a
@@ -70,6 +74,7 @@ static void blocking_job_run(struct job *j)
 	/* A job cancelled while queued never runs (its future is CANCELLED already). While it
 	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
 	 */
+	concur_exec *outer = concur__tl_job_ex; /* a shutdown from a job of another executor */
 	concur__tl_job_ex = j->ex;
 	if (CONCUR__UNLIKELY(atomic_load_explicit(&j->ex->cancel_pending, memory_order_relaxed))) {
 		/* shutdown(ex, true), or a stop past its drain: not started, so it never runs, as
@@ -84,8 +89,37 @@ static void blocking_job_run(struct job *j)
 		  * so the job's end below cannot let a join return (and ex go) under that count */
 		concur__future_wait_final(j->out);
 	}
-	concur__tl_job_ex = NULL;
+	concur__tl_job_ex = outer;
 	blocking_job_free(j);
+}
+
+/* concur_exec_shutdown(ex, true): the jobs of ex no helper has picked yet end CANCELLED now, in
+ * the calling thread (their callbacks too, as ex's work), rather than when a helper reaches
+ * them, which may be long after. */
+static void blocking_cancel_queued(concur_exec *ex)
+{
+	struct job *mine = NULL, **mine_end = &mine;
+	pthread_mutex_lock(&pool.lock);
+	struct job **at = &pool.head;
+	pool.tail = NULL;
+	while (*at) {
+		struct job *j = *at;
+		if (j->ex == ex) {
+			*at = j->next;
+			j->next = NULL;
+			*mine_end = j;
+			mine_end = &j->next;
+		} else {
+			pool.tail = j;
+			at = &j->next;
+		}
+	}
+	pthread_mutex_unlock(&pool.lock);
+	while (mine) {
+		struct job *j = mine;
+		mine = j->next;
+		blocking_job_run(j); /* cancel_pending is set: it ends unrun */
+	}
 }
 
 static void *blocking_helper_main(void *unused)

@@ -227,6 +227,7 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 }
 
 __thread concur_exec *concur__tl_job_ex;
+_Atomic(void (*)(concur_exec *ex)) concur__cancel_queued_jobs;
 
 int concur_exec_join(concur_exec *ex, int64_t timeout_ns)
 {
@@ -263,6 +264,10 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending)
 	if (cancel_pending)
 		atomic_store_explicit(&ex->cancel_pending, true, memory_order_seq_cst);
 	atomic_store_explicit(&ex->shutdown, true, memory_order_seq_cst);
+	void (*cancel_jobs)(concur_exec *) =
+	    atomic_load_explicit(&concur__cancel_queued_jobs, memory_order_acquire);
+	if (cancel_pending && cancel_jobs)
+		cancel_jobs(ex); /* a job queued after it is cancelled by the helper reaching it */
 }
 
 void concur_exec_free(concur_exec *ex)

@@ -643,6 +643,10 @@ extern CONCUR__TLS_HOT struct concur__task *concur__tl_task; /* the task running
 /* The executor whose blocking job (and its future's callbacks) this helper thread runs, or NULL
  * (exec.c; set by blocking.c): work of that executor, as a loop thread's is. */
 extern __thread concur_exec *concur__tl_job_ex;
+/* Set by the blocking pool (blocking.c) once it exists: concur_exec_shutdown(ex, true) calls it
+ * to end the jobs of ex no helper has picked yet, at once (the helpers may all be busy for
+ * long). A hook, so that exec.c does not call up into the pool. */
+extern _Atomic(void (*)(concur_exec *ex)) concur__cancel_queued_jobs;
 
 /* A stack for task t (of its size class), or NULL (-ENOMEM: memory, map budget, RLIMIT_AS). */
 struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t);

@@ -440,7 +440,9 @@ static void test_blocking_job_future_no_promise(void **state)
 /*
  * shutdown(ex, true) cancels the blocking jobs of ex no helper has picked yet, as it does the
  * tasks that have not started: the job queued behind a gated one never runs. It used to run
- * after the shutdown (and a stop past its drain time ran it too, and waited for it).
+ * after the shutdown (and a stop past its drain time ran it too, and waited for it). And it is
+ * cancelled by the shutdown itself, while the one helper is still busy: it used to end only
+ * when a helper reached it (the busy job's whole run later).
  */
 static void test_blocking_shutdown_cancels_queued_jobs(void **state)
 {
@@ -451,10 +453,12 @@ static void test_blocking_shutdown_cancels_queued_jobs(void **state)
 	one_helper_held(e, &busy, &queued);
 	EVENTUALLY(concur_running(busy));
 	concur_exec_shutdown(e, true);
-	sem_post(&sem_job_gate); /* the helper ends busy, then reaches the queued job */
-	assert_int_equal(concur_result(busy, -1), 0); /* a running job runs to its end */
-	assert_int_equal(concur_result(queued, -1), -ECANCELED);
+	assert_true(concur_done(queued)); /* the helper is still busy */
 	assert_true(concur_cancelled(queued));
+	assert_int_equal(concur_result(queued, 0), -ECANCELED);
+	assert_false(concur_done(busy));
+	sem_post(&sem_job_gate);
+	assert_int_equal(concur_result(busy, -1), 0); /* a running job runs to its end */
 	assert_int_equal(concur_exec_join(e, -1), 0);
 	assert_int_equal(atomic_load(&never_ran), 0);
 	concur_release(busy);
