@@ -606,7 +606,8 @@ int concur_group_new(concur_group **out, concur_exec *ex, unsigned flags);
 /*
  * Spawn fn(arg) as a member of g (a member may spawn more members). Returns the task's future
  * (the caller owns one reference; releasing it is fine) and never NULL: on failure, a future
- * already failed (-EINVAL, -ENOMEM, -ESHUTDOWN, -ECANCELED after the group was cancelled).
+ * already failed (-EINVAL, -ENOMEM, -ESHUTDOWN after a shutdown of its executor or once that
+ * was freed, -ECANCELED after the group was cancelled).
  */
 concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg);
 

@@ -25,7 +25,8 @@ struct member {
 
 struct concur_group {
 	_Atomic uint32_t refs;
-	concur_exec *ex;
+	concur_exec *ex; /* weak: a group may outlive it (group_ex) */
+	uint64_t ex_id;
 	unsigned flags;
 	_Atomic bool cancelled;
 	pthread_mutex_t lock; /* protects the list, first_err, wake */
@@ -54,6 +55,7 @@ int concur_group_new(concur_group **out, concur_exec *ex, unsigned flags)
 		return -ENOMEM;
 	atomic_init(&g->refs, 1);
 	g->ex = ex;
+	g->ex_id = ex->id;
 	g->flags = flags;
 	pthread_mutex_init(&g->lock, NULL);
 	g->head.prev = g->head.next = &g->head;
@@ -158,14 +160,20 @@ static void group_member_done(struct concur__waiter *w, concur_future *f)
 static const struct concur__waiter_ops member_ops = {.record = group_member_record,
                                                      .done = group_member_done};
 
+/* The group's executor, or NULL once it was freed (never dereference a pointer that may be). */
+static concur_exec *group_ex(const concur_group *g)
+{
+	return g && concur__exec_alive(g->ex, g->ex_id) ? g->ex : NULL;
+}
+
 concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 {
 	if (!g || !fn)
-		return concur__failed_future(g ? g->ex : NULL, -EINVAL);
+		return concur__failed_future(group_ex(g), -EINVAL);
+	if (!group_ex(g)) /* freed: it takes no task, as after a shutdown */
+		return concur__failed_future(NULL, -ESHUTDOWN);
 	if (atomic_load(&g->cancelled))
 		return concur__failed_future(g->ex, -ECANCELED);
-	if (!concur__exec_valid(g->ex))
-		return concur__failed_future(NULL, -EINVAL);
 	struct member *m = calloc(1, sizeof(*m));
 	/* made, registered on, then queued: a member that ends at once is recorded in the order
 	 * it ended (queued first, it could end before its node was on it, and be recorded after

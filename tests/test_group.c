@@ -302,6 +302,32 @@ static void test_group_observed_order(void **state)
 	concur_release(p);
 }
 
+/*
+ * A group may outlive its executor (freed once the group's work is done): a later spawn fails
+ * with -ESHUTDOWN, as after a shutdown. It read the freed executor (a use after free, which
+ * ASan reports), as the group kept a plain pointer to it.
+ */
+static void test_group_spawn_after_executor_freed(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, e, 0), 0);
+	concur_release(concur_group_spawn(g, member_ok, NULL));
+	assert_int_equal(concur_group_wait(g, -1), 0);
+	concur_exec_free(e);
+	concur_future *f = concur_group_spawn(g, member_ok, NULL);
+	assert_true(concur_done(f));
+	assert_int_equal(concur_result(f, 0), -ESHUTDOWN);
+	assert_null(concur_future_exec(f));
+	concur_release(f);
+	concur_future *bad = concur_group_spawn(g, NULL, NULL);
+	assert_int_equal(concur_result(bad, 0), -EINVAL);
+	concur_release(bad);
+	concur_group_free(g);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -312,6 +338,7 @@ int main(void)
 	    cmocka_unit_test(test_group_cancel),
 	    cmocka_unit_test(test_group_cancel_in_member),
 	    cmocka_unit_test(test_group_observed_order),
+	    cmocka_unit_test(test_group_spawn_after_executor_freed),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
