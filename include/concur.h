@@ -20,11 +20,13 @@
  * executor's own threads (a callback runs there).
  *
  * Order of completions: if one future A's completion can be observed by anyone (a result
- * returned, concur_done() true, a callback ran) before a second future B completes, every
- * composition sees A first: concur_as_completed_next() yields A before B, and a group whose
- * members A and B both fail reports A's error as its first failure. (Compositions record a
- * completion before the future's state becomes visible as done.) Completions nobody could
- * tell apart may be seen in either order. Within one future, waiters are woken in this order:
+ * returned, concur_done() true, a callback ran) before a second future B's completion begins,
+ * every composition sees A first: concur_as_completed_next() yields A before B, and a group
+ * whose members A and B both fail reports A's error as its first failure. (Compositions record
+ * a completion before the future's state becomes visible as done.) Completions that overlap
+ * may be seen in either order: B's may begin while A's is under way and be seen done first
+ * (a few stores' window, in which A's compositions have recorded it and its state is not yet
+ * final). Within one future, waiters are woken in this order:
  * compositions, blocked threads, then what the compositions made ready (a concur_then of it
  * that ends at once, its input having failed, runs its callbacks there), then callbacks and
  * awaiting tasks in registration order -- so a callback may still be running, or not yet

@@ -220,7 +220,9 @@ static int64_t group_wait_cancelled(concur_group *g, int64_t deadline)
 {
 	int64_t r = 0;
 	concur_group_cancel(g);
-	concur_shield_push();
+	/* refused at the nesting limit, the task is shielded all the same: no pop then, or it
+	 * would take one of the caller's */
+	bool shielded = concur_shield_push() == 0;
 	for (;;) {
 		pthread_mutex_lock(&g->lock);
 		if (g->live == 0) {
@@ -231,7 +233,8 @@ static int64_t group_wait_cancelled(concur_group *g, int64_t deadline)
 		if (r < 0)
 			break; /* the caller's timeout (members may run on), or -ENOMEM */
 	}
-	concur_shield_pop();
+	if (shielded)
+		concur_shield_pop();
 	return r < 0 ? r : -ECANCELED;
 }
 
