@@ -1056,12 +1056,14 @@ int concur_stream_give(concur_stream *s, const struct concur_chunk *chunk);
  * (-ECANCELED unless the stream ended on its own first). Callable from any thread, loops of
  * other executors included: off the stream's loop the request is posted to it and takes effect
  * there shortly after the call returns. It must not race with (or follow) concur_stream_close().
- * Returns 0, or -EINVAL for NULL or a closed stream (the latter seen on the stream's loop). */
+ * Returns 0, or -EINVAL for NULL. */
 int concur_stream_cancel(concur_stream *s);
 /* Close the stream: cancels it if still armed, closes accepted fds and gives back buffers not
- * yet consumed; the memory goes once the kernel's last completion arrived. No other task may
- * be in its next() (waiting, or woken and not yet back). Borrowed chunks must have been given
- * back. NULL and a call off the stream's loop are ignored. */
+ * yet consumed; the memory goes once the kernel's last completion arrived (at once if none is
+ * to come): as a future after its last release, s is not to be used after this call, by any
+ * of the functions above. No other task may be in its next() (waiting, or woken and not yet
+ * back). Borrowed chunks must have been given back. NULL and a call off the stream's loop are
+ * ignored. */
 void concur_stream_close(concur_stream *s);
 
 #pragma GCC visibility pop

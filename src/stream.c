@@ -755,9 +755,9 @@ static int stream_check(const concur_stream *s)
 		return -EINVAL;
 	if (!concur__tl_task) /* before touching s: outside a task it may be anything */
 		return -EPERM;
-	if (s->closed)
-		return -EINVAL;
-	return concur__tl_loop == s->loop ? 0 : -EPERM;
+	if (concur__tl_loop != s->loop) /* set once: closed is the loop's to write */
+		return -EPERM;
+	return s->closed ? -EINVAL : 0; /* a check against a bug: closed, it may be gone */
 }
 
 int64_t concur_stream_next(concur_stream *s, struct concur_chunk *chunk)
@@ -907,7 +907,7 @@ int concur_stream_cancel(concur_stream *s)
 	if (!s)
 		return -EINVAL;
 	if (concur__tl_loop == s->loop) {
-		if (s->closed)
+		if (s->closed) /* a check against a bug: closed, it may be gone */
 			return -EINVAL;
 		stream_cancel_here(s);
 		return 0;
