@@ -146,7 +146,8 @@ void concur_exec_free(concur_exec *ex);
 /*
  * Stop an executor gracefully: stop new work as concur_exec_shutdown(ex, false) does, wait up to
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
- * CANCELLED unrun (and blocking jobs no helper picked yet), and every running task is
+ * CANCELLED unrun (and blocking jobs no helper picked yet, whose callbacks run in this call's
+ * thread, as concur_exec_shutdown's), and every running task is
  * cancelled (concur_cancel: its waits fail with -ECANCELED, its I/O in flight is cancelled in
  * the kernel), and so is future I/O in flight
  * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Future

@@ -69,33 +69,39 @@ static void blocking_job_free(struct job *j)
 	concur__work_end(ex);
 }
 
+/* shutdown(ex, true), or a stop past its drain: a job not started never runs, as an unstarted
+ * task of ex: it ends CANCELLED (unless a cancel won, see blocking_job_run). */
+static void blocking_job_end_unrun(struct job *j)
+{
+	if (concur__future_claim_unrun(j->out))
+		concur__complete(j->out, -ECANCELED, CONCUR__CANCELLED);
+	else
+		concur__future_wait_final(j->out);
+}
+
 static void blocking_job_run(struct job *j)
 {
 	/* A job cancelled while queued never runs (its future is CANCELLED already). While it
 	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
 	 */
-	concur_exec *outer = concur__tl_job_ex; /* a shutdown from a job of another executor */
 	concur__tl_job_ex = j->ex;
 	if (CONCUR__UNLIKELY(atomic_load_explicit(&j->ex->cancel_pending, memory_order_relaxed))) {
-		/* shutdown(ex, true), or a stop past its drain: not started, so it never runs, as
-		 * an unstarted task of ex */
-		if (concur__future_claim_unrun(j->out))
-			concur__complete(j->out, -ECANCELED, CONCUR__CANCELLED);
-		else
-			concur__future_wait_final(j->out); /* as below */
+		blocking_job_end_unrun(j);
 	} else if (concur__future_claim(j->out)) {
 		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
 	} else { /* a cancel won: it counts its callbacks as ex's work before the state is final,
 		  * so the job's end below cannot let a join return (and ex go) under that count */
 		concur__future_wait_final(j->out);
 	}
-	concur__tl_job_ex = outer;
+	concur__tl_job_ex = NULL;
 	blocking_job_free(j);
 }
 
 /* concur_exec_shutdown(ex, true): the jobs of ex no helper has picked yet end CANCELLED now, in
- * the calling thread (their callbacks too, as ex's work), rather than when a helper reaches
- * them, which may be long after. */
+ * the calling thread, rather than when a helper reaches them, which may be long after. Their
+ * callbacks are ex's work there, as a cancel's are (a frame, so that a job of another executor
+ * calling this is still that one's too). A spawn racing the shutdown looks at its flag under
+ * the pool's lock: its job is either refused or in this sweep. */
 static void blocking_cancel_queued(concur_exec *ex)
 {
 	struct job *mine = NULL, **mine_end = &mine;
@@ -115,11 +121,15 @@ static void blocking_cancel_queued(concur_exec *ex)
 		}
 	}
 	pthread_mutex_unlock(&pool.lock);
+	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
+	concur__tl_cancels = &frame;
 	while (mine) {
 		struct job *j = mine;
 		mine = j->next;
-		blocking_job_run(j); /* cancel_pending is set: it ends unrun */
+		blocking_job_end_unrun(j);
+		blocking_job_free(j);
 	}
+	concur__tl_cancels = frame.up;
 }
 
 static void *blocking_helper_main(void *unused)
@@ -174,25 +184,30 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	*j = (struct job){.ex = ex, .fn = fn, .arg = arg, .out = concur_retain(out)};
 
 	pthread_mutex_lock(&pool.lock);
-	CONCUR__FIFO_PUSH(pool.head, pool.tail, j);
 	int err = 0;
-	if (pool.idle > pool.woken) {
-		pool.woken++;
-		pthread_cond_signal(&pool.cond);
-	} else if (pool.threads < pool.max) {
-		pthread_t t;
-		pthread_attr_t attr;
-		pthread_attr_init(&attr);
-		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-		err = -pthread_create(&t, &attr, blocking_helper_main, NULL);
-		pthread_attr_destroy(&attr);
-		if (!err)
-			pool.threads++;
-	}
-	if (err && pool.threads == 0) { /* nobody would ever run it */
-		pool.head = pool.tail = NULL;
+	if (atomic_load_explicit(&ex->cancel_pending, memory_order_relaxed)) {
+		/* shutdown(ex, true) since the check above: its sweep of the queue may be over (it
+		 * takes this lock after setting the flag), so refuse, as a spawn after it */
+		err = -ESHUTDOWN;
 	} else {
-		err = 0;
+		CONCUR__FIFO_PUSH(pool.head, pool.tail, j);
+		if (pool.idle > pool.woken) {
+			pool.woken++;
+			pthread_cond_signal(&pool.cond);
+		} else if (pool.threads < pool.max) {
+			pthread_t t;
+			pthread_attr_t attr;
+			pthread_attr_init(&attr);
+			pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+			err = -pthread_create(&t, &attr, blocking_helper_main, NULL);
+			pthread_attr_destroy(&attr);
+			if (!err)
+				pool.threads++;
+		}
+		if (err && pool.threads == 0) /* nobody would ever run it */
+			pool.head = pool.tail = NULL;
+		else
+			err = 0;
 	}
 	pthread_mutex_unlock(&pool.lock);
 	if (err) {

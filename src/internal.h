@@ -719,8 +719,8 @@ void concur__deferred_task_destroy(concur_future *f);
 		.await_undo = concur__task_await_undo, .unhang = (unhang_fn),                      \
 		.held = true, /* by its executor, until it ends */                                 \
 	}
-/* The same for fn(arg) with its record of a plain spawn: queued later, once its caller has
- * registered on it (a group's member). NULL on -ENOMEM. */
+/* A task for fn(arg) with the record of a plain spawn, queued later (as a deferred one is),
+ * once its caller has registered on it (a group's member). NULL on -ENOMEM. */
 struct concur__task *concur__task_new(concur_exec *ex, concur_task_fn fn, void *arg);
 /* Queue a task as concur_spawn() does; after a shutdown it ends -ESHUTDOWN instead. */
 void concur__task_enqueue(struct concur__task *t);

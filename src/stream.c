@@ -922,7 +922,7 @@ int concur_stream_cancel(concur_stream *s)
 
 void concur_stream_close(concur_stream *s)
 {
-	if (!s || s->closed || concur__tl_loop != s->loop)
+	if (!s || concur__tl_loop != s->loop || s->closed) /* closed: the loop's to read */
 		return;
 	stream_stop(s);
 	s->closed = true;

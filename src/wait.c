@@ -688,9 +688,9 @@ static void wait_after_input_value(struct after_slot *slot, int64_t v)
 {
 	struct after *a = wait_after_of_slot(slot);
 	wait_after_values(a)[wait_after_slot_index(slot)] = v;
-	/* one input (a then, a spawn_after of one): its one slot is told once (done or dropped),
-	 * so it is the last; no count to take down (a locked instruction per stage of a pipeline,
-	 * on the loop) */
+	/* one input (a then, a spawn_after of one): its one slot is told once (done, dropped, or
+	 * taken back), so it is the last; no count to take down (a second locked instruction per
+	 * stage of a pipeline, on the loop, after the slot's claim) */
 	if (a->n == 1 || atomic_fetch_sub(&a->remaining, 1) == 1)
 		wait_after_ready(a);
 }

@@ -467,6 +467,86 @@ static void test_blocking_shutdown_cancels_queued_jobs(void **state)
 	one_helper_done();
 }
 
+/*
+ * A spawn racing shutdown(ex, true): past its first look at the flag (held in its calloc, as
+ * above) when the shutdown swept the queue, it must not queue a job the sweep missed (that job
+ * waited for a helper to reach it, behind whatever the helpers were busy with). It looks again
+ * under the pool's lock, which the sweep takes after setting the flag, and is refused.
+ */
+static void test_blocking_spawn_racing_cancelling_shutdown(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	atomic_store(&spawner_state, 0);
+	atomic_store(&wrap_calloc_hook, hold_spawner_calloc);
+	assert_int_equal(pthread_create(&spawner, NULL, spawn_42, e), 0);
+	while (atomic_load(&spawner_state) != 1)
+		usleep(100);
+	concur_exec_shutdown(e, true); /* its sweep finds nothing yet */
+	atomic_store(&spawner_state, 2);
+	void *f;
+	assert_int_equal(pthread_join(spawner, &f), 0);
+	atomic_store(&wrap_calloc_hook, NULL);
+	assert_true(concur_done(f)); /* refused, not queued */
+	assert_int_equal(concur_result(f, 0), -ESHUTDOWN);
+	concur_release(f);
+	assert_int_equal(concur_exec_join(e, -1), 0);
+	concur_exec_free(e);
+}
+
+/*
+ * The jobs a shutdown(ex1, true) cancels run their callbacks in its caller's thread, as ex1's
+ * work: there a join of ex1 gets -EDEADLK. When that caller is a blocking job of ex2, the
+ * callbacks are still inside ex2's job, and a join of ex2 must get -EDEADLK too (it waited for
+ * its own job: the cancel had taken the job's thread for ex1's alone). Forced: one helper, busy
+ * with ex2's job, which shuts ex1 down while ex1's job is queued behind it.
+ */
+static concur_exec *nest_ex1, *nest_ex2;
+static sem_t nest_gate;
+static atomic_int nest_join1 = 1, nest_join2 = 1;
+
+static int64_t nest_shutdown_job(void *arg)
+{
+	sem_wait(&nest_gate);
+	concur_exec_shutdown(nest_ex1, true);
+	return 0;
+}
+
+static void nest_joins(concur_future *f, void *arg)
+{
+	atomic_store(&nest_join1, concur_exec_join(nest_ex1, 0));
+	atomic_store(&nest_join2, concur_exec_join(nest_ex2, 0));
+}
+
+static void test_blocking_shutdown_from_another_executors_job(void **state)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&nest_ex1, &o), 0);
+	assert_int_equal(concur_exec_new(&nest_ex2, &o), 0);
+	assert_int_equal(concur_blocking_config(1, MS(50)), 0);
+	EVENTUALLY(concur_blocking_threads() == 0);
+	assert_int_equal(concur_blocking_config(1, MS(10000)), 0);
+	sem_init(&nest_gate, 0, 0);
+	atomic_store(&never_ran, 0);
+	concur_future *outer = concur_spawn_blocking(nest_ex2, nest_shutdown_job, NULL);
+	EVENTUALLY(concur_running(outer));
+	concur_future *queued = concur_spawn_blocking(nest_ex1, must_not_run, NULL);
+	assert_int_equal(concur_on_done(queued, nest_joins, NULL), 0);
+	sem_post(&nest_gate);
+	assert_int_equal(concur_result(outer, -1), 0);
+	assert_true(concur_cancelled(queued));
+	assert_int_equal(atomic_load(&nest_join1), -EDEADLK);
+	assert_int_equal(atomic_load(&nest_join2), -EDEADLK);
+	assert_int_equal(atomic_load(&never_ran), 0);
+	concur_release(outer);
+	concur_release(queued);
+	concur_exec_free(nest_ex1);
+	concur_exec_free(nest_ex2);
+	assert_int_equal(concur_blocking_config(64, MS(10000)), 0);
+	sem_destroy(&nest_gate);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -482,6 +562,8 @@ int main(void)
 	    cmocka_unit_test(test_blocking_cancelled_job_callbacks_are_work),
 	    cmocka_unit_test(test_blocking_job_future_no_promise),
 	    cmocka_unit_test(test_blocking_shutdown_cancels_queued_jobs),
+	    cmocka_unit_test(test_blocking_spawn_racing_cancelling_shutdown),
+	    cmocka_unit_test(test_blocking_shutdown_from_another_executors_job),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }
