@@ -311,22 +311,37 @@ static void *spawn_42(void *arg)
 	return concur_spawn_blocking(arg, return_arg, (void *)42);
 }
 
-static void test_spawn_counted_before_shutdown_check(void **state)
+/* Spawn on e from a thread held in the spawn's calloc while meanwhile(e, arg) runs; the future
+ * the spawn returned once let go. */
+static concur_future *spawn_held_while(concur_exec *e, void (*meanwhile)(concur_exec *, void *),
+                                       void *arg)
 {
-	concur_exec *e;
-	struct concur_exec_opts o = {.loops = 1};
-	assert_int_equal(concur_exec_new(&e, &o), 0);
 	atomic_store(&spawner_state, 0);
 	atomic_store(&wrap_calloc_hook, hold_spawner_calloc);
 	assert_int_equal(pthread_create(&spawner, NULL, spawn_42, e), 0);
 	while (atomic_load(&spawner_state) != 1)
 		usleep(100);
-	concur_exec_shutdown(e, false);
-	int j = concur_exec_join(e, 0);
+	meanwhile(e, arg);
 	atomic_store(&spawner_state, 2);
 	void *f;
 	assert_int_equal(pthread_join(spawner, &f), 0);
 	atomic_store(&wrap_calloc_hook, NULL);
+	return f;
+}
+
+static void shut_down_and_join(concur_exec *e, void *join_out)
+{
+	concur_exec_shutdown(e, false);
+	*(int *)join_out = concur_exec_join(e, 0);
+}
+
+static void test_spawn_counted_before_shutdown_check(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	int j;
+	concur_future *f = spawn_held_while(e, shut_down_and_join, &j);
 	assert_int_equal(j, -ETIMEDOUT); /* the spawn in progress is work */
 	assert_int_equal(concur_result(f, -1), 42);
 	concur_release(f);
@@ -473,21 +488,17 @@ static void test_blocking_shutdown_cancels_queued_jobs(void **state)
  * waited for a helper to reach it, behind whatever the helpers were busy with). It looks again
  * under the pool's lock, which the sweep takes after setting the flag, and is refused.
  */
+static void shut_down_cancelling(concur_exec *e, void *unused)
+{
+	concur_exec_shutdown(e, true); /* its sweep finds nothing yet */
+}
+
 static void test_blocking_spawn_racing_cancelling_shutdown(void **state)
 {
 	concur_exec *e;
 	struct concur_exec_opts o = {.loops = 1};
 	assert_int_equal(concur_exec_new(&e, &o), 0);
-	atomic_store(&spawner_state, 0);
-	atomic_store(&wrap_calloc_hook, hold_spawner_calloc);
-	assert_int_equal(pthread_create(&spawner, NULL, spawn_42, e), 0);
-	while (atomic_load(&spawner_state) != 1)
-		usleep(100);
-	concur_exec_shutdown(e, true); /* its sweep finds nothing yet */
-	atomic_store(&spawner_state, 2);
-	void *f;
-	assert_int_equal(pthread_join(spawner, &f), 0);
-	atomic_store(&wrap_calloc_hook, NULL);
+	concur_future *f = spawn_held_while(e, shut_down_cancelling, NULL);
 	assert_true(concur_done(f)); /* refused, not queued */
 	assert_int_equal(concur_result(f, 0), -ESHUTDOWN);
 	concur_release(f);
