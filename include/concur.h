@@ -226,7 +226,8 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	/*
 	 * The task's fiber stack in bytes; 0 = the executor's (concur_exec_opts.stack_size).
 	 * CONCUR_STACK_MIN .. CONCUR_STACK_MAX, rounded up to a power of two; the fiber's own
-	 * record (128 bytes: its context, its cancellation and deadline state) is at its top.
+	 * record (192 bytes on 64-bit CPUs: its context, its cancellation and deadline state, its
+	 * awaiter) is at its top, so a 1 KiB stack leaves 832 bytes for the task's frames.
 	 * A stack never grows: size it for the deepest call chain the task makes, signal
 	 * handlers included (see below).
 	 *

@@ -311,6 +311,8 @@ int concur__stack_flags(size_t stack_size)
 }
 
 /* The fiber's record and (fallback switch) its ucontext, at the top of each slot. */
+_Static_assert(sizeof(void *) != 8 || sizeof(struct concur__fiber) <= 192,
+               "concur_spawn_opts.stack_size's header says the record takes 192 bytes");
 static size_t concur__fiber_head(void)
 {
 	size_t head = sizeof(struct concur__fiber);
