@@ -231,8 +231,10 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	 * A stack never grows: size it for the deepest call chain the task makes, signal
 	 * handlers included (see below).
 	 *
-	 * A stack of a page (4 KiB) or more has a guard page below it: an overflow faults
-	 * (SIGSEGV) at the instruction that overflows. A stack SMALLER THAN A PAGE shares its page
+	 * A stack of a page (4 KiB on most systems) or more has a guard page below it, and so does
+	 * every stack of 16 KiB or more (rounded up to a page where pages are larger, as on some
+	 * aarch64 and ppc64le kernels): an overflow faults (SIGSEGV) at the instruction that
+	 * overflows. A stack SMALLER THAN A PAGE shares its page
 	 * with its neighbours and has NO guard page of its own: an overflow silently writes into
 	 * the neighbour below. concur writes a canary at the bottom of such a stack and checks it
 	 * each time the task suspends or returns; a clobbered canary aborts the process with a

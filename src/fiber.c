@@ -292,22 +292,29 @@ static bool concur__maps_take(long n)
 	return false;
 }
 
+unsigned concur__stack_lg(size_t stack_size, size_t page)
+{
+	unsigned lg = 10;
+	while (((size_t)1 << lg) < stack_size)
+		lg++;
+	/* A stack the loop's own work may run on (concur__task_stack_big: 16 KiB or more) is not
+	 * canary-checked, so it must have a guard page: with pages over 16 KiB (aarch64 and
+	 * ppc64le kernels with 64 KiB pages) it is a page at least. With the ucontext switch no
+	 * stack is below a page: the ucontext_t alone is most of a kilobyte. */
+	if (CONCUR__USE_UCONTEXT || lg >= CONCUR__TASK_STACK_BIG_LG)
+		while (((size_t)1 << lg) < page)
+			lg++;
+	return lg;
+}
+
 int concur__stack_flags(size_t stack_size)
 {
 	if (!stack_size)
 		return 0;
 	if (stack_size < CONCUR_STACK_MIN || stack_size > CONCUR_STACK_MAX)
 		return -EINVAL;
-	unsigned lg = 10;
-	while (((size_t)1 << lg) < stack_size)
-		lg++;
-#if CONCUR__USE_UCONTEXT
-	/* the ucontext_t alone is most of a kilobyte: no tiny stacks */
 	pthread_once(&concur__stack_once, concur__stack_probe);
-	while (((size_t)1 << lg) < concur__page)
-		lg++;
-#endif
-	return (int)(lg << CONCUR__TASK_STACK_SHIFT);
+	return (int)(concur__stack_lg(stack_size, concur__page) << CONCUR__TASK_STACK_SHIFT);
 }
 
 /* The fiber's record and (fallback switch) its ucontext, at the top of each slot. */

@@ -652,6 +652,9 @@ extern _Atomic(void (*)(concur_exec *ex)) concur__cancel_queued_jobs;
 struct concur__fiber *concur__fiber_get(struct concur__loop *loop, struct concur__task *t);
 /* The task flags for a per-spawn stack size (0: the default), or -EINVAL. */
 int concur__stack_flags(size_t stack_size);
+/* The size class (log2 of its bytes) of a per-spawn stack of stack_size bytes on pages of page
+ * bytes: the power of two that holds it, and a page at least for one of 16 KiB or more. */
+unsigned concur__stack_lg(size_t stack_size, size_t page);
 /* How guard pages are made (CONCUR_STACK_GUARD_*), probed once per process. */
 int concur__stack_guard_mode(void);
 /* Tests: force a guard mechanism for reservations made from now on (0: back to the probe). */
