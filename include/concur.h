@@ -234,19 +234,19 @@ struct concur_spawn_opts { /* zeroed = as concur_spawn */
 	 * A stack of a page (4 KiB on most systems) or more has a guard page below it, and so does
 	 * every stack of 16 KiB or more (rounded up to a page where pages are larger, as on some
 	 * aarch64 and ppc64le kernels): an overflow faults (SIGSEGV) at the instruction that
-	 * overflows. A stack SMALLER THAN A PAGE shares its page
-	 * with its neighbours and has NO guard page of its own: an overflow silently writes into
-	 * the neighbour below. concur writes a canary at the bottom of such a stack and checks it
-	 * each time the task suspends or returns; a clobbered canary aborts the process with a
-	 * message, but a frame that jumps over it goes unseen, and the damage happens before
-	 * the check. Use them only for tasks whose depth you know: awaiting futures, promises,
-	 * timers and concur's I/O calls fits in 1 KiB (250-400 bytes over such a task's life,
-	 * record included, in an optimized build; -O0 and the sanitizers need several times
-	 * more). These do not fit: printf and much of libc; deep recursion; a signal handler
-	 * running on the task's stack (the kernel pushes a 1-3 KiB frame: give handlers
-	 * SA_ONSTACK and a sigaltstack); and the FIRST call of any function from a shared
-	 * library, which the dynamic linker resolves on the caller's stack, saving the vector
-	 * registers there (1-3 KiB): link with -Wl,-z,now or make that first call elsewhere.
+	 * overflows. A stack SMALLER THAN A PAGE shares its page with its neighbours and has NO
+	 * guard page of its own: an overflow silently writes into the neighbour below. concur
+	 * writes a canary at the bottom of such a stack and checks it each time the task suspends
+	 * or returns; a clobbered canary aborts the process with a message, but a frame that jumps
+	 * over it goes unseen, and the damage happens before the check. Use them only for tasks
+	 * whose depth you know: awaiting futures, promises, timers and concur's I/O calls fits in
+	 * 1 KiB (250-400 bytes over such a task's life, record included, in an optimized build; -O0
+	 * and the sanitizers need several times more). These do not fit: printf and much of libc;
+	 * deep recursion; a signal handler running on the task's stack (the kernel pushes a 1-3 KiB
+	 * frame: give handlers SA_ONSTACK and a sigaltstack); and the FIRST call of any function
+	 * from a shared library, which the dynamic linker resolves on the caller's stack, saving
+	 * the vector registers there (1-3 KiB): link with -Wl,-z,now or make that first call
+	 * elsewhere.
 	 * The callbacks a task with a stack under 16 KiB runs by completing a future (a promise
 	 * it sets, a task it cancels, concur_on_done of a done future) run on its loop's stack,
 	 * not on the task's: they are anyone's code.
