@@ -289,7 +289,8 @@ concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_f
  * still be running on the completing thread when this returns (see "Order" at the top).
  * In a task it suspends the task's fiber; on a thread outside the executor it blocks the
  * thread; on a loop thread outside any task (a callback) it returns -EDEADLK unless f is
- * already done, since blocking there would stop the loop that must complete f.
+ * already done, since blocking there would stop the loop that must complete f. A task asking
+ * for its own result gets -EDEADLK too (it would wait for itself for good).
  */
 int64_t concur_result(concur_future *f, int64_t timeout_ns);
 

@@ -1012,6 +1012,39 @@ static void test_callback_outside_task(void **state)
 	concur_exec_free(ex);
 }
 
+/* A task (or a then's function) asking for its own result: -EDEADLK, not a wait for good. The
+ * task learns its future from a promise, set once the spawn returned it. */
+static int64_t await_self(void *arg)
+{
+	concur_future *self = (concur_future *)(intptr_t)concur_result(arg, -1);
+	return concur_result(self, MS(200)); /* the bound only turns a failure into -ETIMEDOUT */
+}
+
+static int64_t then_awaits_self(void *arg, int64_t v)
+{
+	return concur_result(*(concur_future **)arg, MS(200));
+}
+
+static void test_task_awaiting_itself(void **state)
+{
+	concur_exec *ex = new_exec(1);
+	concur_future *p = concur_promise_new(ex);
+	concur_future *t = concur_spawn(ex, await_self, p);
+	assert_int_equal(concur_promise_set(p, (int64_t)(intptr_t)t), 0);
+	assert_int_equal(concur_result(t, MS(5000)), -EDEADLK);
+
+	concur_future *q = concur_promise_new(ex), *self = NULL;
+	concur_future *g = concur_then(q, then_awaits_self, &self);
+	self = g;
+	assert_int_equal(concur_promise_set(q, 1), 0);
+	assert_int_equal(concur_result(g, MS(5000)), -EDEADLK);
+	concur_release(g);
+	concur_release(q);
+	concur_release(t);
+	concur_release(p);
+	concur_exec_free(ex);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1042,6 +1075,7 @@ int main(void)
 	    cmocka_unit_test(test_held_executor_reference),
 	    cmocka_unit_test(test_held_release_races_completion),
 	    cmocka_unit_test(test_callback_outside_task),
+	    cmocka_unit_test(test_task_awaiting_itself),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
