@@ -147,16 +147,18 @@ void concur_exec_free(concur_exec *ex);
  * Stop an executor gracefully: stop new work as concur_exec_shutdown(ex, false) does, wait up to
  * drain_ns (< 0: forever) for the work to end, then cancel: tasks that have not started end
  * CANCELLED unrun (and blocking jobs no helper picked yet, whose callbacks run in this call's
- * thread, as concur_exec_shutdown's), and every running task is
- * cancelled (concur_cancel: its waits fail with -ECANCELED, its I/O in flight is cancelled in
- * the kernel), and so is future I/O in flight
- * (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join. Future
- * I/O started after that (by a callback, another thread) is cancelled as it starts, but a
+ * thread, as concur_exec_shutdown's), and every running task is cancelled (concur_cancel: its waits
+ * fail with -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in
+ * flight (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join.
+ * Future I/O started after that (by a callback, another thread) is cancelled as it starts, but a
  * shielded task's (which it must await: an op it leaves running keeps the join waiting). Tasks
- * decide how fast they end (a shielded cleanup runs to its end, its op too). Returns 0 if the work
- * drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad ex, -EDEADLK where
- * concur_exec_join() returns it. The executor stays allocated: concur_exec_free() it
- * afterwards.
+ * decide how fast they end (a shielded cleanup runs to its end, its op too; what it awaits through
+ * another future, a concur_signal() one or a then of an op, is cancelled like the rest). An idle
+ * future that only an outside event ends (a signal future, a read of a quiet socket) is work, so it
+ * keeps the drain waiting its whole drain_ns: cancel it first if the drain should end with the
+ * tasks. Returns 0 if the work drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad
+ * ex, -EDEADLK where concur_exec_join() returns it. The executor stays allocated:
+ * concur_exec_free() it afterwards.
  */
 int concur_exec_stop(concur_exec *ex, int64_t drain_ns);
 
@@ -754,6 +756,9 @@ typedef void (*concur_stall_fn)(concur_exec *ex, unsigned loop_idx, int64_t ran_
  * loop threads or inside a report, where it does not wait for reports running on other loops.
  * concur_exec_free() turns the detector off. Returns 0, -EINVAL, or -ENOSPC if too many
  * executors have a detector (16).
+ * Cost: while it is on, ex's loops read the thread's CPU clock (a syscall, no vDSO) twice per
+ * task run and switch between fibers through the loop rather than directly: a monitoring aid
+ * for ex only; other executors pay nothing.
  */
 int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn fn, void *arg);
 

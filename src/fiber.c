@@ -843,7 +843,7 @@ static void concur__fiber_main(struct concur__task *t)
 	struct concur__fiber *fib = t->fib;
 	concur__stack_check(t);
 	if (!concur__task_stack_big(t) ||
-	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed)) {
+	    atomic_load_explicit(&loop->stall_on, memory_order_relaxed)) {
 		/* the loop's context finishes it: a tiny stack has no room for the callbacks, and a
 		 * stall detector times each run on its own */
 		t->f.flags |= CONCUR__TASK_RETURNED;

@@ -830,6 +830,7 @@ struct concur__loop {
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget; /* runnables the turn may still run, direct fiber switches included */
+	_Atomic bool stall_on; /* this loop's executor has a stall detector (stall.c) */
 	/* a finished fiber that passed the thread on: its stack goes back to the pool as soon as
 	 * we are off it, by whoever it switched to (concur__fiber_reap) */
 	struct concur__fiber *dead_fib;
@@ -934,7 +935,6 @@ void concur__loop_post(struct concur__loop *loop, struct concur__node *node);
  * The run queues, inline: they are the switch's hot path (a yield is push + pop + switch, a few
  * ns), and a call into loop.c for each measured as much again. Loop thread only.
  */
-extern _Atomic unsigned concur__stall_detectors; /* stall.c: nonzero while a detector is set */
 /* Queue a runnable task on the current loop. */
 static inline void concur__loop_push_ready(struct concur__loop *loop, struct concur__task *t)
 {
@@ -989,8 +989,7 @@ static inline bool concur__fiber_room_to_start(const struct concur__fiber *fib)
 static inline struct concur__task *
 concur__loop_pop_direct(struct concur__loop *loop, const struct concur__fiber *host, bool only_big)
 {
-	if (loop->budget <= 1 ||
-	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed))
+	if (loop->budget <= 1 || atomic_load_explicit(&loop->stall_on, memory_order_relaxed))
 		return NULL;
 	struct concur__node *n = loop->ready_head;
 	if (!n)
@@ -1258,14 +1257,14 @@ bool concur__timers_stop(struct concur__loop *loop);
  * Stall detector hook (stall.c), for the loop (loop.c; fiber.c does not switch fibers directly
  * while a detector is set, concur__loop_pop_direct): around each time it runs a fiber,
  *
- *	int64_t t0 = concur__stall_begin();
+ *	int64_t t0 = concur__stall_begin(loop);
  *	concur__fiber_run(loop, t);
  *	if (t0)
  *		concur__stall_end(loop, t0);
  *
- * concur__stall_begin() is one relaxed load and returns 0 while no executor has a detector.
+ * concur__stall_begin() is one relaxed load of the loop's own flag and returns 0 while the
+ * loop's executor has no detector: a detector on one executor costs the others nothing.
  */
-extern _Atomic unsigned concur__stall_detectors;
 /* The loop thread's CPU time: what a task consumed, not counting the times the thread was
  * preempted (wall time would blame a task for a busy machine). Never 0. */
 static inline int64_t concur__thread_cpu_ns(void)
@@ -1274,10 +1273,9 @@ static inline int64_t concur__thread_cpu_ns(void)
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
 	return CONCUR__TS_TO_NS(&ts) + 1;
 }
-static inline int64_t concur__stall_begin(void)
+static inline int64_t concur__stall_begin(const struct concur__loop *loop)
 {
-	if (CONCUR__LIKELY(atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ==
-	                   0))
+	if (CONCUR__LIKELY(!atomic_load_explicit(&loop->stall_on, memory_order_relaxed)))
 		return 0;
 	return concur__thread_cpu_ns();
 }

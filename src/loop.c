@@ -322,7 +322,7 @@ bool concur__loop_start_awaited(struct concur__loop *loop, struct concur__task *
 	if (loop->fresh_head != &t->node || loop->ready_head || loop->budget <= 1 ||
 	    !concur__task_stack_big(t) || !concur__task_stack_big(w) ||
 	    !concur__fiber_room_to_start(w->fib) ||
-	    atomic_load_explicit(&concur__stall_detectors, memory_order_relaxed) ||
+	    atomic_load_explicit(&loop->stall_on, memory_order_relaxed) ||
 	    atomic_load_explicit(&loop->ex->cancel_pending, memory_order_relaxed))
 		return false;
 	concur__pop_fresh(loop);
@@ -346,7 +346,7 @@ static void concur__run_queues(struct concur__loop *loop)
 			break;
 		if (!t->fib && !concur__task_start(loop, t))
 			continue;
-		int64_t t0 = concur__stall_begin(); /* 0 unless a stall detector is set */
+		int64_t t0 = concur__stall_begin(loop); /* 0 unless a stall detector is set */
 		/* the fiber back here, after direct switches; NULL if it finished on its own */
 		t = concur__fiber_run(loop, t);
 		if (t0)

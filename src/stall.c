@@ -1,18 +1,18 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The stall detector: the loop times each run of a fiber (concur__stall_begin/end in internal.h)
- * while at least one executor has a detector, and a run longer than the executor's threshold
- * is counted and reported. A small fixed table keeps the per-executor settings, so the core's
- * structures need no field for it; an entry is matched by executor pointer and id, so a freed
- * executor's entry never matches a new one at the same address.
+ * The stall detector: a loop times each run of a fiber (concur__stall_begin/end in internal.h)
+ * while its executor has a detector (the loop's stall_on flag, set here), and a run longer than
+ * the executor's threshold is counted and reported. Timing costs two reads of the thread's CPU
+ * clock (syscalls) per run, and the loop gives up its direct fiber-to-fiber switches, so only
+ * the loops of an executor with a detector pay it. A small fixed table keeps the per-executor
+ * settings; an entry is matched by executor pointer and id, so a freed executor's entry never
+ * matches a new one at the same address.
  */
 #include "wait.h"
 
 #include <sched.h>
 
 #define STALL_SLOTS 16
-
-_Atomic unsigned concur__stall_detectors;
 
 /* Written under slots_lock; a loop looks without it (stall_slot_of) and takes it only for a
  * run over the threshold, to report from a consistent copy. */
@@ -42,12 +42,19 @@ static struct stall_slot *stall_slot_of(const concur_exec *ex)
 	return NULL;
 }
 
+/* Tell ex's loops whether to time their runs (under slots_lock). */
+static void stall_loops_set(concur_exec *ex, bool on)
+{
+	for (unsigned i = 0; i < ex->nloops; i++)
+		atomic_store_explicit(&ex->loops[i]->stall_on, on, memory_order_relaxed);
+}
+
 /* Free ex's slot (under slots_lock). */
 static void stall_slot_free(struct stall_slot *s)
 {
 	atomic_fetch_add(&s->gen, 1);
+	stall_loops_set(atomic_load(&s->ex), false);
 	atomic_store(&s->ex, NULL);
-	atomic_fetch_sub(&concur__stall_detectors, 1);
 }
 
 /* The old fn of a slot just changed or freed may still be running on a loop: wait for it, so
@@ -96,8 +103,6 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 				s = &slots[i];
 		}
 		if (s) {
-			if (!atomic_load(&s->ex))
-				atomic_fetch_add(&concur__stall_detectors, 1);
 			atomic_fetch_add(&s->gen, 1);
 			atomic_store(&s->ex, NULL);
 			atomic_store(&s->ex_id, ex->id);
@@ -106,6 +111,7 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 			atomic_store(&s->threshold_ns, threshold_ns);
 			atomic_store(&s->count, 0);
 			atomic_store(&s->ex, ex);
+			stall_loops_set(ex, true);
 		} else {
 			err = -ENOSPC;
 		}

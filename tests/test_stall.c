@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: MIT */
 /* The stall detector (stall.c): a fiber run longer than the threshold is counted and reported. */
-#include "internal.h" /* concur__stall_detectors */
 #include "comp_test.h"
 
 #include <errno.h>
@@ -15,12 +14,15 @@
  * executor's slot and before it reads the slot's fn -- waits there until the test lets it go.
  */
 int __real_clock_gettime(clockid_t clk, struct timespec *ts);
+static atomic_long cpu_clock_reads; /* test_detector_costs_only_its_executor */
 static atomic_bool hold_armed;
 static pthread_t hold_thread;
 static atomic_int hold_state; /* 1: a loop is held, 2: let it go */
 
 int __wrap_clock_gettime(clockid_t clk, struct timespec *ts)
 {
+	if (clk == CLOCK_THREAD_CPUTIME_ID)
+		atomic_fetch_add(&cpu_clock_reads, 1);
 	if (clk == CLOCK_THREAD_CPUTIME_ID && atomic_load(&hold_armed) &&
 	    pthread_equal(pthread_self(), hold_thread)) {
 		atomic_store(&hold_armed, false);
@@ -165,18 +167,49 @@ static void test_off_waits_for_report(void **state)
 	concur_release(f);
 }
 
-/* A freed executor's detector goes with it: the process-wide count that makes every loop time
- * its runs stayed raised until some later call reused the slot. */
-static void test_free_drops_detector(void **state)
+/* A detector costs only its own executor: another one's fiber runs read no thread CPU clock (a
+ * syscall: that clock has no vDSO path) and keep their direct switches. It was one count for the
+ * process, so one executor's detector made every loop time every run (2002 reads for the 2000
+ * yields below). The same once a detector is turned off, or its executor freed. */
+
+static int64_t yielder(void *arg)
 {
-	concur_exec *e;
+	for (int i = 0; i < 1000; i++)
+		concur_yield();
+	return 0;
+}
+
+/* The CPU-clock reads of two tasks yielding 1,000 times each on e. */
+static long yielders_clock_reads(concur_exec *e)
+{
+	atomic_store(&cpu_clock_reads, 0);
+	concur_future *f[2] = {concur_spawn(e, yielder, NULL), concur_spawn(e, yielder, NULL)};
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(concur_result(f[i], -1), 0);
+		concur_release(f[i]);
+	}
+	return atomic_load(&cpu_clock_reads);
+}
+
+static void test_detector_costs_only_its_executor(void **state)
+{
 	struct concur_exec_opts o = {.loops = 1};
-	unsigned before = atomic_load(&concur__stall_detectors);
-	assert_int_equal(concur_exec_new(&e, &o), 0);
-	assert_int_equal(concur_stall_detector(e, MS(10), NULL, NULL), 0);
-	assert_int_equal(atomic_load(&concur__stall_detectors), before + 1);
-	concur_exec_free(e);
-	assert_int_equal(atomic_load(&concur__stall_detectors), before);
+	concur_exec *a, *b;
+	assert_int_equal(concur_exec_new(&a, &o), 0);
+	assert_int_equal(concur_exec_new(&b, &o), 0);
+	assert_int_equal(concur_stall_detector(a, MS(100), NULL, NULL), 0);
+	assert_int_equal(yielders_clock_reads(b), 0);
+	assert_true(yielders_clock_reads(a) >= 2000); /* a's own runs are timed */
+	assert_int_equal(concur_stall_detector(a, 0, NULL, NULL), 0);
+	assert_int_equal(yielders_clock_reads(a), 0);
+	assert_int_equal(concur_stall_detector(a, MS(100), NULL, NULL), 0);
+	concur_exec_free(a); /* its detector goes with it */
+	concur_exec *c;
+	assert_int_equal(concur_exec_new(&c, &o), 0);
+	assert_int_equal(yielders_clock_reads(c), 0);
+	assert_int_equal(yielders_clock_reads(b), 0);
+	concur_exec_free(c);
+	concur_exec_free(b);
 }
 
 int main(void)
@@ -185,7 +218,7 @@ int main(void)
 	    cmocka_unit_test(test_stall_detector),
 	    cmocka_unit_test(test_report_of_one_setting),
 	    cmocka_unit_test(test_off_waits_for_report),
-	    cmocka_unit_test(test_free_drops_detector),
+	    cmocka_unit_test(test_detector_costs_only_its_executor),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }
