@@ -623,11 +623,11 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 /*
  * Wait until no member is left (members spawned meanwhile included). Returns 0 if every member
  * succeeded, else the error of the first member that failed (in completion order, as observable:
- * see "Order" at the top; -ECANCELED if members were only cancelled), -ETIMEDOUT, -EINVAL,
- * -EDEADLK (see the top of this section), -ENOMEM. A task waiting here that is cancelled cancels
- * the group (concur_group_cancel) and still waits, shielded (timeout_ns still holds), for its
- * members to end, then returns -ECANCELED. When it returns 0 or an error other than -ETIMEDOUT,
- * -EINVAL, -EDEADLK or -ENOMEM, every member is done.
+ * see "Order" at the top; -ECANCELED if members were only cancelled), -ETIMEDOUT, -EINVAL, -EDEADLK
+ * (see the top of this section; also for a member of g, which would wait for itself), -ENOMEM. A
+ * task waiting here that is cancelled cancels the group (concur_group_cancel) and still waits,
+ * shielded (timeout_ns still holds), for its members to end, then returns -ECANCELED. When it
+ * returns 0 or an error other than -ETIMEDOUT, -EINVAL, -EDEADLK or -ENOMEM, every member is done.
  */
 int64_t concur_group_wait(concur_group *g, int64_t timeout_ns);
 

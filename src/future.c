@@ -357,6 +357,20 @@ bool concur__waiter_take_back(concur_future *f, struct concur__waiter *w)
 	return true;
 }
 
+bool concur__waiter_find(concur_future *f, const struct concur__waiter_ops *ops,
+                         bool (*match)(const struct concur__waiter *w, const void *arg),
+                         const void *arg)
+{
+	uintptr_t word = concur__waiters_lock(f);
+	if (word & CONCUR__WAITERS_CLOSED)
+		return false;
+	bool found = false;
+	for (struct concur__waiter *w = concur__waiters_head(word); w && !found; w = w->next)
+		found = w->kind == CONCUR__WAIT_CALL && w->ops == ops && match(w, arg);
+	atomic_store_explicit(&f->waiters, word, memory_order_release); /* unlocks */
+	return found;
+}
+
 /*
  * Wake a thread parked on f's state word: through the loop's ring when it enters the kernel
  * anyway (concur__loop_futex_wake), else the futex syscall at once.

@@ -238,10 +238,25 @@ static int64_t group_wait_cancelled(concur_group *g, int64_t deadline)
 	return r < 0 ? r : -ECANCELED;
 }
 
+static bool group_member_of(const struct concur__waiter *w, const void *g)
+{
+	return ((const struct member *)w)->g == g;
+}
+
+/* The task running here is a live member of g: waiting for g, it would wait for itself. Its
+ * member node stays on its own future's list until it ends. */
+static bool group_waits_for_itself(concur_group *g)
+{
+	struct concur__task *t = concur__tl_task;
+	return t && concur__waiter_find(&t->f, &member_ops, group_member_of, g);
+}
+
 int64_t concur_group_wait(concur_group *g, int64_t timeout_ns)
 {
 	if (!g)
 		return -EINVAL;
+	if (group_waits_for_itself(g))
+		return -EDEADLK;
 	int64_t deadline = concur__deadline_after(timeout_ns);
 	for (;;) {
 		pthread_mutex_lock(&g->lock);

@@ -408,6 +408,11 @@ bool concur__waiter_remove(concur_future *f, struct concur__waiter *w);
  * final state (a future dying unset never gets one).
  */
 bool concur__waiter_take_back(concur_future *f, struct concur__waiter *w);
+/* True if f's list, still open, holds a composition's node (CONCUR__WAIT_CALL) with these ops
+ * for which match(w, arg) is true. match runs with the list locked: it must not touch f. */
+bool concur__waiter_find(concur_future *f, const struct concur__waiter_ops *ops,
+                         bool (*match)(const struct concur__waiter *w, const void *arg),
+                         const void *arg);
 /* Wait (briefly: it is imminent) until the state of f, whose completion began, is final. */
 void concur__future_wait_final(const concur_future *f);
 /* A future already failed with err (never NULL: a static one if memory runs out). */

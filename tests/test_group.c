@@ -328,6 +328,31 @@ static void test_group_spawn_after_executor_freed(void **state)
 	concur_group_free(g);
 }
 
+/* A member waiting for its own group would wait for itself: -EDEADLK (it waited for good, as in
+ * Go's errgroup). It may still wait for another group, and a task outside g for g. The bound on
+ * the self-wait only turns the failure it would be into -ETIMEDOUT. */
+static concur_group *outer_g, *inner_g;
+
+static int64_t member_waits_groups(void *arg)
+{
+	int64_t self = concur_group_wait(outer_g, MS(200));
+	concur_release(concur_group_spawn(inner_g, member_ok, NULL));
+	int64_t other = concur_group_wait(inner_g, MS(5000));
+	return self == -EDEADLK && other == 0 ? 0 : -EPROTO;
+}
+
+static void test_group_member_waits_for_itself(void **state)
+{
+	assert_int_equal(concur_group_new(&outer_g, ex, 0), 0);
+	assert_int_equal(concur_group_new(&inner_g, ex, 0), 0);
+	concur_future *m = concur_group_spawn(outer_g, member_waits_groups, NULL);
+	assert_int_equal(concur_group_wait(outer_g, MS(5000)), 0);
+	assert_int_equal(concur_result(m, 0), 0);
+	concur_release(m);
+	concur_group_free(inner_g);
+	concur_group_free(outer_g);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -339,6 +364,7 @@ int main(void)
 	    cmocka_unit_test(test_group_cancel_in_member),
 	    cmocka_unit_test(test_group_observed_order),
 	    cmocka_unit_test(test_group_spawn_after_executor_freed),
+	    cmocka_unit_test(test_group_member_waits_for_itself),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
