@@ -107,6 +107,10 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * signals you handle elsewhere (sigwait, a signalfd, concur_signal) before calling it, or loop
  * threads may take them. Helper threads of the blocking pool likewise inherit the mask of the
  * thread whose concur_spawn_blocking() started them.
+ *
+ * fork(): a child has none of its parent's loop threads, so it must not use, join or free an
+ * executor made before the fork (its rings are the parent's); it may make executors of its own.
+ * The parent's executors go on unaffected.
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 
