@@ -143,7 +143,9 @@ void concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
  * caller still holds stay valid (release them as usual); concur_future_exec() on them gives
  * NULL from now on. Must not be called where concur_exec_join() returns -EDEADLK (a loop
  * thread, a blocking job of ex, a callback that is work of ex: see there): there it does
- * nothing. NULL is ignored.
+ * nothing. NULL is ignored. A concur_exec_join() or concur_exec_stop() of ex under way in
+ * another thread returns before ex is released (this call waits for it); no other call on ex
+ * may be under way, or begin once this one has.
  */
 void concur_exec_free(concur_exec *ex);
 

@@ -239,10 +239,14 @@ int concur_exec_stop(concur_exec *ex, int64_t drain_ns)
 		return -EINVAL;
 	if (concur__exec_no_wait_here(ex))
 		return -EDEADLK;
+	/* counted as a joiner for the whole call: a concurrent concur_exec_free waits for it */
+	atomic_fetch_add_explicit(&ex->joiners, 1, memory_order_seq_cst);
 	concur_exec_shutdown(ex, false);
 	int r = concur_exec_join(ex, drain_ns);
-	if (r != -ETIMEDOUT)
+	if (r != -ETIMEDOUT) {
+		atomic_fetch_sub_explicit(&ex->joiners, 1, memory_order_seq_cst);
 		return r;
+	}
 	concur_exec_shutdown(ex, true); /* what has not started ends CANCELLED unrun */
 	for (unsigned i = 0; i < ex->nloops; i++) {
 		struct concur__loop *loop = ex->loops[i];
@@ -252,5 +256,6 @@ int concur_exec_stop(concur_exec *ex, int64_t drain_ns)
 		concur__loop_post(loop, &loop->stop_node);
 	}
 	concur_exec_join(ex, -1);
+	atomic_fetch_sub_explicit(&ex->joiners, 1, memory_order_seq_cst);
 	return -ETIMEDOUT;
 }

@@ -276,6 +276,9 @@ void concur_exec_free(concur_exec *ex)
 		return;
 	concur_exec_shutdown(ex, false);
 	concur_exec_join(ex, -1);
+	/* a join of another thread, woken with ours, still reads ex on its way out */
+	while (atomic_load_explicit(&ex->joiners, memory_order_acquire))
+		sched_yield();
 	concur__stop_loops(ex, ex->nloops);
 	concur__stall_forget(ex); /* no loop runs a task for it now */
 	concur__loop_quiesce(ex);

@@ -808,6 +808,60 @@ static void test_exec_stop_drains(void **state)
 	concur_exec_free(ex);
 }
 
+/*
+ * concur_exec_free while another thread is in concur_exec_stop of the same executor: the stop,
+ * its drain timed out, goes on with ex (a shutdown, its loops, a second join), which the free
+ * had freed (a use after free under ASan). Forced: a wrap of concur_exec_shutdown holds the
+ * stopper at its cancelling shutdown until the free has returned, or for 300 ms, which a free
+ * that waits for the stop (as it must) spends waiting.
+ */
+static _Thread_local bool is_stopper;
+static atomic_int stopper_held, stopped_ex_freed;
+
+void __real_concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
+void __wrap_concur_exec_shutdown(concur_exec *ex, bool cancel_pending)
+{
+	if (is_stopper && cancel_pending) {
+		atomic_store(&stopper_held, 1);
+		for (int i = 0; i < 300 && !atomic_load(&stopped_ex_freed); i++)
+			usleep(1000);
+	}
+	__real_concur_exec_shutdown(ex, cancel_pending);
+}
+
+static concur_exec *stopped_ex;
+static void *stopper_main(void *arg)
+{
+	is_stopper = true;
+	*(int *)arg = concur_exec_stop(stopped_ex, MS(10)); /* the gate is shut: it times out */
+	return NULL;
+}
+
+static int64_t wait_gate(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+static void test_free_while_another_thread_stops(void **state)
+{
+	stopped_ex = new_exec(1);
+	concur_future *gate = concur_promise_new(NULL);
+	concur_future *t = concur_spawn(stopped_ex, wait_gate, gate);
+	int sr = 0;
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, stopper_main, &sr), 0);
+	while (!atomic_load(&stopper_held))
+		usleep(1000);
+	assert_int_equal(concur_promise_set(gate, 1), 0); /* the work ends */
+	concur_exec_free(stopped_ex);                     /* waits for the stop to be over */
+	atomic_store(&stopped_ex_freed, 1);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(sr, -ETIMEDOUT);
+	assert_int_equal(concur_result(t, 0), 1);
+	concur_release(t);
+	concur_release(gate);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -832,6 +886,7 @@ int main(void)
 	    cmocka_unit_test(test_exec_stop_spares_shielded_io),
 	    cmocka_unit_test(test_exec_stop_cancels_later_io),
 	    cmocka_unit_test(test_exec_stop_drains),
+	    cmocka_unit_test(test_free_while_another_thread_stops),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }

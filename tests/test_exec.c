@@ -929,6 +929,61 @@ static void test_refused_then_callbacks_are_work(void **state)
 	sem_destroy(&refused_cb_go);
 }
 
+/*
+ * concur_exec_free while another thread is in concur_exec_join of the same executor: the joiner,
+ * woken because the work is over, still reads ex on its way out (join_seq, outstanding,
+ * joiners). The free freed ex under it (a use after free under ASan). Forced: a wrap of
+ * concur__futex_wait holds the woken joiner until the free has returned, or for 300 ms, which a
+ * free that waits for it (as it must) spends waiting; one that does not returns long before.
+ */
+static _Thread_local bool is_joiner;
+static atomic_int joiner_waiting, ex_freed;
+
+int __real_concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs);
+int __wrap_concur__futex_wait(_Atomic uint32_t *word, uint32_t val, const struct timespec *abs)
+{
+	if (is_joiner)
+		atomic_store(&joiner_waiting, 1);
+	int r = __real_concur__futex_wait(word, val, abs);
+	for (int i = 0; is_joiner && i < 300 && !atomic_load(&ex_freed); i++)
+		usleep(1000);
+	return r;
+}
+
+static concur_exec *joined_ex;
+static void *joiner_main(void *arg)
+{
+	is_joiner = true;
+	*(int *)arg = concur_exec_join(joined_ex, -1);
+	return NULL;
+}
+
+static int64_t wait_gate(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+static void test_free_while_another_thread_joins(void **state)
+{
+	joined_ex = new_exec(1);
+	concur_future *gate = concur_promise_new(NULL);
+	concur_future *t = concur_spawn(joined_ex, wait_gate, gate);
+	int jr = -1;
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, joiner_main, &jr), 0);
+	while (!atomic_load(&joiner_waiting))
+		usleep(1000);
+	/* the work ends: the joiner wakes (or finds the word changed) and is held */
+	assert_int_equal(concur_promise_set(gate, 1), 0);
+	concur_exec_free(joined_ex); /* waits for the joiner to be out */
+	atomic_store(&ex_freed, 1);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(jr, 0);
+	assert_int_equal(concur_result(t, 0), 1);
+	concur_release(t);
+	concur_release(gate);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -949,6 +1004,7 @@ int main(void)
 	    cmocka_unit_test(test_spawn_on_bad),
 	    cmocka_unit_test(test_io_uring_register_blocked),
 	    cmocka_unit_test(test_refused_then_callbacks_are_work),
+	    cmocka_unit_test(test_free_while_another_thread_joins),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
