@@ -48,13 +48,44 @@ static struct {
 
 static void blocking_cancel_queued(concur_exec *ex);
 
-static void blocking_pool_init(void)
+static void blocking_cond_init(void)
 {
 	pthread_condattr_t attr;
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&pool.cond, &attr);
 	pthread_condattr_destroy(&attr);
+}
+
+/*
+ * fork(): the child has none of the helpers, yet its copy of the pool counted them, so its jobs
+ * were queued for helpers it did not have, for good. The child's pool starts empty: its first
+ * job starts a helper of its own. The jobs queued are for the parent's executors, which the
+ * child cannot use: left to the parent. The lock is held across the fork, so the child's copy
+ * is whole (its mutex and condition variable are made again: their waiters are not there).
+ */
+static void blocking_fork_prepare(void)
+{
+	pthread_mutex_lock(&pool.lock);
+}
+
+static void blocking_fork_parent(void)
+{
+	pthread_mutex_unlock(&pool.lock);
+}
+
+static void blocking_fork_child(void)
+{
+	pool.head = pool.tail = NULL;
+	pool.threads = pool.idle = pool.woken = 0;
+	pthread_mutex_init(&pool.lock, NULL);
+	blocking_cond_init();
+}
+
+static void blocking_pool_init(void)
+{
+	blocking_cond_init();
+	pthread_atfork(blocking_fork_prepare, blocking_fork_parent, blocking_fork_child);
 	atomic_store_explicit(&concur__cancel_queued_jobs, blocking_cancel_queued,
 	                      memory_order_release);
 }

@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* A blocking job: a real blocking syscall on a helper thread, never on a loop. */
@@ -558,6 +559,54 @@ static void test_blocking_shutdown_from_another_executors_job(void **state)
 	sem_destroy(&nest_gate);
 }
 
+/*
+ * fork(): the child's pool starts with no helper. Its copy counted the parent's helpers (which
+ * a child does not have), so a job it spawned was queued for an idle helper that was not
+ * there and never ran (its result timed out, and freeing its executor hung). A TSan child of a
+ * multi-threaded parent may not start threads, so there the child checks the pool it starts
+ * with and runs no job.
+ */
+static int blocking_child(void)
+{
+	if (concur_blocking_threads() != 0)
+		return 1; /* the parent's helpers, counted */
+#if !defined(__SANITIZE_THREAD__)
+	struct concur_exec_opts o = {.loops = 1};
+	concur_exec *c;
+	if (concur_exec_new(&c, &o))
+		return 2;
+	concur_future *f = concur_spawn_blocking(c, return_arg, (void *)31);
+	int64_t r = concur_result(f, MS(5000));
+	concur_release(f);
+	concur_exec_free(c);
+	if (r != 31)
+		return 3;
+#endif
+	return 0;
+}
+
+static void test_blocking_in_forked_child(void **state)
+{
+	concur_future *f = concur_spawn_blocking(ex, return_arg, (void *)30);
+	assert_int_equal(concur_result(f, -1), 30);
+	concur_release(f);
+	assert_true(concur_blocking_threads() >= 1); /* an idle helper, in the parent */
+	fflush(NULL);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		alarm(30);
+		_exit(blocking_child());
+	}
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	f = concur_spawn_blocking(ex, return_arg, (void *)32); /* the parent's pool goes on */
+	assert_int_equal(concur_result(f, -1), 32);
+	concur_release(f);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -575,6 +624,7 @@ int main(void)
 	    cmocka_unit_test(test_blocking_shutdown_cancels_queued_jobs),
 	    cmocka_unit_test(test_blocking_spawn_racing_cancelling_shutdown),
 	    cmocka_unit_test(test_blocking_shutdown_from_another_executors_job),
+	    cmocka_unit_test(test_blocking_in_forked_child),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }
