@@ -64,13 +64,14 @@ typedef void (*concur_done_fn)(concur_future *f, void *arg);
 
 /* concur_exec_opts.flags */
 enum {
-	CONCUR_EXEC_PIN = 1u << 0, /* pin loop i to online CPU i (mod CPUs) */
+	/* pin loop i to the (i mod n)-th of the n CPUs the creating thread may run on */
+	CONCUR_EXEC_PIN = 1u << 0,
 	CONCUR_EXEC_SQPOLL =
 	    1u << 1, /* kernel SQ polling thread per loop (burns a CPU when busy) */
 };
 
 struct concur_exec_opts {      /* zeroed = defaults */
-	unsigned loops;        /* loop threads; 0 = online CPUs; at most 1024 */
+	unsigned loops;        /* loop threads; 0 = the CPUs the caller may run on; at most 1024 */
 	unsigned ring_entries; /* SQ size per loop; 0 = 256; 1 is taken as 2; at most 32768 */
 	size_t stack_size;     /* fiber stack; 0 = 256 KiB; 16 KiB .. 1 GiB, rounded up to pages */
 	unsigned flags;        /* CONCUR_EXEC_* */
@@ -129,12 +130,14 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 int concur_exec_join(concur_exec *ex, int64_t timeout_ns);
 
 /*
- * Stop the work from unfolding: later concur_spawn() calls (from anywhere, tasks included)
- * return a future failed with -ESHUTDOWN. Queued tasks still run, unless cancel_pending: then
- * each task that has not started ends CANCELLED without running (its waiters learn it when its
- * loop reaches it, which is promptly), and so does each blocking job of ex no helper has picked
- * yet (concur_spawn_blocking), at once, in this call: its callbacks run in the calling thread,
- * as with concur_cancel(). Running tasks finish. Calling it again is harmless.
+ * Stop the work from unfolding: later concur_spawn() calls (from anywhere, tasks included) return a
+ * future failed with -ESHUTDOWN, and so do later I/O futures (concur_read() etc.) started off ex's
+ * loops, except by ex's own blocking jobs and cancel callbacks (ex's tasks and callbacks on its loops
+ * may still do I/O: their cleanup). Queued tasks still run, unless cancel_pending: then each task
+ * that has not started ends CANCELLED without running (its waiters learn it when its loop reaches
+ * it, which is promptly), and so does each blocking job of ex no helper has picked yet
+ * (concur_spawn_blocking), at once, in this call: its callbacks run in the calling thread, as with
+ * concur_cancel(). Running tasks finish. Calling it again is harmless.
  */
 void concur_exec_shutdown(concur_exec *ex, bool cancel_pending);
 
@@ -156,8 +159,9 @@ void concur_exec_free(concur_exec *ex);
  * thread, as concur_exec_shutdown's), and every running task is cancelled (concur_cancel: its waits
  * fail with -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in
  * flight (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join.
- * Future I/O started after that (by a callback, another thread) is cancelled as it starts, but a
- * shielded task's (which it must await: an op it leaves running keeps the join waiting). Tasks
+ * Future I/O started after that on ex's loops (by a callback, a task that ignored its cancel) is
+ * cancelled as it starts (from another thread it fails with -ESHUTDOWN, as after any shutdown), but
+ * a shielded task's (which it must await: an op it leaves running keeps the join waiting). Tasks
  * decide how fast they end (a shielded cleanup runs to its end, its op too; what it awaits through
  * another future, a concur_signal() one or a then of an op, is cancelled like the rest). An idle
  * future that only an outside event ends (a signal future, a read of a quiet socket) is work, so it

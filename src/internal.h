@@ -1120,18 +1120,23 @@ struct concur__cancel_frame {
 	struct concur__cancel_frame *up;
 };
 extern __thread struct concur__cancel_frame *concur__tl_cancels;
-/* True where a join, a free or a stop of ex must not wait: a loop thread (of any executor: it
- * would hold that loop, whose own messages -- spawns, cancels, stops, resumes bound for ex --
- * sit unsubmitted in its ring meanwhile), a blocking job of ex (its own work), or
- * the callbacks of a cancel of ex's queued work. */
-static inline bool concur__exec_no_wait_here(const concur_exec *ex)
+/* True where this thread runs ex's own work off its loops: a blocking job of ex, or the
+ * callbacks of a cancel of ex's queued work (a join waits for it anyway). */
+static inline bool concur__exec_work_here(const concur_exec *ex)
 {
-	if (concur__tl_loop || concur__tl_job_ex == ex)
+	if (concur__tl_job_ex == ex)
 		return true;
 	for (const struct concur__cancel_frame *fr = concur__tl_cancels; fr; fr = fr->up)
 		if (fr->ex == ex)
 			return true;
 	return false;
+}
+/* True where a join, a free or a stop of ex must not wait: a loop thread (of any executor: it
+ * would hold that loop, whose own messages -- spawns, cancels, stops, resumes bound for ex --
+ * sit unsubmitted in its ring meanwhile), or ex's own work (concur__exec_work_here). */
+static inline bool concur__exec_no_wait_here(const concur_exec *ex)
+{
+	return concur__tl_loop || concur__exec_work_here(ex);
 }
 void concur__work_begin(concur_exec *ex);
 void concur__work_end(concur_exec *ex);

@@ -521,6 +521,19 @@ static concur_future *io_start(struct concur__io *io, struct io_uring_sqe *sqe)
 		io_live_add(cur, io);
 	} else {
 		concur__work_begin(ex);
+		/* As a spawn after a shutdown (concur__task_enqueue): counted first, then the flag
+		 * looked at, so a concurrent join (concur_exec_free's) either waits for this op or
+		 * the op sees the flag -- else it could land in the inbox of a loop that has
+		 * stopped, and concur_exec_free's quiesce submitted it to a ring gone. The
+		 * executor's own work (a blocking job of ex, a cancel's callbacks) may still start
+		 * I/O: a join waits for it anyway. */
+		if (CONCUR__UNLIKELY(atomic_load_explicit(&ex->shutdown, memory_order_seq_cst)) &&
+		    !concur__exec_work_here(ex)) {
+			/* never seen by anyone: ends failed, the caller's reference kept */
+			concur__complete_unhold(&io->f, -ESHUTDOWN, CONCUR__FINISHED);
+			concur__work_end(ex);
+			return &io->f;
+		}
 		io->r.loop = concur__exec_pick_loop(ex);
 		io->node.call = io_submit_call;
 		concur__loop_post(io->r.loop, &io->node);

@@ -20,6 +20,11 @@
 
 static concur_exec *ex;
 
+static int64_t nothing_task(void *arg)
+{
+	return 0;
+}
+
 static int setup(void **state)
 {
 	struct concur_exec_opts o = {.loops = 2, .stack_size = 64 * 1024};
@@ -1517,12 +1522,27 @@ static void test_stop_cancels_late_cleanup_op(void **state)
 	concur_release(gate);
 }
 
+/* After concur_exec_shutdown, an op from a thread outside the executor fails with -ESHUTDOWN, as a
+ * spawn does (and a blocking job): a join that returned 0 after the shutdown has no op left to
+ * land behind it in a loop that concur_exec_free goes on to stop. */
+static void test_op_after_shutdown(void **state)
+{
+	concur_exec_shutdown(ex, false);
+	concur_future *s = concur_spawn(ex, nothing_task, NULL);
+	assert_int_equal(concur_result(s, -1), -ESHUTDOWN);
+	concur_release(s);
+	concur_future *f = concur_nop(ex);
+	assert_int_equal(concur_result(f, -1), -ESHUTDOWN); /* was 0: the op went ahead */
+	concur_release(f);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test_setup_teardown(test_file_futures, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_file_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_ebadf, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_op_after_shutdown, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_ebadf_direct, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_nop_timeout, setup, teardown),
