@@ -1019,7 +1019,9 @@ static int concur__ring_setup(struct concur__loop *loop)
 {
 	concur_exec *ex = loop->ex;
 	unsigned entries = ex->opts.ring_entries;
-	const unsigned base = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+	/* CLAMP: a 4x CQ past the kernel's maximum (65536: ring_entries > 16384) is clamped
+	 * rather than refused with EINVAL, which fell back to a ring with no flags at all */
+	const unsigned base = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL;
 	unsigned tries[5];
 	int ntries = 0;
 	if (ex->opts.flags & CONCUR_EXEC_SQPOLL)
@@ -1100,11 +1102,22 @@ static void *concur__loop_main(void *arg)
 	char name[16];
 	snprintf(name, sizeof(name), "concur-%u", loop->idx);
 	pthread_setname_np(pthread_self(), name);
-	if (ex->opts.flags & CONCUR_EXEC_PIN) {
-		cpu_set_t set;
-		CPU_ZERO(&set);
-		CPU_SET(loop->idx % (unsigned)sysconf(_SC_NPROCESSORS_ONLN), &set);
-		pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+	/* pinned to the (idx mod n)-th of the n CPUs this thread may use (inherited from the
+	 * creator: taskset, a cpuset), not to CPU number idx, which may be outside them */
+	cpu_set_t allowed;
+	if ((ex->opts.flags & CONCUR_EXEC_PIN) &&
+	    !pthread_getaffinity_np(pthread_self(), sizeof(allowed), &allowed) &&
+	    CPU_COUNT(&allowed) > 0) {
+		int k = (int)(loop->idx % (unsigned)CPU_COUNT(&allowed));
+		for (int c = 0; c < CPU_SETSIZE; c++) {
+			if (!CPU_ISSET(c, &allowed) || k--)
+				continue;
+			cpu_set_t set;
+			CPU_ZERO(&set);
+			CPU_SET(c, &set);
+			pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+			break;
+		}
 	}
 	loop->setup_err = concur__ring_setup(loop);
 	if (!loop->setup_err && (loop->setup_err = concur__fiber_pool_init(loop)))

@@ -3,6 +3,7 @@
  * are woken through the ring, the ring flags the kernel gave us. No wake-up is lost at the fd limit
  * or when memory runs out; a tiny or pushed-back ring loses nothing and does not spin; rings of
  * executors churned on several threads are clean under TSan. */
+#define _GNU_SOURCE /* CPU_SET, pthread_getaffinity_np */
 #include "helpers.h"
 #include "internal.h" /* concur__submit_fault */
 
@@ -266,6 +267,70 @@ static void test_ring_flags(void **state)
 	concur_future *f = concur_spawn(ex, nothing, NULL);
 	assert_int_equal(concur_result(f, -1), 0);
 	concur_release(f);
+	concur_exec_free(ex);
+}
+
+/* The largest ring the header allows (32768 entries) gets the same setup flags as the default:
+ * its 4x completion queue is clamped to the kernel's maximum (65536), not refused. */
+static void test_largest_ring_keeps_flags(void **state)
+{
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	unsigned want = concur_exec_ring_flags(ex);
+	concur_exec_free(ex);
+	o.ring_entries = 32768;
+	assert_int_equal(concur_exec_new(&ex, &o), 0);
+	unsigned got = concur_exec_ring_flags(ex);
+	concur_future *f = concur_spawn(ex, nothing, NULL);
+	assert_int_equal(concur_result(f, -1), 0);
+	concur_release(f);
+	concur_exec_free(ex);
+	assert_int_equal(got & ~(unsigned)IORING_SETUP_CLAMP, want & ~(unsigned)IORING_SETUP_CLAMP);
+}
+
+/* CONCUR_EXEC_PIN pins each loop to a CPU the process may use: a server started under taskset
+ * (or systemd's CPUAffinity=) keeps its loops on the CPUs it was given. Loop 0 went to CPU 0, and
+ * a loop whose CPU was not allowed stayed unpinned. Confined to the last CPU allowed (CPU 1 on
+ * two), as `taskset -c 1` would. And with loops = 0 an executor makes a loop per CPU allowed. */
+static int64_t my_cpus(void *arg)
+{
+	cpu_set_t *out = arg;
+	return pthread_getaffinity_np(pthread_self(), sizeof(*out), out);
+}
+
+static void test_pin_stays_in_affinity(void **state)
+{
+	cpu_set_t saved, only;
+	assert_int_equal(pthread_getaffinity_np(pthread_self(), sizeof(saved), &saved), 0);
+	int last = -1;
+	for (int c = 0; c < CPU_SETSIZE; c++)
+		if (CPU_ISSET(c, &saved))
+			last = c;
+	assert_true(last >= 0);
+	CPU_ZERO(&only);
+	CPU_SET(last, &only); /* as `taskset -c <last>` would */
+	assert_int_equal(pthread_setaffinity_np(pthread_self(), sizeof(only), &only), 0);
+	struct concur_exec_opts o = {.loops = 2, .flags = CONCUR_EXEC_PIN};
+	int r = concur_exec_new(&ex, &o);
+	pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
+	assert_int_equal(r, 0);
+	for (unsigned i = 0; i < 2; i++) {
+		cpu_set_t got;
+		CPU_ZERO(&got);
+		concur_future *f = concur_spawn_on(ex, i, my_cpus, &got);
+		assert_int_equal(concur_result(f, -1), 0);
+		concur_release(f);
+		assert_int_equal(CPU_COUNT(&got), 1);
+		assert_true(CPU_ISSET(last, &got)); /* loop 0 was pinned to CPU 0 */
+	}
+	concur_exec_free(ex);
+
+	assert_int_equal(pthread_setaffinity_np(pthread_self(), sizeof(only), &only), 0);
+	o = (struct concur_exec_opts){0};
+	r = concur_exec_new(&ex, &o);
+	pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
+	assert_int_equal(r, 0);
+	assert_int_equal(concur_exec_loops(ex), 1); /* not one per online CPU */
 	concur_exec_free(ex);
 }
 
@@ -1303,6 +1368,8 @@ int main(void)
 	    cmocka_unit_test(test_idle_poll_takes_handoff),
 	    cmocka_unit_test(test_fanout_shared_before_yield),
 	    cmocka_unit_test(test_ring_flags),
+	    cmocka_unit_test(test_largest_ring_keeps_flags),
+	    cmocka_unit_test(test_pin_stays_in_affinity),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
 	    cmocka_unit_test(test_parked_thread_woken_through_ring),
