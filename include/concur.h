@@ -312,7 +312,8 @@ bool concur_done(const concur_future *f);
 /* True if f ended CANCELLED. */
 bool concur_cancelled(const concur_future *f);
 
-/* True while f is RUNNING: a task that started, or an I/O operation in flight. */
+/* True while f is RUNNING: a task that started, or an I/O operation in flight (and a promise for
+ * the instant concur_promise_set() completes it: RUNNING is how a completion claims it). */
 bool concur_running(const concur_future *f);
 
 /*
