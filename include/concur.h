@@ -132,10 +132,10 @@ int concur_exec_join(concur_exec *ex, int64_t timeout_ns);
 /*
  * Stop the work from unfolding: later concur_spawn() calls (from anywhere, tasks included) return a
  * future failed with -ESHUTDOWN, and so do later I/O futures (concur_read() etc.) started off ex's
- * loops, except by ex's own blocking jobs and cancel callbacks (ex's tasks and callbacks on its loops
- * may still do I/O: their cleanup). Queued tasks still run, unless cancel_pending: then each task
- * that has not started ends CANCELLED without running (its waiters learn it when its loop reaches
- * it, which is promptly), and so does each blocking job of ex no helper has picked yet
+ * loops, except by ex's own blocking jobs and cancel callbacks (ex's tasks and callbacks on its
+ * loops may still do I/O: their cleanup). Queued tasks still run, unless cancel_pending: then each
+ * task that has not started ends CANCELLED without running (its waiters learn it when its loop
+ * reaches it, which is promptly), and so does each blocking job of ex no helper has picked yet
  * (concur_spawn_blocking), at once, in this call: its callbacks run in the calling thread, as with
  * concur_cancel(). Running tasks finish. Calling it again is harmless.
  */
