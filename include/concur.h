@@ -627,7 +627,10 @@ int concur_group_new(concur_group **out, concur_exec *ex, unsigned flags);
  * Spawn fn(arg) as a member of g (a member may spawn more members). Returns the task's future
  * (the caller owns one reference; releasing it is fine) and never NULL: on failure, a future
  * already failed (-EINVAL, -ENOMEM, -ESHUTDOWN after a shutdown of its executor or once that
- * was freed, -ECANCELED after the group was cancelled).
+ * was freed, -ECANCELED after the group was cancelled). A spawn refused so is not a member: the
+ * failure is the caller's to handle, and neither concur_group_wait() nor
+ * CONCUR_GROUP_CANCEL_ON_FAILURE sees it (a graceful stop refusing a member's new sibling does
+ * not cancel the members it lets finish).
  */
 concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg);
 

@@ -119,14 +119,23 @@ bool concur_group_cancelled(const concur_group *g)
 	return g && atomic_load(&g->cancelled);
 }
 
-/* Before f's state is final: note its failure or cancellation in completion order. */
+/* The member concur_group_spawn of this thread is queueing: if the queueing refuses it (a
+ * shutdown), it ends in this thread, inside the call. */
+static __thread const struct member *group_queueing;
+
+/* Before f's state is final: note its failure or cancellation in completion order. A spawn a
+ * shutdown refused is not a failure of the group: its caller has the failed future, as for a
+ * spawn refused for memory or after a cancel (else, with CANCEL_ON_FAILURE, a graceful stop
+ * that refuses a member's spawn of a sibling cancelled the members it lets finish). */
 static void group_member_record(struct concur__waiter *w, concur_future *f, int64_t res,
                                 uint32_t final_state)
 {
 	struct member *m = (struct member *)w;
 	concur_group *g = m->g;
+	bool refused = group_queueing == m && res == -ESHUTDOWN;
 	pthread_mutex_lock(&g->lock);
-	m->first_failure = final_state == CONCUR__FINISHED && res < 0 && g->first_err == 0;
+	m->first_failure =
+	    !refused && final_state == CONCUR__FINISHED && res < 0 && g->first_err == 0;
 	if (m->first_failure) {
 		g->first_err = res;
 		/* refused from the moment the failure can be seen (the member done, a wait
@@ -202,8 +211,11 @@ concur_future *concur_group_spawn(concur_group *g, concur_task_fn fn, void *arg)
 		group_member_record(&m->w, f, concur__future_value(f), concur__state(f));
 		group_member_done(&m->w, f);
 	}
-	concur__task_enqueue(t); /* after a shutdown it ends -ESHUTDOWN (recorded); cancelled, its
-	                          * loop drops it unrun */
+	const struct member *outer = group_queueing; /* a spawn from the refusal's callbacks */
+	group_queueing = m;
+	concur__task_enqueue(t); /* after a shutdown it ends -ESHUTDOWN here (not recorded: see
+	                          * group_member_record); cancelled, its loop drops it unrun */
+	group_queueing = outer;
 	if (atomic_load(&g->cancelled))
 		concur_cancel(f); /* the group was cancelled while we added it */
 	return f;

@@ -353,6 +353,37 @@ static void test_group_member_waits_for_itself(void **state)
 	concur_group_free(outer_g);
 }
 
+/* A spawn refused by a shutdown is not the group's failure: with CANCEL_ON_FAILURE a graceful
+ * stop refusing a member's new sibling cancelled the running member it lets finish (and the
+ * wait returned -ESHUTDOWN for work that all succeeded). */
+static int64_t member_waits_gate(void *arg)
+{
+	return concur_result(arg, -1) == 0 ? 0 : -EPROTO; /* -ECANCELED if the group cancelled it */
+}
+
+static void test_group_spawn_refused_is_not_a_failure(void **state)
+{
+	concur_exec *e;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&e, &o), 0);
+	concur_group *g;
+	assert_int_equal(concur_group_new(&g, e, CONCUR_GROUP_CANCEL_ON_FAILURE), 0);
+	concur_future *gate = concur_promise_new(NULL);
+	concur_future *running = concur_group_spawn(g, member_waits_gate, gate);
+	concur_exec_shutdown(e, false); /* graceful: running members finish */
+	concur_future *refused = concur_group_spawn(g, member_ok, NULL);
+	assert_int_equal(concur_result(refused, 0), -ESHUTDOWN);
+	assert_false(concur_group_cancelled(g));
+	assert_int_equal(concur_promise_set(gate, 0), 0);
+	assert_int_equal(concur_group_wait(g, MS(5000)), 0);
+	assert_int_equal(concur_result(running, 0), 0);
+	concur_release(refused);
+	concur_release(running);
+	concur_release(gate);
+	concur_group_free(g);
+	concur_exec_free(e);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -365,6 +396,7 @@ int main(void)
 	    cmocka_unit_test(test_group_observed_order),
 	    cmocka_unit_test(test_group_spawn_after_executor_freed),
 	    cmocka_unit_test(test_group_member_waits_for_itself),
+	    cmocka_unit_test(test_group_spawn_refused_is_not_a_failure),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
