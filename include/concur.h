@@ -301,8 +301,9 @@ concur_future *concur_spawn_on(concur_exec *ex, unsigned loop_idx, concur_task_f
  * still be running on the completing thread when this returns (see "Order" at the top).
  * In a task it suspends the task's fiber; on a thread outside the executor it blocks the
  * thread; on a loop thread outside any task (a callback) it returns -EDEADLK unless f is
- * already done, since blocking there would stop the loop that must complete f. A task asking
- * for its own result gets -EDEADLK too (it would wait for itself for good).
+ * already done, since blocking there would stop the loop that must complete f. A task or a
+ * blocking job asking for its own result gets -EDEADLK too, whatever timeout_ns (it would wait
+ * for itself for good).
  */
 int64_t concur_result(concur_future *f, int64_t timeout_ns);
 
@@ -484,11 +485,12 @@ enum concur_wait_mode {
 /*
  * Wait until the condition of mode holds for futures[0..n) or timeout_ns passes, then report the
  * split (Python's (done, not_done)): done_out[i] (if done_out is not NULL) is set to whether
- * futures[i] is done. A cancelled future counts as done, so a wait never hangs on one.
- * Duplicates are fine; n == 0 returns 0 at once. A timeout is not an error: the split is the
- * answer. Returns the number of indices i whose future is done (>= 0), -EINVAL (NULL array with
- * n > 0, a NULL or invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a
- * loop thread outside any task when it would have to wait. In a task, -ECANCELED or -ETIMEDOUT
+ * futures[i] is done. A cancelled future counts as done, so a wait never hangs on one. Duplicates
+ * are fine; n == 0 returns 0 at once. A timeout is not an error: the split is the answer. Returns
+ * the number of indices i whose future is done (>= 0), -EINVAL (NULL array with n > 0, a NULL or
+ * invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a loop thread outside
+ * any task when it would have to wait, or when a task or a blocking job would wait for its own
+ * future (among them; in FIRST_COMPLETED, as the only one). In a task, -ECANCELED or -ETIMEDOUT
  * when the task is cancelled or its deadline scope passes while it waits (as every wait does).
  */
 int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeout_ns,

@@ -116,6 +116,7 @@ static void blocking_job_run(struct job *j)
 	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
 	 */
 	concur__tl_job_ex = j->ex;
+	concur__tl_job_f = j->out;
 	if (CONCUR__UNLIKELY(atomic_load_explicit(&j->ex->cancel_pending, memory_order_relaxed))) {
 		blocking_job_end_unrun(j);
 	} else if (concur__future_claim(j->out)) {
@@ -125,6 +126,7 @@ static void blocking_job_run(struct job *j)
 		concur__future_wait_final(j->out);
 	}
 	concur__tl_job_ex = NULL;
+	concur__tl_job_f = NULL;
 	blocking_job_free(j);
 }
 

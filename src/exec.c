@@ -233,6 +233,7 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 }
 
 __thread concur_exec *concur__tl_job_ex;
+__thread concur_future *concur__tl_job_f;
 _Atomic(void (*)(concur_exec *ex)) concur__cancel_queued_jobs;
 
 int concur_exec_join(concur_exec *ex, int64_t timeout_ns)

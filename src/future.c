@@ -922,10 +922,12 @@ int64_t concur_result(concur_future *f, int64_t timeout_ns)
 		return -EINVAL;
 	if (concur__is_done(f))
 		return concur__future_value(f);
+	if (f == concur__self()) /* a task or a blocking job waiting for itself: for good */
+		return -EDEADLK;
 	if (timeout_ns == 0)
 		return -ETIMEDOUT;
-	if (concur__tl_task) /* a task waiting for itself would wait for good */
-		return f == &concur__tl_task->f ? -EDEADLK : concur__await(f, timeout_ns);
+	if (concur__tl_task)
+		return concur__await(f, timeout_ns);
 	if (concur__tl_loop)
 		return -EDEADLK; /* a callback on a loop thread: blocking would stop the loop */
 	return concur__block(f, timeout_ns);

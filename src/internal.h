@@ -648,6 +648,13 @@ extern CONCUR__TLS_HOT struct concur__task *concur__tl_task; /* the task running
 /* The executor whose blocking job (and its future's callbacks) this helper thread runs, or NULL
  * (exec.c; set by blocking.c): work of that executor, as a loop thread's is. */
 extern __thread concur_exec *concur__tl_job_ex;
+extern __thread concur_future *concur__tl_job_f; /* that job's future (blocking.c sets it) */
+/* The future of what this thread runs now, its task's or its blocking job's, or NULL: a wait
+ * for it here would wait for itself for good (-EDEADLK). */
+static inline const concur_future *concur__self(void)
+{
+	return concur__tl_task ? &concur__tl_task->f : concur__tl_job_f;
+}
 /* Set by the blocking pool (blocking.c) once it exists: concur_exec_shutdown(ex, true) calls it
  * to end the jobs of ex no helper has picked yet, at once (the helpers may all be busy for
  * long). A hook, so that exec.c does not call up into the pool. */

@@ -225,6 +225,17 @@ static int64_t wait_countdown_wait(struct countdown *c, size_t target, int64_t d
 	return concur__wake_sleep(&c->lock, &c->wake, deadline);
 }
 
+/* How many of futures[0..n) are the caller's own future (concur__self), which cannot be done
+ * while it waits. */
+static size_t wait_self_count(concur_future *const *futures, size_t n)
+{
+	const concur_future *self = concur__self();
+	size_t k = 0;
+	for (size_t i = 0; self && i < n; i++)
+		k += futures[i] == self;
+	return k;
+}
+
 static bool wait_satisfied(int mode, size_t ndone, size_t n, bool failed)
 {
 	if (mode == CONCUR_FIRST_COMPLETED)
@@ -251,6 +262,10 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 		}
 	}
 	if (!wait_satisfied(mode, ndone, n, failed) && timeout_ns != 0) {
+		/* it would wait for its own end (FIRST_COMPLETED: with nothing else to wait for) */
+		size_t selves = wait_self_count(futures, n);
+		if (mode == CONCUR_FIRST_COMPLETED ? selves == n : selves > 0)
+			return -EDEADLK;
 		struct countdown *c =
 		    wait_countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);
 		if (!c)
@@ -287,6 +302,8 @@ int64_t concur_gather(concur_future *const *futures, size_t n, int64_t timeout_n
 		return err;
 	if (opts->flags & ~(unsigned)CONCUR_GATHER_RETURN_ERRORS)
 		return -EINVAL;
+	if (wait_self_count(futures, n)) /* it would wait for its own end */
+		return -EDEADLK;
 	int64_t t0 = concur__now_ns();
 	int64_t deadline = concur__deadline_after(timeout_ns);
 	int64_t r = 0;

@@ -607,6 +607,25 @@ static void test_blocking_in_forked_child(void **state)
 	concur_release(f);
 }
 
+/* A blocking job asking for its own result gets -EDEADLK, as a task does: its future completes
+ * only once fn returns (it waited for good, and concur_exec_free after it; the bound turns that
+ * into -ETIMEDOUT). */
+static int64_t job_awaits_self(void *arg)
+{
+	concur_future *self = (concur_future *)(intptr_t)concur_result(arg, -1);
+	return concur_result(self, MS(200));
+}
+
+static void test_job_awaiting_itself(void **state)
+{
+	concur_future *p = concur_promise_new(ex);
+	concur_future *j = concur_spawn_blocking(ex, job_awaits_self, p);
+	assert_int_equal(concur_promise_set(p, (int64_t)(intptr_t)j), 0);
+	assert_int_equal(concur_result(j, MS(5000)), -EDEADLK); /* -ETIMEDOUT before */
+	concur_release(j);
+	concur_release(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -625,6 +644,7 @@ int main(void)
 	    cmocka_unit_test(test_blocking_spawn_racing_cancelling_shutdown),
 	    cmocka_unit_test(test_blocking_shutdown_from_another_executors_job),
 	    cmocka_unit_test(test_blocking_in_forked_child),
+	    cmocka_unit_test(test_job_awaiting_itself),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }

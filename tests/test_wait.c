@@ -1284,6 +1284,34 @@ static void test_cancel_takes_back_while_input_ends(void **state)
 	}
 }
 
+/* A task waiting for its own future through concur_wait / concur_gather: -EDEADLK, as
+ * concur_result gives (it waited for itself for good; the bounds only turn that into the
+ * timeouts it was). FIRST_COMPLETED waits as long as another input may complete. */
+static int64_t waits_self(void *arg)
+{
+	concur_future *self = (concur_future *)(intptr_t)concur_result(arg, -1);
+	concur_future *other = concur_promise_new(NULL), *both[2] = {self, other};
+	int w = concur_wait(&self, 1, CONCUR_ALL_COMPLETED, MS(200), NULL);
+	int e = concur_wait(both, 2, CONCUR_FIRST_EXCEPTION, MS(200), NULL);
+	int one = concur_wait(&self, 1, CONCUR_FIRST_COMPLETED, MS(200), NULL);
+	int any = concur_wait(both, 2, CONCUR_FIRST_COMPLETED, MS(10), NULL); /* other may end */
+	int64_t v, g = concur_gather(&self, 1, MS(200), &v, NULL);
+	concur_release(other);
+	return w == -EDEADLK && e == -EDEADLK && one == -EDEADLK && any == 0 && g == -EDEADLK
+	           ? 0
+	           : -EPROTO; /* before: 0, 0, 0 (nothing done at the timeouts) and -ETIMEDOUT */
+}
+
+static void test_task_waits_for_itself(void **state)
+{
+	concur_future *p = concur_promise_new(ex);
+	concur_future *t = concur_spawn(ex, waits_self, p);
+	assert_int_equal(concur_promise_set(p, (int64_t)(intptr_t)t), 0);
+	assert_int_equal(concur_result(t, MS(5000)), 0);
+	concur_release(t);
+	concur_release(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1318,6 +1346,7 @@ int main(void)
 	    cmocka_unit_test(test_cancelled_dependents_let_go_of_inputs),
 	    cmocka_unit_test(test_cancelled_dependent_owned_by_its_callback),
 	    cmocka_unit_test(test_cancel_takes_back_while_input_ends),
+	    cmocka_unit_test(test_task_waits_for_itself),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
