@@ -128,8 +128,7 @@ static void *pool_worker(void *arg)
 
 static void run_condvar_pool(long n)
 {
-	long nt = sysconf(_SC_NPROCESSORS_ONLN);
-	nt = nt > 0 ? nt : 1;
+	long nt = bench_cpus();
 	pthread_t *th = calloc((size_t)nt, sizeof(*th));
 	pool.out = calloc((size_t)n, sizeof(*pool.out));
 	if (!th || !pool.out)

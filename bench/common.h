@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -71,9 +72,16 @@ static inline struct bench_args bench_parse(int argc, char **argv, const char *v
 	return a;
 }
 
+/* The CPUs this process may run on (taskset, a cpuset), as concur counts them for its default
+ * number of loops: a peer's threads match concur's loops. */
 static inline long bench_cpus(void)
 {
-	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned long mask[1024 / (8 * sizeof(unsigned long))];
+	long got = syscall(SYS_sched_getaffinity, 0, sizeof(mask), mask), n = 0;
+	for (long i = 0; got > 0 && i < got / (long)sizeof(mask[0]); i++)
+		n += __builtin_popcountl(mask[i]);
+	if (n <= 0)
+		n = sysconf(_SC_NPROCESSORS_ONLN);
 	return n > 0 ? n : 1;
 }
 

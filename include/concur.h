@@ -110,8 +110,10 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * thread whose concur_spawn_blocking() started them.
  *
  * fork(): a child has none of its parent's loop threads, so it must not use, join or free an
- * executor made before the fork (its rings are the parent's); it may make executors of its own.
- * The parent's executors go on unaffected.
+ * executor made before the fork (its rings are the parent's). It may make executors of its own
+ * (the blocking pool starts anew in it), provided no other thread of the parent was inside a
+ * concur call at the fork (the usual rule for fork() in a threaded program: a lock that thread
+ * held stays held in the child). The parent's executors go on unaffected.
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 
@@ -159,16 +161,16 @@ void concur_exec_free(concur_exec *ex);
  * thread, as concur_exec_shutdown's), and every running task is cancelled (concur_cancel: its waits
  * fail with -ECANCELED, its I/O in flight is cancelled in the kernel), and so is future I/O in
  * flight (concur_read() etc.) but the op a shielded cleanup of its loop awaits alone, and join.
- * Future I/O started after that on ex's loops (by a callback, a task that ignored its cancel) is
- * cancelled as it starts (from another thread it fails with -ESHUTDOWN, as after any shutdown), but
- * a shielded task's (which it must await: an op it leaves running keeps the join waiting). Tasks
- * decide how fast they end (a shielded cleanup runs to its end, its op too; what it awaits through
- * another future, a concur_signal() one or a then of an op, is cancelled like the rest). An idle
- * future that only an outside event ends (a signal future, a read of a quiet socket) is work, so it
- * keeps the drain waiting its whole drain_ns: cancel it first if the drain should end with the
- * tasks. Returns 0 if the work drained in time, -ETIMEDOUT if it had to cancel, -EINVAL for a bad
- * ex, -EDEADLK where concur_exec_join() returns it. The executor stays allocated:
- * concur_exec_free() it afterwards.
+ * Future I/O started after that on ex's loops (by a callback, a task that ignored its cancel, a
+ * blocking job of ex) is cancelled as it starts (from any other thread it fails with -ESHUTDOWN, as
+ * after any shutdown), but a shielded task's (which it must await: an op it leaves running keeps
+ * the join waiting). Tasks decide how fast they end (a shielded cleanup runs to its end, its op
+ * too; what it awaits through another future, a concur_signal() one or a then of an op, is
+ * cancelled like the rest). An idle future that only an outside event ends (a signal future, a read
+ * of a quiet socket) is work, so it keeps the drain waiting its whole drain_ns: cancel it first if
+ * the drain should end with the tasks. Returns 0 if the work drained in time, -ETIMEDOUT if it had
+ * to cancel, -EINVAL for a bad ex, -EDEADLK where concur_exec_join() returns it. The executor stays
+ * allocated: concur_exec_free() it afterwards.
  */
 int concur_exec_stop(concur_exec *ex, int64_t drain_ns);
 
@@ -786,7 +788,8 @@ uint64_t concur_stall_count(const concur_exec *ex);
  *   - concur_OP(ex, ...) returns a future, from any thread. The operation is submitted on one of
  *     ex's loops (the caller's own loop when called there) and its result is the future's
  *     result: the kernel's res (>= 0) or a negative errno. Never NULL: on a bad argument or a
- *     missing kernel feature the future is already failed (-EINVAL, -EOPNOTSUPP, -ENOMEM).
+ *     missing kernel feature the future is already failed (-EINVAL, -EOPNOTSUPP, -ENOMEM; and
+ *     -ESHUTDOWN when started off ex's loops after a shutdown, see concur_exec_shutdown()).
  *   - concur_await_OP(...) is the direct form, for inside a task: it submits on the task's loop,
  *     suspends the task until the completion arrives and returns the result, with no heap
  *     allocation. Outside a task it returns -EPERM at once.
@@ -961,7 +964,8 @@ int64_t concur_await_timeout(int64_t ns);
  * (SIGTERM, SIGINT, SIGHUP, ...): a signalfd for set, read through the ring. Waiting for it costs
  * no thread and no CPU (the loops keep sleeping). Never NULL: on failure the future is already
  * failed with -EINVAL (ex NULL or invalid; set NULL or holding no signal but SIGKILL/SIGSTOP,
- * which no signalfd can take), -ENOMEM, or signalfd(2)'s error (-EMFILE, -ENFILE, ...).
+ * which no signalfd can take), -ENOMEM, signalfd(2)'s error (-EMFILE, -ENFILE, ...), or
+ * -ESHUTDOWN (called off ex's loops after a shutdown, as an I/O future).
  *
  * The signal mask is the caller's job. Every signal of set must be blocked in EVERY thread of
  * the process, or the kernel may deliver it the ordinary way first -- its default action (SIGTERM
