@@ -492,8 +492,9 @@ enum concur_wait_mode {
  * the number of indices i whose future is done (>= 0), -EINVAL (NULL array with n > 0, a NULL or
  * invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a loop thread outside
  * any task when it would have to wait, or when a task or a blocking job would wait for its own
- * future (among them; in FIRST_COMPLETED, as the only one). In a task, -ECANCELED or -ETIMEDOUT
- * when the task is cancelled or its deadline scope passes while it waits (as every wait does).
+ * future (in ALL_COMPLETED: among them; else: as the only one still pending). In a task, -ECANCELED
+ * or -ETIMEDOUT when the task is cancelled or its deadline scope passes while it waits (as every
+ * wait does).
  */
 int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeout_ns,
                 bool *done_out);

@@ -262,9 +262,10 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 		}
 	}
 	if (!wait_satisfied(mode, ndone, n, failed) && timeout_ns != 0) {
-		/* it would wait for its own end (FIRST_COMPLETED: with nothing else to wait for) */
+		/* it would wait for its own end: in ALL_COMPLETED whenever it is an input; else
+		 * when every input still pending is it (nothing else could end the wait) */
 		size_t selves = wait_self_count(futures, n);
-		if (mode == CONCUR_FIRST_COMPLETED ? selves == n : selves > 0)
+		if (mode == CONCUR_ALL_COMPLETED ? selves > 0 : selves && selves == n - ndone)
 			return -EDEADLK;
 		struct countdown *c =
 		    wait_countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);

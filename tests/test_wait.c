@@ -1286,18 +1286,21 @@ static void test_cancel_takes_back_while_input_ends(void **state)
 
 /* A task waiting for its own future through concur_wait / concur_gather: -EDEADLK, as
  * concur_result gives (it waited for itself for good; the bounds only turn that into the
- * timeouts it was). FIRST_COMPLETED waits as long as another input may complete. */
+ * timeouts it was). FIRST_COMPLETED and FIRST_EXCEPTION wait while another input may end
+ * them. */
 static int64_t waits_self(void *arg)
 {
 	concur_future *self = (concur_future *)(intptr_t)concur_result(arg, -1);
 	concur_future *other = concur_promise_new(NULL), *both[2] = {self, other};
 	int w = concur_wait(&self, 1, CONCUR_ALL_COMPLETED, MS(200), NULL);
-	int e = concur_wait(both, 2, CONCUR_FIRST_EXCEPTION, MS(200), NULL);
+	int e = concur_wait(&self, 1, CONCUR_FIRST_EXCEPTION, MS(200), NULL);
+	int fail = concur_wait(both, 2, CONCUR_FIRST_EXCEPTION, MS(10), NULL); /* other may fail */
 	int one = concur_wait(&self, 1, CONCUR_FIRST_COMPLETED, MS(200), NULL);
 	int any = concur_wait(both, 2, CONCUR_FIRST_COMPLETED, MS(10), NULL); /* other may end */
 	int64_t v, g = concur_gather(&self, 1, MS(200), &v, NULL);
 	concur_release(other);
-	return w == -EDEADLK && e == -EDEADLK && one == -EDEADLK && any == 0 && g == -EDEADLK
+	return w == -EDEADLK && e == -EDEADLK && fail == 0 && one == -EDEADLK && any == 0 &&
+	               g == -EDEADLK
 	           ? 0
 	           : -EPROTO; /* before: 0, 0, 0 (nothing done at the timeouts) and -ETIMEDOUT */
 }
