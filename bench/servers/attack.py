@@ -2,7 +2,9 @@
 # Servers under attack (issue 10): each example server (http, resp, echo) gets, one after the
 # other, random bytes, malformed and oversized requests, pipelined garbage, half-closed and
 # reset sockets, clients that never read, thousands of idle connections, a connection flood,
-# and (a second instance under prlimit --nofile=64) the fd limit reached and released. After
+# (a second instance under prlimit --nofile=64) the fd limit reached and released, (a third with
+# one loop) more never-reading clients than the loop has receive buffers, and (a fourth with 1 s
+# limits) slow clients: idle, slowloris, never reading. After
 # each attack the server must still answer a well-formed request and its fd count
 # (/proc/PID/fd) must come back to where it was. Loopback only (127.0.0.1); every wait is
 # bounded. Exit status 0 if every server held. Usage: attack.py DIR_WITH_SERVERS [--quick]
@@ -46,9 +48,9 @@ def fd_count(pid):
     return len(os.listdir('/proc/%d/fd' % pid))
 
 
-def start(name, prefix=()):
+def start(name, prefix=(), loops=2, extra=()):
     p = subprocess.Popen(list(prefix) + [os.path.join(bindir, 'concur_%s_server' % name),
-                                         '--port', '0', '--loops', '2'],
+                                         '--port', '0', '--loops', str(loops)] + list(extra),
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     m = re.search(r':(\d+) with', p.stdout.readline())
     assert m, name + ' did not start'
@@ -257,6 +259,107 @@ def attack_fd_limit(name):
         stop(p, name)
 
 
+PINNERS = 300  # never-reading clients on one loop: more than its 256 receive buffers
+
+
+def answer_flood(name, port):
+    """Requests whose answers are far larger than they are (so answers pile up unread)."""
+    if name == 'http':
+        return b'GET / HTTP/1.1\r\n\r\n' * (400000 // 18)  # 404s
+    if name == 'resp':
+        s = connect(port)
+        s.sendall(b'*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$50000\r\n' + b'v' * 50000 + b'\r\n')
+        assert recv_until(s, b'\r\n') == b'+OK\r\n'
+        s.close()
+        return b'GET k\r\n' * 300  # 50 KB back per 7 bytes
+    return b'e' * 400000
+
+
+def stuck_sends(port):
+    """The server's connections with answers queued unread (tx_queue of its sockets)."""
+    n = 0
+    with open('/proc/net/tcp') as f:
+        for line in f.readlines()[1:]:
+            a = line.split()
+            if a[3] == '01' and int(a[1].split(':')[1], 16) == port and \
+                    int(a[4].split(':')[0], 16) > 0:
+                n += 1
+    return n
+
+
+def attack_pinned_buffers(name):
+    """A server with one loop, and more clients that send requests and never read than the
+    loop has receive buffers: a send waiting for such a client held its chunk, so the loop's
+    buffer ring ran dry and no other connection got an answer. (Not echo: an echo answer is no
+    larger than its request, so filling a socket's buffers would take megabytes per client.)"""
+    p, port = start(name, ['prlimit', '--nofile=%d' % (PINNERS + 256)], loops=1)
+    try:
+        healthy(name, port)
+        time.sleep(0.1)
+        base = fd_count(p.pid)
+        t0 = time.time()
+        burst = answer_flood(name, port)
+        socks = []
+        for i in range(PINNERS):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((HOST, port))
+            s.setblocking(False)
+            try:
+                s.send(burst)
+            except BlockingIOError:
+                pass
+            socks.append(s)
+        deadline = time.time() + 20  # until every one has answers queued unread: stuck
+        while stuck_sends(port) < PINNERS and time.time() < deadline:
+            time.sleep(0.2)
+        healthy(name, port)  # within 5 s, with every one of them stuck
+        drain_close(socks)
+        check(name, p, port, base, '%d clients pinning one loop' % PINNERS, t0)
+    finally:
+        stop(p, name)
+
+
+def attack_slow_clients(name):
+    """Slow clients against short limits (1 s): an idle keep-alive connection, a request that
+    never completes (a byte now and then: slowloris), a client that never reads. The server
+    closes each (its fd count comes back while the clients still hold theirs open)."""
+    p, port = start(name, [], extra=['--idle-ms', '1000', '--request-ms', '1000',
+                                     '--send-ms', '1000'])
+    try:
+        healthy(name, port)
+        time.sleep(0.1)
+        base = fd_count(p.pid)
+        t0 = time.time()
+        idle = connect(port)
+        partial = connect(port)
+        head = {'http': b'GET /plaintext HTTP/1.1\r\nX: ', 'resp': b'*2\r\n$3\r\nGET\r\n$1',
+                'echo': b''}[name]
+        noread = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        noread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        noread.connect((HOST, port))
+        noread.setblocking(False)
+        try:
+            noread.send(answer_flood(name, port))
+        except BlockingIOError:
+            pass
+        deadline = time.time() + 8
+        for b in head:  # slowloris: one byte every 0.2 s, never the end of the request
+            send_quiet(partial, bytes([b]))
+            time.sleep(0.2)
+            if time.time() > deadline:
+                break
+        while fd_count(p.pid) > base and time.time() < deadline:
+            time.sleep(0.1)
+        n = fd_count(p.pid)
+        assert n <= base, '%s: %d fds with slow clients after %.1f s, %d before' % (
+            name, n, time.time() - t0, base)
+        drain_close([idle, partial, noread])
+        check(name, p, port, base, 'slow clients closed', t0)
+    finally:
+        stop(p, name)
+
+
 def stop(p, name):
     p.send_signal(signal.SIGTERM)
     try:
@@ -296,6 +399,9 @@ def main():
         finally:
             stop(p, name)
         attack_fd_limit(name)
+        if name != 'echo':
+            attack_pinned_buffers(name)
+        attack_slow_clients(name)
     print('attack: every server held (%.1f s)' % (time.time() - t0))
 
 

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* An echo server: every byte received is sent back. Receives through an on-demand recv stream:
- * an idle connection, or one blocked sending to a client that does not read, holds no buffer.
- * A stop closes the connection at its next wait for bytes. */
+ * an idle connection, or one blocked sending to a client that does not read, holds no receive
+ * buffer (server_send_chunk). A stop closes the connection at its next wait for bytes; an idle
+ * one closes after --idle-ms, a send making no progress after --send-ms. */
 #include "server.h"
 
 static int64_t echo_conn(int fd)
@@ -12,8 +13,7 @@ static int64_t echo_conn(int fd)
 		struct concur_chunk c;
 		while ((r = server_next(s, &c, true)) >
 		       0) { /* idle between chunks: a stop ends it */
-			int err = server_send_all(fd, c.data, c.len);
-			concur_stream_give(s, &c);
+			int err = server_send_chunk(fd, s, &c);
 			if (err) {
 				r = err;
 				break;

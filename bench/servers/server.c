@@ -22,6 +22,10 @@
 #define DEFAULT_DRAIN_MS 5000
 
 static _Atomic bool stopping;
+/* --idle-ms (an idle keep-alive wait), --request-ms (a request from its first byte to its last:
+ * slowloris), --send-ms (one send that makes no progress: a client that does not read); 0: none */
+static int64_t idle_ns = 60 * (int64_t)1000000000, request_ns = 30 * (int64_t)1000000000,
+               send_ns = 30 * (int64_t)1000000000;
 static int64_t (*conn_fn)(int fd);
 
 bool server_stopping(void)
@@ -70,7 +74,10 @@ int64_t server_next(concur_stream *s, struct concur_chunk *ch, bool idle)
 	if (idle_list)
 		idle_list->pprev = &w.next;
 	idle_list = &w;
+	bool timed = idle_ns && !concur_deadline_push(idle_ns);
 	int64_t r = concur_stream_next(s, ch);
+	if (timed && concur_deadline_pop() == 1 && r == -ETIMEDOUT)
+		r = 0; /* idle too long: close as at EOF */
 	idle_unlink(&w);
 	return r == -ECANCELED && server_stopping() ? 0 : r;
 }
@@ -92,13 +99,41 @@ int server_send_all(int fd, const void *buf, size_t len)
 {
 	const char *p = buf;
 	while (len) {
-		int64_t r = concur_await_send(fd, p, len, MSG_NOSIGNAL, CONCUR_NO_TIMEOUT);
+		int64_t r = concur_await_send(fd, p, len, MSG_NOSIGNAL,
+		                              send_ns ? send_ns : CONCUR_NO_TIMEOUT);
 		if (r <= 0)
 			return r ? (int)r : -EPIPE;
 		p += r;
 		len -= (size_t)r;
 	}
 	return 0;
+}
+
+int server_send_chunk(int fd, concur_stream *s, struct concur_chunk *ch)
+{
+	const char *p = ch->data;
+	size_t len = ch->len;
+	/* at once if the socket takes it all: the common case, with no copy */
+	int64_t r = concur_await_send(fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT, CONCUR_NO_TIMEOUT);
+	if (r == -EAGAIN)
+		r = 0;
+	if (r < 0 || (size_t)r == len || (!r && !len)) {
+		concur_stream_give(s, ch);
+		return r < 0 ? (int)r : 0;
+	}
+	/* the client reads slower than we send: the rest from a copy, the chunk given back first.
+	 * A send that waits for a client must not hold one of the loop's receive buffers (256
+	 * clients that never read would dry the loop's ring and starve every connection of it). */
+	size_t rest = len - (size_t)r;
+	char *copy = malloc(rest);
+	if (copy)
+		memcpy(copy, p + r, rest);
+	concur_stream_give(s, ch);
+	if (!copy)
+		return -ENOMEM;
+	int err = server_send_all(fd, copy, rest);
+	free(copy);
+	return err;
 }
 
 int server_out_reserve(struct server_conn *c, size_t need)
@@ -125,6 +160,7 @@ void server_out_add(struct server_conn *c, const void *p, size_t n)
  * goes back to the kernel after a flood (glibc kept ~290 MB of its arenas after one).
  */
 #define OUT_POOL_MAX 128
+#define IN_COPY      4096 /* a received chunk (a ring buffer, or the stream's own: 4 KiB) */
 
 struct out_free {
 	struct out_free *next;
@@ -223,27 +259,42 @@ int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn pr
 	struct server_conn c = {.fd = fd, .out_cap = out_cap};
 	struct pending pd = {.max = in_cap};
 	concur_stream *s = NULL;
-	bool close_it = concur_recv_stream_on_demand(&s, fd, 0) != 0;
+	bool close_it = concur_recv_stream_on_demand(&s, fd, 0) != 0, timed = false;
 	while (!close_it) {
 		struct concur_chunk ch;
 		/* idle unless a request is incomplete: a stop ends an idle wait, not a request */
-		int64_t r = server_next(s, &ch, !pd.len && !c.state);
+		bool idle = !pd.len && !c.state;
+		if (!idle && !timed && request_ns) /* a request began: it has request_ns to end */
+			timed = !concur_deadline_push(request_ns);
+		else if (idle && timed) {
+			concur_deadline_pop();
+			timed = false;
+		}
+		int64_t r = server_next(s, &ch, idle);
 		if (r <= 0)
 			break; /* EOF (maybe in the middle of a request), an error or a stop: close
 			        */
-		if (!(c.out = out_get(out_cap))) {
+		if (!(c.out = out_get(out_cap + IN_COPY)) || ch.len > IN_COPY) {
 			concur_stream_give(s, &ch);
 			break;
 		}
-		if (feed(&c, &pd, ch.data, ch.len, process, &close_it))
+		/* process a copy: a send inside process (answers past out_cap) may wait for good on
+		 * a client that does not read, and must not hold the loop's ring buffer meanwhile
+		 * (256 such clients would dry the ring and starve every connection of the loop) */
+		char *in = c.out + out_cap;
+		size_t in_len = ch.len;
+		memcpy(in, ch.data, in_len);
+		concur_stream_give(s, &ch);
+		if (feed(&c, &pd, in, in_len, process, &close_it))
 			close_it = true;
-		concur_stream_give(s, &ch); /* before sending: the send may wait long */
 		if (c.out_len && server_send_all(fd, c.out, c.out_len))
 			close_it = true;
 		c.out_len = 0;
-		out_put(c.out, out_cap);
+		out_put(c.out, out_cap + IN_COPY);
 		c.out = NULL;
 	}
+	if (timed)
+		concur_deadline_pop();
 	concur_stream_close(s);
 	free(pd.buf);
 	server_conn_done(fd);
@@ -364,14 +415,23 @@ static void usage(const char *name, uint16_t port)
 	        "       [--loops N (default: CPUs)] [--drain-ms N (default %u: how long a stop "
 	        "waits for open requests)]\n"
 	        "       [--idle-poll-us N (default 0, at most 1000000: "
-	        "concur_exec_opts.idle_poll_ns)]\n",
-	        name, port, DEFAULT_DRAIN_MS);
+	        "concur_exec_opts.idle_poll_ns)]\n"
+	        "       [--idle-ms N (default %lld: a keep-alive connection idle that long is "
+	        "closed)]\n"
+	        "       [--request-ms N (default %lld: a request must arrive whole within it)]\n"
+	        "       [--send-ms N (default %lld: a send making no progress that long closes "
+	        "the connection)] (0: no limit)\n",
+	        name, port, DEFAULT_DRAIN_MS, (long long)(idle_ns / 1000000),
+	        (long long)(request_ns / 1000000), (long long)(send_ns / 1000000));
 }
 
 int server_main(int argc, char **argv, const char *name, uint16_t default_port,
                 int64_t (*conn)(int fd))
 {
 	unsigned long port = default_port, loops = 0, drain_ms = DEFAULT_DRAIN_MS, idle_poll_us = 0;
+	unsigned long idle_ms = (unsigned long)(idle_ns / 1000000),
+	              request_ms = (unsigned long)(request_ns / 1000000),
+	              send_ms = (unsigned long)(send_ns / 1000000);
 	const char *host = "127.0.0.1";
 	for (int i = 1; i < argc; i++) {
 		char *end;
@@ -383,6 +443,9 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		                     : !strcmp(argv[i], "--loops")        ? &loops
 		                     : !strcmp(argv[i], "--drain-ms")     ? &drain_ms
 		                     : !strcmp(argv[i], "--idle-poll-us") ? &idle_poll_us
+		                     : !strcmp(argv[i], "--idle-ms")      ? &idle_ms
+		                     : !strcmp(argv[i], "--request-ms")   ? &request_ms
+		                     : !strcmp(argv[i], "--send-ms")      ? &send_ms
 		                                                          : NULL;
 		if (!dst || i + 1 >= argc) {
 			usage(name, default_port);
@@ -392,7 +455,9 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		*dst = strtoul(argv[++i], &end, 10);
 		if (*end || errno || !*argv[i] || (dst == &port && port > 65535) ||
 		    (dst == &loops && loops > MAX_LOOPS) ||
-		    (dst == &drain_ms && drain_ms > 86400000) ||
+		    ((dst == &drain_ms || dst == &idle_ms || dst == &request_ms ||
+		      dst == &send_ms) &&
+		     *dst > 86400000) ||
 		    (dst == &idle_poll_us && idle_poll_us > 1000000)) {
 			usage(name, default_port);
 			return 2;
@@ -404,6 +469,9 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		return 2;
 	}
 	conn_fn = conn;
+	idle_ns = (int64_t)idle_ms * 1000000;
+	request_ns = (int64_t)request_ms * 1000000;
+	send_ns = (int64_t)send_ms * 1000000;
 	/* the signals come through the ring (concur_signal): block them in every thread, that is
 	 * here, before the loops exist (they inherit the mask) */
 	sigset_t set;

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * What the example servers share, on concur's public API only: options (--bind, default
- * 127.0.0.1; --port, --loops, --drain-ms), one SO_REUSEPORT listener and one accepting task (a
- * multishot accept stream, which goes on through transient errors such as EMFILE) per loop, a
- * task per connection, and a graceful stop on SIGINT/SIGTERM.
+ * What the example servers share, on concur's public API only: options (--bind, default 127.0.0.1;
+ * --port, --loops, --drain-ms, --idle-ms, --request-ms, --send-ms), one SO_REUSEPORT listener and
+ * one accepting task (a multishot accept stream, which goes on through transient errors such as
+ * EMFILE) per loop, a task per connection, and a graceful stop on SIGINT/SIGTERM.
  *
  * Stop. The signals come as a concur_signal future (blocked in every thread first). Then: no new
  * connection (the listeners are shut down, so the accept streams end); every connection waiting
@@ -12,6 +12,14 @@
  * finishes it, answers and closes (server_stopping() says not to wait for another). That drain
  * is bounded by concur_exec_stop(ex, --drain-ms, default 5000): the tasks still running then are
  * cancelled (their waits fail with -ECANCELED, so they close). The process exits 0.
+ *
+ * Slow clients. Every wait of a connection is bounded, with deadline scopes that cost nothing
+ * until they fire (concur_deadline_push): --idle-ms (default 60 s) for a keep-alive connection
+ * waiting for its next request, --request-ms (30 s) for a request from its first byte to its
+ * last (slowloris: a byte now and then resets no timer), --send-ms (30 s) for a send that makes
+ * no progress (a client that does not read). And no wait holds one of the loop's receive buffers
+ * (a chunk is processed from a copy, or sent by server_send_chunk), so clients that never read
+ * cannot dry the loop's buffer ring and starve the others.
  */
 #ifndef CONCUR_BENCH_SERVER_H
 #define CONCUR_BENCH_SERVER_H
@@ -40,8 +48,14 @@ void server_conn_done(int fd);
  */
 int64_t server_next(concur_stream *s, struct concur_chunk *ch, bool idle);
 
-/* Send all of buf (the direct form: call it from the connection's task). 0 or -errno. */
+/* Send all of buf (the direct form: call it from the connection's task), each send bounded by
+ * --send-ms (a client that does not read). 0 or -errno. */
 int server_send_all(int fd, const void *buf, size_t len);
+
+/* Send a received chunk's bytes and give the chunk back to s: at once if the socket takes them
+ * all, else from a copy, with the chunk given back before the wait (a wait for a client that does
+ * not read must not hold one of the loop's receive buffers). 0 or -errno. */
+int server_send_chunk(int fd, concur_stream *s, struct concur_chunk *ch);
 
 /* A request/response connection: what server_serve() gives the protocol. */
 struct server_conn {
