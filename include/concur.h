@@ -509,12 +509,14 @@ enum {
 /* Gather progress: completed of total done after elapsed_ns. Runs in the gathering thread/task. */
 typedef void (*concur_progress_fn)(size_t completed, size_t total, int64_t elapsed_ns, void *arg);
 
-struct concur_gather_opts {          /* zeroed (or a NULL pointer) = defaults */
-	unsigned flags;              /* CONCUR_GATHER_* */
-	concur_progress_fn progress; /* NULL: none. Called at most about 100 times per gather (each
-	                              * time another ~1% completed), and once at the end, whatever
-	                              * gather returns, unless it refused the call (-EINVAL) or had
-	                              * no memory to begin (-ENOMEM). */
+struct concur_gather_opts { /* zeroed (or a NULL pointer) = defaults */
+	unsigned flags;     /* CONCUR_GATHER_* */
+	concur_progress_fn
+	    progress; /* NULL: none. Called at most about 100 times per gather (each
+	               * time another ~1% completed), and once at the end, whatever
+	               * gather returns, unless it refused the call (-EINVAL; -EDEADLK
+	               * for the caller's own future) or had no memory to begin
+	               * (-ENOMEM). */
 	void *progress_arg;
 };
 

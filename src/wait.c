@@ -225,13 +225,16 @@ static int64_t wait_countdown_wait(struct countdown *c, size_t target, int64_t d
 	return concur__wake_sleep(&c->lock, &c->wake, deadline);
 }
 
-/* How many of futures[0..n) are the caller's own future (concur__self), which cannot be done
- * while it waits. */
+/* How many of futures[0..n) are the caller's own future (concur__self) not done yet, which
+ * cannot be done while it waits. (A blocking job's callbacks run in its thread once its future
+ * is done: that one is not waited for.) */
 static size_t wait_self_count(concur_future *const *futures, size_t n)
 {
 	const concur_future *self = concur__self();
+	if (!self || concur_done(self))
+		return 0;
 	size_t k = 0;
-	for (size_t i = 0; self && i < n; i++)
+	for (size_t i = 0; i < n; i++)
 		k += futures[i] == self;
 	return k;
 }

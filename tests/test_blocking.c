@@ -626,6 +626,35 @@ static void test_job_awaiting_itself(void **state)
 	concur_release(p);
 }
 
+/* A blocking job's callbacks run in its helper thread once its future is done: a gather or a
+ * wait there over that future is no wait for itself (it gave -EDEADLK). */
+static _Atomic int64_t cb_gather = 1, cb_wait = -1;
+static void gather_own_done(concur_future *f, void *arg)
+{
+	int64_t v = 0;
+	atomic_store(&cb_gather, concur_gather(&f, 1, 0, &v, NULL) == 0 ? v : -EPROTO);
+	atomic_store(&cb_wait, concur_wait(&f, 1, CONCUR_ALL_COMPLETED, MS(10), NULL));
+}
+
+static int64_t job_waits_gate(void *arg)
+{
+	return concur_result(arg, -1);
+}
+
+static void test_job_callback_gathers_its_done_future(void **state)
+{
+	concur_future *gate = concur_promise_new(NULL);
+	concur_future *j = concur_spawn_blocking(ex, job_waits_gate, gate);
+	assert_int_equal(concur_on_done(j, gather_own_done, NULL), 0);
+	assert_int_equal(concur_promise_set(gate, 42), 0);
+	assert_int_equal(concur_result(j, MS(5000)), 42);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0); /* the callback ran: ex's work */
+	assert_int_equal(atomic_load(&cb_gather), 42);
+	assert_int_equal(atomic_load(&cb_wait), 1);
+	concur_release(j);
+	concur_release(gate);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -645,6 +674,7 @@ int main(void)
 	    cmocka_unit_test(test_blocking_shutdown_from_another_executors_job),
 	    cmocka_unit_test(test_blocking_in_forked_child),
 	    cmocka_unit_test(test_job_awaiting_itself),
+	    cmocka_unit_test(test_job_callback_gathers_its_done_future),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup_ex2, teardown_ex));
 }
