@@ -110,10 +110,10 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * thread whose concur_spawn_blocking() started them.
  *
  * fork(): a child has none of its parent's loop threads, so it must not use, join or free an
- * executor made before the fork (its rings are the parent's). It may make executors of its own
- * (the blocking pool starts anew in it), provided no other thread of the parent was inside a
- * concur call at the fork (the usual rule for fork() in a threaded program: a lock that thread
- * held stays held in the child). The parent's executors go on unaffected.
+ * executor made before the fork (its rings are the parent's). It may make executors of its own:
+ * concur's process-wide locks are held across a fork (pthread_atfork), so none is left held in
+ * the child by a thread it does not have, and the blocking pool starts anew in it. The parent's
+ * executors go on unaffected.
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 

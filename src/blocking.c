@@ -62,7 +62,7 @@ static void blocking_cond_init(void)
  * were queued for helpers it did not have, for good. The child's pool starts empty: its first
  * job starts a helper of its own. The jobs queued are for the parent's executors, which the
  * child cannot use: left to the parent. The lock is held across the fork, so the child's copy
- * is whole (its mutex and condition variable are made again: their waiters are not there).
+ * is whole (its condition variable is made again: its waiters are not there).
  */
 static void blocking_fork_prepare(void)
 {
@@ -78,8 +78,8 @@ static void blocking_fork_child(void)
 {
 	pool.head = pool.tail = NULL;
 	pool.threads = pool.idle = pool.woken = 0;
-	pthread_mutex_init(&pool.lock, NULL);
 	blocking_cond_init();
+	pthread_mutex_unlock(&pool.lock);
 }
 
 static void blocking_pool_init(void)

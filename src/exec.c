@@ -36,9 +36,17 @@ static pthread_mutex_t concur__registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic uint64_t concur__registry[CONCUR__REGISTRY_SLOTS]; /* id of the slot's exec, or 0 */
 static uint64_t concur__registry_gen = 1;
 
+static pthread_once_t concur__registry_once = PTHREAD_ONCE_INIT;
+
+static void concur__registry_init(void)
+{
+	concur__fork_guard(&concur__registry_lock);
+}
+
 static int concur__registry_add(concur_exec *ex)
 {
 	int r = -ENOMEM; /* CONCUR__REGISTRY_SLOTS executors alive already */
+	pthread_once(&concur__registry_once, concur__registry_init);
 	pthread_mutex_lock(&concur__registry_lock);
 	for (uint64_t slot = 0; slot < CONCUR__REGISTRY_SLOTS; slot++) {
 		if (atomic_load_explicit(&concur__registry[slot], memory_order_relaxed))

@@ -1302,6 +1302,11 @@ void concur__stall_forget(concur_exec *ex);
 
 /* ---- the syscall layer (sys.c) ------------------------------------------------------------- */
 
+/* fork(): m, a process-wide lock, is held across every fork (pthread_atfork: taken before,
+ * let go after, in the parent and in the child), so a child never inherits it held by a thread
+ * it does not have. Call once per lock, from its owner's one-time set-up. */
+void concur__fork_guard(pthread_mutex_t *m);
+
 /* This thread's error message (concur_last_error). */
 void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */

@@ -467,6 +467,7 @@ static void concur__poster_unlist(void *slot)
 
 static void concur__poster_key_init(void)
 {
+	concur__fork_guard(&concur__posters_lock);
 	concur__poster_key_ok = !pthread_key_create(&concur__poster_key, concur__poster_unlist);
 }
 

@@ -70,8 +70,16 @@ static void stall_wait_reports(const concur_exec *ex, struct stall_slot *s, unsi
 		sched_yield();
 }
 
+static pthread_once_t slots_once = PTHREAD_ONCE_INIT;
+
+static void slots_init(void)
+{
+	concur__fork_guard(&slots_lock);
+}
+
 void concur__stall_forget(concur_exec *ex)
 {
+	pthread_once(&slots_once, slots_init);
 	pthread_mutex_lock(&slots_lock);
 	struct stall_slot *s = stall_slot_of(ex);
 	if (s)
@@ -83,6 +91,7 @@ int concur_stall_detector(concur_exec *ex, int64_t threshold_ns, concur_stall_fn
 {
 	if (!concur__exec_valid(ex))
 		return -EINVAL;
+	pthread_once(&slots_once, slots_init);
 	int err = 0;
 	pthread_mutex_lock(&slots_lock);
 	struct stall_slot *s = stall_slot_of(ex), *changed = s;

@@ -161,3 +161,43 @@ const char *concur_strerror(int64_t err)
 	const char *s = strerrordesc_np((int)-err);
 	return s ? s : "Unknown error";
 }
+
+/* ---- fork(): the process-wide locks --------------------------------------------------------- */
+
+/* The executors' registry, the posters' list, the stall detectors' table: each taken briefly,
+ * never two at once, by user threads and loop threads alike. A fork while one is held left it
+ * held for good in the child, whose first concur_exec_new (or post, or detector) then hung. */
+#define CONCUR__FORK_LOCKS 8
+static pthread_mutex_t *concur__fork_locks[CONCUR__FORK_LOCKS];
+static unsigned concur__fork_nlocks;
+static pthread_mutex_t concur__fork_lock = PTHREAD_MUTEX_INITIALIZER; /* the table */
+static pthread_once_t concur__fork_once = PTHREAD_ONCE_INIT;
+
+static void concur__fork_prepare(void)
+{
+	pthread_mutex_lock(&concur__fork_lock);
+	for (unsigned i = 0; i < concur__fork_nlocks; i++)
+		pthread_mutex_lock(concur__fork_locks[i]);
+}
+
+static void concur__fork_parent(void)
+{
+	for (unsigned i = concur__fork_nlocks; i-- > 0;)
+		pthread_mutex_unlock(concur__fork_locks[i]);
+	pthread_mutex_unlock(&concur__fork_lock);
+}
+
+static void concur__fork_init(void)
+{
+	/* the child's one thread is the one that took them: it lets them go, as the parent does */
+	pthread_atfork(concur__fork_prepare, concur__fork_parent, concur__fork_parent);
+}
+
+void concur__fork_guard(pthread_mutex_t *m)
+{
+	pthread_once(&concur__fork_once, concur__fork_init);
+	pthread_mutex_lock(&concur__fork_lock);
+	if (concur__fork_nlocks < CONCUR__FORK_LOCKS)
+		concur__fork_locks[concur__fork_nlocks++] = m;
+	pthread_mutex_unlock(&concur__fork_lock);
+}

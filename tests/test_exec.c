@@ -984,6 +984,71 @@ static void test_free_while_another_thread_joins(void **state)
 	concur_release(gate);
 }
 
+/*
+ * fork() while another thread holds the executors' registry lock (in concur_exec_new): the
+ * child inherited it held, by a thread it does not have, and its own concur_exec_new hung. The
+ * lock is now held across the fork: the fork waits for the holder. Forced: a wrap of
+ * pthread_mutex_lock holds the thread's first lock (the registry's) for up to 300 ms, marking
+ * when it lets go; the fork must return after that. (Under TSan a child of a threaded parent may
+ * not start threads: there the child makes no executor; the order is checked all the same.)
+ */
+static _Thread_local bool is_lock_holder;
+static atomic_int lock_hold; /* 1: armed; 2: held; 3: let go */
+
+int __real_pthread_mutex_lock(pthread_mutex_t *m);
+int __wrap_pthread_mutex_lock(pthread_mutex_t *m)
+{
+	int r = __real_pthread_mutex_lock(m);
+	int armed = 1;
+	if (is_lock_holder && atomic_compare_exchange_strong(&lock_hold, &armed, 2)) {
+		usleep(300000); /* a fork that waits for us waits this long */
+		atomic_store(&lock_hold, 3);
+	}
+	return r;
+}
+
+static void *exec_new_holding(void *arg)
+{
+	is_lock_holder = true;
+	struct concur_exec_opts o = {.loops = 1};
+	concur_exec **out = arg;
+	assert_int_equal(concur_exec_new(out, &o), 0);
+	return NULL;
+}
+
+static void test_fork_while_registry_held(void **state)
+{
+	concur_exec *warm = new_exec(1); /* the registry's one-time set-up done */
+	concur_exec_free(warm);
+	concur_exec *held = NULL;
+	atomic_store(&lock_hold, 1);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, exec_new_holding, &held), 0);
+	while (atomic_load(&lock_hold) == 1)
+		usleep(1000);
+	fflush(NULL);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		alarm(10);
+		int bad = 0;
+#if !defined(__SANITIZE_THREAD__)
+		concur_exec *c = NULL;
+		struct concur_exec_opts o = {.loops = 1};
+		bad = concur_exec_new(&c, &o) != 0;
+		concur_exec_free(c);
+#endif
+		_exit(bad);
+	}
+	assert_int_equal(atomic_load(&lock_hold), 3); /* the fork waited for the lock */
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	concur_exec_free(held);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1005,6 +1070,7 @@ int main(void)
 	    cmocka_unit_test(test_io_uring_register_blocked),
 	    cmocka_unit_test(test_refused_then_callbacks_are_work),
 	    cmocka_unit_test(test_free_while_another_thread_joins),
+	    cmocka_unit_test(test_fork_while_registry_held),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, NULL, NULL));
 }
