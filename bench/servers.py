@@ -230,7 +230,7 @@ def start_nginx(timeout, template=NGINX_CONF, **fmt):
     tmp = tempfile.mkdtemp(prefix="concur-nginx-")
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
-    values = dict(workers=os.cpu_count() or 1, tmp=tmp, host=HOST, port=port)
+    values = dict(workers=len(os.sched_getaffinity(0)) or 1, tmp=tmp, host=HOST, port=port)
     values.update(fmt)
     with open(conf, "w") as f:
         f.write(template.format(**values))
