@@ -112,8 +112,9 @@ struct concur_exec_opts {      /* zeroed = defaults */
  * fork(): a child has none of its parent's loop threads, so it must not use, join or free an
  * executor made before the fork (its rings are the parent's). It may make executors of its own:
  * concur's process-wide locks are held across a fork (pthread_atfork), so none is left held in
- * the child by a thread it does not have, and the blocking pool starts anew in it. The parent's
- * executors go on unaffected.
+ * the child by a thread it does not have, and the blocking pool starts anew in it. Fork from a
+ * thread of your own or a blocking job, not from a task or a callback on a loop thread (the child
+ * would go on as that loop, on the parent's ring). The parent's executors go on unaffected.
  */
 int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts);
 

@@ -61,31 +61,20 @@ static void blocking_cond_init(void)
  * fork(): the child has none of the helpers, yet its copy of the pool counted them, so its jobs
  * were queued for helpers it did not have, for good. The child's pool starts empty: its first
  * job starts a helper of its own. The jobs queued are for the parent's executors, which the
- * child cannot use: left to the parent. The lock is held across the fork, so the child's copy
- * is whole (its condition variable is made again: its waiters are not there).
+ * child cannot use: left to the parent. The lock is held across the fork (concur__fork_guard),
+ * so the child's copy is whole; its condition variable is made again (its waiters are not there).
  */
-static void blocking_fork_prepare(void)
-{
-	pthread_mutex_lock(&pool.lock);
-}
-
-static void blocking_fork_parent(void)
-{
-	pthread_mutex_unlock(&pool.lock);
-}
-
-static void blocking_fork_child(void)
+static void blocking_forked(void)
 {
 	pool.head = pool.tail = NULL;
 	pool.threads = pool.idle = pool.woken = 0;
 	blocking_cond_init();
-	pthread_mutex_unlock(&pool.lock);
 }
 
 static void blocking_pool_init(void)
 {
 	blocking_cond_init();
-	pthread_atfork(blocking_fork_prepare, blocking_fork_parent, blocking_fork_child);
+	concur__fork_guard(&pool.lock, blocking_forked);
 	atomic_store_explicit(&concur__cancel_queued_jobs, blocking_cancel_queued,
 	                      memory_order_release);
 }

@@ -40,7 +40,7 @@ static pthread_once_t concur__registry_once = PTHREAD_ONCE_INIT;
 
 static void concur__registry_init(void)
 {
-	concur__fork_guard(&concur__registry_lock);
+	concur__fork_guard(&concur__registry_lock, NULL);
 }
 
 static int concur__registry_add(concur_exec *ex)

@@ -1304,8 +1304,9 @@ void concur__stall_forget(concur_exec *ex);
 
 /* fork(): m, a process-wide lock, is held across every fork (pthread_atfork: taken before,
  * let go after, in the parent and in the child), so a child never inherits it held by a thread
- * it does not have. Call once per lock, from its owner's one-time set-up. */
-void concur__fork_guard(pthread_mutex_t *m);
+ * it does not have; then child(), if not NULL, runs in the child, to drop what named the
+ * parent's other threads. Call from the owner's one-time set-up (a second call is ignored). */
+void concur__fork_guard(pthread_mutex_t *m, void (*child)(void));
 
 /* This thread's error message (concur_last_error). */
 void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -465,9 +465,22 @@ static void concur__poster_unlist(void *slot)
 	p->state = 2;
 }
 
+/* fork(): the child has one thread. The other threads' slots (on their stacks, which the child
+ * may unmap) leave the list, and none of them is posting there. */
+static void concur__posters_forked(void)
+{
+	struct concur__poster *p = &concur__tl_poster;
+	concur__posters.prev = concur__posters.next = &concur__posters;
+	atomic_store_explicit(&concur__posters_unlisted, 0, memory_order_relaxed);
+	if (p->state == 1) {
+		p->prev = p->next = &concur__posters;
+		concur__posters.prev = concur__posters.next = p;
+	}
+}
+
 static void concur__poster_key_init(void)
 {
-	concur__fork_guard(&concur__posters_lock);
+	concur__fork_guard(&concur__posters_lock, concur__posters_forked);
 	concur__poster_key_ok = !pthread_key_create(&concur__poster_key, concur__poster_unlist);
 }
 

@@ -72,9 +72,17 @@ static void stall_wait_reports(const concur_exec *ex, struct stall_slot *s, unsi
 
 static pthread_once_t slots_once = PTHREAD_ONCE_INIT;
 
+/* fork(): reports under way in the parent's other threads never end in the child */
+static void slots_forked(void)
+{
+	for (unsigned i = 0; i < STALL_SLOTS; i++)
+		for (unsigned k = 0; k < 2; k++)
+			atomic_store(&slots[i].reporting[k], 0);
+}
+
 static void slots_init(void)
 {
-	concur__fork_guard(&slots_lock);
+	concur__fork_guard(&slots_lock, slots_forked);
 }
 
 void concur__stall_forget(concur_exec *ex)

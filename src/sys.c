@@ -164,11 +164,15 @@ const char *concur_strerror(int64_t err)
 
 /* ---- fork(): the process-wide locks --------------------------------------------------------- */
 
-/* The executors' registry, the posters' list, the stall detectors' table: each taken briefly,
- * never two at once, by user threads and loop threads alike. A fork while one is held left it
- * held for good in the child, whose first concur_exec_new (or post, or detector) then hung. */
+/* The executors' registry, the posters' list, the stall detectors' table, the blocking pool:
+ * each taken briefly, never two at once, by user threads and loop threads alike. A fork while
+ * one was held left it held for good in the child, whose first concur_exec_new (or post, or
+ * detector) then hung; and what they guard may name threads the child does not have. */
 #define CONCUR__FORK_LOCKS 8
-static pthread_mutex_t *concur__fork_locks[CONCUR__FORK_LOCKS];
+static struct {
+	pthread_mutex_t *lock;
+	void (*child)(void);
+} concur__fork_locks[CONCUR__FORK_LOCKS];
 static unsigned concur__fork_nlocks;
 static pthread_mutex_t concur__fork_lock = PTHREAD_MUTEX_INITIALIZER; /* the table */
 static pthread_once_t concur__fork_once = PTHREAD_ONCE_INIT;
@@ -177,27 +181,40 @@ static void concur__fork_prepare(void)
 {
 	pthread_mutex_lock(&concur__fork_lock);
 	for (unsigned i = 0; i < concur__fork_nlocks; i++)
-		pthread_mutex_lock(concur__fork_locks[i]);
+		pthread_mutex_lock(concur__fork_locks[i].lock);
 }
 
 static void concur__fork_parent(void)
 {
 	for (unsigned i = concur__fork_nlocks; i-- > 0;)
-		pthread_mutex_unlock(concur__fork_locks[i]);
+		pthread_mutex_unlock(concur__fork_locks[i].lock);
 	pthread_mutex_unlock(&concur__fork_lock);
+}
+
+/* The child's one thread is the one that took them: it lets them go, as the parent does, then
+ * each owner puts right what named the threads the child does not have. */
+static void concur__fork_child(void)
+{
+	concur__fork_parent();
+	for (unsigned i = 0; i < concur__fork_nlocks; i++)
+		if (concur__fork_locks[i].child)
+			concur__fork_locks[i].child();
 }
 
 static void concur__fork_init(void)
 {
-	/* the child's one thread is the one that took them: it lets them go, as the parent does */
-	pthread_atfork(concur__fork_prepare, concur__fork_parent, concur__fork_parent);
+	pthread_atfork(concur__fork_prepare, concur__fork_parent, concur__fork_child);
 }
 
-void concur__fork_guard(pthread_mutex_t *m)
+void concur__fork_guard(pthread_mutex_t *m, void (*child)(void))
 {
 	pthread_once(&concur__fork_once, concur__fork_init);
 	pthread_mutex_lock(&concur__fork_lock);
-	if (concur__fork_nlocks < CONCUR__FORK_LOCKS)
-		concur__fork_locks[concur__fork_nlocks++] = m;
+	bool listed = false;
+	for (unsigned i = 0; i < concur__fork_nlocks; i++)
+		listed = listed || concur__fork_locks[i].lock == m;
+	if (!listed && concur__fork_nlocks < CONCUR__FORK_LOCKS) /* 4 owners: room to spare */
+		concur__fork_locks[concur__fork_nlocks++] =
+		    (typeof(concur__fork_locks[0])){m, child};
 	pthread_mutex_unlock(&concur__fork_lock);
 }

@@ -1352,6 +1352,70 @@ static void test_futex_wake_through_pushback(void **state)
 	concur__submit_fault = NULL;
 }
 
+/*
+ * fork() after threads of our own posted to an executor (each such thread's slot is listed, on
+ * its stack): the child's list still named them, glibc unmaps their stacks in the child (it
+ * keeps 40 MiB of them), and the child's concur_exec_free walked the list into unmapped memory
+ * (SIGSEGV). The child now keeps only its own thread's slot. (Under TSan a child of a threaded
+ * parent may not start threads: there it makes no executor.)
+ */
+#define FORK_POSTERS 8
+static pthread_barrier_t posters_posted, posters_go;
+static concur_exec *posted_ex;
+
+static void *post_then_wait(void *arg)
+{
+	concur_future *f = concur_spawn(posted_ex, nothing, NULL); /* lists this thread's slot */
+	concur_result(f, -1);
+	concur_release(f);
+	pthread_barrier_wait(&posters_posted);
+	pthread_barrier_wait(&posters_go); /* alive, in no concur call, across the fork */
+	return NULL;
+}
+
+static void test_fork_after_foreign_posters(void **state)
+{
+	posted_ex = new_exec(1);
+	pthread_barrier_init(&posters_posted, NULL, FORK_POSTERS + 1);
+	pthread_barrier_init(&posters_go, NULL, FORK_POSTERS + 1);
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 16 << 20); /* 8 x 16 MiB: past glibc's stack cache */
+	pthread_t th[FORK_POSTERS];
+	for (int i = 0; i < FORK_POSTERS; i++)
+		assert_int_equal(pthread_create(&th[i], &attr, post_then_wait, NULL), 0);
+	pthread_attr_destroy(&attr);
+	pthread_barrier_wait(&posters_posted);
+	fflush(NULL);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		alarm(10);
+		int bad = 0;
+#if !defined(__SANITIZE_THREAD__)
+		concur_exec *c = NULL;
+		struct concur_exec_opts o = {.loops = 1};
+		if (concur_exec_new(&c, &o))
+			_exit(2);
+		concur_future *f = concur_spawn(c, nothing, NULL); /* from outside: a post */
+		bad = concur_result(f, MS(5000)) != 0;
+		concur_release(f);
+		concur_exec_free(c); /* walks the posters' list */
+#endif
+		_exit(bad);
+	}
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	pthread_barrier_wait(&posters_go);
+	for (int i = 0; i < FORK_POSTERS; i++)
+		pthread_join(th[i], NULL);
+	pthread_barrier_destroy(&posters_posted);
+	pthread_barrier_destroy(&posters_go);
+	concur_exec_free(posted_ex);
+	assert_true(WIFEXITED(status)); /* killed by SIGSEGV before */
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1370,6 +1434,7 @@ int main(void)
 	    cmocka_unit_test(test_ring_flags),
 	    cmocka_unit_test(test_largest_ring_keeps_flags),
 	    cmocka_unit_test(test_pin_stays_in_affinity),
+	    cmocka_unit_test(test_fork_after_foreign_posters),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
 	    cmocka_unit_test(test_parked_thread_woken_through_ring),
