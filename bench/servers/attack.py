@@ -320,6 +320,24 @@ def attack_pinned_buffers(name):
         stop(p, name)
 
 
+def straddle(name, port):
+    """A busy client the limits must not close: every request whole within 0.25 s, but each
+    send ends with the start of the next (pipelining), for 2.5 s against a 1 s --request-ms.
+    One limit for the whole run of requests closed it after 1 s."""
+    req, ans = PROTO[name]['ok']
+    s = connect(port)
+    try:
+        half = len(req) // 2
+        s.sendall(req[:half])
+        for i in range(10):
+            time.sleep(0.25)
+            s.sendall(req[half:] + req[:half])  # ends request i, begins request i + 1
+            d = recv_until(s, ans)
+            assert ans in d, (name, 'a pipelining client closed after %d requests' % i)
+    finally:
+        s.close()
+
+
 def attack_slow_clients(name):
     """Slow clients against short limits (1 s): an idle keep-alive connection, a request that
     never completes (a byte now and then: slowloris), a client that never reads. The server
@@ -344,10 +362,10 @@ def attack_slow_clients(name):
         except BlockingIOError:
             pass
         deadline = time.time() + 8
-        for b in head:  # slowloris: one byte every 0.2 s, never the end of the request
+        for b in head:  # slowloris: one byte every 0.2 s (past the 1 s limit), never the end
             send_quiet(partial, bytes([b]))
             time.sleep(0.2)
-            if time.time() > deadline:
+            if time.time() > t0 + 2:
                 break
         while fd_count(p.pid) > base and time.time() < deadline:
             time.sleep(0.1)
@@ -355,6 +373,8 @@ def attack_slow_clients(name):
         assert n <= base, '%s: %d fds with slow clients after %.1f s, %d before' % (
             name, n, time.time() - t0, base)
         drain_close([idle, partial, noread])
+        if name != 'echo':
+            straddle(name, port)
         check(name, p, port, base, 'slow clients closed', t0)
     finally:
         stop(p, name)

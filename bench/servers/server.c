@@ -196,7 +196,8 @@ static void out_put(char *p, size_t cap)
 /*
  * Feed in[0..len) to process, keeping what it did not take (an incomplete request) in the
  * connection's own pending bytes, which exist only while a request is incomplete. Most chunks
- * hold whole requests and are processed in place, without a copy.
+ * hold whole requests and are processed where they are (the copy of the received chunk, see
+ * server_serve), with no further copy. *answered: process took a request.
  */
 struct pending {
 	char *buf;
@@ -223,11 +224,12 @@ static int pending_add(struct pending *pd, const char *p, size_t k)
 }
 
 static int feed(struct server_conn *c, struct pending *pd, char *p, size_t n,
-                server_process_fn process, bool *close_it)
+                server_process_fn process, bool *close_it, bool *answered)
 {
 	while (n && !*close_it) {
 		if (!pd->len) { /* in place */
 			size_t used = process(c, p, n, n >= pd->max, close_it);
+			*answered = *answered || used;
 			p += used;
 			n -= used;
 			if (!n || *close_it || (!used && n >= pd->max))
@@ -242,6 +244,7 @@ static int feed(struct server_conn *c, struct pending *pd, char *p, size_t n,
 		p += k;
 		n -= k;
 		size_t used = process(c, pd->buf, pd->len, pd->len >= pd->max, close_it);
+		*answered = *answered || used;
 		memmove(pd->buf, pd->buf + used, pd->len - used);
 		pd->len -= used;
 		if (!pd->len) { /* nothing pending: the connection holds no input buffer */
@@ -274,7 +277,8 @@ int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn pr
 		if (r <= 0)
 			break; /* EOF (maybe in the middle of a request), an error or a stop: close
 			        */
-		if (!(c.out = out_get(out_cap + IN_COPY)) || ch.len > IN_COPY) {
+		/* (a chunk is a 4 KiB buffer at most, the header says: a larger one closes) */
+		if (ch.len > IN_COPY || !(c.out = out_get(out_cap + IN_COPY))) {
 			concur_stream_give(s, &ch);
 			break;
 		}
@@ -285,8 +289,13 @@ int64_t server_serve(int fd, size_t in_cap, size_t out_cap, server_process_fn pr
 		size_t in_len = ch.len;
 		memcpy(in, ch.data, in_len);
 		concur_stream_give(s, &ch);
-		if (feed(&c, &pd, in, in_len, process, &close_it))
+		bool answered = false;
+		if (feed(&c, &pd, in, in_len, process, &close_it, &answered))
 			close_it = true;
+		if (timed && answered) { /* a request is whole: the next one gets request_ns anew */
+			concur_deadline_pop();
+			timed = false;
+		}
 		if (c.out_len && server_send_all(fd, c.out, c.out_len))
 			close_it = true;
 		c.out_len = 0;
