@@ -152,7 +152,7 @@ static int handle(struct server_conn *o, char *in, size_t len, size_t *head_len,
 	if (line_end - p != 8 || memcmp(p, "HTTP/1.", 7) || (p[7] != '0' && p[7] != '1'))
 		return -1;
 	bool http10 = p[7] == '0';
-	bool keep_alive = !http10;
+	bool keep_alive = !http10, have_length = false;
 	/* headers: NAME ":" value CRLF, up to the blank line */
 	for (p = line_end + 2;; p = line_end + 2) {
 		if (end - p < 2)
@@ -185,6 +185,11 @@ static int handle(struct server_conn *o, char *in, size_t len, size_t *head_len,
 			long took = server_parse_dec(v, line_end, false, &cl);
 			if (took < 0 || (v + took != line_end && v[took] != ' ' && v[took] != '\t'))
 				return -1;
+			/* two that differ: which one frames the body is anyone's guess (a proxy in
+			 * front may take the other: request smuggling), so 400 (RFC 9112, 6.3) */
+			if (have_length && *body_len != (size_t)cl)
+				return -1;
+			have_length = true;
 			*body_len = (size_t)cl;
 		} else if (nlen == 17 && !strncasecmp(p, "transfer-encoding", 17)) {
 			return -1; /* no chunked bodies here */

@@ -209,6 +209,11 @@ static long parse(char *p, char *end, int *argc, char **argv, size_t *alen)
 				alen[(*argc)++] = (size_t)(w - s);
 			}
 		}
+		/* more than MAX_ARGS words: refused, as a longer multibulk is (the rest was
+		 * dropped: DEL k0 .. k69 deleted 64 keys and said so) */
+		for (char *w = *argc ? argv[*argc - 1] + alen[*argc - 1] : p; w < lf; w++)
+			if (*w != ' ' && *w != '\r')
+				return -1;
 		return lf + 1 - p;
 	}
 	long long n, l;

@@ -57,7 +57,8 @@ def test_http():
             d = recv_until(s, 1, b'Hello, World!')
             assert d.startswith(b'HTTP/1.1 200 OK') and d.endswith(b'Hello, World!'), (cut, d)
         for bad in [b'BAD\r\n\r\n', b'GET  /plaintext HTTP/1.1\r\n\r\n', b'GET / HTTP/2.0\r\n\r\n',
-                    b'GET / HTTP/1.1\r\nno colon\r\n\r\n']:
+                    b'GET / HTTP/1.1\r\nno colon\r\n\r\n',
+                    b'GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab']:
             s = socket.create_connection(('127.0.0.1', port))
             s.sendall(bad)
             d = recv_until(s, 1 << 20)
@@ -96,7 +97,8 @@ def test_resp():
         # -2 as a count or a bulk length is malformed (it once collided with the parser's
         # "incomplete" sentinel: no answer, and the pipelined PING behind it never answered)
         for bad in [b'*-2\r\n', b'*1\r\n$-2\r\n', b'*-1\r\n', b'*1\r\n$-1\r\n',
-                    b'*99999999999999999999\r\n']:
+                    b'*99999999999999999999\r\n',
+                    b'DEL' + b''.join(b' k%d' % i for i in range(70)) + b'\r\n']:
             s = socket.create_connection(('127.0.0.1', port))
             s.sendall(bad + b'*1\r\n$4\r\nPING\r\n')
             d = recv_until(s, 1 << 20)
