@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -115,6 +116,30 @@ static inline concur_exec *new_exec(unsigned loops)
 	assert_int_equal(concur_exec_new(&ex, &o), 0);
 	assert_non_null(ex);
 	return ex;
+}
+
+/* run(arg) in a forked child, which must end within 30 s (a hang fails, and a process that
+ * cannot free its executor does not hold the test up): its wait status, -1 if fork failed. */
+static inline int child_status(int (*run)(int), int arg)
+{
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid < 0)
+		return -1;
+	if (pid == 0) {
+		alarm(30);
+		_exit(run(arg));
+	}
+	int status = 0;
+	return waitpid(pid, &status, 0) == pid ? status : -1;
+}
+
+/* run(arg) in a forked child, which must exit 0 within 30 s. */
+static inline void expect_child_ok(int (*run)(int), int arg)
+{
+	int status = child_status(run, arg);
+	assert_true(status >= 0 && WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
 #endif

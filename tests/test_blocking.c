@@ -566,7 +566,7 @@ static void test_blocking_shutdown_from_another_executors_job(void **state)
  * multi-threaded parent may not start threads, so there the child checks the pool it starts
  * with and runs no job.
  */
-static int blocking_child(void)
+static int blocking_child(int unused)
 {
 	if (concur_blocking_threads() != 0)
 		return 1; /* the parent's helpers, counted */
@@ -591,17 +591,7 @@ static void test_blocking_in_forked_child(void **state)
 	assert_int_equal(concur_result(f, -1), 30);
 	concur_release(f);
 	assert_true(concur_blocking_threads() >= 1); /* an idle helper, in the parent */
-	fflush(NULL);
-	pid_t pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0) {
-		alarm(30);
-		_exit(blocking_child());
-	}
-	int status = 0;
-	assert_int_equal(waitpid(pid, &status, 0), pid);
-	assert_true(WIFEXITED(status));
-	assert_int_equal(WEXITSTATUS(status), 0);
+	expect_child_ok(blocking_child, 0);
 	f = concur_spawn_blocking(ex, return_arg, (void *)32); /* the parent's pool goes on */
 	assert_int_equal(concur_result(f, -1), 32);
 	concur_release(f);

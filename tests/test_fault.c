@@ -1013,23 +1013,6 @@ static int free_waits_for_poster_child(int unused)
 	return done ? 0 : 6; /* 6: freed while the poster was still in its post */
 }
 
-/* run(arg) in a forked child, which must exit 0 within 30 s (a hang fails, and a process that
- * cannot free its executor does not hold the test up). */
-static void expect_child_ok(int (*run)(int), int arg)
-{
-	fflush(NULL);
-	pid_t pid = fork();
-	assert_true(pid >= 0);
-	if (pid == 0) {
-		alarm(30);
-		_exit(run(arg));
-	}
-	int status = 0;
-	assert_int_equal(waitpid(pid, &status, 0), pid);
-	assert_true(WIFEXITED(status));
-	assert_int_equal(WEXITSTATUS(status), 0);
-}
-
 static void test_fault_free_waits_for_poster(void **state)
 {
 	(void)state;
