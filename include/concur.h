@@ -554,7 +554,9 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
  * when every future was yielded, -ETIMEDOUT when the deadline passed
  * (concur_as_completed_unfinished() and concur_last_error() tell how many of how many are
  * unfinished; calling again keeps returning -ETIMEDOUT unless one completed meanwhile), -EINVAL,
- * -ENOMEM (no memory to wait with), -EDEADLK on a loop thread outside any task; in a task also
+ * -ENOMEM (no memory to wait with), -EDEADLK on a loop thread outside any task or when the one
+ * future left is the caller's own (a task or blocking job iterating over its own future waits
+ * while another could still come first); in a task also
  * -ECANCELED when it was cancelled, -ETIMEDOUT when a deadline scope of it passed. Use from one
  * thread or task at a time.
  */

@@ -505,6 +505,19 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 	return 0;
 }
 
+/* Whether the one future left to yield is the caller's own (concur__self) not done yet: as
+ * concur_wait's FIRST_COMPLETED, it waits while another could still come first. */
+static bool wait_ac_self_left(const concur_as_completed *it)
+{
+	const concur_future *self = concur__self();
+	if (!self || it->n - it->yielded != 1 || concur_done(self))
+		return false;
+	for (size_t k = 0; k < it->n; k++)
+		if (it->futs[k])
+			return it->futs[k] == self;
+	return false;
+}
+
 int concur_as_completed_next(concur_as_completed *it, concur_future **f)
 {
 	if (!it || !f)
@@ -521,6 +534,10 @@ int concur_as_completed_next(concur_as_completed *it, concur_future **f)
 			it->futs[k] = NULL;
 			it->yielded++;
 			return 1;
+		}
+		if (wait_ac_self_left(it)) { /* it would wait for its own end */
+			pthread_mutex_unlock(&s->lock);
+			return -EDEADLK;
 		}
 		int64_t r = concur__wake_sleep(&s->lock, &s->wake, it->deadline);
 		if (r == -ETIMEDOUT && concur__remaining(it->deadline) == 0) {

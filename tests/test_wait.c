@@ -1315,6 +1315,45 @@ static void test_task_waits_for_itself(void **state)
 	concur_release(p);
 }
 
+/* A task iterating with concur_as_completed over a set holding its own future: -EDEADLK once
+ * its own is the one left (its last next() waited for good); while another may come first, it
+ * waits. */
+static int64_t iterates_self(void *arg)
+{
+	concur_future *self = (concur_future *)(intptr_t)concur_result(arg, -1);
+	concur_future *other = concur_promise_new(NULL), *both[2] = {self, other}, *f = NULL;
+	concur_as_completed *it = NULL;
+	if (concur_as_completed_new(&it, both, 2, MS(200)) != 0)
+		return -ENOMEM;
+	concur_as_completed *early = NULL;
+	int pending = -1; /* both left: it waits (until its 10 ms) */
+	if (concur_as_completed_new(&early, both, 2, MS(10)) == 0)
+		pending = concur_as_completed_next(early, &f);
+	concur_as_completed_free(early);
+	concur_promise_set(other, 7);
+	int first = concur_as_completed_next(it, &f);
+	bool got_other = first == 1 && f == other;
+	if (first == 1)
+		concur_release(f);
+	int last = concur_as_completed_next(it, &f);
+	size_t left = concur_as_completed_unfinished(it, NULL);
+	concur_as_completed_free(it);
+	concur_release(other);
+	return pending == -ETIMEDOUT && got_other && last == -EDEADLK && left == 1
+	           ? 0
+	           : -EPROTO; /* before: last was -ETIMEDOUT (-1 as the timeout: never returned) */
+}
+
+static void test_task_iterates_over_itself(void **state)
+{
+	concur_future *p = concur_promise_new(ex);
+	concur_future *t = concur_spawn(ex, iterates_self, p);
+	assert_int_equal(concur_promise_set(p, (int64_t)(intptr_t)t), 0);
+	assert_int_equal(concur_result(t, MS(5000)), 0);
+	concur_release(t);
+	concur_release(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1350,6 +1389,7 @@ int main(void)
 	    cmocka_unit_test(test_cancelled_dependent_owned_by_its_callback),
 	    cmocka_unit_test(test_cancel_takes_back_while_input_ends),
 	    cmocka_unit_test(test_task_waits_for_itself),
+	    cmocka_unit_test(test_task_iterates_over_itself),
 	};
 	return TESTS_EXIT(cmocka_run_group_tests(tests, setup, teardown));
 }
