@@ -180,10 +180,9 @@ int concur_exec_new(concur_exec **out, const struct concur_exec_opts *opts)
 		/* the CPUs this thread may run on (taskset, a cpuset, systemd's CPUAffinity=; the
 		 * loop threads inherit them), as Go's GOMAXPROCS counts them: a loop per online CPU
 		 * under `taskset -c 0` on 64 CPUs would be 64 loops sharing one */
-		cpu_set_t allowed;
-		long n = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
-		             ? CPU_COUNT(&allowed)
-		             : sysconf(_SC_NPROCESSORS_ONLN);
+		long n = concur__cpus_allowed_count();
+		if (n <= 0)
+			n = sysconf(_SC_NPROCESSORS_ONLN);
 		o.loops = n > 0 ? (unsigned)(n > 1024 ? 1024 : n) : 1;
 	}
 	if (!o.ring_entries)

@@ -1308,6 +1308,11 @@ void concur__stall_forget(concur_exec *ex);
  * parent's other threads. Call from the owner's one-time set-up (a second call is ignored). */
 void concur__fork_guard(pthread_mutex_t *m, void (*child)(void));
 
+/* How many CPUs the calling thread may run on (taskset, a cpuset, systemd's CPUAffinity=),
+ * however many the machine has; -1 if the kernel does not say. */
+int concur__cpus_allowed_count(void);
+/* Pin the calling thread to the (k mod n)-th of the n CPUs it may run on. 0 or -errno. */
+int concur__pin_to_allowed(unsigned k);
 /* This thread's error message (concur_last_error). */
 void concur__set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Sleep while *word == val, until abs_mono (CLOCK_MONOTONIC; NULL: forever). 0 or -errno. */

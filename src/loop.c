@@ -1117,22 +1117,10 @@ static void *concur__loop_main(void *arg)
 	snprintf(name, sizeof(name), "concur-%u", loop->idx);
 	pthread_setname_np(pthread_self(), name);
 	/* pinned to the (idx mod n)-th of the n CPUs this thread may use (inherited from the
-	 * creator: taskset, a cpuset), not to CPU number idx, which may be outside them */
-	cpu_set_t allowed;
-	if ((ex->opts.flags & CONCUR_EXEC_PIN) &&
-	    !pthread_getaffinity_np(pthread_self(), sizeof(allowed), &allowed) &&
-	    CPU_COUNT(&allowed) > 0) {
-		int k = (int)(loop->idx % (unsigned)CPU_COUNT(&allowed));
-		for (int c = 0; c < CPU_SETSIZE; c++) {
-			if (!CPU_ISSET(c, &allowed) || k--)
-				continue;
-			cpu_set_t set;
-			CPU_ZERO(&set);
-			CPU_SET(c, &set);
-			pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-			break;
-		}
-	}
+	 * creator: taskset, a cpuset), not to CPU number idx, which may be outside them; a loop
+	 * the kernel will not pin runs unpinned */
+	if (ex->opts.flags & CONCUR_EXEC_PIN)
+		(void)concur__pin_to_allowed(loop->idx);
 	loop->setup_err = concur__ring_setup(loop);
 	if (!loop->setup_err && (loop->setup_err = concur__fiber_pool_init(loop)))
 		concur__ring_exit(&loop->ring);

@@ -11,6 +11,7 @@
 
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -217,4 +218,55 @@ void concur__fork_guard(pthread_mutex_t *m, void (*child)(void))
 		concur__fork_locks[concur__fork_nlocks++] =
 		    (typeof(concur__fork_locks[0])){m, child};
 	pthread_mutex_unlock(&concur__fork_lock);
+}
+
+/* ---- CPUs --------------------------------------------------------------------------------- */
+
+/* The kernel refuses a mask shorter than its CPU ids (EINVAL): a cpu_set_t's 1024 fall short on
+ * a machine with more, so the set grows until the kernel takes it. */
+static cpu_set_t *concur__cpus_allowed(size_t *size)
+{
+	for (size_t ncpus = CPU_SETSIZE; ncpus <= ((size_t)1 << 22); ncpus *= 2) {
+		cpu_set_t *set = CPU_ALLOC(ncpus);
+		if (!set)
+			return NULL;
+		*size = CPU_ALLOC_SIZE(ncpus);
+		if (sched_getaffinity(0, *size, set) == 0)
+			return set;
+		CPU_FREE(set);
+		if (errno != EINVAL)
+			return NULL;
+	}
+	return NULL;
+}
+
+int concur__cpus_allowed_count(void)
+{
+	size_t size;
+	cpu_set_t *set = concur__cpus_allowed(&size);
+	if (!set)
+		return -1;
+	int n = CPU_COUNT_S(size, set);
+	CPU_FREE(set);
+	return n;
+}
+
+int concur__pin_to_allowed(unsigned k)
+{
+	size_t size;
+	cpu_set_t *set = concur__cpus_allowed(&size);
+	if (!set)
+		return -errno;
+	int n = CPU_COUNT_S(size, set), err = -EINVAL;
+	k %= (unsigned)(n > 0 ? n : 1);
+	for (size_t c = 0; n > 0 && c < size * 8; c++) {
+		if (!CPU_ISSET_S(c, size, set) || k--)
+			continue;
+		CPU_ZERO_S(size, set);
+		CPU_SET_S(c, size, set);
+		err = sched_setaffinity(0, size, set) ? -errno : 0;
+		break;
+	}
+	CPU_FREE(set);
+	return err;
 }

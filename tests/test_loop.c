@@ -298,7 +298,7 @@ static int64_t my_cpus(void *arg)
 	return pthread_getaffinity_np(pthread_self(), sizeof(*out), out);
 }
 
-static void test_pin_stays_in_affinity(void **state)
+static void pin_stays_in_affinity(void)
 {
 	cpu_set_t saved, only;
 	assert_int_equal(pthread_getaffinity_np(pthread_self(), sizeof(saved), &saved), 0);
@@ -332,6 +332,38 @@ static void test_pin_stays_in_affinity(void **state)
 	assert_int_equal(r, 0);
 	assert_int_equal(concur_exec_loops(ex), 1); /* not one per online CPU */
 	concur_exec_free(ex);
+}
+
+static void test_pin_stays_in_affinity(void **state)
+{
+	pin_stays_in_affinity();
+}
+
+/* The same on a machine with more than 1024 CPU ids, where the kernel refuses a cpu_set_t's
+ * mask (EINVAL): simulated by a wrap of sched_getaffinity refusing a mask under 2048 CPUs. The
+ * default loop count fell back to the online CPUs (2, not 1) and a pinned loop stayed
+ * unpinned. */
+static atomic_bool many_cpus;
+static atomic_int many_cpus_asked;
+int __real_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set);
+int __wrap_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set)
+{
+	if (atomic_load(&many_cpus)) {
+		atomic_fetch_add(&many_cpus_asked, 1);
+		if (size < 2048 / 8) {
+			errno = EINVAL;
+			return -1;
+		}
+	}
+	return __real_sched_getaffinity(pid, size, set);
+}
+
+static void test_pin_beyond_1024_cpus(void **state)
+{
+	atomic_store(&many_cpus, true);
+	pin_stays_in_affinity();
+	atomic_store(&many_cpus, false);
+	assert_true(atomic_load(&many_cpus_asked) >= 3); /* two loops' pins and the count */
 }
 
 /* A fiber on loop A awaits a future completed on loop B: the resume travels by MSG_RING. */
@@ -1432,6 +1464,7 @@ int main(void)
 	    cmocka_unit_test(test_ring_flags),
 	    cmocka_unit_test(test_largest_ring_keeps_flags),
 	    cmocka_unit_test(test_pin_stays_in_affinity),
+	    cmocka_unit_test(test_pin_beyond_1024_cpus),
 	    cmocka_unit_test(test_fork_after_foreign_posters),
 	    cmocka_unit_test(test_cross_loop_resume),
 	    cmocka_unit_test(test_parked_thread_woken_by_loop),
