@@ -8,6 +8,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -422,7 +423,7 @@ static void usage(const char *name, uint16_t port)
 	fprintf(stderr,
 	        "usage: %s [--bind ADDR (default 127.0.0.1)] [--port N (default %u, 0: any)]\n"
 	        "       [--loops N (default: CPUs)] [--drain-ms N (default %u: how long a stop "
-	        "waits for open requests)]\n"
+	        "waits for open requests; a second signal cancels them at once)]\n"
 	        "       [--idle-poll-us N (default 0, at most 1000000: "
 	        "concur_exec_opts.idle_poll_ns)]\n"
 	        "       [--idle-ms N (default %lld: a keep-alive connection idle that long is "
@@ -432,6 +433,31 @@ static void usage(const char *name, uint16_t port)
 	        "the connection)] (0: no limit)\n",
 	        name, port, DEFAULT_DRAIN_MS, (long long)(idle_ns / 1000000),
 	        (long long)(request_ns / 1000000), (long long)(send_ns / 1000000));
+}
+
+/*
+ * A second SIGINT or SIGTERM during the drain ends it at once: what is still open is cancelled
+ * as at --drain-ms, as a second ^C does in most servers. A thread of its own waits for it: the
+ * signals are blocked in every thread, and a concur_signal() future would be work the drain
+ * waits for. A stop already under way in another thread may overlap this one.
+ */
+struct second_signal {
+	const char *name;
+	sigset_t set;
+	concur_exec *ex;
+	_Atomic bool done, forced;
+};
+
+static void *second_signal_wait(void *arg)
+{
+	struct second_signal *s = arg;
+	int signo;
+	if (sigwait(&s->set, &signo) || atomic_load(&s->done)) /* done: main's own wake-up */
+		return NULL;
+	fprintf(stderr, "%s: signal %d again: cancelling what is open\n", s->name, signo);
+	atomic_store(&s->forced, true);
+	concur_exec_stop(s->ex, 0);
+	return NULL;
 }
 
 int server_main(int argc, char **argv, const char *name, uint16_t default_port,
@@ -524,6 +550,9 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 	else
 		fprintf(stderr, "%s: signal %lld: stopping\n", name, (long long)signo);
 	atomic_store(&stopping, true);
+	struct second_signal again = {.name = name, .set = set, .ex = ex};
+	pthread_t watcher;
+	bool watching = pthread_create(&watcher, NULL, second_signal_wait, &again) == 0;
 	for (unsigned i = 0; i < n; i++)
 		shutdown(lfd[i], SHUT_RDWR); /* the accept streams end: no new connection */
 	concur_future *sweep[MAX_LOOPS];
@@ -534,6 +563,13 @@ int server_main(int argc, char **argv, const char *name, uint16_t default_port,
 		concur_release(sweep[i]);
 	/* the requests under way end (a task still running at the bound is cancelled) */
 	err = concur_exec_stop(ex, (int64_t)drain_ms * 1000000);
+	if (watching) { /* wake the watcher if no second signal came; it may be stopping still */
+		atomic_store(&again.done, true);
+		pthread_kill(watcher, SIGTERM);
+		pthread_join(watcher, NULL);
+	}
+	if (atomic_load(&again.forced))
+		err = -ETIMEDOUT; /* this stop saw the work end, but the watcher's cancelled it */
 	concur_exec_free(ex);
 	for (unsigned i = 0; i < n; i++)
 		close(lfd[i]);

@@ -200,6 +200,19 @@ def test_stop():
     assert time.monotonic() - t0 >= 0.9
     assert closed(m)
 
+    # A second SIGTERM during the drain ends it at once: the request still open is cancelled
+    # (the server waited out its 60 s bound before).
+    p, port = start('http', '--drain-ms', '60000', stderr=subprocess.PIPE)
+    m = socket.create_connection(('127.0.0.1', port))
+    m.sendall(HALF)
+    time.sleep(0.2)
+    sigterm(p)
+    time.sleep(0.3)
+    assert p.poll() is None  # draining: the request is not complete
+    p.send_signal(signal.SIGTERM)
+    assert 'cancelled' in exits_0(p, 10)
+    assert closed(m)
+
     # Echo: a connection whose server task is blocked sending to a client that does not read is
     # cancelled at the bound; an idle one is closed at once.
     p, port = start('echo', '--drain-ms', '1000', stderr=subprocess.PIPE)
