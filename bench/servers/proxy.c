@@ -11,7 +11,9 @@
  * The connection task waits for them with CONCUR_FIRST_EXCEPTION: a clean end of one direction
  * (EOF, passed on as a half-close with shutdown(SHUT_WR)) lets the other go on; a failure
  * (reset, idle timeout) cancels the other pump (concur_cancel on a running task: its recv or
- * send fails -ECANCELED at once), and the sockets are closed once both pumps have ended.
+ * send fails -ECANCELED at once), and the sockets are closed once both pumps have ended. A reset
+ * of one side is passed on as a reset of the other (SO_LINGER 0), so a client can tell an answer
+ * the upstream cut short from a whole one; an idle timeout and a stop close both cleanly.
  *
  * Idle deadline. Every recv, send and the upstream connect runs inside its own deadline scope of
  * --idle-ms (concur_deadline_push/pop): a scope that does not fire costs no SQE and no CQE, which
@@ -167,8 +169,19 @@ static int64_t conn_task(void *arg)
 	concur_shield_push();
 	concur_wait(f, 2, CONCUR_ALL_COMPLETED, CONCUR_NO_TIMEOUT, NULL);
 	concur_shield_pop();
-	for (int i = 0; i < 2; i++)
+	/* a side that reset (or failed) is passed on as a reset: a clean close would let the other
+	 * side take a stream cut short for a whole one; an idle timeout or a stop closes cleanly */
+	bool aborted = false;
+	for (int i = 0; i < 2; i++) {
+		int64_t r = concur_result(f[i], 0);
+		aborted = aborted || (r < 0 && r != -ECANCELED && r != -ETIMEDOUT);
 		concur_release(f[i]);
+	}
+	if (aborted) {
+		struct linger reset = {.l_onoff = 1, .l_linger = 0};
+		setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+		setsockopt(up, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+	}
 	close(client);
 	close(up);
 	free(c);

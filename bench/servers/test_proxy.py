@@ -2,7 +2,8 @@
 # Smoke test of the TCP proxy (concur_proxy_server): bytes both ways in front of the echo server
 # (1 MB, checked), a half-close passed on, HTTP through it with curl, the idle deadline (a silent
 # connection is closed; one where only the upstream talks is not, while it talks), an upstream
-# that refuses, bad options, and a clean stop on SIGTERM with a connection open.
+# reset passed on as a reset, an upstream that refuses, bad options, and a clean stop on SIGTERM
+# with a connection open.
 # Usage: test_proxy.py DIR_WITH_SERVERS
 import os, re, signal, socket, subprocess, sys, threading, time
 
@@ -112,6 +113,44 @@ def test_idle():
     finally:
         stop(px)
 
+def resetter():
+    """An upstream that sends b'partial', and resets the connection once told b'r'."""
+    ls = socket.socket()
+    ls.bind(('127.0.0.1', 0))
+    ls.listen(8)
+
+    def serve():
+        c, _ = ls.accept()
+        c.sendall(b'partial')
+        if c.recv(1) == b'r':
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\0\0\0\0\0\0\0')
+        c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return ls.getsockname()[1]
+
+def test_upstream_reset():
+    # An upstream that resets mid-answer: the client gets a reset too, not a clean EOF that
+    # would pass the cut answer off as a whole one.
+    px, _, port = proxy(resetter())
+    try:
+        s = socket.create_connection(('127.0.0.1', port))
+        s.settimeout(10)
+        got = b''
+        while len(got) < 7:
+            c = s.recv(7 - len(got))
+            assert c, 'EOF after %r' % got
+            got += c
+        assert got == b'partial'
+        s.sendall(b'r')
+        try:
+            tail = s.recv(1)
+        except ConnectionResetError:
+            tail = None
+        assert tail is None, 'a clean end of stream (%r), not a reset' % tail
+    finally:
+        stop(px)
+
 def test_refused_and_options():
     ls = socket.socket()
     ls.bind(('127.0.0.1', 0))
@@ -132,5 +171,6 @@ def test_refused_and_options():
 test_echo_and_half_close()
 test_http()
 test_idle()
+test_upstream_reset()
 test_refused_and_options()
 print('proxy: ok')
