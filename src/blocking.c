@@ -244,12 +244,14 @@ int concur_blocking_config(unsigned max_threads, int64_t idle_ns)
 {
 	if (max_threads > POOL_MAX_MAX || idle_ns < 0)
 		return -EINVAL;
+	/* set up first: the set-up guards the lock against fork(), and takes the fork's lock to do
+	 * so; holding ours meanwhile, a fork in between left the child's copy held */
+	pthread_once(&pool.once, blocking_pool_init);
 	pthread_mutex_lock(&pool.lock);
 	if (max_threads)
 		pool.max = max_threads;
 	if (idle_ns)
 		pool.idle_ns = idle_ns;
-	pthread_once(&pool.once, blocking_pool_init);
 	pthread_cond_broadcast(&pool.cond); /* idle helpers take the new idle time */
 	pthread_mutex_unlock(&pool.lock);
 	return 0;

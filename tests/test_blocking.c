@@ -645,9 +645,60 @@ static void test_job_callback_gathers_its_done_future(void **state)
 	concur_release(gate);
 }
 
+/*
+ * fork() during the first concur_blocking_config(): the config took the pool's lock, then set
+ * the pool up, which guards that lock against fork() (and waits for the fork's lock to do so).
+ * A fork in between, the lock not guarded yet, left the child's copy held: its first use of the
+ * pool hung. A wrap of pthread_once holds the config thread at the set-up while this one forks.
+ * First in the list: the pool must not be set up yet.
+ */
+static _Thread_local bool hold_at_once;
+static sem_t at_once, forked;
+int __real_pthread_once(pthread_once_t *once, void (*init)(void));
+int __wrap_pthread_once(pthread_once_t *once, void (*init)(void))
+{
+	if (hold_at_once) {
+		hold_at_once = false;
+		sem_post(&at_once);
+		sem_wait(&forked);
+	}
+	return __real_pthread_once(once, init);
+}
+
+static void *configures_pool(void *arg)
+{
+	hold_at_once = true;
+	return (void *)(intptr_t)concur_blocking_config(64, MS(10000));
+}
+
+static int pool_usable_child(int unused)
+{
+	alarm(5);
+	return concur_blocking_threads() == 0 ? 0 : 1; /* it hung on the pool's lock */
+}
+
+static void test_fork_during_first_config(void **state)
+{
+	sem_init(&at_once, 0, 0);
+	sem_init(&forked, 0, 0);
+	pthread_t th;
+	assert_int_equal(pthread_create(&th, NULL, configures_pool, NULL), 0);
+	sem_wait(&at_once);
+	int status = child_status(pool_usable_child, 0);
+	sem_post(&forked);
+	void *r;
+	pthread_join(th, &r);
+	sem_destroy(&at_once);
+	sem_destroy(&forked);
+	assert_int_equal((intptr_t)r, 0);
+	assert_true(status >= 0 && WIFEXITED(status)); /* killed by its alarm before */
+	assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_fork_during_first_config), /* first: see there */
 	    cmocka_unit_test(test_blocking_resumes_fiber_on_its_own_loop),
 	    cmocka_unit_test(test_blocking_from_foreign_thread_and_bad_input),
 	    cmocka_unit_test(test_blocking_bounded_cancel_and_idle_exit),
