@@ -749,8 +749,9 @@ size_t concur_chan_len(const concur_chan *c);
  * through the one completion path: a task awaiting it is resumed on its own loop (the helper
  * posts it there with MSG_RING). The job counts as the executor's work for concur_exec_join().
  * Cancelling the future before a helper picks the job means fn never runs (concur_cancel()
- * returns 1). Once a helper has picked it the job is RUNNING (concur_running() is true) and
- * runs to its end: concur_cancel() returns 0 and the future ends with fn's result. After
+ * returns 1) and the job leaves the queue at once (no longer work for a join). Once a helper has
+ * picked it the job is RUNNING (concur_running() is true) and runs to its end: concur_cancel()
+ * returns 0 and the future ends with fn's result (-ECANCELED ends it CANCELLED, as a task's). After
  * concur_exec_shutdown(ex, true) (or a concur_exec_stop() past its drain time), a job not
  * picked yet never runs: it ends CANCELLED in that call, however busy the helpers are.
  */

@@ -7,10 +7,11 @@
  * and is its executor's counted work while queued (CONCUR__QUEUED_WORK). The helper that
  * picks a job claims it (PENDING -> RUNNING, as a task starting) before calling fn, so a cancel
  * either wins before that (fn never runs) or finds it RUNNING and is too late (0): never both
- * "cancelled" and run. When fn returns the helper completes it through the one completion path,
- * which wakes a blocked thread with a futex and posts an awaiting fiber back to its own loop
- * (inbox + MSG_RING doorbell). Each job counts as the executor's work from spawn to completion,
- * so concur_exec_join() waits for it.
+ * "cancelled" and run. A cancel that wins takes the job out of the queue at once (the class's
+ * dequeue hook): it is no work of its executor from then on, however long the queue. When fn
+ * returns the helper completes it through the one completion path, which wakes a blocked thread
+ * with a futex and posts an awaiting fiber back to its own loop (inbox + MSG_RING doorbell). Each
+ * job counts as the executor's work from spawn to completion, so concur_exec_join() waits for it.
  */
 #include "wait.h"
 
@@ -21,12 +22,15 @@
 #define POOL_MAX_MAX      4096
 #define POOL_DEFAULT_IDLE (10 * 1000000000ll)
 
+/* A job and its future in one allocation: a cancel finds the job from the future. The memory
+ * goes with the future's last reference; the job holds one until it is over. */
 struct job {
-	struct job *next;
+	concur_future out;       /* first: the future is the allocation */
+	struct job *next, *prev; /* in the queue, while queued */
+	bool queued;             /* under the pool's lock */
 	concur_exec *ex;
 	concur_task_fn fn;
 	void *arg;
-	concur_future *out; /* the job's reference */
 };
 
 static struct {
@@ -47,6 +51,33 @@ static struct {
 };
 
 static void blocking_cancel_queued(concur_exec *ex);
+
+/* The queue, FIFO, doubly linked so a cancelled job leaves it at once. Under the pool's lock. */
+static void blocking_queue_push(struct job *j)
+{
+	j->next = NULL;
+	j->prev = pool.tail;
+	if (pool.tail)
+		pool.tail->next = j;
+	else
+		pool.head = j;
+	pool.tail = j;
+	j->queued = true;
+}
+
+static void blocking_queue_unlink(struct job *j)
+{
+	if (j->prev)
+		j->prev->next = j->next;
+	else
+		pool.head = j->next;
+	if (j->next)
+		j->next->prev = j->prev;
+	else
+		pool.tail = j->prev;
+	j->next = j->prev = NULL;
+	j->queued = false;
+}
 
 static void blocking_cond_init(void)
 {
@@ -84,19 +115,46 @@ static void blocking_pool_init(void)
 static void blocking_job_free(struct job *j)
 {
 	concur_exec *ex = j->ex;
-	concur_release(j->out);
-	free(j);
+	concur_release(&j->out);
 	concur__work_end(ex);
 }
+
+static void blocking_job_destroy(concur_future *f)
+{
+	free((struct job *)f);
+}
+
+/* concur_cancel() won while the job was queued: out of the queue now, unless a helper or a
+ * shutdown's sweep took it first (they find it CANCELLED, and end it). */
+static void blocking_job_dequeue(concur_future *f)
+{
+	struct job *j = (struct job *)f;
+	pthread_mutex_lock(&pool.lock);
+	bool mine = j->queued;
+	if (mine)
+		blocking_queue_unlink(j);
+	pthread_mutex_unlock(&pool.lock);
+	if (mine)
+		blocking_job_free(j);
+}
+
+/* A job's future: a promise only its helper completes, so concur_promise_set() refuses it
+ * (-EINVAL), as it does a task's future. */
+static const struct concur__future_class blocking_job_class = {
+    .name = "blocking job",
+    .cancel_running = NULL,
+    .destroy = blocking_job_destroy,
+    .dequeue = blocking_job_dequeue,
+};
 
 /* shutdown(ex, true), or a stop past its drain: a job not started never runs, as an unstarted
  * task of ex: it ends CANCELLED (unless a cancel won, see blocking_job_run). */
 static void blocking_job_end_unrun(struct job *j)
 {
-	if (concur__future_claim_unrun(j->out))
-		concur__complete(j->out, -ECANCELED, CONCUR__CANCELLED);
+	if (concur__future_claim_unrun(&j->out))
+		concur__complete(&j->out, -ECANCELED, CONCUR__CANCELLED);
 	else
-		concur__future_wait_final(j->out);
+		concur__future_wait_final(&j->out);
 }
 
 static void blocking_job_run(struct job *j)
@@ -105,14 +163,16 @@ static void blocking_job_run(struct job *j)
 	 * and its future's callbacks run, this thread's work is ex's: no join or free of ex here.
 	 */
 	concur__tl_job_ex = j->ex;
-	concur__tl_job_f = j->out;
+	concur__tl_job_f = &j->out;
 	if (CONCUR__UNLIKELY(atomic_load_explicit(&j->ex->cancel_pending, memory_order_relaxed))) {
 		blocking_job_end_unrun(j);
-	} else if (concur__future_claim(j->out)) {
-		concur__complete(j->out, j->fn(j->arg), CONCUR__FINISHED);
+	} else if (concur__future_claim(&j->out)) {
+		int64_t r = j->fn(j->arg); /* -ECANCELED ends it CANCELLED, as a task's */
+		concur__complete(&j->out, r,
+		                 r == -ECANCELED ? CONCUR__CANCELLED : CONCUR__FINISHED);
 	} else { /* a cancel won: it counts its callbacks as ex's work before the state is final,
 		  * so the job's end below cannot let a join return (and ex go) under that count */
-		concur__future_wait_final(j->out);
+		concur__future_wait_final(&j->out);
 	}
 	concur__tl_job_ex = NULL;
 	concur__tl_job_f = NULL;
@@ -128,19 +188,13 @@ static void blocking_cancel_queued(concur_exec *ex)
 {
 	struct job *mine = NULL, **mine_end = &mine;
 	pthread_mutex_lock(&pool.lock);
-	struct job **at = &pool.head;
-	pool.tail = NULL;
-	while (*at) {
-		struct job *j = *at;
-		if (j->ex == ex) {
-			*at = j->next;
-			j->next = NULL;
-			*mine_end = j;
-			mine_end = &j->next;
-		} else {
-			pool.tail = j;
-			at = &j->next;
-		}
+	for (struct job *j = pool.head, *next; j; j = next) {
+		next = j->next;
+		if (j->ex != ex)
+			continue;
+		blocking_queue_unlink(j);
+		*mine_end = j;
+		mine_end = &j->next;
 	}
 	pthread_mutex_unlock(&pool.lock);
 	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
@@ -171,7 +225,7 @@ static void *blocking_helper_main(void *unused)
 				break;
 			continue;
 		}
-		CONCUR__FIFO_POP(pool.head, pool.tail);
+		blocking_queue_unlink(j);
 		pthread_mutex_unlock(&pool.lock);
 		blocking_job_run(j);
 		pthread_mutex_lock(&pool.lock);
@@ -194,16 +248,17 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 	}
 	pthread_once(&pool.once, blocking_pool_init);
 	struct job *j = calloc(1, sizeof(*j));
-	concur_future *out = concur__job_future_new(ex);
-	if (!j || !out) {
-		free(j);
-		concur_release(out);
+	if (!j) {
 		concur__work_end(ex);
 		return concur__failed_future(ex, -ENOMEM);
 	}
+	concur_future *out = &j->out; /* one reference for the caller, one for the job */
+	concur__future_init(out, &blocking_job_class, ex, 2);
 	/* counted work from here to the job's end: a cancel's callbacks are ex's work too */
 	concur__future_mark_queued(out);
-	*j = (struct job){.ex = ex, .fn = fn, .arg = arg, .out = concur_retain(out)};
+	j->ex = ex;
+	j->fn = fn;
+	j->arg = arg;
 
 	pthread_mutex_lock(&pool.lock);
 	int err = 0;
@@ -212,7 +267,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 		 * takes this lock after setting the flag), so refuse, as a spawn after it */
 		err = -ESHUTDOWN;
 	} else {
-		CONCUR__FIFO_PUSH(pool.head, pool.tail, j);
+		blocking_queue_push(j);
 		if (pool.idle > pool.woken) {
 			pool.woken++;
 			pthread_cond_signal(&pool.cond);
@@ -226,8 +281,8 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 			if (!err)
 				pool.threads++;
 		}
-		if (err && pool.threads == 0) /* nobody would ever run it */
-			pool.head = pool.tail = NULL;
+		if (err && pool.threads == 0) /* nobody would ever run it (nor anything queued) */
+			blocking_queue_unlink(j);
 		else
 			err = 0;
 	}

@@ -725,23 +725,6 @@ concur_future *concur_promise_new(concur_exec *ex)
 	return f;
 }
 
-/* A blocking job's future (blocking.c): a promise only its helper completes, so
- * concur_promise_set() refuses it (-EINVAL), as it does a task's future. */
-static const struct concur__future_class concur__job_class = {
-    .name = "blocking job",
-    .cancel_running = NULL,
-    .destroy = concur__heap_destroy,
-};
-
-concur_future *concur__job_future_new(concur_exec *ex)
-{
-	concur_future *f = malloc(sizeof(*f));
-	if (!f)
-		return NULL;
-	concur__future_init(f, &concur__job_class, ex, 1);
-	return f;
-}
-
 int concur_promise_set(concur_future *f, int64_t res)
 {
 	if (!concur__valid(f) || f->cls != &concur__promise_class)
@@ -862,9 +845,16 @@ int concur_cancel(concur_future *f)
 	 * that work (just before it is counted: its enqueuer holds ex alive meanwhile), read by
 	 * the exchange above; so does a blocking job's future.) */
 	struct concur__cancel_frame frame = {ex, concur__tl_cancels};
+	bool dequeue = f->cls->dequeue && (s & CONCUR__QUEUED_WORK);
 	concur__work_begin(ex);
 	concur__tl_cancels = &frame;
+	if (dequeue)
+		concur_retain(f); /* across the callbacks, as for unhang above */
 	concur__complete_to(f, -ECANCELED, CONCUR__CANCELLED, closed);
+	if (dequeue) {
+		f->cls->dequeue(f);
+		concur_release(f);
+	}
 	concur__tl_cancels = frame.up;
 	concur__work_end(ex);
 	return 1;

@@ -263,6 +263,12 @@ struct concur__future_class {
 	 * so that a cancelled dependent holds nothing until they complete. Called after f's
 	 * callbacks ran, with a reference concur_cancel() took for it. */
 	void (*unhang)(concur_future *f);
+	/* Optional. concur_cancel() made f CANCELLED while it was queued work of its executor
+	 * (CONCUR__QUEUED_WORK): take it out of its queue now, rather than when a worker reaches
+	 * it, which may be long after (it counts as work till then). Called after f's callbacks
+	 * ran, with a reference concur_cancel() took for it, inside the cancel's count of f->ex's
+	 * work. */
+	void (*dequeue)(concur_future *f);
 	/* Its executor holds a new future until it has done with it (a task until it ends, an op
 	 * until its last CQE): a hold, not a counted reference. refs counts its users alone, and
 	 * the holder lets go with concur__complete_unhold or concur__unhold (see future.c). */
@@ -391,9 +397,6 @@ bool concur__future_claim_unrun(concur_future *f);
  * count its callbacks. Not if a cancel won first. Whoever drops it unrun waits for the cancel's
  * close (or final state) before its own end of that work. */
 void concur__future_mark_queued(concur_future *f);
-/* A PENDING future for a blocking job (blocking.c), with one reference: a promise the caller
- * cannot set. NULL on -ENOMEM. */
-concur_future *concur__job_future_new(concur_exec *ex);
 /* Add a waiter; false if f is done (the waiter was not added; f's state is final by then). */
 bool concur__waiter_push(concur_future *f, struct concur__waiter *w);
 /*

@@ -4,7 +4,7 @@
 #include "wait.h"
 
 #include "comp_test.h"
-#include "wrap.h" /* the live-block count and a hook in free: test_job_gone_when_join_returns */
+#include "wrap.h" /* the live-block count: test_job_gone_when_join_returns */
 
 #include <errno.h>
 #include <pthread.h>
@@ -212,46 +212,38 @@ static void test_blocking_running_job_cannot_be_cancelled(void **state)
 }
 
 /*
- * Nothing of a job is left once a join returns: the helper frees the job's record before its
- * work ends. (It used to free it after: a join returned with the record still allocated, which
- * the fuzzer's leak check caught.) The helper is held inside that free until the join has had
- * its chance to return, so the order is forced, not raced: a join that returns while the helper
- * is held there finds the record still counted live.
+ * Nothing of a job is left once a join returns but the future its caller still holds: the job's
+ * record is its future's allocation, and a helper lets go of it before the job's work ends. (A
+ * separate record used to be freed after: a join returned with it still allocated, which the
+ * fuzzer's leak check caught.) Released by its caller first, the job is gone with its work.
  */
-static sem_t free_gate;
-static atomic_int hold_next_free; /* 1: a helper's next free waits at the gate */
-static pthread_t test_thread;
 static int64_t return_arg(void *arg)
 {
 	return (int64_t)(intptr_t)arg;
 }
-static void hold_helper_free(void *p)
+
+static int64_t waits_for_gate(void *gate)
 {
-	(void)p;
-	bool helper = !concur__tl_loop && !pthread_equal(pthread_self(), test_thread);
-	if (helper && atomic_exchange(&hold_next_free, 0))
-		sem_wait(&free_gate);
+	return concur_result(gate, -1);
 }
 
 static void test_job_gone_when_join_returns(void **state)
 {
-	sem_init(&free_gate, 0, 0);
-	test_thread = pthread_self();
 	long live0 = atomic_load(&wrap_live);
-	atomic_store(&hold_next_free, 1);
-	atomic_store(&wrap_free_hook, hold_helper_free);
-	/* the job's record and its promise; the promise is ours, so the helper's first free is the
-	 * record's, and it is held there */
 	concur_future *f = concur_spawn_blocking(ex, return_arg, (void *)3);
-	int early = concur_exec_join(ex, MS(100));
-	sem_post(&free_gate);
 	assert_int_equal(concur_exec_join(ex, -1), 0);
-	atomic_store(&wrap_free_hook, NULL);
-	assert_int_equal(early, -ETIMEDOUT); /* no join while the record is still there */
-	assert_int_equal(atomic_load(&wrap_live) - live0, 1); /* our promise */
+	assert_int_equal(atomic_load(&wrap_live) - live0, 1); /* the future, ours */
 	assert_int_equal(concur_result(f, 0), 3);
 	concur_release(f);
-	sem_destroy(&free_gate);
+	assert_int_equal(atomic_load(&wrap_live) - live0, 0);
+
+	concur_future *gate = concur_promise_new(NULL);
+	f = concur_spawn_blocking(ex, waits_for_gate, gate);
+	concur_release(f); /* the helper's is the last reference */
+	assert_int_equal(concur_promise_set(gate, 4), 0);
+	assert_int_equal(concur_exec_join(ex, -1), 0);
+	concur_release(gate);
+	assert_int_equal(atomic_load(&wrap_live) - live0, 0);
 }
 
 /*
@@ -484,6 +476,49 @@ static void test_blocking_shutdown_cancels_queued_jobs(void **state)
 }
 
 /*
+ * A cancelled job no helper picked yet leaves the queue at once: it stayed there, counted as
+ * its executor's work until a helper reached it, so a join of that executor timed out (and a
+ * free waited) while the helpers ran another executor's long job. The queue keeps its order
+ * around the job taken out.
+ */
+static void test_blocking_cancelled_job_leaves_queue(void **state)
+{
+	concur_exec *other;
+	struct concur_exec_opts o = {.loops = 1};
+	assert_int_equal(concur_exec_new(&other, &o), 0);
+	concur_future *busy, *queued;
+	one_helper_held(other, &busy, &queued); /* the one helper held by other's job */
+	concur_future *mine = concur_spawn_blocking(ex, must_not_run, NULL);
+	concur_future *last = concur_spawn_blocking(other, return_arg, (void *)7);
+	int cancelled = concur_cancel(mine);
+	int joined = concur_exec_join(ex, MS(200));
+	sem_post(&sem_job_gate);
+	assert_int_equal(concur_result(busy, -1), 0);
+	assert_int_equal(concur_result(queued, -1), 0);
+	assert_int_equal(concur_result(last, -1), 7);
+	assert_int_equal(concur_exec_join(other, -1), 0);
+	concur_release(busy);
+	concur_release(queued);
+	concur_release(last);
+	concur_release(mine);
+	concur_exec_free(other);
+	one_helper_done();
+	assert_int_equal(cancelled, 1);
+	assert_int_equal(joined, 0); /* -ETIMEDOUT before: ex's cancelled job still counted */
+	assert_int_equal(atomic_load(&never_ran), 1); /* queued ran; mine did not */
+}
+
+/* A job returning -ECANCELED ends CANCELLED, as a task doing so does (it ended FINISHED with
+ * -ECANCELED: concur_cancelled() false, and FIRST_EXCEPTION took it for a failure). */
+static void test_blocking_job_returning_ecanceled(void **state)
+{
+	concur_future *f = concur_spawn_blocking(ex, return_arg, (void *)(intptr_t)-ECANCELED);
+	assert_int_equal(concur_result(f, MS(5000)), -ECANCELED);
+	assert_true(concur_cancelled(f));
+	concur_release(f);
+}
+
+/*
  * A spawn racing shutdown(ex, true): past its first look at the flag (held in its calloc, as
  * above) when the shutdown swept the queue, it must not queue a job the sweep missed (that job
  * waited for a helper to reach it, behind whatever the helpers were busy with). It looks again
@@ -711,6 +746,8 @@ int main(void)
 	    cmocka_unit_test(test_blocking_cancelled_job_callbacks_are_work),
 	    cmocka_unit_test(test_blocking_job_future_no_promise),
 	    cmocka_unit_test(test_blocking_shutdown_cancels_queued_jobs),
+	    cmocka_unit_test(test_blocking_cancelled_job_leaves_queue),
+	    cmocka_unit_test(test_blocking_job_returning_ecanceled),
 	    cmocka_unit_test(test_blocking_spawn_racing_cancelling_shutdown),
 	    cmocka_unit_test(test_blocking_shutdown_from_another_executors_job),
 	    cmocka_unit_test(test_blocking_in_forked_child),
