@@ -493,7 +493,8 @@ enum concur_wait_mode {
  * the number of indices i whose future is done (>= 0), -EINVAL (NULL array with n > 0, a NULL or
  * invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a loop thread outside
  * any task when it would have to wait, or when a task or a blocking job would wait for its own
- * future (in ALL_COMPLETED: among them; else: as the only one still pending). In a task, -ECANCELED
+ * future (in ALL_COMPLETED: among them; else: as the only one still pending, at the call or, in
+ * FIRST_EXCEPTION, once the others all succeeded). In a task, -ECANCELED
  * or -ETIMEDOUT when the task is cancelled or its deadline scope passes while it waits (as every
  * wait does).
  */

@@ -274,9 +274,15 @@ int concur_wait(concur_future *const *futures, size_t n, int mode, int64_t timeo
 		    wait_countdown_start(futures, n, mode == CONCUR_FIRST_EXCEPTION, &err);
 		if (!c)
 			return err;
-		int64_t r =
-		    wait_countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n, deadline);
+		/* FIRST_EXCEPTION with itself among the inputs: a failure ends it, or the others
+		 * all succeeding leave it waiting for itself alone */
+		int64_t r = wait_countdown_wait(c, mode == CONCUR_FIRST_COMPLETED ? 1 : n - selves,
+		                                deadline);
+		bool self_left =
+		    mode == CONCUR_FIRST_EXCEPTION && r == 0 && selves && !atomic_load(&c->failed);
 		wait_countdown_end(c);
+		if (self_left)
+			return -EDEADLK;
 		if (r < 0 && r != -ETIMEDOUT)
 			return (int)r;
 		/* not the caller's timeout: a task's deadline scope that passed (a count would let

@@ -1299,10 +1299,24 @@ static int64_t waits_self(void *arg)
 	int any = concur_wait(both, 2, CONCUR_FIRST_COMPLETED, MS(10), NULL); /* other may end */
 	int64_t v, g = concur_gather(&self, 1, MS(200), &v, NULL);
 	concur_release(other);
+	/* FIRST_EXCEPTION over itself and one that succeeds once the wait has begun (set as the
+	 * wait registers on it): itself is left alone (it waited out its timeout, and for good
+	 * without one) */
+	concur_future *ok = concur_promise_new(NULL), *spare = concur_promise_new(NULL);
+	concur_future *self_ok[2] = {self, ok};
+	push_first[0] = ok;
+	push_first_res[0] = 1;
+	push_first[1] = spare;
+	push_first_res[1] = 2;
+	atomic_store(&push_hold_on, ok);
+	int alone = concur_wait(self_ok, 2, CONCUR_FIRST_EXCEPTION, MS(200), NULL);
+	bool forced = !atomic_load(&push_hold_on);
+	concur_release(ok);
+	concur_release(spare);
 	return w == -EDEADLK && e == -EDEADLK && fail == 0 && one == -EDEADLK && any == 0 &&
-	               g == -EDEADLK
+	               g == -EDEADLK && alone == -EDEADLK && forced
 	           ? 0
-	           : -EPROTO; /* before: 0, 0, 0 (nothing done at the timeouts) and -ETIMEDOUT */
+	           : -EPROTO; /* before: 0, 0, 0 (nothing done at the timeouts), -ETIMEDOUT, 1 */
 }
 
 static void test_task_waits_for_itself(void **state)
