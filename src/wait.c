@@ -438,9 +438,13 @@ static size_t wait_dedupe(concur_future *const *futures, size_t n, concur_future
 		return 0;
 	}
 	size_t m = 0;
+	/* Fibonacci hashing: the product's top bits, which every bit of the address feeds (its
+	 * low bits see only the address's low bits, alike for records a fixed stride apart) */
+	unsigned shift = 64 - (unsigned)__builtin_ctzll(cap);
 	for (size_t i = 0; i < n; i++) {
-		size_t h = ((uintptr_t)futures[i] >> 4) * 0x9e3779b97f4a7c15ull;
-		for (h &= cap - 1; set[h] && set[h] != futures[i]; h = (h + 1) & (cap - 1))
+		size_t h =
+		    (size_t)(((uint64_t)(uintptr_t)futures[i] * 0x9e3779b97f4a7c15ull) >> shift);
+		for (; set[h] && set[h] != futures[i]; h = (h + 1) & (cap - 1))
 			;
 		if (!set[h])
 			set[h] = out[m++] = futures[i];
