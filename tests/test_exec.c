@@ -990,7 +990,9 @@ static void test_free_while_another_thread_joins(void **state)
  * lock is now held across the fork: the fork waits for the holder. Forced: a wrap of
  * pthread_mutex_lock holds the thread's first lock (the registry's) for up to 300 ms, marking
  * when it lets go; the fork must return after that. (Under TSan a child of a threaded parent may
- * not start threads: there the child makes no executor; the order is checked all the same.)
+ * not start threads, and under ASan its allocator's lock may be inherited held, since the holder
+ * goes on allocating as the fork runs: the child hung in 4 of 30 runs. There the child makes no
+ * executor; the order is checked all the same.)
  */
 static _Thread_local bool is_lock_holder;
 static atomic_int lock_hold; /* 1: armed; 2: held; 3: let go */
@@ -1032,7 +1034,7 @@ static void test_fork_while_registry_held(void **state)
 	if (pid == 0) {
 		alarm(10);
 		int bad = 0;
-#if !defined(__SANITIZE_THREAD__)
+#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
 		concur_exec *c = NULL;
 		struct concur_exec_opts o = {.loops = 1};
 		bad = concur_exec_new(&c, &o) != 0;
