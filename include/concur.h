@@ -805,7 +805,10 @@ uint64_t concur_stall_count(const concur_exec *ex);
  * The buffer rule: a future of an I/O operation is done only once the kernel has posted the
  * operation's completion (even when it was cancelled or timed out), so every buffer, path,
  * iovec, msghdr or address passed in must stay valid until the future is done (or the direct
- * form returns), and may be freed or reused as soon as it is.
+ * form returns), and may be freed or reused as soon as it is. The same holds for the fd: an
+ * operation is submitted with its loop's next batch and the kernel finds the file by the fd's
+ * number only then, so closing the fd (close(2)) before the future is done may let the
+ * operation act on a new file given the same number.
  *
  * Deadlines: operations taking timeout_ns carry a deadline when timeout_ns >= 0: if the
  * operation has not completed timeout_ns nanoseconds after the call, it is cancelled and the
@@ -1044,9 +1047,11 @@ struct concur_chunk {
 /* In a task: open a multishot accept stream on listening socket fd (flags as accept4).
  * Returns 0 and *out, -EPERM outside a task, -EINVAL, -ENOMEM, -EOPNOTSUPP. */
 int concur_accept_stream(concur_stream **out, int fd, int flags);
-/* In a task: open a multishot recv stream on socket fd (flags as recv). Returns as above, or
- * the error setting up the loop's buffer ring. The kernel receives ahead of the consumer: items
- * queue in the stream, each holding a buffer of the ring. */
+/* In a task: open a multishot recv stream on stream socket fd (flags as recv). Returns as
+ * above, -EOPNOTSUPP for a socket not of SOCK_STREAM (a datagram of no bytes would read as the
+ * end), getsockopt(2)'s error for an fd that is no socket (-ENOTSOCK, -EBADF), or the error
+ * setting up the loop's buffer ring. The kernel receives ahead of the consumer: items queue in
+ * the stream, each holding a buffer of the ring. */
 int concur_recv_stream(concur_stream **out, int fd, int flags);
 /*
  * In a task: open an on-demand recv stream on socket fd: the same items, but one single-shot
@@ -1100,7 +1105,9 @@ int concur_stream_cancel(concur_stream *s);
  * yet consumed; the memory goes once the kernel's last completion arrived (at once if none is
  * to come): as a future after its last release, s is not to be used after this call, by any
  * of the functions above. No other task may be in its next() (waiting, or woken and not yet
- * back). Borrowed chunks must have been given back. NULL and a call off the stream's loop are
+ * back). Borrowed chunks must have been given back. Keep the stream's fd open until this call;
+ * once it returns, the fd may be closed at once (what the stream had queued was submitted, so
+ * a new file given the same number is not touched). NULL and a call off the stream's loop are
  * ignored. */
 void concur_stream_close(concur_stream *s);
 

@@ -844,7 +844,8 @@ struct concur__loop {
 	size_t share_backoff;
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
-	unsigned budget; /* runnables the turn may still run, direct fiber switches included */
+	unsigned budget;     /* runnables the turn may still run, direct fiber switches included */
+	uint64_t sq_emptied; /* submits that left the SQ empty: an SQE queued before one is in */
 	_Atomic bool stall_on; /* this loop's executor has a stall detector (stall.c) */
 	/* a finished fiber that passed the thread on: its stack goes back to the pool as soon as
 	 * we are off it, by whoever it switched to (concur__fiber_reap) */
@@ -895,6 +896,11 @@ static inline void concur__stat_inc(_Atomic uint64_t *c, uint64_t n)
  * of the CQ into the loop's stash (dispatched by the next reap, never from here) or waits in
  * io_uring_enter, so it neither spins nor loses an SQE or a CQE.
  */
+/* Submit what the SQ holds now rather than at the turn's end, until the kernel took it all: an
+ * SQE names its fd by number, resolved only when submitted, so one left queued after its owner
+ * let go of the fd (concur_stream_close) could act on a new file given the same number. An owner
+ * that noted loop->sq_emptied when it queued its SQE needs this only while it is unchanged. */
+void concur__loop_flush(struct concur__loop *loop);
 struct io_uring_sqe *concur__sqe_slow(struct concur__loop *loop);
 static inline struct io_uring_sqe *concur__sqe(struct concur__loop *loop)
 {

@@ -98,6 +98,8 @@ static int concur__submit(struct concur__loop *loop, enum concur__submit_how how
 	else
 		r = io_uring_submit(&loop->ring);
 	concur__stat_inc(&loop->st.enters, 1);
+	if (!io_uring_sq_ready(&loop->ring))
+		loop->sq_emptied++;
 	return r;
 }
 
@@ -175,6 +177,19 @@ void concur__sq_reserve(struct concur__loop *loop, unsigned n)
 			break;
 		if (loop->ring.flags & IORING_SETUP_SQPOLL) /* the kernel thread takes them */
 			io_uring_sqring_wait(&loop->ring);
+		else if (r <= 0 || concur__transient(r))
+			concur__relieve(loop);
+	}
+}
+
+void concur__loop_flush(struct concur__loop *loop)
+{
+	while (io_uring_sq_ready(&loop->ring)) {
+		int r = concur__submit(loop, CONCUR__SUBMIT);
+		if (!io_uring_sq_ready(&loop->ring))
+			break;
+		if (loop->ring.flags & IORING_SETUP_SQPOLL) /* the kernel thread takes them */
+			sched_yield();
 		else if (r <= 0 || concur__transient(r))
 			concur__relieve(loop);
 	}

@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 /*
@@ -117,6 +118,7 @@ struct concur_stream {
 	bool recv;
 	bool on_demand;       /* recv: one single-shot recv at a time, only while someone waits */
 	bool armed;           /* an operation is in the kernel */
+	uint64_t armed_at;    /* loop->sq_emptied when it was armed: unchanged, its SQE is queued */
 	bool stop_sent;       /* an ASYNC_CANCEL for the armed operation is on its way */
 	bool timer_armed;     /* the back-off timer is in the kernel */
 	bool starved;         /* on bufs->starved, waiting for buffers */
@@ -232,6 +234,7 @@ static void stream_arm(struct concur_stream *s)
 	}
 	concur__sqe_set_op(s->loop, sqe, &s->op);
 	s->armed = true;
+	s->armed_at = s->loop->sq_emptied;
 }
 
 /* Arm the stream if nothing keeps it from it (the one place that decides). */
@@ -709,6 +712,13 @@ static int stream_open(concur_stream **out, int fd, int flags, bool recv, bool o
 		return -EPERM;
 	if (!concur__op_supported(loop->ex, recv ? IORING_OP_RECV : IORING_OP_ACCEPT))
 		return -EOPNOTSUPP;
+	/* a stream socket's only: a datagram of none (UDP, SEQPACKET) reads as 0, the end */
+	int type = 0;
+	socklen_t len = sizeof(type);
+	if (recv && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len))
+		return -errno;
+	if (recv && type != SOCK_STREAM)
+		return -EOPNOTSUPP;
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
@@ -924,6 +934,8 @@ void concur_stream_close(concur_stream *s)
 {
 	if (!s || concur__tl_loop != s->loop || s->closed) /* closed: the loop's to read */
 		return;
+	struct concur__loop *loop = s->loop;
+	bool queued = s->armed && s->armed_at == loop->sq_emptied; /* its SQE not submitted yet */
 	stream_stop(s);
 	s->closed = true;
 	while (s->qlen) {
@@ -941,4 +953,8 @@ void concur_stream_close(concur_stream *s)
 		concur_release(&n->f);
 	}
 	stream_maybe_free(s);
+	/* its arm (which names fd by number) to the kernel now: the caller may close fd next,
+	 * and a new file may take its number before the turn's end */
+	if (queued)
+		concur__loop_flush(loop);
 }

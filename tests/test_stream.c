@@ -754,6 +754,113 @@ static void test_stream_close(void **state)
 	close(args[1]);
 }
 
+/*
+ * The fd may be closed as soon as concur_stream_close() returns, its number taken by a new
+ * socket at once: the stream's SQE was only queued, and the kernel resolved its fd number at
+ * the turn's submit, on the new socket: a recv stream's took the new socket's bytes (its own
+ * stream waited out its deadline), an accept stream's took (and closed) the new listener's
+ * connection.
+ */
+static int64_t reused_fd_task(void *arg)
+{
+	int a[2], b[2];
+	concur_stream *old, *s;
+	struct concur_chunk c;
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a))
+		return -errno;
+	int64_t r = concur_recv_stream(&old, a[0], 0);
+	if (r)
+		return r;
+	concur_stream_close(old); /* its recv never ran: closed unsubmitted */
+	close(a[0]);
+	close(a[1]);
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, b))
+		return -errno;
+	if (b[0] != a[0]) /* the lowest free numbers: these two again */
+		return -200;
+	if (write(b[1], "hello", 5) != 5 || (r = concur_recv_stream(&s, b[0], 0)))
+		return r ? r : -201;
+	concur_deadline_push(MS(5000));
+	r = concur_stream_next(s, &c);
+	concur_deadline_pop();
+	if (r > 0)
+		concur_stream_give(s, &c);
+	concur_stream_close(s);
+	close(b[0]);
+	close(b[1]);
+	if (r != 5)
+		return r < 0 ? r : -202; /* before: -ETIMEDOUT, the bytes gone */
+
+	uint16_t port;
+	int lfd = listener(&port);
+	if (lfd < 0)
+		return lfd;
+	if ((r = concur_accept_stream(&old, lfd, SOCK_CLOEXEC)))
+		return r;
+	concur_stream_close(old);
+	close(lfd);
+	int lfd2 = listener(&port);
+	if (lfd2 != lfd)
+		return lfd2 < 0 ? lfd2 : -203;
+	int cl = client(port);
+	if (cl < 0)
+		return cl;
+	if ((r = concur_accept_stream(&s, lfd2, SOCK_CLOEXEC)))
+		return r;
+	concur_deadline_push(MS(5000));
+	r = concur_stream_next(s, NULL);
+	concur_deadline_pop();
+	concur_stream_close(s);
+	if (r >= 0)
+		close((int)r);
+	close(cl);
+	close(lfd2);
+	return r >= 0 ? 0 : r; /* before: -ETIMEDOUT, the client closed by the old stream */
+}
+
+static void test_fd_closed_after_stream_close(void **state)
+{
+	assert_int_equal(run_task(reused_fd_task, NULL), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
+}
+
+/* A recv stream is for stream sockets: on a datagram socket an empty datagram read as the end,
+ * and the datagrams behind it were never delivered. Refused at the open, as an fd that is no
+ * socket (its recv failed with -ENOTSOCK as the stream's first item). */
+static int64_t not_stream_socket_task(void *arg)
+{
+	int d[2], p[2];
+	concur_stream *s = NULL;
+	if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, d) || pipe2(p, O_CLOEXEC))
+		return -errno;
+	int64_t multishot = concur_recv_stream(&s, d[0], 0);
+	if (!multishot)
+		concur_stream_close(s);
+	int64_t on_demand = concur_recv_stream_on_demand(&s, d[0], 0);
+	if (!on_demand)
+		concur_stream_close(s);
+	int64_t piped = concur_recv_stream(&s, p[0], 0);
+	if (!piped)
+		concur_stream_close(s);
+	int64_t closed = concur_recv_stream(&s, -1, 0);
+	if (!closed)
+		concur_stream_close(s);
+	close(d[0]);
+	close(d[1]);
+	close(p[0]);
+	close(p[1]);
+	return multishot == -EOPNOTSUPP && on_demand == -EOPNOTSUPP && piped == -ENOTSOCK &&
+	               closed == -EBADF
+	           ? 0
+	           : -EPROTO; /* before: all four opened (0) */
+}
+
+static void test_recv_stream_needs_stream_socket(void **state)
+{
+	assert_int_equal(run_task(not_stream_socket_task, NULL), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
+}
+
 /* ---- next as a future ------------------------------------------------------------------------ */
 
 /*
@@ -1483,6 +1590,8 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_own_buffer_given_to_its_stream, setup1, teardown),
 	    cmocka_unit_test_setup_teardown(test_close_in_next_future_callback, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_fd_closed_after_stream_close, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_recv_stream_needs_stream_socket, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_next_future, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
