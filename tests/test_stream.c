@@ -861,6 +861,66 @@ static void test_recv_stream_needs_stream_socket(void **state)
 	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
 }
 
+/*
+ * An accept stream stops taking connections 64 ahead of its consumer: a consumer that stalled
+ * let it take every connection that came as an fd (a flood ran the process out of fds). One
+ * wake-up of the kernel's multishot accept takes all the backlog holds, so the bound is 64 and
+ * one such batch. 200 clients connect in batches of 10, the loop reaping between, while nobody
+ * consumes: the process's fds grow by the 200 clients' and at most 64 + 10 accepted (200 more
+ * before); then all 200 are accepted, none lost across the stop and the re-arm.
+ */
+#define AHEAD_CLIENTS 200
+static int open_fds(void)
+{
+	int n = 0;
+	for (int fd = 0; fd < 4096; fd++)
+		n += fcntl(fd, F_GETFD) != -1;
+	return n;
+}
+
+static int64_t accept_ahead_task(void *arg)
+{
+	uint16_t port;
+	int lfd = listener(&port), cl[AHEAD_CLIENTS];
+	concur_stream *s;
+	if (lfd < 0)
+		return lfd;
+	int64_t r = concur_accept_stream(&s, lfd, SOCK_CLOEXEC);
+	if (r)
+		return r;
+	int before = open_fds();
+	for (int i = 0; i < AHEAD_CLIENTS; i++) {
+		if ((cl[i] = client(port)) < 0)
+			return cl[i];
+		if (i % 10 == 9) /* the loop reaps what the kernel accepted meanwhile */
+			concur_sleep(MS(5));
+	}
+	concur_sleep(MS(20));
+	int grown = open_fds() - before - AHEAD_CLIENTS;
+	int accepted = 0;
+	for (; accepted < AHEAD_CLIENTS; accepted++) {
+		concur_deadline_push(MS(5000));
+		r = concur_stream_next(s, NULL);
+		concur_deadline_pop();
+		if (r < 0)
+			break;
+		close((int)r);
+	}
+	concur_stream_close(s);
+	for (int i = 0; i < AHEAD_CLIENTS; i++)
+		close(cl[i]);
+	close(lfd);
+	if (accepted != AHEAD_CLIENTS)
+		return r < 0 ? r : -300;
+	return grown >= 64 && grown <= 64 + 10 ? 0 : grown; /* before: 200 */
+}
+
+static void test_accept_stream_stays_ahead_by_64(void **state)
+{
+	assert_int_equal(run_task(accept_ahead_task, NULL), 0);
+	assert_int_equal(concur_exec_join(ex, MS(5000)), 0);
+}
+
 /* ---- next as a future ------------------------------------------------------------------------ */
 
 /*
@@ -1592,6 +1652,7 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_stream_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_fd_closed_after_stream_close, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_recv_stream_needs_stream_socket, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_accept_stream_stays_ahead_by_64, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_next_future, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_from_thread, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_cancel_posted_then_closed, setup1, teardown),
