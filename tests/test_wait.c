@@ -1319,14 +1319,20 @@ static int64_t waits_self(void *arg)
 	           : -EPROTO; /* before: 0, 0, 0 (nothing done at the timeouts), -ETIMEDOUT, 1 */
 }
 
-static void test_task_waits_for_itself(void **state)
+/* Run fn as a task told its own future (through a promise, its argument); it must return 0. */
+static void run_told_itself(concur_task_fn fn)
 {
 	concur_future *p = concur_promise_new(ex);
-	concur_future *t = concur_spawn(ex, waits_self, p);
+	concur_future *t = concur_spawn(ex, fn, p);
 	assert_int_equal(concur_promise_set(p, (int64_t)(intptr_t)t), 0);
 	assert_int_equal(concur_result(t, MS(5000)), 0);
 	concur_release(t);
 	concur_release(p);
+}
+
+static void test_task_waits_for_itself(void **state)
+{
+	run_told_itself(waits_self);
 }
 
 /* A task iterating with concur_as_completed over a set holding its own future: -EDEADLK once
@@ -1360,12 +1366,7 @@ static int64_t iterates_self(void *arg)
 
 static void test_task_iterates_over_itself(void **state)
 {
-	concur_future *p = concur_promise_new(ex);
-	concur_future *t = concur_spawn(ex, iterates_self, p);
-	assert_int_equal(concur_promise_set(p, (int64_t)(intptr_t)t), 0);
-	assert_int_equal(concur_result(t, MS(5000)), 0);
-	concur_release(t);
-	concur_release(p);
+	run_told_itself(iterates_self);
 }
 
 int main(void)
