@@ -494,7 +494,7 @@ enum concur_wait_mode {
  * invalid future, n > CONCUR_MAX_FUTURES, bad mode), -ENOMEM, or -EDEADLK on a loop thread outside
  * any task when it would have to wait, or when a task or a blocking job would wait for its own
  * future (in ALL_COMPLETED: among them; else: as the only one still pending, at the call or, in
- * FIRST_EXCEPTION, once the others all succeeded). In a task, -ECANCELED
+ * FIRST_EXCEPTION, once the others all ended without a failure). In a task, -ECANCELED
  * or -ETIMEDOUT when the task is cancelled or its deadline scope passes while it waits (as every
  * wait does).
  */
@@ -556,8 +556,8 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
  * (concur_as_completed_unfinished() and concur_last_error() tell how many of how many are
  * unfinished; calling again keeps returning -ETIMEDOUT unless one completed meanwhile), -EINVAL,
  * -ENOMEM (no memory to wait with), -EDEADLK on a loop thread outside any task or when the one
- * future left is the caller's own (a task or blocking job iterating over its own future waits
- * while another could still come first); in a task also
+ * future left is the caller's own and the deadline has not passed (a task or blocking job
+ * iterating over its own future waits while another could still come first); in a task also
  * -ECANCELED when it was cancelled, -ETIMEDOUT when a deadline scope of it passed. Use from one
  * thread or task at a time.
  */

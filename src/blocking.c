@@ -41,7 +41,9 @@ static struct {
 	/* idle: helpers waiting for a job; woken: of those, signalled for one and not up yet (a
 	 * spawn counts only the others as free, or jobs spawned back to back would all be handed
 	 * to one helper and queue behind each other while the pool may still grow) */
-	unsigned threads, idle, woken, max;
+	unsigned idle, woken, max;
+	/* helpers alive; written under the lock, read without it by concur_blocking_threads */
+	_Atomic unsigned threads;
 	int64_t idle_ns;
 } pool = {
     .once = PTHREAD_ONCE_INIT,
@@ -98,7 +100,8 @@ static void blocking_cond_init(void)
 static void blocking_forked(void)
 {
 	pool.head = pool.tail = NULL;
-	pool.threads = pool.idle = pool.woken = 0;
+	atomic_store_explicit(&pool.threads, 0, memory_order_relaxed);
+	pool.idle = pool.woken = 0;
 	blocking_cond_init();
 }
 
@@ -230,7 +233,7 @@ static void *blocking_helper_main(void *unused)
 		blocking_job_run(j);
 		pthread_mutex_lock(&pool.lock);
 	}
-	pool.threads--;
+	atomic_fetch_sub_explicit(&pool.threads, 1, memory_order_relaxed);
 	pthread_mutex_unlock(&pool.lock);
 	return NULL;
 }
@@ -271,7 +274,7 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 		if (pool.idle > pool.woken) {
 			pool.woken++;
 			pthread_cond_signal(&pool.cond);
-		} else if (pool.threads < pool.max) {
+		} else if (atomic_load_explicit(&pool.threads, memory_order_relaxed) < pool.max) {
 			pthread_t t;
 			pthread_attr_t attr;
 			pthread_attr_init(&attr);
@@ -279,9 +282,10 @@ concur_future *concur_spawn_blocking(concur_exec *ex, concur_task_fn fn, void *a
 			err = -pthread_create(&t, &attr, blocking_helper_main, NULL);
 			pthread_attr_destroy(&attr);
 			if (!err)
-				pool.threads++;
+				atomic_fetch_add_explicit(&pool.threads, 1, memory_order_relaxed);
 		}
-		if (err && pool.threads == 0) /* nobody would ever run it (nor anything queued) */
+		/* nobody would ever run it (nor anything queued) */
+		if (err && !atomic_load_explicit(&pool.threads, memory_order_relaxed))
 			blocking_queue_unlink(j);
 		else
 			err = 0;
@@ -312,10 +316,9 @@ int concur_blocking_config(unsigned max_threads, int64_t idle_ns)
 	return 0;
 }
 
+/* A snapshot, with no lock: the pool's lock is guarded against fork() only once the pool is set
+ * up, and a fork while this held it before that left the child's copy held. */
 unsigned concur_blocking_threads(void)
 {
-	pthread_mutex_lock(&pool.lock);
-	unsigned n = pool.threads;
-	pthread_mutex_unlock(&pool.lock);
-	return n;
+	return atomic_load_explicit(&pool.threads, memory_order_relaxed);
 }

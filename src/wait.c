@@ -520,7 +520,8 @@ int concur_as_completed_new(concur_as_completed **out, concur_future *const *fut
 static bool wait_ac_self_left(const concur_as_completed *it)
 {
 	const concur_future *self = concur__self();
-	if (!self || it->n - it->yielded != 1 || concur_done(self))
+	if (!self || it->n - it->yielded != 1 || concur_done(self) ||
+	    concur__remaining(it->deadline) == 0) /* past its deadline: -ETIMEDOUT, as a wait's */
 		return false;
 	for (size_t k = 0; k < it->n; k++)
 		if (it->futs[k])

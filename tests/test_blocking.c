@@ -4,7 +4,7 @@
 #include "wait.h"
 
 #include "comp_test.h"
-#include "wrap.h" /* the live-block count: test_job_gone_when_join_returns */
+#include "wrap.h" /* the live-block count and a hook in free: test_job_gone_when_join_returns */
 
 #include <errno.h>
 #include <pthread.h>
@@ -215,11 +215,21 @@ static void test_blocking_running_job_cannot_be_cancelled(void **state)
  * Nothing of a job is left once a join returns but the future its caller still holds: the job's
  * record is its future's allocation, and a helper lets go of it before the job's work ends. (A
  * separate record used to be freed after: a join returned with it still allocated, which the
- * fuzzer's leak check caught.) Released by its caller first, the job is gone with its work.
+ * fuzzer's leak check caught.) Released by its caller first, the job is freed by its helper,
+ * which is held inside that free until the join has had its chance to return: the order is
+ * forced, not raced.
  */
+static sem_t free_gate;
+static void *_Atomic hold_free_of; /* a helper's free of this waits at the gate */
 static int64_t return_arg(void *arg)
 {
 	return (int64_t)(intptr_t)arg;
+}
+static void hold_helper_free(void *p)
+{
+	void *expected = p;
+	if (p && !concur__tl_loop && atomic_compare_exchange_strong(&hold_free_of, &expected, NULL))
+		sem_wait(&free_gate);
 }
 
 static int64_t waits_for_gate(void *gate)
@@ -237,12 +247,21 @@ static void test_job_gone_when_join_returns(void **state)
 	concur_release(f);
 	assert_int_equal(atomic_load(&wrap_live) - live0, 0);
 
+	sem_init(&free_gate, 0, 0);
 	concur_future *gate = concur_promise_new(NULL);
 	f = concur_spawn_blocking(ex, waits_for_gate, gate);
-	concur_release(f); /* the helper's is the last reference */
+	atomic_store(&hold_free_of, f);
+	atomic_store(&wrap_free_hook, hold_helper_free);
+	concur_release(f); /* the helper's reference is the last: it frees the job */
 	assert_int_equal(concur_promise_set(gate, 4), 0);
+	int early = concur_exec_join(ex, MS(100));
+	sem_post(&free_gate);
 	assert_int_equal(concur_exec_join(ex, -1), 0);
+	atomic_store(&wrap_free_hook, NULL);
 	concur_release(gate);
+	sem_destroy(&free_gate);
+	assert_null(atomic_load(&hold_free_of)); /* the helper was held in the job's free */
+	assert_int_equal(early, -ETIMEDOUT);     /* no join while the job is still there */
 	assert_int_equal(atomic_load(&wrap_live) - live0, 0);
 }
 
@@ -712,6 +731,25 @@ static int pool_usable_child(int unused)
 	return concur_blocking_threads() == 0 ? 0 : 1; /* it hung on the pool's lock */
 }
 
+/* concur_blocking_threads() takes no lock: it took the pool's, which before the pool's set-up
+ * is not guarded against fork(), so a fork from another thread while it held it left the
+ * child's copy held (as above). A wrap of pthread_mutex_lock counts this thread's locks. */
+static _Thread_local int locks_taken;
+int __real_pthread_mutex_lock(pthread_mutex_t *m);
+int __wrap_pthread_mutex_lock(pthread_mutex_t *m)
+{
+	locks_taken++;
+	return __real_pthread_mutex_lock(m);
+}
+
+static void test_threads_count_takes_no_lock(void **state)
+{
+	locks_taken = 0;
+	unsigned n = concur_blocking_threads();
+	assert_true(n <= 64);
+	assert_int_equal(locks_taken, 0); /* 1 before */
+}
+
 static void test_fork_during_first_config(void **state)
 {
 	sem_init(&at_once, 0, 0);
@@ -734,6 +772,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_fork_during_first_config), /* first: see there */
+	    cmocka_unit_test(test_threads_count_takes_no_lock),
 	    cmocka_unit_test(test_blocking_resumes_fiber_on_its_own_loop),
 	    cmocka_unit_test(test_blocking_from_foreign_thread_and_bad_input),
 	    cmocka_unit_test(test_blocking_bounded_cancel_and_idle_exit),
