@@ -1045,10 +1045,10 @@ struct concur_chunk {
 };
 
 /* In a task: open a multishot accept stream on listening socket fd (flags as accept4). It
- * stops accepting once 64 connections wait unconsumed (one wake-up of the kernel's accept takes
- * all the listen backlog holds: at most that batch more); the rest wait in the backlog until the
- * consumer took half of them. Returns 0 and *out, -EPERM outside a task, -EINVAL, -ENOMEM,
- * -EOPNOTSUPP. */
+ * stops accepting once 64 connections wait unconsumed and goes on when no more than 32 do; one
+ * wake-up of the kernel's accept takes all the listen backlog holds, so a stalled consumer holds
+ * at most 64 and one backlog's worth of accepted fds: size listen()'s backlog to the fds you can
+ * spare. Returns 0 and *out, -EPERM outside a task, -EINVAL, -ENOMEM, -EOPNOTSUPP. */
 int concur_accept_stream(concur_stream **out, int fd, int flags);
 /* In a task: open a multishot recv stream on stream socket fd (flags as recv). Returns as
  * above, -EOPNOTSUPP for a socket not of SOCK_STREAM (a datagram of no bytes would read as the

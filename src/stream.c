@@ -4,8 +4,8 @@
  * with a provided-buffer ring per loop). Apart from io.c, whose operations complete once.
  *
  * A stream lives on one loop and is driven by its CQEs there. Items the kernel produced and
- * nobody consumed yet wait in a small queue (a recv's hold buffers of the loop's ring; an
- * accept stream stops at STREAM_ACCEPT_AHEAD); a task takes them with concur_stream_next() (it
+ * nobody consumed yet wait in a queue (a recv's hold buffers of the loop's ring; an accept
+ * stream stops at STREAM_ACCEPT_AHEAD); a task takes them with concur_stream_next() (it
  * suspends until one is there) or with a future (concur_stream_next_future), so that "the next
  * connection or stop" is one concur_wait. An item is taken out of the queue only at the moment
  * it is handed to a consumer, so a future cancelled or released before it completes never
@@ -69,10 +69,11 @@
 /* Aborted connections skipped in a row before the accept is treated as failing (reported, backed
  * off): a peer's abort is routine, a socket that aborts every accept is not. */
 #define STREAM_ABORTS_MAX 16u
-/* An accept stream takes at most this many connections ahead of its consumer: past it the
- * multishot is stopped, and re-armed once the consumer took half of them. The rest wait in
- * the listen backlog, as with accept(2); a stalled consumer cannot pull the process's fds out
- * of it (to EMFILE, failing everything else that opens one). */
+/* An accept stream stops its multishot once this many connections wait unconsumed, and re-arms
+ * when no more than half of that wait. One wake-up of the kernel's multishot takes all the
+ * listen backlog holds (before a stop can land, and again at a re-arm), so a stalled consumer
+ * pulls at most this many and one backlog's worth of fds out of it, not every connection that
+ * comes (to EMFILE, failing everything else that opens one). The rest wait in the backlog. */
 #define STREAM_ACCEPT_AHEAD 64u
 
 #define STREAM_BACKOFF_MIN_MS 4u
@@ -681,8 +682,12 @@ static void stream_cqe_handle(struct concur_stream *s, int32_t res, uint32_t fla
 		if (!s->recv) {
 			s->backoff_ms = 0;
 			s->aborts = 0;
-			if (more && s->qlen >= STREAM_ACCEPT_AHEAD)
-				stream_stop(s); /* far enough ahead: its last CQE re-arms no more */
+			if (more && s->qlen >= STREAM_ACCEPT_AHEAD && !s->stop_sent) {
+				/* far enough ahead: its last CQE re-arms no more. The op only: a
+				 * back-off armed meanwhile goes on (see stream_transient) */
+				s->stop_sent = true;
+				stream_cancel_op(s, &s->op);
+			}
 		}
 		if (!more && s->cancel_req)
 			stream_end(s, -ECANCELED);
