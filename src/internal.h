@@ -845,7 +845,7 @@ struct concur__loop {
 	struct concur__node *ready_head, *ready_tail;     /* resumed fibers, FIFO */
 	struct concur__node *yielded_head, *yielded_tail; /* yielded this turn: ready next turn */
 	unsigned budget;     /* runnables the turn may still run, direct fiber switches included */
-	uint64_t sq_emptied; /* submits that left the SQ empty: an SQE queued before one is in */
+	uint32_t sq_emptied; /* submits that left the SQ empty: an SQE queued before one is in */
 	_Atomic bool stall_on; /* this loop's executor has a stall detector (stall.c) */
 	/* a finished fiber that passed the thread on: its stack goes back to the pool as soon as
 	 * we are off it, by whoever it switched to (concur__fiber_reap) */

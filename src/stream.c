@@ -125,7 +125,6 @@ struct concur_stream {
 	bool recv;
 	bool on_demand;       /* recv: one single-shot recv at a time, only while someone waits */
 	bool armed;           /* an operation is in the kernel */
-	uint64_t armed_at;    /* loop->sq_emptied when it was armed: unchanged, its SQE is queued */
 	bool stop_sent;       /* an ASYNC_CANCEL for the armed operation is on its way */
 	bool timer_armed;     /* the back-off timer is in the kernel */
 	bool starved;         /* on bufs->starved, waiting for buffers */
@@ -135,6 +134,7 @@ struct concur_stream {
 	bool end_reported;    /* a consumer was told */
 	bool closed;          /* concur_stream_close: free when the kernel is done */
 	bool in_next;         /* a task is inside concur_stream_next (woken or not) */
+	uint32_t armed_at;    /* loop->sq_emptied when it was armed: unchanged, its SQE is queued */
 	uint64_t claim_sweep; /* the NOP after its claimed recv (bufs->sweeps_prepped) */
 	int32_t end_res;
 	int32_t pending_err;   /* a transient accept error not reported yet */
