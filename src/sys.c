@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The syscall layer: the clock, the futex, memory (prefaulting, aligned mappings), and the
- * thread's error message. Everything above (futures, loops, compositions) sleeps, wakes and tells
- * time through these few functions, and they call nothing of concur's.
+ * The syscall layer: the clock, the futex, memory (prefaulting, aligned mappings), the CPUs a
+ * thread may run on, the locks held across fork(), and the thread's error message. Everything
+ * above (futures, loops, compositions) sleeps, wakes and tells time through these few functions,
+ * and they call nothing of concur's.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -233,8 +234,9 @@ static cpu_set_t *concur__cpus_allowed(size_t *size)
 		*size = CPU_ALLOC_SIZE(ncpus);
 		if (sched_getaffinity(0, *size, set) == 0)
 			return set;
+		int err = errno;
 		CPU_FREE(set);
-		if (errno != EINVAL)
+		if (err != EINVAL)
 			return NULL;
 	}
 	return NULL;
