@@ -513,12 +513,10 @@ typedef void (*concur_progress_fn)(size_t completed, size_t total, int64_t elaps
 
 struct concur_gather_opts { /* zeroed (or a NULL pointer) = defaults */
 	unsigned flags;     /* CONCUR_GATHER_* */
-	concur_progress_fn
-	    progress; /* NULL: none. Called at most about 100 times per gather (each
-	               * time another ~1% completed), and once at the end, whatever
-	               * gather returns, unless it refused the call (-EINVAL; -EDEADLK
-	               * for the caller's own future) or had no memory to begin
-	               * (-ENOMEM). */
+	/* NULL: none. Called at most about 100 times per gather (each time another ~1% completed),
+	 * and once at the end, whatever gather returns, unless it refused the call (-EINVAL;
+	 * -EDEADLK for the caller's own future) or had no memory to begin (-ENOMEM). */
+	concur_progress_fn progress;
 	void *progress_arg;
 };
 
